@@ -1,0 +1,186 @@
+"""Checkpoint I/O: Hugging Face `nemotron_h` folders <-> `HybridLM`.
+
+A checkpoint folder holds `config.json`, weights as `model.safetensors` or shards listed in
+`model.safetensors.index.json`, and tokenizer files. Only safetensors are read: pickle-based weights
+(`pytorch_model.bin`, `.pt`) can run arbitrary code when loaded and are refused. Loading builds the model
+on the meta device and assigns tensors shard by shard, so the weights are in memory once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compressor.config import HybridConfig
+from compressor.errors import CheckpointError
+from compressor.model import HybridLM
+from compressor.outputs import atomic_output
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Files copied from the source checkpoint so the output is usable as is (data only, never code).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = name.lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
+    return DTYPES[key]
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder: point at a checkpoint folder holding config.json")
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise CheckpointError(f"shard {file.name} listed in {INDEX_NAME} is missing from {path}")
+        return files
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds pickle-based weights ({', '.join(pickled)}); compressor loads safetensors only, "
+            "because unpickling can execute arbitrary code: convert them to safetensors in a trusted environment"
+        )
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
+
+
+def load_model(
+    path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> HybridLM:
+    """Load a checkpoint folder into a `HybridLM` in eval mode.
+
+    dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one).
+    """
+    path = Path(path)
+    config = HybridConfig.from_file(path)
+    files = weight_files(path)
+    dtype = parse_dtype(dtype) or parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
+    with torch.device("meta"):
+        model = HybridLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    loaded: set[str] = set()
+    for file in sorted(set(files.values())):
+        shard = {}
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118
+                if tied and name == "lm_head.weight":
+                    continue
+                if name not in expected:
+                    raise CheckpointError(
+                        f"tensor {name} in {file.name} is not part of the architecture in config.json; "
+                        "do the config and the weights belong together?"
+                    )
+                found = tuple(f.get_slice(name).get_shape())
+                if found != expected[name]:
+                    raise CheckpointError(
+                        f"tensor {name} has shape {list(found)} in {file.name}, but config.json implies "
+                        f"{list(expected[name])}"
+                    )
+                tensor = f.get_tensor(name)
+                dtype = dtype or tensor.dtype
+                shard[name] = tensor.to(dtype)
+        model.load_state_dict(shard, strict=False, assign=True)
+        loaded.update(shard)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
+    if tied:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.eval()
+
+
+def save_model(
+    model: HybridLM,
+    path: str | Path,
+    *,
+    tokenizer_from: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` as a standard checkpoint folder, atomically.
+
+    Weights go to `model.safetensors`, or to shards plus an index when larger than `max_shard_bytes`;
+    `tokenizer_from` (a checkpoint folder) provides the tokenizer files to copy through.
+    """
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # stored once, as the embeddings
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    dtype = next(iter(state.values())).dtype
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                source = Path(tokenizer_from) / name
+                if source.is_file():
+                    shutil.copyfile(source, tmp / name)
+    return Path(path)

@@ -1,0 +1,371 @@
+"""`HybridConfig`: the architecture of a Nemotron-H-format hybrid model, read from and written to the
+`config.json` of Hugging Face `nemotron_h` checkpoints.
+
+A model is a stack of single-mixer blocks, one per character of the pattern: `M` Mamba-2, `*` attention,
+`-` MLP. Widths are uniform by default (the standard format); a block may carry its own widths through
+`block_overrides` (block index -> {field: value}), which pruning uses to give each block its own size. A
+config with overrides writes them under the key `block_overrides`, which transformers does not know: such
+checkpoints load in compressor only.
+
+Keys that compressor does not model are kept in `extra` and written back unchanged, so a round trip loses
+nothing. Legacy key spellings (`mamba_n_groups`, `mamba_d_conv`, `attention_head_dim`, ...) are read and
+written back in their canonical form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import ConfigError
+
+MAMBA, ATTENTION, MLP = "mamba", "attention", "mlp"
+PATTERN_CHARS = {"M": MAMBA, "*": ATTENTION, "-": MLP}
+KIND_CHARS = {kind: char for char, kind in PATTERN_CHARS.items()}
+# transformers >= 5.6 spells the pattern as `layers_block_type`; older tools used the legacy names.
+LAYER_TYPE_NAMES = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp"}
+LAYER_TYPE_KINDS = {
+    "linear_attention": MAMBA,
+    "mamba": MAMBA,
+    "full_attention": ATTENTION,
+    "attention": ATTENTION,
+    "mlp": MLP,
+}
+# Legacy key -> canonical key, as transformers' NemotronHConfig accepts them.
+KEY_ALIASES = {
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max",
+    "mamba_dt_limit": "time_step_limit",
+    "mamba_dt_init_floor": "time_step_floor",
+    "mamba_conv_bias": "use_conv_bias",
+    "mamba_chunk_size": "chunk_size",
+    "attention_head_dim": "head_dim",
+}
+# Per-block width fields each block kind may override.
+OVERRIDABLE = {
+    MAMBA: ("mamba_num_heads", "mamba_head_dim"),
+    ATTENTION: ("num_attention_heads", "num_key_value_heads"),
+    MLP: ("intermediate_size",),
+}
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The resolved widths of one block. Only the fields of its `kind` matter."""
+
+    index: int
+    kind: str
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    mamba_num_heads: int
+    mamba_head_dim: int
+
+    @property
+    def mamba_intermediate(self) -> int:
+        """I = mamba_num_heads * mamba_head_dim, the width of x, z and the gated norm."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+
+@dataclass
+class HybridConfig:
+    """Architecture of a Nemotron-H-format model. Field names and defaults follow transformers' `nemotron_h`."""
+
+    hybrid_override_pattern: str = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+    vocab_size: int = 131072
+    hidden_size: int = 4096
+    intermediate_size: int = 21504
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    mamba_num_heads: int = 128
+    mamba_head_dim: int = 64
+    n_groups: int = 8
+    ssm_state_size: int = 128
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    layer_norm_epsilon: float = 1e-5
+    use_conv_bias: bool = True
+    use_bias: bool = False  # Mamba in_proj / out_proj bias
+    mlp_bias: bool = False
+    attention_bias: bool = False
+    mlp_hidden_act: str = "relu2"
+    mamba_hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    residual_in_fp32: bool = False
+    rescale_prenorm_residual: bool = True
+    initializer_range: float = 0.02
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    mamba_ssm_cache_dtype: str = "float32"
+    max_position_embeddings: int = 4096
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    # Per-block widths that differ from the uniform ones: {block index: {field: value}}.
+    block_overrides: dict[int, dict[str, int]] = field(default_factory=dict)
+    # Keys of the source config.json that compressor does not model, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Which spelling of the pattern the source used ("hybrid_override_pattern" or "layers_block_type").
+    pattern_key: str = "hybrid_override_pattern"
+
+    def __post_init__(self) -> None:
+        self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
+        self.block_overrides = {
+            int(i): {k: int(v) for k, v in o.items()} for i, o in self.block_overrides.items() if o
+        }
+        self.validate()
+
+    # ----- structure -------------------------------------------------------------------------------
+    @property
+    def pattern(self) -> str:
+        return self.hybrid_override_pattern
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.hybrid_override_pattern)
+
+    @property
+    def block_kinds(self) -> list[str]:
+        return [PATTERN_CHARS[c] for c in self.hybrid_override_pattern]
+
+    def block(self, index: int) -> BlockSpec:
+        """The widths of block `index`: the uniform ones with this block's overrides applied."""
+        kind = PATTERN_CHARS[self.hybrid_override_pattern[index]]
+        widths = {
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "mamba_num_heads": self.mamba_num_heads,
+            "mamba_head_dim": self.mamba_head_dim,
+        }
+        widths.update(self.block_overrides.get(index, {}))
+        return BlockSpec(index=index, kind=kind, **widths)
+
+    @property
+    def blocks(self) -> list[BlockSpec]:
+        return [self.block(i) for i in range(self.num_blocks)]
+
+    @property
+    def is_uniform(self) -> bool:
+        return not self.block_overrides
+
+    def count(self, kind: str) -> int:
+        """Number of blocks of one kind (`mamba`, `attention` or `mlp`)."""
+        return self.hybrid_override_pattern.count(KIND_CHARS[kind])
+
+    def replace(self, **changes: Any) -> HybridConfig:
+        """A validated copy with some fields changed (overrides equal to the uniform value are dropped)."""
+        new = dataclasses.replace(self, **changes)
+        new.block_overrides = new._normalized_overrides()
+        return new
+
+    def _normalized_overrides(self) -> dict[int, dict[str, int]]:
+        out = {}
+        for index, values in sorted(self.block_overrides.items()):
+            kept = {k: v for k, v in values.items() if getattr(self, k) != v}
+            if kept:
+                out[index] = kept
+        return out
+
+    # ----- validation ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistency."""
+        pattern = self.hybrid_override_pattern
+        if not pattern:
+            raise ConfigError("the layer pattern is empty: a model needs at least one block")
+        unknown = sorted(set(pattern) - set(PATTERN_CHARS))
+        if "E" in unknown:
+            raise ConfigError("MoE blocks ('E' in the layer pattern) are not supported; use M, * and - blocks")
+        if unknown:
+            raise ConfigError(
+                f"unknown character(s) {''.join(unknown)!r} in the layer pattern {pattern!r}: "
+                "use M (Mamba-2), * (attention) or - (MLP)"
+            )
+        for name in ("vocab_size", "hidden_size", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size"):
+            _require_positive(name, getattr(self, name))
+        if self.mlp_hidden_act != "relu2":
+            raise ConfigError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported: nemotron_h uses 'relu2'")
+        if self.mamba_hidden_act != "silu":
+            raise ConfigError(
+                f"mamba_hidden_act {self.mamba_hidden_act!r} is not supported: nemotron_h uses 'silu'"
+            )
+        if self.attention_bias:
+            raise ConfigError("attention_bias=true is not supported: nemotron_h attention has no biases")
+        if self.mamba_ssm_cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r} is not one of float32, bfloat16, float16"
+            )
+        if self.layer_norm_epsilon <= 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if len(self.time_step_limit) != 2 or self.time_step_limit[0] > self.time_step_limit[1]:
+            raise ConfigError(f"time_step_limit must be [low, high] with low <= high, got {self.time_step_limit}")
+        for index, values in self.block_overrides.items():
+            if not 0 <= index < len(pattern):
+                raise ConfigError(f"block_overrides names block {index}, but the model has {len(pattern)} blocks")
+            kind = PATTERN_CHARS[pattern[index]]
+            bad = sorted(set(values) - set(OVERRIDABLE[kind]))
+            if bad:
+                raise ConfigError(
+                    f"block {index} is a {kind} block and cannot override {', '.join(bad)}; "
+                    f"allowed: {', '.join(OVERRIDABLE[kind])}"
+                )
+        for spec in self.blocks:
+            _validate_block(spec, self.n_groups)
+
+    # ----- dict / JSON ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> HybridConfig:
+        """Build from a parsed `config.json` (either pattern form, legacy key spellings accepted)."""
+        data = {k: _decode_floats(v) for k, v in raw.items()}
+        model_type = data.get("model_type", "nemotron_h")
+        if model_type != "nemotron_h":
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported: compressor reads Nemotron-H-format "
+                "checkpoints (model_type 'nemotron_h')"
+            )
+        for legacy, canonical in KEY_ALIASES.items():
+            if legacy in data:
+                value = data.pop(legacy)
+                data.setdefault(canonical, value)
+        if "layer_norm_epsilon" not in data and "rms_norm_eps" in data:
+            data["layer_norm_epsilon"] = data["rms_norm_eps"]
+        pattern_key = "hybrid_override_pattern"
+        if "layers_block_type" in data:
+            pattern_key = "layers_block_type"
+            data["hybrid_override_pattern"] = _layer_types_to_pattern(data.pop("layers_block_type"))
+        elif "hybrid_override_pattern" not in data:
+            raise ConfigError("config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'")
+        data.pop("num_hidden_layers", None)  # derived from the pattern
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "pattern_key"}
+        known = {k: data.pop(k) for k in list(data) if k in names}
+        if "time_step_limit" in known:
+            known["time_step_limit"] = tuple(known["time_step_limit"])
+        try:
+            return cls(**known, extra=data, pattern_key=pattern_key)
+        except TypeError as exc:  # a field of the wrong JSON type
+            raise ConfigError(f"config.json has a field of the wrong type: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` content: the standard nemotron_h format, plus `block_overrides` when non-uniform."""
+        out: dict[str, Any] = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "pattern_key", "block_overrides", "hybrid_override_pattern"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        if self.pattern_key == "layers_block_type":
+            out["layers_block_type"] = [LAYER_TYPE_NAMES[k] for k in self.block_kinds]
+        else:
+            out["hybrid_override_pattern"] = self.hybrid_override_pattern
+        out["num_hidden_layers"] = self.num_blocks
+        if self.block_overrides:
+            out["block_overrides"] = {str(i): dict(v) for i, v in sorted(self.block_overrides.items())}
+        return out
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HybridConfig:
+        """Read a `config.json` file, or the one inside a checkpoint folder."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json at {path}: point at a checkpoint folder or a config.json file")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(raw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    def summary(self) -> dict[str, Any]:
+        """A short description of the architecture (used by `compress info` and strategies)."""
+        return {
+            "blocks": self.num_blocks,
+            "mamba": self.count(MAMBA),
+            "attention": self.count(ATTENTION),
+            "mlp": self.count(MLP),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "mamba_num_heads": self.mamba_num_heads,
+            "mamba_head_dim": self.mamba_head_dim,
+            "n_groups": self.n_groups,
+            "ssm_state_size": self.ssm_state_size,
+            "vocab_size": self.vocab_size,
+            "uniform": self.is_uniform,
+        }
+
+
+def _require_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _validate_block(spec: BlockSpec, n_groups: int) -> None:
+    where = f"block {spec.index} ({spec.kind})"
+    if spec.kind == MAMBA:
+        _require_positive(f"mamba_num_heads of {where}", spec.mamba_num_heads)
+        _require_positive(f"mamba_head_dim of {where}", spec.mamba_head_dim)
+        if spec.mamba_num_heads % n_groups:
+            raise ConfigError(
+                f"mamba_num_heads ({spec.mamba_num_heads}) of {where} is not divisible by n_groups ({n_groups})"
+            )
+    elif spec.kind == ATTENTION:
+        _require_positive(f"num_attention_heads of {where}", spec.num_attention_heads)
+        _require_positive(f"num_key_value_heads of {where}", spec.num_key_value_heads)
+        _require_positive(f"head_dim of {where}", spec.head_dim)
+        if spec.num_attention_heads % spec.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({spec.num_attention_heads}) of {where} is not divisible by "
+                f"num_key_value_heads ({spec.num_key_value_heads})"
+            )
+    else:
+        _require_positive(f"intermediate_size of {where}", spec.intermediate_size)
+
+
+def _layer_types_to_pattern(layer_types: Any) -> str:
+    if not isinstance(layer_types, list):
+        raise ConfigError("layers_block_type must be a list of block type names")
+    chars = []
+    for name in layer_types:
+        if name == "moe":
+            raise ConfigError("MoE blocks ('moe' in layers_block_type) are not supported")
+        if name not in LAYER_TYPE_KINDS:
+            raise ConfigError(
+                f"unknown block type {name!r} in layers_block_type: use linear_attention (Mamba-2), "
+                "full_attention or mlp"
+            )
+        chars.append(KIND_CHARS[LAYER_TYPE_KINDS[name]])
+    return "".join(chars)
+
+
+def _decode_floats(value: Any) -> Any:
+    """Undo transformers' JSON tagging of non-finite floats ({"__float__": "Infinity"})."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"].replace("Infinity", "inf"))
+        return {k: _decode_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_floats(v) for v in value]
+    return value

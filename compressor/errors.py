@@ -1,0 +1,22 @@
+"""The one error family of compressor.
+
+Library code raises a `CompressorError` (or a subclass) for anything a user can fix: a bad path, a
+malformed config, a budget no architecture meets. The CLI prints its message as one line and exits
+non-zero; any other exception is a bug and keeps its traceback.
+"""
+
+
+class CompressorError(Exception):
+    """A user-fixable problem; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(CompressorError):
+    """An invalid or unsupported model configuration."""
+
+
+class CheckpointError(CompressorError):
+    """A checkpoint folder that cannot be read or written as asked."""
+
+
+class DataError(CompressorError):
+    """Input data that cannot be read, tokenized or packed as asked."""
