@@ -228,7 +228,7 @@ class HybridConfig:
     def from_dict(cls, raw: dict[str, Any]) -> HybridConfig:
         """Build from a parsed `config.json` (either pattern form, legacy key spellings accepted)."""
         data = {k: _decode_floats(v) for k, v in raw.items()}
-        model_type = data.get("model_type", "nemotron_h")
+        model_type = data.pop("model_type", "nemotron_h")
         if model_type != "nemotron_h":
             raise ConfigError(
                 f"model_type {model_type!r} is not supported: compressor reads Nemotron-H-format "
@@ -247,6 +247,8 @@ class HybridConfig:
         elif "hybrid_override_pattern" not in data:
             raise ConfigError("config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'")
         data.pop("num_hidden_layers", None)  # derived from the pattern
+        if data.get("architectures") == ["NemotronHForCausalLM"]:
+            data.pop("architectures")  # written by default
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "pattern_key"}
         known = {k: data.pop(k) for k in list(data) if k in names}
         if "time_step_limit" in known:

@@ -1,0 +1,49 @@
+"""Shared test helpers: random tiny architectures and the transformers reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import strategies as st
+
+from compressor.config import HybridConfig
+
+
+@st.composite
+def tiny_configs(draw, *, transformers_clamp: bool = True) -> HybridConfig:
+    """Small random architectures covering n_groups > 1, GQA and every block kind.
+
+    With `transformers_clamp`, dt is clamped below at time_step_min, as transformers' nemotron_h does.
+    """
+    pattern = draw(st.text(alphabet="M*-", min_size=1, max_size=6))
+    n_groups = draw(st.sampled_from([1, 2, 4]))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    return HybridConfig(
+        hybrid_override_pattern=pattern,
+        vocab_size=draw(st.integers(32, 96)),
+        hidden_size=draw(st.sampled_from([16, 32, 48])),
+        intermediate_size=draw(st.sampled_from([16, 40])),
+        num_attention_heads=kv_heads * draw(st.sampled_from([1, 2, 3])),
+        num_key_value_heads=kv_heads,
+        head_dim=draw(st.sampled_from([8, 16])),
+        mamba_num_heads=n_groups * draw(st.sampled_from([1, 2, 3])),
+        mamba_head_dim=draw(st.sampled_from([4, 8])),
+        n_groups=n_groups,
+        ssm_state_size=draw(st.sampled_from([4, 8, 16])),
+        conv_kernel=draw(st.sampled_from([2, 4])),
+        chunk_size=draw(st.sampled_from([4, 8, 16])),
+        time_step_limit=(0.001, math.inf) if transformers_clamp else (0.0, math.inf),
+    )
+
+
+def to_transformers(config: HybridConfig):
+    """A transformers NemotronHForCausalLM with the same architecture (random weights)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config.to_dict())).eval()
+
+
+def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (checkpoint) parameter names -> transformers' module names (`backbone.` -> `model.`)."""
+    return {("model." + k.removeprefix("backbone.") if k.startswith("backbone.") else k): v for k, v in state.items()}

@@ -1,0 +1,157 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model
+from compressor.errors import CheckpointError, CompressorError, ConfigError
+from compressor.model import HybridLM
+from compressor.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HybridLM(get_preset("tiny")).eval()
+
+
+def _assert_bit_exact(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 60_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_is_bit_exact(tmp_path, model, shard_bytes, dtype):
+    source = HybridLM(model.config).to(dtype)
+    source.load_state_dict(model.state_dict())
+    kwargs = {} if shard_bytes is None else {"max_shard_bytes": shard_bytes}
+    path = save_model(source, tmp_path / "ckpt", **kwargs)
+    files = {p.name for p in path.iterdir()}
+    if shard_bytes is None:
+        assert files == {WEIGHTS_NAME, "config.json"}
+    else:
+        shards = sorted(f for f in files if f.startswith("model-"))
+        assert len(shards) > 2 and INDEX_NAME in files
+        index = json.loads((path / INDEX_NAME).read_text())
+        assert set(index["weight_map"]) == set(source.state_dict())
+    loaded = load_model(path)
+    _assert_bit_exact(loaded, source)
+    assert json.loads((path / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_load_with_dtype_choice(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt")
+    loaded = load_model(path, dtype="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+def test_tokenizer_files_are_copied_and_nothing_else(tmp_path, model):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "tokenizer.json").write_text('{"fake": true}')
+    (source / "modeling_evil.py").write_text("raise SystemExit")
+    path = save_model(model, tmp_path / "out", tokenizer_from=source)
+    assert (path / "tokenizer.json").read_text() == '{"fake": true}'
+    assert not (path / "modeling_evil.py").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt")
+    before = (path / WEIGHTS_NAME).read_bytes()
+    with pytest.raises(CompressorError, match="already exists.*--overwrite"):
+        save_model(HybridLM(model.config), path)
+    assert (path / WEIGHTS_NAME).read_bytes() == before
+    save_model(HybridLM(model.config), path, overwrite=True)
+    assert (path / WEIGHTS_NAME).read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folders left
+
+
+def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("compressor.checkpoint.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_unknown_model_type(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "mamba2"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="model_type 'mamba2' is not supported"):
+        load_model(path)
+
+
+def test_missing_shard(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt", max_shard_bytes=60_000)
+    shard = sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))[1]
+    (path / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shard} listed in {INDEX_NAME} is missing"):
+        load_model(path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["backbone.layers.1.mixer.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(state, path / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    assert str(info.value).startswith(
+        "tensor backbone.layers.1.mixer.up_proj.weight has shape [100, 64] in model.safetensors, "
+        "but config.json implies [128, 64]"
+    )
+
+
+def test_missing_and_unexpected_tensors(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt")
+    state = dict(model.state_dict())
+    state.pop("backbone.norm_f.weight")
+    save_file({k: v.contiguous() for k, v in state.items()}, path / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="lacks tensor.*backbone.norm_f.weight"):
+        load_model(path)
+    state["extra.weight"] = torch.zeros(2)
+    save_file({k: v.contiguous() for k, v in state.items()}, path / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="tensor extra.weight .* is not part of the architecture"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickle_weights_are_refused(tmp_path, model, name):
+    path = save_model(model, tmp_path / "ckpt")
+    (path / WEIGHTS_NAME).unlink()
+    marker = tmp_path / "pickle-ran"
+    # a pickle that would create `marker` if anything unpickled it
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    (path / name).write_bytes(payload)
+    with pytest.raises(CheckpointError, match=f"pickle-based weights \\({name}\\).*safetensors only"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(CompressorError, match="no config.json|is not a folder"):
+        load_model(tmp_path / "missing")
+
+
+def test_empty_folder_with_config_only(tmp_path, model):
+    path = save_model(model, tmp_path / "ckpt")
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_model(path)
+    shutil.rmtree(path)

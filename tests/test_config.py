@@ -1,0 +1,157 @@
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+
+from compressor.config import HybridConfig
+from compressor.errors import ConfigError
+from tests.conftest import tiny_configs
+
+# The config.json of a published checkpoint, in the older hybrid_override_pattern form.
+PUBLISHED_STYLE = {
+    "architectures": ["NemotronHForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attention_head_dim": 128,
+    "auto_map": {"AutoConfig": "configuration_nemotron_h.NemotronHConfig"},
+    "bos_token_id": 1,
+    "chunk_size": 128,
+    "conv_kernel": 4,
+    "eos_token_id": 2,
+    "expand": 2,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "hybrid_override_pattern": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+    "initializer_range": 0.02,
+    "intermediate_size": 21504,
+    "layer_norm_epsilon": 1e-05,
+    "mamba_head_dim": 64,
+    "mamba_hidden_act": "silu",
+    "mamba_num_heads": 128,
+    "mamba_proj_bias": False,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "mlp_hidden_act": "relu2",
+    "model_type": "nemotron_h",
+    "n_groups": 8,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 52,
+    "num_key_value_heads": 8,
+    "num_logits_to_keep": 1,
+    "pad_token_id": 0,
+    "rescale_prenorm_residual": True,
+    "residual_in_fp32": False,
+    "rms_norm_eps": 1e-05,
+    "sliding_window": None,
+    "ssm_state_size": 128,
+    "tie_word_embeddings": False,
+    "time_step_floor": 0.0001,
+    "time_step_limit": [0.0, math.inf],
+    "time_step_max": 0.1,
+    "time_step_min": 0.001,
+    "time_step_rank": 256,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.48.0.dev0",
+    "use_bias": False,
+    "use_cache": True,
+    "use_conv_bias": True,
+    "use_mamba_kernels": True,
+    "vocab_size": 131072,
+}
+
+
+def test_published_config_reads_and_round_trips():
+    config = HybridConfig.from_dict(PUBLISHED_STYLE)
+    assert config.num_blocks == 52
+    assert (config.count("mamba"), config.count("attention"), config.count("mlp")) == (24, 4, 24)
+    assert config.head_dim == 128  # from the legacy attention_head_dim
+    assert config.extra["time_step_rank"] == 256 and config.extra["auto_map"]
+    out = config.to_dict()
+    expected = {k: v for k, v in PUBLISHED_STYLE.items() if k != "attention_head_dim"}
+    expected["head_dim"] = 128
+    for key, value in expected.items():
+        assert out[key] == value, key
+    assert HybridConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_layers_block_type_form_round_trips_in_its_own_form():
+    raw = dict(PUBLISHED_STYLE)
+    pattern = raw.pop("hybrid_override_pattern")
+    names = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+    raw["layers_block_type"] = [names[c] for c in pattern]
+    raw["time_step_limit"] = [0.0, {"__float__": "Infinity"}]  # transformers' JSON tagging
+    config = HybridConfig.from_dict(raw)
+    assert config.pattern == pattern
+    assert config.time_step_limit == (0.0, math.inf)
+    out = config.to_dict()
+    assert out["layers_block_type"] == raw["layers_block_type"]
+    assert "hybrid_override_pattern" not in out
+
+
+def test_legacy_layer_type_names_and_aliases():
+    raw = dict(PUBLISHED_STYLE, hybrid_override_pattern=None)
+    raw.pop("hybrid_override_pattern")
+    raw["layers_block_type"] = ["mamba", "attention", "mlp"]
+    raw["mamba_n_groups"] = raw.pop("n_groups")
+    raw["mamba_d_conv"] = raw.pop("conv_kernel")
+    config = HybridConfig.from_dict(raw)
+    assert config.pattern == "M*-"
+    assert config.n_groups == 8 and config.conv_kernel == 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(tiny_configs())
+def test_round_trip_through_json_is_lossless(config):
+    assert HybridConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_block_overrides_resolve_and_serialise():
+    config = HybridConfig(hybrid_override_pattern="M-*-", block_overrides={1: {"intermediate_size": 512}})
+    assert config.block(1).intermediate_size == 512
+    assert config.block(3).intermediate_size == config.intermediate_size
+    assert not config.is_uniform
+    out = config.to_dict()
+    assert out["block_overrides"] == {"1": {"intermediate_size": 512}}
+    assert HybridConfig.from_dict(json.loads(config.to_json())) == config
+    # an override equal to the uniform width is no override
+    same = config.replace(block_overrides={1: {"intermediate_size": config.intermediate_size}})
+    assert same.is_uniform and "block_overrides" not in same.to_dict()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"hybrid_override_pattern": "M-X"}, "unknown character(s) 'X'"),
+        ({"hybrid_override_pattern": "ME-"}, "MoE blocks"),
+        ({"hybrid_override_pattern": ""}, "pattern is empty"),
+        ({"mamba_num_heads": 12}, "mamba_num_heads (12) of block 0 (mamba) is not divisible by n_groups (8)"),
+        ({"num_attention_heads": 12}, "num_attention_heads (12) of block 7 (attention) is not divisible"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+        ({"mlp_hidden_act": "silu"}, "mlp_hidden_act 'silu' is not supported"),
+        ({"block_overrides": {1: {"mamba_num_heads": 16}}}, "block 1 is a mlp block and cannot override"),
+        ({"block_overrides": {99: {"intermediate_size": 16}}}, "names block 99"),
+        ({"block_overrides": {0: {"mamba_num_heads": 9}}}, "not divisible by n_groups"),
+    ],
+)
+def test_invalid_configs_give_clear_errors(changes, message):
+    with pytest.raises(ConfigError) as info:
+        HybridConfig(**changes)
+    assert message in str(info.value)
+
+
+def test_unknown_model_type_and_missing_pattern():
+    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+        HybridConfig.from_dict({"model_type": "llama"})
+    with pytest.raises(ConfigError, match="neither 'hybrid_override_pattern' nor 'layers_block_type'"):
+        HybridConfig.from_dict({"model_type": "nemotron_h"})
+    with pytest.raises(ConfigError, match="unknown block type 'conv'"):
+        HybridConfig.from_dict({"layers_block_type": ["mlp", "conv"]})
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        HybridConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        HybridConfig.from_file(tmp_path)
