@@ -82,6 +82,4 @@ class HybridCache:
 
     def check_room(self, new_tokens: int) -> None:
         if self.seen + new_tokens > self.max_length:
-            raise ValueError(
-                f"cache holds {self.max_length} tokens; {self.seen} seen + {new_tokens} new exceeds it"
-            )
+            raise ValueError(f"cache holds {self.max_length} tokens; {self.seen} seen + {new_tokens} new exceeds it")

@@ -120,9 +120,7 @@ class HybridConfig:
 
     def __post_init__(self) -> None:
         self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
-        self.block_overrides = {
-            int(i): {k: int(v) for k, v in o.items()} for i, o in self.block_overrides.items() if o
-        }
+        self.block_overrides = {int(i): {k: int(v) for k, v in o.items()} for i, o in self.block_overrides.items() if o}
         self.validate()
 
     # ----- structure -------------------------------------------------------------------------------
@@ -197,9 +195,7 @@ class HybridConfig:
         if self.mlp_hidden_act != "relu2":
             raise ConfigError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported: nemotron_h uses 'relu2'")
         if self.mamba_hidden_act != "silu":
-            raise ConfigError(
-                f"mamba_hidden_act {self.mamba_hidden_act!r} is not supported: nemotron_h uses 'silu'"
-            )
+            raise ConfigError(f"mamba_hidden_act {self.mamba_hidden_act!r} is not supported: nemotron_h uses 'silu'")
         if self.attention_bias:
             raise ConfigError("attention_bias=true is not supported: nemotron_h attention has no biases")
         if self.mamba_ssm_cache_dtype not in ("float32", "bfloat16", "float16"):

@@ -47,9 +47,7 @@ def generate(
     return torch.cat(out, dim=1)
 
 
-def _pick(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
-) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature

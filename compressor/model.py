@@ -158,7 +158,12 @@ class Attention(nn.Module):
         if 1 < t < past + t:  # a prompt continuing a cached one: causal with an offset
             mask = torch.ones(t, past + t, dtype=torch.bool, device=hidden.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0 and t > 1, enable_gqa=self.num_kv_heads != self.num_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=past == 0 and t > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (b, heads, t, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -244,6 +249,24 @@ class HybridLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by component: embeddings, lm_head, mamba, attention, mlp, norms (block norms + norm_f).
+
+        Tied embeddings count once, under embeddings."""
+        counts = dict.fromkeys(("embeddings", "lm_head", MAMBA, ATTENTION, "mlp", "norms"), 0)
+        for name, param in self.named_parameters():  # shared tensors are listed once
+            if name.startswith("backbone.embeddings."):
+                key = "embeddings"
+            elif name.startswith("lm_head."):
+                key = "lm_head"
+            elif name.startswith("backbone.layers."):
+                block = self.backbone.layers[int(name.split(".")[2])]
+                key = "norms" if ".mixer." not in name else block.kind
+            else:
+                key = "norms"
+            counts[key] += param.numel()
+        return counts
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -11,7 +11,7 @@ from compressor.presets import get_preset
 from tests.conftest import hf_state_dict, tiny_configs, to_transformers
 
 pytest.importorskip("transformers")
-SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _ids(config, batch, length, seed=0):
@@ -39,6 +39,37 @@ def test_logits_equal_transformers_via_checkpoints_both_ways(tmp_path_factory, c
     loaded = load_model(other)
     with torch.no_grad():
         assert (loaded(ids) - theirs(ids, use_cache=False).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "changes, batch, length",
+    [
+        ({}, 3, 45),  # tiny: n_groups 2, GQA 4/2, chunk 16 (45 is not a multiple)
+        ({"n_groups": 4, "num_attention_heads": 6, "num_key_value_heads": 3, "chunk_size": 8}, 2, 29),
+        (
+            {
+                "hybrid_override_pattern": "MM*-*M",
+                "mamba_head_dim": 16,
+                "ssm_state_size": 32,
+                "chunk_size": 32,
+            },
+            2,
+            70,
+        ),
+    ],
+)
+def test_logits_equal_transformers_on_fixed_configs(tmp_path, changes, batch, length):
+    config = get_preset("tiny").replace(time_step_limit=(0.001, math.inf), **changes)
+    torch.manual_seed(0)
+    ours = HybridLM(config).eval()
+    save_model(ours, tmp_path / "ours")
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = _ids(config, batch, length)
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids, use_cache=False).logits).abs().max() <= 1e-4
+        theirs.save_pretrained(tmp_path / "theirs")
+        assert (load_model(tmp_path / "theirs")(ids) - theirs(ids, use_cache=False).logits).abs().max() <= 1e-4
 
 
 def test_default_dt_limit_matches_transformers_when_no_clamp_applies():
@@ -127,7 +158,11 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
 
 def test_heterogeneous_blocks_build_and_run():
     config = get_preset("tiny").replace(
-        block_overrides={0: {"mamba_num_heads": 4}, 1: {"intermediate_size": 24}, 3: {"num_attention_heads": 2}}
+        block_overrides={
+            0: {"mamba_num_heads": 4},
+            1: {"intermediate_size": 24},
+            3: {"num_attention_heads": 2},
+        }
     )
     model = HybridLM(config).eval()
     assert model.backbone.layers[0].mixer.in_proj.weight.shape[0] == 2 * 4 * 8 + 2 * 2 * 16 + 4

@@ -15,7 +15,13 @@ def test_published_parameter_counts_are_exact(name):
 
 @pytest.mark.parametrize(
     "name, counts",
-    [("8b", (24, 4, 24)), ("47b", (45, 5, 48)), ("56b", (54, 10, 54)), ("9b-v2", (27, 4, 25)), ("12b-v2", (28, 6, 28))],
+    [
+        ("8b", (24, 4, 24)),
+        ("47b", (45, 5, 48)),
+        ("56b", (54, 10, 54)),
+        ("9b-v2", (27, 4, 25)),
+        ("12b-v2", (28, 6, 28)),
+    ],
 )
 def test_published_patterns(name, counts):
     config = get_preset(name)

@@ -49,7 +49,7 @@ def test_chunked_scan_gradients_match_sequential():
     leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C)]
     y, _ = ssd_naive(*leaves)
     (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
-    for got, want in zip(grads, (v.grad for v in leaves)):
+    for got, want in zip(grads, (v.grad for v in leaves), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

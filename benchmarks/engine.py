@@ -1,0 +1,150 @@
+"""Forward throughput and peak memory: compressor's HybridLM vs transformers' NemotronHForCausalLM.
+
+Both run the same architecture and weights in fp32 on the CPU (transformers falls back to its pure-torch
+path there, as compressor does). Each measurement runs in a fresh subprocess: the model is built, one
+warm-up pass runs, the peak-RSS mark is reset (Linux /proc/self/clear_refs), then the timed passes run;
+peak memory is the rise of the peak RSS above the resident size at the reset, i.e. what the pass itself
+allocates (activations and workspace, not the weights). Run it on an otherwise idle machine.
+
+    python benchmarks/engine.py                 # the README table
+    python benchmarks/engine.py --quick         # smaller, for a smoke run
+    python benchmarks/engine.py --train         # forward + backward as well
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = {
+    # name: (config overrides on the "small" preset, batch, seq_len)
+    "tiny / seq 256": (dict(preset="tiny"), 4, 256),
+    "small / seq 1024": (dict(preset="small"), 2, 1024),
+    "h512 x 8 blocks / seq 2048": (
+        dict(
+            preset="small",
+            hybrid_override_pattern="M-M*M-M-",
+            hidden_size=512,
+            intermediate_size=1536,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            mamba_num_heads=16,
+            mamba_head_dim=64,
+            n_groups=4,
+            ssm_state_size=64,
+            chunk_size=128,
+        ),
+        1,
+        2048,
+    ),
+}
+QUICK = {"tiny / seq 256": CASES["tiny / seq 256"], "small / seq 1024": (dict(preset="small"), 1, 512)}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(impl: str, overrides: dict, batch: int, seq_len: int, repeats: int, train: bool) -> dict:
+    """Runs inside the subprocess: tokens/s and peak extra memory of one implementation."""
+    import torch
+
+    from compressor.model import HybridLM
+    from compressor.presets import get_preset
+
+    torch.manual_seed(0)
+    overrides = dict(overrides)
+    config = get_preset(overrides.pop("preset")).replace(**overrides)
+    if impl == "compressor":
+        model = HybridLM(config)
+        forward = model
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config.to_dict()))
+
+        def forward(ids):
+            return model(ids, use_cache=False).logits
+
+    model.train(train)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len))
+
+    def one_pass():
+        if train:
+            model.zero_grad(set_to_none=True)
+            forward(ids).float().logsumexp(-1).mean().backward()
+        else:
+            with torch.inference_mode():
+                forward(ids)
+
+    one_pass()  # warm-up
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+    base = _rss_kib("VmRSS")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    peak = _rss_kib("VmHWM") - base
+    return {"tokens_per_s": batch * seq_len / statistics.median(times), "peak_mib": peak / 1024}
+
+
+def run_case(impl: str, case: tuple, repeats: int, train: bool) -> dict:
+    overrides, batch, seq_len = case
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.engine import measure; "
+        f"print(json.dumps(measure({impl!r}, {overrides!r}, {batch}, {seq_len}, {repeats}, {train!r})))"
+    )
+    # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the peak RSS of the
+    # timed passes is not hidden by memory the warm-up pass left in the heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller cases, for a smoke run")
+    parser.add_argument("--train", action="store_true", help="also time forward + backward")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+
+    cases = QUICK if args.quick else CASES
+    modes = [False, True] if args.train else [False]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU")
+    print(
+        "| case | pass | compressor tok/s | transformers tok/s | speed ratio "
+        "| compressor peak MiB | transformers peak MiB | memory ratio |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, case in cases.items():
+        for train in modes:
+            ours = run_case("compressor", case, args.repeats, train)
+            theirs = run_case("transformers", case, args.repeats, train)
+            print(
+                f"| {name} (batch {case[1]}) | {'fwd+bwd' if train else 'forward'} "
+                f"| {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} "
+                f"| {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
+                f"| {ours['peak_mib']:,.0f} | {theirs['peak_mib']:,.0f} "
+                f"| {ours['peak_mib'] / max(theirs['peak_mib'], 1e-9):.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

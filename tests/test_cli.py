@@ -1,0 +1,106 @@
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from typer.testing import CliRunner
+
+from cli import app
+from compressor.checkpoint import WEIGHTS_NAME
+
+runner = CliRunner()
+TEXT = "To be, or not to be, that is the question. Whether tis nobler in the mind to suffer.\n" * 40
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([TEXT], trainer)
+    tokenizer.save(str(root / "tokenizer.json"))
+    (root / "text.txt").write_text(TEXT)
+    result = _run("init", root / "model", "--preset", "tiny", "--tokenizer", root / "tokenizer.json", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    result = _run("init", root / "teacher", "--preset", "tiny", "--tokenizer", root, "--seed", "2")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_info_on_checkpoint_and_preset(workspace):
+    result = _run("info", workspace / "model")
+    assert result.exit_code == 0
+    assert "9 (4 Mamba-2, 2 attention, 3 MLP)" in result.output and "F32" in result.output
+    result = _run("info", workspace / "model", "--json")
+    data = json.loads(result.output)
+    assert data["parameters"]["total"] == 210_400 and data["dtypes"] == ["F32"]
+    result = _run("info", "12b-v2", "--json")
+    assert json.loads(result.output)["parameters"]["total"] == 12_310_001_152
+
+
+def test_init_writes_a_loadable_checkpoint_with_tokenizer(workspace):
+    assert (workspace / "model" / WEIGHTS_NAME).is_file()
+    assert (workspace / "model" / "tokenizer.json").is_file()
+
+
+def test_init_errors(workspace, tmp_path):
+    result = _run("init", workspace / "model", "--preset", "tiny")
+    assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
+    result = _run("init", tmp_path / "x", "--preset", "tiny", "--config", workspace / "model" / "config.json")
+    assert result.exit_code == 1 and "exactly one of --preset NAME or --config JSON" in result.output
+    result = _run("init", tmp_path / "x", "--preset", "tiny", "--set", "mamba_num_heads=7")
+    assert result.exit_code == 1 and "not divisible by n_groups" in result.output
+    result = _run("init", tmp_path / "x", "--preset", "tiny", "--set", "vocab_size=10", "--tokenizer", workspace)
+    assert result.exit_code == 1 and "add --set vocab_size=" in result.output
+    result = _run("init", tmp_path / "x", "--preset", "56b")
+    assert result.exit_code == 1 and "GiB of memory is available" in result.output
+    assert not (tmp_path / "x").exists()
+    assert "Traceback" not in result.output
+
+
+def test_eval_reports_loss_and_teacher_agreement(workspace):
+    args = [
+        "eval",
+        workspace / "model",
+        "--data",
+        workspace / "text.txt",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+    ]
+    result = _run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["tokens"] > 0 and data["perplexity"] > 1
+    result = _run(*args, "--teacher", workspace / "teacher", "--json")
+    data = json.loads(result.output)
+    assert data["kl"] > 0 and 0 <= data["top1_agreement"] <= 1
+    result = _run(*args, "--teacher", workspace / "teacher")
+    assert result.exit_code == 0 and "top-1 agreement" in result.output
+    result = _run(*args, "--split", "valid", "--json")
+    valid_tokens = json.loads(result.output)["tokens"]
+    assert 0 < valid_tokens < data["tokens"]
+    result = _run(*args, "--split", "valid", "--max-sequences", "1", "--json")
+    assert json.loads(result.output)["tokens"] == 32
+
+
+def test_eval_errors(workspace, tmp_path):
+    result = _run("eval", tmp_path / "none", "--data", workspace / "text.txt")
+    assert result.exit_code == 1 and "error:" in result.output
+    result = _run("eval", workspace / "model", "--data", workspace / "missing.txt")
+    assert result.exit_code == 1 and "missing.txt" in result.output
+    result = _run("eval", workspace / "model", "--data", workspace / "text.txt", "--device", "cuda:0")
+    assert result.exit_code == 1 and "no CUDA device" in result.output
+    result = _run("eval", workspace / "model", "--data", workspace / "text.txt", "--seq-len", "100000")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_generate(workspace):
+    result = _run("generate", workspace / "model", "--prompt", "To be", "--max-new-tokens", "5")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("To be")

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from compressor.generate import generate
+from compressor.model import HybridLM
+from compressor.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HybridLM(get_preset("tiny")).eval()
+
+
+def test_greedy_equals_argmax_of_full_forwards(model):
+    prompt = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = generate(model, prompt, 12)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(model):
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    a = generate(model, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = generate(model, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    c = generate(model, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = generate(model, prompt, 10)
+    assert torch.equal(generate(model, prompt, 10, temperature=0.7, top_k=1), greedy)
+    assert torch.equal(generate(model, prompt, 10, temperature=0.7, top_p=1e-6), greedy)
+
+
+def test_eos_ends_generation(model):
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    greedy = generate(model, prompt, 10)[0, 5:].tolist()
+    eos = greedy[-1]
+    first = greedy.index(eos)  # generation stops at the first time the model emits it
+    out = generate(model, prompt, 10, eos_token_id=eos)
+    assert out.shape[1] == 5 + first + 1 and out[0, -1] == eos
+    assert out[0, 5:].tolist() == greedy[: first + 1]
