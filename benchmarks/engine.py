@@ -1,10 +1,11 @@
 """Forward throughput and peak memory: compressor's HybridLM vs transformers' NemotronHForCausalLM.
 
 Both run the same architecture and weights in fp32 on the CPU (transformers falls back to its pure-torch
-path there, as compressor does). Each measurement runs in a fresh subprocess: the model is built, one
-warm-up pass runs, the peak-RSS mark is reset (Linux /proc/self/clear_refs), then the timed passes run;
-peak memory is the rise of the peak RSS above the resident size at the reset, i.e. what the pass itself
-allocates (activations and workspace, not the weights). Run it on an otherwise idle machine.
+path there, as compressor does). Each measurement runs in a fresh subprocess that builds the model and
+runs one warm-up pass. Speed: the median of the timed passes. Memory (a separate process): the peak-RSS
+mark is reset (Linux /proc/self/clear_refs) and one pass runs; peak memory is the rise of the peak RSS
+above the resident size at the reset, i.e. what the pass itself allocates (activations and workspace, not
+the weights). Run it on an otherwise idle machine.
 
     python benchmarks/engine.py                 # the README table
     python benchmarks/engine.py --quick         # smaller, for a smoke run
@@ -14,7 +15,6 @@ allocates (activations and workspace, not the weights). Run it on an otherwise i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -48,6 +48,7 @@ CASES = {
         2048,
     ),
 }
+IMPLS = ("compressor", "transformers")
 QUICK = {"tiny / seq 256": CASES["tiny / seq 256"], "small / seq 1024": (dict(preset="small"), 1, 512)}
 
 
@@ -58,8 +59,8 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(impl: str, overrides: dict, batch: int, seq_len: int, repeats: int, train: bool) -> dict:
-    """Runs inside the subprocess: tokens/s and peak extra memory of one implementation."""
+def measure(impl: str, overrides: dict, batch: int, seq_len: int, repeats: int, train: bool, what: str) -> float:
+    """Runs inside the subprocess: tokens/s (`what="speed"`) or peak extra MiB (`what="memory"`)."""
     import torch
 
     from compressor.model import HybridLM
@@ -92,28 +93,33 @@ def measure(impl: str, overrides: dict, batch: int, seq_len: int, repeats: int, 
                 forward(ids)
 
     one_pass()  # warm-up
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
-    base = _rss_kib("VmRSS")
+    if what == "memory":
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+        base = _rss_kib("VmRSS")
+        one_pass()
+        return (_rss_kib("VmHWM") - base) / 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         one_pass()
         times.append(time.perf_counter() - start)
-    peak = _rss_kib("VmHWM") - base
-    return {"tokens_per_s": batch * seq_len / statistics.median(times), "peak_mib": peak / 1024}
+    return batch * seq_len / statistics.median(times)
 
 
-def run_case(impl: str, case: tuple, repeats: int, train: bool) -> dict:
+def run_case(impl: str, case: tuple, repeats: int, train: bool, what: str) -> float:
     overrides, batch, seq_len = case
     code = (
-        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.engine import measure; "
-        f"print(json.dumps(measure({impl!r}, {overrides!r}, {batch}, {seq_len}, {repeats}, {train!r})))"
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.engine import measure; "
+        f"print(measure({impl!r}, {overrides!r}, {batch}, {seq_len}, {repeats}, {train!r}, {what!r}))"
     )
-    # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the peak RSS of the
-    # timed passes is not hidden by memory the warm-up pass left in the heap.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = dict(os.environ)
+    if what == "memory":
+        # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the peak RSS of
+        # the measured pass is not hidden by memory the warm-up left in the heap. It slows allocation,
+        # which is why speed is measured in a separate process without it.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -134,14 +140,12 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, case in cases.items():
         for train in modes:
-            ours = run_case("compressor", case, args.repeats, train)
-            theirs = run_case("transformers", case, args.repeats, train)
+            speed = [run_case(impl, case, args.repeats, train, "speed") for impl in IMPLS]
+            memory = [run_case(impl, case, args.repeats, train, "memory") for impl in IMPLS]
             print(
                 f"| {name} (batch {case[1]}) | {'fwd+bwd' if train else 'forward'} "
-                f"| {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} "
-                f"| {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
-                f"| {ours['peak_mib']:,.0f} | {theirs['peak_mib']:,.0f} "
-                f"| {ours['peak_mib'] / max(theirs['peak_mib'], 1e-9):.2f}x |",
+                f"| {speed[0]:,.0f} | {speed[1]:,.0f} | {speed[0] / speed[1]:.2f}x "
+                f"| {memory[0]:,.0f} | {memory[1]:,.0f} | {memory[0] / max(memory[1], 1e-9):.2f}x |",
                 flush=True,
             )
 
