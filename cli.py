@@ -315,7 +315,7 @@ def eval_(
     if json_output:
         print_json({"model": str(model), "teacher": str(teacher) if teacher else None, **result.to_dict()})
         return
-    table = Table(title=f"{model} on {data} ({len(sequences)} x {seq_len} tokens)", title_justify="left")
+    table = Table(title=f"{Path(data).name}: {len(sequences)} x {seq_len} tokens", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("loss (nats/token)", f"{result.loss:.4f}")
