@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from compressor.distributed import resolve_device
 from compressor.errors import CompressorError
 
 app = typer.Typer(
@@ -47,20 +48,6 @@ def friendly(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CompressorError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompressorError(f"device {name!r} asked for, but no CUDA device is available: use --device cpu")
-    return device
 
 
 def load_config_or_preset(model: str):
@@ -165,6 +152,182 @@ def info(
         params.add_row(name, f"{count:,}", f"{100 * count / total:.1f}%")
     params.add_row("[bold]total", f"[bold]{total:,}", "100%")
     console.print(params)
+
+
+# ----- estimate -----------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def estimate(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, config.json or preset name.")],
+    ctx: Annotated[
+        str | None, typer.Option(help="Context length, e.g. 128k (k = 1024). Default: max_position_embeddings.")
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Sequences at once, or 'max': the most that fit the memory.")] = "1",
+    gpu: Annotated[
+        str | None,
+        typer.Option(help="GPU for throughput: a10g, l4, l40s, a100-40gb, a100-80gb, h100-sxm, h200, b200, rtx-5090."),
+    ] = None,
+    gpu_bandwidth: Annotated[
+        str | None, typer.Option(help="Your GPU's memory bandwidth, e.g. 600GB/s (with --gpu-tflops).")
+    ] = None,
+    gpu_tflops: Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")] = None,
+    target_mem: Annotated[
+        str | None, typer.Option(help="Memory budget, e.g. 22GiB, 19.66GiB, 20GB (= 10^9 bytes); G alone = GiB.")
+    ] = None,
+    isl: Annotated[
+        str | None, typer.Option(help="Prompt tokens of the throughput workload (default: ctx - osl).")
+    ] = None,
+    osl: Annotated[str | None, typer.Option(help="Generated tokens (default: 1024, at most half the ctx).")] = None,
+    weight_dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32, fp8 or fp4 (NVFP4).")] = "bf16",
+    kv_dtype: Annotated[str | None, typer.Option(help="bf16, fp16, fp32 or fp8 (default: compute dtype).")] = None,
+    ssm_dtype: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16 (default: the config's mamba_ssm_cache_dtype).")
+    ] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="Prefill chunk of the activation allowance (default 2048); 0 leaves it out.")
+    ] = None,
+    measure: Annotated[
+        bool, typer.Option(help="Also build the model, allocate its cache on --device and time decoding.")
+    ] = False,
+    device: DeviceOption = "auto",
+    json_output: JsonOption = False,
+) -> None:
+    """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
+    from compressor import budget
+    from compressor.config import ATTENTION, MAMBA, MLP
+
+    config, _ = load_config_or_preset(model)
+    context = budget.parse_context(ctx) if ctx is not None else config.max_position_embeddings
+    limit = budget.parse_size(target_mem) if target_mem is not None else None
+    spec = _gpu_spec(gpu, gpu_bandwidth, gpu_tflops, limit)
+    chunk = budget.DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=chunk)
+    largest = batch.strip().lower() == "max"
+    if largest:
+        fill = limit if limit is not None else spec.memory if spec is not None else None
+        if fill is None:
+            raise CompressorError("--batch max needs --target-mem or --gpu: the memory to fill")
+        batch_size = max(budget.largest_batch(config, context, fill, **dtypes), 1)
+    elif batch.strip().isdigit() and int(batch) > 0:
+        batch_size = int(batch)
+    else:
+        raise CompressorError(f"--batch {batch!r} is not a positive whole number or 'max'")
+    memory = budget.estimate_memory(config, context, batch_size, **dtypes)
+    counts = budget.parameter_counts(config)
+    total = sum(counts.values())
+
+    throughput = None
+    if spec is not None:
+        out_tokens = budget.parse_context(osl) if osl is not None else max(min(1024, context // 2), 1)
+        in_tokens = budget.parse_context(isl) if isl is not None else max(context - out_tokens, 1)
+        workload = budget.Workload(in_tokens, out_tokens, "max" if largest else batch_size)
+        throughput = budget.estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
+    measured = None
+    if measure:
+        measured = budget.measure(
+            config,
+            context,
+            batch_size,
+            device=resolve_device(device),
+            weight_dtype=weight_dtype,
+            kv_dtype=kv_dtype,
+            ssm_dtype=ssm_dtype,
+        )
+
+    if json_output:
+        target = None
+        if limit is not None:
+            target = {"bytes": limit, "fits": memory.headroom(limit) >= 0, "headroom": memory.headroom(limit)}
+        print_json(
+            {
+                "model": model,
+                "parameters": {**counts, "total": total},
+                "memory": memory.to_dict(),
+                "target": target,
+                "throughput": throughput.to_dict() if throughput is not None else None,
+                "measured": measured.to_dict() if measured is not None else None,
+            }
+        )
+        return
+
+    def gib(nbytes: float) -> str:
+        return f"{nbytes / budget.GIB:,.2f} GiB"
+
+    console.print(
+        f"[bold]{model}[/]: {total:,} parameters ({config.num_blocks} blocks: {config.count(MAMBA)} Mamba-2, "
+        f"{config.count(ATTENTION)} attention, {config.count(MLP)} MLP)",
+        highlight=False,
+    )
+    table = Table(title=f"memory at {context:,} tokens x batch {batch_size}", title_justify="left")
+    for name, justify in (("term", "left"), ("detail", "left"), ("GiB", "right"), ("bytes", "right")):
+        table.add_column(name, justify=justify)
+    quantized = " (matrices; the rest bf16)" if memory.weight_dtype in ("fp8", "fp4") else ""
+    activations = f"prefill chunk {memory.prefill_chunk:,} tokens" if memory.prefill_chunk else "left out"
+    rows = [
+        ("weights", f"{memory.weight_dtype}{quantized}", memory.weights),
+        ("KV cache", f"{config.count(ATTENTION)} attention blocks, {memory.kv_dtype}", memory.kv_cache),
+        ("SSM state", f"{config.count(MAMBA)} Mamba blocks, {memory.ssm_dtype}", memory.ssm_state),
+        ("conv state", f"K-1 = {config.conv_kernel - 1} columns, {memory.compute_dtype}", memory.conv_state),
+        ("activations", f"{activations}, {memory.compute_dtype}", memory.activations),
+    ]
+    for term, detail, nbytes in rows:
+        table.add_row(term, detail, f"{nbytes / budget.GIB:,.2f}", f"{nbytes:,}")
+    table.add_row("[bold]total", "", f"[bold]{memory.total / budget.GIB:,.2f}", f"[bold]{memory.total:,}")
+    console.print(table)
+    if limit is not None:
+        spare = memory.headroom(limit)
+        at = f" at batch {batch_size} (the largest that fits)" if largest and spare >= 0 else ""
+        if spare >= 0:
+            console.print(f"[green]fits[/] in {gib(limit)} with {gib(spare)} to spare{at}", highlight=False)
+        else:
+            console.print(f"[red]does not fit[/] in {gib(limit)}: over by {gib(-spare)}", highlight=False)
+    if throughput is not None:
+        title = (
+            f"throughput on {spec.name}: {throughput.input_tokens:,} in / {throughput.output_tokens:,} out x "
+            f"batch {throughput.batch}"
+        )
+        caption = (
+            f"roofline at {spec.memory_bandwidth / 1e9:,.0f} GB/s and {spec.bf16_flops / 1e12:,.1f} TFLOP/s bf16 "
+            "(datasheet peaks)"
+        )
+        table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+        for name, justify in (("metric", "left"), ("value", "right"), ("note", "left")):
+            table.add_column(name, justify=justify)
+        ttft = f"{throughput.time_to_first_token_s:,.2f} s"
+        table.add_row("time to first token", ttft, f"{throughput.prefill_bound} bound")
+        latency = f"{1000 * throughput.decode_latency_s:,.2f} ms/token"
+        table.add_row("decode latency", latency, f"{throughput.decode_bound} bound, mean over the output")
+        table.add_row("decode tokens/s", f"{throughput.decode_tokens_per_s:,.1f}", "batch together")
+        table.add_row("tokens/s overall", f"{throughput.tokens_per_s:,.1f}", "output / (prefill + decode)")
+        console.print(table)
+    if measured is not None:
+        table = Table(title=f"measured on {measured.device} ({weight_dtype})", title_justify="left")
+        for name, justify in (("metric", "left"), ("measured", "right"), ("estimated", "right")):
+            table.add_column(name, justify=justify)
+        table.add_row("cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}")
+        table.add_row("decode latency", f"{1000 * measured.decode_latency_s:,.2f} ms/token", "")
+        table.add_row("decode tokens/s", f"{measured.decode_tokens_per_s:,.1f}", "")
+        console.print(table)
+
+
+def _gpu_spec(name: str | None, bandwidth: str | None, tflops: float | None, memory: int | None):
+    """--gpu NAME, optionally with its numbers replaced, or a GPU described by --gpu-bandwidth/--gpu-tflops."""
+    import dataclasses
+
+    from compressor import budget
+
+    if tflops is not None and tflops <= 0:
+        raise CompressorError(f"--gpu-tflops must be more than 0, got {tflops}")
+    if name is None and bandwidth is None and tflops is None:
+        return None
+    if name is None and (bandwidth is None or tflops is None):
+        raise CompressorError("describe your GPU with both --gpu-bandwidth and --gpu-tflops, or name one with --gpu")
+    spec = budget.get_gpu(name) if name is not None else budget.GPUSpec("custom GPU", 0.0, 0.0, memory or 0)
+    if bandwidth is not None:
+        spec = dataclasses.replace(spec, memory_bandwidth=budget.parse_bandwidth(bandwidth))
+    if tflops is not None:
+        spec = dataclasses.replace(spec, bf16_flops=tflops * 1e12)
+    return spec
 
 
 # ----- init ---------------------------------------------------------------------------------------------
@@ -387,6 +550,208 @@ def generate(
     )
     console.print(prompt, style="bold", end="", highlight=False)
     console.print(tok.decode(out[0, len(ids) :].tolist()), highlight=False)
+
+
+# ----- train / distill ----------------------------------------------------------------------------------
+class RichReporter:
+    """Live progress of a training run: a bar over steps with loss, KL, tokens/s and ETA; eval lines above."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[line]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=quiet,
+        )
+        self.task = None
+
+    def start(self, total_steps: int, first_step: int, tokens_per_step: int) -> None:
+        if first_step:
+            self.note(f"resuming at step {first_step}")
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=first_step, line="")
+
+    def step(self, record: dict) -> None:
+        line = f"loss {record['loss']:.4f}"
+        if "kl" in record:
+            line += f"  KL {record['kl']:.4f}  top-1 {100 * record['top1_agreement']:.1f}%"
+        line += f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        self.progress.update(self.task, completed=record["step"], line=line)
+
+    def evaluated(self, record: dict) -> None:
+        line = f"step {record['step']:>6}  val loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}"
+        if record.get("val_kl") is not None:
+            line += f"  KL {record['val_kl']:.4f}  top-1 {100 * record['val_top1_agreement']:.1f}%"
+        if record.get("teacher_val_loss") is not None:
+            line += f"  (teacher loss {record['teacher_val_loss']:.4f})"
+        self.note(line)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(text, highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _run_training(config, dry_run: bool, quiet: bool) -> None:
+    from compressor.train import memory_plan, train
+
+    if dry_run:
+        plan = memory_plan(config)
+        table = Table(title="memory plan (per process)", title_justify="left")
+        table.add_column("term")
+        table.add_column("GiB", justify="right")
+        for name, nbytes in plan["terms"].items():
+            table.add_row(name, f"{nbytes / 2**30:.3f}")
+        table.add_row("[bold]total", f"[bold]{plan['total'] / 2**30:.3f}")
+        console.print(table)
+        if plan["available"] is not None:
+            spare = plan["available"] - plan["total"]
+            verdict = "fits" if spare >= 0 else "does not fit"
+            console.print(
+                f"{verdict} on {plan['device']}: {plan['available'] / 2**30:.2f} GiB available, "
+                f"{abs(spare) / 2**30:.2f} GiB {'to spare' if spare >= 0 else 'short'}"
+            )
+        return
+    reporter = RichReporter(quiet)
+    try:
+        result = train(config, reporter)
+    finally:
+        reporter.stop()
+    final = result.final_eval
+    summary = f"done: {result.steps} steps, {result.tokens:,} tokens; checkpoint in {result.out / 'model'}"
+    if final:
+        summary += f"; val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f})"
+    if not quiet:
+        console.print(summary)
+
+
+def _train_config(**options):
+    from compressor.budget import parse_tokens
+    from compressor.losses import LossSpec
+    from compressor.train import TrainConfig
+
+    tokens, steps = options.pop("tokens"), options.pop("steps")
+    if tokens is not None and steps is not None:
+        raise CompressorError("give --tokens or --steps, not both")
+    if tokens is not None:
+        per_step = options["batch_size"] * options["seq_len"]
+        steps = max(1, parse_tokens(tokens) // per_step)
+    loss = LossSpec(
+        divergence=options.pop("divergence"),
+        temperature=options.pop("temperature"),
+        jsd_beta=options.pop("jsd_beta"),
+        lm_weight=options.pop("lm_weight"),
+        chunk_tokens=options.pop("chunk_tokens"),
+    )
+    return TrainConfig(
+        steps=steps, loss=loss, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    )
+
+
+OutOption = Annotated[Path, typer.Option(help="Run folder: model/ (latest checkpoint), metrics.jsonl.")]
+DataOption = Annotated[str, typer.Option(help="Training text or tokens (as for `compress eval`).")]
+
+
+@app.command()
+@friendly
+def distill(
+    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint folder.")],
+    student: Annotated[Path, typer.Argument(help="Student checkpoint folder (e.g. the pruned model).")],
+    data: DataOption,
+    out: OutOption,
+    tokens: Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together.")] = 16,
+    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass of one process.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    min_lr: Annotated[float, typer.Option(help="Final learning rate.")] = 1e-5,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps (default 5%).")] = None,
+    schedule: Annotated[str, typer.Option(help="cosine, wsd (warmup-stable-decay) or constant.")] = "cosine",
+    decay_fraction: Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")] = 0.2,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
+    divergence: Annotated[str, typer.Option(help="forward_kl, reverse_kl or jsd.")] = "forward_kl",
+    temperature: Annotated[float, typer.Option(help="Distillation temperature (loss scaled by T^2).")] = 1.0,
+    jsd_beta: Annotated[float, typer.Option(help="Mixture weight of the generalized JSD.")] = 0.5,
+    lm_weight: Annotated[float, typer.Option(help="Weight of the student's LM loss in the mix (0-1).")] = 0.0,
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens per logits chunk in the loss.")] = 1024,
+    cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
+    top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 50,
+    eval_sequences: Annotated[int, typer.Option(help="Validation sequences.")] = 64,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    log_every: Annotated[int, typer.Option(help="Log training metrics every N steps.")] = 10,
+    valid_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation.")] = 0.05,
+    max_sequences: Annotated[int | None, typer.Option(help="Read at most this many sequences.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data order, split and initialisation.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Student master-weight dtype.")] = "float32",
+    teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
+    autocast: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")] = "auto",
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the student's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    device: DeviceOption = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No live display.")] = False,
+) -> None:
+    """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
+    `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
+    options = dict(locals())
+    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
+    _run_training(_train_config(**options), dry_run, quiet)
+
+
+@app.command("train")
+@friendly
+def train_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to train (e.g. from `compress init`).")],
+    data: DataOption,
+    out: OutOption,
+    tokens: Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together.")] = 16,
+    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass of one process.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    min_lr: Annotated[float, typer.Option(help="Final learning rate.")] = 1e-4,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps (default 5%).")] = None,
+    schedule: Annotated[str, typer.Option(help="cosine, wsd (warmup-stable-decay) or constant.")] = "cosine",
+    decay_fraction: Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")] = 0.2,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens per logits chunk in the loss.")] = 1024,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 50,
+    eval_sequences: Annotated[int, typer.Option(help="Validation sequences.")] = 64,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    log_every: Annotated[int, typer.Option(help="Log training metrics every N steps.")] = 10,
+    valid_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation.")] = 0.05,
+    max_sequences: Annotated[int | None, typer.Option(help="Read at most this many sequences.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data order and split.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Master-weight dtype.")] = "float32",
+    autocast: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")] = "auto",
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    device: DeviceOption = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No live display.")] = False,
+) -> None:
+    """Plain language-model training of MODEL (the distillation loop without a teacher)."""
+    options = dict(locals())
+    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
+    options["student"] = options.pop("model")
+    options.update(divergence="forward_kl", temperature=1.0, jsd_beta=0.5, lm_weight=1.0)
+    _run_training(_train_config(**options), dry_run, quiet)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -134,6 +134,50 @@ def load_model(
     return model.eval()
 
 
+def write_checkpoint(
+    folder: Path,
+    config: HybridConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    tokenizer_from: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Write config.json, the weights and the tokenizer files into an existing (temporary) folder."""
+    state = {name: t.detach().contiguous() for name, t in state_dict.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # stored once, as the embeddings
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    raw = config.to_dict()
+    raw["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    if "torch_dtype" in raw:
+        raw["torch_dtype"] = raw["dtype"]
+    (folder / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            source = Path(tokenizer_from) / name
+            if source.is_file():
+                shutil.copyfile(source, folder / name)
+
+
 def save_model(
     model: HybridLM,
     path: str | Path,
@@ -147,40 +191,8 @@ def save_model(
     Weights go to `model.safetensors`, or to shards plus an index when larger than `max_shard_bytes`;
     `tokenizer_from` (a checkpoint folder) provides the tokenizer files to copy through.
     """
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # stored once, as the embeddings
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    dtype = next(iter(state.values())).dtype
-    config = model.config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    if "torch_dtype" in config:
-        config["torch_dtype"] = config["dtype"]
-
     with atomic_output(path, overwrite=overwrite) as tmp:
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                source = Path(tokenizer_from) / name
-                if source.is_file():
-                    shutil.copyfile(source, tmp / name)
+        write_checkpoint(
+            tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from, max_shard_bytes=max_shard_bytes
+        )
     return Path(path)

@@ -188,7 +188,7 @@ class TokenSequences:
         _check_positive("batch_size", batch_size)
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
-    def batches(
+    def batch_indices(
         self,
         batch_size: int,
         *,
@@ -197,8 +197,8 @@ class TokenSequences:
         epoch: int = 0,
         start: int = 0,
         drop_last: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Yield (batch_size, seq_len) int64 tensors for one epoch.
+    ) -> Iterator[np.ndarray]:
+        """Yield the sequence indices (positions in this set, 0..len-1) of each batch of one epoch.
 
         With `shuffle`, the order is a permutation drawn from (seed, epoch) alone; `start` skips that
         many batches, so resuming at a saved (epoch, start) continues exactly where a run stopped.
@@ -215,10 +215,16 @@ class TokenSequences:
         _check_seed(seed)
         _check_seed(epoch, name="epoch")
         order = np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else np.arange(len(self))
-        if self.rows is not None:
-            order = self.rows[order]
-        picks = (order[index * batch_size : (index + 1) * batch_size] for index in range(start, total))
-        return (torch.from_numpy(self.tokens[picked].astype(np.int64)) for picked in picks)
+        return (order[index * batch_size : (index + 1) * batch_size] for index in range(start, total))
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """The sequences at `indices` (positions in this set) as a (len(indices), seq_len) int64 tensor."""
+        rows = indices if self.rows is None else self.rows[indices]
+        return torch.from_numpy(self.tokens[rows].astype(np.int64))
+
+    def batches(self, batch_size: int, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yield (batch_size, seq_len) int64 tensors for one epoch; options as `batch_indices`."""
+        return (self.take(picked) for picked in self.batch_indices(batch_size, **kwargs))
 
     def save(self, path: str | Path) -> Path:
         """Write the sequences to a `.npy` file (int32, shape (n, seq_len)), block by block."""

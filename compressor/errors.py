@@ -20,3 +20,7 @@ class CheckpointError(CompressorError):
 
 class DataError(CompressorError):
     """Input data that cannot be read, tokenized or packed as asked."""
+
+
+class BudgetError(CompressorError):
+    """A budget, size, context length or hardware name that cannot be read or met."""

@@ -1,7 +1,7 @@
 """Evaluation: mean next-token loss and perplexity, and how closely a model follows a teacher.
 
-Logits are formed from the final hidden states a chunk of tokens at a time and reduced at once, so full
-fp32 logits for a whole batch (tokens x vocab) never exist; sums are kept in float64.
+Losses go through `compressor.losses.head_loss`, which forms logits a chunk of tokens at a time, so full
+fp32 logits for a whole batch (tokens x vocab) never exist.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from compressor.errors import CompressorError, DataError
+from compressor.losses import LossSpec, LossStats, TeacherLogits, TeacherTopK, head_loss, next_token_labels
 from compressor.model import HybridLM
 
 
@@ -37,6 +37,58 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    @classmethod
+    def from_stats(
+        cls, stats: LossStats, teacher_stats: LossStats | None = None, *, with_teacher: bool = False
+    ) -> EvalResult:
+        """Means from summed statistics (see `batch_stats`); `with_teacher` adds KL and agreement."""
+        if stats.label_tokens == 0:
+            raise DataError("no tokens to evaluate: the data is empty or sequences are shorter than 2 tokens")
+        loss = float(stats.cross_entropy) / stats.label_tokens
+        result = cls(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=stats.tokens)
+        if teacher_stats is not None:
+            result.teacher_loss = float(teacher_stats.cross_entropy) / teacher_stats.label_tokens
+            result.teacher_perplexity = math.exp(min(result.teacher_loss, 700.0))
+        if with_teacher or teacher_stats is not None:
+            result.kl = float(stats.divergence) / stats.tokens
+            result.top1_agreement = int(stats.agreement) / stats.tokens
+        return result
+
+
+def check_same_vocab(teacher: HybridLM, student: HybridLM) -> None:
+    """Teacher and student must share a tokenizer; a vocabulary size mismatch (padding included) is refused."""
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise CompressorError(
+            f"teacher vocabulary ({teacher.config.vocab_size}) differs from the model's "
+            f"({student.config.vocab_size}): they must share a tokenizer (and the same padded vocab size)"
+        )
+
+
+def teacher_targets(teacher: HybridLM, ids: torch.Tensor) -> TeacherLogits:
+    """The teacher's final hidden states and head weight for `ids`, without gradients."""
+    with torch.no_grad():
+        return teacher(ids, head=lambda hidden, weight: TeacherLogits(hidden.flatten(0, 1), weight))
+
+
+def batch_stats(
+    model: HybridLM,
+    ids: torch.Tensor,
+    stats: LossStats,
+    *,
+    teacher: TeacherLogits | TeacherTopK | None = None,
+    chunk_tokens: int = 4096,
+) -> None:
+    """Add one batch's cross-entropy (and divergence/agreement to `teacher`) to `stats`, without gradients."""
+    labels = next_token_labels(ids)
+    spec = LossSpec(chunk_tokens=chunk_tokens)
+    with torch.no_grad():
+        model(
+            ids,
+            head=lambda hidden, weight: head_loss(
+                hidden.flatten(0, 1), weight, spec, labels=labels, teacher=teacher, stats=stats
+            ),
+        )
+
 
 @torch.inference_mode()
 def evaluate(
@@ -51,45 +103,18 @@ def evaluate(
 
     `on_batch(tokens)` is called after each batch (progress display).
     """
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
-        raise CompressorError(
-            f"teacher vocabulary ({teacher.config.vocab_size}) differs from the model's "
-            f"({model.config.vocab_size}): they must share a tokenizer"
-        )
+    if teacher is not None:
+        check_same_vocab(teacher, model)
     device = model.lm_head.weight.device
-    sums = {"loss": 0.0, "teacher_loss": 0.0, "kl": 0.0, "agree": 0.0}
-    loss_tokens = kl_tokens = 0
+    stats, teacher_stats = LossStats(), (LossStats() if teacher is not None else None)
     for batch in batches:
         ids = batch.to(device)
-        b, t = ids.shape
-        hidden = model.backbone(ids).reshape(b * t, -1)
-        teacher_hidden = None
+        targets = None
         if teacher is not None:
-            teacher_hidden = teacher.backbone(ids.to(teacher.lm_head.weight.device)).reshape(b * t, -1)
-        # next-token labels; the last position of each sequence has none (-100 is ignored)
-        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
-        for start in range(0, b * t, chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            logp = F.log_softmax(model.lm_head(hidden[rows]).float(), dim=-1)
-            sums["loss"] += F.nll_loss(logp, labels[rows], reduction="sum", ignore_index=-100).item()
-            if teacher_hidden is not None:
-                teacher_logp = F.log_softmax(teacher.lm_head(teacher_hidden[rows]).float(), dim=-1).to(device)
-                sums["teacher_loss"] += F.nll_loss(
-                    teacher_logp, labels[rows], reduction="sum", ignore_index=-100
-                ).item()
-                sums["kl"] += F.kl_div(logp, teacher_logp, log_target=True, reduction="sum").item()
-                sums["agree"] += (logp.argmax(-1) == teacher_logp.argmax(-1)).sum().item()
-        loss_tokens += b * (t - 1)
-        kl_tokens += b * t
+            targets = teacher_targets(teacher, ids)
+            spec = LossSpec(chunk_tokens=chunk_tokens)
+            head_loss(targets.hidden, targets.weight, spec, labels=next_token_labels(ids), stats=teacher_stats)
+        batch_stats(model, ids, stats, teacher=targets, chunk_tokens=chunk_tokens)
         if on_batch is not None:
-            on_batch(b * t)
-    if loss_tokens == 0:
-        raise DataError("no tokens to evaluate: the data is empty or sequences are shorter than 2 tokens")
-    loss = sums["loss"] / loss_tokens
-    result = EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=kl_tokens)
-    if teacher is not None:
-        result.teacher_loss = sums["teacher_loss"] / loss_tokens
-        result.teacher_perplexity = math.exp(min(result.teacher_loss, 700.0))
-        result.kl = sums["kl"] / kl_tokens
-        result.top1_agreement = sums["agree"] / kl_tokens
-    return result
+            on_batch(ids.numel())
+    return EvalResult.from_stats(stats, teacher_stats)

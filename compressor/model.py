@@ -14,6 +14,8 @@ Parameter names equal the Hugging Face checkpoint's (`backbone.embeddings.weight
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -225,11 +227,19 @@ class HybridLM(nn.Module):
             self.reset_parameters()
 
     def forward(
-        self, input_ids: torch.Tensor, cache: HybridCache | None = None, *, last_only: bool = False
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        cache: HybridCache | None = None,
+        *,
+        last_only: bool = False,
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """Logits (b, t, vocab) in the model's dtype; with `last_only`, only the last position's (b, 1, vocab).
 
-        With a cache, the tokens continue the cached sequence and the cache advances past them.
+        With a cache, the tokens continue the cached sequence and the cache advances past them. With
+        `head`, returns head(final hidden states (b, t, hidden), lm_head weight) instead of logits: losses
+        use it to form logits chunk by chunk, inside this forward so that sharded (FSDP) weights are
+        gathered while they are used.
         """
         if cache is not None:
             cache.check_room(input_ids.shape[1])
@@ -238,6 +248,8 @@ class HybridLM(nn.Module):
             cache.seen += input_ids.shape[1]
         if last_only:
             hidden = hidden[:, -1:]
+        if head is not None:
+            return head(hidden, self.lm_head.weight)
         return self.lm_head(hidden)
 
     def allocate_cache(self, batch_size: int, max_length: int, **kwargs) -> HybridCache:

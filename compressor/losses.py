@@ -1,0 +1,232 @@
+"""Distillation and LM losses computed chunk by chunk through the output head.
+
+`head_loss` takes final hidden states (tokens, hidden) and the student's output-head weight, and sums a
+per-token loss over all tokens while forming the logits only `chunk_tokens` rows at a time: full fp32
+logits (tokens x vocab, 4 GiB for 8k tokens at vocab 131072) never exist, for the student or the teacher.
+Gradients are produced chunk by chunk during the forward pass (each chunk's logits are formed, its loss
+differentiated, and the logits freed) and handed to autograd as the gradient of the sum, so the result
+and its gradient equal the unchunked computation.
+
+Per-token terms, with p the teacher's and q the student's next-token distribution at temperature T:
+- forward KL(p || q) (the Minitron default), reverse KL(q || p), or generalized JSD_beta:
+  beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; multiplied by T^2 so gradient
+  magnitudes do not shrink with T;
+- cross-entropy of the student (T = 1) on the next token, mixed in with weight `lm_weight`:
+  loss = (1 - lm_weight) * divergence + lm_weight * cross-entropy.
+
+The teacher comes as hidden states + head weight (`TeacherLogits`, exact) or as cached top-k log-probs
+(`TeacherTopK`). For the top-k form, both distributions are coarsened to k + 1 outcomes: the teacher's k
+tokens and one bucket holding all other tokens (teacher mass 1 - sum of its top-k probabilities, student
+mass 1 - sum of its probabilities on those tokens; both floored at 1e-6). The divergence between the
+coarsened distributions is exact for them, equals the full divergence when the teacher puts no mass
+outside its top k, and is a lower bound otherwise (coarsening never increases an f-divergence). The cache
+is written at the run's temperature, so T is already applied to the teacher side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+IGNORE = -100  # label of positions without a next token
+# Smallest mass of the "all other tokens" bucket of a top-k target, on either side: sums of k float
+# probabilities are only good to about 1e-7, and the floor keeps the bucket's gradient finite.
+REST_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What to optimise. lm_weight 1 (or no teacher) is plain language-model training."""
+
+    divergence: Divergence = "forward_kl"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    lm_weight: float = 0.0
+    chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(f"unknown divergence {self.divergence!r}: use forward_kl, reverse_kl or jsd")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.jsd_beta < 1:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if not 0 <= self.lm_weight <= 1:
+            raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+@dataclass
+class TeacherLogits:
+    """An in-memory teacher: its final hidden states (tokens, hidden) and output-head weight."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def log_probs(self, rows: slice, temperature: float) -> torch.Tensor:
+        logits = self.hidden[rows].float() @ self.weight.float().T
+        return F.log_softmax(logits / temperature, dim=-1)
+
+
+@dataclass
+class TeacherTopK:
+    """A cached teacher: per token its k most likely token ids and their log-probs (at the run's T)."""
+
+    indices: torch.Tensor  # (tokens, k) int64
+    log_probs: torch.Tensor  # (tokens, k) float
+
+
+@dataclass
+class LossStats:
+    """Sums over the tokens of `head_loss` calls (detached tensors, so logging costs no device sync)."""
+
+    divergence: torch.Tensor | float = 0.0  # per-token divergences summed (without the T^2 factor)
+    cross_entropy: torch.Tensor | float = 0.0  # summed over positions that have a label
+    agreement: torch.Tensor | int = 0  # positions where student and teacher rank the same token first
+    tokens: int = 0
+    label_tokens: int = 0
+
+
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: Divergence, beta: float) -> torch.Tensor:
+    """Per-row divergence between two distributions given as log-probs over the same outcomes."""
+    if kind == "forward_kl":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    if kind == "reverse_kl":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    mix = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+    to_teacher = (teacher_logp.exp() * (teacher_logp - mix)).sum(-1)
+    to_student = (student_logp.exp() * (student_logp - mix)).sum(-1)
+    return beta * to_teacher + (1 - beta) * to_student
+
+
+def _with_rest(logp_topk: torch.Tensor) -> torch.Tensor:
+    """Append the log of the mass outside the k outcomes, 1 - sum(exp(logp_topk)), floored at REST_FLOOR."""
+    inside = torch.logsumexp(logp_topk, dim=-1, keepdim=True)
+    rest = (-torch.expm1(inside)).clamp(min=REST_FLOOR)
+    return torch.cat([logp_topk, rest.log()], dim=-1)
+
+
+def _chunk_loss(
+    logits: torch.Tensor,
+    rows: slice,
+    spec: LossSpec,
+    labels: torch.Tensor | None,
+    teacher: TeacherLogits | TeacherTopK | None,
+    stats: LossStats,
+) -> torch.Tensor:
+    """The weighted loss summed over one chunk of rows; fills `stats`."""
+    total = logits.new_zeros(())
+    n = logits.shape[0]
+    stats.tokens += n
+    kd_weight = 0.0 if teacher is None else 1.0 - spec.lm_weight
+    if kd_weight > 0:
+        T = spec.temperature
+        student_logp = F.log_softmax(logits / T, dim=-1)
+        if isinstance(teacher, TeacherLogits):
+            teacher_logp = teacher.log_probs(rows, T)
+            per_token = divergence(student_logp, teacher_logp, spec.divergence, spec.jsd_beta)
+            teacher_top = teacher_logp.argmax(-1)
+        else:
+            index = teacher.indices[rows]
+            coarse_student = _with_rest(student_logp.gather(-1, index))
+            coarse_teacher = _with_rest(teacher.log_probs[rows].float())
+            per_token = divergence(coarse_student, coarse_teacher, spec.divergence, spec.jsd_beta)
+            teacher_top = index.gather(-1, teacher.log_probs[rows].argmax(-1, keepdim=True))[:, 0]
+        kd = per_token.sum()
+        total = total + kd_weight * T * T * kd
+        stats.divergence += kd.detach()
+        stats.agreement += (logits.argmax(-1) == teacher_top).sum()
+    if labels is not None:
+        chunk_labels = labels[rows]
+        ce = F.cross_entropy(logits, chunk_labels, ignore_index=IGNORE, reduction="sum")
+        stats.cross_entropy += ce.detach()
+        stats.label_tokens += n - int((chunk_labels == IGNORE).sum())
+        ce_weight = 1.0 if teacher is None else spec.lm_weight
+        if ce_weight > 0:
+            total = total + ce_weight * ce
+    return total
+
+
+def _chunked(hidden, weight, spec, labels, teacher, stats, grad_hidden: bool, grad_weight: bool):
+    """Sum the loss chunk by chunk; with grad_* also return d(sum)/d(hidden) and d(sum)/d(weight)."""
+    d_hidden = torch.zeros_like(hidden) if grad_hidden else None
+    d_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    weight_leaf = weight.detach().requires_grad_(grad_weight)
+    for start in range(0, hidden.shape[0], spec.chunk_tokens):
+        rows = slice(start, start + spec.chunk_tokens)
+        chunk = hidden[rows].detach().requires_grad_(grad_hidden)
+        with torch.enable_grad():
+            logits = chunk.float() @ weight_leaf.float().T  # (rows, vocab) fp32, this chunk only
+            loss = _chunk_loss(logits, rows, spec, labels, teacher, stats)
+        if (grad_hidden or grad_weight) and loss.requires_grad:
+            wanted = [t for t, need in ((chunk, grad_hidden), (weight_leaf, grad_weight)) if need]
+            grads = iter(torch.autograd.grad(loss, wanted))
+            if grad_hidden:
+                d_hidden[rows] = next(grads)
+            if grad_weight:
+                d_weight += next(grads)
+        total += loss.detach()
+    return total, d_hidden, d_weight
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The chunked sum as one autograd node; its input gradients are computed during forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, spec, labels, teacher, stats):
+        total, d_hidden, d_weight = _chunked(
+            hidden, weight, spec, labels, teacher, stats, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.save_for_backward(
+            d_hidden if d_hidden is not None else hidden.new_empty(0),
+            d_weight.to(weight.dtype) if d_weight is not None else weight.new_empty(0),
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (
+            d_hidden * grad_output if ctx.needs_input_grad[0] else None,
+            d_weight * grad_output if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    spec: LossSpec,
+    *,
+    labels: torch.Tensor | None = None,
+    teacher: TeacherLogits | TeacherTopK | None = None,
+    stats: LossStats | None = None,
+) -> torch.Tensor:
+    """The summed loss over `hidden` (tokens, hidden) through the head `weight` (vocab, hidden).
+
+    labels (tokens,) next-token ids with IGNORE where none; teacher as above. Without a teacher the loss
+    is the cross-entropy (plain LM training). Divide by the token count of the whole (global) batch to
+    get a mean whose gradients accumulate correctly over micro-batches and ranks.
+    """
+    if teacher is None and labels is None:
+        raise ValueError("head_loss needs labels, a teacher, or both")
+    stats = stats if stats is not None else LossStats()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(hidden, weight, spec, labels, teacher, stats)
+    return _chunked(hidden, weight, spec, labels, teacher, stats, False, False)[0]
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) ids -> (batch * seq,) labels: each position's next token, IGNORE at the last one."""
+    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], IGNORE)], dim=1)
+    return labels.reshape(-1)

@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compressor.losses import (
+    IGNORE,
+    LossSpec,
+    LossStats,
+    TeacherLogits,
+    TeacherTopK,
+    divergence,
+    head_loss,
+    next_token_labels,
+)
+
+V, D, DT, N = 50, 12, 10, 23
+
+
+def _tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=gen, dtype=torch.float64).float()
+    weight = torch.randn(V, D, generator=gen) * 0.5
+    t_hidden = torch.randn(N, DT, generator=gen)
+    t_weight = torch.randn(V, DT, generator=gen) * 0.5
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[::5] = IGNORE
+    return hidden, weight, t_hidden, t_weight, labels
+
+
+def _naive(hidden, weight, t_hidden, t_weight, labels, spec):
+    """The unchunked definition, written out with full logits."""
+    T = spec.temperature
+    logits = hidden @ weight.T
+    s = F.log_softmax(logits / T, -1)
+    p = F.log_softmax(t_hidden @ t_weight.T / T, -1)
+    if spec.divergence == "forward_kl":
+        kd = F.kl_div(s, p, log_target=True, reduction="sum")
+    elif spec.divergence == "reverse_kl":
+        kd = F.kl_div(p, s, log_target=True, reduction="sum")
+    else:
+        b = spec.jsd_beta
+        m = torch.log(b * p.exp() + (1 - b) * s.exp())
+        kd = b * F.kl_div(m, p, log_target=True, reduction="sum") + (1 - b) * F.kl_div(
+            m, s, log_target=True, reduction="sum"
+        )
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return (1 - spec.lm_weight) * T * T * kd + spec.lm_weight * ce
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 999),
+    kind=st.sampled_from(["forward_kl", "reverse_kl", "jsd"]),
+    temperature=st.sampled_from([1.0, 2.0, 0.7]),
+    lm_weight=st.sampled_from([0.0, 0.3]),
+    chunk=st.sampled_from([1, 5, 23, 100]),
+    beta=st.sampled_from([0.5, 0.1]),
+)
+def test_chunked_loss_and_gradients_equal_naive(seed, kind, temperature, lm_weight, chunk, beta):
+    spec = LossSpec(divergence=kind, temperature=temperature, lm_weight=lm_weight, chunk_tokens=chunk, jsd_beta=beta)
+    hidden, weight, t_hidden, t_weight, labels = _tensors(seed)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = head_loss(h1, w1, spec, labels=labels, teacher=TeacherLogits(t_hidden, t_weight))
+    (3 * loss).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = _naive(h2, w2, t_hidden, t_weight, labels, spec)
+    (3 * want).backward()
+    torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_lm_loss_is_cross_entropy_and_stats_are_filled():
+    hidden, weight, t_hidden, t_weight, labels = _tensors(1)
+    stats = LossStats()
+    loss = head_loss(hidden, weight, LossSpec(chunk_tokens=4), labels=labels, stats=stats)
+    want = F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(loss, want)
+    assert stats.tokens == N and stats.label_tokens == int((labels != IGNORE).sum())
+    torch.testing.assert_close(torch.as_tensor(stats.cross_entropy), want)
+    stats = LossStats()
+    head_loss(hidden, weight, LossSpec(chunk_tokens=4), teacher=TeacherLogits(hidden, weight), stats=stats)
+    assert abs(float(stats.divergence)) < 1e-5 and int(stats.agreement) == N
+
+
+def test_gradient_accumulation_over_micro_batches_equals_one_batch():
+    hidden, weight, t_hidden, t_weight, labels = _tensors(2)
+    spec = LossSpec(chunk_tokens=6)
+    w_full = weight.clone().requires_grad_()
+    (head_loss(hidden, w_full, spec, labels=labels, teacher=TeacherLogits(t_hidden, t_weight)) / N).backward()
+    w_acc = weight.clone().requires_grad_()
+    for rows in (slice(0, 9), slice(9, N)):
+        part = head_loss(
+            hidden[rows], w_acc, spec, labels=labels[rows], teacher=TeacherLogits(t_hidden[rows], t_weight)
+        )
+        (part / N).backward()
+    torch.testing.assert_close(w_acc.grad, w_full.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_top_k_with_all_tokens_equals_the_full_teacher(kind):
+    hidden, weight, t_hidden, t_weight, _ = _tensors(3)
+    spec = LossSpec(divergence=kind, temperature=2.0, chunk_tokens=7)
+    full = head_loss(hidden, weight, spec, teacher=TeacherLogits(t_hidden, t_weight))
+    logp = F.log_softmax(t_hidden @ t_weight.T / 2.0, -1)
+    values, indices = logp.topk(V, dim=-1)
+    cached = head_loss(hidden, weight, spec, teacher=TeacherTopK(indices, values))
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_coarsens_to_k_plus_one_buckets():
+    hidden, weight, t_hidden, t_weight, _ = _tensors(4)
+    k = 5
+    teacher_logp = F.log_softmax(t_hidden @ t_weight.T, -1)
+    values, indices = teacher_logp.topk(k, dim=-1)
+    stats = LossStats()
+    got = head_loss(hidden, weight, LossSpec(chunk_tokens=4), teacher=TeacherTopK(indices, values), stats=stats)
+    student = F.softmax(hidden @ weight.T, -1)
+    q = student.gather(-1, indices)
+    p = values.exp()
+    want = (p * (p.log() - q.log())).sum() + ((1 - p.sum(-1)) * ((1 - p.sum(-1)).log() - (1 - q.sum(-1)).log())).sum()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    full = head_loss(hidden, weight, LossSpec(), teacher=TeacherLogits(t_hidden, t_weight))
+    assert got <= full + 1e-5  # coarsening never increases the divergence
+    assert int(stats.agreement) == int((student.argmax(-1) == indices[:, 0]).sum())
+
+
+def test_divergences_are_zero_for_equal_distributions_and_jsd_is_bounded():
+    logp = F.log_softmax(torch.randn(4, 9), -1)
+    other = F.log_softmax(torch.randn(4, 9) * 3, -1)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        assert divergence(logp, logp, kind, 0.5).abs().max() < 1e-6
+        assert (divergence(logp, other, kind, 0.5) > 0).all()
+    assert (divergence(logp, other, "jsd", 0.5) <= math.log(2) + 1e-6).all()
+
+
+def test_next_token_labels():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert next_token_labels(ids).tolist() == [2, 3, IGNORE, 5, 6, IGNORE]
+
+
+def test_matches_modelopt_logits_distillation_loss():
+    mtd = pytest.importorskip("modelopt.torch.distill")
+    hidden, weight, t_hidden, t_weight, _ = _tensors(5)
+    ours = head_loss(hidden, weight, LossSpec(temperature=2.0), teacher=TeacherLogits(t_hidden, t_weight)) / N
+    theirs = mtd.LogitsDistillationLoss(temperature=2.0)(hidden @ weight.T, t_hidden @ t_weight.T)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_invalid_specs():
+    with pytest.raises(ValueError, match="unknown divergence"):
+        LossSpec(divergence="kl")
+    with pytest.raises(ValueError, match="temperature"):
+        LossSpec(temperature=0)
+    with pytest.raises(ValueError, match="needs labels, a teacher"):
+        head_loss(torch.zeros(2, 3), torch.zeros(4, 3), LossSpec())

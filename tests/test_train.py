@@ -1,0 +1,257 @@
+"""The training / distillation recipe: schedules, exact resume, accumulation, processes, errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cli
+from compressor.checkpoint import load_model, save_model
+from compressor.errors import CompressorError
+from compressor.model import HybridLM
+from compressor.presets import get_preset
+from compressor.train import TrainConfig, TrainingError, lr_at, memory_plan, train
+
+runner = CliRunner()
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny teacher/student pair and token data with structure a model can learn."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    # a noisy cyclic language: each token is usually the previous one + 1
+    stream = np.cumsum(rng.choice([1, 1, 1, 2], size=12_000)) % VOCAB
+    np.save(root / "tokens.npy", stream.astype(np.int32))
+    config = get_preset("tiny").replace(vocab_size=VOCAB)
+    torch.manual_seed(0)
+    save_model(HybridLM(config), root / "student")
+    torch.manual_seed(1)
+    save_model(HybridLM(config.replace(hidden_size=96)), root / "teacher")
+    return root
+
+
+def _config(workspace, out, **changes):
+    base = dict(
+        student=str(workspace / "student"),
+        out=str(out),
+        data=str(workspace / "tokens.npy"),
+        seq_len=32,
+        batch_size=8,
+        micro_batch_size=4,
+        steps=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        eval_every=4,
+        eval_sequences=8,
+        save_every=2,
+        log_every=1,
+        valid_fraction=0.1,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _records(out, kind="train"):
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _weights(path):
+    return {k: v.clone() for k, v in load_model(path).state_dict().items()}
+
+
+def test_lr_schedules():
+    config = TrainConfig(student="s", out="o", data="d", lr=1.0, min_lr=0.1, warmup_steps=10)
+    cosine = [lr_at(s, 100, config) for s in range(100)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
+    assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[9:], cosine[10:], strict=False))
+    config.schedule = "wsd"
+    wsd = [lr_at(s, 100, config) for s in range(100)]
+    assert wsd[50] == 1.0 and wsd[79] == 1.0 and wsd[-1] == pytest.approx(0.1) and wsd[90] < 1.0
+    config.schedule = "constant"
+    assert lr_at(99, 100, config) == 1.0
+
+
+def test_distillation_lowers_validation_loss_and_kl(workspace, tmp_path):
+    result = train(_config(workspace, tmp_path / "run", teacher=str(workspace / "teacher"), steps=12, eval_every=6))
+    evals = _records(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [0, 6, 12]
+    assert evals[-1]["val_kl"] < evals[0]["val_kl"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert result.final_eval["step"] == 12
+    # the checkpoint is a standard one that compress eval (and transformers) load
+    model = load_model(tmp_path / "run" / "model")
+    assert model.config.vocab_size == VOCAB
+
+
+def test_interrupted_run_resumes_exactly(workspace, tmp_path):
+    train(_config(workspace, tmp_path / "whole"))
+
+    class Interrupt:
+        def start(self, *args):
+            pass
+
+        def step(self, record):
+            if record["step"] == 5:  # after the checkpoint of step 4
+                raise KeyboardInterrupt
+
+        def evaluated(self, record):
+            pass
+
+        def note(self, text):
+            pass
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(workspace, tmp_path / "split"), Interrupt())
+    state = json.loads((tmp_path / "split" / "model" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    train(_config(workspace, tmp_path / "split", resume=True))
+    whole, split = _records(tmp_path / "whole"), _records(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
+    assert [r["loss"] for r in split] == [r["loss"] for r in whole]
+    for name, tensor in _weights(tmp_path / "whole" / "model").items():
+        assert torch.equal(tensor, _weights(tmp_path / "split" / "model")[name]), name
+
+
+def test_gradient_accumulation_equals_one_large_batch(workspace, tmp_path):
+    train(_config(workspace, tmp_path / "big", micro_batch_size=8, teacher=str(workspace / "teacher"), steps=4))
+    train(_config(workspace, tmp_path / "acc", micro_batch_size=2, teacher=str(workspace / "teacher"), steps=4))
+    big, acc = _records(tmp_path / "big"), _records(tmp_path / "acc")
+    np.testing.assert_allclose([r["loss"] for r in acc], [r["loss"] for r in big], rtol=1e-5)
+    a, b = _weights(tmp_path / "big" / "model"), _weights(tmp_path / "acc" / "model")
+    for name in a:  # Adam normalises tiny float differences of near-zero gradients into lr-sized steps
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=5e-5)
+
+
+def test_two_processes_equal_one(workspace, tmp_path):
+    args = [
+        "distill", str(workspace / "teacher"), str(workspace / "student"), "--data", str(workspace / "tokens.npy"),
+        "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2", "--steps", "4", "--lr", "3e-3",
+        "--eval-every", "2", "--eval-sequences", "8", "--save-every", "4", "--valid-fraction", "0.1", "--quiet",
+        "--log-every", "1",
+    ]  # fmt: skip
+    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for kind, key in (("train", "loss"), ("eval", "val_loss"), ("eval", "val_kl")):
+        got = [r[key] for r in _records(tmp_path / "two", kind)]
+        want = [r[key] for r in _records(tmp_path / "one", kind)]
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+    a, b = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)
+
+
+def test_cached_teacher_matches_the_teacher_in_memory(workspace, tmp_path):
+    online = _config(workspace, tmp_path / "online", teacher=str(workspace / "teacher"), steps=4)
+    cached = _config(workspace, tmp_path / "cached", teacher=str(workspace / "teacher"), steps=4)
+    cached.cache_teacher, cached.top_k = True, VOCAB
+    train(online)
+    train(cached)
+    assert (tmp_path / "cached" / "teacher_cache" / "teacher_cache.json").is_file()
+    np.testing.assert_allclose(
+        [r["loss"] for r in _records(tmp_path / "cached")],
+        [r["loss"] for r in _records(tmp_path / "online")],
+        rtol=2e-3,
+    )
+    # a smaller top-k is a lower bound of the full divergence at the first evaluation
+    small = _config(workspace, tmp_path / "small", teacher=str(workspace / "teacher"), steps=1)
+    small.cache_teacher, small.top_k = True, 4
+    train(small)
+    assert _records(tmp_path / "small", "eval")[0]["val_kl"] <= _records(tmp_path / "online", "eval")[0]["val_kl"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(workspace, tmp_path, monkeypatch):
+    import compressor.train as recipe
+
+    real = recipe.head_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        # the first evaluation (2 micro-batches) and steps 1-3 (2 micro-batches each) are fine
+        return loss * math.nan if calls["n"] > 8 else loss
+
+    monkeypatch.setattr(recipe, "head_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 4 \(the checkpoint of step 2 is in"):
+        train(_config(workspace, tmp_path / "run", eval_every=100))
+    assert json.loads((tmp_path / "run" / "model" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_errors(workspace, tmp_path):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(CompressorError, match="already exists.*--overwrite"):
+        train(_config(workspace, tmp_path / "exists"))
+    with pytest.raises(CompressorError, match="no config.json"):
+        train(_config(workspace, tmp_path / "a", teacher=str(tmp_path / "missing")))
+    torch.manual_seed(0)
+    save_model(HybridLM(get_preset("tiny").replace(vocab_size=VOCAB + 8)), tmp_path / "padded")
+    with pytest.raises(CompressorError, match=r"teacher vocabulary \(72\) differs from the model's \(64\)"):
+        train(_config(workspace, tmp_path / "b", teacher=str(tmp_path / "padded")))
+    np.save(tmp_path / "empty.npy", np.zeros(0, dtype=np.int32))
+    with pytest.raises(CompressorError, match="empty|no sequences|shorter"):
+        train(_config(workspace, tmp_path / "c", data=str(tmp_path / "empty.npy")))
+    with pytest.raises(CompressorError, match="seq_len|longer|fewer"):
+        train(_config(workspace, tmp_path / "d", seq_len=100_000))
+    with pytest.raises(CompressorError, match="nothing to resume"):
+        train(_config(workspace, tmp_path / "e", resume=True))
+    train(_config(workspace, tmp_path / "f", steps=2))
+    with pytest.raises(TrainingError, match=r"--resume with different options: lr \(0.003 in the run, 0.1 now\)"):
+        train(_config(workspace, tmp_path / "f", steps=2, lr=0.1, resume=True))
+    assert not any(p.name in "abcde" for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_memory_plan_counts_every_term(workspace, tmp_path):
+    config = _config(workspace, tmp_path / "x", teacher=str(workspace / "teacher"))
+    plan = memory_plan(config)
+    student = load_model(workspace / "student").num_parameters()
+    teacher = load_model(workspace / "teacher").num_parameters()
+    terms = plan["terms"]
+    assert terms["student weights"] == terms["gradients"] == 4 * student
+    assert terms["optimizer state (AdamW)"] == 8 * student
+    assert terms["teacher weights"] == 4 * teacher
+    assert terms["activations (one micro-batch)"] > 0 and terms["loss chunk"] == 32 * 4 * VOCAB * 4 * 5
+    assert plan["total"] == sum(terms.values()) and plan["available"] > 0
+    config.cache_teacher = True
+    assert "teacher weights" not in memory_plan(config)["terms"]
+
+
+def test_cli_train_and_dry_run(workspace, tmp_path):
+    common = ["--data", str(workspace / "tokens.npy"), "--seq-len", "32", "--batch-size", "8", "--quiet"]
+    result = runner.invoke(
+        cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "r"), "--tokens", "512"]
+    )
+    assert result.exit_code == 0, result.output
+    assert _records(tmp_path / "r")[-1]["step"] == 2  # 512 tokens / (8 x 32) per step
+    result = runner.invoke(
+        cli.app,
+        [
+            "distill",
+            str(workspace / "teacher"),
+            str(workspace / "student"),
+            *common,
+            "--out",
+            str(tmp_path / "d"),
+            "--dry-run",
+        ],
+    )
+    assert result.exit_code == 0 and "teacher weights" in result.output and "fits on cpu" in result.output
+    assert not (tmp_path / "d").exists()
+    result = runner.invoke(cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "already exists" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "q"), "--tokens", "2X"]
+    )
+    assert result.exit_code == 1 and "token count" in result.output
