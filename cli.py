@@ -88,14 +88,11 @@ def info(
     json_output: JsonOption = False,
 ) -> None:
     """Describe a model: blocks by type, widths, parameters by component, dtype."""
-    import torch
-
+    from compressor.budget import parameter_counts
     from compressor.checkpoint import weight_files
-    from compressor.model import HybridLM
 
     config, folder = load_config_or_preset(model)
-    with torch.device("meta"):
-        counts = HybridLM(config).parameter_counts()
+    counts = parameter_counts(config)
     total = sum(counts.values())
     dtypes: list[str] = []
     if folder is not None:
@@ -352,6 +349,7 @@ def init(
 
     import torch
 
+    from compressor.budget import available_memory, num_parameters
     from compressor.checkpoint import parse_dtype, save_model
     from compressor.config import HybridConfig
     from compressor.model import HybridLM
@@ -374,10 +372,9 @@ def init(
                 raw[key] = value
         arch = HybridConfig.from_dict(raw)
     torch_dtype = parse_dtype(dtype)
-    with torch.device("meta"):
-        n_params = HybridLM(arch).num_parameters()
+    n_params = num_parameters(arch)
     needed = n_params * torch.empty(0, dtype=torch_dtype).element_size()
-    available = _available_memory()
+    available = available_memory("cpu")
     if available is not None and needed > 0.9 * available:
         raise CompressorError(
             f"a {n_params:,}-parameter model needs {needed / 2**30:.1f} GiB in {dtype}, but only "
@@ -406,16 +403,6 @@ def init(
         if tokenizer_dir is not None:
             shutil.rmtree(tokenizer_dir)
     console.print(f"wrote a random {n_params:,}-parameter model ({dtype}) to [bold]{out}[/]")
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ----- eval ---------------------------------------------------------------------------------------------
@@ -550,6 +537,108 @@ def generate(
     )
     console.print(prompt, style="bold", end="", highlight=False)
     console.print(tok.decode(out[0, len(ids) :].tolist()), highlight=False)
+
+
+# ----- importance ---------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def importance(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to score.")],
+    data: Annotated[str, typer.Option(help="Calibration text or tokens (as for `compress eval`).")],
+    out: Annotated[Path, typer.Option(help="Importance folder to write.")],
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 1024,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
+    seq_reduce: Annotated[str, typer.Option(help="Over the sequence: mean, l2 or max (of |a|).")] = "mean",
+    batch_reduce: Annotated[str, typer.Option(help="Over samples: l2, mean or max.")] = "l2",
+    mamba_signal: Annotated[str, typer.Option(help="x (in_proj's x) or ssm_out (out_proj's input).")] = "x",
+    drop_one: Annotated[str, typer.Option(help="Drop-one-block effect: none, kl or loss.")] = "none",
+    iterative_rounds: Annotated[int, typer.Option(help="Remove the least important block and re-score, N times.")] = 0,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Score every prunable axis (hidden channels, FFN neurons, Mamba heads and head_dim, attention heads,
+    blocks) from activations on calibration data; pruning and strategies reuse the folder."""
+    from compressor.importance import ImportanceOptions, compute
+    from compressor.outputs import atomic_output, check_output
+
+    check_output(out, overwrite=overwrite)
+    options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
+    passes = 1 + (0 if drop_one == "none" else max(1, iterative_rounds))
+    with progress_bar() as progress:
+        task = progress.add_task("scoring", total=samples * seq_len * passes)
+        scores, world = compute(
+            model,
+            data,
+            samples=samples,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            options=options,
+            tokenizer=tokenizer,
+            text_field=text_field,
+            device=device,
+            dtype=dtype,
+            on_batch=lambda n: progress.advance(task, n * max(1, _world_size())),
+        )
+    if not world.is_main:
+        return
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        scores.save(tmp)
+    if json_output:
+        print_json({"out": str(out), **scores.meta, "block_influence": scores.block_influence.tolist()})
+        return
+    _print_importance(scores, out)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _print_importance(scores, out: Path) -> None:
+    from compressor.config import PATTERN_CHARS
+
+    pattern = scores.meta["pattern"]
+    blocks = Table(title=f"blocks, least important first ({out})", title_justify="left")
+    blocks.add_column("block", justify="right")
+    blocks.add_column("kind")
+    blocks.add_column("influence", justify="right")
+    has_drop = scores.block_drop is not None
+    if has_drop:
+        blocks.add_column("drop-one", justify="right")
+    method = "drop" if has_drop else "influence"
+    order = scores.block_scores(method).argsort().tolist()
+    shown = order if len(order) <= 12 else order[:6] + order[-6:]
+    for rank, i in enumerate(shown):
+        if len(order) > 12 and rank == 6:
+            blocks.add_row("...", "", "", *([""] if has_drop else []))
+        row = [str(i), PATTERN_CHARS[pattern[i]], f"{scores.block_influence[i]:.4f}"]
+        if has_drop:
+            row.append(f"{scores.block_drop[i]:.4f}")
+        blocks.add_row(*row)
+    console.print(blocks)
+    axes = Table(title="score distributions (min / median / max)", title_justify="left")
+    for column in ("axis", "count", "min", "median", "max"):
+        axes.add_column(column, justify="right" if column != "axis" else "left")
+
+    def add(name, values):
+        values = values.flatten()
+        axes.add_row(name, str(values.numel()), f"{values.min():.3g}", f"{values.median():.3g}", f"{values.max():.3g}")
+
+    import torch
+
+    add("hidden channels", scores.hidden)
+    if scores.ffn:
+        add("FFN neurons (all blocks)", torch.cat(list(scores.ffn.values())))
+    if scores.mamba:
+        add("Mamba heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.mamba.values()]))
+        add("Mamba head_dim (all blocks)", torch.cat([s.norm(dim=0) for s in scores.mamba.values()]))
+    if scores.attention:
+        add("attention heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.attention.values()]))
+    console.print(axes)
 
 
 # ----- train / distill ----------------------------------------------------------------------------------

@@ -85,6 +85,29 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
+def fingerprint(path: str | Path) -> str:
+    """A short hash identifying a checkpoint's architecture and weights, cheap for any size.
+
+    It covers config.json (canonical form), and for each weight file its size, its safetensors header
+    (names, shapes, dtypes, offsets) and its first and last MiB of data; a changed tensor anywhere changes
+    it only if it lands there, which catches re-saved, retrained and pruned checkpoints in practice.
+    """
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256(HybridConfig.from_file(path).to_json().encode())
+    for file in sorted(set(weight_files(path).values())):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+            digest.update(f.read(2**20))
+            f.seek(max(8 + header_len, size - 2**20))
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def load_model(
     path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> HybridLM:

@@ -192,10 +192,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        d_hidden, d_weight = ctx.saved_tensors
+        d_hidden, d_weight = ctx.saved_tensors  # used once: scale in place rather than copy
         return (
-            d_hidden * grad_output if ctx.needs_input_grad[0] else None,
-            d_weight * grad_output if ctx.needs_input_grad[1] else None,
+            d_hidden.mul_(grad_output) if ctx.needs_input_grad[0] else None,
+            d_weight.mul_(grad_output) if ctx.needs_input_grad[1] else None,
             None,
             None,
             None,

@@ -147,7 +147,9 @@ def test_matches_modelopt_logits_distillation_loss():
     mtd = pytest.importorskip("modelopt.torch.distill")
     hidden, weight, t_hidden, t_weight, _ = _tensors(5)
     ours = head_loss(hidden, weight, LossSpec(temperature=2.0), teacher=TeacherLogits(t_hidden, t_weight)) / N
-    theirs = mtd.LogitsDistillationLoss(temperature=2.0)(hidden @ weight.T, t_hidden @ t_weight.T)
+    # reduction "none" gives the per-token KL x T^2 (the default "mean" also divides by the vocabulary size)
+    per_token = mtd.LogitsDistillationLoss(temperature=2.0, reduction="none")(hidden @ weight.T, t_hidden @ t_weight.T)
+    theirs = per_token.mean()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 

@@ -1,0 +1,458 @@
+"""Importance of every prunable axis, estimated from activations on calibration data.
+
+Forward hooks reduce each activation as it passes (never storing it): first over the sequence of every
+sample (mean |a| by default, or the L2 norm or max of |a|), then over samples (L2 by default, or mean or
+max), in fp32. These defaults are Minitron's (ModelOpt). What is measured where:
+
+- hidden (embedding) channels: the output of every block's pre-mixer RMSNorm and of norm_f; each hook
+  is reduced on its own and the results are summed (ModelOpt sums over the norms it hooks);
+- FFN neurons: the input of each MLP block's down_proj (after the squared ReLU);
+- Mamba: a (heads, head_dim) statistic per block from the x part of in_proj's output (default, as in the
+  Minitron papers) or from the SSM output entering out_proj (`mamba_signal="ssm_out"`). head_dim channels
+  are ranked by the L2 norm over heads (one ranking shared by all heads); heads by the L2 norm over the
+  kept channels, ranked within each of the n_groups groups, the same count kept in every group;
+- attention: a (heads, head_dim) statistic from the input of o_proj; heads are ranked by its L2 norm over
+  head_dim within their KV group, KV groups by the L2 norm of their heads;
+- blocks: block influence, 1 - cos(block input, block output) averaged over tokens; optionally the
+  drop-one-block effect: how far the model's next-token distribution moves (KL to the full model) or how
+  much its LM loss rises when the block alone is skipped. Each block's input is computed once per batch
+  and only the blocks after it are rerun. With `iterative_rounds`, the least important block is removed
+  and the rest are scored again, round by round; the removal order is kept.
+
+Scores are written to an importance folder (`save` / `load`): `importance.safetensors` with the vectors and
+`importance.json` with the model fingerprint, the data, the sample count, the sequence length and the
+options. Pruning and strategies read it instead of recomputing; a folder made for another model (another
+fingerprint) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from compressor import distributed
+from compressor.errors import CompressorError
+from compressor.losses import LossSpec, LossStats, TeacherLogits, head_loss, next_token_labels
+from compressor.model import Attention, HybridLM, MambaMixer
+
+SCORES_FILE = "importance.safetensors"
+META_FILE = "importance.json"
+SEQ_NORMS = {"mean": 1, "l2": 2, "max": float("inf")}
+
+
+@dataclass(frozen=True)
+class ImportanceOptions:
+    seq_reduce: Literal["mean", "l2", "max"] = "mean"
+    batch_reduce: Literal["l2", "mean", "max"] = "l2"
+    mamba_signal: Literal["x", "ssm_out"] = "x"
+    drop_one: Literal["none", "kl", "loss"] = "none"
+    iterative_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "seq_reduce": ("mean", "l2", "max"),
+            "batch_reduce": ("l2", "mean", "max"),
+            "mamba_signal": ("x", "ssm_out"),
+            "drop_one": ("none", "kl", "loss"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CompressorError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.iterative_rounds < 0:
+            raise CompressorError("iterative_rounds must be >= 0")
+        if self.iterative_rounds and self.drop_one == "none":
+            raise CompressorError("iterative removal re-scores with the drop-one effect: choose --drop-one kl or loss")
+
+
+class _Statistic:
+    """A running reduction of (batch, seq, channels) activations to (channels,)."""
+
+    def __init__(self, options: ImportanceOptions) -> None:
+        self.seq_norm = SEQ_NORMS[options.seq_reduce]
+        self.batch_reduce = options.batch_reduce
+        self.value: torch.Tensor | None = None
+        self.samples = 0
+
+    def add(self, activations: torch.Tensor) -> None:
+        a = activations.detach().float()
+        per_sample = torch.linalg.vector_norm(a, ord=self.seq_norm, dim=1)  # (batch, channels)
+        if self.seq_norm == 1:
+            per_sample = per_sample / a.shape[1]  # mean |a|
+        if self.batch_reduce == "l2":
+            part = per_sample.square().sum(0)
+        elif self.batch_reduce == "mean":
+            part = per_sample.sum(0)
+        else:
+            part = per_sample.amax(0)
+        if self.value is None:
+            self.value = part
+        elif self.batch_reduce == "max":
+            self.value = torch.maximum(self.value, part)
+        else:
+            self.value = self.value + part
+        self.samples += a.shape[0]
+
+    def finish(self, world: distributed.World) -> torch.Tensor:
+        value, samples = self.value, self.samples
+        if world.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(value, op=dist.ReduceOp.MAX if self.batch_reduce == "max" else dist.ReduceOp.SUM)
+            samples = int(distributed.all_reduce_sum([samples], world)[0])
+        if self.batch_reduce == "l2":
+            return value.sqrt().cpu()
+        if self.batch_reduce == "mean":
+            return (value / samples).cpu()
+        return value.cpu()
+
+
+@dataclass
+class Importance:
+    """Scores of every axis; higher is more important. Per-block entries are keyed by block index."""
+
+    hidden: torch.Tensor  # (hidden,)
+    ffn: dict[int, torch.Tensor]  # (ffn,) per MLP block
+    mamba: dict[int, torch.Tensor]  # (heads, head_dim) per Mamba block
+    attention: dict[int, torch.Tensor]  # (heads, head_dim) per attention block
+    block_influence: torch.Tensor  # (blocks,)
+    block_drop: torch.Tensor | None = None  # (blocks,) drop-one effect
+    removal_order: list[int] | None = None  # iterative removal, least important first
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----- rankings (what pruning keeps) ----------------------------------------------------------
+    def keep_hidden(self, count: int) -> torch.Tensor:
+        return _top(self.hidden, count)
+
+    def keep_ffn(self, block: int, count: int) -> torch.Tensor:
+        return _top(self.ffn[block], count)
+
+    def mamba_head_dim_scores(self, block: int) -> torch.Tensor:
+        """(head_dim,): one score per channel, shared by all heads (L2 over heads)."""
+        return torch.linalg.vector_norm(self.mamba[block], dim=0)
+
+    def keep_mamba(self, block: int, num_heads: int, head_dim: int, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept heads, kept head_dim channels), both sorted. Heads are chosen within each of the n_groups
+        groups, num_heads / n_groups per group, by their norm over the kept channels."""
+        stat = self.mamba[block]
+        heads = stat.shape[0]
+        if num_heads % n_groups:
+            raise CompressorError(f"Mamba heads ({num_heads}) must be a multiple of n_groups ({n_groups})")
+        channels = _top(self.mamba_head_dim_scores(block), head_dim)
+        head_scores = torch.linalg.vector_norm(stat[:, channels], dim=1)
+        return _top_per_group(head_scores, heads // n_groups, num_heads // n_groups), channels
+
+    def attention_head_scores(self, block: int) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.attention[block], dim=1)
+
+    def kv_group_scores(self, block: int, kv_heads: int) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.attention_head_scores(block).view(kv_heads, -1), dim=1)
+
+    def keep_attention(
+        self, block: int, num_heads: int, kv_heads: int, keep_kv: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept query heads, kept KV groups), sorted: the `keep_kv` best KV groups (all by default), then
+        the same number of query heads in each, the best of each group."""
+        keep_kv = kv_heads if keep_kv is None else keep_kv
+        if num_heads % keep_kv:
+            raise CompressorError(f"attention heads ({num_heads}) must be a multiple of KV heads ({keep_kv})")
+        groups = _top(self.kv_group_scores(block, kv_heads), keep_kv)
+        per_group = self.attention_head_scores(block).view(kv_heads, -1)
+        group_size = per_group.shape[1]
+        heads = [g * group_size + _top(per_group[g], num_heads // keep_kv) for g in groups.tolist()]
+        return torch.cat(heads).sort().values, groups
+
+    def block_scores(self, method: str = "influence") -> torch.Tensor:
+        """(blocks,) by `influence` or `drop` (iterative removal order when available: earlier removed =
+        lower score)."""
+        if method == "influence":
+            return self.block_influence
+        if self.block_drop is None:
+            raise CompressorError("these scores have no drop-one-block effect: rerun importance with --drop-one kl")
+        if self.removal_order:
+            scores = self.block_drop.clone()
+            floor = scores.min() - len(self.removal_order)
+            for rank, block in enumerate(self.removal_order):
+                scores[block] = floor + rank
+            return scores
+        return self.block_drop
+
+    # ----- files ------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        tensors = {"hidden": self.hidden, "block_influence": self.block_influence}
+        if self.block_drop is not None:
+            tensors["block_drop"] = self.block_drop
+        for name in ("ffn", "mamba", "attention"):
+            tensors.update({f"{name}.{i}": t for i, t in getattr(self, name).items()})
+        save_file({k: v.contiguous().float() for k, v in tensors.items()}, folder / SCORES_FILE)
+        meta = {**self.meta, "removal_order": self.removal_order}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, fingerprint: str | None = None) -> Importance:
+        """Read an importance folder; with `fingerprint`, refuse scores made for another model."""
+        folder = Path(folder)
+        if not (folder / SCORES_FILE).is_file() or not (folder / META_FILE).is_file():
+            raise CompressorError(f"{folder} is not an importance folder (no {SCORES_FILE} / {META_FILE})")
+        meta = json.loads((folder / META_FILE).read_text())
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            raise CompressorError(
+                f"the scores in {folder} were computed for another model (fingerprint {meta.get('fingerprint')}, "
+                f"this model's is {fingerprint}): recompute them with `compress importance`"
+            )
+        tensors = load_file(folder / SCORES_FILE)
+        per_block = {name: {} for name in ("ffn", "mamba", "attention")}
+        for key, value in tensors.items():
+            name, _, index = key.partition(".")
+            if name in per_block:
+                per_block[name][int(index)] = value
+        return cls(
+            hidden=tensors["hidden"],
+            block_influence=tensors["block_influence"],
+            block_drop=tensors.get("block_drop"),
+            removal_order=meta.pop("removal_order", None),
+            meta=meta,
+            **per_block,
+        )
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores, in ascending index order (ties: lower index first)."""
+    if not 0 < count <= scores.numel():
+        raise CompressorError(f"cannot keep {count} of {scores.numel()} channels")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:count].sort().values
+
+
+def _top_per_group(scores: torch.Tensor, group_size: int, count: int) -> torch.Tensor:
+    groups = scores.view(-1, group_size)
+    return torch.cat([g * group_size + _top(groups[g], count) for g in range(groups.shape[0])])
+
+
+# ----- estimation ---------------------------------------------------------------------------------------
+class _Collector:
+    """Registers the hooks on a model and holds their running statistics."""
+
+    def __init__(self, model: HybridLM, options: ImportanceOptions) -> None:
+        self.options = options
+        self.hidden: dict[str, _Statistic] = {}
+        self.ffn: dict[int, _Statistic] = {}
+        self.mamba: dict[int, tuple[_Statistic, int, int]] = {}
+        self.attention: dict[int, tuple[_Statistic, int, int]] = {}
+        self.influence = torch.zeros(len(model.backbone.layers), dtype=torch.float64)
+        self.tokens = 0
+        self.handles = []
+        hook = self.handles.append
+        for block in model.backbone.layers:
+            i, mixer = block.index, block.mixer
+            hook(block.norm.register_forward_hook(self._on_output(self.hidden, f"block.{i}")))
+            hook(block.register_forward_hook(self._on_block(i)))
+            if isinstance(mixer, MambaMixer):
+                stat = _Statistic(options)
+                self.mamba[i] = (stat, mixer.num_heads, mixer.head_dim)
+                if options.mamba_signal == "x":
+                    width = mixer.intermediate  # in_proj output is [z, x, B, C, dt]; x follows z
+                    hook(
+                        mixer.in_proj.register_forward_hook(
+                            lambda m, a, out, s=stat, w=width: s.add(out[..., w : 2 * w])
+                        )
+                    )
+                else:
+                    hook(mixer.out_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
+            elif isinstance(mixer, Attention):
+                stat = _Statistic(options)
+                self.attention[i] = (stat, mixer.num_heads, mixer.head_dim)
+                hook(mixer.o_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
+            else:
+                stat = self.ffn[i] = _Statistic(options)
+                hook(mixer.down_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
+        hook(model.backbone.norm_f.register_forward_hook(self._on_output(self.hidden, "norm_f")))
+
+    def _on_output(self, table: dict, key: str) -> Callable:
+        def record(module, args, output):
+            table.setdefault(key, _Statistic(self.options)).add(output)
+
+        return record
+
+    def _on_block(self, index: int) -> Callable:
+        def record(module, args, output):
+            cos = F.cosine_similarity(args[0].detach().float(), output.detach().float(), dim=-1)
+            self.influence[index] += float((1 - cos).sum())
+            if index == 0:
+                self.tokens += cos.numel()
+
+        return record
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def finish(self, world: distributed.World) -> dict[str, Any]:
+        hidden = sum(stat.finish(world) for stat in self.hidden.values())
+        influence = self.influence.clone()
+        tokens = self.tokens
+        if world.distributed:
+            *values, tokens = distributed.all_reduce_sum([*influence.tolist(), tokens], world)
+            influence = torch.tensor(values, dtype=torch.float64)
+        return {
+            "hidden": hidden,
+            "ffn": {i: s.finish(world) for i, s in self.ffn.items()},
+            "mamba": {i: s.finish(world).view(h, p) for i, (s, h, p) in self.mamba.items()},
+            "attention": {i: s.finish(world).view(h, d) for i, (s, h, d) in self.attention.items()},
+            "block_influence": (influence / max(tokens, 1)).float(),
+        }
+
+
+@torch.no_grad()
+def estimate(
+    model: HybridLM,
+    batches: Iterable[torch.Tensor],
+    options: ImportanceOptions | None = None,
+    *,
+    world: distributed.World | None = None,
+    meta: dict[str, Any] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Importance:
+    """Score every axis of `model` on calibration batches (batch, seq_len) of token ids.
+
+    Under several processes, give each its share of the batches: the statistics are summed over all.
+    """
+    options = options or ImportanceOptions()
+    world = world or distributed.World(device=model.lm_head.weight.device)
+    batches = list(batches)
+    model.eval()
+    collector = _Collector(model, options)
+    try:
+        for ids in batches:
+            model.backbone(ids.to(world.device))
+            if on_batch is not None:
+                on_batch(ids.numel())
+    finally:
+        collector.close()
+    scores = collector.finish(world)
+    drop, order = None, None
+    if options.drop_one != "none":
+        drop, order = _drop_one(model, batches, options, world, on_batch)
+    return Importance(
+        **scores,
+        block_drop=drop,
+        removal_order=order,
+        meta={**(meta or {}), "options": asdict(options)},
+    )
+
+
+def _drop_one(model, batches, options, world, on_batch):
+    """Drop-one-block scores; with iterative rounds, the removal order as well."""
+    blocks = model.backbone.layers
+    removed: list[int] = []
+    first = None
+    for _ in range(max(1, options.iterative_rounds)):
+        scores = _drop_one_round(model, batches, options.drop_one, set(removed), world, on_batch)
+        if first is None:
+            first = scores
+        if not options.iterative_rounds:
+            break
+        candidates = [i for i in range(len(blocks)) if i not in removed]
+        if len(candidates) <= 1:
+            break
+        removed.append(min(candidates, key=lambda i: scores[i]))
+    return first, (removed or None)
+
+
+def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) -> torch.Tensor:
+    """Per block: the mean KL(full || without this block) or mean LM loss without it, given `removed`
+    blocks are already gone (the reference is the model without `removed`)."""
+    backbone = model.backbone
+    blocks = backbone.layers
+    spec = LossSpec(chunk_tokens=2048)
+    totals = torch.zeros(len(blocks), dtype=torch.float64)
+    tokens = 0
+    weight = model.lm_head.weight
+    for ids in batches:
+        ids = ids.to(world.device)
+        hidden = backbone.embeddings(ids)
+        inputs = []
+        for i, block in enumerate(blocks):
+            inputs.append(hidden)
+            if i not in removed:
+                hidden = block(hidden)
+        reference = backbone.norm_f(hidden).flatten(0, 1)
+        labels = next_token_labels(ids)
+        for i in range(len(blocks)):
+            if i in removed:
+                continue
+            hidden = inputs[i]
+            for j in range(i + 1, len(blocks)):
+                if j not in removed:
+                    hidden = blocks[j](hidden)
+            final = backbone.norm_f(hidden).flatten(0, 1)
+            stats = LossStats()
+            if metric == "kl":
+                head_loss(final, weight, spec, teacher=TeacherLogits(reference, weight), stats=stats)
+                totals[i] += float(stats.divergence)
+            else:
+                head_loss(final, weight, spec, labels=labels, stats=stats)
+                totals[i] += float(stats.cross_entropy)
+        tokens += ids.numel() if metric == "kl" else int((labels != -100).sum())
+        if on_batch is not None:
+            on_batch(ids.numel())
+    *values, tokens = distributed.all_reduce_sum([*totals.tolist(), tokens], world)
+    scores = torch.tensor(values, dtype=torch.float64) / max(tokens, 1)
+    for i in removed:
+        scores[i] = float("nan")
+    return scores.float()
+
+
+def compute(
+    model_path: str | Path,
+    data: str,
+    *,
+    samples: int = 1024,
+    seq_len: int = 4096,
+    batch_size: int = 1,
+    options: ImportanceOptions | None = None,
+    tokenizer: str | Path | None = None,
+    text_field: str = "text",
+    device: str = "auto",
+    dtype: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[Importance, distributed.World]:
+    """Load a checkpoint and calibration data and estimate importance (under torchrun, each process takes
+    its share of the batches). Returns the scores and the world (for the caller to save on rank 0)."""
+    from compressor.checkpoint import fingerprint, load_model
+    from compressor.data import load_sequences, load_tokenizer
+
+    world = distributed.init(distributed.resolve_device(device))
+    model = load_model(model_path, dtype=dtype, device=world.device)
+    token_file = Path(data).suffix.lower() in (".npy", ".safetensors")
+    sequences = load_sequences(
+        data,
+        seq_len=seq_len,
+        tokenizer=None if token_file else load_tokenizer(tokenizer or model_path),
+        text_field=text_field,
+        max_sequences=samples,
+        eos_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None,
+    )
+    if len(sequences) < samples:
+        raise CompressorError(
+            f"{data} holds {len(sequences)} sequences of {seq_len} tokens, fewer than --samples {samples}: "
+            "use more data, a smaller --seq-len or fewer --samples"
+        )
+    all_batches = list(sequences.batches(batch_size, shuffle=False, drop_last=False))
+    mine = [b for j, b in enumerate(all_batches) if j % world.size == world.rank]
+    meta = {
+        "fingerprint": fingerprint(model_path),
+        "model": str(model_path),
+        "data": str(data),
+        "samples": len(sequences),
+        "seq_len": seq_len,
+        "pattern": model.config.pattern,
+    }
+    return estimate(model, mine, options, world=world, meta=meta, on_batch=on_batch), world

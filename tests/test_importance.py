@@ -1,0 +1,243 @@
+"""Importance estimation: hook statistics, group-aware rankings, drop-one scores, files, processes."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import cli
+from compressor.checkpoint import fingerprint, save_model
+from compressor.errors import CompressorError
+from compressor.evaluate import evaluate
+from compressor.importance import Importance, ImportanceOptions, estimate
+from compressor.model import HybridLM
+from compressor.presets import get_preset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HybridLM(get_preset("tiny")).eval()
+
+
+def _batches(count=4, batch=2, length=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (batch, length), generator=gen) for _ in range(count)]
+
+
+def _captured(model, batches):
+    """Every hooked activation, stored whole (what the estimator must never do), for reference."""
+    store = {}
+    handles = []
+    for block in model.backbone.layers:
+        i, mixer = block.index, block.mixer
+        handles.append(
+            block.norm.register_forward_hook(lambda m, a, o, k=f"norm{i}": store.setdefault(k, []).append(o))
+        )
+        if block.kind == "mamba":
+            handles.append(
+                mixer.in_proj.register_forward_hook(lambda m, a, o, k=f"m{i}": store.setdefault(k, []).append(o))
+            )
+        elif block.kind == "attention":
+            handles.append(
+                mixer.o_proj.register_forward_pre_hook(lambda m, a, k=f"a{i}": store.setdefault(k, []).append(a[0]))
+            )
+        else:
+            handles.append(
+                mixer.down_proj.register_forward_pre_hook(lambda m, a, k=f"f{i}": store.setdefault(k, []).append(a[0]))
+            )
+    handles.append(model.backbone.norm_f.register_forward_hook(lambda m, a, o: store.setdefault("normf", []).append(o)))
+    with torch.no_grad():
+        for ids in batches:
+            model.backbone(ids)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in store.items()}
+
+
+def _minitron(acts):
+    """mean |a| over the sequence, then L2 over samples."""
+    return acts.abs().mean(1).square().sum(0).sqrt()
+
+
+def test_statistics_equal_explicit_computation(model):
+    batches = _batches()
+    scores = estimate(model, batches)
+    acts = _captured(model, batches)
+    config = model.config
+    hidden = sum(_minitron(acts[f"norm{i}"]) for i in range(config.num_blocks)) + _minitron(acts["normf"])
+    torch.testing.assert_close(scores.hidden, hidden, rtol=1e-5, atol=1e-6)
+    for i, spec in enumerate(config.blocks):
+        if spec.kind == "mamba":
+            inner = spec.mamba_intermediate
+            x = acts[f"m{i}"][..., inner : 2 * inner]
+            torch.testing.assert_close(
+                scores.mamba[i], _minitron(x).view(spec.mamba_num_heads, -1), rtol=1e-5, atol=1e-6
+            )
+        elif spec.kind == "attention":
+            torch.testing.assert_close(scores.attention[i], _minitron(acts[f"a{i}"]).view(spec.num_attention_heads, -1))
+        else:
+            torch.testing.assert_close(scores.ffn[i], _minitron(acts[f"f{i}"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq_reduce, batch_reduce", [("max", "mean"), ("l2", "max"), ("mean", "mean")])
+def test_other_aggregations(model, seq_reduce, batch_reduce):
+    batches = _batches()
+    scores = estimate(model, batches, ImportanceOptions(seq_reduce=seq_reduce, batch_reduce=batch_reduce))
+    acts = _captured(model, batches)["f1"].abs()
+    per_sample = {"max": acts.amax(1), "l2": acts.square().sum(1).sqrt(), "mean": acts.mean(1)}[seq_reduce]
+    want = {"mean": per_sample.mean(0), "max": per_sample.amax(0)}[batch_reduce]
+    torch.testing.assert_close(scores.ffn[1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_ssm_out_signal_reads_out_proj_input(model):
+    batches = _batches(count=2)
+    scores = estimate(model, batches, ImportanceOptions(mamba_signal="ssm_out"))
+    store = []
+    handle = model.backbone.layers[0].mixer.out_proj.register_forward_pre_hook(lambda m, a: store.append(a[0]))
+    with torch.no_grad():
+        for ids in batches:
+            model.backbone(ids)
+    handle.remove()
+    torch.testing.assert_close(scores.mamba[0], _minitron(torch.cat(store)).view(8, 8), rtol=1e-5, atol=1e-6)
+
+
+def test_results_do_not_depend_on_batch_size(model):
+    ids = torch.cat(_batches(count=1, batch=8))
+    one = estimate(model, [ids[i : i + 1] for i in range(8)], ImportanceOptions(drop_one="kl"))
+    four = estimate(model, [ids[:4], ids[4:]], ImportanceOptions(drop_one="kl"))
+    for a, b in ((one.hidden, four.hidden), (one.ffn[1], four.ffn[1]), (one.mamba[0], four.mamba[0])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one.block_influence, four.block_influence, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(one.block_drop, four.block_drop, rtol=1e-4, atol=1e-7)
+
+
+def _without_block(model, index):
+    """The model with block `index` removed (weights of the others copied), built independently."""
+    config = model.config
+    pattern = config.pattern[:index] + config.pattern[index + 1 :]
+    smaller = HybridLM(config.replace(hybrid_override_pattern=pattern)).eval()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("backbone.layers."):
+            parts = name.split(".")
+            i = int(parts[2])
+            if i == index:
+                continue
+            parts[2] = str(i - (i > index))
+            name = ".".join(parts)
+        state[name] = tensor
+    smaller.load_state_dict(state)
+    return smaller
+
+
+@pytest.mark.parametrize("metric", ["kl", "loss"])
+def test_drop_one_scores_equal_removing_the_block(model, metric):
+    batches = _batches(count=2)
+    scores = estimate(model, batches, ImportanceOptions(drop_one=metric))
+    for index in (0, 3, 8):
+        result = evaluate(_without_block(model, index), batches, teacher=model)
+        want = result.kl if metric == "kl" else result.loss
+        assert scores.block_drop[index].item() == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_iterative_removal_order(model):
+    batches = _batches(count=2)
+    once = estimate(model, batches, ImportanceOptions(drop_one="kl"))
+    rounds = estimate(model, batches, ImportanceOptions(drop_one="kl", iterative_rounds=3))
+    assert len(rounds.removal_order) == 3 and len(set(rounds.removal_order)) == 3
+    assert rounds.removal_order[0] == int(once.block_drop.argmin())
+    ranked = rounds.block_scores("drop").argsort().tolist()
+    assert ranked[:3] == rounds.removal_order
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4]), per_group=st.integers(1, 6), seed=st.integers(0, 99), data=st.data())
+def test_group_aware_rankings_keep_equal_counts(groups, per_group, seed, data):
+    heads = groups * per_group
+    gen = torch.Generator().manual_seed(seed)
+    keep_per_group = data.draw(st.integers(1, per_group))
+    scores = Importance(
+        hidden=torch.rand(8, generator=gen),
+        ffn={},
+        mamba={0: torch.rand(heads, 4, generator=gen)},
+        attention={1: torch.rand(heads, 4, generator=gen)},
+        block_influence=torch.rand(2, generator=gen),
+    )
+    kept, channels = scores.keep_mamba(0, groups * keep_per_group, 2, groups)
+    assert torch.equal(torch.bincount(kept // per_group, minlength=groups), torch.full((groups,), keep_per_group))
+    assert len(channels) == 2 and torch.equal(channels, channels.sort().values)
+    # within a group the kept heads are the best ones by their norm over the kept channels
+    norms = scores.mamba[0][:, channels].norm(dim=1).view(groups, per_group)
+    for g in range(groups):
+        mine = kept[kept // per_group == g] - g * per_group
+        assert norms[g, mine].min() >= norms[g].topk(keep_per_group).values.min()
+    heads_kept, kv = scores.keep_attention(1, groups * keep_per_group, groups)
+    assert torch.equal(torch.bincount(heads_kept // per_group, minlength=groups), torch.full((groups,), keep_per_group))
+    if groups > 1:
+        heads_kept, kv = scores.keep_attention(1, keep_per_group, groups, keep_kv=1)
+        assert kv.tolist() == [int(scores.kv_group_scores(1, groups).argmax())]
+        assert (heads_kept // per_group == kv[0]).all()
+
+
+def test_save_load_and_fingerprint(model, tmp_path):
+    save_model(model, tmp_path / "ckpt")
+    scores = estimate(
+        model, _batches(count=1), ImportanceOptions(drop_one="kl"), meta={"fingerprint": fingerprint(tmp_path / "ckpt")}
+    )
+    (tmp_path / "scores").mkdir()
+    scores.save(tmp_path / "scores")
+    loaded = Importance.load(tmp_path / "scores", fingerprint(tmp_path / "ckpt"))
+    torch.testing.assert_close(loaded.mamba[0], scores.mamba[0])
+    torch.testing.assert_close(loaded.block_drop, scores.block_drop)
+    assert loaded.meta["options"]["drop_one"] == "kl"
+    torch.manual_seed(5)
+    save_model(HybridLM(model.config), tmp_path / "other")
+    assert fingerprint(tmp_path / "other") != fingerprint(tmp_path / "ckpt")
+    with pytest.raises(CompressorError, match="computed for another model"):
+        Importance.load(tmp_path / "scores", fingerprint(tmp_path / "other"))
+    with pytest.raises(CompressorError, match="not an importance folder"):
+        Importance.load(tmp_path / "ckpt")
+
+
+def test_options_are_checked():
+    with pytest.raises(CompressorError, match="seq_reduce 'median'"):
+        ImportanceOptions(seq_reduce="median")
+    with pytest.raises(CompressorError, match="choose --drop-one kl or loss"):
+        ImportanceOptions(iterative_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("imp")
+    save_model(model, root / "model")
+    rng = np.random.default_rng(0)
+    np.save(root / "tokens.npy", rng.integers(0, 512, size=16 * 24).astype(np.int32))
+    return root
+
+
+def test_cli_and_two_processes_equal_one(checkpoint, tmp_path):
+    args = ["importance", str(checkpoint / "model"), "--data", str(checkpoint / "tokens.npy"), "--samples", "8",
+            "--seq-len", "24", "--batch-size", "2", "--drop-one", "kl", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    assert "least important first" in result.output and "Mamba heads" in result.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, other = Importance.load(tmp_path / "one"), Importance.load(tmp_path / "two")
+    for a, b in ((one.hidden, other.hidden), (one.mamba[0], other.mamba[0]), (one.attention[3], other.attention[3])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one.block_drop, other.block_drop, rtol=1e-4, atol=1e-7)
+    assert one.meta["samples"] == 8 and one.meta["fingerprint"] == fingerprint(checkpoint / "model")
+    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = runner.invoke(cli.app, [*args[:4], "--samples", "100", *args[6:], "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "fewer than --samples 100" in result.output and not (tmp_path / "x").exists()
