@@ -1,0 +1,204 @@
+"""Pruning: slice a model down to a target architecture, keeping the most important channels.
+
+A `Target` names the source blocks to keep (in order) and the widths each keeps; `prune` slices every
+tensor those widths touch, choosing what to keep from an `Importance`:
+
+- hidden channels: embeddings, every block norm, every projection's input columns and output rows,
+  norm_f, lm_head;
+- FFN neurons: up_proj rows and down_proj columns of the block;
+- Mamba heads (the same number kept in each of the n_groups groups) and head_dim channels (the same ones
+  in every head): the rows of in_proj for z, x and dt, the x channels of conv1d, A_log, D, dt_bias, the
+  gated-norm weight and out_proj's columns; B and C (shared by a group's heads) are untouched, so the
+  gated norm's groups stay aligned;
+- attention query heads within their KV groups (and whole KV groups when asked): q/k/v rows, o_proj columns;
+- whole blocks: the pattern is rewritten.
+
+Each kind's slicing is one function below. The result is an ordinary `HybridLM` and saves as a standard
+checkpoint; uniform targets load in transformers too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from compressor.config import ATTENTION, KIND_CHARS, MAMBA, HybridConfig
+from compressor.errors import CompressorError
+from compressor.importance import Importance
+from compressor.model import HybridLM
+
+
+@dataclass(frozen=True)
+class BlockTarget:
+    """One kept block: its index in the source model and the widths it keeps (only its kind's matter)."""
+
+    source: int
+    kind: str
+    intermediate_size: int = 0
+    mamba_num_heads: int = 0
+    mamba_head_dim: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A pruned architecture in terms of the source model."""
+
+    hidden_size: int
+    blocks: tuple[BlockTarget, ...]
+
+    @classmethod
+    def uniform(
+        cls,
+        source: HybridConfig,
+        *,
+        hidden_size: int | None = None,
+        intermediate_size: int | None = None,
+        mamba_num_heads: int | None = None,
+        mamba_head_dim: int | None = None,
+        num_attention_heads: int | None = None,
+        num_key_value_heads: int | None = None,
+        drop_blocks: tuple[int, ...] | list[int] = (),
+    ) -> Target:
+        """Every kept block of a kind gets the same widths (None keeps the block's own)."""
+        wanted = {
+            "intermediate_size": intermediate_size,
+            "mamba_num_heads": mamba_num_heads,
+            "mamba_head_dim": mamba_head_dim,
+            "num_attention_heads": num_attention_heads,
+            "num_key_value_heads": num_key_value_heads,
+        }
+        blocks = []
+        for spec in source.blocks:
+            if spec.index in drop_blocks:
+                continue
+            widths = {name: getattr(spec, name) if value is None else value for name, value in wanted.items()}
+            blocks.append(BlockTarget(source=spec.index, kind=spec.kind, **widths))
+        return cls(hidden_size=hidden_size or source.hidden_size, blocks=tuple(blocks))
+
+    @classmethod
+    def identity(cls, source: HybridConfig) -> Target:
+        return cls.uniform(source)
+
+    def config(self, source: HybridConfig) -> HybridConfig:
+        """The pruned model's config: uniform fields from the most common width of each kind, per-block
+        overrides for the rest (none when the target is uniform, so it writes the standard format)."""
+        if not self.blocks:
+            raise CompressorError("a pruned model needs at least one block")
+        pattern = "".join(KIND_CHARS[b.kind] for b in self.blocks)
+        fields = {
+            MAMBA: ("mamba_num_heads", "mamba_head_dim"),
+            ATTENTION: ("num_attention_heads", "num_key_value_heads"),
+            "mlp": ("intermediate_size",),
+        }
+        uniform = {}
+        for kind, names in fields.items():
+            for name in names:
+                values = [getattr(b, name) for b in self.blocks if b.kind == kind]
+                uniform[name] = Counter(values).most_common(1)[0][0] if values else getattr(source, name)
+        overrides = {}
+        for index, block in enumerate(self.blocks):
+            differ = {n: getattr(block, n) for n in fields[block.kind] if getattr(block, n) != uniform[n]}
+            if differ:
+                overrides[index] = differ
+        return source.replace(
+            hybrid_override_pattern=pattern, hidden_size=self.hidden_size, block_overrides=overrides, **uniform
+        )
+
+    def summary(self, source: HybridConfig) -> dict:
+        """What the target keeps, in the terms of ModelOpt's export_config where they apply."""
+        config = self.config(source)
+        return {
+            "hidden_size": config.hidden_size,
+            "ffn_hidden_size": config.intermediate_size,
+            "num_attention_heads": config.num_attention_heads,
+            "num_query_groups": config.num_key_value_heads,
+            "mamba_num_heads": config.mamba_num_heads,
+            "mamba_head_dim": config.mamba_head_dim,
+            "num_layers": config.num_blocks,
+            "kept_blocks": [b.source for b in self.blocks],
+            "uniform": config.is_uniform,
+        }
+
+
+@torch.no_grad()
+def prune(model: HybridLM, importance: Importance, target: Target) -> HybridLM:
+    """A new model with `target`'s architecture and the source's most important weights (copied)."""
+    source = model.config
+    config = target.config(source)
+    hidden = importance.keep_hidden(target.hidden_size)
+    state: dict[str, torch.Tensor] = {
+        "backbone.embeddings.weight": model.backbone.embeddings.weight[:, hidden],
+        "backbone.norm_f.weight": model.backbone.norm_f.weight[hidden],
+        "lm_head.weight": model.lm_head.weight[:, hidden],
+    }
+    for new_index, block in enumerate(target.blocks):
+        src = model.backbone.layers[block.source]
+        if src.kind != block.kind:
+            raise CompressorError(f"block {block.source} is a {src.kind} block, not {block.kind}")
+        prefix = f"backbone.layers.{new_index}."
+        state[prefix + "norm.weight"] = src.norm.weight[hidden]
+        slicer = {MAMBA: _slice_mamba, ATTENTION: _slice_attention}.get(block.kind, _slice_mlp)
+        for name, tensor in slicer(src.mixer, block, importance, hidden, source).items():
+            state[prefix + "mixer." + name] = tensor
+    with torch.device("meta"):
+        pruned = HybridLM(config)
+    pruned.load_state_dict({k: v.clone() for k, v in state.items()}, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        pruned.lm_head.weight = pruned.backbone.embeddings.weight
+    return pruned.train(model.training)
+
+
+def _slice_mlp(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
+    neurons = importance.keep_ffn(block.source, block.intermediate_size)
+    out = {
+        "up_proj.weight": mixer.up_proj.weight[neurons][:, hidden],
+        "down_proj.weight": mixer.down_proj.weight[hidden][:, neurons],
+    }
+    if mixer.up_proj.bias is not None:
+        out["up_proj.bias"] = mixer.up_proj.bias[neurons]
+        out["down_proj.bias"] = mixer.down_proj.bias[hidden]
+    return out
+
+
+def _slice_attention(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
+    heads, groups = importance.keep_attention(
+        block.source, block.num_attention_heads, mixer.num_kv_heads, keep_kv=block.num_key_value_heads
+    )
+    d = mixer.head_dim
+    q_rows = (heads[:, None] * d + torch.arange(d)).flatten()
+    kv_rows = (groups[:, None] * d + torch.arange(d)).flatten()
+    return {
+        "q_proj.weight": mixer.q_proj.weight[q_rows][:, hidden],
+        "k_proj.weight": mixer.k_proj.weight[kv_rows][:, hidden],
+        "v_proj.weight": mixer.v_proj.weight[kv_rows][:, hidden],
+        "o_proj.weight": mixer.o_proj.weight[hidden][:, q_rows],
+    }
+
+
+def _slice_mamba(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
+    heads, channels = importance.keep_mamba(block.source, block.mamba_num_heads, block.mamba_head_dim, source.n_groups)
+    inner, conv_dim = mixer.intermediate, mixer.conv_dim
+    x = (heads[:, None] * mixer.head_dim + channels).flatten()  # kept rows of the (heads x head_dim) layout
+    bc = torch.arange(inner, conv_dim)  # B and C channels of xBC, all kept
+    # in_proj rows are [z (inner), x (inner), B, C (2GN), dt (heads)]
+    in_rows = torch.cat([x, inner + x, inner + bc, inner + conv_dim + heads])
+    conv_rows = torch.cat([x, bc])
+    out = {
+        "in_proj.weight": mixer.in_proj.weight[in_rows][:, hidden],
+        "conv1d.weight": mixer.conv1d.weight[conv_rows],
+        "dt_bias": mixer.dt_bias[heads],
+        "A_log": mixer.A_log[heads],
+        "D": mixer.D[heads],
+        "norm.weight": mixer.norm.weight[x],
+        "out_proj.weight": mixer.out_proj.weight[hidden][:, x],
+    }
+    if mixer.conv1d.bias is not None:
+        out["conv1d.bias"] = mixer.conv1d.bias[conv_rows]
+    if mixer.in_proj.bias is not None:
+        out["in_proj.bias"] = mixer.in_proj.bias[in_rows]
+        out["out_proj.bias"] = mixer.out_proj.bias[hidden]
+    return out

@@ -1,0 +1,119 @@
+"""Pruning: identity, each axis against transformers, dropped blocks, heterogeneous widths."""
+
+import math
+
+import pytest
+import torch
+
+from compressor.checkpoint import load_model, save_model
+from compressor.errors import CompressorError
+from compressor.importance import estimate
+from compressor.model import HybridLM
+from compressor.presets import get_preset
+from compressor.prune import BlockTarget, Target, prune
+
+
+@pytest.fixture(scope="module")
+def model():
+    # transformers clamps dt at time_step_min; use that limit so both engines agree exactly
+    torch.manual_seed(0)
+    config = get_preset("tiny").replace(time_step_limit=(0.001, math.inf), num_attention_heads=8)
+    return HybridLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def scores(model):
+    gen = torch.Generator().manual_seed(0)
+    return estimate(model, [torch.randint(0, 512, (2, 24), generator=gen) for _ in range(3)])
+
+
+def _ids(seed=1):
+    return torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(seed))
+
+
+def test_keeping_everything_is_the_identity(model, scores):
+    pruned = prune(model, scores, Target.identity(model.config))
+    assert pruned.config == model.config
+    with torch.no_grad():
+        assert torch.equal(pruned(_ids()), model(_ids()))
+
+
+AXES = {
+    "hidden": dict(hidden_size=40),
+    "ffn": dict(intermediate_size=72),
+    "mamba heads": dict(mamba_num_heads=4),
+    "mamba head_dim": dict(mamba_head_dim=6),
+    "attention heads": dict(num_attention_heads=4),
+    "kv groups": dict(num_attention_heads=4, num_key_value_heads=1),
+    "blocks": dict(drop_blocks=(1, 3, 5)),
+    "all at once": dict(hidden_size=48, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=4, drop_blocks=(8,)),
+}
+
+
+@pytest.mark.parametrize("axis", list(AXES))
+def test_each_axis_gives_a_checkpoint_transformers_agrees_with(model, scores, tmp_path, axis):
+    transformers = pytest.importorskip("transformers")
+    target = Target.uniform(model.config, **AXES[axis])
+    pruned = prune(model, scores, target)
+    assert pruned.config.is_uniform
+    assert pruned.num_parameters() < model.num_parameters()
+    save_model(pruned, tmp_path / "pruned")
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    ours = load_model(tmp_path / "pruned")
+    with torch.no_grad():
+        want = theirs(_ids(), use_cache=False).logits
+        assert (ours(_ids()) - want).abs().max() <= 1e-4
+        assert (pruned(_ids()) - want).abs().max() <= 1e-4
+
+
+def test_dropping_blocks_equals_skipping_them(model, scores):
+    pruned = prune(model, scores, Target.uniform(model.config, drop_blocks=(2, 4)))
+    assert pruned.config.pattern == "M-*M*M-"
+    ids = _ids()
+    with torch.no_grad():
+        hidden = model.backbone.embeddings(ids)
+        for block in model.backbone.layers:
+            if block.index not in (2, 4):
+                hidden = block(hidden)
+        skipped = model.lm_head(model.backbone.norm_f(hidden))
+        torch.testing.assert_close(pruned(ids), skipped)
+
+
+def test_kept_channels_are_the_most_important(model, scores):
+    pruned = prune(model, scores, Target.uniform(model.config, intermediate_size=16))
+    kept = scores.ffn[1].topk(16).indices.sort().values
+    torch.testing.assert_close(
+        pruned.backbone.layers[1].mixer.up_proj.weight, model.backbone.layers[1].mixer.up_proj.weight[kept]
+    )
+    heads, channels = scores.keep_mamba(0, 4, 8, 2)
+    assert torch.equal(heads // 4, torch.tensor([0, 0, 1, 1]))  # two heads from each group
+
+
+def test_heterogeneous_targets_round_trip(model, scores, tmp_path):
+    blocks = []
+    for spec in model.config.blocks:
+        widths = dict(
+            intermediate_size=[32, 64, 96][spec.index % 3],
+            mamba_num_heads=4 if spec.index == 2 else 8,
+            mamba_head_dim=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+        )
+        blocks.append(BlockTarget(source=spec.index, kind=spec.kind, **widths))
+    target = Target(hidden_size=64, blocks=tuple(blocks))
+    pruned = prune(model, scores, target)
+    assert not pruned.config.is_uniform and pruned.config.block(2).mamba_num_heads == 4
+    save_model(pruned, tmp_path / "hetero")
+    loaded = load_model(tmp_path / "hetero")
+    assert loaded.config.blocks == pruned.config.blocks and loaded.config.hidden_size == 64
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_ids()), pruned(_ids()))
+
+
+def test_bad_targets(model, scores):
+    with pytest.raises(CompressorError, match="cannot keep 200 of 128"):
+        prune(model, scores, Target.uniform(model.config, intermediate_size=200))
+    with pytest.raises(CompressorError, match="not divisible by n_groups"):
+        prune(model, scores, Target.uniform(model.config, mamba_num_heads=3))
+    with pytest.raises(CompressorError, match="at least one block"):
+        Target.uniform(model.config, drop_blocks=tuple(range(9))).config(model.config)
