@@ -641,6 +641,155 @@ def _print_importance(scores, out: Path) -> None:
     console.print(axes)
 
 
+# ----- prune --------------------------------------------------------------------------------------------
+def _budget_from_options(
+    target_mem,
+    ctx,
+    batch,
+    target_params,
+    gpu,
+    gpu_bandwidth,
+    gpu_tflops,
+    min_speedup,
+    isl,
+    osl,
+    weight_dtype,
+    kv_dtype,
+    ssm_dtype,
+):
+    """A Budget from the command-line spellings, or None when no limit is given."""
+    from compressor import budget
+
+    if target_mem is None and target_params is None and min_speedup is None:
+        return None
+    limit = budget.parse_size(target_mem) if target_mem is not None else None
+    context = budget.parse_context(ctx)
+    workload = None
+    if isl is not None or osl is not None:
+        out_tokens = budget.parse_context(osl) if osl is not None else max(min(1024, context // 2), 1)
+        in_tokens = budget.parse_context(isl) if isl is not None else max(context - out_tokens, 1)
+        workload = budget.Workload(in_tokens, out_tokens, batch)
+    return budget.Budget(
+        memory=limit,
+        context=context,
+        batch=batch,
+        weight_dtype=weight_dtype,
+        kv_dtype=kv_dtype,
+        ssm_dtype=ssm_dtype,
+        params=budget.parse_params(target_params) if target_params is not None else None,
+        gpu=_gpu_spec(gpu, gpu_bandwidth, gpu_tflops, limit),
+        min_speedup=min_speedup,
+        workload=workload,
+    )
+
+
+@app.command("prune")
+@friendly
+def prune_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
+    out: Annotated[Path, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")],
+    target_mem: Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 22GiB or 19.66GiB.")] = None,
+    ctx: Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")] = "8k",
+    batch: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
+    target_params: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 9B.")] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU for a throughput budget, e.g. a10g.")] = None,
+    gpu_bandwidth: Annotated[str | None, typer.Option(help="Your GPU's bandwidth, e.g. 600GB/s.")] = None,
+    gpu_tflops: Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="At least this many times the original tokens/s.")] = None,
+    isl: Annotated[str | None, typer.Option(help="Prompt tokens of the throughput workload.")] = None,
+    osl: Annotated[str | None, typer.Option(help="Generated tokens of the throughput workload.")] = None,
+    weight_dtype: Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4.")] = "bf16",
+    kv_dtype: Annotated[str | None, typer.Option(help="KV cache dtype (default: compute dtype).")] = None,
+    ssm_dtype: Annotated[str | None, typer.Option(help="SSM state dtype (default: the config's).")] = None,
+    export_config: Annotated[
+        str | None, typer.Option(help="Prune to this ModelOpt export_config (JSON or file) instead of searching.")
+    ] = None,
+    importance_dir: Annotated[
+        Path | None, typer.Option("--importance", help="Importance folder (`compress importance`).")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Calibration data (importance, then held-out scoring).")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration sequences for importance.")] = 1024,
+    score_samples: Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
+    score: Annotated[str, typer.Option(help="Candidate score: kl (to the original) or loss.")] = "kl",
+    strategy: Annotated[str, typer.Option(help="Search strategy (see `compressor.strategies`).")] = "minitron",
+    top_k: Annotated[int, typer.Option(help="Candidates to score.")] = 10,
+    max_width_pruning: Annotated[float, typer.Option(help="At most this share of a width removed.")] = 0.4,
+    max_depth_pruning: Annotated[float, typer.Option(help="At most this share of all blocks removed.")] = 0.2,
+    axes: Annotated[
+        str, typer.Option(help="What to prune: hidden,ffn,mamba_heads,mamba_head_dim,depth.")
+    ] = "hidden,ffn,depth",
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default)."""
+    from compressor.budget import format_bytes
+    from compressor.search import prune_to_budget
+
+    budget_ = _budget_from_options(
+        target_mem, ctx, batch, target_params, gpu, gpu_bandwidth, gpu_tflops, min_speedup, isl, osl,
+        weight_dtype, kv_dtype, ssm_dtype,
+    )  # fmt: skip
+    export = None
+    if export_config is not None:
+        text = Path(export_config).read_text() if Path(export_config).is_file() else export_config
+        try:
+            export = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CompressorError(f"--export-config is neither a JSON object nor a JSON file ({exc})") from None
+    options = dict(
+        top_k=top_k,
+        max_width_pruning=max_width_pruning,
+        max_depth_pruning=max_depth_pruning,
+        axes=tuple(a.strip() for a in axes.split(",") if a.strip()),
+    )
+    with err_console.status("pruning") as status:
+        record = prune_to_budget(
+            model,
+            out,
+            budget=budget_,
+            data=data,
+            importance_dir=importance_dir,
+            samples=samples,
+            score_samples=score_samples,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            score_metric=score,
+            strategy=strategy,
+            strategy_options=options if strategy == "minitron" else {},
+            export=export,
+            tokenizer=tokenizer,
+            text_field=text_field,
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+            on_progress=lambda text: (status.update(text), err_console.print(text, highlight=False)),
+        )
+    if json_output:
+        print_json(record)
+        return
+    table = Table(title=f"candidates ({record['strategy']['name']}), best first", title_justify="left")
+    for column in ("#", "candidate", "blocks", "parameters", "memory", "speedup", f"score ({record['score']})"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for i, c in enumerate(record["candidates"], start=1):
+        table.add_row(
+            str(i),
+            c["label"],
+            str(len(c["pattern"])),
+            f"{c['params']:,}",
+            format_bytes(c["memory_bytes"]) if c["memory_bytes"] is not None else "-",
+            f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-",
+            f"{c['score']:.4f}" if c["score"] is not None else "-",
+        )
+    console.print(table)
+    console.print(f"wrote the pruned model ({record['chosen']['params']:,} parameters) to [bold]{out}[/]")
+
+
 # ----- train / distill ----------------------------------------------------------------------------------
 class RichReporter:
     """Live progress of a training run: a bar over steps with loss, KL, tokens/s and ETA; eval lines above."""
@@ -689,23 +838,24 @@ class RichReporter:
 
 
 def _run_training(config, dry_run: bool, quiet: bool) -> None:
+    from compressor.budget import format_bytes
     from compressor.train import memory_plan, train
 
     if dry_run:
         plan = memory_plan(config)
         table = Table(title="memory plan (per process)", title_justify="left")
         table.add_column("term")
-        table.add_column("GiB", justify="right")
+        table.add_column("size", justify="right")
         for name, nbytes in plan["terms"].items():
-            table.add_row(name, f"{nbytes / 2**30:.3f}")
-        table.add_row("[bold]total", f"[bold]{plan['total'] / 2**30:.3f}")
+            table.add_row(name, format_bytes(nbytes))
+        table.add_row("[bold]total", f"[bold]{format_bytes(plan['total'])}")
         console.print(table)
         if plan["available"] is not None:
             spare = plan["available"] - plan["total"]
             verdict = "fits" if spare >= 0 else "does not fit"
             console.print(
-                f"{verdict} on {plan['device']}: {plan['available'] / 2**30:.2f} GiB available, "
-                f"{abs(spare) / 2**30:.2f} GiB {'to spare' if spare >= 0 else 'short'}"
+                f"{verdict} on {plan['device']}: {format_bytes(plan['available'])} available, "
+                f"{format_bytes(abs(spare))} {'to spare' if spare >= 0 else 'short'}"
             )
         return
     reporter = RichReporter(quiet)

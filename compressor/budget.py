@@ -97,6 +97,13 @@ _PARAMS_HELP = "800M, 9B or 9.5B (M = 10^6, B = 10^9)"
 _BANDWIDTH_HELP = "600GB/s or 3.35TB/s"
 
 
+def format_bytes(nbytes: float) -> str:
+    """A size for people: GiB from 1 GiB up, MiB below (binary units, two decimals)."""
+    if abs(nbytes) >= GIB:
+        return f"{nbytes / GIB:,.2f} GiB"
+    return f"{nbytes / MIB:,.2f} MiB"
+
+
 def _quantity(text: str, what: str, examples: str) -> tuple[Fraction, str]:
     """Split '19.66GiB' into (Fraction('19.66'), 'gib'); one-line errors for anything else."""
     stripped = str(text).strip().replace("_", "")
@@ -607,6 +614,83 @@ def speedup(config: HybridConfig, reference: HybridConfig, workload: Workload, g
     ours = estimate_throughput(config, workload, gpu, **options)
     theirs = estimate_throughput(reference, workload, gpu, **options)
     return ours.tokens_per_s / theirs.tokens_per_s
+
+
+# ----- budgets ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """What a compressed architecture must meet: inference memory at a context (and batch), a parameter
+    count, and/or a throughput ratio to the original model on a workload and GPU. Unset limits are off."""
+
+    memory: int | None = None  # bytes, at `context` tokens x `batch`
+    context: int = 8192
+    batch: int = 1
+    weight_dtype: str = "bf16"
+    kv_dtype: str | None = None
+    ssm_dtype: str | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    params: int | None = None
+    gpu: GPUSpec | None = None
+    min_speedup: float | None = None  # tokens/s of the candidate / tokens/s of the original
+    workload: Workload | None = None  # default: `context` split as in `compress estimate`
+
+    def __post_init__(self) -> None:
+        if self.min_speedup is not None and self.gpu is None:
+            raise BudgetError("a throughput budget (--min-speedup) needs a GPU (--gpu)")
+        if self.memory is None and self.params is None and self.min_speedup is None:
+            raise BudgetError("no budget given: set a memory (--target-mem), parameter or speedup target")
+
+    def memory_of(self, config: HybridConfig) -> MemoryEstimate:
+        return estimate_memory(
+            config,
+            self.context,
+            self.batch,
+            weight_dtype=self.weight_dtype,
+            kv_dtype=self.kv_dtype,
+            ssm_dtype=self.ssm_dtype,
+            prefill_chunk=self.prefill_chunk,
+        )
+
+    def throughput_workload(self) -> Workload:
+        if self.workload is not None:
+            return self.workload
+        output = min(1024, self.context // 2)
+        return Workload(self.context - output, output, self.batch)
+
+    def speedup_of(self, config: HybridConfig, reference: HybridConfig) -> float | None:
+        if self.gpu is None:
+            return None
+        options = dict(weight_dtype=self.weight_dtype, kv_dtype=self.kv_dtype, ssm_dtype=self.ssm_dtype)
+        return speedup(config, reference, self.throughput_workload(), self.gpu, **options)
+
+    def violations(self, config: HybridConfig, reference: HybridConfig) -> list[str]:
+        """What `config` misses, in words (empty when it meets the budget)."""
+        missed = []
+        if self.memory is not None:
+            total = self.memory_of(config).total
+            if total > self.memory:
+                missed.append(f"memory {format_bytes(total)} > {format_bytes(self.memory)}")
+        if self.params is not None and num_parameters(config) > self.params:
+            missed.append(f"parameters {num_parameters(config):,} > {self.params:,}")
+        if self.min_speedup is not None:
+            ratio = self.speedup_of(config, reference)
+            if ratio < self.min_speedup:
+                missed.append(f"speedup {ratio:.2f}x < {self.min_speedup:.2f}x")
+        return missed
+
+    def describe(self) -> str:
+        parts = []
+        if self.memory is not None:
+            parts.append(f"{format_bytes(self.memory)} at {self.context:,} tokens x {self.batch} ({self.weight_dtype})")
+        if self.params is not None:
+            parts.append(f"<= {self.params:,} parameters")
+        if self.min_speedup is not None:
+            workload = self.throughput_workload()
+            parts.append(
+                f">= {self.min_speedup:.2f}x tokens/s on {self.gpu.name} "
+                f"({workload.input_tokens:,} in / {workload.output_tokens:,} out)"
+            )
+        return "; ".join(parts)
 
 
 # ----- measured ----------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The Minitron strategy: grid, analytic costs, budgets, and the 12B-v2 -> 9B-v2 search space."""
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compressor.budget import Budget, BudgetError, get_gpu, num_parameters, parse_context, parse_params, parse_size
+from compressor.importance import Importance
+from compressor.presets import get_preset
+from strategies.minitron import MinitronStrategy, divisor_for, width_choices
+
+
+def _importance(config, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return Importance(
+        hidden=torch.rand(config.hidden_size, generator=gen),
+        ffn={},
+        mamba={},
+        attention={},
+        block_influence=torch.rand(config.num_blocks, generator=gen),
+    )
+
+
+def test_grid_uses_modelopt_divisors_and_limits():
+    grid = MinitronStrategy(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")).grid(get_preset("12b-v2"))
+    assert grid["hidden"] == list(range(5120, 3071, -256))
+    assert grid["ffn"] == list(range(20480, 12287, -512))
+    assert grid["mamba_heads"] == list(range(128, 76, -8))  # multiples of n_groups = 8
+    assert grid["head_dim"] == [80, 72, 64, 56, 48]
+    assert width_choices(256, divisor_for(256, 256), 0.4) == [256, 224, 192, 160]
+    fixed = MinitronStrategy().grid(get_preset("12b-v2"))  # default axes: hidden, ffn, depth
+    assert fixed["mamba_heads"] == [128] and fixed["head_dim"] == [80]
+
+
+def test_depth_choices_respect_both_limits():
+    strategy = MinitronStrategy()
+    config = get_preset("12b-v2")  # 28 M, 6 *, 28 -
+    choices = strategy.depth_choices(config)
+    assert max(sum(c) for c in choices) == 12  # 20% of 62
+    assert max(c[1] for c in choices) == 3  # half of the attention blocks
+    assert (0, 0, 0) in choices and len(set(choices)) == len(choices)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 999), context=st.sampled_from(["4k", "32k", "128k"]), dtype=st.sampled_from(["bf16", "fp8"]))
+def test_analytic_costs_equal_the_budget_model(seed, context, dtype):
+    config = get_preset("9b-v2")
+    budget = Budget(memory=parse_size("40GiB"), context=parse_context(context), weight_dtype=dtype)
+    strategy = MinitronStrategy(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"))
+    targets, _ = strategy.fitting(config, _importance(config, seed), budget)
+    for target in targets[seed % 7 :: 97][:5]:
+        pruned = target.config(config)
+        assert budget.memory_of(pruned).total <= budget.memory
+        assert not budget.violations(pruned, config)
+
+
+def test_12b_v2_search_space_in_seconds_with_9b_like_shapes():
+    source = get_preset("12b-v2")
+    budget = Budget(memory=parse_size("19.66GiB"), context=parse_context("128k"))
+    start = time.perf_counter()
+    targets, grid_points = MinitronStrategy().fitting(source, _importance(source), budget)
+    elapsed = time.perf_counter() - start
+    assert grid_points > 10_000 and elapsed < 20
+    near_9b = [
+        t.config(source)
+        for t in targets
+        if t.config(source).num_blocks == 56
+        and abs(t.hidden_size - 4480) <= 256
+        and abs(t.config(source).intermediate_size - 15680) <= 512
+    ]
+    assert near_9b, "no candidate near the published 9B-v2 shape (hidden 4480, ffn 15680, 56 blocks)"
+    assert all(budget.memory_of(c).total <= budget.memory for c in near_9b)
+    # the published 9B-v2 itself fits the same budget (the Nano-v2 decision)
+    assert budget.memory_of(get_preset("9b-v2")).total <= budget.memory
+
+
+def test_every_candidate_meets_the_budget_and_scores_rank_them():
+    source = get_preset("9b-v2")
+    budget = Budget(memory=parse_size("14GiB"), context=parse_context("32k"), params=parse_params("7B"))
+    scores = iter(range(100, 0, -1))
+    candidates = MinitronStrategy(top_k=5).search(source, _importance(source), budget, lambda target: next(scores))
+    assert len(candidates) == 5
+    assert [c.score for c in candidates] == sorted(c.score for c in candidates)
+    for c in candidates:
+        assert not budget.violations(c.config, source)
+        assert c.params == num_parameters(c.config) <= budget.params
+
+
+def test_throughput_budget_filters_candidates():
+    source = get_preset("12b-v2")
+    budget = Budget(context=parse_context("16k"), gpu=get_gpu("a10g"), min_speedup=1.25)
+    candidates = MinitronStrategy(top_k=3).search(source, _importance(source), budget, None)
+    assert all(c.speedup >= 1.25 for c in candidates)
+
+
+def test_infeasible_budget_names_the_smallest_footprint():
+    source = get_preset("12b-v2")
+    with pytest.raises(
+        BudgetError,
+        match=r"no candidate meets the budget .* the smallest architecture within the pruning limits needs [\d.]+ GiB",
+    ):
+        MinitronStrategy().search(source, _importance(source), Budget(memory=parse_size("5GiB"), context=8192), None)
