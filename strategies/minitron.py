@@ -147,7 +147,7 @@ class MinitronStrategy(Strategy):
                     params=num_parameters(config),
                     memory=memory,
                     speedup=budget.speedup_of(config, source),
-                    label=_label(source, config),
+                    label=describe(source, config),
                 )
             )
             if len(candidates) == self.options.top_k:
@@ -332,7 +332,8 @@ def _drop_order(source: HybridConfig, importance: Importance, method: str) -> di
     return order
 
 
-def _label(source: HybridConfig, config: HybridConfig) -> str:
+def describe(source: HybridConfig, config: HybridConfig) -> str:
+    """What a pruned config changed, in a few words: 'hidden 192, ffn 576, -1M, -1*'."""
     parts = []
     for name, short in (("hidden_size", "hidden"), ("intermediate_size", "ffn")):
         if getattr(config, name) != getattr(source, name):

@@ -104,3 +104,15 @@ def test_generate(workspace):
     result = _run("generate", workspace / "model", "--prompt", "To be", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("To be")
+
+
+def test_eval_compares_several_models_on_the_same_sequences(workspace):
+    args = ["eval", workspace / "model", workspace / "teacher", "--data", workspace / "text.txt", "--seq-len", "32"]
+    rows = json.loads(_run(*args, "--json").output)
+    assert [r["model"] for r in rows] == [str(workspace / "model"), str(workspace / "teacher")]
+    single = json.loads(
+        _run("eval", workspace / "teacher", "--data", workspace / "text.txt", "--seq-len", "32", "--json").output
+    )
+    assert rows[1]["loss"] == single["loss"] and rows[0]["tokens"] == rows[1]["tokens"]
+    result = _run(*args, "--teacher", workspace / "teacher")
+    assert result.exit_code == 0 and "top-1" in result.output and "100.0%" in result.output
