@@ -479,11 +479,12 @@ def eval_(
         _print_eval(results[0][2], title, teacher_model is not None)
         return
     table = Table(title=title, title_justify="left")
-    columns = ["model", "parameters", "loss", "perplexity"] + (
-        ["KL(teacher||model)", "top-1 agreement"] if teacher else []
-    )
+    columns = ["model", "parameters", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
     for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right")
+        if column == "model":
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
     for path, params, result in results:
         row = [str(path), f"{params:,}", f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
         if teacher:
@@ -949,7 +950,9 @@ def distill(
     temperature: Annotated[float, typer.Option(help="Distillation temperature (loss scaled by T^2).")] = 1.0,
     jsd_beta: Annotated[float, typer.Option(help="Mixture weight of the generalized JSD.")] = 0.5,
     lm_weight: Annotated[float, typer.Option(help="Weight of the student's LM loss in the mix (0-1).")] = 0.0,
-    chunk_tokens: Annotated[int, typer.Option(help="Tokens per logits chunk in the loss.")] = 1024,
+    chunk_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
+    ] = None,
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 50,
@@ -995,7 +998,9 @@ def train_command(
     decay_fraction: Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")] = 0.2,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
-    chunk_tokens: Annotated[int, typer.Option(help="Tokens per logits chunk in the loss.")] = 1024,
+    chunk_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
+    ] = None,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 50,
     eval_sequences: Annotated[int, typer.Option(help="Validation sequences.")] = 64,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,

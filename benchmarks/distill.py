@@ -125,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from compressor.losses import LossSpec
+
     tokens, hidden, vocab = (512, 256, 131072) if args.quick else (2048, 512, 131072)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
     print(f"\nloss + backward over {tokens} tokens, hidden {hidden}, vocab {vocab:,}")
@@ -132,9 +134,11 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     naive_peak, naive_time = _subprocess("naive", tokens, hidden, vocab, 0)
     print(f"| naive (full logits) | {naive_peak:,.0f} | 100% | {naive_time:.2f} |", flush=True)
-    for chunk in (1024, 256) if not args.quick else (128,):
+    default = LossSpec().rows_per_chunk(vocab)
+    for chunk in (1024, default) if not args.quick else (default,):
         peak, seconds = _subprocess("chunked", tokens, hidden, vocab, chunk)
-        print(f"| chunked, {chunk} tokens | {peak:,.0f} | {100 * peak / naive_peak:.0f}% | {seconds:.2f} |", flush=True)
+        label = f"chunked, {chunk} tokens" + (" (default)" if chunk == default else "")
+        print(f"| {label} | {peak:,.0f} | {100 * peak / naive_peak:.0f}% | {seconds:.2f} |", flush=True)
 
     batch, seq_len = (2, 64) if args.quick else (8, 256)
     times = step_overhead(args.teacher, batch, seq_len, repeats=3 if args.quick else 5)

@@ -120,6 +120,7 @@ def main() -> None:
         return evaluate(prune(model, scores, target), batches(valid)).loss
 
     ours = estimate(model, batches(calib), ImportanceOptions(drop_one="kl"))
+    ssm_out = estimate(model, batches(calib), ImportanceOptions(mamba_signal="ssm_out"))
     magnitude = magnitude_scores(model)
     base = evaluate(model, batches(valid)).loss
     print(f"example model {args.model}: validation loss {base:.4f} unpruned ({valid_n} x {seq_len} held-out tokens)")
@@ -144,6 +145,9 @@ def main() -> None:
             rand = statistics.mean(loss(target, random_scores(ours, s)) for s in range(seeds))
             mag = loss(target, magnitude)
             print(f"| {axis} | {fraction:.0%} | {mine:.4f} | {rand:.4f} | {mag:.4f} |", flush=True)
+            if axis.startswith("Mamba"):
+                alt = loss(target, ssm_out)
+                print(f"| {axis} (`--mamba-signal ssm_out`) | {fraction:.0%} | {alt:.4f} | {rand:.4f} | {mag:.4f} |")
 
     # cost: activation importance (hooks) vs a plain forward over the same data
     data = batches(calib)

@@ -25,15 +25,38 @@ from compressor.checkpoint import load_model  # noqa: E402
 from compressor.data import load_sequences, load_tokenizer  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
-from compressor.prune import prune  # noqa: E402
+from compressor.prune import Target, prune  # noqa: E402
 from compressor.search import ProxyScorer  # noqa: E402
 from strategies.minitron import MinitronStrategy, describe  # noqa: E402
+
+
+def every_fitting_target(strategy, source, importance, budget):
+    """All grid points that meet the budget (checked one by one), and all grid points."""
+    import itertools
+
+    grid = strategy.grid(source)
+    scores = importance.block_scores("influence").tolist()
+    ranked = sorted(range(source.num_blocks), key=lambda i: scores[i])
+    order = {kind: [i for i in ranked if source.block(i).kind == kind] for kind in ("mamba", "attention", "mlp")}
+    points = list(
+        itertools.product(
+            grid["hidden"], grid["ffn"], grid["mamba_heads"], grid["head_dim"], strategy.depth_choices(source)
+        )
+    )
+    fitting = []
+    for hidden, ffn, heads, head_dim, depth in points:
+        drop = [i for kind, n in zip(("mamba", "attention", "mlp"), depth, strict=True) for i in order[kind][:n]]
+        target = Target.uniform(source, hidden_size=hidden, intermediate_size=ffn, mamba_num_heads=heads,
+                                mamba_head_dim=head_dim, drop_blocks=tuple(drop))  # fmt: skip
+        if not budget.violations(target.config(source), source):
+            fitting.append(target)
+    return fitting, points
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "examples" / "model"))
-    parser.add_argument("--target-mem", default="28MiB")
+    parser.add_argument("--target-mem", default="20MiB")
     parser.add_argument("--ctx", default="4k")
     parser.add_argument("--random", type=int, default=8, help="random fitting candidates to compare with")
     args = parser.parse_args()
@@ -46,10 +69,12 @@ def main() -> None:
     held_out = [ids for i, ids in enumerate(sample.batches(8, shuffle=False, drop_last=False)) if i >= 8]
     importance = estimate(model, calibration)
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
-    strategy = MinitronStrategy()
+    strategy = MinitronStrategy(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"))
     scorer = ProxyScorer(model, importance, held_out)
     candidates = strategy.search(model.config, importance, budget, scorer)
-    fitting, grid_points = strategy.fitting(model.config, importance, budget)
+    fitting = every_fitting_target(strategy, model.config, importance, budget)
+    grid_points = len(fitting[1])
+    fitting = fitting[0]
 
     def val_loss(target) -> float:
         return evaluate(prune(model, importance, target), valid.batches(8, shuffle=False, drop_last=False)).loss

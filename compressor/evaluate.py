@@ -76,7 +76,7 @@ def batch_stats(
     stats: LossStats,
     *,
     teacher: TeacherLogits | TeacherTopK | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int | None = None,
 ) -> None:
     """Add one batch's cross-entropy (and divergence/agreement to `teacher`) to `stats`, without gradients."""
     labels = next_token_labels(ids)
@@ -96,7 +96,7 @@ def evaluate(
     batches: Iterable[torch.Tensor],
     *,
     teacher: HybridLM | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Evaluate `model` (and its agreement with `teacher`) on batches of token ids (batch, seq_len).

@@ -371,7 +371,7 @@ def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) 
     blocks are already gone (the reference is the model without `removed`)."""
     backbone = model.backbone
     blocks = backbone.layers
-    spec = LossSpec(chunk_tokens=2048)
+    spec = LossSpec()
     totals = torch.zeros(len(blocks), dtype=torch.float64)
     tokens = 0
     weight = model.lm_head.weight

@@ -37,6 +37,8 @@ IGNORE = -100  # label of positions without a next token
 # Smallest mass of the "all other tokens" bucket of a top-k target, on either side: sums of k float
 # probabilities are only good to about 1e-7, and the floor keeps the bucket's gradient finite.
 REST_FLOOR = 1e-6
+# Logits per chunk when `chunk_tokens` is not set: 2^25 fp32 values (128 MiB), 256 rows at vocab 131072.
+CHUNK_LOGITS = 2**25
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class LossSpec:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     lm_weight: float = 0.0
-    chunk_tokens: int = 1024
+    chunk_tokens: int | None = None  # None: CHUNK_LOGITS // vocab rows (128 MiB of fp32 logits a chunk)
 
     def __post_init__(self) -> None:
         if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
@@ -58,8 +60,11 @@ class LossSpec:
             raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
         if not 0 <= self.lm_weight <= 1:
             raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight}")
-        if self.chunk_tokens < 1:
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+    def rows_per_chunk(self, vocab_size: int) -> int:
+        return self.chunk_tokens or max(1, CHUNK_LOGITS // vocab_size)
 
 
 @dataclass
@@ -71,7 +76,7 @@ class TeacherLogits:
 
     def log_probs(self, rows: slice, temperature: float) -> torch.Tensor:
         logits = self.hidden[rows].float() @ self.weight.float().T
-        return F.log_softmax(logits / temperature, dim=-1)
+        return F.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
 
 
 @dataclass
@@ -120,18 +125,27 @@ def _chunk_loss(
     teacher: TeacherLogits | TeacherTopK | None,
     stats: LossStats,
 ) -> torch.Tensor:
-    """The weighted loss summed over one chunk of rows; fills `stats`."""
+    """The weighted loss summed over one chunk of rows; fills `stats`. Written to keep few (rows, vocab)
+    tensors alive: they are the loss's whole memory."""
     total = logits.new_zeros(())
     n = logits.shape[0]
     stats.tokens += n
     kd_weight = 0.0 if teacher is None else 1.0 - spec.lm_weight
+    T = spec.temperature
+    log_probs = None  # the student's log-probs at T = 1, shared by KD (when T = 1) and the LM loss
     if kd_weight > 0:
-        T = spec.temperature
-        student_logp = F.log_softmax(logits / T, dim=-1)
+        student_logp = F.log_softmax(logits if T == 1 else logits / T, dim=-1)
+        if T == 1:
+            log_probs = student_logp
         if isinstance(teacher, TeacherLogits):
-            teacher_logp = teacher.log_probs(rows, T)
-            per_token = divergence(student_logp, teacher_logp, spec.divergence, spec.jsd_beta)
-            teacher_top = teacher_logp.argmax(-1)
+            with torch.no_grad():
+                teacher_logp = teacher.log_probs(rows, T)
+                teacher_top = teacher_logp.argmax(-1)
+            if spec.divergence == "forward_kl":  # kl_div keeps only the target for its backward
+                per_token = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+            else:
+                per_token = divergence(student_logp, teacher_logp, spec.divergence, spec.jsd_beta)
+            del teacher_logp
         else:
             index = teacher.indices[rows]
             coarse_student = _with_rest(student_logp.gather(-1, index))
@@ -144,7 +158,9 @@ def _chunk_loss(
         stats.agreement += (logits.argmax(-1) == teacher_top).sum()
     if labels is not None:
         chunk_labels = labels[rows]
-        ce = F.cross_entropy(logits, chunk_labels, ignore_index=IGNORE, reduction="sum")
+        if log_probs is None:
+            log_probs = F.log_softmax(logits, dim=-1)
+        ce = F.nll_loss(log_probs, chunk_labels, ignore_index=IGNORE, reduction="sum")
         stats.cross_entropy += ce.detach()
         stats.label_tokens += n - int((chunk_labels == IGNORE).sum())
         ce_weight = 1.0 if teacher is None else spec.lm_weight
@@ -154,26 +170,94 @@ def _chunk_loss(
 
 
 def _chunked(hidden, weight, spec, labels, teacher, stats, grad_hidden: bool, grad_weight: bool):
-    """Sum the loss chunk by chunk; with grad_* also return d(sum)/d(hidden) and d(sum)/d(weight)."""
+    """Sum the loss chunk by chunk; with grad_* also return d(sum)/d(hidden) and d(sum)/d(weight).
+
+    Per chunk, the gradient with respect to the logits comes from `_fused_kl_ce` (forward KL and/or
+    cross-entropy, in closed form, in place) or from autograd over logits -> loss (the other losses); the
+    head's matmuls are differentiated by hand (d hidden = g W, d weight += g^T hidden) into one buffer."""
+    need = grad_hidden or grad_weight
     d_hidden = torch.zeros_like(hidden) if grad_hidden else None
     d_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    weight_leaf = weight.detach().requires_grad_(grad_weight)
-    for start in range(0, hidden.shape[0], spec.chunk_tokens):
-        rows = slice(start, start + spec.chunk_tokens)
-        chunk = hidden[rows].detach().requires_grad_(grad_hidden)
-        with torch.enable_grad():
-            logits = chunk.float() @ weight_leaf.float().T  # (rows, vocab) fp32, this chunk only
-            loss = _chunk_loss(logits, rows, spec, labels, teacher, stats)
-        if (grad_hidden or grad_weight) and loss.requires_grad:
-            wanted = [t for t, need in ((chunk, grad_hidden), (weight_leaf, grad_weight)) if need]
-            grads = iter(torch.autograd.grad(loss, wanted))
+    w = weight.detach().float()
+    fused = teacher is None or (isinstance(teacher, TeacherLogits) and spec.divergence == "forward_kl")
+    step = spec.rows_per_chunk(w.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        chunk = hidden[rows].detach().float()
+        logits = chunk @ w.T  # (rows, vocab) fp32, this chunk only
+        if fused:
+            loss, g = _fused_kl_ce(logits, rows, spec, labels, teacher, stats, need)
+        else:
+            logits.requires_grad_(need)
+            with torch.enable_grad():
+                loss = _chunk_loss(logits, rows, spec, labels, teacher, stats)
+            g = torch.autograd.grad(loss, logits)[0] if need and loss.requires_grad else None
+        del logits
+        if g is not None:
             if grad_hidden:
-                d_hidden[rows] = next(grads)
+                d_hidden[rows] = g @ w
             if grad_weight:
-                d_weight += next(grads)
+                d_weight.addmm_(g.T, chunk)
         total += loss.detach()
     return total, d_hidden, d_weight
+
+
+def _fused_kl_ce(logits, rows, spec, labels, teacher, stats, need_grad: bool):
+    """Forward KL to an in-memory teacher (x T^2) and/or cross-entropy, and d(loss)/d(logits), written out:
+    d/dz [T^2 KL(p_T || q_T)] = T (q_T - p_T) and d/dz CE = q - onehot(label). In-place arithmetic keeps
+    about three (rows, vocab) tensors alive at once."""
+    n = logits.shape[0]
+    stats.tokens += n
+    T = spec.temperature
+    kd_w = 0.0 if teacher is None else 1.0 - spec.lm_weight
+    ce_w = 1.0 if teacher is None else spec.lm_weight
+    total = logits.new_zeros(())
+    student = prob = None
+    if kd_w > 0:
+        teacher_logp = teacher.log_probs(rows, T)
+        stats.agreement += (logits.argmax(-1) == teacher_logp.argmax(-1)).sum()
+        student = F.log_softmax(logits if T == 1 else logits / T, dim=-1)
+        prob = teacher_logp.exp()
+        kd = torch.vdot(prob.flatten(), teacher_logp.sub_(student).flatten())  # sum p (log p - log q)
+        del teacher_logp
+        stats.divergence += kd.detach()
+        total = total + kd_w * T * T * kd
+    ce_log = None  # log-probs at T = 1 for the labels
+    if labels is not None:
+        chunk_labels = labels[rows]
+        labelled = chunk_labels != IGNORE
+        index = chunk_labels.clamp(min=0)[:, None]
+        ce_log = student if (student is not None and T == 1) else F.log_softmax(logits, dim=-1)
+        picked = ce_log.gather(1, index)[:, 0]
+        ce = -(picked * labelled).sum()
+        stats.cross_entropy += ce.detach()
+        stats.label_tokens += int(labelled.sum())
+        if ce_w > 0:
+            total = total + ce_w * ce
+    if not need_grad:
+        return total, None
+    grad = None
+    use_ce = labels is not None and ce_w > 0
+    if kd_w > 0:
+        shared = use_ce and ce_log is student  # T = 1: q serves both terms
+        if shared:
+            ignored_q = student[~labelled].exp()  # the few rows whose CE gradient must stay 0
+        grad = student.exp_()  # q_T, in place of the log-probs
+        if shared:
+            grad.mul_(kd_w + ce_w).sub_(prob, alpha=kd_w)  # (kd_w + ce_w) q - kd_w p
+            grad[~labelled] -= ce_w * ignored_q
+            use_ce = False
+            grad.scatter_add_(1, index, torch.where(labelled, -ce_w, 0.0)[:, None])
+        else:
+            grad.sub_(prob).mul_(kd_w * T)
+        del prob
+    if use_ce:
+        ce_grad = ce_log.exp_() if ce_log is not student else ce_log.exp()
+        ce_grad.scatter_add_(1, index, -torch.ones_like(index, dtype=ce_grad.dtype))
+        ce_grad[~labelled] = 0
+        grad = ce_grad.mul_(ce_w) if grad is None else grad.add_(ce_grad, alpha=ce_w)
+    return total, grad
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

@@ -426,7 +426,8 @@ def memory_plan(config: TrainConfig) -> dict[str, Any]:
     Terms: student weights, gradients and AdamW's two moments (all in the student dtype, divided over the
     processes by FSDP); the teacher's weights (none with --cache-teacher); the activations autograd keeps
     for one micro-batch (an estimate per block from the tensors each mixer saves for backward); the loss
-    chunk (student and teacher logits, log-probs and their gradient for `chunk_tokens` rows, fp32).
+    chunk (the logits of one chunk of rows with their log-probs and gradient, and the teacher's probabilities,
+    fp32).
     """
     import os
 
@@ -453,8 +454,8 @@ def memory_plan(config: TrainConfig) -> dict[str, Any]:
     terms["activations (one micro-batch)"] = _activation_bytes(
         student, config.micro_batch_size * config.seq_len, act_size
     )
-    logit_rows = min(config.loss.chunk_tokens, config.micro_batch_size * config.seq_len)
-    copies = 3 + (2 if config.teacher is not None else 0)  # student logits, log-probs, gradient (+ teacher's)
+    logit_rows = min(config.loss.rows_per_chunk(student.vocab_size), config.micro_batch_size * config.seq_len)
+    copies = 3 + (1 if config.teacher is not None else 0)  # logits, log-probs, gradient (+ teacher probabilities)
     terms["loss chunk"] = logit_rows * student.vocab_size * 4 * copies
     total = sum(terms.values())
     return {"terms": terms, "total": total, "available": available_memory(device), "device": str(device)}

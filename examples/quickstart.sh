@@ -13,7 +13,7 @@ out=runs/quickstart
 data=examples/data
 compress info examples/model
 compress prune examples/model --out "$out/pruned" --overwrite \
-  --target-mem 28MiB --ctx 4k \
+  --target-mem 20MiB --ctx 4k --axes hidden,ffn,mamba_heads,mamba_head_dim,depth \
   --data "$data/sample.txt" --samples 64 --score-samples 32 --seq-len 256 --batch-size 8
 compress distill examples/model "$out/pruned" --data "$data/sample.txt" --out "$out/distilled" --overwrite \
   --tokens 400k --seq-len 256 --batch-size 16 --micro-batch-size 8 --lr 1e-3 --min-lr 1e-4 \

@@ -222,7 +222,7 @@ def test_memory_plan_counts_every_term(workspace, tmp_path):
     assert terms["student weights"] == terms["gradients"] == 4 * student
     assert terms["optimizer state (AdamW)"] == 8 * student
     assert terms["teacher weights"] == 4 * teacher
-    assert terms["activations (one micro-batch)"] > 0 and terms["loss chunk"] == 32 * 4 * VOCAB * 4 * 5
+    assert terms["activations (one micro-batch)"] > 0 and terms["loss chunk"] == 32 * 4 * VOCAB * 4 * 4
     assert plan["total"] == sum(terms.values()) and plan["available"] > 0
     config.cache_teacher = True
     assert "teacher weights" not in memory_plan(config)["terms"]
