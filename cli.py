@@ -715,8 +715,8 @@ def _budget_from_options(
 @app.command("prune")
 @friendly
 def prune_command(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
-    out: Annotated[Path, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (--dry-run: also a preset or config).")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")] = None,
     target_mem: Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 22GiB or 19.66GiB.")] = None,
     ctx: Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")] = "8k",
     batch: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
@@ -754,6 +754,9 @@ def prune_command(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Only list the candidates that fit (works on presets and config.json too).")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default)."""
@@ -777,6 +780,11 @@ def prune_command(
         max_depth_pruning=max_depth_pruning,
         axes=tuple(a.strip() for a in axes.split(",") if a.strip()),
     )
+    if dry_run:
+        _list_fitting(model, budget_, options, json_output)
+        return
+    if out is None:
+        raise CompressorError("give --out FOLDER for the pruned checkpoint (or --dry-run to only list candidates)")
     with err_console.status("pruning") as status:
         record = prune_to_budget(
             model,
@@ -817,6 +825,52 @@ def prune_command(
         )
     console.print(table)
     console.print(f"wrote the pruned model ({record['chosen']['params']:,} parameters) to [bold]{out}[/]")
+
+
+def _list_fitting(model, budget_, options: dict, json_output: bool) -> None:
+    """The analytic stage of the Minitron search on a config alone: what fits, largest per depth choice."""
+    import time
+
+    from compressor.budget import format_bytes, num_parameters
+    from strategies.minitron import MinitronStrategy, describe
+
+    if budget_ is None:
+        raise CompressorError("give a budget (--target-mem / --target-params / --min-speedup)")
+    config, _ = load_config_or_preset(str(model))
+    start = time.perf_counter()
+    targets, grid_points = MinitronStrategy(**options).fitting(config, None, budget_)
+    seconds = time.perf_counter() - start
+    shown = []
+    for target in targets[: options["top_k"]]:
+        pruned = target.config(config)
+        shown.append(
+            {
+                "candidate": describe(config, pruned),
+                "blocks": f"{pruned.count('mamba')}/{pruned.count('attention')}/{pruned.count('mlp')}",
+                "params": num_parameters(pruned),
+                "memory_bytes": budget_.memory_of(pruned).total if budget_.memory is not None else None,
+                **target.summary(config),
+            }
+        )
+    if json_output:
+        print_json(
+            {"grid_points": grid_points, "fitting_considered": len(targets), "seconds": seconds, "candidates": shown}
+        )
+        return
+    console.print(
+        f"{grid_points:,} grid points costed in {seconds:.2f} s; {len(targets):,} fitting candidates considered "
+        f"({budget_.describe()}); the first {len(shown)} (no scores: a config has no weights):",
+        highlight=False,
+    )
+    table = Table()
+    for column in ("candidate", "M/*/- blocks", "hidden", "ffn", "parameters", "memory"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for c in shown:
+        memory = format_bytes(c["memory_bytes"]) if c["memory_bytes"] is not None else "-"
+        table.add_row(
+            c["candidate"], c["blocks"], str(c["hidden_size"]), str(c["ffn_hidden_size"]), f"{c['params']:,}", memory
+        )
+    console.print(table)
 
 
 # ----- train / distill ----------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class MinitronStrategy(Strategy):
             candidates.sort(key=lambda c: c.score)
         return candidates
 
-    def fitting(self, source: HybridConfig, importance: Importance, budget: Budget) -> tuple[list[Target], int]:
+    def fitting(self, source: HybridConfig, importance: Importance | None, budget: Budget) -> tuple[list[Target], int]:
         """Targets of the grid that fit the memory and parameter budgets analytically, in the order they
         are considered (see `_stratified`), and the number of grid points."""
         grid = self.grid(source)
@@ -321,11 +321,15 @@ def _stratified(params: np.ndarray, attention_removed: np.ndarray, per_combo: in
                         yield (*np.unravel_index(point, width_shape), combo)
 
 
-def _drop_order(source: HybridConfig, importance: Importance, method: str) -> dict[str, list[int]]:
-    """Blocks of each kind, least important first."""
-    if method == "auto":
-        method = "drop" if importance.block_drop is not None else "influence"
-    scores = importance.block_scores(method).tolist()
+def _drop_order(source: HybridConfig, importance: Importance | None, method: str) -> dict[str, list[int]]:
+    """Blocks of each kind, least important first (without scores: the last blocks first, which costs the
+    same as any other choice, for a config-only look at the search space)."""
+    if importance is None:
+        scores = [-i for i in range(source.num_blocks)]
+    else:
+        if method == "auto":
+            method = "drop" if importance.block_drop is not None else "influence"
+        scores = importance.block_scores(method).tolist()
     order: dict[str, list[int]] = {MAMBA: [], ATTENTION: [], MLP: []}
     for index in sorted(range(source.num_blocks), key=lambda i: scores[i]):
         order[source.block(index).kind].append(index)

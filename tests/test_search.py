@@ -119,3 +119,17 @@ def test_cli_prune(workspace, tmp_path):
     result = runner.invoke(cli.app, [*args, "--target-mem", "22GB/s", "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "bandwidth" in result.output
     assert not any((tmp_path / n).exists() for n in "bcd")
+
+
+def test_dry_run_lists_fitting_candidates_of_a_preset():
+    result = runner.invoke(
+        cli.app,
+        ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run", "--top-k", "60", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["grid_points"] == 44_370 and data["seconds"] < 20
+    assert all(c["memory_bytes"] <= parse_size("19.66GiB") for c in data["candidates"])
+    assert any(c["num_layers"] == 56 and abs(c["hidden_size"] - 4480) <= 256 for c in data["candidates"])
+    result = runner.invoke(cli.app, ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run"])
+    assert result.exit_code == 0 and "grid points costed" in result.output
