@@ -873,6 +873,125 @@ def _list_fitting(model, budget_, options: dict, json_output: bool) -> None:
     console.print(table)
 
 
+# ----- search -------------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def search(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress.")],
+    data: Annotated[str, typer.Option(help="Calibration and distillation data (text or tokens).")],
+    out: Annotated[Path, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")],
+    target_mem: Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 88GiB.")] = None,
+    ctx: Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")] = "8k",
+    batch: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
+    target_params: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 47B.")] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU for a throughput budget, e.g. a10g.")] = None,
+    gpu_bandwidth: Annotated[str | None, typer.Option(help="Your GPU's bandwidth, e.g. 600GB/s.")] = None,
+    gpu_tflops: Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="At least this many times the original tokens/s.")] = None,
+    isl: Annotated[str | None, typer.Option(help="Prompt tokens of the throughput workload, e.g. 8k.")] = None,
+    osl: Annotated[str | None, typer.Option(help="Generated tokens of the throughput workload, e.g. 16k.")] = None,
+    weight_dtype: Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4.")] = "bf16",
+    kv_dtype: Annotated[str | None, typer.Option(help="KV cache dtype.")] = None,
+    ssm_dtype: Annotated[str | None, typer.Option(help="SSM state dtype.")] = None,
+    strategy: Annotated[str, typer.Option(help="minipuzzle, minitron, or a plugged-in one.")] = "minipuzzle",
+    candidates: Annotated[int, typer.Option(help="Finalists put through the short distillation.")] = 8,
+    distill_tokens: Annotated[str, typer.Option(help="Distillation tokens per finalist, e.g. 50M.")] = "50M",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (importance, scoring, distillation).")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Distillation sequences per step.")] = 16,
+    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
+    lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 1e-4,
+    min_lr: Annotated[float, typer.Option(help="Distillation final learning rate.")] = 1e-5,
+    samples: Annotated[int, typer.Option(help="Calibration sequences for importance.")] = 1024,
+    score_samples: Annotated[int, typer.Option(help="Held-out sequences for the zero-shot KL.")] = 64,
+    importance_dir: Annotated[Path | None, typer.Option("--importance", help="Importance folder to reuse.")] = None,
+    rank_by: Annotated[str, typer.Option(help="Rank finalists by kl (to the original) or loss.")] = "kl",
+    ffn_fractions: Annotated[str, typer.Option(help="MiniPuzzle: FFN widths an MLP block may keep.")] = "1,0.75,0.5",
+    mamba_head_fractions: Annotated[str, typer.Option(help="MiniPuzzle: Mamba head shares a block may keep.")] = "1",
+    hidden_choices: Annotated[int, typer.Option(help="MiniPuzzle: hidden sizes tried.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the distillation data order and split.")] = 0,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
+    ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
+    from compressor.budget import format_bytes, parse_tokens
+    from compressor.search import DistillSettings, run_search
+
+    budget_ = _budget_from_options(
+        target_mem, ctx, batch, target_params, gpu, gpu_bandwidth, gpu_tflops, min_speedup, isl, osl,
+        weight_dtype, kv_dtype, ssm_dtype,
+    )  # fmt: skip
+    if budget_ is None and not resume:
+        raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
+    options: dict = {}
+    if strategy == "minipuzzle":
+        options = dict(
+            ffn_fractions=tuple(float(f) for f in ffn_fractions.split(",")),
+            mamba_head_fractions=tuple(float(f) for f in mamba_head_fractions.split(",")),
+            hidden_choices=hidden_choices,
+            top_k=max(candidates, 12),
+        )
+    elif strategy == "minitron":
+        options = dict(top_k=max(candidates, 10))
+    settings = DistillSettings(
+        tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, seed=seed,
+    )  # fmt: skip
+    record = run_search(
+        model, out, budget=budget_, data=data, strategy=strategy, strategy_options=options, finalists=candidates,
+        distill=settings, importance_dir=importance_dir, samples=samples, score_samples=score_samples,
+        rank_by=rank_by, tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype,
+        overwrite=overwrite, resume=resume, on_progress=lambda text: err_console.print(text, highlight=False),
+    )  # fmt: skip
+    if json_output:
+        print_json(record)
+        return
+    key = "val_kl" if record["rank_by"] == "kl" else "val_loss"
+    rank = {index: position for position, index in enumerate(record["ranking"], start=1)}
+    table = Table(title=f"{record['strategy']['name']} search ({out}), ranked after distillation", title_justify="left")
+    for column in ("rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", "zero-shot KL", key):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for e in sorted(record["candidates"], key=lambda e: (rank.get(e["index"], 10**6), e["zero_shot_kl"])):
+        table.add_row(
+            str(rank.get(e["index"], "-")),
+            str(e["index"]),
+            e["label"],
+            str(len(e["pattern"])),
+            f"{e['params']:,}",
+            format_bytes(e["memory_bytes"]) if e["memory_bytes"] is not None else "-",
+            f"{e['speedup']:.2f}x" if e["speedup"] is not None else "-",
+            f"{e['zero_shot_kl']:.4f}",
+            f"{e['distilled'][key]:.4f}" if e.get("distilled") else "-",
+        )
+    console.print(table)
+    console.print(
+        f"Pareto front (memory): {record['pareto']['memory']}; plot in {out / 'pareto.png'}; "
+        f"`compress materialize {out} K --out DIR` writes candidate K"
+    )
+
+
+@app.command()
+@friendly
+def materialize(
+    search_dir: Annotated[Path, typer.Argument(help="A folder written by `compress search`.")],
+    index: Annotated[int, typer.Argument(help="The candidate's number (# in the search table).")],
+    out: Annotated[Path, typer.Option(help="Folder for the checkpoint.")],
+    distilled: Annotated[bool, typer.Option(help="Its short-distilled weights instead of the pruned ones.")] = False,
+    device: DeviceOption = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a searched candidate as a checkpoint (pruned from the original, or as distilled in the search)."""
+    from compressor.search import materialize as write
+
+    write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=device)
+    console.print(f"wrote candidate {index} to [bold]{out}[/]")
+
+
 # ----- train / distill ----------------------------------------------------------------------------------
 class RichReporter:
     """Live progress of a training run: a bar over steps with loss, KL, tokens/s and ETA; eval lines above."""

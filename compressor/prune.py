@@ -19,6 +19,7 @@ checkpoint; uniform targets load in transformers too.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -107,6 +108,14 @@ class Target:
         return source.replace(
             hybrid_override_pattern=pattern, hidden_size=self.hidden_size, block_overrides=overrides, **uniform
         )
+
+    def to_dict(self) -> dict:
+        """A JSON form (search results record their candidates with it)."""
+        return {"hidden_size": self.hidden_size, "blocks": [dataclasses.asdict(b) for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Target:
+        return cls(hidden_size=raw["hidden_size"], blocks=tuple(BlockTarget(**b) for b in raw["blocks"]))
 
     def summary(self, source: HybridConfig) -> dict:
         """What the target keeps, in the terms of ModelOpt's export_config where they apply."""

@@ -1,8 +1,9 @@
 """Pluggable architecture-search strategies and their registry.
 
 Built in: `minitron` (uniform widths and per-type depth, the k largest fitting candidates scored by a
-cheap proxy). Third-party packages add their own by subclassing `strategies.base.Strategy` and declaring
-it in the `compressor.strategies` entry-point group:
+cheap proxy) and `minipuzzle` (per-block choices from importance, a knapsack under the budget).
+Third-party packages add their own by subclassing `strategies.base.Strategy` and declaring it in the
+`compressor.strategies` entry-point group:
 
     [project.entry-points."compressor.strategies"]
     mine = "my_package.search:MyStrategy"
@@ -19,9 +20,10 @@ ENTRY_POINT_GROUP = "compressor.strategies"
 
 
 def _builtin() -> dict[str, type[Strategy]]:
+    from strategies.minipuzzle import MiniPuzzleStrategy
     from strategies.minitron import MinitronStrategy
 
-    return {MinitronStrategy.name: MinitronStrategy}
+    return {MinitronStrategy.name: MinitronStrategy, MiniPuzzleStrategy.name: MiniPuzzleStrategy}
 
 
 def available() -> dict[str, type[Strategy]]:

@@ -23,16 +23,16 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from compressor.budget import Budget, activation_bytes, compute_dtype, estimate_memory, format_bytes, num_parameters
+from compressor.budget import Budget, format_bytes, num_parameters
 from compressor.config import ATTENTION, MAMBA, MLP, HybridConfig
 from compressor.errors import BudgetError, CompressorError
 from compressor.importance import Importance
 from compressor.prune import Target
 from strategies.base import Candidate, Scorer, Strategy
+from strategies.costs import BlockCosts
 
 AXES = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")
 
@@ -166,7 +166,7 @@ class MinitronStrategy(Strategy):
         are considered (see `_stratified`), and the number of grid points."""
         grid = self.grid(source)
         depth = np.array(self.depth_choices(source))  # (D, 3)
-        costs = _GridCosts(source, budget)
+        costs = BlockCosts(source, budget)
         hidden, ffn, heads, head_dim = (np.array(grid[k]) for k in ("hidden", "ffn", "mamba_heads", "head_dim"))
         # per-grid-point arrays, shape (hidden, ffn, heads, head_dim)
         shape = (len(hidden), len(ffn), len(heads), len(head_dim))
@@ -235,67 +235,6 @@ class MinitronStrategy(Strategy):
             f"{num_parameters(smallest):,} parameters: loosen the budget or raise --max-width-pruning / "
             "--max-depth-pruning"
         )
-
-
-class _GridCosts:
-    """Per-block and fixed costs of an architecture from the budget model, cached by the widths they
-    depend on: (parameters, weight + cache bytes, activation allowance when that kind is present)."""
-
-    def __init__(self, source: HybridConfig, budget: Budget) -> None:
-        self.source = source
-        self.budget = budget
-        self.base = lru_cache(maxsize=None)(self._base)
-        self._block_cost = lru_cache(maxsize=None)(self._kind_cost)
-
-    def _config(self, pattern: str, hidden: int, ffn: int, heads: int, head_dim: int) -> HybridConfig:
-        return self.source.replace(
-            hybrid_override_pattern=pattern,
-            hidden_size=hidden,
-            intermediate_size=ffn,
-            mamba_num_heads=heads,
-            mamba_head_dim=head_dim,
-        )
-
-    def _totals(self, config: HybridConfig) -> tuple[int, int]:
-        b = self.budget
-        memory = estimate_memory(
-            config,
-            b.context,
-            b.batch,
-            weight_dtype=b.weight_dtype,
-            kv_dtype=b.kv_dtype,
-            ssm_dtype=b.ssm_dtype,
-            prefill_chunk=0,
-        )
-        return num_parameters(config), memory.weights + memory.cache
-
-    def _base(self, hidden: int) -> tuple[int, int]:
-        """Embeddings, lm_head and norm_f: one MLP block's config minus that block."""
-        s = self.source
-        one = self._totals(self._config("-", hidden, s.intermediate_size, s.mamba_num_heads, s.mamba_head_dim))
-        block = self._kind_cost(MLP, hidden, s.intermediate_size, s.mamba_num_heads, s.mamba_head_dim)
-        return one[0] - block[0], one[1] - block[1]
-
-    def _kind_cost(self, kind: str, hidden: int, ffn: int, heads: int, head_dim: int) -> tuple[int, int, int]:
-        char = {MAMBA: "M", ATTENTION: "*", MLP: "-"}[kind]
-        one = self._totals(self._config("-", hidden, ffn, heads, head_dim))
-        two = self._totals(self._config("-" + char, hidden, ffn, heads, head_dim))
-        b = self.budget
-        alone = self._config(char, hidden, ffn, heads, head_dim)
-        act = activation_bytes(
-            alone, b.context, b.batch, dtype=compute_dtype(b.weight_dtype), prefill_chunk=b.prefill_chunk
-        )
-        return two[0] - one[0], two[1] - one[1], act
-
-    def block(self, kind: str, hidden: int, ffn: int, heads: int, head_dim: int) -> tuple[int, int, int]:
-        """Cost of one block of `kind`; only the widths it depends on are part of the cache key."""
-        s = self.source
-        key = {
-            MAMBA: (hidden, s.intermediate_size, heads, head_dim),
-            ATTENTION: (hidden, s.intermediate_size, s.mamba_num_heads, s.mamba_head_dim),
-            MLP: (hidden, ffn, s.mamba_num_heads, s.mamba_head_dim),
-        }[kind]
-        return self._block_cost(kind, *key)
 
 
 def _stratified(params: np.ndarray, attention_removed: np.ndarray, per_combo: int = 3):

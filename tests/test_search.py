@@ -133,3 +133,64 @@ def test_dry_run_lists_fitting_candidates_of_a_preset():
     assert any(c["num_layers"] == 56 and abs(c["hidden_size"] - 4480) <= 256 for c in data["candidates"])
     result = runner.invoke(cli.app, ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run"])
     assert result.exit_code == 0 and "grid points costed" in result.output
+
+
+def _search(workspace, out, **kwargs):
+    from compressor.search import DistillSettings, run_search
+
+    budget, _ = _budget(workspace, 0.85)
+    settings = DistillSettings(
+        tokens=2 * 8 * SEQ, seq_len=SEQ, batch_size=8, micro_batch_size=4, lr=1e-3, eval_sequences=4, valid_fraction=0.2
+    )
+    defaults = dict(
+        budget=budget, data=str(workspace / "tokens.npy"), strategy="minipuzzle", finalists=2, distill=settings,
+        samples=16, score_samples=8, batch_size=4, device="cpu",
+        strategy_options={"mamba_head_fractions": (1.0, 0.5), "top_k": 4},
+    )  # fmt: skip
+    return run_search(workspace / "model", out, **{**defaults, **kwargs})
+
+
+def test_search_distills_finalists_ranks_them_and_resumes(workspace, tmp_path, monkeypatch):
+    record = _search(workspace, tmp_path / "s")
+    finalists = [e for e in record["candidates"] if e["finalist"]]
+    assert len(finalists) == 2 and all(e["distilled"] for e in finalists)
+    kls = [next(e for e in finalists if e["index"] == i)["distilled"]["val_kl"] for i in record["ranking"]]
+    assert kls == sorted(kls)
+    assert (tmp_path / "s" / "pareto.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "s" / "pareto.json").read_text())["memory"]
+    budget, _ = _budget(workspace, 0.85)
+    source = load_model(workspace / "model").config
+    for e in record["candidates"]:
+        from compressor.prune import Target
+
+        assert not budget.violations(Target.from_dict(e["target"]).config(source), source)
+    # deterministic for a fixed seed
+    again = _search(workspace, tmp_path / "again")
+    assert again["ranking"] == record["ranking"]
+    assert [e["distilled"] for e in again["candidates"]] == [e["distilled"] for e in record["candidates"]]
+    # resume skips what finished: only the candidate whose result is gone is distilled again
+    (tmp_path / "s" / "candidates" / str(record["ranking"][0]) / "result.json").unlink()
+    import compressor.train
+
+    calls = []
+    real = compressor.train.train
+    monkeypatch.setattr(compressor.train, "train", lambda config, *a: calls.append(config.out) or real(config, *a))
+    resumed = _search(workspace, tmp_path / "s", resume=True)
+    assert len(calls) == 1 and resumed["ranking"] == record["ranking"]
+
+
+def test_materialize_any_candidate(workspace, tmp_path):
+    from compressor.search import materialize
+
+    record = _search(workspace, tmp_path / "s", finalists=1)
+    last = record["candidates"][-1]
+    materialize(tmp_path / "s", last["index"], tmp_path / "pruned")
+    assert load_model(tmp_path / "pruned").num_parameters() == last["params"]
+    best = record["ranking"][0]
+    materialize(tmp_path / "s", best, tmp_path / "distilled", distilled=True)
+    result = runner.invoke(
+        cli.app, ["materialize", str(tmp_path / "s"), str(last["index"]), "--out", str(tmp_path / "x"), "--distilled"]
+    )
+    assert result.exit_code == 1 and "was not distilled" in result.output
+    result = runner.invoke(cli.app, ["materialize", str(tmp_path / "s"), "99", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 1 and "no candidate 99" in result.output
