@@ -434,7 +434,7 @@ def eval_(
     """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too. Several
     models are evaluated on the same sequences and compared in one table."""
     from compressor.checkpoint import load_model
-    from compressor.data import load_sequences, load_tokenizer
+    from compressor.data import model_sequences
     from compressor.evaluate import evaluate
 
     if split not in ("all", "valid", "train"):
@@ -442,13 +442,14 @@ def eval_(
     torch_device = resolve_device(device)
     teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
     first = load_model(models[0], dtype=dtype, device=torch_device)
-    sequences = load_sequences(
+    sequences = model_sequences(
         data,
+        models[0],
+        first.config.eos_id,
         seq_len=seq_len,
-        tokenizer=_tokenizer_for(data, tokenizer, models[0], load_tokenizer),
+        tokenizer=tokenizer,
         text_field=text_field,
         max_sequences=max_sequences if split == "all" else None,
-        eos_id=_eos_id(first.config),
     )
     if split != "all":
         train, valid = sequences.split(valid_fraction, seed)
@@ -508,22 +509,6 @@ def _print_eval(result, title: str, with_teacher: bool) -> None:
     console.print(table)
 
 
-def _tokenizer_for(data: str, tokenizer: Path | None, model: Path, load_tokenizer):
-    """The tokenizer for text data: --tokenizer, else the model folder's; token files need none."""
-    if Path(data).suffix.lower() in (".npy", ".safetensors"):
-        return None
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    if not (model / "tokenizer.json").is_file():
-        raise CompressorError(f"{model} has no tokenizer.json: pass --tokenizer, or give tokenized data (.npy)")
-    return load_tokenizer(model)
-
-
-def _eos_id(config) -> int | None:
-    eos = config.eos_token_id
-    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
-
-
 # ----- generate -----------------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -561,7 +546,7 @@ def generate(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_token_id=_eos_id(lm.config),
+        eos_token_id=lm.config.eos_id,
         generator=generator,
     )
     console.print(prompt, style="bold", end="", highlight=False)
@@ -1100,6 +1085,35 @@ OutOption = Annotated[Path, typer.Option(help="Run folder: model/ (latest checkp
 DataOption = Annotated[str, typer.Option(help="Training text or tokens (as for `compress eval`).")]
 
 
+TokensOption = Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")]
+StepsOption = Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")]
+SeqLenOption = Annotated[int, typer.Option(help="Tokens per sequence.")]
+BatchSizeOption = Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together.")]
+MicroBatchOption = Annotated[int, typer.Option(help="Sequences per forward pass of one process.")]
+LrOption = Annotated[float, typer.Option(help="Peak learning rate.")]
+MinLrOption = Annotated[float, typer.Option(help="Final learning rate.")]
+WarmupOption = Annotated[int | None, typer.Option(help="Linear warmup steps (default 5%).")]
+ScheduleOption = Annotated[str, typer.Option(help="cosine, wsd (warmup-stable-decay) or constant.")]
+DecayFractionOption = Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")]
+WeightDecayOption = Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")]
+GradClipOption = Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")]
+EvalEveryOption = Annotated[int, typer.Option(help="Validate every N steps.")]
+EvalSequencesOption = Annotated[int, typer.Option(help="Validation sequences.")]
+SaveEveryOption = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
+LogEveryOption = Annotated[int, typer.Option(help="Log training metrics every N steps.")]
+ValidFractionOption = Annotated[float, typer.Option(help="Share of the data held out for validation.")]
+MaxSequencesOption = Annotated[int | None, typer.Option(help="Read at most this many sequences.")]
+AutocastOption = Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")]
+TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")]
+ResumeOption = Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")]
+DryRunOption = Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")]
+QuietOption = Annotated[bool, typer.Option(help="No live display.")]
+ChunkTokensOption = Annotated[
+    int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
+]
+OverwriteRunOption = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
+
+
 @app.command()
 @friendly
 def distill(
@@ -1107,44 +1121,42 @@ def distill(
     student: Annotated[Path, typer.Argument(help="Student checkpoint folder (e.g. the pruned model).")],
     data: DataOption,
     out: OutOption,
-    tokens: Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together.")] = 16,
-    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass of one process.")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
-    min_lr: Annotated[float, typer.Option(help="Final learning rate.")] = 1e-5,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps (default 5%).")] = None,
-    schedule: Annotated[str, typer.Option(help="cosine, wsd (warmup-stable-decay) or constant.")] = "cosine",
-    decay_fraction: Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")] = 0.2,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
+    tokens: TokensOption = None,
+    steps: StepsOption = None,
+    seq_len: SeqLenOption = 512,
+    batch_size: BatchSizeOption = 16,
+    micro_batch_size: MicroBatchOption = 4,
+    lr: LrOption = 1e-4,
+    min_lr: MinLrOption = 1e-5,
+    warmup_steps: WarmupOption = None,
+    schedule: ScheduleOption = "cosine",
+    decay_fraction: DecayFractionOption = 0.2,
+    weight_decay: WeightDecayOption = 0.1,
+    grad_clip: GradClipOption = 1.0,
     divergence: Annotated[str, typer.Option(help="forward_kl, reverse_kl or jsd.")] = "forward_kl",
     temperature: Annotated[float, typer.Option(help="Distillation temperature (loss scaled by T^2).")] = 1.0,
     jsd_beta: Annotated[float, typer.Option(help="Mixture weight of the generalized JSD.")] = 0.5,
     lm_weight: Annotated[float, typer.Option(help="Weight of the student's LM loss in the mix (0-1).")] = 0.0,
-    chunk_tokens: Annotated[
-        int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
-    ] = None,
+    chunk_tokens: ChunkTokensOption = None,
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 50,
-    eval_sequences: Annotated[int, typer.Option(help="Validation sequences.")] = 64,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
-    log_every: Annotated[int, typer.Option(help="Log training metrics every N steps.")] = 10,
-    valid_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation.")] = 0.05,
-    max_sequences: Annotated[int | None, typer.Option(help="Read at most this many sequences.")] = None,
+    eval_every: EvalEveryOption = 50,
+    eval_sequences: EvalSequencesOption = 64,
+    save_every: SaveEveryOption = 100,
+    log_every: LogEveryOption = 10,
+    valid_fraction: ValidFractionOption = 0.05,
+    max_sequences: MaxSequencesOption = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, split and initialisation.")] = 0,
     dtype: Annotated[str, typer.Option(help="Student master-weight dtype.")] = "float32",
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
-    autocast: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")] = "auto",
+    autocast: AutocastOption = "auto",
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the student's).")] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No live display.")] = False,
+    overwrite: OverwriteRunOption = False,
+    resume: ResumeOption = False,
+    dry_run: DryRunOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
@@ -1159,37 +1171,35 @@ def train_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to train (e.g. from `compress init`).")],
     data: DataOption,
     out: OutOption,
-    tokens: Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together.")] = 16,
-    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass of one process.")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    min_lr: Annotated[float, typer.Option(help="Final learning rate.")] = 1e-4,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps (default 5%).")] = None,
-    schedule: Annotated[str, typer.Option(help="cosine, wsd (warmup-stable-decay) or constant.")] = "cosine",
-    decay_fraction: Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")] = 0.2,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
-    chunk_tokens: Annotated[
-        int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
-    ] = None,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 50,
-    eval_sequences: Annotated[int, typer.Option(help="Validation sequences.")] = 64,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
-    log_every: Annotated[int, typer.Option(help="Log training metrics every N steps.")] = 10,
-    valid_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation.")] = 0.05,
-    max_sequences: Annotated[int | None, typer.Option(help="Read at most this many sequences.")] = None,
+    tokens: TokensOption = None,
+    steps: StepsOption = None,
+    seq_len: SeqLenOption = 512,
+    batch_size: BatchSizeOption = 16,
+    micro_batch_size: MicroBatchOption = 4,
+    lr: LrOption = 1e-3,
+    min_lr: MinLrOption = 1e-4,
+    warmup_steps: WarmupOption = None,
+    schedule: ScheduleOption = "cosine",
+    decay_fraction: DecayFractionOption = 0.2,
+    weight_decay: WeightDecayOption = 0.1,
+    grad_clip: GradClipOption = 1.0,
+    chunk_tokens: ChunkTokensOption = None,
+    eval_every: EvalEveryOption = 50,
+    eval_sequences: EvalSequencesOption = 64,
+    save_every: SaveEveryOption = 100,
+    log_every: LogEveryOption = 10,
+    valid_fraction: ValidFractionOption = 0.05,
+    max_sequences: MaxSequencesOption = None,
     seed: Annotated[int, typer.Option(help="Seed of data order and split.")] = 0,
     dtype: Annotated[str, typer.Option(help="Master-weight dtype.")] = "float32",
-    autocast: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")] = "auto",
+    autocast: AutocastOption = "auto",
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No live display.")] = False,
+    overwrite: OverwriteRunOption = False,
+    resume: ResumeOption = False,
+    dry_run: DryRunOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Plain language-model training of MODEL (the distillation loop without a teacher)."""
     options = dict(locals())

@@ -155,6 +155,13 @@ class HybridConfig:
         return [self.block(i) for i in range(self.num_blocks)]
 
     @property
+    def eos_id(self) -> int | None:
+        """The end-of-sequence token id (the first, when the config lists several)."""
+        eos = self.eos_token_id
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        return eos if isinstance(eos, int) else None
+
+    @property
     def is_uniform(self) -> bool:
         return not self.block_overrides
 

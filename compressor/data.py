@@ -272,6 +272,34 @@ def load_sequences(
     return TokenSequences.from_stream(blocks, max_sequences)
 
 
+def model_sequences(
+    source: str | Path,
+    model_dir: str | Path,
+    eos_id: int | None,
+    *,
+    seq_len: int,
+    tokenizer: TokenizerLike | None = None,
+    text_field: str = "text",
+    max_sequences: int | None = None,
+) -> TokenSequences:
+    """`source` read as a checkpoint's model sees it: text tokenized with `tokenizer` (default: the
+    checkpoint folder's tokenizer.json) with the model's EOS id after each document; token files as they are."""
+    path = _local_path(source)
+    token_file = path is not None and path.suffix.lower() in TOKEN_SUFFIXES
+    if not token_file and tokenizer is None:
+        if not (Path(model_dir) / "tokenizer.json").is_file():
+            raise DataError(f"{model_dir} has no tokenizer.json: pass --tokenizer, or give tokenized data (.npy)")
+        tokenizer = model_dir
+    return load_sequences(
+        source,
+        seq_len=seq_len,
+        tokenizer=None if token_file else tokenizer,
+        text_field=text_field,
+        max_sequences=max_sequences,
+        eos_id=eos_id,
+    )
+
+
 def stream_sequences(
     source: str | Path,
     *,

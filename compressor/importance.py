@@ -427,18 +427,18 @@ def compute(
     """Load a checkpoint and calibration data and estimate importance (under torchrun, each process takes
     its share of the batches). Returns the scores and the world (for the caller to save on rank 0)."""
     from compressor.checkpoint import fingerprint, load_model
-    from compressor.data import load_sequences, load_tokenizer
+    from compressor.data import model_sequences
 
     world = distributed.init(distributed.resolve_device(device))
     model = load_model(model_path, dtype=dtype, device=world.device)
-    token_file = Path(data).suffix.lower() in (".npy", ".safetensors")
-    sequences = load_sequences(
+    sequences = model_sequences(
         data,
+        model_path,
+        model.config.eos_id,
         seq_len=seq_len,
-        tokenizer=None if token_file else load_tokenizer(tokenizer or model_path),
+        tokenizer=tokenizer,
         text_field=text_field,
         max_sequences=samples,
-        eos_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None,
     )
     if len(sequences) < samples:
         raise CompressorError(

@@ -126,7 +126,6 @@ def prune_to_budget(
 ) -> dict[str, Any]:
     """Run the whole pruning pipeline (module docstring) and return what `compression.json` records."""
     from compressor import distributed
-    from compressor.data import load_sequences, load_tokenizer
     from strategies import get_strategy
 
     say = on_progress or (lambda text: None)
@@ -137,45 +136,12 @@ def prune_to_budget(
     source = model.config
     source_fingerprint = fingerprint(model_path)
 
-    sequences = None
-    if data is not None:
-        token_file = Path(data).suffix.lower() in (".npy", ".safetensors")
-        needed = score_samples + (0 if importance_dir else samples)
-        sequences = load_sequences(
-            data,
-            seq_len=seq_len,
-            tokenizer=None if token_file else load_tokenizer(tokenizer or model_path),
-            text_field=text_field,
-            max_sequences=needed,
-            eos_id=source.eos_token_id if isinstance(source.eos_token_id, int) else None,
-        )
-    if importance_dir is not None:
-        importance = Importance.load(importance_dir, source_fingerprint)
-        say(f"importance from {importance_dir}")
-    else:
-        if sequences is None:
-            raise CompressorError("give --importance DIR or --data to compute importance from")
-        if len(sequences) <= samples:
-            raise CompressorError(
-                f"{data} holds {len(sequences)} sequences of {seq_len} tokens: need --samples {samples} for importance "
-                f"plus held-out ones for scoring; use more data, a smaller --seq-len or fewer --samples"
-            )
-        say(f"estimating importance on {samples} sequences of {seq_len} tokens")
-        calibration = sequences.head(samples)
-        importance = estimate(
-            model,
-            calibration.batches(batch_size, shuffle=False, drop_last=False),
-            importance_options,
-            meta={"fingerprint": source_fingerprint, "data": str(data), "samples": samples, "seq_len": seq_len},
-        )
-    scorer = None
-    if sequences is not None:
-        held_out = sequences.to_numpy()[0 if importance_dir else samples :][:score_samples]
-        batches = [
-            torch.from_numpy(held_out[i : i + batch_size].astype("int64")).to(device_)
-            for i in range(0, len(held_out), batch_size)
-        ]
-        scorer = ProxyScorer(model, importance, batches, score_metric)
+    importance, held_out = _calibrate(
+        model, model_path, source_fingerprint, data, importance_dir, importance_options,
+        samples=samples, score_samples=score_samples, seq_len=seq_len, batch_size=batch_size,
+        tokenizer=tokenizer, text_field=text_field, say=say,
+    )  # fmt: skip
+    scorer = ProxyScorer(model, importance, held_out, score_metric) if held_out is not None else None
 
     if export is not None:
         target = target_from_export_config(source, importance, export)
@@ -221,6 +187,68 @@ def prune_to_budget(
         if record["export_config"] is not None:
             (tmp / "export_config.json").write_text(json.dumps(record["export_config"], indent=2) + "\n")
     return record
+
+
+def _calibrate(
+    model: HybridLM,
+    model_path,
+    source_fingerprint: str,
+    data: str | None,
+    importance_dir,
+    importance_options: ImportanceOptions | None,
+    *,
+    samples: int,
+    score_samples: int,
+    seq_len: int,
+    batch_size: int,
+    tokenizer,
+    text_field: str,
+    say: Callable[[str], None],
+) -> tuple[Importance, list[torch.Tensor] | None]:
+    """Importance (read from `importance_dir`, or estimated on the first `samples` sequences of `data`) and
+    the held-out batches that follow them, for scoring candidates (None without data)."""
+    from compressor.data import model_sequences
+
+    if importance_dir is None and data is None:
+        raise CompressorError("give --importance DIR or --data to compute importance from")
+    sequences = None
+    if data is not None:
+        sequences = model_sequences(
+            data,
+            model_path,
+            model.config.eos_id,
+            seq_len=seq_len,
+            tokenizer=tokenizer,
+            text_field=text_field,
+            max_sequences=score_samples + (0 if importance_dir else samples),
+        )
+    if importance_dir is not None:
+        importance = Importance.load(importance_dir, source_fingerprint)
+        say(f"importance from {importance_dir}")
+        first_held_out = 0
+    else:
+        if len(sequences) <= samples:
+            raise CompressorError(
+                f"{data} holds {len(sequences)} sequences of {seq_len} tokens: need --samples {samples} for "
+                "importance plus held-out ones for scoring; use more data, a smaller --seq-len or fewer --samples"
+            )
+        say(f"estimating importance on {samples} sequences of {seq_len} tokens")
+        importance = estimate(
+            model,
+            sequences.head(samples).batches(batch_size, shuffle=False, drop_last=False),
+            importance_options,
+            meta={"fingerprint": source_fingerprint, "data": str(data), "samples": samples, "seq_len": seq_len},
+        )
+        first_held_out = samples
+    if sequences is None:
+        return importance, None
+    held_out = sequences.to_numpy()[first_held_out : first_held_out + score_samples]
+    device = model.lm_head.weight.device
+    batches = [
+        torch.from_numpy(held_out[i : i + batch_size].astype("int64")).to(device)
+        for i in range(0, len(held_out), batch_size)
+    ]
+    return importance, batches
 
 
 def _budget_record(budget: Budget | None) -> dict[str, Any] | None:
@@ -358,43 +386,17 @@ def _propose_and_score(
 ) -> dict[str, Any]:  # fmt: skip
     """Importance (saved under out/importance), the strategy's candidates scored zero-shot, the record."""
     from compressor import distributed
-    from compressor.data import load_sequences, load_tokenizer
     from strategies import get_strategy
 
     device_ = distributed.resolve_device(device)
     model = load_model(model_path, dtype=dtype, device=device_)
     source = model.config
     source_fingerprint = fingerprint(model_path)
-    token_file = Path(data).suffix.lower() in (".npy", ".safetensors")
-    sequences = load_sequences(
-        data,
-        seq_len=distill.seq_len,
-        tokenizer=None if token_file else load_tokenizer(tokenizer or model_path),
-        text_field=text_field,
-        max_sequences=score_samples + (0 if importance_dir else samples),
-        eos_id=source.eos_token_id if isinstance(source.eos_token_id, int) else None,
-    )
-    if importance_dir is not None:
-        importance = Importance.load(importance_dir, source_fingerprint)
-        held_out = sequences.to_numpy()[:score_samples]
-    else:
-        if len(sequences) <= samples:
-            raise CompressorError(
-                f"{data} holds {len(sequences)} sequences: need --samples {samples} for importance plus held-out "
-                "ones for scoring; use more data, a smaller --seq-len or fewer --samples"
-            )
-        say(f"estimating importance on {samples} sequences")
-        importance = estimate(
-            model,
-            sequences.head(samples).batches(batch_size, shuffle=False, drop_last=False),
-            importance_options,
-            meta={"fingerprint": source_fingerprint, "data": str(data), "samples": samples, "seq_len": distill.seq_len},
-        )
-        held_out = sequences.to_numpy()[samples : samples + score_samples]
-    batches = [
-        torch.from_numpy(held_out[i : i + batch_size].astype("int64")).to(device_)
-        for i in range(0, len(held_out), batch_size)
-    ]
+    importance, batches = _calibrate(
+        model, model_path, source_fingerprint, data, importance_dir, importance_options,
+        samples=samples, score_samples=score_samples, seq_len=distill.seq_len, batch_size=batch_size,
+        tokenizer=tokenizer, text_field=text_field, say=say,
+    )  # fmt: skip
     scorer = ProxyScorer(model, importance, batches, "kl")
     candidates = get_strategy(strategy)(**(strategy_options or {})).search(
         source, importance, budget, scorer, on_progress=say

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from compressor import distributed
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
-from compressor.data import TokenSequences, load_sequences, load_tokenizer
+from compressor.data import TokenSequences, model_sequences
 from compressor.errors import CompressorError
 from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
@@ -239,16 +239,14 @@ def _run(config, world, out, resumed, reporter) -> TrainResult:
         teacher = load_model(config.teacher, dtype=teacher_dtype, device=device).requires_grad_(False)
         check_same_vocab(teacher, student)
 
-    tokenizer = None
-    if Path(config.data).suffix.lower() not in (".npy", ".safetensors"):
-        tokenizer = load_tokenizer(config.tokenizer or config.student)
-    sequences = load_sequences(
+    sequences = model_sequences(
         config.data,
+        config.student,
+        student.config.eos_id,
         seq_len=config.seq_len,
-        tokenizer=tokenizer,
+        tokenizer=config.tokenizer,
         text_field=config.text_field,
         max_sequences=config.max_sequences,
-        eos_id=student.config.eos_token_id if isinstance(student.config.eos_token_id, int) else None,
     )
     micro = config.micro_batch_size
     if config.batch_size % (micro * world.size):

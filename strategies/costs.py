@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
-from compressor.budget import Budget, activation_bytes, compute_dtype, estimate_memory, num_parameters
+from compressor.budget import Budget, activation_bytes, compute_dtype, num_parameters
 from compressor.config import ATTENTION, MAMBA, MLP, HybridConfig
 
 
@@ -19,6 +20,7 @@ class BlockCosts:
     def __init__(self, source: HybridConfig, budget: Budget) -> None:
         self.source = source
         self.budget = budget
+        self.additive = dataclasses.replace(budget, prefill_chunk=0)  # the activation allowance is not additive
         self.base = lru_cache(maxsize=None)(self._base)
         self._block_cost = lru_cache(maxsize=None)(self._kind_cost)
 
@@ -32,16 +34,7 @@ class BlockCosts:
         )
 
     def _totals(self, config: HybridConfig) -> tuple[int, int]:
-        b = self.budget
-        memory = estimate_memory(
-            config,
-            b.context,
-            b.batch,
-            weight_dtype=b.weight_dtype,
-            kv_dtype=b.kv_dtype,
-            ssm_dtype=b.ssm_dtype,
-            prefill_chunk=0,
-        )
+        memory = self.additive.memory_of(config)
         return num_parameters(config), memory.weights + memory.cache
 
     def _base(self, hidden: int) -> tuple[int, int]:
