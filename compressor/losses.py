@@ -125,8 +125,8 @@ def _chunk_loss(
     teacher: TeacherLogits | TeacherTopK | None,
     stats: LossStats,
 ) -> torch.Tensor:
-    """The weighted loss summed over one chunk of rows; fills `stats`. Written to keep few (rows, vocab)
-    tensors alive: they are the loss's whole memory."""
+    """The weighted loss summed over one chunk of rows, for autograd to differentiate; fills `stats`.
+    Serves the losses `_fused_kl_ce` does not write out: reverse KL, JSD and cached top-k teachers."""
     total = logits.new_zeros(())
     n = logits.shape[0]
     stats.tokens += n
@@ -141,10 +141,7 @@ def _chunk_loss(
             with torch.no_grad():
                 teacher_logp = teacher.log_probs(rows, T)
                 teacher_top = teacher_logp.argmax(-1)
-            if spec.divergence == "forward_kl":  # kl_div keeps only the target for its backward
-                per_token = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
-            else:
-                per_token = divergence(student_logp, teacher_logp, spec.divergence, spec.jsd_beta)
+            per_token = divergence(student_logp, teacher_logp, spec.divergence, spec.jsd_beta)
             del teacher_logp
         else:
             index = teacher.indices[rows]

@@ -125,22 +125,17 @@ def prune_to_budget(
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole pruning pipeline (module docstring) and return what `compression.json` records."""
-    from compressor import distributed
     from strategies import get_strategy
 
     say = on_progress or (lambda text: None)
     check_output(out, overwrite=overwrite)
     started = time.perf_counter()
-    device_ = distributed.resolve_device(device)
-    model = load_model(model_path, dtype=dtype, device=device_)
-    source = model.config
-    source_fingerprint = fingerprint(model_path)
-
-    importance, held_out = _calibrate(
-        model, model_path, source_fingerprint, data, importance_dir, importance_options,
+    model, source_fingerprint, importance, held_out = _calibrate(
+        model_path, data, importance_dir, importance_options,
         samples=samples, score_samples=score_samples, seq_len=seq_len, batch_size=batch_size,
-        tokenizer=tokenizer, text_field=text_field, say=say,
+        tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype, say=say,
     )  # fmt: skip
+    source = model.config
     scorer = ProxyScorer(model, importance, held_out, score_metric) if held_out is not None else None
 
     if export is not None:
@@ -190,9 +185,7 @@ def prune_to_budget(
 
 
 def _calibrate(
-    model: HybridLM,
     model_path,
-    source_fingerprint: str,
     data: str | None,
     importance_dir,
     importance_options: ImportanceOptions | None,
@@ -203,12 +196,17 @@ def _calibrate(
     batch_size: int,
     tokenizer,
     text_field: str,
+    device: str,
+    dtype: str | None,
     say: Callable[[str], None],
-) -> tuple[Importance, list[torch.Tensor] | None]:
-    """Importance (read from `importance_dir`, or estimated on the first `samples` sequences of `data`) and
-    the held-out batches that follow them, for scoring candidates (None without data)."""
+) -> tuple[HybridLM, str, Importance, list[torch.Tensor] | None]:
+    """The source model and its fingerprint; importance (read from `importance_dir`, or estimated on the
+    first `samples` sequences of `data`); the held-out batches after them, for scoring (None without data)."""
+    from compressor import distributed
     from compressor.data import model_sequences
 
+    model = load_model(model_path, dtype=dtype, device=distributed.resolve_device(device))
+    source_fingerprint = fingerprint(model_path)
     if importance_dir is None and data is None:
         raise CompressorError("give --importance DIR or --data to compute importance from")
     sequences = None
@@ -241,14 +239,13 @@ def _calibrate(
         )
         first_held_out = samples
     if sequences is None:
-        return importance, None
+        return model, source_fingerprint, importance, None
     held_out = sequences.to_numpy()[first_held_out : first_held_out + score_samples]
-    device = model.lm_head.weight.device
     batches = [
-        torch.from_numpy(held_out[i : i + batch_size].astype("int64")).to(device)
+        torch.from_numpy(held_out[i : i + batch_size].astype("int64")).to(model.lm_head.weight.device)
         for i in range(0, len(held_out), batch_size)
     ]
-    return importance, batches
+    return model, source_fingerprint, importance, batches
 
 
 def _budget_record(budget: Budget | None) -> dict[str, Any] | None:
@@ -385,18 +382,14 @@ def _propose_and_score(
     importance_options, samples, score_samples, batch_size, tokenizer, text_field, device, dtype, say,
 ) -> dict[str, Any]:  # fmt: skip
     """Importance (saved under out/importance), the strategy's candidates scored zero-shot, the record."""
-    from compressor import distributed
     from strategies import get_strategy
 
-    device_ = distributed.resolve_device(device)
-    model = load_model(model_path, dtype=dtype, device=device_)
-    source = model.config
-    source_fingerprint = fingerprint(model_path)
-    importance, batches = _calibrate(
-        model, model_path, source_fingerprint, data, importance_dir, importance_options,
+    model, source_fingerprint, importance, batches = _calibrate(
+        model_path, data, importance_dir, importance_options,
         samples=samples, score_samples=score_samples, seq_len=distill.seq_len, batch_size=batch_size,
-        tokenizer=tokenizer, text_field=text_field, say=say,
+        tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype, say=say,
     )  # fmt: skip
+    source = model.config
     scorer = ProxyScorer(model, importance, batches, "kl")
     candidates = get_strategy(strategy)(**(strategy_options or {})).search(
         source, importance, budget, scorer, on_progress=say
