@@ -1,10 +1,12 @@
-"""`compress`: the command line of compressor. Thin Typer commands: parse, validate, call the library,
-render with Rich. A user mistake prints one line and exits with status 1; `--json` prints machine-readable
-results on stdout."""
+"""`compress`: the command line of compressor. Thin Typer commands: parse, call the library, render with
+Rich. A user mistake prints one line and exits with status 1 (COMPRESSOR_DEBUG=1 shows the traceback
+instead); `--json` prints machine-readable results on stdout."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -15,8 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from compressor.distributed import resolve_device
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 
 app = typer.Typer(
     name="compress",
@@ -28,26 +29,107 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
 
-
+# ----- errors, shared options, rendering helpers ------------------------------------------------------------
 def friendly(command):
-    """Turn compressor's user-facing errors into one red line and exit status 1."""
+    """Turn compressor's user-facing errors into one red line and exit status 1; an option named by the
+    library (`temperature`) is shown as the command's flag (`--temperature`)."""
+    flags = set(inspect.signature(command).parameters)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except CompressorError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                raise
+            message = str(exc)
+            if isinstance(exc, OptionError) and exc.parameter in flags:
+                message = f"--{exc.parameter.replace('_', '-')} {exc.problem}"
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def with_strategy_options(command):
+    """Add one `--flag` per field of every registered strategy's Options (`strategies.base`) to a command;
+    the values given reach it as `strategy_options` ({field: text}), to be checked against the chosen
+    strategy's fields by the library."""
+    import strategies
+
+    signature = inspect.signature(command, eval_str=True)
+    own = set(signature.parameters)
+    fields: dict[str, tuple[str, list[str]]] = {}
+    for name, strategy in strategies.available().items():
+        defaults = strategy.Options()
+        for field_name, (_, field) in strategies.option_fields(strategy.Options).items():
+            if field_name not in own:
+                value = getattr(defaults, field_name)
+                default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                fields.setdefault(field_name, (field.metadata.get("help", ""), []))[1].append(f"{name} {default}")
+    extra = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[str | None, typer.Option(help=f"{text} [default: {'; '.join(users)}]")],
+        )
+        for name, (text, users) in fields.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in fields if kwargs.get(name) is not None}
+        for name in fields:
+            kwargs.pop(name, None)
+        return command(*args, strategy_options=given, **kwargs)
+
+    params = [p for p in signature.parameters.values() if p.name != "strategy_options"]
+    wrapper.__signature__ = signature.replace(parameters=params + extra)
+    return wrapper
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
+TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
+TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
+SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
+ScoreSamplesOption = Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")]
+ImportanceDirOption = Annotated[
+    Path | None, typer.Option("--importance", help="Importance folder to reuse (`compress importance`).")
+]
+# budgets (prune, search): see compressor.budget.Budget.from_options
+TargetMemOption = Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 22GiB or 19.66GiB.")]
+CtxOption = Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")]
+BatchOption = Annotated[int, typer.Option(help="Sequences served at once.")]
+TargetParamsOption = Annotated[str | None, typer.Option(help="Parameter budget, e.g. 9B.")]
+GpuOption = Annotated[
+    str | None,
+    typer.Option(help="GPU for throughput: a10g, l4, l40s, a100-40gb, a100-80gb, h100-sxm, h200, b200, rtx-5090."),
+]
+GpuBandwidthOption = Annotated[str | None, typer.Option(help="Your GPU's memory bandwidth, e.g. 600GB/s.")]
+GpuTflopsOption = Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")]
+MinSpeedupOption = Annotated[float | None, typer.Option(help="At least this many times the original tokens/s.")]
+IslOption = Annotated[str | None, typer.Option(help="Prompt tokens of the throughput workload, e.g. 8k.")]
+OslOption = Annotated[str | None, typer.Option(help="Generated tokens of the throughput workload, e.g. 16k.")]
+WeightDtypeOption = Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (NVFP4).")]
+KvDtypeOption = Annotated[str | None, typer.Option(help="KV cache: bf16, fp16, fp32 or fp8 (default: compute).")]
+SsmDtypeOption = Annotated[str | None, typer.Option(help="SSM state: fp32, bf16 or fp16 (default: the config's).")]
+BUDGET_OPTIONS = ("target_mem", "ctx", "batch", "target_params", "gpu", "gpu_bandwidth", "gpu_tflops",
+                  "min_speedup", "isl", "osl", "weight_dtype", "kv_dtype", "ssm_dtype")  # fmt: skip
+
+
+def budget_from(options: dict[str, Any]):
+    """The Budget the command's budget flags describe (None when no limit is given)."""
+    from compressor.budget import Budget
+
+    return Budget.from_options(**{name: options[name] for name in BUDGET_OPTIONS})
 
 
 def load_config_or_preset(model: str):
@@ -68,6 +150,10 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def say(text: str) -> None:
+    err_console.print(text, highlight=False)
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -80,6 +166,22 @@ def progress_bar() -> Progress:
     )
 
 
+def table(title: str | None, columns: list[str], rows: list[list[str]], *, left: int = 1, **kwargs) -> Table:
+    """A Rich table whose first `left` columns are left-aligned and the rest right-aligned."""
+    out = Table(title=title, title_justify="left", **kwargs)
+    for i, column in enumerate(columns):
+        out.add_column(column, justify="left" if i < left else "right")
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+def fmt_memory(nbytes: int | None) -> str:
+    from compressor.budget import format_bytes
+
+    return format_bytes(nbytes) if nbytes is not None else "-"
+
+
 # ----- info ---------------------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -89,66 +191,38 @@ def info(
 ) -> None:
     """Describe a model: blocks by type, widths, parameters by component, dtype."""
     from compressor.budget import parameter_counts
-    from compressor.checkpoint import weight_files
+    from compressor.checkpoint import stored_dtypes
 
     config, folder = load_config_or_preset(model)
     counts = parameter_counts(config)
     total = sum(counts.values())
-    dtypes: list[str] = []
-    if folder is not None:
-        from safetensors import safe_open
-
-        seen = set()
-        for file in sorted(set(weight_files(folder).values())):
-            with safe_open(file, framework="pt") as f:
-                seen.update(f.get_slice(name).get_dtype() for name in f.keys())  # noqa: SIM118
-        dtypes = sorted(seen)
+    dtypes = stored_dtypes(folder) if folder is not None else []
     summary = config.summary()
     if json_output:
         print_json(
-            {
-                "model": model,
-                "pattern": config.pattern,
-                "architecture": summary,
-                "block_overrides": config.block_overrides,
-                "parameters": {**counts, "total": total},
-                "dtypes": dtypes,
-            }
-        )
+            {"model": model, "pattern": config.pattern, "architecture": summary,
+             "block_overrides": config.block_overrides, "parameters": {**counts, "total": total}, "dtypes": dtypes}
+        )  # fmt: skip
         return
-    arch = Table(title=f"{model}", show_header=False, title_justify="left")
-    arch.add_column(style="bold")
-    arch.add_column()
     pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
-    arch.add_row("pattern", pattern)
-    arch.add_row(
-        "blocks",
-        f"{summary['blocks']} ({summary['mamba']} Mamba-2, {summary['attention']} attention, {summary['mlp']} MLP)",
+    rows = [
+        ["pattern", pattern],
+        ["blocks", f"{summary['blocks']} ({summary['mamba']} Mamba-2, {summary['attention']} attention, "
+                   f"{summary['mlp']} MLP)"],
+        ["hidden", str(config.hidden_size)],
+        ["MLP ffn", str(config.intermediate_size)],
+        ["attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
+                      f"head_dim {config.head_dim}"],
+        ["Mamba-2", f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
+                    f"state {config.ssm_state_size}, conv {config.conv_kernel}"],
+        ["vocab", str(config.vocab_size)],
+        ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
+    ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
+    console.print(table(model, ["", ""], rows, left=2, show_header=False))
+    rows = [[name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items()]
+    console.print(
+        table("parameters", ["component", "parameters", "share"], [*rows, ["[bold]total", f"[bold]{total:,}", "100%"]])
     )
-    arch.add_row("hidden", str(config.hidden_size))
-    arch.add_row("MLP ffn", str(config.intermediate_size))
-    arch.add_row(
-        "attention",
-        f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head_dim {config.head_dim}",
-    )
-    arch.add_row(
-        "Mamba-2",
-        f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
-        f"state {config.ssm_state_size}, conv {config.conv_kernel}",
-    )
-    arch.add_row("vocab", str(config.vocab_size))
-    arch.add_row("widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)")
-    if dtypes:
-        arch.add_row("dtype", ", ".join(dtypes))
-    console.print(arch)
-    params = Table(title="parameters", title_justify="left")
-    params.add_column("component")
-    params.add_column("parameters", justify="right")
-    params.add_column("share", justify="right")
-    for name, count in counts.items():
-        params.add_row(name, f"{count:,}", f"{100 * count / total:.1f}%")
-    params.add_row("[bold]total", f"[bold]{total:,}", "100%")
-    console.print(params)
 
 
 # ----- estimate -----------------------------------------------------------------------------------------
@@ -160,14 +234,9 @@ def estimate(
         str | None, typer.Option(help="Context length, e.g. 128k (k = 1024). Default: max_position_embeddings.")
     ] = None,
     batch: Annotated[str, typer.Option(help="Sequences at once, or 'max': the most that fit the memory.")] = "1",
-    gpu: Annotated[
-        str | None,
-        typer.Option(help="GPU for throughput: a10g, l4, l40s, a100-40gb, a100-80gb, h100-sxm, h200, b200, rtx-5090."),
-    ] = None,
-    gpu_bandwidth: Annotated[
-        str | None, typer.Option(help="Your GPU's memory bandwidth, e.g. 600GB/s (with --gpu-tflops).")
-    ] = None,
-    gpu_tflops: Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")] = None,
+    gpu: GpuOption = None,
+    gpu_bandwidth: GpuBandwidthOption = None,
+    gpu_tflops: GpuTflopsOption = None,
     target_mem: Annotated[
         str | None, typer.Option(help="Memory budget, e.g. 22GiB, 19.66GiB, 20GB (= 10^9 bytes); G alone = GiB.")
     ] = None,
@@ -175,11 +244,9 @@ def estimate(
         str | None, typer.Option(help="Prompt tokens of the throughput workload (default: ctx - osl).")
     ] = None,
     osl: Annotated[str | None, typer.Option(help="Generated tokens (default: 1024, at most half the ctx).")] = None,
-    weight_dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32, fp8 or fp4 (NVFP4).")] = "bf16",
-    kv_dtype: Annotated[str | None, typer.Option(help="bf16, fp16, fp32 or fp8 (default: compute dtype).")] = None,
-    ssm_dtype: Annotated[
-        str | None, typer.Option(help="fp32, bf16 or fp16 (default: the config's mamba_ssm_cache_dtype).")
-    ] = None,
+    weight_dtype: WeightDtypeOption = "bf16",
+    kv_dtype: KvDtypeOption = None,
+    ssm_dtype: SsmDtypeOption = None,
     prefill_chunk: Annotated[
         int | None, typer.Option(help="Prefill chunk of the activation allowance (default 2048); 0 leaves it out.")
     ] = None,
@@ -191,93 +258,65 @@ def estimate(
 ) -> None:
     """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
     from compressor import budget
-    from compressor.config import ATTENTION, MAMBA, MLP
+    from compressor.distributed import resolve_device
 
     config, _ = load_config_or_preset(model)
-    context = budget.parse_context(ctx) if ctx is not None else config.max_position_embeddings
-    limit = budget.parse_size(target_mem) if target_mem is not None else None
-    spec = _gpu_spec(gpu, gpu_bandwidth, gpu_tflops, limit)
-    chunk = budget.DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
-    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=chunk)
-    largest = batch.strip().lower() == "max"
-    if largest:
-        fill = limit if limit is not None else spec.memory if spec is not None else None
-        if fill is None:
-            raise CompressorError("--batch max needs --target-mem or --gpu: the memory to fill")
-        batch_size = max(budget.largest_batch(config, context, fill, **dtypes), 1)
-    elif batch.strip().isdigit() and int(batch) > 0:
-        batch_size = int(batch)
-    else:
-        raise CompressorError(f"--batch {batch!r} is not a positive whole number or 'max'")
-    memory = budget.estimate_memory(config, context, batch_size, **dtypes)
-    counts = budget.parameter_counts(config)
-    total = sum(counts.values())
-
-    throughput = None
-    if spec is not None:
-        out_tokens = budget.parse_context(osl) if osl is not None else max(min(1024, context // 2), 1)
-        in_tokens = budget.parse_context(isl) if isl is not None else max(context - out_tokens, 1)
-        workload = budget.Workload(in_tokens, out_tokens, "max" if largest else batch_size)
-        throughput = budget.estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
+    report = budget.report(
+        config, ctx=ctx, batch=batch, target_mem=target_mem, gpu=gpu, gpu_bandwidth=gpu_bandwidth,
+        gpu_tflops=gpu_tflops, isl=isl, osl=osl, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
+        prefill_chunk=prefill_chunk,
+    )  # fmt: skip
     measured = None
     if measure:
-        measured = budget.measure(
-            config,
-            context,
-            batch_size,
-            device=resolve_device(device),
-            weight_dtype=weight_dtype,
-            kv_dtype=kv_dtype,
-            ssm_dtype=ssm_dtype,
-        )
-
+        memory = report.memory
+        measured = budget.measure(config, memory.context, memory.batch, device=resolve_device(device),
+                                  weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype)  # fmt: skip
     if json_output:
-        target = None
-        if limit is not None:
-            target = {"bytes": limit, "fits": memory.headroom(limit) >= 0, "headroom": memory.headroom(limit)}
-        print_json(
-            {
-                "model": model,
-                "parameters": {**counts, "total": total},
-                "memory": memory.to_dict(),
-                "target": target,
-                "throughput": throughput.to_dict() if throughput is not None else None,
-                "measured": measured.to_dict() if measured is not None else None,
-            }
-        )
+        print_json({"model": model, **report.to_dict(), "measured": measured.to_dict() if measured else None})
         return
+    _print_report(model, config, report)
+    if measured is not None:
+        rows = [
+            ["cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}"],
+            ["decode latency", f"{1000 * measured.decode_latency_s:,.2f} ms/token", ""],
+            ["decode tokens/s", f"{measured.decode_tokens_per_s:,.1f}", ""],
+        ]
+        console.print(
+            table(f"measured on {measured.device} ({weight_dtype})", ["metric", "measured", "estimated"], rows)
+        )
 
-    def gib(nbytes: float) -> str:
-        return f"{nbytes / budget.GIB:,.2f} GiB"
 
+def _print_report(model: str, config, report) -> None:
+    from compressor.budget import GIB
+    from compressor.config import ATTENTION, MAMBA, MLP
+
+    memory = report.memory
     console.print(
-        f"[bold]{model}[/]: {total:,} parameters ({config.num_blocks} blocks: {config.count(MAMBA)} Mamba-2, "
-        f"{config.count(ATTENTION)} attention, {config.count(MLP)} MLP)",
+        f"[bold]{model}[/]: {report.total_parameters:,} parameters ({config.num_blocks} blocks: "
+        f"{config.count(MAMBA)} Mamba-2, {config.count(ATTENTION)} attention, {config.count(MLP)} MLP)",
         highlight=False,
     )
-    table = Table(title=f"memory at {context:,} tokens x batch {batch_size}", title_justify="left")
-    for name, justify in (("term", "left"), ("detail", "left"), ("GiB", "right"), ("bytes", "right")):
-        table.add_column(name, justify=justify)
     quantized = " (matrices; the rest bf16)" if memory.weight_dtype in ("fp8", "fp4") else ""
     activations = f"prefill chunk {memory.prefill_chunk:,} tokens" if memory.prefill_chunk else "left out"
-    rows = [
+    terms = [
         ("weights", f"{memory.weight_dtype}{quantized}", memory.weights),
         ("KV cache", f"{config.count(ATTENTION)} attention blocks, {memory.kv_dtype}", memory.kv_cache),
         ("SSM state", f"{config.count(MAMBA)} Mamba blocks, {memory.ssm_dtype}", memory.ssm_state),
         ("conv state", f"K-1 = {config.conv_kernel - 1} columns, {memory.compute_dtype}", memory.conv_state),
         ("activations", f"{activations}, {memory.compute_dtype}", memory.activations),
     ]
-    for term, detail, nbytes in rows:
-        table.add_row(term, detail, f"{nbytes / budget.GIB:,.2f}", f"{nbytes:,}")
-    table.add_row("[bold]total", "", f"[bold]{memory.total / budget.GIB:,.2f}", f"[bold]{memory.total:,}")
-    console.print(table)
-    if limit is not None:
-        spare = memory.headroom(limit)
-        at = f" at batch {batch_size} (the largest that fits)" if largest and spare >= 0 else ""
+    rows = [[term, detail, f"{nbytes / GIB:,.2f}", f"{nbytes:,}"] for term, detail, nbytes in terms]
+    rows.append(["[bold]total", "", f"[bold]{memory.total / GIB:,.2f}", f"[bold]{memory.total:,}"])
+    title = f"memory at {memory.context:,} tokens x batch {memory.batch}"
+    console.print(table(title, ["term", "detail", "GiB", "bytes"], rows, left=2))
+    if report.limit is not None:
+        spare, limit = report.headroom, f"{report.limit / GIB:,.2f} GiB"
+        at = f" at batch {memory.batch} (the largest that fits)" if report.largest_batch and spare >= 0 else ""
         if spare >= 0:
-            console.print(f"[green]fits[/] in {gib(limit)} with {gib(spare)} to spare{at}", highlight=False)
+            console.print(f"[green]fits[/] in {limit} with {spare / GIB:,.2f} GiB to spare{at}", highlight=False)
         else:
-            console.print(f"[red]does not fit[/] in {gib(limit)}: over by {gib(-spare)}", highlight=False)
+            console.print(f"[red]does not fit[/] in {limit}: over by {-spare / GIB:,.2f} GiB", highlight=False)
+    throughput, spec = report.throughput, report.gpu
     if throughput is not None:
         title = (
             f"throughput on {spec.name}: {throughput.input_tokens:,} in / {throughput.output_tokens:,} out x "
@@ -287,44 +326,16 @@ def estimate(
             f"roofline at {spec.memory_bandwidth / 1e9:,.0f} GB/s and {spec.bf16_flops / 1e12:,.1f} TFLOP/s bf16 "
             "(datasheet peaks)"
         )
-        table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-        for name, justify in (("metric", "left"), ("value", "right"), ("note", "left")):
-            table.add_column(name, justify=justify)
-        ttft = f"{throughput.time_to_first_token_s:,.2f} s"
-        table.add_row("time to first token", ttft, f"{throughput.prefill_bound} bound")
-        latency = f"{1000 * throughput.decode_latency_s:,.2f} ms/token"
-        table.add_row("decode latency", latency, f"{throughput.decode_bound} bound, mean over the output")
-        table.add_row("decode tokens/s", f"{throughput.decode_tokens_per_s:,.1f}", "batch together")
-        table.add_row("tokens/s overall", f"{throughput.tokens_per_s:,.1f}", "output / (prefill + decode)")
-        console.print(table)
-    if measured is not None:
-        table = Table(title=f"measured on {measured.device} ({weight_dtype})", title_justify="left")
-        for name, justify in (("metric", "left"), ("measured", "right"), ("estimated", "right")):
-            table.add_column(name, justify=justify)
-        table.add_row("cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}")
-        table.add_row("decode latency", f"{1000 * measured.decode_latency_s:,.2f} ms/token", "")
-        table.add_row("decode tokens/s", f"{measured.decode_tokens_per_s:,.1f}", "")
-        console.print(table)
-
-
-def _gpu_spec(name: str | None, bandwidth: str | None, tflops: float | None, memory: int | None):
-    """--gpu NAME, optionally with its numbers replaced, or a GPU described by --gpu-bandwidth/--gpu-tflops."""
-    import dataclasses
-
-    from compressor import budget
-
-    if tflops is not None and tflops <= 0:
-        raise CompressorError(f"--gpu-tflops must be more than 0, got {tflops}")
-    if name is None and bandwidth is None and tflops is None:
-        return None
-    if name is None and (bandwidth is None or tflops is None):
-        raise CompressorError("describe your GPU with both --gpu-bandwidth and --gpu-tflops, or name one with --gpu")
-    spec = budget.get_gpu(name) if name is not None else budget.GPUSpec("custom GPU", 0.0, 0.0, memory or 0)
-    if bandwidth is not None:
-        spec = dataclasses.replace(spec, memory_bandwidth=budget.parse_bandwidth(bandwidth))
-    if tflops is not None:
-        spec = dataclasses.replace(spec, bf16_flops=tflops * 1e12)
-    return spec
+        rows = [
+            ["time to first token", f"{throughput.time_to_first_token_s:,.2f} s", f"{throughput.prefill_bound} bound"],
+            ["decode latency", f"{1000 * throughput.decode_latency_s:,.2f} ms/token",
+             f"{throughput.decode_bound} bound, mean over the output"],
+            ["decode tokens/s", f"{throughput.decode_tokens_per_s:,.1f}", "batch together"],
+            ["tokens/s overall", f"{throughput.tokens_per_s:,.1f}", "output / (prefill + decode)"],
+        ]  # fmt: skip
+        out = table(title, ["metric", "value", "note"], rows, caption=caption, caption_justify="left")
+        out.columns[2].justify = "left"
+        console.print(out)
 
 
 # ----- init ---------------------------------------------------------------------------------------------
@@ -335,74 +346,24 @@ def init(
     preset: Annotated[str | None, typer.Option(help="A preset name, e.g. tiny, small, 8b, 12b-v2.")] = None,
     config: Annotated[Path | None, typer.Option(help="A config.json to build instead of a preset.")] = None,
     set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config field, KEY=VALUE (JSON value); repeatable."),
+        list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE (JSON value); repeatable.")
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Folder or tokenizer.json to ship with the model.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.", min=0)] = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write a randomly initialised model (a preset or a config.json) as a checkpoint."""
-    import shutil
-    import tempfile
-
-    import torch
-
-    from compressor.budget import available_memory, num_parameters
-    from compressor.checkpoint import parse_dtype, save_model
+    from compressor.checkpoint import init_checkpoint
     from compressor.config import HybridConfig
-    from compressor.model import HybridLM
-    from compressor.outputs import check_output
     from compressor.presets import get_preset
 
     if (preset is None) == (config is None):
         raise CompressorError("give exactly one of --preset NAME or --config JSON")
-    check_output(out, overwrite=overwrite)
     arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config)
-    if set_:
-        raw = arch.to_dict()
-        for item in set_:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise CompressorError(f"--set {item!r} is not KEY=VALUE")
-            try:
-                raw[key] = json.loads(value)
-            except json.JSONDecodeError:
-                raw[key] = value
-        arch = HybridConfig.from_dict(raw)
-    torch_dtype = parse_dtype(dtype)
-    n_params = num_parameters(arch)
-    needed = n_params * torch.empty(0, dtype=torch_dtype).element_size()
-    available = available_memory("cpu")
-    if available is not None and needed > 0.9 * available:
-        raise CompressorError(
-            f"a {n_params:,}-parameter model needs {needed / 2**30:.1f} GiB in {dtype}, but only "
-            f"{available / 2**30:.1f} GiB of memory is available"
-        )
-    tokenizer_dir = None
-    if tokenizer is not None:
-        source = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
-        if not source.is_file():
-            raise CompressorError(f"no tokenizer.json at {tokenizer}")
-        from tokenizers import Tokenizer
-
-        vocab = Tokenizer.from_file(str(source)).get_vocab_size()
-        if vocab > arch.vocab_size:
-            raise CompressorError(
-                f"the tokenizer has {vocab} tokens but the model's vocab_size is {arch.vocab_size}: "
-                f"add --set vocab_size={vocab}"
-            )
-        tokenizer_dir = Path(tempfile.mkdtemp())
-        shutil.copyfile(source, tokenizer_dir / "tokenizer.json")
-    try:
-        torch.manual_seed(seed)
-        model = HybridLM(arch).to(torch_dtype)
-        save_model(model, out, tokenizer_from=tokenizer_dir, overwrite=overwrite)
-    finally:
-        if tokenizer_dir is not None:
-            shutil.rmtree(tokenizer_dir)
-    console.print(f"wrote a random {n_params:,}-parameter model ({dtype}) to [bold]{out}[/]")
+    arch = arch.with_settings(set_ or [])
+    params = init_checkpoint(out, arch, tokenizer=tokenizer, dtype=dtype, seed=seed, overwrite=overwrite)
+    console.print(f"wrote a random {params:,}-parameter model ({dtype}) to [bold]{out}[/]")
 
 
 # ----- eval ---------------------------------------------------------------------------------------------
@@ -411,22 +372,19 @@ def init(
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folder(s) to evaluate (several: a comparison).")],
     data: Annotated[
-        str,
-        typer.Option(help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name."),
+        str, typer.Option(help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name.")
     ],
     teacher: Annotated[
         Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
     ] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
-    max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.", min=1)] = 8,
+    max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.", min=1)] = None,
     split: Annotated[str, typer.Option(help="all, or valid / train: the deterministic split of the data.")] = "all",
     valid_fraction: Annotated[float, typer.Option(help="Validation share when --split is valid/train.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the train/valid split.")] = 0,
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer (default: the model folder's tokenizer.json).")
-    ] = None,
-    text_field: Annotated[str, typer.Option(help="Field holding the text in jsonl/parquet/datasets.")] = "text",
+    seed: Annotated[int, typer.Option(help="Seed of the train/valid split.", min=0)] = 0,
+    tokenizer: TokenizerOption = None,
+    text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     json_output: JsonOption = False,
@@ -435,78 +393,51 @@ def eval_(
     models are evaluated on the same sequences and compared in one table."""
     from compressor.checkpoint import load_model
     from compressor.data import model_sequences
+    from compressor.distributed import resolve_device
     from compressor.evaluate import evaluate
 
     if split not in ("all", "valid", "train"):
-        raise CompressorError(f"--split {split!r} is not one of all, valid, train")
+        raise OptionError("split", f"{split!r} is not one of all, valid, train")
     torch_device = resolve_device(device)
     teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
     first = load_model(models[0], dtype=dtype, device=torch_device)
-    sequences = model_sequences(
-        data,
-        models[0],
-        first.config.eos_id,
-        seq_len=seq_len,
-        tokenizer=tokenizer,
-        text_field=text_field,
-        max_sequences=max_sequences if split == "all" else None,
-    )
+    limit = max_sequences if split == "all" else None
+    sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
+                                text_field=text_field, max_sequences=limit)  # fmt: skip
     if split != "all":
         train, valid = sequences.split(valid_fraction, seed)
         sequences = valid if split == "valid" else train
-        if max_sequences is not None:
-            sequences = sequences.head(max_sequences)
+        sequences = sequences.head(max_sequences) if max_sequences is not None else sequences
     results = []
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
         for path in models:
             student = first if path == models[0] else load_model(path, dtype=dtype, device=torch_device)
-            result = evaluate(
-                student,
-                sequences.batches(batch_size, shuffle=False, drop_last=False),
-                teacher=teacher_model,
-                on_batch=lambda n: progress.advance(task, n),
-            )
+            batches = sequences.batches(batch_size, shuffle=False, drop_last=False)
+            result = evaluate(student, batches, teacher=teacher_model, on_batch=lambda n: progress.advance(task, n))
             results.append((path, student.num_parameters(), result))
-    title = f"{Path(data).name}: {len(sequences)} x {seq_len} tokens"
     if json_output:
-        rows = [
-            {"model": str(p), "params": n, "teacher": str(teacher) if teacher else None, **r.to_dict()}
-            for p, n, r in results
-        ]
+        rows = [{"model": str(p), "params": n, "teacher": str(teacher) if teacher else None, **r.to_dict()}
+                for p, n, r in results]  # fmt: skip
         print_json(rows[0] if len(rows) == 1 else rows)
         return
+    title = f"{Path(data).name}: {len(sequences)} x {seq_len} tokens"
     if len(results) == 1:
-        _print_eval(results[0][2], title, teacher_model is not None)
+        result = results[0][2]
+        rows = [["loss (nats/token)", f"{result.loss:.4f}"], ["perplexity", f"{result.perplexity:.2f}"]]
+        if teacher_model is not None:
+            rows += [["teacher loss", f"{result.teacher_loss:.4f}"],
+                     ["teacher perplexity", f"{result.teacher_perplexity:.2f}"],
+                     ["KL(teacher || model)", f"{result.kl:.4f}"],
+                     ["top-1 agreement", f"{100 * result.top1_agreement:.1f}%"]]  # fmt: skip
+        console.print(table(title, ["metric", "value"], [*rows, ["tokens", f"{result.tokens:,}"]]))
         return
-    table = Table(title=title, title_justify="left")
     columns = ["model", "parameters", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
-    for column in columns:
-        if column == "model":
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, justify="right", no_wrap=True)
+    rows = []
     for path, params, result in results:
         row = [str(path), f"{params:,}", f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
-        if teacher:
-            row += [f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"]
-        table.add_row(*row)
-    console.print(table)
-
-
-def _print_eval(result, title: str, with_teacher: bool) -> None:
-    table = Table(title=title, title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("loss (nats/token)", f"{result.loss:.4f}")
-    table.add_row("perplexity", f"{result.perplexity:.2f}")
-    if with_teacher:
-        table.add_row("teacher loss", f"{result.teacher_loss:.4f}")
-        table.add_row("teacher perplexity", f"{result.teacher_perplexity:.2f}")
-        table.add_row("KL(teacher || model)", f"{result.kl:.4f}")
-        table.add_row("top-1 agreement", f"{100 * result.top1_agreement:.1f}%")
-    table.add_row("tokens", f"{result.tokens:,}")
-    console.print(table)
+        rows.append(row + ([f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"] if teacher else []))
+    console.print(table(title, columns, rows))
 
 
 # ----- generate -----------------------------------------------------------------------------------------
@@ -515,42 +446,21 @@ def _print_eval(result, title: str, with_teacher: bool) -> None:
 def generate(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder (with tokenizer.json).")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", min=1)] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.", min=1)] = None,
     top_p: Annotated[float | None, typer.Option(help="Sample from the smallest set holding p of the mass.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.", min=0)] = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
 ) -> None:
     """Continue a prompt with the model (cached decoding)."""
-    import torch
+    from compressor.generate import generate_text
 
-    from compressor.checkpoint import load_model
-    from compressor.data import load_tokenizer
-    from compressor.generate import generate as run_generate
-
-    if max_new_tokens < 1:
-        raise CompressorError("--max-new-tokens must be at least 1")
-    torch_device = resolve_device(device)
-    lm = load_model(model, dtype=dtype, device=torch_device)
-    tok = load_tokenizer(model)
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    if not ids:
-        raise CompressorError("the prompt is empty after tokenization")
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
-    out = run_generate(
-        lm,
-        torch.tensor([ids]),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=lm.config.eos_id,
-        generator=generator,
-    )
+    text = generate_text(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, device=device, dtype=dtype)  # fmt: skip
     console.print(prompt, style="bold", end="", highlight=False)
-    console.print(tok.decode(out[0, len(ids) :].tolist()), highlight=False)
+    console.print(text, highlight=False)
 
 
 # ----- importance ---------------------------------------------------------------------------------------
@@ -560,7 +470,7 @@ def importance(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to score.")],
     data: Annotated[str, typer.Option(help="Calibration text or tokens (as for `compress eval`).")],
     out: Annotated[Path, typer.Option(help="Importance folder to write.")],
-    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 1024,
+    samples: SamplesOption = 1024,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
     seq_reduce: Annotated[str, typer.Option(help="Over the sequence: mean, l2 or max (of |a|).")] = "mean",
@@ -568,38 +478,37 @@ def importance(
     mamba_signal: Annotated[str, typer.Option(help="x (in_proj's x) or ssm_out (out_proj's input).")] = "x",
     drop_one: Annotated[str, typer.Option(help="Drop-one-block effect: none, kl or loss.")] = "none",
     iterative_rounds: Annotated[int, typer.Option(help="Remove the least important block and re-score, N times.")] = 0,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    tokenizer: TokenizerOption = None,
+    text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Score every prunable axis (hidden channels, FFN neurons, Mamba heads and head_dim, attention heads,
-    blocks) from activations on calibration data; pruning and strategies reuse the folder."""
-    from compressor.importance import ImportanceOptions, compute
+    blocks) from activations on calibration data; pruning and strategies reuse the folder. Under
+    `torchrun --nproc-per-node N` each process scores its share."""
+    from compressor import distributed
+    from compressor.importance import ImportanceOptions
     from compressor.outputs import atomic_output, check_output
+    from compressor.pipelines.source import CalibrationConfig, calibrate
 
-    check_output(out, overwrite=overwrite)
     options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
-    passes = 1 + (0 if drop_one == "none" else max(1, iterative_rounds))
-    with progress_bar() as progress:
-        task = progress.add_task("scoring", total=samples * seq_len * passes)
-        scores, world = compute(
-            model,
-            data,
-            samples=samples,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            options=options,
-            tokenizer=tokenizer,
-            text_field=text_field,
-            device=device,
-            dtype=dtype,
-            on_batch=lambda n: progress.advance(task, n * max(1, _world_size())),
-        )
+    config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
+                               batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
+                               text_field=text_field, device=device, dtype=dtype)  # fmt: skip
+    check_output(out, overwrite=overwrite)
+    world = distributed.init(distributed.resolve_device(device))
+    try:
+        passes = 1 + (0 if drop_one == "none" else max(1, iterative_rounds))
+        with progress_bar() as progress:
+            task = progress.add_task("scoring", total=samples * seq_len * passes)
+            source = calibrate(config, world=world, on_batch=lambda n: progress.advance(task, n * world.size))
+    finally:
+        distributed.close(world)
     if not world.is_main:
         return
+    scores = source.importance
     with atomic_output(out, overwrite=overwrite) as tmp:
         scores.save(tmp)
     if json_output:
@@ -608,276 +517,170 @@ def importance(
     _print_importance(scores, out)
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _print_importance(scores, out: Path) -> None:
-    from compressor.config import PATTERN_CHARS
-
-    pattern = scores.meta["pattern"]
-    blocks = Table(title=f"blocks, least important first ({out})", title_justify="left")
-    blocks.add_column("block", justify="right")
-    blocks.add_column("kind")
-    blocks.add_column("influence", justify="right")
-    has_drop = scores.block_drop is not None
-    if has_drop:
-        blocks.add_column("drop-one", justify="right")
-    method = "drop" if has_drop else "influence"
-    order = scores.block_scores(method).argsort().tolist()
-    shown = order if len(order) <= 12 else order[:6] + order[-6:]
-    for rank, i in enumerate(shown):
-        if len(order) > 12 and rank == 6:
-            blocks.add_row("...", "", "", *([""] if has_drop else []))
-        row = [str(i), PATTERN_CHARS[pattern[i]], f"{scores.block_influence[i]:.4f}"]
-        if has_drop:
-            row.append(f"{scores.block_drop[i]:.4f}")
-        blocks.add_row(*row)
-    console.print(blocks)
-    axes = Table(title="score distributions (min / median / max)", title_justify="left")
-    for column in ("axis", "count", "min", "median", "max"):
-        axes.add_column(column, justify="right" if column != "axis" else "left")
-
-    def add(name, values):
-        values = values.flatten()
-        axes.add_row(name, str(values.numel()), f"{values.min():.3g}", f"{values.median():.3g}", f"{values.max():.3g}")
-
     import torch
 
-    add("hidden channels", scores.hidden)
+    from compressor.config import PATTERN_CHARS
+
+    pattern, has_drop = scores.meta["pattern"], scores.block_drop is not None
+    order = scores.block_scores().argsort().tolist()
+    shown = order if len(order) <= 12 else order[:6] + [None] + order[-6:]
+    rows = []
+    for i in shown:
+        if i is None:
+            rows.append(["...", "", "", *([""] if has_drop else [])])
+            continue
+        row = [str(i), PATTERN_CHARS[pattern[i]], f"{scores.block_influence[i]:.4f}"]
+        rows.append(row + ([f"{scores.block_drop[i]:.4f}"] if has_drop else []))
+    columns = ["block", "kind", "influence"] + (["drop-one"] if has_drop else [])
+    blocks = table(f"blocks, least important first ({out})", columns, rows, left=0)
+    blocks.columns[1].justify = "left"
+    console.print(blocks)
+    axes = [("hidden channels", scores.hidden)]
     if scores.ffn:
-        add("FFN neurons (all blocks)", torch.cat(list(scores.ffn.values())))
+        axes.append(("FFN neurons (all blocks)", torch.cat(list(scores.ffn.values()))))
     if scores.mamba:
-        add("Mamba heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.mamba.values()]))
-        add("Mamba head_dim (all blocks)", torch.cat([s.norm(dim=0) for s in scores.mamba.values()]))
+        axes.append(("Mamba heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.mamba.values()])))
+        axes.append(("Mamba head_dim (all blocks)", torch.cat([s.norm(dim=0) for s in scores.mamba.values()])))
     if scores.attention:
-        add("attention heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.attention.values()]))
-    console.print(axes)
+        axes.append(("attention heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.attention.values()])))
+    rows = [[name, str(v.numel()), f"{v.min():.3g}", f"{v.median():.3g}", f"{v.max():.3g}"]
+            for name, v in ((n, values.flatten()) for n, values in axes)]  # fmt: skip
+    console.print(table("score distributions (min / median / max)", ["axis", "count", "min", "median", "max"], rows))
 
 
 # ----- prune --------------------------------------------------------------------------------------------
-def _budget_from_options(
-    target_mem,
-    ctx,
-    batch,
-    target_params,
-    gpu,
-    gpu_bandwidth,
-    gpu_tflops,
-    min_speedup,
-    isl,
-    osl,
-    weight_dtype,
-    kv_dtype,
-    ssm_dtype,
-):
-    """A Budget from the command-line spellings, or None when no limit is given."""
-    from compressor import budget
-
-    if target_mem is None and target_params is None and min_speedup is None:
-        return None
-    limit = budget.parse_size(target_mem) if target_mem is not None else None
-    context = budget.parse_context(ctx)
-    workload = None
-    if isl is not None or osl is not None:
-        out_tokens = budget.parse_context(osl) if osl is not None else max(min(1024, context // 2), 1)
-        in_tokens = budget.parse_context(isl) if isl is not None else max(context - out_tokens, 1)
-        workload = budget.Workload(in_tokens, out_tokens, batch)
-    return budget.Budget(
-        memory=limit,
-        context=context,
-        batch=batch,
-        weight_dtype=weight_dtype,
-        kv_dtype=kv_dtype,
-        ssm_dtype=ssm_dtype,
-        params=budget.parse_params(target_params) if target_params is not None else None,
-        gpu=_gpu_spec(gpu, gpu_bandwidth, gpu_tflops, limit),
-        min_speedup=min_speedup,
-        workload=workload,
-    )
-
-
 @app.command("prune")
 @friendly
+@with_strategy_options
 def prune_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")] = None,
-    target_mem: Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 22GiB or 19.66GiB.")] = None,
-    ctx: Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")] = "8k",
-    batch: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
-    target_params: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 9B.")] = None,
-    gpu: Annotated[str | None, typer.Option(help="GPU for a throughput budget, e.g. a10g.")] = None,
-    gpu_bandwidth: Annotated[str | None, typer.Option(help="Your GPU's bandwidth, e.g. 600GB/s.")] = None,
-    gpu_tflops: Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")] = None,
-    min_speedup: Annotated[float | None, typer.Option(help="At least this many times the original tokens/s.")] = None,
-    isl: Annotated[str | None, typer.Option(help="Prompt tokens of the throughput workload.")] = None,
-    osl: Annotated[str | None, typer.Option(help="Generated tokens of the throughput workload.")] = None,
-    weight_dtype: Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4.")] = "bf16",
-    kv_dtype: Annotated[str | None, typer.Option(help="KV cache dtype (default: compute dtype).")] = None,
-    ssm_dtype: Annotated[str | None, typer.Option(help="SSM state dtype (default: the config's).")] = None,
+    target_mem: TargetMemOption = None,
+    ctx: CtxOption = "8k",
+    batch: BatchOption = 1,
+    target_params: TargetParamsOption = None,
+    gpu: GpuOption = None,
+    gpu_bandwidth: GpuBandwidthOption = None,
+    gpu_tflops: GpuTflopsOption = None,
+    min_speedup: MinSpeedupOption = None,
+    isl: IslOption = None,
+    osl: OslOption = None,
+    weight_dtype: WeightDtypeOption = "bf16",
+    kv_dtype: KvDtypeOption = None,
+    ssm_dtype: SsmDtypeOption = None,
     export_config: Annotated[
         str | None, typer.Option(help="Prune to this ModelOpt export_config (JSON or file) instead of searching.")
     ] = None,
-    importance_dir: Annotated[
-        Path | None, typer.Option("--importance", help="Importance folder (`compress importance`).")
-    ] = None,
+    importance_dir: ImportanceDirOption = None,
     data: Annotated[str | None, typer.Option(help="Calibration data (importance, then held-out scoring).")] = None,
-    samples: Annotated[int, typer.Option(help="Calibration sequences for importance.")] = 1024,
-    score_samples: Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")] = 64,
+    samples: SamplesOption = 1024,
+    score_samples: ScoreSamplesOption = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
     score: Annotated[str, typer.Option(help="Candidate score: kl (to the original) or loss.")] = "kl",
-    strategy: Annotated[str, typer.Option(help="Search strategy (see `compressor.strategies`).")] = "minitron",
-    top_k: Annotated[int, typer.Option(help="Candidates to score.")] = 10,
-    max_width_pruning: Annotated[float, typer.Option(help="At most this share of a width removed.")] = 0.4,
-    max_depth_pruning: Annotated[float, typer.Option(help="At most this share of all blocks removed.")] = 0.2,
-    axes: Annotated[
-        str, typer.Option(help="What to prune: hidden,ffn,mamba_heads,mamba_head_dim,depth.")
-    ] = "hidden,ffn,depth",
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    strategy: Annotated[
+        str, typer.Option(help="Search strategy: minitron, minipuzzle or a plugged-in one.")
+    ] = "minitron",
+    tokenizer: TokenizerOption = None,
+    text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
     dry_run: Annotated[
         bool, typer.Option(help="Only list the candidates that fit (works on presets and config.json too).")
     ] = False,
     json_output: JsonOption = False,
+    strategy_options: dict[str, str] | None = None,
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default)."""
-    from compressor.budget import format_bytes
-    from compressor.search import prune_to_budget
+    from compressor.pipelines.pruning import PruneConfig, plan, prune_to_budget
+    from compressor.pipelines.source import CalibrationConfig, calibrate
 
-    budget_ = _budget_from_options(
-        target_mem, ctx, batch, target_params, gpu, gpu_bandwidth, gpu_tflops, min_speedup, isl, osl,
-        weight_dtype, kv_dtype, ssm_dtype,
-    )  # fmt: skip
-    export = None
-    if export_config is not None:
-        text = Path(export_config).read_text() if Path(export_config).is_file() else export_config
-        try:
-            export = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CompressorError(f"--export-config is neither a JSON object nor a JSON file ({exc})") from None
-    options = dict(
-        top_k=top_k,
-        max_width_pruning=max_width_pruning,
-        max_depth_pruning=max_depth_pruning,
-        axes=tuple(a.strip() for a in axes.split(",") if a.strip()),
-    )
+    export = _read_export_config(export_config) if export_config is not None else None
+    config = PruneConfig(budget_from(locals()), strategy, strategy_options or {}, export, score)
     if dry_run:
-        _list_fitting(model, budget_, options, json_output)
+        arch, _ = load_config_or_preset(str(model))
+        _print_plan(plan(arch, config), config, json_output)
         return
     if out is None:
-        raise CompressorError("give --out FOLDER for the pruned checkpoint (or --dry-run to only list candidates)")
+        raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
+    calibration = CalibrationConfig(
+        str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
+        score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
+        tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
+    )  # fmt: skip
+    from compressor.outputs import check_output
+
+    check_output(out, overwrite=overwrite)
     with err_console.status("pruning") as status:
-        record = prune_to_budget(
-            model,
-            out,
-            budget=budget_,
-            data=data,
-            importance_dir=importance_dir,
-            samples=samples,
-            score_samples=score_samples,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            score_metric=score,
-            strategy=strategy,
-            strategy_options=options if strategy == "minitron" else {},
-            export=export,
-            tokenizer=tokenizer,
-            text_field=text_field,
-            device=device,
-            dtype=dtype,
-            overwrite=overwrite,
-            on_progress=lambda text: (status.update(text), err_console.print(text, highlight=False)),
-        )
+        progress = lambda text: (status.update(text), say(text))  # noqa: E731
+        record = prune_to_budget(calibrate(calibration, say=progress), config, out, overwrite=overwrite, say=progress)
     if json_output:
-        print_json(record)
+        print_json(record.to_dict())
         return
-    table = Table(title=f"candidates ({record['strategy']['name']}), best first", title_justify="left")
-    for column in ("#", "candidate", "blocks", "parameters", "memory", "speedup", f"score ({record['score']})"):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
-    for i, c in enumerate(record["candidates"], start=1):
-        table.add_row(
-            str(i),
-            c["label"],
-            str(len(c["pattern"])),
-            f"{c['params']:,}",
-            format_bytes(c["memory_bytes"]) if c["memory_bytes"] is not None else "-",
-            f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-",
-            f"{c['score']:.4f}" if c["score"] is not None else "-",
-        )
-    console.print(table)
-    console.print(f"wrote the pruned model ({record['chosen']['params']:,} parameters) to [bold]{out}[/]")
+    columns = ["#", "candidate", "blocks", "parameters", "memory", "speedup", f"score ({record.score_metric})"]
+    rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", fmt_memory(c.memory_bytes), _speedup(c.speedup),
+             f"{c.score:.4f}" if c.score is not None else "-"]
+            for i, c in enumerate(record.candidates, start=1)]  # fmt: skip
+    out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
+    out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
+    console.print(out_table)
+    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/]")
 
 
-def _list_fitting(model, budget_, options: dict, json_output: bool) -> None:
-    """The analytic stage of the Minitron search on a config alone: what fits, largest per depth choice."""
-    import time
+def _read_export_config(text: str) -> dict:
+    try:
+        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
 
-    from compressor.budget import format_bytes, num_parameters
-    from strategies.minitron import MinitronStrategy, describe
 
-    if budget_ is None:
-        raise CompressorError("give a budget (--target-mem / --target-params / --min-speedup)")
-    config, _ = load_config_or_preset(str(model))
-    start = time.perf_counter()
-    targets, grid_points = MinitronStrategy(**options).fitting(config, None, budget_)
-    seconds = time.perf_counter() - start
-    shown = []
-    for target in targets[: options["top_k"]]:
-        pruned = target.config(config)
-        shown.append(
-            {
-                "candidate": describe(config, pruned),
-                "blocks": f"{pruned.count('mamba')}/{pruned.count('attention')}/{pruned.count('mlp')}",
-                "params": num_parameters(pruned),
-                "memory_bytes": budget_.memory_of(pruned).total if budget_.memory is not None else None,
-                **target.summary(config),
-            }
-        )
+def _speedup(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def _print_plan(result, config, json_output: bool) -> None:
     if json_output:
-        print_json(
-            {"grid_points": grid_points, "fitting_considered": len(targets), "seconds": seconds, "candidates": shown}
-        )
+        print_json(result.to_dict())
         return
+    stats = ", ".join(f"{value:,} {name.replace('_', ' ')}" for name, value in result.stats.items())
     console.print(
-        f"{grid_points:,} grid points costed in {seconds:.2f} s; {len(targets):,} fitting candidates considered "
-        f"({budget_.describe()}); the first {len(shown)} (no scores: a config has no weights):",
+        f"{result.strategy}: {stats + '; ' if stats else ''}{len(result.candidates)} candidates meet the budget "
+        f"({config.budget.describe() if config.budget else 'export_config'}) in {result.seconds:.2f} s; "
+        "not scored (a config has no weights):",
         highlight=False,
     )
-    table = Table()
-    for column in ("candidate", "M/*/- blocks", "hidden", "ffn", "parameters", "memory"):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
-    for c in shown:
-        memory = format_bytes(c["memory_bytes"]) if c["memory_bytes"] is not None else "-"
-        table.add_row(
-            c["candidate"], c["blocks"], str(c["hidden_size"]), str(c["ffn_hidden_size"]), f"{c['params']:,}", memory
-        )
-    console.print(table)
+    rows = []
+    for c in result.candidates:
+        blocks = "/".join(str(c.pattern.count(char)) for char in "M*-")
+        arch = c.architecture
+        rows.append([c.label, blocks, str(arch["hidden_size"]), str(arch["ffn_hidden_size"]), f"{c.params:,}",
+                     fmt_memory(c.memory_bytes)])  # fmt: skip
+    console.print(table(None, ["candidate", "M/*/- blocks", "hidden", "ffn", "parameters", "memory"], rows))
 
 
 # ----- search -------------------------------------------------------------------------------------------
 @app.command()
 @friendly
+@with_strategy_options
 def search(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress.")],
-    data: Annotated[str, typer.Option(help="Calibration and distillation data (text or tokens).")],
     out: Annotated[Path, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")],
-    target_mem: Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 88GiB.")] = None,
-    ctx: Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")] = "8k",
-    batch: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
-    target_params: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 47B.")] = None,
-    gpu: Annotated[str | None, typer.Option(help="GPU for a throughput budget, e.g. a10g.")] = None,
-    gpu_bandwidth: Annotated[str | None, typer.Option(help="Your GPU's bandwidth, e.g. 600GB/s.")] = None,
-    gpu_tflops: Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")] = None,
-    min_speedup: Annotated[float | None, typer.Option(help="At least this many times the original tokens/s.")] = None,
-    isl: Annotated[str | None, typer.Option(help="Prompt tokens of the throughput workload, e.g. 8k.")] = None,
-    osl: Annotated[str | None, typer.Option(help="Generated tokens of the throughput workload, e.g. 16k.")] = None,
-    weight_dtype: Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4.")] = "bf16",
-    kv_dtype: Annotated[str | None, typer.Option(help="KV cache dtype.")] = None,
-    ssm_dtype: Annotated[str | None, typer.Option(help="SSM state dtype.")] = None,
+    data: Annotated[str | None, typer.Option(help="Calibration and distillation data (text or tokens).")] = None,
+    target_mem: TargetMemOption = None,
+    ctx: CtxOption = "8k",
+    batch: BatchOption = 1,
+    target_params: TargetParamsOption = None,
+    gpu: GpuOption = None,
+    gpu_bandwidth: GpuBandwidthOption = None,
+    gpu_tflops: GpuTflopsOption = None,
+    min_speedup: MinSpeedupOption = None,
+    isl: IslOption = None,
+    osl: OslOption = None,
+    weight_dtype: WeightDtypeOption = "bf16",
+    kv_dtype: KvDtypeOption = None,
+    ssm_dtype: SsmDtypeOption = None,
     strategy: Annotated[str, typer.Option(help="minipuzzle, minitron, or a plugged-in one.")] = "minipuzzle",
     candidates: Annotated[int, typer.Option(help="Finalists put through the short distillation.")] = 8,
     distill_tokens: Annotated[str, typer.Option(help="Distillation tokens per finalist, e.g. 50M.")] = "50M",
@@ -886,76 +689,67 @@ def search(
     micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 1e-4,
     min_lr: Annotated[float, typer.Option(help="Distillation final learning rate.")] = 1e-5,
-    samples: Annotated[int, typer.Option(help="Calibration sequences for importance.")] = 1024,
-    score_samples: Annotated[int, typer.Option(help="Held-out sequences for the zero-shot KL.")] = 64,
-    importance_dir: Annotated[Path | None, typer.Option("--importance", help="Importance folder to reuse.")] = None,
+    samples: SamplesOption = 1024,
+    score_samples: ScoreSamplesOption = 64,
+    importance_dir: ImportanceDirOption = None,
     rank_by: Annotated[str, typer.Option(help="Rank finalists by kl (to the original) or loss.")] = "kl",
-    ffn_fractions: Annotated[str, typer.Option(help="MiniPuzzle: FFN widths an MLP block may keep.")] = "1,0.75,0.5",
-    mamba_head_fractions: Annotated[str, typer.Option(help="MiniPuzzle: Mamba head shares a block may keep.")] = "1",
-    hidden_choices: Annotated[int, typer.Option(help="MiniPuzzle: hidden sizes tried.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the distillation data order and split.")] = 0,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")] = "text",
+    tokenizer: TokenizerOption = None,
+    text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
     json_output: JsonOption = False,
+    strategy_options: dict[str, str] | None = None,
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
-    from compressor.budget import format_bytes, parse_tokens
-    from compressor.search import DistillSettings, run_search
+    from compressor.budget import parse_tokens
+    from compressor.pipelines.search import SearchConfig, load_search, resume_calibration, run_search
+    from compressor.pipelines.source import CalibrationConfig, calibrate
+    from compressor.train import TrainConfig
 
-    budget_ = _budget_from_options(
-        target_mem, ctx, batch, target_params, gpu, gpu_bandwidth, gpu_tflops, min_speedup, isl, osl,
-        weight_dtype, kv_dtype, ssm_dtype,
-    )  # fmt: skip
-    if budget_ is None and not resume:
-        raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
-    options: dict = {}
-    if strategy == "minipuzzle":
-        options = dict(
-            ffn_fractions=tuple(float(f) for f in ffn_fractions.split(",")),
-            mamba_head_fractions=tuple(float(f) for f in mamba_head_fractions.split(",")),
-            hidden_choices=hidden_choices,
-            top_k=max(candidates, 12),
-        )
-    elif strategy == "minitron":
-        options = dict(top_k=max(candidates, 10))
-    settings = DistillSettings(
-        tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
-        micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, seed=seed,
-    )  # fmt: skip
-    record = run_search(
-        model, out, budget=budget_, data=data, strategy=strategy, strategy_options=options, finalists=candidates,
-        distill=settings, importance_dir=importance_dir, samples=samples, score_samples=score_samples,
-        rank_by=rank_by, tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype,
-        overwrite=overwrite, resume=resume, on_progress=lambda text: err_console.print(text, highlight=False),
-    )  # fmt: skip
+    if resume:
+        config, calibration = SearchConfig.from_record(load_search(out)), resume_calibration(out)
+    else:
+        budget = budget_from(locals())
+        if budget is None:
+            raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
+        template = TrainConfig(
+            student="", out="", data="", tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9, eval_sequences=64,
+            save_every=50, seed=seed, device=device,
+        )  # fmt: skip
+        config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by)
+        if data is None:
+            raise OptionError("data", "is needed: the calibration and distillation data")
+        calibration = CalibrationConfig(
+            str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
+            score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
+            text_field=text_field, all_sequences=True, device=device, dtype=dtype,
+        )  # fmt: skip
+        from compressor.outputs import check_output
+
+        check_output(out, overwrite=overwrite)
+    source = calibrate(calibration, say=say)
+    record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
     if json_output:
-        print_json(record)
+        print_json(record.to_dict())
         return
-    key = "val_kl" if record["rank_by"] == "kl" else "val_loss"
-    rank = {index: position for position, index in enumerate(record["ranking"], start=1)}
-    table = Table(title=f"{record['strategy']['name']} search ({out}), ranked after distillation", title_justify="left")
-    for column in ("rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", "zero-shot KL", key):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
-    for e in sorted(record["candidates"], key=lambda e: (rank.get(e["index"], 10**6), e["zero_shot_kl"])):
-        table.add_row(
-            str(rank.get(e["index"], "-")),
-            str(e["index"]),
-            e["label"],
-            str(len(e["pattern"])),
-            f"{e['params']:,}",
-            format_bytes(e["memory_bytes"]) if e["memory_bytes"] is not None else "-",
-            f"{e['speedup']:.2f}x" if e["speedup"] is not None else "-",
-            f"{e['zero_shot_kl']:.4f}",
-            f"{e['distilled'][key]:.4f}" if e.get("distilled") else "-",
-        )
-    console.print(table)
+    key = "val_kl" if record.rank_by == "kl" else "val_loss"
+    rank = {index: position for position, index in enumerate(record.ranking, start=1)}
+    rows = []
+    for c in sorted(record.candidates, key=lambda c: (rank.get(c.index, 10**6), c.score)):
+        rows.append([str(rank.get(c.index, "-")), str(c.index), c.label, str(len(c.pattern)), f"{c.params:,}",
+                     fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}",
+                     f"{c.distilled.metric(record.rank_by):.4f}" if c.distilled else "-"])  # fmt: skip
+    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", "zero-shot KL", key]
+    out_table = table(f"{record.strategy} search ({out}), ranked after distillation", columns, rows, left=0)
+    out_table.columns[2].justify = "left"
+    console.print(out_table)
     console.print(
-        f"Pareto front (memory): {record['pareto']['memory']}; plot in {out / 'pareto.png'}; "
+        f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
         f"`compress materialize {out} K --out DIR` writes candidate K"
     )
 
@@ -968,12 +762,14 @@ def materialize(
     out: Annotated[Path, typer.Option(help="Folder for the checkpoint.")],
     distilled: Annotated[bool, typer.Option(help="Its short-distilled weights instead of the pruned ones.")] = False,
     device: DeviceOption = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    dtype: DtypeOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write a searched candidate as a checkpoint (pruned from the original, or as distilled in the search)."""
-    from compressor.search import materialize as write
+    from compressor.distributed import resolve_device
+    from compressor.pipelines.search import materialize as write
 
-    write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=device)
+    write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
     console.print(f"wrote candidate {index} to [bold]{out}[/]")
 
 
@@ -984,15 +780,9 @@ class RichReporter:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("{task.fields[line]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=err_console,
-            disable=quiet,
-        )
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[line]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console, disable=quiet,
+        )  # fmt: skip
         self.task = None
 
     def start(self, total_steps: int, first_step: int, tokens_per_step: int) -> None:
@@ -1024,19 +814,29 @@ class RichReporter:
         self.progress.stop()
 
 
-def _run_training(config, dry_run: bool, quiet: bool) -> None:
-    from compressor.budget import format_bytes
-    from compressor.train import memory_plan, train
+def _run_training(options: dict[str, Any]) -> None:
+    """Build the TrainConfig from a command's options, then plan (--dry-run) or train."""
+    from compressor.budget import format_bytes, parse_tokens
+    from compressor.losses import LossSpec
+    from compressor.train import TrainConfig, memory_plan, train
 
+    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
+    loss_fields = [f.name for f in dataclasses.fields(LossSpec)]
+    loss = LossSpec(**{name: options.pop(name) for name in loss_fields})
+    tokens = options.pop("tokens")
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    config = TrainConfig(tokens=parse_tokens(tokens) if tokens is not None else None, loss=loss, **options)
+    config.validate()
     if dry_run:
         plan = memory_plan(config)
-        table = Table(title="memory plan (per process)", title_justify="left")
-        table.add_column("term")
-        table.add_column("size", justify="right")
-        for name, nbytes in plan["terms"].items():
-            table.add_row(name, format_bytes(nbytes))
-        table.add_row("[bold]total", f"[bold]{format_bytes(plan['total'])}")
-        console.print(table)
+        rows = [[name, format_bytes(nbytes)] for name, nbytes in plan["terms"].items()]
+        console.print(
+            table(
+                "memory plan (per process)",
+                ["term", "size"],
+                [*rows, ["[bold]total", f"[bold]{format_bytes(plan['total'])}"]],
+            )
+        )
         if plan["available"] is not None:
             spare = plan["available"] - plan["total"]
             verdict = "fits" if spare >= 0 else "does not fit"
@@ -1058,33 +858,8 @@ def _run_training(config, dry_run: bool, quiet: bool) -> None:
         console.print(summary)
 
 
-def _train_config(**options):
-    from compressor.budget import parse_tokens
-    from compressor.losses import LossSpec
-    from compressor.train import TrainConfig
-
-    tokens, steps = options.pop("tokens"), options.pop("steps")
-    if tokens is not None and steps is not None:
-        raise CompressorError("give --tokens or --steps, not both")
-    if tokens is not None:
-        per_step = options["batch_size"] * options["seq_len"]
-        steps = max(1, parse_tokens(tokens) // per_step)
-    loss = LossSpec(
-        divergence=options.pop("divergence"),
-        temperature=options.pop("temperature"),
-        jsd_beta=options.pop("jsd_beta"),
-        lm_weight=options.pop("lm_weight"),
-        chunk_tokens=options.pop("chunk_tokens"),
-    )
-    return TrainConfig(
-        steps=steps, loss=loss, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    )
-
-
 OutOption = Annotated[Path, typer.Option(help="Run folder: model/ (latest checkpoint), metrics.jsonl.")]
 DataOption = Annotated[str, typer.Option(help="Training text or tokens (as for `compress eval`).")]
-
-
 TokensOption = Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")]
 StepsOption = Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")]
 SeqLenOption = Annotated[int, typer.Option(help="Tokens per sequence.")]
@@ -1104,14 +879,12 @@ LogEveryOption = Annotated[int, typer.Option(help="Log training metrics every N 
 ValidFractionOption = Annotated[float, typer.Option(help="Share of the data held out for validation.")]
 MaxSequencesOption = Annotated[int | None, typer.Option(help="Read at most this many sequences.")]
 AutocastOption = Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")]
-TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet data.")]
 ResumeOption = Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")]
 DryRunOption = Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")]
 QuietOption = Annotated[bool, typer.Option(help="No live display.")]
 ChunkTokensOption = Annotated[
     int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
 ]
-OverwriteRunOption = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
 
 
 @app.command()
@@ -1153,16 +926,14 @@ def distill(
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the student's).")] = None,
     text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
-    overwrite: OverwriteRunOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     resume: ResumeOption = False,
     dry_run: DryRunOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
-    options = dict(locals())
-    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
-    _run_training(_train_config(**options), dry_run, quiet)
+    _run_training(dict(locals()))
 
 
 @app.command("train")
@@ -1196,17 +967,16 @@ def train_command(
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
     text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
-    overwrite: OverwriteRunOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     resume: ResumeOption = False,
     dry_run: DryRunOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Plain language-model training of MODEL (the distillation loop without a teacher)."""
     options = dict(locals())
-    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
     options["student"] = options.pop("model")
     options.update(divergence="forward_kl", temperature=1.0, jsd_beta=0.5, lm_weight=1.0)
-    _run_training(_train_config(**options), dry_run, quiet)
+    _run_training(options)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -25,9 +25,9 @@ from compressor.checkpoint import load_model  # noqa: E402
 from compressor.data import load_sequences, load_tokenizer  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
+from compressor.pipelines.ranking import ProxyScorer, rank  # noqa: E402
 from compressor.prune import Target, prune  # noqa: E402
-from compressor.search import ProxyScorer  # noqa: E402
-from strategies.minitron import MinitronStrategy, describe  # noqa: E402
+from strategies.minitron import MinitronOptions, MinitronStrategy  # noqa: E402
 
 
 def every_fitting_target(strategy, source, importance, budget):
@@ -69,9 +69,10 @@ def main() -> None:
     held_out = [ids for i, ids in enumerate(sample.batches(8, shuffle=False, drop_last=False)) if i >= 8]
     importance = estimate(model, calibration)
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
-    strategy = MinitronStrategy(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"))
+    strategy = MinitronStrategy(MinitronOptions(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")))
     scorer = ProxyScorer(model, importance, held_out)
-    candidates = strategy.search(model.config, importance, budget, scorer)
+    proposals = strategy.propose(model.config, importance, budget)
+    candidates = rank(proposals, model.config, budget, limit=strategy.top_k, scorer=scorer)
     fitting = every_fitting_target(strategy, model.config, importance, budget)
     grid_points = len(fitting[1])
     fitting = fitting[0]
@@ -93,10 +94,10 @@ def main() -> None:
     full = budget.memory_of(model.config).total / 2**20
     print(f"| original | {source_params:,} | {full:.1f} MiB | {base:.4f} |")
     print(f"| chosen: {chosen.label} | {chosen.params:,} ({chosen.params / source_params:.0%}) | "
-          f"{chosen.memory / 2**20:.1f} MiB | {chosen_loss:.4f} |")  # fmt: skip
+          f"{chosen.memory_bytes / 2**20:.1f} MiB | {chosen_loss:.4f} |")  # fmt: skip
     for target, loss in zip(drawn, random_losses, strict=True):
         config = target.config(model.config)
-        print(f"| random fitting: {describe(model.config, config)} | {num_parameters(config):,} | "
+        print(f"| random fitting: {target.describe(model.config)} | {num_parameters(config):,} | "
               f"{budget.memory_of(config).total / 2**20:.1f} MiB | {loss:.4f} |")  # fmt: skip
     print(f"\nchosen {chosen_loss:.4f} vs random fitting candidates: mean {statistics.mean(random_losses):.4f}, "
           f"best {min(random_losses):.4f}, worst {max(random_losses):.4f}")  # fmt: skip

@@ -20,7 +20,9 @@ from compressor.budget import Budget, parse_context, parse_size, parse_tokens  #
 from compressor.checkpoint import load_model  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
-from compressor.search import DistillSettings, run_search  # noqa: E402
+from compressor.pipelines.search import SearchConfig, run_search  # noqa: E402
+from compressor.pipelines.source import CalibrationConfig, calibrate  # noqa: E402
+from compressor.train import TrainConfig  # noqa: E402
 
 STRATEGIES = {
     "minitron": {"axes": ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"), "top_k": 10},
@@ -37,34 +39,36 @@ def main() -> None:
     parser.add_argument("--distill-tokens", default="200k")
     args = parser.parse_args()
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
-    settings = DistillSettings(
-        tokens=parse_tokens(args.distill_tokens), seq_len=256, batch_size=16, micro_batch_size=8, lr=1e-3,
-        min_lr=1e-4, eval_sequences=32,
+    template = TrainConfig(
+        student="", out="", data="", tokens=parse_tokens(args.distill_tokens), seq_len=256, batch_size=16,
+        micro_batch_size=8, lr=1e-3, min_lr=1e-4, eval_sequences=32, eval_every=10**9, save_every=10**9,
     )  # fmt: skip
+    calibration = CalibrationConfig(
+        args.model, str(ROOT / "examples/data/sample.txt"), samples=64, score_samples=32, seq_len=256, batch_size=8,
+        all_sequences=True,
+    )  # fmt: skip
+    source = calibrate(calibration)
     teacher = load_model(args.model)
     valid = load_sequences(ROOT / "examples/data/valid.txt", seq_len=256, tokenizer=args.model, max_sequences=128)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, options in STRATEGIES.items():
+            config = SearchConfig(budget, template, name, options, finalists=args.finalists)
             record = run_search(
-                args.model, Path(tmp) / name, budget=budget, data=str(ROOT / "examples/data/sample.txt"),
-                strategy=name, strategy_options=options, finalists=args.finalists, distill=settings, samples=64,
-                score_samples=32, batch_size=8, on_progress=lambda text, n=name: print(f"[{n}] {text}", flush=True),
-            )  # fmt: skip
-            best = next(e for e in record["candidates"] if e["index"] == record["ranking"][0])
-            model = load_model(Path(tmp) / name / "candidates" / str(best["index"]) / "distill" / "model")
+                source, config, Path(tmp) / name, say=lambda text, n=name: print(f"[{n}] {text}", flush=True)
+            )
+            best = record.candidate(record.ranking[0])
+            model = load_model(Path(tmp) / name / "candidates" / str(best.index) / "distill" / "model")
             result = evaluate(model, valid.batches(8, shuffle=False, drop_last=False), teacher=teacher)
-            proposed = len(record["candidates"])
-            rows.append((name, best, proposed, result))
-    print(f"\nbudget {budget.describe()}; {args.finalists} finalists each distilled for {settings.tokens:,} tokens")
+            rows.append((name, best, len(record.candidates), result))
+    print(f"\nbudget {budget.describe()}; {args.finalists} finalists each distilled for {template.tokens:,} tokens")
     columns = ["strategy", "best finalist", "parameters", "memory", "zero-shot KL", "KL after distillation"]
     print("\n| " + " | ".join([*columns, "held-out loss", "held-out KL"]) + " |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, best, proposed, result in rows:
         print(
-            f"| {name} ({proposed} scored) | {best['label']} | {best['params']:,} "
-            f"| {best['memory_bytes'] / 2**20:.2f} MiB "
-            f"| {best['zero_shot_kl']:.4f} | {best['distilled']['val_kl']:.4f} | {result.loss:.4f} | {result.kl:.4f} |"
+            f"| {name} ({proposed} scored) | {best.label} | {best.params:,} | {best.memory_bytes / 2**20:.2f} MiB "
+            f"| {best.score:.4f} | {best.distilled.val_kl:.4f} | {result.loss:.4f} | {result.kl:.4f} |"
         )
 
 

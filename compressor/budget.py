@@ -72,12 +72,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import Literal
 
 from compressor.config import ATTENTION, MAMBA, MLP, BlockSpec, HybridConfig
-from compressor.errors import BudgetError
+from compressor.errors import BudgetError, OptionError
 
 KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
 DEFAULT_PREFILL_CHUNK = 2048
@@ -472,6 +472,25 @@ def get_gpu(name: str) -> GPUSpec:
     return GPUS[key]
 
 
+def gpu_from_options(
+    name: str | None = None, bandwidth: str | None = None, tflops: float | None = None, memory: int | None = None
+) -> GPUSpec | None:
+    """A GPU of the table by name, optionally with its numbers replaced, or one described by its bandwidth
+    ('600GB/s') and dense bf16 TFLOP/s; None when nothing is given. `memory` (bytes) sizes a described GPU."""
+    if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
+        raise OptionError("gpu_tflops", f"must be a positive number, got {tflops}")
+    if name is None and bandwidth is None and tflops is None:
+        return None
+    if name is None and (bandwidth is None or tflops is None):
+        raise BudgetError("describe the GPU with both --gpu-bandwidth and --gpu-tflops, or name one with --gpu")
+    spec = get_gpu(name) if name is not None else GPUSpec("custom GPU", 0.0, 0.0, memory or 0)
+    if bandwidth is not None:
+        spec = replace(spec, memory_bandwidth=parse_bandwidth(bandwidth))
+    if tflops is not None:
+        spec = replace(spec, bf16_flops=tflops * 1e12)
+    return spec
+
+
 @dataclass(frozen=True)
 class Workload:
     """A generation request: prompt tokens in, tokens out, and a batch (or 'max': the largest that fits)."""
@@ -479,6 +498,21 @@ class Workload:
     input_tokens: int
     output_tokens: int
     batch: int | Literal["max"] = 1
+
+    @classmethod
+    def for_context(
+        cls,
+        context: int,
+        batch: int | Literal["max"] = 1,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> Workload:
+        """The default request filling a context: 1024 generated tokens (at most half of it), the rest prompt;
+        either side can be given instead."""
+        output = output_tokens if output_tokens is not None else max(min(1024, context // 2), 1)
+        prompt = input_tokens if input_tokens is not None else max(context - output, 1)
+        return cls(prompt, output, batch)
 
 
 @dataclass(frozen=True)
@@ -651,11 +685,76 @@ class Budget:
             prefill_chunk=self.prefill_chunk,
         )
 
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        target_mem: str | None = None,
+        ctx: str = "8k",
+        batch: int = 1,
+        target_params: str | None = None,
+        gpu: str | None = None,
+        gpu_bandwidth: str | None = None,
+        gpu_tflops: float | None = None,
+        min_speedup: float | None = None,
+        isl: str | None = None,
+        osl: str | None = None,
+        weight_dtype: str = "bf16",
+        kv_dtype: str | None = None,
+        ssm_dtype: str | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> Budget | None:
+        """A budget from its written form ('19.66GiB', '128k', '9B', 'a10g', '8k' ...); None when no limit is
+        given. Keyword names are those of the command-line options."""
+        if target_mem is None and target_params is None and min_speedup is None:
+            return None
+        if batch < 1:
+            raise OptionError("batch", f"must be at least 1, got {batch}")
+        if min_speedup is not None and not (math.isfinite(min_speedup) and min_speedup > 0):
+            raise OptionError("min_speedup", f"must be a positive number, got {min_speedup}")
+        if prefill_chunk < 0:
+            raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {prefill_chunk}")
+        memory = parse_size(target_mem) if target_mem is not None else None
+        context = parse_context(ctx)
+        workload = None
+        if isl is not None or osl is not None:
+            workload = Workload.for_context(
+                context,
+                batch,
+                input_tokens=parse_context(isl) if isl is not None else None,
+                output_tokens=parse_context(osl) if osl is not None else None,
+            )
+        return cls(
+            memory=memory,
+            context=context,
+            batch=batch,
+            weight_dtype=normalize_dtype(weight_dtype),
+            kv_dtype=normalize_dtype(kv_dtype, CACHE_DTYPES, "KV cache dtype") if kv_dtype else None,
+            ssm_dtype=normalize_dtype(ssm_dtype, SSM_DTYPES, "SSM state dtype") if ssm_dtype else None,
+            prefill_chunk=prefill_chunk,
+            params=parse_params(target_params) if target_params is not None else None,
+            gpu=gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, memory),
+            min_speedup=min_speedup,
+            workload=workload,
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON form (records keep the budget they were made for); `from_dict` reads it back."""
+        out = asdict(self)
+        out["description"] = self.describe()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Budget:
+        raw = {k: v for k, v in raw.items() if k != "description"}
+        if raw.get("gpu") is not None:
+            raw["gpu"] = GPUSpec(**raw["gpu"])
+        if raw.get("workload") is not None:
+            raw["workload"] = Workload(**raw["workload"])
+        return cls(**raw)
+
     def throughput_workload(self) -> Workload:
-        if self.workload is not None:
-            return self.workload
-        output = min(1024, self.context // 2)
-        return Workload(self.context - output, output, self.batch)
+        return self.workload if self.workload is not None else Workload.for_context(self.context, self.batch)
 
     def speedup_of(self, config: HybridConfig, reference: HybridConfig) -> float | None:
         if self.gpu is None:
@@ -691,6 +790,88 @@ class Budget:
                 f"({workload.input_tokens:,} in / {workload.output_tokens:,} out)"
             )
         return "; ".join(parts)
+
+
+# ----- a report of one architecture (compress estimate) --------------------------------------------------
+@dataclass(frozen=True)
+class Report:
+    """Parameters, memory at a context and batch, the verdict against a memory limit, and (with a GPU) the
+    throughput of a workload: what `compress estimate` shows."""
+
+    parameters: dict[str, int]
+    memory: MemoryEstimate
+    limit: int | None = None  # bytes of --target-mem
+    largest_batch: bool = False  # the batch is the largest that fits
+    gpu: GPUSpec | None = None
+    throughput: ThroughputEstimate | None = None
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(self.parameters.values())
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.limit is None else self.memory.headroom(self.limit)
+
+    def to_dict(self) -> dict:
+        target = None
+        if self.limit is not None:
+            target = {"bytes": self.limit, "fits": self.headroom >= 0, "headroom": self.headroom}
+        return {
+            "parameters": {**self.parameters, "total": self.total_parameters},
+            "memory": self.memory.to_dict(),
+            "target": target,
+            "throughput": self.throughput.to_dict() if self.throughput is not None else None,
+        }
+
+
+def report(
+    config: HybridConfig,
+    *,
+    ctx: str | None = None,
+    batch: str = "1",
+    target_mem: str | None = None,
+    gpu: str | None = None,
+    gpu_bandwidth: str | None = None,
+    gpu_tflops: float | None = None,
+    isl: str | None = None,
+    osl: str | None = None,
+    weight_dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    ssm_dtype: str | None = None,
+    prefill_chunk: int | None = None,
+) -> Report:
+    """Everything `compress estimate` shows, from the written form of its options. `ctx` defaults to the
+    config's max_position_embeddings; `batch` is a number or 'max' (the most that fit --target-mem or the
+    GPU's memory)."""
+    context = parse_context(ctx) if ctx is not None else config.max_position_embeddings
+    limit = parse_size(target_mem) if target_mem is not None else None
+    spec = gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, limit)
+    chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+    if chunk < 0:
+        raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {chunk}")
+    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=chunk)
+    largest = str(batch).strip().lower() == "max"
+    if largest:
+        fill = limit if limit is not None else spec.memory if spec is not None else None
+        if fill is None:
+            raise OptionError("batch", "max needs --target-mem or --gpu: the memory to fill")
+        batch_size = max(largest_batch(config, context, fill, **dtypes), 1)
+    elif str(batch).strip().isdigit() and int(batch) > 0:
+        batch_size = int(batch)
+    else:
+        raise OptionError("batch", f"{batch!r} is not a positive whole number or 'max'")
+    memory = estimate_memory(config, context, batch_size, **dtypes)
+    throughput = None
+    if spec is not None:
+        workload = Workload.for_context(
+            context,
+            "max" if largest else batch_size,
+            input_tokens=parse_context(isl) if isl is not None else None,
+            output_tokens=parse_context(osl) if osl is not None else None,
+        )
+        throughput = estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
+    return Report(parameter_counts(config), memory, limit, largest, spec, throughput)
 
 
 # ----- measured ----------------------------------------------------------------------------------------

@@ -85,6 +85,15 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
+def stored_dtypes(path: str | Path) -> list[str]:
+    """The dtypes the checkpoint's weight files store (safetensors names: F32, BF16, ...)."""
+    seen = set()
+    for file in sorted(set(weight_files(path).values())):
+        with safe_open(file, framework="pt") as f:
+            seen.update(f.get_slice(name).get_dtype() for name in f.keys())  # noqa: SIM118
+    return sorted(seen)
+
+
 def fingerprint(path: str | Path) -> str:
     """A short hash identifying a checkpoint's architecture and weights, cheap for any size.
 
@@ -224,3 +233,50 @@ def save_model(
             tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from, max_shard_bytes=max_shard_bytes
         )
     return Path(path)
+
+
+def init_checkpoint(
+    out: str | Path,
+    config: HybridConfig,
+    *,
+    tokenizer: str | Path | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> int:
+    """Write a randomly initialised model of `config` as a checkpoint (with `tokenizer`, a folder holding
+    tokenizer.json or the file itself); returns its parameter count. Refuses when the model would not fit
+    in memory or the tokenizer has more tokens than the vocabulary."""
+    import tempfile
+
+    from compressor.budget import available_memory, num_parameters
+    from compressor.outputs import check_output
+
+    check_output(out, overwrite=overwrite)
+    torch_dtype = parse_dtype(dtype)
+    params = num_parameters(config)
+    needed = params * torch.empty(0, dtype=torch_dtype).element_size()
+    available = available_memory("cpu")
+    if available is not None and needed > 0.9 * available:
+        raise CheckpointError(
+            f"a {params:,}-parameter model needs {needed / 2**30:.1f} GiB in {dtype}, but only "
+            f"{available / 2**30:.1f} GiB of memory is available"
+        )
+    with tempfile.TemporaryDirectory() as staging:
+        tokenizer_from = None
+        if tokenizer is not None:
+            from compressor.data import load_tokenizer
+
+            vocab = load_tokenizer(tokenizer).get_vocab_size()
+            if vocab > config.vocab_size:
+                raise CheckpointError(
+                    f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}: "
+                    f"add --set vocab_size={vocab}"
+                )
+            source = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+            shutil.copyfile(source, Path(staging) / "tokenizer.json")
+            tokenizer_from = staging
+        torch.manual_seed(seed)
+        model = HybridLM(config).to(torch_dtype)
+        save_model(model, out, tokenizer_from=tokenizer_from, overwrite=overwrite)
+    return params

@@ -175,6 +175,19 @@ class HybridConfig:
         new.block_overrides = new._normalized_overrides()
         return new
 
+    def with_settings(self, settings: list[str]) -> HybridConfig:
+        """A copy with `KEY=VALUE` settings applied (VALUE read as JSON, else as a string), validated."""
+        raw = self.to_dict()
+        for item in settings:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"setting {item!r} is not KEY=VALUE")
+            try:
+                raw[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                raw[key.strip()] = value
+        return HybridConfig.from_dict(raw)
+
     def _normalized_overrides(self) -> dict[int, dict[str, int]]:
         out = {}
         for index, values in sorted(self.block_overrides.items()):

@@ -24,3 +24,13 @@ class DataError(CompressorError):
 
 class BudgetError(CompressorError):
     """A budget, size, context length or hardware name that cannot be read or met."""
+
+
+class OptionError(CompressorError):
+    """An option with a value it cannot take. Library code names the parameter (`temperature`); the CLI
+    shows it as the flag (`--temperature`)."""
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter} {problem}")
+        self.parameter = parameter
+        self.problem = problem

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from compressor import distributed
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 from compressor.losses import LossSpec, LossStats, TeacherLogits, head_loss, next_token_labels
 from compressor.model import Attention, HybridLM, MambaMixer
 
@@ -64,11 +64,11 @@ class ImportanceOptions:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise CompressorError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise OptionError(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.iterative_rounds < 0:
-            raise CompressorError("iterative_rounds must be >= 0")
+            raise OptionError("iterative_rounds", f"must be at least 0, got {self.iterative_rounds}")
         if self.iterative_rounds and self.drop_one == "none":
-            raise CompressorError("iterative removal re-scores with the drop-one effect: choose --drop-one kl or loss")
+            raise OptionError("iterative_rounds", "re-scores with the drop-one effect: choose --drop-one kl or loss")
 
 
 class _Statistic:
@@ -168,9 +168,17 @@ class Importance:
         heads = [g * group_size + _top(per_group[g], num_heads // keep_kv) for g in groups.tolist()]
         return torch.cat(heads).sort().values, groups
 
-    def block_scores(self, method: str = "influence") -> torch.Tensor:
-        """(blocks,) by `influence` or `drop` (iterative removal order when available: earlier removed =
-        lower score)."""
+    @property
+    def depth_method(self) -> str:
+        """How blocks are ranked when nobody asks for a method: the drop-one effect when it was measured,
+        else block influence."""
+        return "drop" if self.block_drop is not None else "influence"
+
+    def block_scores(self, method: str = "auto") -> torch.Tensor:
+        """(blocks,) by `influence`, `drop` (iterative removal order when available: earlier removed =
+        lower score) or `auto` (`depth_method`)."""
+        if method == "auto":
+            method = self.depth_method
         if method == "influence":
             return self.block_influence
         if self.block_drop is None:
@@ -408,51 +416,3 @@ def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) 
     for i in removed:
         scores[i] = float("nan")
     return scores.float()
-
-
-def compute(
-    model_path: str | Path,
-    data: str,
-    *,
-    samples: int = 1024,
-    seq_len: int = 4096,
-    batch_size: int = 1,
-    options: ImportanceOptions | None = None,
-    tokenizer: str | Path | None = None,
-    text_field: str = "text",
-    device: str = "auto",
-    dtype: str | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[Importance, distributed.World]:
-    """Load a checkpoint and calibration data and estimate importance (under torchrun, each process takes
-    its share of the batches). Returns the scores and the world (for the caller to save on rank 0)."""
-    from compressor.checkpoint import fingerprint, load_model
-    from compressor.data import model_sequences
-
-    world = distributed.init(distributed.resolve_device(device))
-    model = load_model(model_path, dtype=dtype, device=world.device)
-    sequences = model_sequences(
-        data,
-        model_path,
-        model.config.eos_id,
-        seq_len=seq_len,
-        tokenizer=tokenizer,
-        text_field=text_field,
-        max_sequences=samples,
-    )
-    if len(sequences) < samples:
-        raise CompressorError(
-            f"{data} holds {len(sequences)} sequences of {seq_len} tokens, fewer than --samples {samples}: "
-            "use more data, a smaller --seq-len or fewer --samples"
-        )
-    all_batches = list(sequences.batches(batch_size, shuffle=False, drop_last=False))
-    mine = [b for j, b in enumerate(all_batches) if j % world.size == world.rank]
-    meta = {
-        "fingerprint": fingerprint(model_path),
-        "model": str(model_path),
-        "data": str(data),
-        "samples": len(sequences),
-        "seq_len": seq_len,
-        "pattern": model.config.pattern,
-    }
-    return estimate(model, mine, options, world=world, meta=meta, on_batch=on_batch), world

@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from compressor.errors import OptionError
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 IGNORE = -100  # label of positions without a next token
 # Smallest mass of the "all other tokens" bucket of a top-k target, on either side: sums of k float
@@ -53,15 +55,15 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
-            raise ValueError(f"unknown divergence {self.divergence!r}: use forward_kl, reverse_kl or jsd")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise OptionError("divergence", f"{self.divergence!r} is not one of forward_kl, reverse_kl, jsd")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise OptionError("temperature", f"must be a positive number, got {self.temperature}")
         if not 0 < self.jsd_beta < 1:
-            raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
+            raise OptionError("jsd_beta", f"must be strictly between 0 and 1, got {self.jsd_beta}")
         if not 0 <= self.lm_weight <= 1:
-            raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight}")
+            raise OptionError("lm_weight", f"must be in [0, 1], got {self.lm_weight}")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+            raise OptionError("chunk_tokens", f"must be at least 1, got {self.chunk_tokens}")
 
     def rows_per_chunk(self, vocab_size: int) -> int:
         return self.chunk_tokens or max(1, CHUNK_LOGITS // vocab_size)

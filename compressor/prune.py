@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.config import ATTENTION, KIND_CHARS, MAMBA, HybridConfig
+from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, HybridConfig
 from compressor.errors import CompressorError
 from compressor.importance import Importance
 from compressor.model import HybridLM
@@ -93,7 +93,7 @@ class Target:
         fields = {
             MAMBA: ("mamba_num_heads", "mamba_head_dim"),
             ATTENTION: ("num_attention_heads", "num_key_value_heads"),
-            "mlp": ("intermediate_size",),
+            MLP: ("intermediate_size",),
         }
         uniform = {}
         for kind, names in fields.items():
@@ -116,6 +116,27 @@ class Target:
     @classmethod
     def from_dict(cls, raw: dict) -> Target:
         return cls(hidden_size=raw["hidden_size"], blocks=tuple(BlockTarget(**b) for b in raw["blocks"]))
+
+    def describe(self, source: HybridConfig) -> str:
+        """What the target changes, in a few words: 'hidden 192, ffn 576, mamba 12x20, -1M, -1*'; widths that
+        vary from block to block are given as ranges ('ffn 384-576, mamba heads 8-12')."""
+        config = self.config(source)
+        parts = [f"hidden {config.hidden_size}"] if config.hidden_size != source.hidden_size else []
+        if config.is_uniform:
+            if config.intermediate_size != source.intermediate_size:
+                parts.append(f"ffn {config.intermediate_size}")
+            if (config.mamba_num_heads, config.mamba_head_dim) != (source.mamba_num_heads, source.mamba_head_dim):
+                parts.append(f"mamba {config.mamba_num_heads}x{config.mamba_head_dim}")
+        else:
+            for name, label, kind in (("intermediate_size", "ffn", MLP), ("mamba_num_heads", "mamba heads", MAMBA)):
+                widths = sorted({getattr(b, name) for b in self.blocks if b.kind == kind})
+                if widths and widths != [getattr(source, name)]:
+                    parts.append(f"{label} {widths[0]}-{widths[-1]}" if len(widths) > 1 else f"{label} {widths[0]}")
+        for kind, char in KIND_CHARS.items():
+            removed = source.count(kind) - config.count(kind)
+            if removed:
+                parts.append(f"-{removed}{char}")
+        return ", ".join(parts) or "unpruned"
 
     def summary(self, source: HybridConfig) -> dict:
         """What the target keeps, in the terms of ModelOpt's export_config where they apply."""

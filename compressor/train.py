@@ -37,9 +37,10 @@ from safetensors.torch import load_file, save_file
 from compressor import distributed
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
 from compressor.data import TokenSequences, model_sequences
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
+from compressor.model import HybridLM
 from compressor.outputs import atomic_output, check_output
 from compressor.teacher_cache import TeacherCache, write_teacher_cache
 
@@ -54,6 +55,7 @@ RUN_DEFINING = (
     "batch_size",
     "micro_batch_size",
     "steps",
+    "tokens",
     "lr",
     "min_lr",
     "warmup_steps",
@@ -88,7 +90,8 @@ class TrainConfig:
     seq_len: int = 512
     batch_size: int = 16  # sequences per optimizer step, all processes together
     micro_batch_size: int = 4  # sequences per forward pass of one process
-    steps: int | None = None  # None: one epoch of the training split
+    steps: int | None = None  # optimizer steps; None: from `tokens`, else one epoch of the training split
+    tokens: int | None = None  # token budget, batch_size x seq_len per step (instead of `steps`)
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int | None = None  # None: 5% of the steps
@@ -126,27 +129,48 @@ class TrainConfig:
         raw["betas"] = tuple(raw["betas"])
         return cls(**raw)
 
+    def resolved_teacher_dtype(self, device: torch.device) -> str:
+        """The teacher's dtype: as asked, else bf16 on CUDA and the student's dtype elsewhere."""
+        return self.teacher_dtype or ("bfloat16" if device.type == "cuda" else self.dtype)
+
     def validate(self) -> None:
+        """Raise an OptionError naming the first option out of its range."""
         checks = [
-            (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
-            (self.micro_batch_size >= 1, "--micro-batch-size must be at least 1"),
-            (self.batch_size % self.micro_batch_size == 0, "--batch-size must be a multiple of --micro-batch-size"),
-            (self.steps is None or self.steps >= 1, "--steps (or --tokens) must give at least one step"),
-            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need 0 <= --min-lr <= --lr and --lr > 0"),
+            ("seq_len", self.seq_len >= 2, "must be at least 2"),
+            ("micro_batch_size", self.micro_batch_size >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
             (
-                self.schedule in ("cosine", "wsd", "constant"),
-                f"--schedule {self.schedule!r}: use cosine, wsd, constant",
+                "batch_size",
+                self.batch_size % max(self.micro_batch_size, 1) == 0,
+                "must be a multiple of --micro-batch-size",
             ),
-            (0 < self.decay_fraction <= 1, "--decay-fraction must be in (0, 1]"),
-            (self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)"),
-            (self.autocast in ("auto", "bf16", "off"), f"--autocast {self.autocast!r}: use auto, bf16, off"),
-            (self.eval_every >= 1 and self.save_every >= 1 and self.log_every >= 1, "intervals must be >= 1"),
-            (self.top_k >= 1, "--top-k must be at least 1"),
-            (not (self.cache_teacher and self.teacher is None), "--cache-teacher needs a teacher"),
+            ("steps", self.steps is None or self.steps >= 1, "must be at least 1"),
+            ("tokens", self.tokens is None or self.tokens >= 1, "must be at least 1"),
+            ("tokens", self.tokens is None or self.steps is None, "and --steps both set the run's length: give one"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a positive number"),
+            ("min_lr", math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr, "must be between 0 and --lr"),
+            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be at least 0"),
+            ("schedule", self.schedule in ("cosine", "wsd", "constant"), "must be cosine, wsd or constant"),
+            ("decay_fraction", 0 < self.decay_fraction <= 1, "must be in (0, 1]"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be at least 0"),
+            ("grad_clip", math.isfinite(self.grad_clip) and self.grad_clip >= 0, "must be at least 0 (0: off)"),
+            ("autocast", self.autocast in ("auto", "bf16", "off"), "must be auto, bf16 or off"),
+            ("eval_every", self.eval_every >= 1, "must be at least 1"),
+            ("eval_sequences", self.eval_sequences >= 1, "must be at least 1"),
+            ("save_every", self.save_every >= 1, "must be at least 1"),
+            ("log_every", self.log_every >= 1, "must be at least 1"),
+            ("valid_fraction", 0 < self.valid_fraction < 1, "must be between 0 and 1"),
+            ("max_sequences", self.max_sequences is None or self.max_sequences >= 1, "must be at least 1"),
+            ("seed", self.seed >= 0, "must be at least 0"),
+            ("top_k", self.top_k >= 1, "must be at least 1"),
+            ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
         ]
-        for ok, message in checks:
+        for name, ok, problem in checks:
             if not ok:
-                raise CompressorError(message)
+                value = getattr(self, name)
+                raise OptionError(name, problem if isinstance(value, bool) else f"{problem}, got {value}")
+        parse_dtype(self.dtype)
+        parse_dtype(self.teacher_dtype)
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -197,22 +221,63 @@ class TrainResult:
     out: Path
 
 
-def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Run (or resume) a training / distillation run; see the module docstring."""
+@dataclass
+class Run:
+    """A run in progress: what `setup` builds and `loop` advances."""
+
+    config: TrainConfig
+    world: distributed.World
+    out: Path
+    student: HybridLM
+    teacher: HybridLM | None  # in memory (None with a cached teacher or without one)
+    cache: TeacherCache | None
+    train_set: TokenSequences
+    valid_set: TokenSequences
+    optimizer: torch.optim.Optimizer
+    accum: int  # micro-batches per process per optimizer step
+    total_steps: int
+    step: int = 0  # optimizer steps done
+    tokens: int = 0
+    teacher_val_loss: float | None = None
+    last_saved: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.seq_len
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.cache is not None
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def train(
+    config: TrainConfig,
+    reporter: Reporter | None = None,
+    *,
+    teacher: HybridLM | None = None,
+    sequences: TokenSequences | None = None,
+) -> TrainResult:
+    """Run (or resume) a training / distillation run; see the module docstring. `teacher` and `sequences`
+    may be given already loaded (a search distils many students from one teacher and one read of the
+    data); they must be what `config.teacher` and `config.data` name."""
     reporter = reporter or SilentReporter()
     config.validate()
     out = Path(config.out)
-    state_dir = out / "model"
     resumed: dict[str, Any] | None = None
     if config.resume:
-        resumed = _read_trainer_state(state_dir)
+        resumed = _read_trainer_state(out / "model")
         _check_resume(config, TrainConfig.from_dict(resumed["config"]))
     else:
         check_output(out, overwrite=config.overwrite)
 
     world = distributed.init(distributed.resolve_device(config.device))
     try:
-        return _run(config, world, out, resumed, reporter)
+        run = setup(config, world, resumed, reporter, teacher=teacher, sequences=sequences)
+        return loop(run, reporter)
     except BaseException:
         # a new run that stops before its first checkpoint leaves nothing behind
         if not config.resume and world.is_main and out.exists() and not (out / "model").exists():
@@ -222,32 +287,196 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         distributed.close(world)
 
 
-def _run(config, world, out, resumed, reporter) -> TrainResult:
+def setup(
+    config: TrainConfig,
+    world: distributed.World,
+    resumed: dict[str, Any] | None,
+    reporter: Reporter,
+    *,
+    teacher: HybridLM | None = None,
+    sequences: TokenSequences | None = None,
+) -> Run:
+    """The output folder, the models, the data and its split, the teacher cache, sharding, AdamW, and the
+    state of a resumed run."""
     torch.manual_seed(config.seed)
-    device = world.device
-    if world.is_main and not config.resume:
+    out = Path(config.out)
+    if world.is_main and resumed is None:
         if out.exists():
-            shutil.rmtree(out)  # --overwrite was given (checked above)
+            shutil.rmtree(out)  # --overwrite was given (checked by `train`)
         out.mkdir(parents=True)
     distributed.barrier(world)
 
     # a resumed run continues from its own checkpoint
-    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, device=device)
-    teacher = None
-    if config.teacher is not None:
-        teacher_dtype = config.teacher_dtype or ("bfloat16" if device.type == "cuda" else config.dtype)
-        teacher = load_model(config.teacher, dtype=teacher_dtype, device=device).requires_grad_(False)
+    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, device=world.device)
+    if teacher is None and config.teacher is not None:
+        dtype = config.resolved_teacher_dtype(world.device)
+        teacher = load_model(config.teacher, dtype=dtype, device=world.device)
+    if teacher is not None:
+        teacher.requires_grad_(False)
         check_same_vocab(teacher, student)
+    train_set, valid_set, accum, total_steps = _data(config, world, student, sequences)
 
-    sequences = model_sequences(
-        config.data,
-        config.student,
-        student.config.eos_id,
-        seq_len=config.seq_len,
-        tokenizer=config.tokenizer,
-        text_field=config.text_field,
-        max_sequences=config.max_sequences,
+    cache = None
+    if config.cache_teacher:
+        cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter)
+        teacher = None  # train from the cache; the teacher leaves memory
+    elif teacher is not None:
+        distributed.shard(teacher, world, frozen=True)
+    distributed.shard(student, world)
+    student.train()
+
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+        foreach=True,
     )
+    run = Run(config, world, out, student, teacher, cache, train_set, valid_set, optimizer, accum, total_steps)
+    if resumed is not None:
+        run.step = run.last_saved = resumed["step"]
+        run.tokens = resumed["tokens"]
+        run.teacher_val_loss = resumed.get("teacher_val_loss")
+        _load_optimizer(out / "model", student, optimizer)
+        _truncate_metrics(run.metrics, run.step)
+    return run
+
+
+def loop(run: Run, reporter: Reporter) -> TrainResult:
+    """Optimizer steps until the end, logging every `log_every`, evaluating every `eval_every` and saving
+    every `save_every` steps (and at the end)."""
+    config = run.config
+    batches = _micro_batches(run.train_set, config.micro_batch_size, config.seed, run.step * run.accum * run.world.size)
+    reporter.start(run.total_steps, run.step, run.tokens_per_step)
+    first_step = run.step
+    last_eval = evaluate(run, reporter) if first_step == 0 else {}
+    window_start, window_tokens = time.perf_counter(), 0
+    while run.step < run.total_steps:
+        lr = lr_at(run.step, run.total_steps, config)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        record = step(run, batches)
+        run.step += 1
+        run.tokens += run.tokens_per_step
+        window_tokens += run.tokens_per_step
+        done = run.step
+        if done % config.log_every == 0 or done == run.total_steps or done == first_step + 1:
+            record.update(step=done, tokens=run.tokens, lr=lr)
+            record["tokens_per_s"] = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            _append(run.metrics, {"kind": "train", **record}, run.world)
+            reporter.step(record)
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % config.eval_every == 0 or done == run.total_steps:
+            last_eval = evaluate(run, reporter)
+        if done % config.save_every == 0 or done == run.total_steps:
+            save(run)
+    if not last_eval:  # a finished run resumed: its last evaluation is in the metrics
+        last_eval = _last_eval(run.metrics, run.step) or evaluate(run, reporter)
+    return TrainResult(steps=run.total_steps, tokens=run.tokens, final_eval=last_eval, out=run.out)
+
+
+def step(run: Run, batches: Iterator[np.ndarray]) -> dict[str, Any]:
+    """One optimizer step: this process's share of the global batch in micro-batches (each loss divided by
+    the global token count, so the accumulated gradient is that of one large batch), clipping, the update.
+    Returns the step's training metrics; stops the run on a non-finite loss."""
+    config, world = run.config, run.world
+    stats = LossStats()
+    step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
+    autocast = _autocast(config.autocast, world.device)
+    for j in range(run.accum * world.size):
+        indices = next(batches)
+        if j % world.size != world.rank:
+            continue
+        ids = run.train_set.take(indices).to(world.device)
+        with autocast:
+            target = None
+            if run.teacher is not None:
+                target = teacher_targets(run.teacher, ids)
+            elif run.cache is not None:
+                target = run.cache.get("train", indices, world.device)
+            labels = next_token_labels(ids)
+            loss_sum = run.student(
+                ids,
+                head=lambda hidden, weight, t=target, y=labels, s=stats: head_loss(
+                    hidden.flatten(0, 1), weight, config.loss, labels=y, teacher=t, stats=s
+                ),
+            )
+        # sum over this process's tokens / global token count; FSDP averages gradients over processes
+        loss = loss_sum * (world.size / run.tokens_per_step)
+        loss.backward()
+        step_loss += loss_sum.detach()
+    fields = [float(step_loss), float(stats.divergence), float(stats.cross_entropy), float(stats.agreement)]
+    total_loss, divergence, cross_entropy, agreement, tokens, label_tokens = distributed.all_reduce_sum(
+        [*fields, stats.tokens, stats.label_tokens], world
+    )
+    if not math.isfinite(total_loss):
+        saved = run.last_saved
+        where = f"the checkpoint of step {saved} is in {run.out / 'model'}" if saved else "no checkpoint yet"
+        raise TrainingError(
+            f"the loss became {total_loss} at step {run.step + 1} ({where}): lower --lr, raise "
+            "--warmup-steps or check the data, then start again or --resume"
+        )
+    record: dict[str, Any] = {"loss": total_loss / run.tokens_per_step, "ce": cross_entropy / label_tokens}
+    if run.has_teacher:
+        record.update(kl=divergence / tokens, top1_agreement=agreement / tokens)
+    if config.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), config.grad_clip)
+        record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return record
+
+
+def evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:
+    """Validation loss and perplexity (and KL / top-1 agreement to the teacher), logged and reported."""
+    autocast = _autocast(run.config.autocast, run.world.device)
+    result, teacher_loss = _evaluate(
+        run.student, run.teacher, run.cache, run.valid_set, run.config.micro_batch_size,
+        run.config.loss.chunk_tokens, run.world, autocast,
+    )  # fmt: skip
+    if teacher_loss is not None:
+        run.teacher_val_loss = teacher_loss
+    record = {
+        "kind": "eval",
+        "step": run.step,
+        "tokens": run.tokens,
+        "val_loss": result.loss,
+        "val_ppl": result.perplexity,
+    }
+    if run.has_teacher:
+        record.update(val_kl=result.kl, val_top1_agreement=result.top1_agreement)
+    if run.teacher_val_loss is not None:
+        record["teacher_val_loss"] = run.teacher_val_loss
+    _append(run.metrics, record, run.world)
+    reporter.evaluated(record)
+    return record
+
+
+def save(run: Run) -> None:
+    """Checkpoint the run (weights, optimizer, RNG, position) atomically, replacing the previous one."""
+    _save(
+        run.out / "model", run.student, run.optimizer, run.config, run.step, run.tokens, run.teacher_val_loss, run.world
+    )
+    run.last_saved = run.step
+
+
+def _data(
+    config: TrainConfig, world: distributed.World, student: HybridLM, sequences: TokenSequences | None
+) -> tuple[TokenSequences, TokenSequences, int, int]:
+    """(training split, validation split, micro-batches per process per step, total steps)."""
+    if sequences is None:
+        sequences = model_sequences(
+            config.data,
+            config.student,
+            student.config.eos_id,
+            seq_len=config.seq_len,
+            tokenizer=config.tokenizer,
+            text_field=config.text_field,
+            max_sequences=config.max_sequences,
+        )
+    elif config.max_sequences is not None:
+        sequences = sequences.head(config.max_sequences)
     micro = config.micro_batch_size
     if config.batch_size % (micro * world.size):
         raise CompressorError(
@@ -263,7 +492,6 @@ def _run(config, world, out, resumed, reporter) -> TrainResult:
             f"the validation split has {len(valid_set)} sequences, fewer than --micro-batch-size x processes "
             f"({eval_unit}): raise --valid-fraction or --eval-sequences, or use more data"
         )
-    valid_set = valid_set.head(usable)
     accum = config.batch_size // (micro * world.size)
     per_epoch = train_set.num_batches(micro)
     if per_epoch < accum * world.size:
@@ -271,151 +499,30 @@ def _run(config, world, out, resumed, reporter) -> TrainResult:
             f"the training split has {len(train_set)} sequences of {config.seq_len} tokens, fewer than one "
             f"batch of {config.batch_size}: use more data, a smaller --seq-len or a smaller --batch-size"
         )
-    total_steps = config.steps or max(1, (per_epoch * micro) // config.batch_size)
     tokens_per_step = config.batch_size * config.seq_len
+    if config.steps is not None:
+        total_steps = config.steps
+    elif config.tokens is not None:
+        total_steps = max(1, config.tokens // tokens_per_step)
+    else:
+        total_steps = max(1, (per_epoch * micro) // config.batch_size)
+    return train_set, valid_set.head(usable), accum, total_steps
 
-    cache = None
-    if config.cache_teacher:
-        cache_dir = out / "teacher_cache"
-        if not TeacherCache.is_complete(cache_dir):
-            reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
-            distributed.shard(teacher, world, frozen=True)
-            # only the training sequences the run will see (all of them once it passes an epoch)
-            batches = _micro_batches(train_set, micro, config.seed, 0)
-            needed = min(total_steps * accum * world.size, per_epoch)
-            used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
-            splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
-            write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world)
-        cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature)
-        teacher = None  # train from the cache; the teacher leaves memory
-    elif teacher is not None:
+
+def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
+    """The teacher's top-k log-probs over the sequences the run will see, written once and reused."""
+    cache_dir = out / "teacher_cache"
+    if not TeacherCache.is_complete(cache_dir):
+        reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
         distributed.shard(teacher, world, frozen=True)
-    distributed.shard(student, world)
-    student.train()
-
-    decay = [p for p in student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=config.betas,
-        foreach=True,
-    )
-    first_step, tokens_seen = 0, 0
-    if resumed is not None:
-        first_step, tokens_seen = resumed["step"], resumed["tokens"]
-        _load_optimizer(out / "model", student, optimizer)
-        _truncate_metrics(out / "metrics.jsonl", first_step)
-
-    autocast = _autocast(config.autocast, device)
-    spec = config.loss
-    has_teacher = teacher is not None or cache is not None
-    teacher_loss = resumed.get("teacher_val_loss") if resumed else None
-    metrics = out / "metrics.jsonl"
-    batches = _micro_batches(train_set, micro, config.seed, first_step * accum * world.size)
-    reporter.start(total_steps, first_step, tokens_per_step)
-
-    def evaluate_now(step: int) -> dict[str, Any]:
-        nonlocal teacher_loss
-        result, t_loss = _evaluate(student, teacher, cache, valid_set, micro, spec.chunk_tokens, world, autocast)
-        teacher_loss = t_loss if t_loss is not None else teacher_loss
-        record = {
-            "kind": "eval",
-            "step": step,
-            "tokens": tokens_seen,
-            "val_loss": result.loss,
-            "val_ppl": result.perplexity,
-        }
-        if has_teacher:
-            record.update(val_kl=result.kl, val_top1_agreement=result.top1_agreement)
-        if teacher_loss is not None:
-            record["teacher_val_loss"] = teacher_loss
-        _append(metrics, record, world)
-        reporter.evaluated(record)
-        return record
-
-    last_eval = evaluate_now(first_step) if first_step == 0 else {}
-    last_saved = first_step
-    window_start, window_tokens = time.perf_counter(), 0
-    for step in range(first_step, total_steps):
-        lr = lr_at(step, total_steps, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = LossStats()
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for j in range(accum * world.size):
-            indices = next(batches)
-            if j % world.size != world.rank:
-                continue
-            ids = train_set.take(indices).to(device)
-            with autocast:
-                target = None
-                if teacher is not None:
-                    target = teacher_targets(teacher, ids)
-                elif cache is not None:
-                    target = cache.get("train", indices, device)
-                labels = next_token_labels(ids)
-                loss_sum = student(
-                    ids,
-                    head=lambda hidden, weight, t=target, y=labels, s=stats: head_loss(
-                        hidden.flatten(0, 1), weight, spec, labels=y, teacher=t, stats=s
-                    ),
-                )
-            # sum over this process's tokens / global token count; FSDP averages gradients over processes
-            loss = loss_sum * (world.size / tokens_per_step)
-            loss.backward()
-            step_loss += loss_sum.detach()
-        total_loss, *sums = distributed.all_reduce_sum(
-            [
-                float(step_loss),
-                float(stats.divergence),
-                float(stats.cross_entropy),
-                float(stats.agreement),
-                stats.tokens,
-                stats.label_tokens,
-            ],
-            world,
-        )
-        if not math.isfinite(total_loss):
-            where = f"the checkpoint of step {last_saved} is in {out / 'model'}" if last_saved else "no checkpoint yet"
-            raise TrainingError(
-                f"the loss became {total_loss} at step {step + 1} ({where}): lower --lr, raise "
-                "--warmup-steps or check the data, then start again or --resume"
-            )
-        grad_norm = None
-        if config.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        done = step + 1
-        divergence, cross_entropy, agreement, tokens, label_tokens = sums
-        if done % config.log_every == 0 or done == total_steps or done == first_step + 1:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "kind": "train",
-                "step": done,
-                "tokens": tokens_seen,
-                "lr": lr,
-                "loss": total_loss / tokens_per_step,
-                "ce": cross_entropy / label_tokens,
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-            }
-            if has_teacher:
-                record.update(kl=divergence / tokens, top1_agreement=agreement / tokens)
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            _append(metrics, record, world)
-            reporter.step(record)
-            window_start, window_tokens = time.perf_counter(), 0
-        if done % config.eval_every == 0 or done == total_steps:
-            last_eval = evaluate_now(done)
-        if done % config.save_every == 0 or done == total_steps:
-            _save(out / "model", student, optimizer, config, done, tokens_seen, teacher_loss, world)
-            last_saved = done
-    return TrainResult(steps=total_steps, tokens=tokens_seen, final_eval=last_eval, out=out)
+        micro = config.micro_batch_size
+        # only the training sequences the run will see (all of them once it passes an epoch)
+        batches = _micro_batches(train_set, micro, config.seed, 0)
+        needed = min(total_steps * accum * world.size, train_set.num_batches(micro))
+        used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
+        splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
+        write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world)
+    return TeacherCache(cache_dir, config.top_k, config.loss.temperature)
 
 
 def memory_plan(config: TrainConfig) -> dict[str, Any]:
@@ -444,8 +551,7 @@ def memory_plan(config: TrainConfig) -> dict[str, Any]:
     }
     if config.teacher is not None and not config.cache_teacher:
         teacher = HybridConfig.from_file(config.teacher)
-        teacher_dtype = config.teacher_dtype or ("bfloat16" if device.type == "cuda" else config.dtype)
-        teacher_size = torch.empty(0, dtype=parse_dtype(teacher_dtype)).element_size()
+        teacher_size = torch.empty(0, dtype=parse_dtype(config.resolved_teacher_dtype(device))).element_size()
         terms["teacher weights"] = num_parameters(teacher) * teacher_size // world
     autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
     act_size = 2 if autocast else size
@@ -534,6 +640,15 @@ def _append(path: Path, record: dict[str, Any], world: distributed.World) -> Non
     if world.is_main:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _last_eval(path: Path, step: int) -> dict[str, Any] | None:
+    """The evaluation record of `step` in the metrics file, if there is one."""
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    found = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
+    return found[-1] if found else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 from functools import lru_cache
 
 from compressor.budget import Budget, activation_bytes, compute_dtype, num_parameters
-from compressor.config import ATTENTION, MAMBA, MLP, HybridConfig
+from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, HybridConfig
 
 
 class BlockCosts:
@@ -45,7 +45,7 @@ class BlockCosts:
         return one[0] - block[0], one[1] - block[1]
 
     def _kind_cost(self, kind: str, hidden: int, ffn: int, heads: int, head_dim: int) -> tuple[int, int, int]:
-        char = {MAMBA: "M", ATTENTION: "*", MLP: "-"}[kind]
+        char = KIND_CHARS[kind]
         one = self._totals(self._config("-", hidden, ffn, heads, head_dim))
         two = self._totals(self._config("-" + char, hidden, ffn, heads, head_dim))
         b = self.budget

@@ -23,37 +23,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from compressor.budget import Budget, num_parameters
-from compressor.config import ATTENTION, MAMBA, MLP, HybridConfig
-from compressor.errors import BudgetError, CompressorError
+from compressor.budget import Budget, parameter_counts
+from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, HybridConfig
+from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.prune import BlockTarget, Target
-from strategies.base import Candidate, Scorer, Strategy
+from strategies.base import Strategy
 from strategies.costs import BlockCosts
-from strategies.minitron import describe, divisor_for, width_choices
+from strategies.grid import divisor_for, width_choices
 
 
 @dataclass(frozen=True)
 class MiniPuzzleOptions:
-    hidden_choices: int = 3  # hidden sizes tried: the largest of the Minitron hidden grid
-    max_width_pruning: float = 0.4
-    ffn_fractions: tuple[float, ...] = (1.0, 0.75, 0.5)
-    mamba_head_fractions: tuple[float, ...] = (1.0,)  # e.g. (1.0, 0.75, 0.5) to narrow Mamba blocks too
-    max_depth_pruning: float = 0.3  # of all blocks
-    max_kind_pruning: float = 0.5  # of each kind's blocks
-    top_k: int = 12  # candidates returned (zero-shot ranked when a scorer is given)
-    depth_scores: str = "auto"
+    top_k: int = field(default=12, metadata={"help": "Candidates to score zero-shot."})
+    hidden_choices: int = field(default=3, metadata={"help": "MiniPuzzle: hidden sizes tried (the largest)."})
+    max_width_pruning: float = field(default=0.4, metadata={"help": "At most this share of a width removed."})
+    ffn_fractions: tuple[float, ...] = field(
+        default=(1.0, 0.75, 0.5), metadata={"help": "MiniPuzzle: FFN widths an MLP block may keep, e.g. 1,0.75,0.5."}
+    )
+    mamba_head_fractions: tuple[float, ...] = field(
+        default=(1.0,), metadata={"help": "MiniPuzzle: Mamba head shares a block may keep, e.g. 1,0.75,0.5."}
+    )
+    max_depth_pruning: float = field(default=0.3, metadata={"help": "At most this share of all blocks removed."})
+    max_kind_pruning: float = field(
+        default=0.5, metadata={"help": "At most this share of each kind's blocks removed (keeps the hybrid)."}
+    )
+    depth_scores: str = field(
+        default="auto", metadata={"help": "Block ranking: influence, drop (drop-one) or auto (drop when measured)."}
+    )
 
     def __post_init__(self) -> None:
-        if not all(0 < f <= 1 for f in (*self.ffn_fractions, *self.mamba_head_fractions)):
-            raise CompressorError("width fractions must be in (0, 1]")
-        if self.hidden_choices < 1 or self.top_k < 1:
-            raise CompressorError("hidden_choices and top_k must be at least 1")
+        for name in ("ffn_fractions", "mamba_head_fractions"):
+            values = getattr(self, name)
+            if not values or not all(0 < f <= 1 for f in values):
+                raise OptionError(name, f"must be fractions in (0, 1], got {','.join(map(str, values)) or 'none'}")
+        for name in ("hidden_choices", "top_k"):
+            if getattr(self, name) < 1:
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_width_pruning", "max_depth_pruning", "max_kind_pruning"):
+            if not 0 <= getattr(self, name) < 1:
+                raise OptionError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.depth_scores not in ("auto", "influence", "drop"):
+            raise OptionError("depth_scores", f"{self.depth_scores!r} is not one of auto, influence, drop")
 
 
 @dataclass
@@ -68,54 +83,18 @@ class _Option:
 
 class MiniPuzzleStrategy(Strategy):
     name = "minipuzzle"
+    Options = MiniPuzzleOptions
 
-    def __init__(self, **options) -> None:
-        self.options = MiniPuzzleOptions(**options)
-
-    def search(
-        self,
-        source: HybridConfig,
-        importance: Importance | None,
-        budget: Budget,
-        scorer: Scorer | None,
-        *,
-        on_progress: Callable[[str], None] | None = None,
-    ) -> list[Candidate]:
-        say = on_progress or (lambda text: None)
-        targets = self.propose(source, importance, budget)
-        say(f"{len(targets)} heterogeneous architectures proposed")
-        candidates = []
-        for target in targets:
-            config = target.config(source)
-            if budget.violations(config, source):
-                continue
-            candidates.append(
-                Candidate(
-                    target=target,
-                    config=config,
-                    params=num_parameters(config),
-                    memory=budget.memory_of(config).total if budget.memory is not None else None,
-                    speedup=budget.speedup_of(config, source),
-                    label=describe_blocks(source, target),
-                )
-            )
-        if not candidates:
-            raise BudgetError(
-                f"no heterogeneous architecture within the pruning limits meets the budget ({budget.describe()})"
-            )
-        if scorer is not None:
-            for i, candidate in enumerate(candidates, start=1):
-                say(f"scoring {i}/{len(candidates)}: {candidate.label}")
-                candidate.score = scorer(candidate.target)
-            candidates.sort(key=lambda c: c.score)
-        return candidates[: self.options.top_k]
-
-    def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget) -> list[Target]:
+    def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget | None) -> list[Target]:
         """Distinct targets from the knapsack over per-block choices, for each hidden size and variant.
 
         A throughput-only budget has no additive cost to pack against; decode speed follows the bytes a
         step reads, so the knapsack is run against a ladder of memory targets (95% ... 50% of the
-        original's) and the search keeps what reaches the speedup."""
+        original's) and the caller keeps what reaches the speedup."""
+        if budget is None:
+            raise OptionError(
+                "budget", "is needed by the minipuzzle strategy: give a memory, parameter or speedup target"
+            )
         if not source.is_uniform:
             raise CompressorError("MiniPuzzle starts from a uniform model")
         if budget.memory is None and budget.params is None:
@@ -124,6 +103,7 @@ class MiniPuzzleStrategy(Strategy):
             for share in (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
                 surrogate = dataclasses.replace(budget, memory=int(share * full), min_speedup=None, gpu=None)
                 targets += [t for t in self.propose(source, importance, surrogate) if t not in targets]
+            self.stats = {"proposed": len(targets)}
             return targets
         o = self.options
         hidden_grid = width_choices(source.hidden_size, divisor_for(source.hidden_size, 256), o.max_width_pruning)
@@ -149,6 +129,7 @@ class MiniPuzzleStrategy(Strategy):
             hidden_used += found
             if hidden_used == o.hidden_choices:
                 break
+        self.stats = {"proposed": len(targets)}
         return targets
 
     def _drop_limits(self, source: HybridConfig) -> dict[str, int]:
@@ -326,19 +307,13 @@ def _block_damage(source: HybridConfig, importance: Importance | None, method: s
     alone) the prior is the block's share of the parameters: every parameter is worth the same, so what
     separates the choices is how much memory each parameter brings with it (KV cache, SSM state)."""
     if importance is None:
-        from compressor.budget import parameter_counts
-
         sizes = []
         for index in range(source.num_blocks):
             kind = source.block(index).kind
-            one = source.replace(
-                hybrid_override_pattern={MAMBA: "M", ATTENTION: "*", MLP: "-"}[kind], block_overrides={}
-            )
+            one = source.replace(hybrid_override_pattern=KIND_CHARS[kind], block_overrides={})
             sizes.append(parameter_counts(one)[kind])
         mean = sum(sizes) / len(sizes)
         return [size / mean for size in sizes]
-    if method == "auto":
-        method = "drop" if importance.block_drop is not None else "influence"
     scores = importance.block_scores(method).double()
     scores = scores - min(0.0, float(scores.min()))  # iterative removal ranks can be negative
     return (scores / scores.mean().clamp(min=1e-12)).tolist()
@@ -354,23 +329,3 @@ def _removed_share_grouped(head_scores: torch.Tensor, keep: int, groups: int) ->
     squared = head_scores.double().square().view(groups, -1)
     kept = squared.topk(keep // groups, dim=1).values.sum()
     return float(1 - kept / squared.sum().clamp(min=1e-30))
-
-
-def describe_blocks(source: HybridConfig, target: Target) -> str:
-    """A short description of a (possibly heterogeneous) target: widths that vary are given as ranges."""
-    config = target.config(source)
-    parts = [describe(source, config)] if config.is_uniform else []
-    if not config.is_uniform:
-        if config.hidden_size != source.hidden_size:
-            parts.append(f"hidden {config.hidden_size}")
-        ffn = sorted({b.intermediate_size for b in target.blocks if b.kind == MLP})
-        if ffn and ffn != [source.intermediate_size]:
-            parts.append(f"ffn {ffn[0]}-{ffn[-1]}" if len(ffn) > 1 else f"ffn {ffn[0]}")
-        heads = sorted({b.mamba_num_heads for b in target.blocks if b.kind == MAMBA})
-        if heads and heads != [source.mamba_num_heads]:
-            parts.append(f"mamba heads {heads[0]}-{heads[-1]}" if len(heads) > 1 else f"mamba heads {heads[0]}")
-        for kind, char in ((MAMBA, "M"), (ATTENTION, "*"), (MLP, "-")):
-            removed = source.count(kind) - config.count(kind)
-            if removed:
-                parts.append(f"-{removed}{char}")
-    return ", ".join(p for p in parts if p) or "unpruned"

@@ -14,78 +14,75 @@ so each is the cost of the embeddings plus the per-block cost of each kind times
 of that kind, with per-block costs from `compressor.budget` on one-block configs; the prefill activation
 allowance is the largest kind's. This evaluates the whole grid with numpy (about two million points for
 the 12B-v2 preset in seconds). The largest fitting candidates (by parameters) are then checked exactly
-by the budget model (throughput included) and the `top_k` of them are scored; the best score wins.
+by the budget model (throughput included) and the `top_k` of them are scored (`compressor.pipelines.ranking`);
+the best score wins.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor.budget import Budget, format_bytes, num_parameters
-from compressor.config import ATTENTION, MAMBA, MLP, HybridConfig
-from compressor.errors import BudgetError, CompressorError
+from compressor.budget import Budget
+from compressor.config import ATTENTION, MAMBA, MLP, PATTERN_CHARS, HybridConfig
+from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.prune import Target
-from strategies.base import Candidate, Scorer, Strategy
+from strategies.base import Strategy
 from strategies.costs import BlockCosts
+from strategies.grid import divisor_for, drop_order, width_choices
 
 AXES = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")
 
 
 @dataclass(frozen=True)
 class MinitronOptions:
-    max_width_pruning: float = 0.4
-    max_depth_pruning: float = 0.2  # of all blocks together
-    max_kind_pruning: float = 0.5  # of the blocks of each kind (keeps attention and Mamba in the hybrid)
-    hidden_divisor: int | None = None  # None: ModelOpt's, capped for small models (module docstring)
-    ffn_divisor: int | None = None
-    head_dim_divisor: int | None = None
-    top_k: int = 10
-    depth_scores: str = "auto"  # influence | drop | auto (drop-one scores when the importance has them)
+    top_k: int = field(default=10, metadata={"help": "Candidates to score (the largest that fit)."})
+    max_width_pruning: float = field(default=0.4, metadata={"help": "At most this share of a width removed."})
+    max_depth_pruning: float = field(default=0.2, metadata={"help": "At most this share of all blocks removed."})
+    max_kind_pruning: float = field(
+        default=0.5, metadata={"help": "At most this share of each kind's blocks removed (keeps the hybrid)."}
+    )
     # what the grid varies; Nano-v2 (12B -> 9B) pruned hidden, ffn and depth; 8B -> 4B also Mamba heads
-    axes: tuple[str, ...] = ("hidden", "ffn", "depth")
+    axes: tuple[str, ...] = field(
+        default=("hidden", "ffn", "depth"),
+        metadata={"help": f"What Minitron prunes, from {','.join(AXES)}."},
+    )
+    hidden_divisor: int | None = field(default=None, metadata={"help": "Hidden-size step (default: ModelOpt's)."})
+    ffn_divisor: int | None = field(default=None, metadata={"help": "FFN-size step (default: ModelOpt's)."})
+    head_dim_divisor: int | None = field(default=None, metadata={"help": "Mamba head_dim step (default: 8)."})
+    depth_scores: str = field(
+        default="auto", metadata={"help": "Block ranking: influence, drop (drop-one) or auto (drop when measured)."}
+    )
 
     def __post_init__(self) -> None:
-        if not all(0 <= v < 1 for v in (self.max_width_pruning, self.max_depth_pruning, self.max_kind_pruning)):
-            raise CompressorError("max width / depth pruning must be in [0, 1)")
+        for name in ("max_width_pruning", "max_depth_pruning", "max_kind_pruning"):
+            if not 0 <= getattr(self, name) < 1:
+                raise OptionError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if self.top_k < 1:
-            raise CompressorError("top_k must be at least 1")
+            raise OptionError("top_k", f"must be at least 1, got {self.top_k}")
+        for name in ("hidden_divisor", "ffn_divisor", "head_dim_divisor"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.depth_scores not in ("auto", "influence", "drop"):
-            raise CompressorError(f"depth_scores {self.depth_scores!r}: use auto, influence or drop")
-        unknown = set(self.axes) - set(AXES)
+            raise OptionError("depth_scores", f"{self.depth_scores!r} is not one of auto, influence, drop")
+        unknown = sorted(set(self.axes) - set(AXES))
         if unknown or not self.axes:
-            raise CompressorError(f"unknown pruning axes {sorted(unknown)}: choose from {', '.join(AXES)}")
-
-
-def divisor_for(value: int, default: int) -> int:
-    """ModelOpt's divisor, capped at the largest power of two <= value / 8 (at least 1)."""
-    cap = 2 ** max(0, math.floor(math.log2(max(value / 8, 1))))
-    return max(1, min(default, cap))
-
-
-def width_choices(value: int, divisor: int, max_pruning: float) -> list[int]:
-    """The original value and the multiples of `divisor` below it down to (1 - max_pruning) * value."""
-    low = math.ceil(value * (1 - max_pruning))
-    choices = {value} | {v for v in range(divisor * (value // divisor), low - 1, -divisor) if v >= max(low, 1)}
-    return sorted(choices, reverse=True)
+            raise OptionError("axes", f"{','.join(unknown) or 'empty'}: choose from {','.join(AXES)}")
 
 
 class MinitronStrategy(Strategy):
     name = "minitron"
-
-    def __init__(self, **options) -> None:
-        self.options = MinitronOptions(**options)
+    Options = MinitronOptions
 
     def grid(self, source: HybridConfig) -> dict[str, list[int]]:
         """The width choices of each axis."""
         o = self.options
         if not source.is_uniform:
-            raise CompressorError("the Minitron strategy searches uniform widths: start from a uniform model")
+            raise CompressorError("the minitron strategy searches uniform widths: start from a uniform model")
         heads_low = math.ceil(source.mamba_num_heads * (1 - o.max_width_pruning))
         grid = {
             "hidden": width_choices(
@@ -122,48 +119,13 @@ class MinitronStrategy(Strategy):
             if sum(combo) <= limit and sum(combo) < source.num_blocks
         ]
 
-    def search(
-        self,
-        source: HybridConfig,
-        importance: Importance,
-        budget: Budget,
-        scorer: Scorer | None,
-        *,
-        on_progress: Callable[[str], None] | None = None,
-    ) -> list[Candidate]:
-        say = on_progress or (lambda text: None)
-        ranked, total = self.fitting(source, importance, budget)
-        say(f"{total:,} grid points; {len(ranked):,} considered fit the budget analytically")
-        candidates = []
-        for target in ranked:
-            config = target.config(source)
-            if budget.violations(config, source):  # exact check (and throughput, when asked)
-                continue
-            memory = budget.memory_of(config).total if budget.memory is not None else None
-            candidates.append(
-                Candidate(
-                    target=target,
-                    config=config,
-                    params=num_parameters(config),
-                    memory=memory,
-                    speedup=budget.speedup_of(config, source),
-                    label=describe(source, config),
-                )
-            )
-            if len(candidates) == self.options.top_k:
-                break
-        if not candidates:
-            raise BudgetError(f"no candidate meets the budget ({budget.describe()}); {self._smallest(source, budget)}")
-        if scorer is not None:
-            for i, candidate in enumerate(candidates, start=1):
-                say(f"scoring {i}/{len(candidates)}: {candidate.label}")
-                candidate.score = scorer(candidate.target)
-            candidates.sort(key=lambda c: c.score)
-        return candidates
-
-    def fitting(self, source: HybridConfig, importance: Importance | None, budget: Budget) -> tuple[list[Target], int]:
+    def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget | None) -> list[Target]:
         """Targets of the grid that fit the memory and parameter budgets analytically, in the order they
-        are considered (see `_stratified`), and the number of grid points."""
+        are considered (see `_stratified`). `stats` gets the number of grid points and of those that fit."""
+        if budget is None:
+            raise OptionError(
+                "budget", "is needed by the minitron strategy: give a memory, parameter or speedup target"
+            )
         grid = self.grid(source)
         depth = np.array(self.depth_choices(source))  # (D, 3)
         costs = BlockCosts(source, budget)
@@ -176,9 +138,8 @@ class MinitronStrategy(Strategy):
             *(enumerate(x.tolist()) for x in (hidden, ffn, heads, head_dim))
         ):
             base[:, a, b, c, d] = costs.base(h)
-            unit[MAMBA][:, a, b, c, d] = costs.block(MAMBA, h, f, n, p)
-            unit[ATTENTION][:, a, b, c, d] = costs.block(ATTENTION, h, f, n, p)
-            unit[MLP][:, a, b, c, d] = costs.block(MLP, h, f, n, p)
+            for kind in (MAMBA, ATTENTION, MLP):
+                unit[kind][:, a, b, c, d] = costs.block(kind, h, f, n, p)
         counts = {
             MAMBA: source.count(MAMBA) - depth[:, 0],
             ATTENTION: source.count(ATTENTION) - depth[:, 1],
@@ -192,10 +153,10 @@ class MinitronStrategy(Strategy):
             fits &= nbytes + activations <= budget.memory
         if budget.params is not None:
             fits &= params <= budget.params
-        drop_order = _drop_order(source, importance, self.options.depth_scores)
+        order = drop_order(source, importance, self.options.depth_scores)
         targets = []
         for a, b, c, d, e in _stratified(np.where(fits, params, -1), depth[:, 1]):
-            removed = [drop_order[kind][: depth[e, i]] for i, kind in enumerate((MAMBA, ATTENTION, MLP))]
+            removed = [order[kind][: depth[e, i]] for i, kind in enumerate((MAMBA, ATTENTION, MLP))]
             targets.append(
                 Target.uniform(
                     source,
@@ -208,32 +169,28 @@ class MinitronStrategy(Strategy):
             )
             if len(targets) >= max(50 * self.options.top_k, 500):
                 break
-        return targets, params.size
+        self.stats = {"grid_points": int(params.size), "fit_analytically": int(fits.sum())}
+        return targets
 
-    def _smallest(self, source: HybridConfig, budget: Budget) -> str:
-        """The smallest footprint the grid reaches, for the error message."""
+    def smallest(self, source: HybridConfig) -> HybridConfig:
+        """Every axis at its smallest grid value and the most blocks removed (from the end: any choice of
+        blocks costs the same)."""
         grid = self.grid(source)
         deepest = max(self.depth_choices(source), key=sum)
-        drop = {MAMBA: deepest[0], ATTENTION: deepest[1], MLP: deepest[2]}
-        kept, pattern = dict(drop), []
-        for char in reversed(source.pattern):  # drop from the end; any choice of blocks costs the same
-            kind = {"M": MAMBA, "*": ATTENTION, "-": MLP}[char]
-            if kept[kind]:
-                kept[kind] -= 1
+        left = {MAMBA: deepest[0], ATTENTION: deepest[1], MLP: deepest[2]}
+        pattern = []
+        for char in reversed(source.pattern):
+            kind = PATTERN_CHARS[char]
+            if left[kind]:
+                left[kind] -= 1
             else:
                 pattern.append(char)
-        smallest = source.replace(
+        return source.replace(
             hybrid_override_pattern="".join(reversed(pattern)),
             hidden_size=grid["hidden"][-1],
             intermediate_size=grid["ffn"][-1],
             mamba_num_heads=grid["mamba_heads"][-1],
             mamba_head_dim=grid["head_dim"][-1],
-        )
-        memory = budget.memory_of(smallest).total
-        return (
-            f"the smallest architecture within the pruning limits needs {format_bytes(memory)} and has "
-            f"{num_parameters(smallest):,} parameters: loosen the budget or raise --max-width-pruning / "
-            "--max-depth-pruning"
         )
 
 
@@ -258,33 +215,3 @@ def _stratified(params: np.ndarray, attention_removed: np.ndarray, per_combo: in
                     point = best[rank, combo]
                     if flat[point, combo] >= 0:
                         yield (*np.unravel_index(point, width_shape), combo)
-
-
-def _drop_order(source: HybridConfig, importance: Importance | None, method: str) -> dict[str, list[int]]:
-    """Blocks of each kind, least important first (without scores: the last blocks first, which costs the
-    same as any other choice, for a config-only look at the search space)."""
-    if importance is None:
-        scores = [-i for i in range(source.num_blocks)]
-    else:
-        if method == "auto":
-            method = "drop" if importance.block_drop is not None else "influence"
-        scores = importance.block_scores(method).tolist()
-    order: dict[str, list[int]] = {MAMBA: [], ATTENTION: [], MLP: []}
-    for index in sorted(range(source.num_blocks), key=lambda i: scores[i]):
-        order[source.block(index).kind].append(index)
-    return order
-
-
-def describe(source: HybridConfig, config: HybridConfig) -> str:
-    """What a pruned config changed, in a few words: 'hidden 192, ffn 576, -1M, -1*'."""
-    parts = []
-    for name, short in (("hidden_size", "hidden"), ("intermediate_size", "ffn")):
-        if getattr(config, name) != getattr(source, name):
-            parts.append(f"{short} {getattr(config, name)}")
-    if (config.mamba_num_heads, config.mamba_head_dim) != (source.mamba_num_heads, source.mamba_head_dim):
-        parts.append(f"mamba {config.mamba_num_heads}x{config.mamba_head_dim}")
-    for kind, char in ((MAMBA, "M"), (ATTENTION, "*"), (MLP, "-")):
-        removed = source.count(kind) - config.count(kind)
-        if removed:
-            parts.append(f"-{removed}{char}")
-    return ", ".join(parts) or "unpruned"

@@ -47,3 +47,24 @@ def to_transformers(config: HybridConfig):
 def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (checkpoint) parameter names -> transformers' module names (`backbone.` -> `model.`)."""
     return {("model." + k.removeprefix("backbone.") if k.startswith("backbone.") else k): v for k, v in state.items()}
+
+
+PIPELINE_SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A small random hybrid checkpoint and a token file of 48 sequences of PIPELINE_SEQ tokens, for the
+    pipeline tests (prune, search)."""
+    import numpy as np
+
+    from compressor.checkpoint import save_model
+    from compressor.model import HybridLM
+    from compressor.presets import get_preset
+
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    save_model(HybridLM(get_preset("tiny").replace(hidden_size=128, intermediate_size=256)), root / "model")
+    rng = np.random.default_rng(0)
+    np.save(root / "tokens.npy", (np.cumsum(rng.choice([1, 1, 2], size=48 * PIPELINE_SEQ)) % 512).astype(np.int32))
+    return root

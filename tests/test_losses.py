@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compressor.errors import CompressorError
 from compressor.losses import (
     IGNORE,
     LossSpec,
@@ -154,9 +155,15 @@ def test_matches_modelopt_logits_distillation_loss():
 
 
 def test_invalid_specs():
-    with pytest.raises(ValueError, match="unknown divergence"):
-        LossSpec(divergence="kl")
-    with pytest.raises(ValueError, match="temperature"):
-        LossSpec(temperature=0)
+    for fields, message in [
+        ({"divergence": "kl"}, "divergence 'kl' is not one of"),
+        ({"temperature": 0}, "temperature must be a positive number"),
+        ({"temperature": float("nan")}, "temperature must be a positive number"),
+        ({"lm_weight": 2}, "lm_weight must be in"),
+        ({"jsd_beta": 1}, "jsd_beta must be strictly between"),
+        ({"chunk_tokens": 0}, "chunk_tokens must be at least 1"),
+    ]:
+        with pytest.raises(CompressorError, match=message):
+            LossSpec(**fields)
     with pytest.raises(ValueError, match="needs labels, a teacher"):
         head_loss(torch.zeros(2, 3), torch.zeros(4, 3), LossSpec())

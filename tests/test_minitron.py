@@ -1,7 +1,5 @@
 """The Minitron strategy: grid, analytic costs, budgets, and the 12B-v2 -> 9B-v2 search space."""
 
-import time
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,8 +7,10 @@ from hypothesis import strategies as st
 
 from compressor.budget import Budget, BudgetError, get_gpu, num_parameters, parse_context, parse_params, parse_size
 from compressor.importance import Importance
+from compressor.pipelines.ranking import rank
 from compressor.presets import get_preset
-from strategies.minitron import MinitronStrategy, divisor_for, width_choices
+from strategies.grid import divisor_for, width_choices
+from strategies.minitron import MinitronOptions, MinitronStrategy
 
 
 def _importance(config, seed=0):
@@ -24,8 +24,17 @@ def _importance(config, seed=0):
     )
 
 
+def _search(options, source, budget, scorer=None):
+    """The proposals through the shared check / score / sort (what `compress prune` runs)."""
+    strategy = MinitronStrategy(options)
+    proposals = strategy.propose(source, _importance(source), budget)
+    return rank(proposals, source, budget, limit=strategy.top_k, scorer=scorer, smallest=strategy.smallest(source))
+
+
 def test_grid_uses_modelopt_divisors_and_limits():
-    grid = MinitronStrategy(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")).grid(get_preset("12b-v2"))
+    grid = MinitronStrategy(MinitronOptions(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"))).grid(
+        get_preset("12b-v2")
+    )
     assert grid["hidden"] == list(range(5120, 3071, -256))
     assert grid["ffn"] == list(range(20480, 12287, -512))
     assert grid["mamba_heads"] == list(range(128, 76, -8))  # multiples of n_groups = 8
@@ -49,21 +58,20 @@ def test_depth_choices_respect_both_limits():
 def test_analytic_costs_equal_the_budget_model(seed, context, dtype):
     config = get_preset("9b-v2")
     budget = Budget(memory=parse_size("40GiB"), context=parse_context(context), weight_dtype=dtype)
-    strategy = MinitronStrategy(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"))
-    targets, _ = strategy.fitting(config, _importance(config, seed), budget)
+    strategy = MinitronStrategy(MinitronOptions(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")))
+    targets = strategy.propose(config, _importance(config, seed), budget)
     for target in targets[seed % 7 :: 97][:5]:
         pruned = target.config(config)
         assert budget.memory_of(pruned).total <= budget.memory
         assert not budget.violations(pruned, config)
 
 
-def test_12b_v2_search_space_in_seconds_with_9b_like_shapes():
+def test_12b_v2_search_space_has_9b_like_shapes():
     source = get_preset("12b-v2")
     budget = Budget(memory=parse_size("19.66GiB"), context=parse_context("128k"))
-    start = time.perf_counter()
-    targets, grid_points = MinitronStrategy().fitting(source, _importance(source), budget)
-    elapsed = time.perf_counter() - start
-    assert grid_points > 10_000 and elapsed < 20
+    strategy = MinitronStrategy()
+    targets = strategy.propose(source, _importance(source), budget)
+    assert strategy.stats["grid_points"] > 10_000
     near_9b = [
         t.config(source)
         for t in targets
@@ -81,18 +89,18 @@ def test_every_candidate_meets_the_budget_and_scores_rank_them():
     source = get_preset("9b-v2")
     budget = Budget(memory=parse_size("14GiB"), context=parse_context("32k"), params=parse_params("7B"))
     scores = iter(range(100, 0, -1))
-    candidates = MinitronStrategy(top_k=5).search(source, _importance(source), budget, lambda target: next(scores))
+    candidates = _search(MinitronOptions(top_k=5), source, budget, scorer=lambda target: next(scores))
     assert len(candidates) == 5
     assert [c.score for c in candidates] == sorted(c.score for c in candidates)
     for c in candidates:
-        assert not budget.violations(c.config, source)
-        assert c.params == num_parameters(c.config) <= budget.params
+        assert not budget.violations(c.target.config(source), source)
+        assert c.params == num_parameters(c.target.config(source)) <= budget.params
 
 
 def test_throughput_budget_filters_candidates():
     source = get_preset("12b-v2")
     budget = Budget(context=parse_context("16k"), gpu=get_gpu("a10g"), min_speedup=1.25)
-    candidates = MinitronStrategy(top_k=3).search(source, _importance(source), budget, None)
+    candidates = _search(MinitronOptions(top_k=3), source, budget)
     assert all(c.speedup >= 1.25 for c in candidates)
 
 
@@ -102,4 +110,4 @@ def test_infeasible_budget_names_the_smallest_footprint():
         BudgetError,
         match=r"no candidate meets the budget .* the smallest architecture within the pruning limits needs [\d.]+ GiB",
     ):
-        MinitronStrategy().search(source, _importance(source), Budget(memory=parse_size("5GiB"), context=8192), None)
+        _search(MinitronOptions(), source, Budget(memory=parse_size("5GiB"), context=8192))

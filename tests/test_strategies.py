@@ -11,7 +11,7 @@ from strategies.minitron import MinitronStrategy
 class Mine(Strategy):
     name = "mine"
 
-    def search(self, source, importance, budget, scorer, *, on_progress=None):
+    def propose(self, source, importance, budget):
         return []
 
 
@@ -32,5 +32,5 @@ def test_builtin_and_plugged_in_strategies(monkeypatch):
 
 
 def test_unknown_strategy_lists_the_known_ones():
-    with pytest.raises(CompressorError, match="unknown strategy 'nope': choose one of .*minitron"):
+    with pytest.raises(CompressorError, match="strategy 'nope' is unknown: choose one of .*minitron"):
         strategies.get_strategy("nope")

@@ -1,0 +1,138 @@
+"""`compress prune`: from a calibrated source and a budget to a pruned checkpoint and the record of how it
+was chosen.
+
+1. candidates: the strategy proposes (or `export` names one shape, ModelOpt's export_config);
+2. ranking: the first `top_k` that meet the budget exactly are scored against the source on held-out
+   calibration sequences (KL(source || pruned) by default, or the pruned model's LM loss), lowest first;
+3. output, written aside and renamed into place: the pruned checkpoint, `compression.json` (source
+   fingerprint, budget, strategy and options, every scored candidate, importance provenance) and, for
+   uniform results, `export_config.json` (the shape in ModelOpt / Megatron-Bridge terms, to reproduce it at
+   scale).
+
+`plan` is the same search on a config alone (no weights, no scores): what a dry run lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.budget import Budget
+from compressor.checkpoint import write_checkpoint
+from compressor.config import HybridConfig
+from compressor.errors import BudgetError, OptionError
+from compressor.outputs import atomic_output, check_output
+from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
+from compressor.pipelines.records import Candidate, CompressionRecord, write_json
+from compressor.pipelines.source import Source
+from compressor.prune import prune
+from strategies import Strategy, build_options, get_strategy
+from strategies.base import options_to_dict
+from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config
+
+COMPRESSION_FILE = "compression.json"
+EXPORT_CONFIG_FILE = "export_config.json"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune to and how to choose. `options` are the strategy's (text as typed on the command line,
+    or typed values); `export` replaces the search by one named shape."""
+
+    budget: Budget | None = None
+    strategy: str = "minitron"
+    options: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] | None = None
+    score: str = "kl"
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_METRICS:
+            raise OptionError("score", f"{self.score!r} is not one of {', '.join(SCORE_METRICS)}")
+        if self.budget is None and self.export is None:
+            raise BudgetError(
+                "give a budget (--target-mem, --target-params, or --min-speedup with --gpu) or name the shape "
+                "with --export-config"
+            )
+        self.build_strategy()  # checks the strategy's name and options now, before any work
+
+    def build_strategy(self) -> Strategy:
+        if self.export is not None:
+            return ExportConfigStrategy(ExportConfigOptions(shape=self.export))
+        strategy = get_strategy(self.strategy)
+        return strategy(build_options(strategy, self.options))
+
+
+def prune_to_budget(
+    source: Source, config: PruneConfig, out: str | Path, *, overwrite: bool = False, say: Callable[[str], None] = print
+) -> CompressionRecord:
+    """Choose, prune and write (module docstring); returns what `compression.json` records."""
+    started = time.perf_counter()
+    check_output(out, overwrite=overwrite)
+    strategy = config.build_strategy()
+    arch = source.model.config
+    proposals = strategy.propose(arch, source.importance, config.budget)
+    if strategy.stats:
+        say(", ".join(f"{value:,} {name.replace('_', ' ')}" for name, value in strategy.stats.items()))
+    if config.export is not None and config.budget is not None:
+        missed = config.budget.violations(proposals[0].config(arch), arch)
+        if missed:
+            raise OptionError("export_config", f"names a shape that misses the budget: {'; '.join(missed)}")
+    scorer = ProxyScorer(source.model, source.importance, source.held_out, config.score) if source.held_out else None
+    candidates = rank(
+        proposals,
+        arch,
+        config.budget,
+        limit=strategy.top_k,
+        scorer=scorer,
+        smallest=strategy.smallest(arch),
+        say=say,
+    )
+    pruned = prune(source.model, source.importance, candidates[0].target)
+    record = CompressionRecord(
+        source=source.info,
+        budget=config.budget,
+        strategy=strategy.name,
+        strategy_options=options_to_dict(strategy.options),
+        score_metric=scorer.metric if scorer else None,
+        importance={"folder": source.config.importance_dir, **source.importance.meta},
+        candidates=candidates,
+        export_config=export_config(pruned.config) if pruned.config.is_uniform else None,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, pruned.config, pruned.state_dict(), tokenizer_from=source.path)
+        write_json(tmp / COMPRESSION_FILE, record.to_dict())
+        if record.export_config is not None:
+            write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)
+    return record
+
+
+@dataclass
+class Plan:
+    """A dry run: the candidates a strategy would consider on a config alone, costed, not scored."""
+
+    strategy: str
+    candidates: list[Candidate]
+    stats: dict[str, int]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "stats": self.stats,
+            "seconds": self.seconds,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def plan(source: HybridConfig, config: PruneConfig) -> Plan:
+    """What `prune_to_budget` would consider for an architecture with no weights (the importance prior:
+    the last blocks of each kind go first), limited to the strategy's `top_k`."""
+    started = time.perf_counter()
+    strategy = config.build_strategy()
+    proposals = strategy.propose(source, None, config.budget)
+    candidates = rank(proposals, source, config.budget, limit=strategy.top_k, smallest=strategy.smallest(source))
+    return Plan(strategy.name, candidates, strategy.stats, time.perf_counter() - started)

@@ -1,0 +1,118 @@
+"""From a strategy's proposals to ranked candidates: the one loop every strategy shares.
+
+`rank` walks the proposals in the strategy's order, checks each exactly against the budget (memory,
+parameters, throughput), costs it, keeps the first `limit` that fit, scores them with a proxy when one is
+given and sorts them, lowest score first. `ProxyScorer` is the proxy: KL(source || pruned) or the pruned
+model's LM loss on the source's held-out batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from compressor.budget import Budget, format_bytes, num_parameters
+from compressor.config import HybridConfig
+from compressor.errors import BudgetError, CompressorError, OptionError
+from compressor.evaluate import batch_stats, teacher_targets
+from compressor.importance import Importance
+from compressor.losses import LossStats
+from compressor.model import HybridLM
+from compressor.pipelines.records import Candidate
+from compressor.prune import Target, prune
+
+SCORE_METRICS = ("kl", "loss")
+
+
+class ProxyScorer:
+    """KL(source || pruned) or the pruned model's LM loss on held-out batches; lower is better. The source
+    model's final hidden states are computed once per batch and reused for every candidate."""
+
+    def __init__(self, model: HybridLM, importance: Importance, batches: list[torch.Tensor], metric: str = "kl"):
+        if metric not in SCORE_METRICS:
+            raise OptionError("score", f"{metric!r} is not one of {', '.join(SCORE_METRICS)}")
+        if not batches:
+            raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
+        self.metric, self.model, self.importance, self.batches = metric, model, importance, batches
+        self.references = [teacher_targets(model, ids) for ids in batches] if metric == "kl" else None
+
+    def __call__(self, target: Target) -> float:
+        pruned = prune(self.model, self.importance, target).eval()
+        stats = LossStats()
+        for i, ids in enumerate(self.batches):
+            batch_stats(pruned, ids, stats, teacher=self.references[i] if self.references else None)
+        if self.metric == "kl":
+            return float(stats.divergence) / stats.tokens
+        return float(stats.cross_entropy) / stats.label_tokens
+
+
+def candidate(source: HybridConfig, target: Target, budget: Budget | None, index: int = 0) -> Candidate:
+    """A target with what the budget model says of it."""
+    config = target.config(source)
+    memory = budget.memory_of(config).total if budget is not None and budget.memory is not None else None
+    return Candidate(
+        target=target,
+        label=target.describe(source),
+        pattern=config.pattern,
+        params=num_parameters(config),
+        memory_bytes=memory,
+        speedup=budget.speedup_of(config, source) if budget is not None else None,
+        architecture=target.summary(source),
+        index=index,
+    )
+
+
+def rank(
+    proposals: Iterable[Target],
+    source: HybridConfig,
+    budget: Budget | None,
+    *,
+    limit: int,
+    scorer: Callable[[Target], float] | None = None,
+    smallest: HybridConfig | None = None,
+    say: Callable[[str], None] | None = None,
+) -> list[Candidate]:
+    """The first `limit` proposals that meet `budget` (all of them without one), scored and sorted by
+    `scorer` when given (lowest first), else in the strategy's order. Raises BudgetError when none fits,
+    naming the footprint of `smallest` (the smallest architecture the strategy reaches) when known."""
+    say = say or (lambda text: None)
+    fitting: list[Candidate] = []
+    seen: set[Target] = set()
+    for target in proposals:
+        if target in seen:
+            continue
+        seen.add(target)
+        if budget is not None and budget.violations(target.config(source), source):
+            continue
+        fitting.append(candidate(source, target, budget))
+        if len(fitting) == limit:
+            break
+    if not fitting:
+        raise BudgetError(_nothing_fits(budget, smallest))
+    if scorer is not None:
+        for i, c in enumerate(fitting, start=1):
+            say(f"scoring {i}/{len(fitting)}: {c.label}")
+            c.score = scorer(c.target)
+        if not any(math.isfinite(c.score) for c in fitting):
+            raise CompressorError(
+                "every candidate scored NaN or infinity: the source model's outputs are not finite (check its "
+                "weights with `compress eval`)"
+            )
+        fitting.sort(key=lambda c: c.score if math.isfinite(c.score) else math.inf)
+    for index, c in enumerate(fitting):
+        c.index = index
+    return fitting
+
+
+def _nothing_fits(budget: Budget | None, smallest: HybridConfig | None) -> str:
+    message = f"no candidate meets the budget ({budget.describe() if budget else 'none'})"
+    if smallest is None:
+        return f"{message}: loosen the budget or the strategy's pruning limits"
+    memory = f"needs {format_bytes(budget.memory_of(smallest).total)} and " if budget is not None else ""
+    return (
+        f"{message}; the smallest architecture within the pruning limits {memory}has "
+        f"{num_parameters(smallest):,} parameters: loosen the budget, prune more axes (--axes, e.g. "
+        "hidden,ffn,mamba_heads,mamba_head_dim,depth) or raise --max-width-pruning / --max-depth-pruning"
+    )

@@ -1,0 +1,175 @@
+"""What the pipelines write down: typed records with one JSON round trip each.
+
+- `Candidate`: one proposed architecture with its costs and, once measured, its zero-shot score and (in a
+  search) its result after the short distillation;
+- `CompressionRecord`: `compression.json` next to a pruned checkpoint (how it was chosen);
+- `SearchRecord`: `search.json` of a search folder (every candidate, the ranking, the Pareto fronts).
+
+`to_dict` gives the JSON form, `from_dict` reads it back; both keep every field, so a record written and
+read again is equal to the original (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.budget import Budget
+from compressor.errors import CompressorError
+from compressor.prune import Target
+
+
+@dataclass
+class Distilled:
+    """A finalist after the search's short distillation (validation on the run's held-out split)."""
+
+    val_loss: float
+    val_ppl: float
+    val_kl: float
+    val_top1_agreement: float
+
+    def metric(self, rank_by: str) -> float:
+        return self.val_kl if rank_by == "kl" else self.val_loss
+
+
+@dataclass
+class Candidate:
+    """A proposed architecture: the target, what the budget model says of it, and its scores."""
+
+    target: Target
+    label: str  # what it changes, e.g. "hidden 4480, ffn 15680, -2*"
+    pattern: str
+    params: int
+    memory_bytes: int | None  # at the budget's context and batch (None without a memory budget)
+    speedup: float | None  # tokens/s over the source's (None without a GPU)
+    architecture: dict[str, Any]  # Target.summary: the export_config keys, kept blocks, uniform
+    score: float | None = None  # the zero-shot proxy (KL to the source or LM loss), lower is better
+    index: int = 0  # position in its record
+    finalist: bool = False  # search: put through the short distillation
+    distilled: Distilled | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["target"] = self.target.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Candidate:
+        raw = dict(raw)
+        raw["target"] = Target.from_dict(raw["target"])
+        if raw.get("distilled") is not None:
+            raw["distilled"] = Distilled(**raw["distilled"])
+        return cls(**raw)
+
+
+@dataclass
+class SourceInfo:
+    """The checkpoint a record was made from."""
+
+    path: str
+    fingerprint: str
+    params: int
+
+
+@dataclass
+class CompressionRecord:
+    """`compression.json`: how a pruned checkpoint was chosen. `candidates` are best first; the first is
+    the one written."""
+
+    source: SourceInfo
+    budget: Budget | None
+    strategy: str
+    strategy_options: dict[str, Any]
+    score_metric: str | None  # kl | loss; None when nothing was scored (no held-out data)
+    importance: dict[str, Any]  # the folder it came from (None: computed) and how it was computed
+    candidates: list[Candidate]
+    export_config: dict[str, int] | None  # the chosen shape in ModelOpt's keys (uniform models only)
+    seconds: float = 0.0
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.candidates[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": dataclasses.asdict(self.source),
+            "budget": self.budget.to_dict() if self.budget is not None else None,
+            "strategy": self.strategy,
+            "strategy_options": self.strategy_options,
+            "score_metric": self.score_metric,
+            "importance": self.importance,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "chosen": self.chosen.to_dict(),
+            "export_config": self.export_config,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CompressionRecord:
+        raw = {k: v for k, v in raw.items() if k != "chosen"}
+        raw["source"] = SourceInfo(**raw["source"])
+        raw["budget"] = Budget.from_dict(raw["budget"]) if raw["budget"] is not None else None
+        raw["candidates"] = [Candidate.from_dict(c) for c in raw["candidates"]]
+        return cls(**raw)
+
+
+@dataclass
+class SearchRecord:
+    """`search.json`: a search in progress or finished. `calibration` and `distill` hold what is needed to
+    resume it (the calibration and the short-distillation template, as dicts)."""
+
+    source: SourceInfo
+    budget: Budget
+    strategy: str
+    strategy_options: dict[str, Any]
+    calibration: dict[str, Any]
+    distill: dict[str, Any]
+    rank_by: str
+    candidates: list[Candidate]
+    ranking: list[int] = field(default_factory=list)  # finished finalists, best first
+    pareto: dict[str, list[int]] = field(default_factory=dict)
+
+    def candidate(self, index: int) -> Candidate:
+        for candidate in self.candidates:
+            if candidate.index == index:
+                return candidate
+        raise CompressorError(f"the search has no candidate {index}: choose one of 0..{len(self.candidates) - 1}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["source"] = dataclasses.asdict(self.source)
+        out["budget"] = self.budget.to_dict()
+        out["candidates"] = [c.to_dict() for c in self.candidates]
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SearchRecord:
+        raw = dict(raw)
+        raw["source"] = SourceInfo(**raw["source"])
+        raw["budget"] = Budget.from_dict(raw["budget"])
+        raw["candidates"] = [Candidate.from_dict(c) for c in raw["candidates"]]
+        return cls(**raw)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file whole or not at all (a temporary sibling renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`, or a CompressorError naming the file and what it should be."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CompressorError(f"no {path.name} in {path.parent}: it is not {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompressorError(f"{path} cannot be read as {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise CompressorError(f"{path} does not hold {what} (not a JSON object)")
+    return data

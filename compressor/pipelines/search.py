@@ -1,0 +1,282 @@
+"""`compress search`: candidates ranked after a short distillation (Nemotron-H's MiniPuzzle procedure).
+
+1. propose and score: the strategy's candidates that meet the budget, scored zero-shot (KL to the source
+   on held-out calibration sequences); the best `finalists` are marked. The folder (`search.json`, the
+   importance scores) is built aside and renamed into place only once this step has succeeded;
+2. distill: each finalist is pruned from the in-memory source and distilled from it for the same token
+   budget, data, seed and schedule (`SearchConfig.distill`, a `TrainConfig` template), checkpointing as any
+   distillation run does; its validation result is written as it finishes;
+3. rank: finished finalists by validation KL (or loss), the Pareto fronts of quality against memory (and
+   speedup when a GPU was given), `pareto.json` and `pareto.png`.
+
+`resume=True` continues a search where it stopped: finished finalists are skipped, an interrupted
+distillation resumes from its checkpoint. The source checkpoint is loaded once (by `calibrate`) and the data
+tokenized once for the whole search. `materialize` writes any candidate as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.budget import Budget
+from compressor.checkpoint import fingerprint, load_model, parse_dtype, write_checkpoint
+from compressor.errors import CompressorError, OptionError
+from compressor.importance import Importance
+from compressor.model import HybridLM
+from compressor.outputs import atomic_output, check_output
+from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
+from compressor.pipelines.records import Candidate, Distilled, SearchRecord, read_json, write_json
+from compressor.pipelines.source import CalibrationConfig, Source
+from compressor.prune import prune
+from compressor.train import STATE_FILE, TrainConfig, train
+from strategies import build_options, get_strategy
+from strategies.base import options_to_dict
+
+SEARCH_FILE = "search.json"
+RESULT_FILE = "result.json"
+PARETO_FILE = "pareto.json"
+PLOT_FILE = "pareto.png"
+IMPORTANCE_DIR = "importance"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What to search for and how to judge it. `distill` is every finalist's short distillation: its
+    student, teacher, out and data are filled in per finalist. The strategy scores `top_k` candidates
+    zero-shot, by default at least `finalists`."""
+
+    budget: Budget
+    distill: TrainConfig
+    strategy: str = "minipuzzle"
+    options: dict[str, Any] = field(default_factory=dict)
+    finalists: int = 8
+    rank_by: str = "kl"
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in SCORE_METRICS:
+            raise OptionError("rank_by", f"{self.rank_by!r} is not one of {', '.join(SCORE_METRICS)}")
+        if self.finalists < 1:
+            raise OptionError("candidates", f"must be at least 1, got {self.finalists}")
+        self.distill.validate()
+        self.build_strategy()
+
+    def build_strategy(self):
+        strategy = get_strategy(self.strategy)
+        options = dict(self.options)
+        if "top_k" not in options and "top_k" in {f.name for f in dataclasses.fields(strategy.Options)}:
+            options["top_k"] = max(self.finalists, strategy.Options().top_k)
+        return strategy(build_options(strategy, options))
+
+    @classmethod
+    def from_record(cls, record: SearchRecord) -> SearchConfig:
+        return cls(
+            budget=record.budget,
+            distill=TrainConfig.from_dict(record.distill),
+            strategy=record.strategy,
+            options=record.strategy_options,
+            finalists=sum(c.finalist for c in record.candidates),
+            rank_by=record.rank_by,
+        )
+
+
+def load_search(folder: str | Path) -> SearchRecord:
+    """The record of a search folder."""
+    folder = Path(folder)
+    if not (folder / SEARCH_FILE).is_file():
+        raise CompressorError(f"{folder} is not a search folder (no {SEARCH_FILE}): run `compress search` first")
+    try:
+        return SearchRecord.from_dict(read_json(folder / SEARCH_FILE, "a search record"))
+    except (KeyError, TypeError) as exc:
+        raise CompressorError(f"{folder / SEARCH_FILE} is not a search record of this version ({exc})") from None
+
+
+def resume_calibration(folder: str | Path) -> CalibrationConfig:
+    """How the search in `folder` read its source and data, with its saved importance reused."""
+    record = load_search(folder)
+    raw = {**record.calibration, "importance_dir": str(Path(folder) / IMPORTANCE_DIR)}
+    return CalibrationConfig.from_dict(raw)
+
+
+def run_search(
+    source: Source,
+    config: SearchConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    say: Callable[[str], None] = print,
+) -> SearchRecord:
+    """Propose, score, distill the finalists, rank (module docstring)."""
+    out = Path(out)
+    _check_source_data(source, config)
+    if resume:
+        record = load_search(out)
+        if record.source.fingerprint != source.fingerprint:
+            raise CompressorError(
+                f"{source.path} is not the model this search started from (fingerprint {source.fingerprint}, "
+                f"recorded {record.source.fingerprint}): resume with the recorded source {record.source.path}"
+            )
+        say(f"resuming the search in {out}")
+    else:
+        check_output(out, overwrite=overwrite)
+        record = _propose_and_score(source, config, say)
+        with atomic_output(out, overwrite=overwrite) as tmp:
+            source.importance.save(_mkdir(tmp / IMPORTANCE_DIR))
+            write_json(tmp / SEARCH_FILE, record.to_dict())
+    teacher = _teacher(source.model, config.distill)
+    for candidate in record.candidates:
+        if candidate.finalist:  # its result.json says whether it is finished
+            candidate.distilled = _distill_finalist(source, teacher, candidate, out, config.distill, say)
+            write_json(out / SEARCH_FILE, record.to_dict())
+    finished = [c for c in record.candidates if c.distilled is not None]
+    record.ranking = [c.index for c in sorted(finished, key=lambda c: c.distilled.metric(record.rank_by))]
+    record.pareto = pareto_front(record.candidates, record.rank_by)
+    write_json(out / SEARCH_FILE, record.to_dict())
+    write_json(out / PARETO_FILE, record.pareto)
+    from compressor.plots import plot_pareto
+
+    plot_pareto(record, out / PLOT_FILE)
+    return record
+
+
+def _check_source_data(source: Source, config: SearchConfig) -> None:
+    calibration = source.config
+    if source.sequences is None or not calibration.all_sequences or calibration.seq_len != config.distill.seq_len:
+        raise CompressorError(
+            "a search distills from the calibration data: calibrate with all_sequences=True and the "
+            "distillation's seq_len"
+        )
+
+
+def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str], None]) -> SearchRecord:
+    strategy = config.build_strategy()
+    arch = source.model.config
+    proposals = strategy.propose(arch, source.importance, config.budget)
+    say(f"{strategy.name}: " + (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in strategy.stats.items()) or "done"))
+    scorer = ProxyScorer(source.model, source.importance, source.held_out, "kl")
+    candidates = rank(
+        proposals, arch, config.budget, limit=strategy.top_k, scorer=scorer, smallest=strategy.smallest(arch), say=say
+    )
+    for c in candidates[: config.finalists]:
+        c.finalist = True
+    return SearchRecord(
+        source=source.info,
+        budget=config.budget,
+        strategy=strategy.name,
+        strategy_options=options_to_dict(strategy.options),
+        calibration=source.config.to_dict(),
+        distill=config.distill.to_dict(),
+        rank_by=config.rank_by,
+        candidates=candidates,
+    )
+
+
+def _teacher(model: HybridLM, template: TrainConfig) -> HybridLM:
+    """The source model in the dtype the distillation wants for its teacher (a copy only when it differs)."""
+    device = model.lm_head.weight.device
+    dtype = parse_dtype(template.resolved_teacher_dtype(device))
+    return model if model.lm_head.weight.dtype == dtype else copy.deepcopy(model).to(dtype)
+
+
+def _distill_finalist(
+    source: Source, teacher: HybridLM, candidate: Candidate, out: Path, template: TrainConfig, say
+) -> Distilled:
+    """Prune the finalist from the in-memory source (once), distill it (resuming an interrupted run), and
+    record its validation result."""
+    folder = out / "candidates" / str(candidate.index)
+    result_file = folder / RESULT_FILE
+    if result_file.is_file():
+        return Distilled(**read_json(result_file, "a finalist's result"))
+    say(f"distilling finalist {candidate.index}: {candidate.label}")
+    pruned_dir, run_dir = folder / "pruned", folder / "distill"
+    if not (pruned_dir / "config.json").is_file():
+        pruned = prune(source.model, source.importance, candidate.target)
+        with atomic_output(pruned_dir, overwrite=True) as tmp:
+            write_checkpoint(tmp, pruned.config, pruned.state_dict(), tokenizer_from=source.path)
+    resume = (run_dir / "model" / STATE_FILE).is_file()
+    calibration = source.config
+    config = dataclasses.replace(
+        template,
+        student=str(pruned_dir),
+        teacher=str(source.path),
+        out=str(run_dir),
+        data=str(calibration.data),
+        tokenizer=calibration.tokenizer or str(source.path),
+        text_field=calibration.text_field,
+        device=calibration.device,
+        resume=resume,
+        overwrite=not resume,
+    )
+    final = train(config, teacher=teacher, sequences=source.sequences).final_eval
+    distilled = Distilled(final["val_loss"], final["val_ppl"], final["val_kl"], final["val_top1_agreement"])
+    write_json(result_file, dataclasses.asdict(distilled))  # a finished candidate is recorded whole or not at all
+    return distilled
+
+
+def pareto_front(candidates: list[Candidate], rank_by: str = "kl") -> dict[str, list[int]]:
+    """Candidates no other beats on both quality (after distillation when available, else zero-shot KL)
+    and cost: one front against memory (or parameters), one against speedup when it was estimated."""
+
+    def quality(c: Candidate) -> float:
+        if c.distilled is not None:
+            return c.distilled.metric(rank_by)
+        return c.score if c.score is not None else float("inf")
+
+    def front(cost: Callable[[Candidate], float]) -> list[int]:
+        points = [(cost(c), quality(c), c.index) for c in candidates]
+        kept = [
+            (c, i) for c, q, i in points
+            if not any((c2 <= c and q2 <= q) and (c2 < c or q2 < q) for c2, q2, _ in points)
+        ]  # fmt: skip
+        return [i for _, i in sorted(kept)]
+
+    fronts = {"memory": front(lambda c: c.memory_bytes if c.memory_bytes is not None else c.params)}
+    if all(c.speedup is not None for c in candidates):
+        fronts["speedup"] = front(lambda c: -c.speedup)
+    return fronts
+
+
+def materialize(
+    search_dir: str | Path,
+    index: int,
+    out: str | Path,
+    *,
+    distilled: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> Path:
+    """Write candidate `index` of a search as a checkpoint: pruned again from the source with the saved
+    importance (default), or its short-distilled weights."""
+    search_dir, out = Path(search_dir), Path(out)
+    record = load_search(search_dir)
+    candidate = record.candidate(index)
+    check_output(out, overwrite=overwrite)
+    if distilled:
+        model_dir = search_dir / "candidates" / str(index) / "distill" / "model"
+        if candidate.distilled is None or not (model_dir / "config.json").is_file():
+            raise CompressorError(
+                f"candidate {index} was not distilled in this search: materialize it without --distilled"
+            )
+        model = load_model(model_dir, dtype=dtype, device=device)
+        tokenizer_from = model_dir
+    else:
+        source_path = record.source.path
+        if fingerprint(source_path) != record.source.fingerprint:
+            raise CompressorError(f"{source_path} changed since the search: its fingerprint no longer matches")
+        importance = Importance.load(search_dir / IMPORTANCE_DIR, record.source.fingerprint)
+        model = prune(load_model(source_path, dtype=dtype, device=device), importance, candidate.target)
+        tokenizer_from = source_path
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from)
+    return out
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

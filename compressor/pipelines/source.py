@@ -1,0 +1,141 @@
+"""The source of every compression: a checkpoint loaded once, with its fingerprint, its importance scores
+and held-out calibration batches, built by `calibrate` (the one calibration step of `compress importance`,
+`prune` and `search`) and then passed along, never re-read.
+
+Calibration data is read once: the first `samples` sequences estimate importance (unless an importance
+folder is given), the next `score_samples` are held out to score candidates on. A search keeps every
+sequence (`all_sequences`): its finalists' distillations train on them without tokenizing again.
+Under `torchrun` each process loads the model and estimates importance on its share of the batches;
+the statistics are summed over all processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor import distributed
+from compressor.budget import num_parameters
+from compressor.checkpoint import fingerprint, load_model
+from compressor.data import TokenSequences, model_sequences
+from compressor.errors import CompressorError, OptionError
+from compressor.importance import Importance, ImportanceOptions, estimate
+from compressor.model import HybridLM
+from compressor.pipelines.records import SourceInfo
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to read a checkpoint and its calibration data."""
+
+    model: str
+    data: str | None = None
+    importance_dir: str | None = None  # reuse these scores instead of estimating them
+    importance: ImportanceOptions = field(default_factory=ImportanceOptions)
+    samples: int = 1024  # sequences for importance
+    score_samples: int = 0  # held-out sequences after them, to score candidates on
+    seq_len: int = 4096
+    batch_size: int = 1
+    tokenizer: str | None = None  # default: the checkpoint's tokenizer.json
+    text_field: str = "text"
+    all_sequences: bool = False  # keep every sequence of the data (a search distills from them)
+    device: str = "auto"
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("samples", 1), ("score_samples", 0), ("seq_len", 2), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise OptionError(name, f"must be at least {low}, got {getattr(self, name)}")
+        if self.importance_dir is None and self.data is None:
+            raise OptionError("data", "is needed to estimate importance: give data or an importance folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CalibrationConfig:
+        raw = dict(raw)
+        raw["importance"] = ImportanceOptions(**raw["importance"])
+        return cls(**raw)
+
+
+@dataclass
+class Source:
+    """A loaded checkpoint and what compression decisions need of it."""
+
+    path: Path
+    model: HybridLM
+    fingerprint: str
+    importance: Importance
+    held_out: list[torch.Tensor]  # batches of held-out token ids on the model's device (may be empty)
+    sequences: TokenSequences | None  # the data as read (all of it with `all_sequences`)
+    world: distributed.World
+    config: CalibrationConfig
+
+    @property
+    def info(self) -> SourceInfo:
+        return SourceInfo(str(self.path), self.fingerprint, num_parameters(self.model.config))
+
+
+def calibrate(
+    config: CalibrationConfig,
+    *,
+    world: distributed.World | None = None,
+    say: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Source:
+    """Load the checkpoint and the data once; read or estimate importance; hold out scoring batches."""
+    say = say or (lambda text: None)
+    world = world or distributed.World(device=distributed.resolve_device(config.device))
+    model = load_model(config.model, dtype=config.dtype, device=world.device)
+    source_fingerprint = fingerprint(config.model)
+    importance = Importance.load(config.importance_dir, source_fingerprint) if config.importance_dir else None
+    first_held_out = 0 if importance is not None else config.samples
+    sequences = None
+    if config.data is not None:
+        wanted = None if config.all_sequences else first_held_out + config.score_samples
+        sequences = model_sequences(
+            config.data,
+            config.model,
+            model.config.eos_id,
+            seq_len=config.seq_len,
+            tokenizer=config.tokenizer,
+            text_field=config.text_field,
+            max_sequences=wanted,
+        )
+        needed = first_held_out + config.score_samples
+        if len(sequences) < needed:
+            raise CompressorError(f"{config.data} holds {len(sequences)} sequences of {config.seq_len} tokens, " + (
+                f"fewer than --samples {config.samples}: use more data, a smaller --seq-len or fewer --samples"
+                if not config.score_samples
+                else f"fewer than the {first_held_out} for importance (--samples) plus the {config.score_samples} held "
+                "out for scoring (--score-samples): use more data, a smaller --seq-len or fewer samples"
+            ))  # fmt: skip
+    if importance is not None:
+        say(f"importance from {config.importance_dir}")
+    else:
+        say(f"estimating importance on {config.samples} sequences of {config.seq_len} tokens")
+        batches = list(sequences.head(config.samples).batches(config.batch_size, shuffle=False, drop_last=False))
+        meta = {
+            "fingerprint": source_fingerprint,
+            "model": str(config.model),
+            "data": str(config.data),
+            "samples": config.samples,
+            "seq_len": config.seq_len,
+            "pattern": model.config.pattern,
+        }
+        mine = [b for j, b in enumerate(batches) if j % world.size == world.rank]
+        importance = estimate(model, mine, config.importance, world=world, meta=meta, on_batch=on_batch)
+    held_out = []
+    if sequences is not None and config.score_samples:
+        rows = sequences.head(first_held_out + config.score_samples).to_numpy()[first_held_out:]
+        held_out = [
+            torch.from_numpy(rows[i : i + config.batch_size].astype("int64")).to(world.device)
+            for i in range(0, len(rows), config.batch_size)
+        ]
+    return Source(Path(config.model), model, source_fingerprint, importance, held_out, sequences, world, config)

@@ -1,0 +1,85 @@
+"""Not a search: the shape a ModelOpt / Megatron-Bridge `export_config` names, proposed like any candidate.
+
+`compress prune --export-config '{"hidden_size": 4480, ...}'` prunes to exactly that shape (checked against
+the budget when one is given). The keys are those of ModelOpt's `mcore_minitron` mode, so a shape found by
+compressor (`export_config.json` next to every uniform pruned checkpoint) reproduces on a GPU cluster and
+the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from compressor.budget import Budget
+from compressor.config import HybridConfig
+from compressor.errors import OptionError
+from compressor.importance import Importance
+from compressor.prune import Target
+from strategies.base import Strategy
+
+# ModelOpt's export_config keys -> the HybridConfig fields they set.
+EXPORT_KEYS = {
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "mamba_num_heads": "mamba_num_heads",
+    "mamba_head_dim": "mamba_head_dim",
+    "num_layers": "num_blocks",
+}
+# Accepted on input for compressor's own use (KV groups); ModelOpt no longer prunes it, so it is never written.
+INPUT_ONLY_KEYS = {"num_query_groups": "num_key_value_heads"}
+
+
+@dataclass(frozen=True)
+class ExportConfigOptions:
+    shape: dict[str, Any] = field(default_factory=dict, metadata={"help": "The export_config to prune to."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shape, dict):
+            raise OptionError("export_config", 'must be a JSON object like {"hidden_size": 4480}')
+        known = {**EXPORT_KEYS, **INPUT_ONLY_KEYS}
+        unknown = sorted(set(self.shape) - set(known))
+        if unknown:
+            raise OptionError("export_config", f"has unknown key(s) {unknown}: use {', '.join(EXPORT_KEYS)}")
+        for key, value in self.shape.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionError("export_config", f"{key} must be a positive whole number, got {value!r}")
+
+
+class ExportConfigStrategy(Strategy):
+    name = "export_config"
+    Options = ExportConfigOptions
+
+    def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget | None) -> list[Target]:
+        return [target_from_export_config(source, importance, self.options.shape)]
+
+
+def target_from_export_config(source: HybridConfig, importance: Importance | None, shape: dict[str, int]) -> Target:
+    """The target an export_config names; `num_layers` drops the least important blocks (the last ones
+    without importance)."""
+    for key, value in shape.items():
+        name = {**EXPORT_KEYS, **INPUT_ONLY_KEYS}[key]
+        if value > getattr(source, name):
+            raise OptionError("export_config", f"{key} {value} is larger than the model's {getattr(source, name)}")
+    layers = shape.get("num_layers", source.num_blocks)
+    if importance is None:
+        order = list(range(source.num_blocks - 1, -1, -1))
+    else:
+        order = importance.block_scores().argsort().tolist()
+    drop = sorted(order[: source.num_blocks - layers])
+    return Target.uniform(
+        source,
+        hidden_size=shape.get("hidden_size"),
+        intermediate_size=shape.get("ffn_hidden_size"),
+        mamba_num_heads=shape.get("mamba_num_heads"),
+        mamba_head_dim=shape.get("mamba_head_dim"),
+        num_attention_heads=shape.get("num_attention_heads"),
+        num_key_value_heads=shape.get("num_query_groups"),
+        drop_blocks=drop,
+    )
+
+
+def export_config(config: HybridConfig) -> dict[str, int]:
+    """A uniform architecture in ModelOpt's `mcore_minitron` export_config keys."""
+    return {key: getattr(config, name) for key, name in EXPORT_KEYS.items()}

@@ -1,0 +1,165 @@
+"""The pruning pipeline behind `compress prune` (compressor/pipelines/pruning.py): budget in, checkpoint +
+compression.json out."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cli
+from compressor.budget import Budget, parse_size
+from compressor.checkpoint import load_model, save_model
+from compressor.errors import CompressorError
+from compressor.evaluate import evaluate
+from compressor.importance import Importance
+from compressor.model import HybridLM
+from compressor.pipelines.pruning import PruneConfig, prune_to_budget
+from compressor.pipelines.records import CompressionRecord
+from compressor.pipelines.source import CalibrationConfig, calibrate
+from tests.conftest import PIPELINE_SEQ
+
+runner = CliRunner()
+SEQ = PIPELINE_SEQ  # tokens per sequence of the workspace data
+
+
+def _budget(workspace, share=0.8):
+    model = load_model(workspace / "model")
+    full = Budget(memory=1, context=512).memory_of(model.config).total
+    return Budget(memory=int(full * share), context=512), full
+
+
+def _calibrate(workspace, model="model", **kwargs):
+    defaults = dict(data=str(workspace / "tokens.npy"), samples=16, score_samples=8, seq_len=SEQ, batch_size=4)
+    return calibrate(CalibrationConfig(str(workspace / model), **{**defaults, **kwargs}, device="cpu"))
+
+
+def _run(workspace, out, *, budget=None, options=None, export=None, **calibration):
+    config = PruneConfig(budget, options=options or {}, export=export)
+    return prune_to_budget(_calibrate(workspace, **calibration), config, out, say=lambda text: None)
+
+
+def test_pruned_checkpoint_fits_and_records_the_search(workspace, tmp_path):
+    budget, full = _budget(workspace)
+    record = _run(workspace, tmp_path / "out", budget=budget, options={"top_k": 4})
+    pruned = load_model(tmp_path / "out")
+    assert budget.memory_of(pruned.config).total <= budget.memory < full
+    saved = json.loads((tmp_path / "out" / "compression.json").read_text())
+    assert CompressionRecord.from_dict(saved) == record  # one JSON round trip
+    assert saved["chosen"] == record.chosen.to_dict() and len(saved["candidates"]) == 4
+    assert saved["source"]["fingerprint"] and saved["importance"]["samples"] == 16
+    scores = [c["score"] for c in saved["candidates"]]
+    assert scores == sorted(scores) and saved["chosen"]["score"] == scores[0]
+    assert record.chosen.params == pruned.num_parameters() and record.chosen.label != "unpruned"
+    export = json.loads((tmp_path / "out" / "export_config.json").read_text())
+    assert export["hidden_size"] == pruned.config.hidden_size and export["num_layers"] == pruned.config.num_blocks
+
+
+def test_the_score_is_the_kl_of_the_pruned_model_on_held_out_data(workspace, tmp_path):
+    budget, _ = _budget(workspace)
+    record = _run(workspace, tmp_path / "out", budget=budget, options={"top_k": 2})
+    original, pruned = load_model(workspace / "model"), load_model(tmp_path / "out")
+    held_out = torch.from_numpy(np.load(workspace / "tokens.npy")[: 24 * SEQ].reshape(24, SEQ)[16:].astype(np.int64))
+    result = evaluate(pruned, [held_out[:4], held_out[4:]], teacher=original)
+    assert record.chosen.score == pytest.approx(result.kl, rel=1e-4)
+
+
+def test_export_config_prunes_to_the_named_shape(workspace, tmp_path):
+    export = {"hidden_size": 96, "ffn_hidden_size": 128, "num_layers": 7}
+    record = _run(workspace, tmp_path / "out", export=export)
+    config = load_model(tmp_path / "out").config
+    assert (config.hidden_size, config.intermediate_size, config.num_blocks) == (96, 128, 7)
+    assert record.strategy == "export_config" and record.chosen.score is not None
+    with pytest.raises(CompressorError, match="export_config has unknown key"):
+        PruneConfig(export={"layers": 3})
+    with pytest.raises(CompressorError, match="hidden_size must be a positive whole number"):
+        PruneConfig(export={"hidden_size": 0})
+    budget, _ = _budget(workspace, 0.5)
+    with pytest.raises(CompressorError, match="names a shape that misses the budget: memory"):
+        _run(workspace, tmp_path / "over", budget=budget, export={"hidden_size": 128})
+
+
+def test_importance_folder_is_reused_and_checked(workspace, tmp_path):
+    budget, _ = _budget(workspace)
+    result = runner.invoke(
+        cli.app,
+        ["importance", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
+         "--seq-len", str(SEQ), "--out", str(tmp_path / "scores"), "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = _run(
+        workspace, tmp_path / "out", budget=budget, importance_dir=str(tmp_path / "scores"), options={"top_k": 2}
+    )
+    assert record.importance["folder"] == str(tmp_path / "scores")
+    torch.manual_seed(9)
+    save_model(HybridLM(load_model(workspace / "model").config), workspace / "other")
+    with pytest.raises(CompressorError, match="computed for another model"):
+        _calibrate(workspace, model="other", importance_dir=str(tmp_path / "scores"))
+    assert Importance.load(tmp_path / "scores").meta["samples"] == 16
+
+
+def test_infeasible_budget_fails_cleanly_and_writes_nothing(workspace, tmp_path):
+    with pytest.raises(CompressorError, match="no candidate meets the budget.*smallest architecture.*--axes"):
+        _run(workspace, tmp_path / "out", budget=Budget(memory=parse_size("1MiB"), context=512))
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_prune(workspace, tmp_path):
+    _, full = _budget(workspace)
+    args = ["prune", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
+            "--score-samples", "8", "--seq-len", str(SEQ), "--batch-size", "4", "--ctx", "512", "--device", "cpu",
+            "--top-k", "3"]  # fmt: skip
+    result = runner.invoke(cli.app, [*args, "--target-mem", f"{int(full * 0.8)}B", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "candidates (minitron), best first" in result.output and "wrote the pruned model" in result.output
+    result = runner.invoke(cli.app, [*args, "--target-mem", "1KiB", "--out", str(tmp_path / "b")])
+    assert (
+        result.exit_code == 1 and "no candidate meets the budget" in result.output and "Traceback" not in result.output
+    )
+    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "give a budget" in result.output
+    result = runner.invoke(cli.app, [*args, "--target-mem", "22GB/s", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and "bandwidth" in result.output
+    assert not any((tmp_path / n).exists() for n in "bcd")
+
+
+def test_dry_run_lists_fitting_candidates_of_a_preset():
+    result = runner.invoke(
+        cli.app,
+        ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run", "--top-k", "60", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["stats"]["grid_points"] == 44_370 and data["strategy"] == "minitron"
+    assert all(c["memory_bytes"] <= parse_size("19.66GiB") for c in data["candidates"])
+    architectures = [c["architecture"] for c in data["candidates"]]
+    assert any(a["num_layers"] == 56 and abs(a["hidden_size"] - 4480) <= 256 for a in architectures)
+    result = runner.invoke(cli.app, ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run"])
+    assert result.exit_code == 0 and "44,370 grid points" in result.output
+    # any strategy, through the same pipeline; nothing fitting is one clear line
+    args = ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run", "--strategy", "minipuzzle"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0 and "minipuzzle" in result.output, result.output
+    result = runner.invoke(cli.app, ["prune", "12b-v2", "--target-mem", "1GiB", "--ctx", "128k", "--dry-run"])
+    assert result.exit_code == 1 and "no candidate meets the budget" in result.output
+
+
+def test_strategy_options_come_from_the_strategy_and_are_checked(workspace, tmp_path):
+    base = ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run", "--json"]
+    narrow = json.loads(runner.invoke(cli.app, [*base, "--axes", "hidden", "--top-k", "3"]).output)
+    assert len(narrow["candidates"]) == 3
+    assert all(c["architecture"]["num_layers"] == 62 for c in narrow["candidates"])  # depth not pruned
+    cases = [
+        (["--hidden-choices", "2"], "--hidden-choices is not an option of the minitron strategy"),
+        (["--top-k", "two"], "--top-k takes a int, got 'two'"),
+        (["--axes", "hidden,width"], "--axes width: choose from"),
+        (["--strategy", "minipuzzle", "--ffn-fractions", "a,b"], "--ffn-fractions takes a float, got 'a'"),
+        (["--strategy", "minipuzzle", "--ffn-fractions", "1.5"], "--ffn-fractions must be fractions in (0, 1]"),
+        (["--strategy", "nope"], "--strategy 'nope' is unknown: choose one of"),
+        (["--max-width-pruning", "1"], "--max-width-pruning must be in [0, 1)"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(cli.app, [*base[:-1], *extra])
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), (extra, result.output)
+        assert "Traceback" not in result.output
