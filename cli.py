@@ -55,42 +55,53 @@ def friendly(command):
     return wrapper
 
 
-def with_strategy_options(command):
-    """Add one `--flag` per field of every registered strategy's Options (`strategies.base`) to a command;
-    the values given reach it as `strategy_options` ({field: text}), to be checked against the chosen
-    strategy's fields by the library."""
+def with_group(name: str, params: list[inspect.Parameter], build=None):
+    """Add a group of options to a command; their values reach it as one argument `name`: build(values)
+    (default: the dict of the values given, None left out)."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != name]
+        added = [p for p in params if p.name not in signature.parameters]
+        names = [p.name for p in added]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            given = build(values) if build else {n: v for n, v in values.items() if v is not None}
+            return command(*args, **{name: given}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        return wrapper
+
+    return decorate
+
+
+REQUIRED = inspect.Parameter.empty
+
+
+def option(name: str, kind, help: str | None = None, default=None) -> inspect.Parameter:
+    """A keyword option of an option group: `kind` is a type (with `help`) or an Annotated option type."""
+    annotation = Annotated[kind, typer.Option(help=help)] if help is not None else kind
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def strategy_options() -> list[inspect.Parameter]:
+    """One `--flag` per field of every registered strategy's Options (strategies.base): text the library
+    checks against the chosen strategy's fields."""
     import strategies
 
-    signature = inspect.signature(command, eval_str=True)
-    own = set(signature.parameters)
     fields: dict[str, tuple[str, list[str]]] = {}
     for name, strategy in strategies.available().items():
         defaults = strategy.Options()
         for field_name, (_, field) in strategies.option_fields(strategy.Options).items():
-            if field_name not in own:
-                value = getattr(defaults, field_name)
-                default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-                fields.setdefault(field_name, (field.metadata.get("help", ""), []))[1].append(f"{name} {default}")
-    extra = [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[str | None, typer.Option(help=f"{text} [default: {'; '.join(users)}]")],
-        )
+            value = getattr(defaults, field_name)
+            default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            fields.setdefault(field_name, (field.metadata.get("help", ""), []))[1].append(f"{name} {default}")
+    return [
+        option(name, str | None, f"{text} [default: {'; '.join(users)}]")
         for name, (text, users) in fields.items()
     ]
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        given = {name: kwargs.pop(name) for name in fields if kwargs.get(name) is not None}
-        for name in fields:
-            kwargs.pop(name, None)
-        return command(*args, strategy_options=given, **kwargs)
-
-    params = [p for p in signature.parameters.values() if p.name != "strategy_options"]
-    wrapper.__signature__ = signature.replace(parameters=params + extra)
-    return wrapper
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]
@@ -104,32 +115,38 @@ ScoreSamplesOption = Annotated[int, typer.Option(help="Held-out sequences to sco
 ImportanceDirOption = Annotated[
     Path | None, typer.Option("--importance", help="Importance folder to reuse (`compress importance`).")
 ]
-# budgets (prune, search): see compressor.budget.Budget.from_options
-TargetMemOption = Annotated[str | None, typer.Option(help="Memory budget at --ctx, e.g. 22GiB or 19.66GiB.")]
-CtxOption = Annotated[str, typer.Option(help="Context length of the memory budget, e.g. 128k.")]
-BatchOption = Annotated[int, typer.Option(help="Sequences served at once.")]
-TargetParamsOption = Annotated[str | None, typer.Option(help="Parameter budget, e.g. 9B.")]
 GpuOption = Annotated[
     str | None,
     typer.Option(help="GPU for throughput: a10g, l4, l40s, a100-40gb, a100-80gb, h100-sxm, h200, b200, rtx-5090."),
 ]
 GpuBandwidthOption = Annotated[str | None, typer.Option(help="Your GPU's memory bandwidth, e.g. 600GB/s.")]
 GpuTflopsOption = Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")]
-MinSpeedupOption = Annotated[float | None, typer.Option(help="At least this many times the original tokens/s.")]
-IslOption = Annotated[str | None, typer.Option(help="Prompt tokens of the throughput workload, e.g. 8k.")]
-OslOption = Annotated[str | None, typer.Option(help="Generated tokens of the throughput workload, e.g. 16k.")]
 WeightDtypeOption = Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (NVFP4).")]
 KvDtypeOption = Annotated[str | None, typer.Option(help="KV cache: bf16, fp16, fp32 or fp8 (default: compute).")]
 SsmDtypeOption = Annotated[str | None, typer.Option(help="SSM state: fp32, bf16 or fp16 (default: the config's).")]
-BUDGET_OPTIONS = ("target_mem", "ctx", "batch", "target_params", "gpu", "gpu_bandwidth", "gpu_tflops",
-                  "min_speedup", "isl", "osl", "weight_dtype", "kv_dtype", "ssm_dtype")  # fmt: skip
+# budgets (prune, search): compressor.budget.Budget.from_options
+BUDGET_OPTIONS = [
+    option("target_mem", str | None, "Memory budget at --ctx, e.g. 22GiB or 19.66GiB."),
+    option("ctx", str, "Context length of the memory budget, e.g. 128k.", "8k"),
+    option("batch", int, "Sequences served at once.", 1),
+    option("target_params", str | None, "Parameter budget, e.g. 9B."),
+    option("gpu", GpuOption),
+    option("gpu_bandwidth", GpuBandwidthOption),
+    option("gpu_tflops", GpuTflopsOption),
+    option("min_speedup", float | None, "At least this many times the original tokens/s."),
+    option("isl", str | None, "Prompt tokens of the throughput workload, e.g. 8k."),
+    option("osl", str | None, "Generated tokens of the throughput workload, e.g. 16k."),
+    option("weight_dtype", WeightDtypeOption, default="bf16"),
+    option("kv_dtype", KvDtypeOption),
+    option("ssm_dtype", SsmDtypeOption),
+]  # fmt: skip
 
 
-def budget_from(options: dict[str, Any]):
-    """The Budget the command's budget flags describe (None when no limit is given)."""
+def budget_from(values: dict[str, Any]):
+    """The Budget the budget flags describe (None when no limit is given)."""
     from compressor.budget import Budget
 
-    return Budget.from_options(**{name: options[name] for name in BUDGET_OPTIONS})
+    return Budget.from_options(**values)
 
 
 def load_config_or_preset(model: str):
@@ -552,23 +569,11 @@ def _print_importance(scores, out: Path) -> None:
 # ----- prune --------------------------------------------------------------------------------------------
 @app.command("prune")
 @friendly
-@with_strategy_options
+@with_group("budget", BUDGET_OPTIONS, budget_from)
+@with_group("strategy_options", strategy_options())
 def prune_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")] = None,
-    target_mem: TargetMemOption = None,
-    ctx: CtxOption = "8k",
-    batch: BatchOption = 1,
-    target_params: TargetParamsOption = None,
-    gpu: GpuOption = None,
-    gpu_bandwidth: GpuBandwidthOption = None,
-    gpu_tflops: GpuTflopsOption = None,
-    min_speedup: MinSpeedupOption = None,
-    isl: IslOption = None,
-    osl: OslOption = None,
-    weight_dtype: WeightDtypeOption = "bf16",
-    kv_dtype: KvDtypeOption = None,
-    ssm_dtype: SsmDtypeOption = None,
     export_config: Annotated[
         str | None, typer.Option(help="Prune to this ModelOpt export_config (JSON or file) instead of searching.")
     ] = None,
@@ -591,6 +596,7 @@ def prune_command(
         bool, typer.Option(help="Only list the candidates that fit (works on presets and config.json too).")
     ] = False,
     json_output: JsonOption = False,
+    budget=None,
     strategy_options: dict[str, str] | None = None,
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default)."""
@@ -598,7 +604,7 @@ def prune_command(
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
     export = _read_export_config(export_config) if export_config is not None else None
-    config = PruneConfig(budget_from(locals()), strategy, strategy_options or {}, export, score)
+    config = PruneConfig(budget, strategy, strategy_options or {}, export, score)
     if dry_run:
         arch, _ = load_config_or_preset(str(model))
         _print_plan(plan(arch, config), config, json_output)
@@ -663,24 +669,12 @@ def _print_plan(result, config, json_output: bool) -> None:
 # ----- search -------------------------------------------------------------------------------------------
 @app.command()
 @friendly
-@with_strategy_options
+@with_group("budget", BUDGET_OPTIONS, budget_from)
+@with_group("strategy_options", strategy_options())
 def search(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress.")],
     out: Annotated[Path, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")],
     data: Annotated[str | None, typer.Option(help="Calibration and distillation data (text or tokens).")] = None,
-    target_mem: TargetMemOption = None,
-    ctx: CtxOption = "8k",
-    batch: BatchOption = 1,
-    target_params: TargetParamsOption = None,
-    gpu: GpuOption = None,
-    gpu_bandwidth: GpuBandwidthOption = None,
-    gpu_tflops: GpuTflopsOption = None,
-    min_speedup: MinSpeedupOption = None,
-    isl: IslOption = None,
-    osl: OslOption = None,
-    weight_dtype: WeightDtypeOption = "bf16",
-    kv_dtype: KvDtypeOption = None,
-    ssm_dtype: SsmDtypeOption = None,
     strategy: Annotated[str, typer.Option(help="minipuzzle, minitron, or a plugged-in one.")] = "minipuzzle",
     candidates: Annotated[int, typer.Option(help="Finalists put through the short distillation.")] = 8,
     distill_tokens: Annotated[str, typer.Option(help="Distillation tokens per finalist, e.g. 50M.")] = "50M",
@@ -701,6 +695,7 @@ def search(
     overwrite: OverwriteOption = False,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
     json_output: JsonOption = False,
+    budget=None,
     strategy_options: dict[str, str] | None = None,
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
@@ -713,7 +708,6 @@ def search(
     if resume:
         config, calibration = SearchConfig.from_record(load_search(out)), resume_calibration(out)
     else:
-        budget = budget_from(locals())
         if budget is None:
             raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
         template = TrainConfig(
@@ -858,125 +852,74 @@ def _run_training(options: dict[str, Any]) -> None:
         console.print(summary)
 
 
-OutOption = Annotated[Path, typer.Option(help="Run folder: model/ (latest checkpoint), metrics.jsonl.")]
-DataOption = Annotated[str, typer.Option(help="Training text or tokens (as for `compress eval`).")]
-TokensOption = Annotated[str | None, typer.Option(help="Token budget, e.g. 50M or 2B (sets the steps).")]
-StepsOption = Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")]
-SeqLenOption = Annotated[int, typer.Option(help="Tokens per sequence.")]
-BatchSizeOption = Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together.")]
-MicroBatchOption = Annotated[int, typer.Option(help="Sequences per forward pass of one process.")]
-LrOption = Annotated[float, typer.Option(help="Peak learning rate.")]
-MinLrOption = Annotated[float, typer.Option(help="Final learning rate.")]
-WarmupOption = Annotated[int | None, typer.Option(help="Linear warmup steps (default 5%).")]
-ScheduleOption = Annotated[str, typer.Option(help="cosine, wsd (warmup-stable-decay) or constant.")]
-DecayFractionOption = Annotated[float, typer.Option(help="WSD: share of steps spent decaying.")]
-WeightDecayOption = Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")]
-GradClipOption = Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")]
-EvalEveryOption = Annotated[int, typer.Option(help="Validate every N steps.")]
-EvalSequencesOption = Annotated[int, typer.Option(help="Validation sequences.")]
-SaveEveryOption = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
-LogEveryOption = Annotated[int, typer.Option(help="Log training metrics every N steps.")]
-ValidFractionOption = Annotated[float, typer.Option(help="Share of the data held out for validation.")]
-MaxSequencesOption = Annotated[int | None, typer.Option(help="Read at most this many sequences.")]
-AutocastOption = Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or off.")]
-ResumeOption = Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")]
-DryRunOption = Annotated[bool, typer.Option(help="Print the memory plan and whether it fits; train nothing.")]
-QuietOption = Annotated[bool, typer.Option(help="No live display.")]
-ChunkTokensOption = Annotated[
-    int | None, typer.Option(help="Tokens per logits chunk in the loss (default: 128 MiB of logits).")
-]
+def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
+    """The options `compress distill` and `compress train` share (compressor.train.TrainConfig)."""
+    return [
+        option("data", str, "Training text or tokens (as for `compress eval`).", REQUIRED),
+        option("out", Path, "Run folder: model/ (latest checkpoint), metrics.jsonl.", REQUIRED),
+        option("tokens", str | None, "Token budget, e.g. 50M or 2B (sets the steps)."),
+        option("steps", int | None, "Optimizer steps (default: one epoch)."),
+        option("seq_len", int, "Tokens per sequence.", 512),
+        option("batch_size", int, "Sequences per optimizer step, all processes together.", 16),
+        option("micro_batch_size", int, "Sequences per forward pass of one process.", 4),
+        option("lr", float, "Peak learning rate.", lr),
+        option("min_lr", float, "Final learning rate.", min_lr),
+        option("warmup_steps", int | None, "Linear warmup steps (default 5%)."),
+        option("schedule", str, "cosine, wsd (warmup-stable-decay) or constant.", "cosine"),
+        option("decay_fraction", float, "WSD: share of steps spent decaying.", 0.2),
+        option("weight_decay", float, "AdamW weight decay (matrices only).", 0.1),
+        option("grad_clip", float, "Gradient-norm clipping (0: off).", 1.0),
+        option("chunk_tokens", int | None, "Tokens per logits chunk in the loss (default: 128 MiB of logits)."),
+        option("eval_every", int, "Validate every N steps.", 50),
+        option("eval_sequences", int, "Validation sequences.", 64),
+        option("save_every", int, "Checkpoint every N steps.", 100),
+        option("log_every", int, "Log training metrics every N steps.", 10),
+        option("valid_fraction", float, "Share of the data held out for validation.", 0.05),
+        option("max_sequences", int | None, "Read at most this many sequences."),
+        option("seed", int, "Seed of data order, split and initialisation.", 0),
+        option("dtype", str, "Master-weight dtype of the trained model.", "float32"),
+        option("autocast", str, "auto (bf16 on CUDA), bf16 or off.", "auto"),
+        option("tokenizer", Path | None, "Tokenizer (default: the trained model's)."),
+        option("text_field", TextFieldOption, default="text"),
+        option("device", DeviceOption, default="auto"),
+        option("overwrite", bool, "Replace an existing run folder.", False),
+        option("resume", bool, "Continue the run in --out from its checkpoint.", False),
+        option("dry_run", bool, "Print the memory plan and whether it fits; train nothing.", False),
+        option("quiet", bool, "No live display.", False),
+    ]  # fmt: skip
 
 
 @app.command()
 @friendly
+@with_group("run", training_options(lr=1e-4, min_lr=1e-5), dict)
 def distill(
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint folder.")],
     student: Annotated[Path, typer.Argument(help="Student checkpoint folder (e.g. the pruned model).")],
-    data: DataOption,
-    out: OutOption,
-    tokens: TokensOption = None,
-    steps: StepsOption = None,
-    seq_len: SeqLenOption = 512,
-    batch_size: BatchSizeOption = 16,
-    micro_batch_size: MicroBatchOption = 4,
-    lr: LrOption = 1e-4,
-    min_lr: MinLrOption = 1e-5,
-    warmup_steps: WarmupOption = None,
-    schedule: ScheduleOption = "cosine",
-    decay_fraction: DecayFractionOption = 0.2,
-    weight_decay: WeightDecayOption = 0.1,
-    grad_clip: GradClipOption = 1.0,
     divergence: Annotated[str, typer.Option(help="forward_kl, reverse_kl or jsd.")] = "forward_kl",
     temperature: Annotated[float, typer.Option(help="Distillation temperature (loss scaled by T^2).")] = 1.0,
     jsd_beta: Annotated[float, typer.Option(help="Mixture weight of the generalized JSD.")] = 0.5,
     lm_weight: Annotated[float, typer.Option(help="Weight of the student's LM loss in the mix (0-1).")] = 0.0,
-    chunk_tokens: ChunkTokensOption = None,
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
-    eval_every: EvalEveryOption = 50,
-    eval_sequences: EvalSequencesOption = 64,
-    save_every: SaveEveryOption = 100,
-    log_every: LogEveryOption = 10,
-    valid_fraction: ValidFractionOption = 0.05,
-    max_sequences: MaxSequencesOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of data order, split and initialisation.")] = 0,
-    dtype: Annotated[str, typer.Option(help="Student master-weight dtype.")] = "float32",
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
-    autocast: AutocastOption = "auto",
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the student's).")] = None,
-    text_field: TextFieldOption = "text",
-    device: DeviceOption = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    resume: ResumeOption = False,
-    dry_run: DryRunOption = False,
-    quiet: QuietOption = False,
+    run: dict[str, Any] | None = None,
 ) -> None:
     """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
-    _run_training(dict(locals()))
+    options = {k: v for k, v in locals().items() if k != "run"}
+    _run_training({**options, **run})
 
 
 @app.command("train")
 @friendly
+@with_group("run", training_options(lr=1e-3, min_lr=1e-4), dict)
 def train_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to train (e.g. from `compress init`).")],
-    data: DataOption,
-    out: OutOption,
-    tokens: TokensOption = None,
-    steps: StepsOption = None,
-    seq_len: SeqLenOption = 512,
-    batch_size: BatchSizeOption = 16,
-    micro_batch_size: MicroBatchOption = 4,
-    lr: LrOption = 1e-3,
-    min_lr: MinLrOption = 1e-4,
-    warmup_steps: WarmupOption = None,
-    schedule: ScheduleOption = "cosine",
-    decay_fraction: DecayFractionOption = 0.2,
-    weight_decay: WeightDecayOption = 0.1,
-    grad_clip: GradClipOption = 1.0,
-    chunk_tokens: ChunkTokensOption = None,
-    eval_every: EvalEveryOption = 50,
-    eval_sequences: EvalSequencesOption = 64,
-    save_every: SaveEveryOption = 100,
-    log_every: LogEveryOption = 10,
-    valid_fraction: ValidFractionOption = 0.05,
-    max_sequences: MaxSequencesOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of data order and split.")] = 0,
-    dtype: Annotated[str, typer.Option(help="Master-weight dtype.")] = "float32",
-    autocast: AutocastOption = "auto",
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's).")] = None,
-    text_field: TextFieldOption = "text",
-    device: DeviceOption = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    resume: ResumeOption = False,
-    dry_run: DryRunOption = False,
-    quiet: QuietOption = False,
+    run: dict[str, Any] | None = None,
 ) -> None:
     """Plain language-model training of MODEL (the distillation loop without a teacher)."""
-    options = dict(locals())
-    options["student"] = options.pop("model")
-    options.update(divergence="forward_kl", temperature=1.0, jsd_beta=0.5, lm_weight=1.0)
-    _run_training(options)
+    options = dict(student=model, divergence="forward_kl", temperature=1.0, jsd_beta=0.5, lm_weight=1.0)
+    _run_training({**options, **run})
 
 
 def main() -> None:  # pragma: no cover - console entry point
