@@ -90,8 +90,7 @@ def reset() -> None:
 def _backend(device_type: str, dtype: torch.dtype, conv_kernel: int, disabled: bool) -> Backend:
     if device_type != DEVICE_TYPE:
         return TORCH
-    if disabled:
-        _say("Mamba kernels off: COMPRESSOR_DISABLE_KERNELS=1; every op runs in torch")
+    if disabled:  # asked for: nothing to say
         return TORCH
     if dtype not in DTYPES:
         _say(f"Mamba kernels off for {dtype} activations (the kernels take float32, float16, bfloat16)")
