@@ -12,7 +12,8 @@ Mamba layer runs for each op:
 Each library is optional on its own: one that is missing or fails to import leaves its ops on the torch
 path while the other still runs, and a warning says once what is off and why. Nothing is imported until
 a CUDA tensor asks, so CPU machines never touch either package. COMPRESSOR_DISABLE_KERNELS=1 forces the
-torch path everywhere. Install with `pip install 'compressor[cuda]' --no-build-isolation`.
+torch path everywhere. Install: `pip install --no-build-isolation -e ".[cuda]"` (both build against the
+installed torch; `benchmarks/gpu_check.sh` picks versions with prebuilt wheels).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from compressor import ssd
 DEVICE_TYPE = "cuda"  # where the kernels run
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what both libraries take
 CONV_WIDTHS = range(2, 5)  # causal-conv1d's kernel widths
+INSTALL = "'mamba-ssm>=2.3' 'causal-conv1d>=1.6'"  # the `cuda` extra
 # library -> {our op: (module, function)}
 LIBRARIES = {
     "mamba-ssm": {
@@ -88,9 +90,7 @@ def reset() -> None:
 
 @functools.cache
 def _backend(device_type: str, dtype: torch.dtype, conv_kernel: int, disabled: bool) -> Backend:
-    if device_type != DEVICE_TYPE:
-        return TORCH
-    if disabled:  # asked for: nothing to say
+    if device_type != DEVICE_TYPE or disabled:  # nothing to say: no kernels here, or asked for none
         return TORCH
     if dtype not in DTYPES:
         _say(f"Mamba kernels off for {dtype} activations (the kernels take float32, float16, bfloat16)")
@@ -99,7 +99,7 @@ def _backend(device_type: str, dtype: torch.dtype, conv_kernel: int, disabled: b
     for name, ops in LIBRARIES.items():
         library = _library(name)
         if isinstance(library, str):
-            _say(f"{library}; {', '.join(ops)} run in torch. Install: pip install 'compressor[cuda]'")
+            _say(f"{library}; {', '.join(ops)} run in torch. Install: pip install --no-build-isolation {INSTALL}")
         else:
             fast |= set(ops)
     if conv_kernel not in CONV_WIDTHS and fast & {"conv", "conv_update"}:
