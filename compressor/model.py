@@ -47,19 +47,25 @@ class GatedRMSNorm(nn.Module):
         self.n_groups = n_groups
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if kernels.available(y.device):
-            return kernels.gated_rms_norm(y, gate, self.weight, self.n_groups, self.eps)
-        return ssd.gated_rms_norm(y, gate, self.weight, self.n_groups, self.eps)
+    def forward(
+        self, y: torch.Tensor, gate: torch.Tensor, norm: Callable[..., torch.Tensor] = ssd.gated_rms_norm
+    ) -> torch.Tensor:
+        """`norm` is the backend's gated_rms_norm (torch's by default)."""
+        return norm(y, gate, self.weight, self.n_groups, self.eps)
 
 
 class MambaMixer(nn.Module):
+    """Mamba-2. Its five ops (conv, conv_update, chunk_scan, step, gated norm) come from one backend,
+    `kernels.backend(...)`, chosen once per device and dtype: mamba-ssm / causal-conv1d kernels on CUDA where
+    they take the layer, `compressor.ssd` otherwise; both keep the contract written in `compressor.ssd`."""
+
     def __init__(self, config: HybridConfig, spec: BlockSpec) -> None:
         super().__init__()
         self.num_heads = spec.mamba_num_heads  # H
         self.head_dim = spec.mamba_head_dim  # P
         self.n_groups = config.n_groups  # G
         self.state_size = config.ssm_state_size  # N
+        self.conv_kernel = config.conv_kernel  # K
         self.intermediate = spec.mamba_intermediate  # I = H * P
         self.conv_dim = self.intermediate + 2 * self.n_groups * self.state_size  # x, B, C
         self.chunk_size = config.chunk_size
@@ -85,53 +91,32 @@ class MambaMixer(nn.Module):
         b, t, _ = hidden.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.state_size
         z, xbc, dt = self.in_proj(hidden).split([self.intermediate, self.conv_dim, H], dim=-1)
+        ops = kernels.backend(xbc.device, xbc.dtype, self.conv_kernel)
         state = cache.layers[index] if cache is not None else None
         fresh = cache is None or cache.seen == 0
-        fast = kernels.available(hidden.device)
         weight = self.conv1d.weight.squeeze(1)  # (conv_dim, K)
 
-        if fast and fresh:
-            width = self.conv1d.kernel_size[0] - 1
-            if state is not None and width:  # the last K-1 inputs, zero-padded on the left for short prompts
-                state.conv.copy_(F.pad(xbc.transpose(1, 2), (width, 0))[..., -width:])
-            xbc = kernels.conv(xbc, weight, self.conv1d.bias)
+        if fresh:
+            if state is not None:  # what the next call continues from: the last K-1 inputs, not the prompt
+                state.conv.copy_(ssd.conv_tail(xbc, self.conv_kernel - 1))
+            xbc = ops.conv(xbc, weight, self.conv1d.bias)
         else:
-            xbc, conv_state = ssd.causal_conv1d(xbc, weight, self.conv1d.bias, None if fresh else state.conv)
-            if state is not None:
-                state.conv.copy_(conv_state)
+            xbc = ops.conv_update(xbc, weight, self.conv1d.bias, state.conv)
         x, B, C = xbc.split([self.intermediate, G * N, G * N], dim=-1)
         x = x.reshape(b, t, H, P)
         B, C = B.reshape(b, t, G, N), C.reshape(b, t, G, N)
         A = -torch.exp(self.A_log.float())
 
         if state is not None and not fresh and t == 1:  # decoding: one recurrent step
-            if fast:
-                y = kernels.step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias)
-                y = y[:, None]
-            else:
-                step_dt = self._discretize(dt[:, 0])
-                new_state, y = ssd.ssd_step(state.ssm, x[:, 0], step_dt, A, B[:, 0], C[:, 0])
-                state.ssm.copy_(new_state)
-                y = y[:, None] + self.D.float()[:, None] * x.float()
+            y = ops.step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias, self.dt_limit)
+            y = y[:, None]
         else:
             initial = None if fresh else state.ssm
-            if fast:
-                y, final = kernels.chunk_scan(
-                    x, dt, A, B, C, self.D, self.dt_bias, self.dt_limit, self.chunk_size, initial
-                )
-            else:
-                y, final = ssd.ssd_chunked(x, self._discretize(dt), A, B, C, self.chunk_size, initial)
-                y = y + self.D.float()[:, None] * x.float()
+            y, final = ops.chunk_scan(x, dt, A, B, C, self.D, self.dt_bias, self.dt_limit, self.chunk_size, initial)
             if state is not None:
                 state.ssm.copy_(final)
-        y = self.norm(y.reshape(b, t, self.intermediate), z)
+        y = self.norm(y.reshape(b, t, self.intermediate), z, ops.gated_rms_norm)
         return self.out_proj(y.to(hidden.dtype))
-
-    def _discretize(self, dt: torch.Tensor) -> torch.Tensor:
-        """dt = clamp(softplus(dt + dt_bias)) in fp32."""
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        low, high = self.dt_limit
-        return dt if (low, high) == (0.0, math.inf) else dt.clamp(low, high)
 
 
 class Attention(nn.Module):

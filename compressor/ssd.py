@@ -10,9 +10,23 @@ B and C are shared by the k heads of a group; the code keeps them at group granu
 to h heads), which saves memory and time over a naive port. `ssd_chunked` is the fast exact form used for
 prefill and training; `ssd_step` is one recurrent step for decoding; `ssd_naive` is the sequential loop
 that both are tested against.
+
+The Mamba layer calls five ops, the contract this module shares with its CUDA twin `compressor.kernels`
+(same names, signatures and meanings; the mixer picks one backend per device):
+
+    chunk_scan(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state) -> (y, final_state)
+    step(state, x, dt, A, B, C, D, dt_bias, dt_limit) -> y                  state updated in place
+    conv(xbc, weight, bias) -> out                                        a fresh sequence
+    conv_update(xbc, weight, bias, state) -> out                          continues; state updated in place
+    gated_rms_norm(y, gate, weight, n_groups, eps) -> out
+
+dt is the raw projection: both discretise it as clamp(softplus(dt + dt_bias), *dt_limit); y includes the
+D skip (y + D * x). The torch ops return fp32; the kernels return their input's dtype.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -146,3 +160,70 @@ def gated_rms_norm(
     grouped = out.view(*out.shape[:-1], n_groups, -1)
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
     return grouped.view(out.shape) * weight.float()
+
+
+def discretize(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float]) -> torch.Tensor:
+    """dt = clamp(softplus(dt + dt_bias), *dt_limit) in fp32; dt (..., h) raw, dt_bias (h,)."""
+    dt = F.softplus(dt.float() + dt_bias.float())
+    low, high = dt_limit
+    return dt if (low, high) == (0.0, math.inf) else dt.clamp(low, high)
+
+
+def chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    dt_limit: tuple[float, float],
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill / training scan with the D skip. dt (b, t, h) raw; other shapes as `ssd_chunked`.
+
+    Returns y (b, t, h, p) and the final state (b, h, p, n), both fp32.
+    """
+    y, final = ssd_chunked(x, discretize(dt, dt_bias, dt_limit), A, B, C, chunk_size, initial_state)
+    return y + D.float()[:, None] * x.float(), final
+
+
+def step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    dt_limit: tuple[float, float],
+) -> torch.Tensor:
+    """One decoding step with the D skip; updates `state` (b, h, p, n) in place. x (b, h, p); dt (b, h) raw;
+    B, C (b, g, n). Returns y (b, h, p) fp32."""
+    new_state, y = ssd_step(state, x, discretize(dt, dt_bias, dt_limit), A, B, C)
+    state.copy_(new_state)
+    return y + D.float()[:, None] * x.float()
+
+
+def conv(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise conv + SiLU of a fresh sequence (zeros before it). xbc (b, t, d) -> (b, t, d)."""
+    return causal_conv1d(xbc, weight, bias, None)[0]
+
+
+def conv_update(
+    xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor
+) -> torch.Tensor:
+    """Causal depthwise conv + SiLU continuing from `state` (b, d, K-1), which is updated in place to the
+    last K-1 inputs. xbc (b, t, d) -> (b, t, d), any t >= 1 (a decoding step or a continued prompt)."""
+    out, new_state = causal_conv1d(xbc, weight, bias, state)
+    state.copy_(new_state)
+    return out
+
+
+def conv_tail(xbc: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv state a fresh sequence leaves: its last `width` (K-1) inputs, (b, d, width), zero-padded on
+    the left when the sequence is shorter. A view of `xbc` (b, t, d) when t >= width: never a copy of it."""
+    tail = xbc[:, max(xbc.shape[1] - width, 0) :].transpose(1, 2)
+    return F.pad(tail, (width - tail.shape[-1], 0)) if tail.shape[-1] < width else tail

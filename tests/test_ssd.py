@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressor.ssd import causal_conv1d, ssd_chunked, ssd_naive
+from compressor.ssd import causal_conv1d, conv_tail, ssd_chunked, ssd_naive
 
 
 def _inputs(seed, b, t, g, k, p, n):
@@ -75,3 +75,13 @@ def test_causal_conv_with_state_equals_whole_sequence():
         out, state = causal_conv1d(xbc[:, i : i + 1], weight, bias, state)
         pieces.append(out)
     torch.testing.assert_close(torch.cat(pieces, 1), whole)
+
+
+def test_conv_state_keeps_the_last_inputs_without_copying_the_prompt():
+    xbc = torch.randn(2, 1000, 12)
+    tail = conv_tail(xbc, 3)
+    assert tail.shape == (2, 12, 3) and tail.untyped_storage().data_ptr() == xbc.untyped_storage().data_ptr()
+    torch.testing.assert_close(tail, xbc[:, -3:].transpose(1, 2))
+    short = conv_tail(xbc[:, :2], 3)
+    torch.testing.assert_close(short, F.pad(xbc[:, :2].transpose(1, 2), (1, 0)))
+    assert conv_tail(xbc, 0).shape == (2, 12, 0)

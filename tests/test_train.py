@@ -55,6 +55,7 @@ def _config(workspace, out, **changes):
         save_every=2,
         log_every=1,
         valid_fraction=0.1,
+        device="cpu",  # the figures these tests compare are CPU fp32 ones, also on a GPU machine
     )
     base.update(changes)
     return TrainConfig(**base)
@@ -137,7 +138,7 @@ def test_two_processes_equal_one(workspace, tmp_path):
         "distill", str(workspace / "teacher"), str(workspace / "student"), "--data", str(workspace / "tokens.npy"),
         "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2", "--steps", "4", "--lr", "3e-3",
         "--eval-every", "2", "--eval-sequences", "8", "--save-every", "4", "--valid-fraction", "0.1", "--quiet",
-        "--log-every", "1",
+        "--log-every", "1", "--device", "cpu",
     ]  # fmt: skip
     one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
@@ -230,6 +231,7 @@ def test_memory_plan_counts_every_term(workspace, tmp_path):
 
 def test_cli_train_and_dry_run(workspace, tmp_path):
     common = ["--data", str(workspace / "tokens.npy"), "--seq-len", "32", "--batch-size", "8", "--quiet"]
+    common += ["--device", "cpu"]  # the dry run reports for CPU, also on a GPU machine
     result = runner.invoke(
         cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "r"), "--tokens", "512"]
     )
