@@ -65,6 +65,8 @@ the bytes read, not the FLOP/s (all compute is taken at the bf16 rate).
 - each phase takes max(FLOPs / FLOP/s, bytes / bandwidth) over its totals. Time to first token = the
   prefill of the whole batch; decode latency = decode time / output tokens; tokens/s = batch x output
   tokens / (prefill + decode).
+These formulas live once, in `roofline_throughput`, over an architecture's `RooflineTerms`;
+`compressor.baselines` feeds them a plain transformer's terms, so hybrids and transformers compare alike.
 """
 
 from __future__ import annotations
@@ -72,12 +74,16 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from compressor.config import ATTENTION, MAMBA, MLP, BlockSpec, HybridConfig
 from compressor.errors import BudgetError, OptionError
+
+if TYPE_CHECKING:
+    from compressor.baselines import TransformerConfig
 
 KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
 DEFAULT_PREFILL_CHUNK = 2048
@@ -412,9 +418,15 @@ def largest_batch(config: HybridConfig, context: int, memory_limit: int, **dtype
     """The most sequences of `context` tokens that fit in `memory_limit` bytes (0 if not even one).
 
     Keyword arguments as `estimate_memory` (weight_dtype, kv_dtype, ssm_dtype, prefill_chunk)."""
+    return largest_fitting_batch(lambda batch: estimate_memory(config, context, batch, **dtypes), memory_limit)
+
+
+def largest_fitting_batch(memory_at: Callable[[int], MemoryEstimate], memory_limit: int) -> int:
+    """The largest batch whose `memory_at(batch).total` fits in `memory_limit` bytes (0 if not even one),
+    for any architecture whose memory grows with the batch."""
 
     def fits(batch: int) -> bool:
-        return estimate_memory(config, context, batch, **dtypes).total <= memory_limit
+        return memory_at(batch).total <= memory_limit
 
     if not fits(1):
         return 0
@@ -560,66 +572,93 @@ class ThroughputEstimate:
         return out
 
 
-def estimate_throughput(
-    config: HybridConfig,
+@dataclass(frozen=True)
+class RooflineTerms:
+    """What the roofline (module docstring, "Throughput") needs of an architecture, per token and per
+    sequence. `roofline_terms` gives a hybrid's; `compressor.baselines` builds a transformer's."""
+
+    read_weights: int  # weight bytes one forward pass reads (all but the embedding table, unless tied)
+    head_bytes: int  # bytes of the output head, which a prefill applies to the last position only
+    kv_bytes_per_token: int  # KV cache of one token of one sequence, all attention blocks
+    state_bytes: int  # SSM + conv state of one sequence, read and written by each decoding step
+    block_matmul: int  # weights of the blocks' matrices: multiply-adds per token
+    head_matmul: int  # vocab x hidden: multiply-adds per token of the output head
+    attention_width: int  # heads x head_dim summed over the attention blocks
+    scan_step: int  # FLOPs per token of the Mamba scans when decoding (state update and output)
+    scan_chunked: int  # FLOPs per token of the chunked Mamba scans of a prefill
+
+
+def roofline_terms(config: HybridConfig, memory: MemoryEstimate) -> RooflineTerms:
+    """A hybrid's roofline terms in the dtypes of `memory` (any batch: the terms are per sequence)."""
+    by_component = weight_bytes_by_component(config, memory.weight_dtype)
+    groups = _block_groups(config)
+    n, gn, cs = config.ssm_state_size, config.n_groups * config.ssm_state_size, config.chunk_size
+    mamba = [(s.mamba_intermediate, c) for s, c in groups if s.kind == MAMBA]
+    return RooflineTerms(
+        # Decoding reads every weight but the embedding table (one row per token), unless lm_head shares it.
+        read_weights=memory.weights - (0 if config.tie_word_embeddings else by_component["embeddings"]),
+        head_bytes=by_component["embeddings"] if config.tie_word_embeddings else by_component["lm_head"],
+        kv_bytes_per_token=kv_bytes_per_token(config, memory.kv_dtype),
+        state_bytes=ssm_state_bytes(config, memory.ssm_dtype) + conv_state_bytes(config, memory.compute_dtype),
+        block_matmul=sum(c * o * i for s, c in groups for o, i in _matrices(config, s)),
+        head_matmul=config.vocab_size * config.hidden_size,
+        attention_width=sum(c * s.num_attention_heads * s.head_dim for s, c in groups if s.kind == ATTENTION),
+        scan_step=sum(c * 6 * inner * n for inner, c in mamba),
+        scan_chunked=sum(c * (6 * inner * n + 2 * cs * (inner + gn)) for inner, c in mamba),
+    )
+
+
+def resolve_batch(
     workload: Workload,
     gpu: GPUSpec,
-    *,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    memory_at: Callable[[int], MemoryEstimate],
     memory_limit: int | None = None,
-) -> ThroughputEstimate:
-    """Time to first token, decode latency and tokens/s of `workload` on `gpu` (roofline, module docstring).
-
-    `batch='max'` takes the largest batch whose memory at input + output tokens fits `memory_limit`
-    (default: the GPU's memory)."""
+) -> int:
+    """The workload's batch; for 'max' the largest whose memory (`memory_at(batch)`, at input + output
+    tokens) fits `memory_limit` (default: the GPU's memory). BudgetError for an empty workload or when not
+    even one sequence fits."""
     isl, osl = workload.input_tokens, workload.output_tokens
     if isl < 1 or osl < 1:
         raise BudgetError(f"a workload needs at least 1 input and 1 output token, got {isl} in / {osl} out")
-    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=prefill_chunk)
-    batch = workload.batch
-    if batch == "max":
-        limit = gpu.memory if memory_limit is None else memory_limit
-        batch = largest_batch(config, isl + osl, limit, **dtypes)
-        if batch == 0:
-            needed = estimate_memory(config, isl + osl, 1, **dtypes).total
-            raise BudgetError(
-                f"{isl + osl:,} tokens do not fit in {limit / GIB:.2f} GiB even at batch 1 "
-                f"(needs {needed / GIB:.2f} GiB)"
-            )
-    memory = estimate_memory(config, isl + osl, batch, **dtypes)
-    by_component = weight_bytes_by_component(config, memory.weight_dtype)
-    # Decoding reads every weight but the embedding table (one row per token), unless lm_head shares it.
-    read_weights = memory.weights - (0 if config.tie_word_embeddings else by_component["embeddings"])
-    head_bytes = by_component["embeddings"] if config.tie_word_embeddings else by_component["lm_head"]
-    kv_token = kv_bytes_per_token(config, memory.kv_dtype)
-    states = 2 * (memory.ssm_state + memory.conv_state)  # read and written each step, whole batch
+    if workload.batch != "max":
+        return workload.batch
+    limit = gpu.memory if memory_limit is None else memory_limit
+    batch = largest_fitting_batch(memory_at, limit)
+    if batch == 0:
+        raise BudgetError(
+            f"{isl + osl:,} tokens do not fit in {limit / GIB:.2f} GiB even at batch 1 "
+            f"(needs {memory_at(1).total / GIB:.2f} GiB)"
+        )
+    return batch
 
-    groups = _block_groups(config)
-    block_matmul = sum(c * o * i for s, c in groups for o, i in _matrices(config, s))
-    head_matmul = config.vocab_size * config.hidden_size
-    attn_width = sum(c * s.num_attention_heads * s.head_dim for s, c in groups if s.kind == ATTENTION)
-    n, gn, cs = config.ssm_state_size, config.n_groups * config.ssm_state_size, config.chunk_size
-    mamba = [(s.mamba_intermediate, c) for s, c in groups if s.kind == MAMBA]
-    scan_step = sum(c * 6 * inner * n for inner, c in mamba)  # state update and output, per token
-    scan_chunked = sum(c * (6 * inner * n + 2 * cs * (inner + gn)) for inner, c in mamba)
+
+def roofline_throughput(
+    terms: RooflineTerms, memory: MemoryEstimate, workload: Workload, gpu: GPUSpec
+) -> ThroughputEstimate:
+    """The roofline timings of `workload` at the batch and prefill chunk of `memory` (module docstring),
+    for any architecture described by `terms`."""
+    isl, osl, batch = workload.input_tokens, workload.output_tokens, memory.batch
+    states = 2 * terms.state_bytes * batch  # read and written each step, whole batch
 
     # Prefill: forward passes of `chunk` tokens across the batch, each sequence in chunks of at most that
     # many; attention's causal term sums to T (T + 1) / 2 query-key pairs a sequence.
-    chunk = prefill_chunk if prefill_chunk > 0 else isl * batch
+    chunk = memory.prefill_chunk if memory.prefill_chunk > 0 else isl * batch
     passes, chunks = math.ceil(isl * batch / chunk), math.ceil(isl / chunk)
     prefill_flops = batch * (
-        2 * block_matmul * isl + 2 * head_matmul + 2 * attn_width * isl * (isl + 1) + scan_chunked * isl
+        2 * terms.block_matmul * isl
+        + 2 * terms.head_matmul
+        + 2 * terms.attention_width * isl * (isl + 1)
+        + terms.scan_chunked * isl
     )
-    kv_read = kv_token * batch * (chunk * chunks * (chunks - 1) // 2 + isl)  # KV up to each chunk's end
-    prefill_bytes = passes * (read_weights - head_bytes) + head_bytes + kv_read + states * chunks
+    kv_read = terms.kv_bytes_per_token * batch * (chunk * chunks * (chunks - 1) // 2 + isl)  # up to each chunk
+    prefill_bytes = passes * (terms.read_weights - terms.head_bytes) + terms.head_bytes + kv_read + states * chunks
 
     # Decode: osl steps, with isl .. isl + osl - 1 tokens cached; sum of (cached + 1) over the steps.
     attended = osl * isl + osl * (osl + 1) // 2
-    decode_flops = batch * (osl * (2 * (block_matmul + head_matmul) + scan_step) + 4 * attn_width * attended)
-    decode_bytes = osl * (read_weights + states) + kv_token * batch * attended
+    decode_flops = batch * (
+        osl * (2 * (terms.block_matmul + terms.head_matmul) + terms.scan_step) + 4 * terms.attention_width * attended
+    )
+    decode_bytes = osl * (terms.read_weights + states) + terms.kv_bytes_per_token * batch * attended
 
     prefill_s, prefill_bound = _roofline(prefill_flops, prefill_bytes, gpu)
     decode_s, decode_bound = _roofline(decode_flops, decode_bytes, gpu)
@@ -636,17 +675,56 @@ def estimate_throughput(
     )
 
 
+def estimate_throughput(
+    config: HybridConfig,
+    workload: Workload,
+    gpu: GPUSpec,
+    *,
+    weight_dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    ssm_dtype: str | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    memory_limit: int | None = None,
+) -> ThroughputEstimate:
+    """Time to first token, decode latency and tokens/s of `workload` on `gpu` (roofline, module docstring).
+
+    `batch='max'` takes the largest batch whose memory at input + output tokens fits `memory_limit`
+    (default: the GPU's memory)."""
+    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=prefill_chunk)
+    context = workload.input_tokens + workload.output_tokens
+
+    def memory_at(batch: int) -> MemoryEstimate:
+        return estimate_memory(config, context, batch, **dtypes)
+
+    memory = memory_at(resolve_batch(workload, gpu, memory_at, memory_limit))
+    return roofline_throughput(roofline_terms(config, memory), memory, workload, gpu)
+
+
 def _roofline(flops: float, nbytes: float, gpu: GPUSpec) -> tuple[float, str]:
     compute, memory = flops / gpu.bf16_flops, nbytes / gpu.memory_bandwidth
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
-def speedup(config: HybridConfig, reference: HybridConfig, workload: Workload, gpu: GPUSpec, **options) -> float:
+def speedup(
+    config: HybridConfig,
+    reference: HybridConfig | TransformerConfig,
+    workload: Workload,
+    gpu: GPUSpec,
+    **options,
+) -> float:
     """How many times the tokens/s of `reference` `config` reaches on the same workload and GPU (> 1: faster).
 
-    Keyword arguments as `estimate_throughput`; with batch 'max' each architecture gets its own batch."""
+    `reference` is another hybrid or a plain transformer (`compressor.baselines.TransformerConfig`, which
+    has no SSM state: `ssm_dtype` applies to `config` only). Keyword arguments as `estimate_throughput`;
+    with batch 'max' each architecture gets its own batch."""
     ours = estimate_throughput(config, workload, gpu, **options)
-    theirs = estimate_throughput(reference, workload, gpu, **options)
+    if isinstance(reference, HybridConfig):
+        theirs = estimate_throughput(reference, workload, gpu, **options)
+    else:
+        from compressor import baselines  # it builds on this module
+
+        options.pop("ssm_dtype", None)
+        theirs = baselines.estimate_throughput(reference, workload, gpu, **options)
     return ours.tokens_per_s / theirs.tokens_per_s
 
 

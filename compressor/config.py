@@ -10,6 +10,9 @@ checkpoints load in compressor only.
 Keys that compressor does not model are kept in `extra` and written back unchanged, so a round trip loses
 nothing. Legacy key spellings (`mamba_n_groups`, `mamba_d_conv`, `attention_head_dim`, ...) are read and
 written back in their canonical form.
+
+`pattern_from_ratios` lays out a pattern from a block count and attention / MLP shares exactly as
+Megatron-LM's hybrid allocation does (the Mamba-2-Hybrid models were specified that way).
 """
 
 from __future__ import annotations
@@ -168,6 +171,10 @@ class HybridConfig:
     def count(self, kind: str) -> int:
         """Number of blocks of one kind (`mamba`, `attention` or `mlp`)."""
         return self.hybrid_override_pattern.count(KIND_CHARS[kind])
+
+    def ratios(self) -> dict[str, float]:
+        """The share of the blocks of each kind, {mamba, attention, mlp} -> fraction (they sum to 1)."""
+        return {kind: self.count(kind) / self.num_blocks for kind in (MAMBA, ATTENTION, MLP)}
 
     def replace(self, **changes: Any) -> HybridConfig:
         """A validated copy with some fields changed (overrides equal to the uniform value are dropped)."""
@@ -333,6 +340,53 @@ class HybridConfig:
             "vocab_size": self.vocab_size,
             "uniform": self.is_uniform,
         }
+
+
+def pattern_from_ratios(num_layers: int, attention_ratio: float, mlp_ratio: float) -> str:
+    """The block pattern of `num_layers` blocks with these shares of attention and MLP blocks (the rest
+    Mamba-2), laid out as Megatron-LM does it.
+
+    Transcribes `pattern_from_ratios` of NVIDIA/Megatron-LM `megatron/core/models/hybrid/
+    hybrid_layer_allocation.py` (before 2026-02: `_allocate_auto` in `megatron/core/ssm/
+    mamba_hybrid_layer_allocation.py`, same arithmetic). Counts are Python's `round` of the float
+    products (half to even). Attention blocks cut the Mamba blocks into n_attention + 1 runs of equal
+    length, so the stack starts and ends with Mamba; MLP blocks are then spread over the remaining Mamba
+    slots the same way, never replacing attention. When the rounded counts exceed `num_layers` (e.g.
+    (3, 0.5, 0.5)), every remaining Mamba slot becomes MLP, fewer than asked: check `count` of the result.
+    The float operations are kept in Megatron's order so that the ties land where Megatron's do.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ConfigError(f"the number of layers must be a whole number >= 1, got {num_layers!r}")
+    for name, ratio in (("attention ratio", attention_ratio), ("MLP ratio", mlp_ratio)):
+        if not 0.0 <= ratio <= 1.0:  # also refuses NaN
+            raise ConfigError(f"the {name} must be between 0 and 1, got {ratio!r}")
+    if attention_ratio + mlp_ratio > 1.0:
+        raise ConfigError(
+            f"the attention ratio ({attention_ratio}) and MLP ratio ({mlp_ratio}) add up to more than 1: "
+            "the Mamba-2 share is 1 - attention - MLP"
+        )
+    kinds = [MAMBA] * num_layers
+    n_attention = round(num_layers * attention_ratio)
+    n_mamba = num_layers - n_attention
+    _spread(kinds, ATTENTION, step=n_mamba / (n_attention + 1))
+    n_mlp = round(num_layers * mlp_ratio)
+    if n_mlp > 0:
+        _spread(kinds, MLP, step=(n_mamba - n_mlp) / n_mlp)  # negative when the counts overflow
+    return "".join(KIND_CHARS[kind] for kind in kinds)
+
+
+def _spread(kinds: list[str], kind: str, step: float) -> None:
+    """Megatron's placement walk: over the Mamba slots left to right with a budget starting at `step`,
+    turn a slot into `kind` when the budget is below one half (and add `step`), else spend one slot."""
+    budget = step
+    for index, current in enumerate(kinds):
+        if current != MAMBA:
+            continue
+        if budget < 0.5:
+            kinds[index] = kind
+            budget += step
+        else:
+            budget -= 1
 
 
 def _require_positive(name: str, value: Any) -> None:

@@ -3,8 +3,9 @@ import math
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from compressor.config import HybridConfig
+from compressor.config import ATTENTION, MAMBA, MLP, HybridConfig, pattern_from_ratios
 from compressor.errors import ConfigError
 from tests.conftest import tiny_configs
 
@@ -155,3 +156,119 @@ def test_from_file_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         HybridConfig.from_file(tmp_path)
+
+
+# ----- layouts from ratios (Megatron-LM's hybrid allocation) -------------------------------------------
+def megatron_allocate_auto(total_layers_count, target_attention_ratio, target_mlp_ratio):
+    """A literal transcription of `_allocate_auto` in NVIDIA/Megatron-LM
+    megatron/core/ssm/mamba_hybrid_layer_allocation.py (2024 "Add mamba"; the same arithmetic is
+    `pattern_from_ratios` in megatron/core/models/hybrid/hybrid_layer_allocation.py since 2026-02), kept
+    independent of compressor's implementation so that the comparison can fail."""
+    MAMBA, ATTENTION, MLP = "M", "*", "-"  # noqa: N806 (Megatron's Symbols)
+    # First, allocate attention (evenly spaced, starting and ending with mamba)
+    attention_layers_count: int = round(total_layers_count * target_attention_ratio)
+    mamba_layers_count: int = total_layers_count - attention_layers_count
+    mamba_sections_count: int = attention_layers_count + 1
+    mamba_section_length: float = mamba_layers_count / mamba_sections_count
+
+    layer_type_list = [MAMBA] * total_layers_count
+    x: float = mamba_section_length
+    for l in range(total_layers_count):  # noqa: E741
+        if x < 0.5:
+            layer_type_list[l] = ATTENTION
+            x += mamba_section_length
+        else:
+            x -= 1
+
+    # Next, allocate mlp
+    # (evenly distributed, but right-justified, not replacing attention)
+    mlp_layers_count: int = round(total_layers_count * target_mlp_ratio)
+    if mlp_layers_count > 0:
+        mamba_layers_count -= mlp_layers_count
+        mamba_to_mlp_ratio: float = mamba_layers_count / mlp_layers_count
+
+        x: float = mamba_to_mlp_ratio
+        for l in range(total_layers_count):  # noqa: E741
+            if layer_type_list[l] == MAMBA:
+                if x < 0.5:
+                    layer_type_list[l] = MLP
+                    x += mamba_to_mlp_ratio
+                else:
+                    x -= 1
+
+    return "".join(layer_type_list)
+
+
+@pytest.mark.parametrize(
+    ("args", "counts", "pattern"),
+    [
+        # The 8B Mamba-2-Hybrid (Waleffe et al., arXiv 2406.07887): --num-layers 56 --hybrid-attention-ratio
+        # 0.08 --hybrid-mlp-ratio 0.5; the pattern as NVIDIA/Megatron-LM examples/mamba/README.md prints it.
+        ((56, 0.08, 0.5), (24, 4, 28), "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"),
+        ((56, 0.07, 0.5), (24, 4, 28), "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"),
+        ((48, 0.08, 0.5), (20, 4, 24), "M-M-M--M-*M-M-M-M--*M-M-M-M-*M--M-M-M-*M-M--M-M-"),
+        ((52, 0.08, 0.5), (22, 4, 26), "M-M-M--M-M*-M-M-M--M*-M-M-M-M-M*--M-M-M-M*-M--M-M-M-"),
+        ((56, 0.08, 0.0), (52, 4, 0), "MMMMMMMMMM*MMMMMMMMMMM*MMMMMMMMMM*MMMMMMMMMMM*MMMMMMMMMM"),
+        ((10, 0.2, 0.0), (8, 2, 0), "MMM*MM*MMM"),
+        ((10, 0.5, 0.5), (0, 5, 5), "-*-*-**-*-"),  # a pure transformer
+        ((3, 0.5, 0.5), (0, 2, 1), "*-*"),  # round(1.5) = 2 each: the MLP step goes negative, 1 MLP not 2
+        ((8, 0.0, 0.0), (8, 0, 0), "MMMMMMMM"),
+        ((1, 1.0, 0.0), (0, 1, 0), "*"),
+        ((1, 0.0, 1.0), (0, 0, 1), "-"),
+        ((5, 0.1, 0.1), (5, 0, 0), "MMMMM"),  # round(0.5) = 0: half to even
+    ],
+)
+def test_pattern_from_ratios_published_layouts(args, counts, pattern):
+    result = pattern_from_ratios(*args)
+    assert result == pattern == megatron_allocate_auto(*args)
+    assert (result.count("M"), result.count("*"), result.count("-")) == counts
+
+
+def test_pattern_from_ratios_equals_megatron_on_a_grid():
+    cases = 0
+    for num_layers in range(1, 65):
+        for a in range(0, 101, 2):
+            for m in range(0, 101, 5):
+                attention, mlp = a / 100, m / 100  # as float("0.08") parses on Megatron's command line
+                if attention + mlp > 1.0:
+                    continue
+                assert pattern_from_ratios(num_layers, attention, mlp) == megatron_allocate_auto(
+                    num_layers, attention, mlp
+                ), (num_layers, attention, mlp)
+                cases += 1
+    assert cases > 30_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 200), st.floats(0, 1), st.floats(0, 1))
+def test_pattern_from_ratios_equals_megatron_on_any_floats(num_layers, attention, share):
+    mlp = share * (1 - attention)
+    if attention + mlp > 1.0:
+        return
+    pattern = pattern_from_ratios(num_layers, attention, mlp)
+    assert pattern == megatron_allocate_auto(num_layers, attention, mlp)
+    config = HybridConfig(hybrid_override_pattern=pattern)
+    assert sum(config.ratios().values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((0, 0.1, 0.5), "number of layers must be a whole number >= 1, got 0"),
+        ((5.0, 0.1, 0.5), "number of layers must be a whole number >= 1, got 5.0"),
+        ((56, -0.1, 0.5), "attention ratio must be between 0 and 1, got -0.1"),
+        ((56, 0.1, 1.5), "MLP ratio must be between 0 and 1, got 1.5"),
+        ((56, float("nan"), 0.5), "attention ratio must be between 0 and 1, got nan"),
+        ((56, 0.6, 0.5), "attention ratio (0.6) and MLP ratio (0.5) add up to more than 1"),
+    ],
+)
+def test_pattern_from_ratios_rejects(args, message):
+    with pytest.raises(ConfigError) as info:
+        pattern_from_ratios(*args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ratios_of_a_config():
+    config = HybridConfig(hybrid_override_pattern=pattern_from_ratios(56, 0.08, 0.5))
+    assert config.ratios() == {MAMBA: 24 / 56, ATTENTION: 4 / 56, MLP: 28 / 56}
+    assert HybridConfig(hybrid_override_pattern="MMMM").ratios() == {MAMBA: 1.0, ATTENTION: 0.0, MLP: 0.0}
