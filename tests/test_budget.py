@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from cli import app
 from compressor.budget import (
     DEFAULT_PREFILL_CHUNK,
-    Budget,
     GIB,
     GPUS,
+    Budget,
     GPUSpec,
     Workload,
     activation_bytes,
