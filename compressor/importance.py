@@ -125,6 +125,17 @@ class _Statistic:
         return value.cpu()
 
 
+def _on_expert_input(stat: _Statistic) -> Callable:
+    """A down_proj pre-hook of one routed expert: its forward pass's routed tokens (tokens, ffn) are one
+    sample, the tokens its sequence; an expert no token chose runs on none and adds nothing."""
+
+    def record(module, args):
+        if len(args[0]):
+            stat.add(args[0][None])
+
+    return record
+
+
 class _ExpertTraffic:
     """Per-expert sums over the calibration tokens of one MoE block: router weight received, tokens routed,
     L2 norms of the expert's outputs (float64)."""
@@ -366,8 +377,7 @@ class _Collector:
         for e, expert in enumerate(mixer.experts):
             stat = _Statistic(self.options, size=expert.down_proj.in_features)
             stats.append(stat)
-            # an expert's tokens (tokens, ffn) are one sample: its forward pass's routed tokens as a sequence
-            hook(expert.down_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0][None])))
+            hook(expert.down_proj.register_forward_pre_hook(_on_expert_input(stat)))
             hook(expert.register_forward_hook(lambda m, a, out, t=traffic, e=e: t.add_output(e, out)))
         shared = self.shared_ffn[index] = _Statistic(self.options)
         hook(mixer.shared_experts.down_proj.register_forward_pre_hook(lambda m, a, s=shared: s.add(a[0])))

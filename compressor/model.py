@@ -279,7 +279,9 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         grouped = x[order // k].split(counts)  # each expert's tokens
-        outputs = torch.cat([expert(t) for expert, t in zip(self.experts, grouped, strict=True) if len(t)])
+        # every expert runs, on no tokens if none chose it, so each has a gradient (of zeros) in every process:
+        # data-parallel gradient reduction (FSDP) needs the same tensors from all of them
+        outputs = torch.cat([expert(t) for expert, t in zip(self.experts, grouped, strict=True)])
         position = torch.empty_like(order)
         position[order] = torch.arange(n * k, device=order.device)  # where each pair landed in `outputs`
         pairs = outputs[position].float() * weights.flatten()[:, None]  # (n k, d), back in pair order

@@ -297,7 +297,7 @@ def test_moe_statistics_equal_explicit_computation(moe_model):
             norm = outputs.norm(dim=-1).sum() / max(len(outputs), 1)
             assert scores.expert_norm[index][e].item() == pytest.approx(norm.item(), rel=1e-5, abs=1e-7)
             # each forward pass's routed tokens form one sample: mean |a| over them, then L2 over passes
-            passes = store["ffn"].get(e, [])
+            passes = [a for a in store["ffn"].get(e, []) if len(a)]  # an expert no token chose runs on none
             want = torch.stack([a.abs().mean(0) for a in passes]).square().sum(0).sqrt() if passes else 0
             torch.testing.assert_close(scores.expert_ffn[index][e], want + torch.zeros(32), rtol=1e-5, atol=1e-6)
         assert scores.expert_routing[index].sum().item() == pytest.approx(weights.sum().item(), rel=1e-5)
@@ -348,3 +348,16 @@ def test_moe_rankings_and_files(moe_model, tmp_path):
     dense = Importance(hidden=scores.hidden, ffn={}, mamba={}, attention={}, block_influence=scores.block_influence)
     with pytest.raises(CompressorError, match="no MoE statistics for block 1"):
         dense.keep_experts(1, 4)
+
+
+@pytest.mark.parametrize("batch_reduce", ["l2", "mean", "max"])
+def test_an_expert_no_token_chooses_scores_zero(moe_model, batch_reduce):
+    model = HybridLM(moe_model.config).eval()
+    model.load_state_dict(moe_model.state_dict())
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.gate.e_score_correction_bias[5] = -100.0  # never among the top k
+    scores = estimate(model, _batches(count=2), ImportanceOptions(batch_reduce=batch_reduce))
+    assert scores.expert_tokens[1][5] == 0 and scores.expert_routing[1][5] == 0 and scores.expert_norm[1][5] == 0
+    assert torch.equal(scores.expert_ffn[1][5], torch.zeros(32))
+    assert torch.isfinite(scores.expert_ffn[1]).all() and (scores.expert_ffn[1].sum(1) > 0).sum() == 7
+    assert 5 not in scores.keep_experts(1, 4, n_group=2).tolist()
