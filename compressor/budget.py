@@ -369,9 +369,10 @@ def weight_bytes_by_component(config: HybridConfig, dtype: str = "bf16") -> dict
     plain = _plain_bytes(dtype)
     counts = parameter_counts(config)
     out = {key: count * plain for key, count in counts.items()}
-    out.update(dict.fromkeys((MAMBA, ATTENTION, MLP, MOE), 0))
-    for spec, count in _block_groups(config):
-        out[spec.kind] += count * int(_block_bytes(config, spec, dtype))
+    if dtype in ("fp8", "fp4") or config.has_moe:  # else every parameter takes `plain` bytes
+        out.update(dict.fromkeys((MAMBA, ATTENTION, MLP, MOE), 0))
+        for spec, count in _block_groups(config):
+            out[spec.kind] += count * int(_block_bytes(config, spec, dtype))
     return out
 
 
@@ -710,6 +711,8 @@ def estimate_throughput(
 
 def _experts_not_read(config: HybridConfig, dtype: str, tokens: int) -> float:
     """Bytes of the routed experts a forward pass over `tokens` tokens is expected not to touch."""
+    if not config.has_moe:
+        return 0.0
     k, total = config.num_experts_per_tok, 0.0
     for spec, count in _block_groups(config):
         if spec.kind == MOE:
