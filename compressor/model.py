@@ -284,8 +284,8 @@ class MoE(nn.Module):
         outputs = torch.cat([expert(t) for expert, t in zip(self.experts, grouped, strict=True)])
         position = torch.empty_like(order)
         position[order] = torch.arange(n * k, device=order.device)  # where each pair landed in `outputs`
-        pairs = outputs[position].float() * weights.flatten()[:, None]  # (n k, d), back in pair order
-        return pairs.view(n, k, -1).sum(1)
+        pairs = outputs[position].float().view(n, k, -1)  # back in pair order: (n, k, d)
+        return torch.bmm(weights[:, None, :], pairs).squeeze(1)  # sum_k w_k out_k in fp32
 
 
 MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, MLP_KIND: MLP, MOE: MoE}
