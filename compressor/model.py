@@ -241,8 +241,9 @@ class TopKRouter(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts + a shared expert: out = up(sum_k w_k expert_k(down(x))) + shared(x), where down / up are
-    the optional latent projections (fc1_latent_proj / fc2_latent_proj, identities without moe_latent_size).
+    """Routed experts + a shared expert: out = fc2(sum_k w_k expert_k(fc1(x))) + shared_experts(x), with the
+    router's k experts and weights per token; fc1 / fc2 are the latent projections (fc1_latent_proj /
+    fc2_latent_proj, to and from moe_latent_size), identities without moe_latent_size.
 
     Dispatch groups the (token, expert) pairs by expert with one sort and runs each expert once on all its
     tokens: a Python loop over experts, none over tokens."""
@@ -285,7 +286,8 @@ class MoE(nn.Module):
         position = torch.empty_like(order)
         position[order] = torch.arange(n * k, device=order.device)  # where each pair landed in `outputs`
         pairs = outputs[position].float().view(n, k, -1)  # back in pair order: (n, k, d)
-        return torch.bmm(weights[:, None, :], pairs).squeeze(1)  # sum_k w_k out_k in fp32
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.bmm(weights[:, None, :], pairs).squeeze(1)  # sum_k w_k out_k in fp32
 
 
 MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, MLP_KIND: MLP, MOE: MoE}
