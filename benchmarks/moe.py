@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compressor.checkpoint import save_model  # noqa: E402
 from compressor.model import HybridLM  # noqa: E402
 from compressor.presets import get_preset  # noqa: E402
-from tests.conftest import hf_state_dict, randomize_routers  # noqa: E402
 
 SHAPES = {
     "full": dict(hidden_size=1024, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=704,
@@ -55,9 +56,12 @@ def main() -> None:
     config = get_preset("tiny-moe").replace(hybrid_override_pattern="E", num_attention_heads=4, **shape)
     torch.manual_seed(0)
     ours = HybridLM(config).eval()
-    randomize_routers(ours)
-    theirs = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config.to_dict())).eval()
-    theirs.load_state_dict(hf_state_dict(_merged(ours.state_dict(), config.n_routed_experts)))
+    gate = ours.backbone.layers[0].mixer.gate
+    gate.weight.normal_(0.0, 1.5 / config.hidden_size**0.5)  # spread routing, as a trained router does
+    gate.e_score_correction_bias.normal_(0.0, 0.3)
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(ours, Path(folder) / "moe")
+        theirs = transformers.NemotronHForCausalLM.from_pretrained(Path(folder) / "moe").eval()
     x = torch.randn(1, tokens, config.hidden_size)
     mixer, reference = ours.backbone.layers[0].mixer, theirs.model.layers[0].mixer
     results = {"compressor (sort by expert, loop over experts)": _time(lambda: mixer(x), args.repeats)}
@@ -71,21 +75,6 @@ def main() -> None:
     print(f"MoE block: {shape}, {tokens} tokens, fp32, {torch.get_num_threads()} CPU threads")
     for name, seconds in results.items():
         print(f"  {name:52s} {seconds * 1e3:9.1f} ms")
-
-
-def _merged(state: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
-    """Per-expert checkpoint tensors -> transformers' merged 3-D expert parameters (conversion_mapping.py)."""
-    out = {}
-    for name, tensor in state.items():
-        if ".experts." in name:
-            prefix, rest = name.split(".experts.")
-            expert, proj = rest.split(".", 1)
-            if expert == "0":
-                parts = [state[f"{prefix}.experts.{e}.{proj}"] for e in range(experts)]
-                out[f"{prefix}.experts.{proj.removesuffix('.weight')}"] = torch.stack(parts)
-            continue
-        out[name] = tensor
-    return out
 
 
 if __name__ == "__main__":
