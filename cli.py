@@ -98,10 +98,7 @@ def strategy_options() -> list[inspect.Parameter]:
             value = getattr(defaults, field_name)
             default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             fields.setdefault(field_name, (field.metadata.get("help", ""), []))[1].append(f"{name} {default}")
-    return [
-        option(name, str | None, f"{text} [default: {'; '.join(users)}]")
-        for name, (text, users) in fields.items()
-    ]
+    return [option(name, str | None, f"{text} [default: {'; '.join(users)}]") for name, (text, users) in fields.items()]
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]

@@ -12,12 +12,21 @@ Units. Memory is counted in bytes. GiB = 2**30 and GB = 10**9 bytes; a bare `G` 
 "80 GB" of GPU memory is taken as 80 GiB (what nvidia-smi shows, less what the driver reserves).
 
 Parameters. `parameter_counts` has the keys of `HybridLM.parameter_counts()`: embeddings, lm_head, mamba,
-attention, mlp, norms (block norms + norm_f). Tied embeddings count once, under embeddings. Biases are
-counted when `use_bias` (Mamba in/out projections), `mlp_bias` or `use_conv_bias` ask for them.
+attention, mlp, moe, norms (block norms + norm_f). Tied embeddings count once, under embeddings. Biases are
+counted when `use_bias` (Mamba in/out projections), `mlp_bias` (MLP, shared expert, latent projections;
+routed experts have none) or `use_conv_bias` ask for them. An MoE block holds its router (experts x hidden),
+every routed expert, the shared expert and the latent projections; the router's e_score_correction_bias is
+a buffer, not a parameter (as in transformers). `active_parameters` counts what one token uses: the same
+minus the routed experts it is not routed to (num_experts_per_tok of each block's experts count), so the
+router and the shared expert count in full; embeddings and lm_head included (Nemotron-3-Nano-30B-A3B:
+3,580,073,408 of 31,577,937,344).
 
-Weights. fp32 = 4 bytes a parameter, bf16 / fp16 = 2. The quantized formats quantize the weight matrices
-of the blocks (Mamba in_proj / out_proj, attention q/k/v/o, MLP up / down); everything else (embeddings,
-lm_head, norms, conv1d, A_log, D, dt_bias, biases) stays in bf16:
+Weights. fp32 = 4 bytes a parameter, bf16 / fp16 = 2. Every routed expert is resident, whatever a token
+uses. The MoE router (weight and e_score_correction_bias) is kept in fp32 in every weight dtype, as
+transformers and compressor's loader keep it. The quantized formats quantize the weight matrices of the
+blocks (Mamba in_proj / out_proj, attention q/k/v/o, MLP up / down, every routed expert's up / down, the
+shared expert's up / down, the latent projections); everything else (embeddings, lm_head, norms, conv1d,
+A_log, D, dt_bias, biases) stays in bf16:
 - fp8: FP8 E4M3, 1 byte a weight + one fp32 scale per output channel (row) of each matrix;
 - fp4: NVFP4, 4-bit E2M1 (half a byte) + one FP8 E4M3 scale per 16 consecutive weights of a row + one fp32
   scale per matrix.
@@ -46,6 +55,10 @@ Counted in the compute dtype unless marked fp32:
 - attention: n x (2 heads + 2 kv_heads) x head_dim (q, k, v, output; a fused attention kernel, so no
   chunk x context score matrix);
 - MLP: 2 n x ffn (up_proj output and its squared ReLU);
+- MoE (k = num_experts_per_tok, d = moe_latent_size or hidden, E experts): 2 n k d (the inputs gathered by
+  expert and the expert outputs) + 2 n x moe ffn (one expert's up_proj output and squared ReLU at most: a
+  token visits an expert once) + 2 n x shared ffn + 2 n x moe_latent_size (the projections, if any), plus
+  in fp32 2 n E (router scores and their biased copy) + n k d (the weighted expert outputs);
 plus one position's logits per sequence, batch x vocab in fp32. The allowance is the largest block's term
 plus the logits; `prefill_chunk=0` sets it to 0. Not counted: the CUDA context and framework overhead
 (about 0.3-1 GiB: keep headroom in the target, as Nano-v2's 5% buffer does) and allocator fragmentation.
@@ -54,11 +67,17 @@ compressor's own `generate` prefills a prompt in one pass, so its peak at long p
 Throughput. A roofline on a `GPUSpec` (bandwidth, dense bf16 FLOP/s at the datasheet peak; real engines
 reach a fraction of it, so the ratios between architectures are what to trust). fp8 / fp4 weights change
 the bytes read, not the FLOP/s (all compute is taken at the bf16 rate).
-- decode step with p tokens cached: reads the weights (all but the embedding table, unless tied) +
-  the KV cache of p + 1 tokens + reads and writes the SSM and conv states; computes 2 x (matmul weights)
-  + 4 x heads x head_dim x (p + 1) per attention block + 6 I N per Mamba block (state update and output),
-  per sequence;
-- prefill of the prompt in chunks: 2 x (block matmul weights) x tokens + the lm_head on the last position
+- MoE blocks: FLOPs count the active matrices (router, top-k routed experts, shared expert, latent
+  projections). A forward pass reads only the routed experts its tokens touch; with n tokens in the pass
+  (a decode step: the batch; a prefill pass: min(prefill_chunk, prompt tokens x batch)) the expected
+  number is E (1 - (1 - k/E)^n) per block (`experts_touched`: each token picks k of E experts uniformly
+  and independently; real routers are less even, so fewer distinct experts and fewer bytes), the rest of
+  the block is read in full;
+- decode step with p tokens cached: reads the weights (all but the embedding table, unless tied; MoE:
+  the experts the batch touches) + the KV cache of p + 1 tokens + reads and writes the SSM and conv
+  states; computes 2 x (active matmul weights) + 4 x heads x head_dim x (p + 1) per attention block +
+  6 I N per Mamba block (state update and output), per sequence;
+- prefill of the prompt in chunks: 2 x (active block matmul weights) x tokens + the lm_head on the last position
   + attention's causal quadratic term 2 x heads x head_dim x T (T + 1) per attention block + the SSD scan
   T x (6 I N + 2 chunk_size (I + GN)) per Mamba block, per sequence; it reads the weights once per forward
   pass of `prefill_chunk` tokens and, for each sequence, the KV cache up to the end of each of its chunks;
@@ -79,7 +98,7 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Literal
 
-from compressor.config import ATTENTION, MAMBA, MLP, BlockSpec, HybridConfig
+from compressor.config import ATTENTION, MAMBA, MLP, MOE, BlockSpec, HybridConfig
 from compressor.errors import BudgetError, OptionError
 
 if TYPE_CHECKING:
@@ -223,7 +242,8 @@ def _block_groups(config: HybridConfig) -> list[tuple[BlockSpec, int]]:
 
 
 def _matrices(config: HybridConfig, spec: BlockSpec) -> list[tuple[int, int]]:
-    """(out, in) of each weight matrix of a block's mixer: the tensors fp8 / fp4 quantize."""
+    """(out, in) of each weight matrix of a block's mixer, the tensors fp8 / fp4 quantize, but the routed
+    experts' (`_expert_matrices`): for an MoE block, the shared expert and the latent projections."""
     h = config.hidden_size
     if spec.kind == MAMBA:
         inner, gn = spec.mamba_intermediate, config.n_groups * config.ssm_state_size
@@ -231,7 +251,28 @@ def _matrices(config: HybridConfig, spec: BlockSpec) -> list[tuple[int, int]]:
     if spec.kind == ATTENTION:
         q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
         return [(q, h), (kv, h), (kv, h), (h, q)]  # q, k, v, o
+    if spec.kind == MOE:
+        shared, latent = spec.moe_shared_expert_intermediate_size, config.moe_latent_size
+        projections = [(latent, h), (h, latent)] if latent is not None else []  # fc1 / fc2_latent_proj
+        return [(shared, h), (h, shared), *projections]  # shared_experts up, down
     return [(spec.intermediate_size, h), (h, spec.intermediate_size)]  # up, down
+
+
+def _expert_matrices(config: HybridConfig, spec: BlockSpec) -> list[tuple[int, int]]:
+    """(out, in) of one routed expert's matrices (up, down; no biases) in an MoE block; none elsewhere."""
+    if spec.kind != MOE:
+        return []
+    width = config.moe_latent_size or config.hidden_size
+    return [(spec.moe_intermediate_size, width), (width, spec.moe_intermediate_size)]
+
+
+def _expert_parameters(config: HybridConfig, spec: BlockSpec) -> int:
+    return sum(o * i for o, i in _expert_matrices(config, spec))
+
+
+def _router(config: HybridConfig, spec: BlockSpec) -> int:
+    """Parameters of an MoE block's router (gate.weight, experts x hidden; kept in fp32); 0 elsewhere."""
+    return spec.n_routed_experts * config.hidden_size if spec.kind == MOE else 0
 
 
 def _vectors(config: HybridConfig, spec: BlockSpec) -> int:
@@ -246,16 +287,27 @@ def _vectors(config: HybridConfig, spec: BlockSpec) -> int:
         return count
     if spec.kind == MLP:
         return spec.intermediate_size + h if config.mlp_bias else 0
+    if spec.kind == MOE and config.mlp_bias:  # shared expert (and latent projections) biases; experts have none
+        latent = config.moe_latent_size
+        return spec.moe_shared_expert_intermediate_size + h + (latent + h if latent is not None else 0)
     return 0  # nemotron_h attention has no biases
+
+
+def _block_parameters(config: HybridConfig, spec: BlockSpec, experts: int | None = None) -> int:
+    """Parameters of one block's mixer with `experts` of its routed experts (default: all of them)."""
+    experts = spec.n_routed_experts if experts is None else experts
+    matrices = sum(o * i for o, i in _matrices(config, spec))
+    routed = experts * _expert_parameters(config, spec) + _router(config, spec)
+    return matrices + routed + _vectors(config, spec)
 
 
 def parameter_counts(config: HybridConfig) -> dict[str, int]:
     """Exact parameters by component, equal to `HybridLM(config).parameter_counts()`, without a model."""
     h, vocab = config.hidden_size, config.vocab_size
     counts = {"embeddings": vocab * h, "lm_head": 0 if config.tie_word_embeddings else vocab * h}
-    counts.update(dict.fromkeys((MAMBA, ATTENTION, MLP), 0))
+    counts.update(dict.fromkeys((MAMBA, ATTENTION, MLP, MOE), 0))
     for spec, count in _block_groups(config):
-        counts[spec.kind] += count * (sum(o * i for o, i in _matrices(config, spec)) + _vectors(config, spec))
+        counts[spec.kind] += count * _block_parameters(config, spec)
     counts["norms"] = h * (config.num_blocks + 1)
     return counts
 
@@ -263,6 +315,24 @@ def parameter_counts(config: HybridConfig) -> dict[str, int]:
 def num_parameters(config: HybridConfig) -> int:
     """Total parameters (tied embeddings once)."""
     return sum(parameter_counts(config).values())
+
+
+def active_parameters(config: HybridConfig) -> int:
+    """Parameters one token uses: everything but the routed experts it is not routed to (num_experts_per_tok
+    of each MoE block's experts count; the router and the shared expert always do). Embeddings and lm_head
+    included; equal to `num_parameters` for a model without MoE blocks."""
+    unused = sum(
+        count * (spec.n_routed_experts - config.num_experts_per_tok) * _expert_parameters(config, spec)
+        for spec, count in _block_groups(config)
+        if spec.kind == MOE
+    )
+    return num_parameters(config) - unused
+
+
+def experts_touched(experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts `tokens` tokens route to, each choosing `top_k` of `experts` uniformly and
+    independently: experts x (1 - (1 - top_k / experts)^tokens) (the roofline's bytes-read convention)."""
+    return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
 
 
 # ----- memory ------------------------------------------------------------------------------------------
@@ -274,17 +344,41 @@ def _matrix_bytes(out: int, inp: int, dtype: str) -> int:
     return out * inp * _BYTES[dtype]
 
 
+def _plain_bytes(dtype: str) -> int:
+    """Bytes of an unquantized parameter with weights in `dtype` (fp8 / fp4 keep the rest in bf16)."""
+    return 4 if dtype == "fp32" else 2
+
+
+def _one_expert_bytes(config: HybridConfig, spec: BlockSpec, dtype: str) -> int:
+    """Bytes of one routed expert of an MoE block in the weight dtype (0 for other blocks)."""
+    if dtype in ("fp8", "fp4"):
+        return sum(_matrix_bytes(o, i, dtype) for o, i in _expert_matrices(config, spec))
+    return _plain_bytes(dtype) * _expert_parameters(config, spec)
+
+
+def _block_bytes(config: HybridConfig, spec: BlockSpec, dtype: str, experts: float | None = None) -> float:
+    """Bytes of one block's mixer weights with `experts` of its routed experts (default: all); the router
+    (weight and e_score_correction_bias buffer) in fp32."""
+    experts = spec.n_routed_experts if experts is None else experts
+    plain = _plain_bytes(dtype)
+    if dtype in ("fp8", "fp4"):
+        matrices = sum(_matrix_bytes(o, i, dtype) for o, i in _matrices(config, spec))
+    else:
+        matrices = plain * sum(o * i for o, i in _matrices(config, spec))
+    router = 4 * (_router(config, spec) + (spec.n_routed_experts if spec.kind == MOE else 0))
+    return matrices + experts * _one_expert_bytes(config, spec, dtype) + plain * _vectors(config, spec) + router
+
+
 def weight_bytes_by_component(config: HybridConfig, dtype: str = "bf16") -> dict[str, int]:
     """Bytes of the weights by component (the keys of `parameter_counts`), in the given weight dtype."""
     dtype = normalize_dtype(dtype)
-    plain = 4 if dtype == "fp32" else 2  # bytes of an unquantized parameter
+    plain = _plain_bytes(dtype)
     counts = parameter_counts(config)
     out = {key: count * plain for key, count in counts.items()}
-    if dtype in ("fp8", "fp4"):
-        out.update(dict.fromkeys((MAMBA, ATTENTION, MLP), 0))
+    if dtype in ("fp8", "fp4") or config.has_moe:  # else every parameter takes `plain` bytes
+        out.update(dict.fromkeys((MAMBA, ATTENTION, MLP, MOE), 0))
         for spec, count in _block_groups(config):
-            matrices = sum(_matrix_bytes(o, i, dtype) for o, i in _matrices(config, spec))
-            out[spec.kind] += count * (matrices + 2 * _vectors(config, spec))
+            out[spec.kind] += count * int(_block_bytes(config, spec, dtype))
     return out
 
 
@@ -341,6 +435,12 @@ def activation_bytes(
             block = elements * size + fp32 * 4
         elif spec.kind == ATTENTION:
             block = n * (2 * spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim * size
+        elif spec.kind == MOE:
+            k, width, latent = config.num_experts_per_tok, config.moe_latent_size or h, config.moe_latent_size or 0
+            elements = 2 * n * k * width + 2 * n * spec.moe_intermediate_size  # gathered inputs, outputs; one expert
+            elements += 2 * n * spec.moe_shared_expert_intermediate_size + 2 * n * latent  # shared; projections
+            fp32 = 2 * n * spec.n_routed_experts + n * k * width  # router scores (+ biased copy), weighted outputs
+            block = elements * size + fp32 * 4
         else:
             block = 2 * n * spec.intermediate_size * size
         peak = max(peak, block + 3 * n * h * size)
@@ -586,6 +686,8 @@ class RooflineTerms:
     attention_width: int  # heads x head_dim summed over the attention blocks
     scan_step: int  # FLOPs per token of the Mamba scans when decoding (state update and output)
     scan_chunked: int  # FLOPs per token of the chunked Mamba scans of a prefill
+    # bytes of routed experts a forward pass over n tokens is expected not to read (MoE; 0 otherwise)
+    unread_weights: Callable[[int], float] = lambda tokens: 0.0
 
 
 def roofline_terms(config: HybridConfig, memory: MemoryEstimate) -> RooflineTerms:
@@ -600,11 +702,17 @@ def roofline_terms(config: HybridConfig, memory: MemoryEstimate) -> RooflineTerm
         head_bytes=by_component["embeddings"] if config.tie_word_embeddings else by_component["lm_head"],
         kv_bytes_per_token=kv_bytes_per_token(config, memory.kv_dtype),
         state_bytes=ssm_state_bytes(config, memory.ssm_dtype) + conv_state_bytes(config, memory.compute_dtype),
-        block_matmul=sum(c * o * i for s, c in groups for o, i in _matrices(config, s)),
+        # a token multiplies the active parameters' matrices: top-k routed experts, router, shared expert, rest
+        block_matmul=sum(
+            c * (sum(o * i for o, i in _matrices(config, s)) + _router(config, s))
+            + c * config.num_experts_per_tok * _expert_parameters(config, s)
+            for s, c in groups
+        ),
         head_matmul=config.vocab_size * config.hidden_size,
         attention_width=sum(c * s.num_attention_heads * s.head_dim for s, c in groups if s.kind == ATTENTION),
         scan_step=sum(c * 6 * inner * n for inner, c in mamba),
         scan_chunked=sum(c * (6 * inner * n + 2 * cs * (inner + gn)) for inner, c in mamba),
+        unread_weights=lambda tokens: _experts_not_read(config, memory.weight_dtype, tokens),
     )
 
 
@@ -644,6 +752,7 @@ def roofline_throughput(
     # many; attention's causal term sums to T (T + 1) / 2 query-key pairs a sequence.
     chunk = memory.prefill_chunk if memory.prefill_chunk > 0 else isl * batch
     passes, chunks = math.ceil(isl * batch / chunk), math.ceil(isl / chunk)
+    prefill_weights = terms.read_weights - terms.unread_weights(min(chunk, isl * batch))
     prefill_flops = batch * (
         2 * terms.block_matmul * isl
         + 2 * terms.head_matmul
@@ -651,14 +760,15 @@ def roofline_throughput(
         + terms.scan_chunked * isl
     )
     kv_read = terms.kv_bytes_per_token * batch * (chunk * chunks * (chunks - 1) // 2 + isl)  # up to each chunk
-    prefill_bytes = passes * (terms.read_weights - terms.head_bytes) + terms.head_bytes + kv_read + states * chunks
+    prefill_bytes = passes * (prefill_weights - terms.head_bytes) + terms.head_bytes + kv_read + states * chunks
 
     # Decode: osl steps, with isl .. isl + osl - 1 tokens cached; sum of (cached + 1) over the steps.
     attended = osl * isl + osl * (osl + 1) // 2
     decode_flops = batch * (
         osl * (2 * (terms.block_matmul + terms.head_matmul) + terms.scan_step) + 4 * terms.attention_width * attended
     )
-    decode_bytes = osl * (terms.read_weights + states) + terms.kv_bytes_per_token * batch * attended
+    decode_weights = terms.read_weights - terms.unread_weights(batch)
+    decode_bytes = osl * (decode_weights + states) + terms.kv_bytes_per_token * batch * attended
 
     prefill_s, prefill_bound = _roofline(prefill_flops, prefill_bytes, gpu)
     decode_s, decode_bound = _roofline(decode_flops, decode_bytes, gpu)
@@ -698,6 +808,18 @@ def estimate_throughput(
 
     memory = memory_at(resolve_batch(workload, gpu, memory_at, memory_limit))
     return roofline_throughput(roofline_terms(config, memory), memory, workload, gpu)
+
+
+def _experts_not_read(config: HybridConfig, dtype: str, tokens: int) -> float:
+    """Bytes of the routed experts a forward pass over `tokens` tokens is expected not to touch."""
+    if not config.has_moe:
+        return 0.0
+    k, total = config.num_experts_per_tok, 0.0
+    for spec, count in _block_groups(config):
+        if spec.kind == MOE:
+            untouched = spec.n_routed_experts - experts_touched(spec.n_routed_experts, k, tokens)
+            total += count * untouched * _one_expert_bytes(config, spec, dtype)
+    return total
 
 
 def _roofline(flops: float, nbytes: float, gpu: GPUSpec) -> tuple[float, str]:
@@ -742,6 +864,7 @@ class Budget:
     ssm_dtype: str | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     params: int | None = None
+    active_params: int | None = None  # parameters a token uses (`active_parameters`; differs for MoE models)
     gpu: GPUSpec | None = None
     min_speedup: float | None = None  # tokens/s of the candidate / tokens/s of the original
     workload: Workload | None = None  # default: `context` split as in `compress estimate`
@@ -749,8 +872,10 @@ class Budget:
     def __post_init__(self) -> None:
         if self.min_speedup is not None and self.gpu is None:
             raise BudgetError("a throughput budget (--min-speedup) needs a GPU (--gpu)")
-        if self.memory is None and self.params is None and self.min_speedup is None:
-            raise BudgetError("no budget given: set a memory (--target-mem), parameter or speedup target")
+        if self.memory is None and self.params is None and self.active_params is None and self.min_speedup is None:
+            raise BudgetError(
+                "no budget given: set a memory (--target-mem), parameter, active-parameter or speedup target"
+            )
 
     def memory_of(self, config: HybridConfig) -> MemoryEstimate:
         return estimate_memory(
@@ -849,6 +974,8 @@ class Budget:
                 missed.append(f"memory {format_bytes(total)} > {format_bytes(self.memory)}")
         if self.params is not None and num_parameters(config) > self.params:
             missed.append(f"parameters {num_parameters(config):,} > {self.params:,}")
+        if self.active_params is not None and active_parameters(config) > self.active_params:
+            missed.append(f"active parameters {active_parameters(config):,} > {self.active_params:,}")
         if self.min_speedup is not None:
             ratio = self.speedup_of(config, reference)
             if ratio < self.min_speedup:
@@ -861,6 +988,8 @@ class Budget:
             parts.append(f"{format_bytes(self.memory)} at {self.context:,} tokens x {self.batch} ({self.weight_dtype})")
         if self.params is not None:
             parts.append(f"<= {self.params:,} parameters")
+        if self.active_params is not None:
+            parts.append(f"<= {self.active_params:,} active parameters")
         if self.min_speedup is not None:
             workload = self.throughput_workload()
             parts.append(

@@ -3,7 +3,7 @@
 - attention blocks: keys and values, (batch, kv_heads, max_length, head_dim), preallocated;
 - Mamba blocks: the last K-1 inputs of the causal convolution, (batch, conv_dim, K-1), and the SSM state,
   (batch, heads, head_dim, state_size), fp32 by default (`mamba_ssm_cache_dtype`);
-- MLP blocks keep nothing.
+- MLP and MoE blocks keep nothing.
 
 All sequences of a batch advance together; `seen` counts the tokens already processed.
 """

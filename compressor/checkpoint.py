@@ -3,7 +3,9 @@
 A checkpoint folder holds `config.json`, weights as `model.safetensors` or shards listed in
 `model.safetensors.index.json`, and tokenizer files. Only safetensors are read: pickle-based weights
 (`pytorch_model.bin`, `.pt`) can run arbitrary code when loaded and are refused. Loading builds the model
-on the meta device and assigns tensors shard by shard, so the weights are in memory once.
+on the meta device and assigns tensors shard by shard, so the weights are in memory once. The MoE router's
+tensors (`compressor.model.FP32_TENSORS`) stay in fp32 whatever dtype the rest is loaded in, as
+transformers keeps them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from safetensors.torch import save_file
 
 from compressor.config import HybridConfig
 from compressor.errors import CheckpointError
-from compressor.model import HybridLM
+from compressor.model import FP32_TENSORS, HybridLM
 from compressor.outputs import atomic_output
 
 WEIGHTS_NAME = "model.safetensors"
@@ -122,7 +124,8 @@ def load_model(
 ) -> HybridLM:
     """Load a checkpoint folder into a `HybridLM` in eval mode.
 
-    dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one).
+    dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one). The
+    router tensors of MoE blocks are loaded in fp32 in any case.
     """
     path = Path(path)
     config = HybridConfig.from_file(path)
@@ -153,6 +156,9 @@ def load_model(
                         f"{list(expected[name])}"
                     )
                 tensor = f.get_tensor(name)
+                if name.endswith(FP32_TENSORS):
+                    shard[name] = tensor.float()
+                    continue
                 dtype = dtype or tensor.dtype
                 shard[name] = tensor.to(dtype)
         model.load_state_dict(shard, strict=False, assign=True)

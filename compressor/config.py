@@ -2,10 +2,15 @@
 `config.json` of Hugging Face `nemotron_h` checkpoints.
 
 A model is a stack of single-mixer blocks, one per character of the pattern: `M` Mamba-2, `*` attention,
-`-` MLP. Widths are uniform by default (the standard format); a block may carry its own widths through
-`block_overrides` (block index -> {field: value}), which pruning uses to give each block its own size. A
-config with overrides writes them under the key `block_overrides`, which transformers does not know: such
+`-` MLP, `E` mixture of experts (MoE). Widths are uniform by default (the standard format); a block may
+carry its own widths through `block_overrides` (block index -> {field: value}), which pruning uses to give
+each block its own size (MoE blocks: their expert count and expert / shared-expert FFN widths). A config
+with overrides writes them under the key `block_overrides`, which transformers does not know: such
 checkpoints load in compressor only.
+
+MoE fields (`n_routed_experts`, `num_experts_per_tok`, ...) keep transformers' names and defaults; they are
+validated and written only when the pattern has MoE blocks or a value differs from its default, so dense
+configs read and write exactly as before.
 
 Keys that compressor does not model are kept in `extra` and written back unchanged, so a round trip loses
 nothing. Legacy key spellings (`mamba_n_groups`, `mamba_d_conv`, `attention_head_dim`, ...) are read and
@@ -26,17 +31,18 @@ from typing import Any
 
 from compressor.errors import ConfigError
 
-MAMBA, ATTENTION, MLP = "mamba", "attention", "mlp"
-PATTERN_CHARS = {"M": MAMBA, "*": ATTENTION, "-": MLP}
+MAMBA, ATTENTION, MLP, MOE = "mamba", "attention", "mlp", "moe"
+PATTERN_CHARS = {"M": MAMBA, "*": ATTENTION, "-": MLP, "E": MOE}
 KIND_CHARS = {kind: char for char, kind in PATTERN_CHARS.items()}
 # transformers >= 5.6 spells the pattern as `layers_block_type`; older tools used the legacy names.
-LAYER_TYPE_NAMES = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp"}
+LAYER_TYPE_NAMES = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp", MOE: "moe"}
 LAYER_TYPE_KINDS = {
     "linear_attention": MAMBA,
     "mamba": MAMBA,
     "full_attention": ATTENTION,
     "attention": ATTENTION,
     "mlp": MLP,
+    "moe": MOE,
 }
 # Legacy key -> canonical key, as transformers' NemotronHConfig accepts them.
 KEY_ALIASES = {
@@ -55,7 +61,21 @@ OVERRIDABLE = {
     MAMBA: ("mamba_num_heads", "mamba_head_dim"),
     ATTENTION: ("num_attention_heads", "num_key_value_heads"),
     MLP: ("intermediate_size",),
+    MOE: ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size"),
 }
+# The MoE fields: checked and written only for models with MoE blocks (or values other than the default).
+MOE_FIELDS = (
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "n_shared_experts",
+    "moe_shared_expert_intermediate_size",
+    "moe_latent_size",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "norm_topk_prob",
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,9 @@ class BlockSpec:
     head_dim: int
     mamba_num_heads: int
     mamba_head_dim: int
+    n_routed_experts: int
+    moe_intermediate_size: int
+    moe_shared_expert_intermediate_size: int
 
     @property
     def mamba_intermediate(self) -> int:
@@ -114,6 +137,20 @@ class HybridConfig:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    # MoE blocks (`E`): routed experts (relu2 FFNs without biases), top-k routing by a sigmoid router with a
+    # score-correction bias, optionally within the best `topk_group` of `n_group` expert groups; one shared
+    # expert (transformers builds one MLP of `moe_shared_expert_intermediate_size` whatever n_shared_experts
+    # says); experts work in `moe_latent_size` when set (projections from and to hidden_size around them).
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 7688
+    n_shared_experts: int = 1
+    moe_shared_expert_intermediate_size: int = 7688
+    moe_latent_size: int | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
     # Per-block widths that differ from the uniform ones: {block index: {field: value}}.
     block_overrides: dict[int, dict[str, int]] = field(default_factory=dict)
     # Keys of the source config.json that compressor does not model, written back unchanged.
@@ -149,6 +186,9 @@ class HybridConfig:
             "head_dim": self.head_dim,
             "mamba_num_heads": self.mamba_num_heads,
             "mamba_head_dim": self.mamba_head_dim,
+            "n_routed_experts": self.n_routed_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size,
         }
         widths.update(self.block_overrides.get(index, {}))
         return BlockSpec(index=index, kind=kind, **widths)
@@ -168,8 +208,12 @@ class HybridConfig:
     def is_uniform(self) -> bool:
         return not self.block_overrides
 
+    @property
+    def has_moe(self) -> bool:
+        return KIND_CHARS[MOE] in self.hybrid_override_pattern
+
     def count(self, kind: str) -> int:
-        """Number of blocks of one kind (`mamba`, `attention` or `mlp`)."""
+        """Number of blocks of one kind (`mamba`, `attention`, `mlp` or `moe`)."""
         return self.hybrid_override_pattern.count(KIND_CHARS[kind])
 
     def ratios(self) -> dict[str, float]:
@@ -210,12 +254,10 @@ class HybridConfig:
         if not pattern:
             raise ConfigError("the layer pattern is empty: a model needs at least one block")
         unknown = sorted(set(pattern) - set(PATTERN_CHARS))
-        if "E" in unknown:
-            raise ConfigError("MoE blocks ('E' in the layer pattern) are not supported; use M, * and - blocks")
         if unknown:
             raise ConfigError(
                 f"unknown character(s) {''.join(unknown)!r} in the layer pattern {pattern!r}: "
-                "use M (Mamba-2), * (attention) or - (MLP)"
+                "use M (Mamba-2), * (attention), - (MLP) or E (MoE)"
             )
         for name in ("vocab_size", "hidden_size", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size"):
             _require_positive(name, getattr(self, name))
@@ -243,8 +285,24 @@ class HybridConfig:
                     f"block {index} is a {kind} block and cannot override {', '.join(bad)}; "
                     f"allowed: {', '.join(OVERRIDABLE[kind])}"
                 )
+        if self.has_moe:
+            self._validate_moe()
         for spec in self.blocks:
-            _validate_block(spec, self.n_groups)
+            _validate_block(spec, self)
+
+    def _validate_moe(self) -> None:
+        """The routing fields shared by every MoE block (each block's expert count is checked with its widths)."""
+        for name in ("num_experts_per_tok", "n_shared_experts", "n_group", "topk_group"):
+            _require_positive(name, getattr(self, name))
+        if self.moe_latent_size is not None:
+            _require_positive("moe_latent_size", self.moe_latent_size)
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"topk_group ({self.topk_group}) cannot exceed n_group ({self.n_group})")
+        factor = self.routed_scaling_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ConfigError(f"routed_scaling_factor must be a positive number, got {factor!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigError(f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
 
     # ----- dict / JSON ------------------------------------------------------------------------------
     @classmethod
@@ -289,6 +347,8 @@ class HybridConfig:
             if f.name in ("extra", "pattern_key", "block_overrides", "hybrid_override_pattern"):
                 continue
             value = getattr(self, f.name)
+            if f.name in MOE_FIELDS and not self.has_moe and value == f.default:
+                continue  # a dense model's config.json stays as it was
             out[f.name] = list(value) if isinstance(value, tuple) else value
         if self.pattern_key == "layers_block_type":
             out["layers_block_type"] = [LAYER_TYPE_NAMES[k] for k in self.block_kinds]
@@ -328,6 +388,7 @@ class HybridConfig:
             "mamba": self.count(MAMBA),
             "attention": self.count(ATTENTION),
             "mlp": self.count(MLP),
+            "moe": self.count(MOE),
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_attention_heads": self.num_attention_heads,
@@ -338,6 +399,7 @@ class HybridConfig:
             "n_groups": self.n_groups,
             "ssm_state_size": self.ssm_state_size,
             "vocab_size": self.vocab_size,
+            **({name: getattr(self, name) for name in MOE_FIELDS} if self.has_moe else {}),
             "uniform": self.is_uniform,
         }
 
@@ -394,8 +456,9 @@ def _require_positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _validate_block(spec: BlockSpec, n_groups: int) -> None:
+def _validate_block(spec: BlockSpec, config: HybridConfig) -> None:
     where = f"block {spec.index} ({spec.kind})"
+    n_groups = config.n_groups
     if spec.kind == MAMBA:
         _require_positive(f"mamba_num_heads of {where}", spec.mamba_num_heads)
         _require_positive(f"mamba_head_dim of {where}", spec.mamba_head_dim)
@@ -412,8 +475,31 @@ def _validate_block(spec: BlockSpec, n_groups: int) -> None:
                 f"num_attention_heads ({spec.num_attention_heads}) of {where} is not divisible by "
                 f"num_key_value_heads ({spec.num_key_value_heads})"
             )
+    elif spec.kind == MOE:
+        _validate_moe_block(spec, config, where)
     else:
         _require_positive(f"intermediate_size of {where}", spec.intermediate_size)
+
+
+def _validate_moe_block(spec: BlockSpec, config: HybridConfig, where: str) -> None:
+    experts, top_k, groups = spec.n_routed_experts, config.num_experts_per_tok, config.n_group
+    _require_positive(f"n_routed_experts of {where}", experts)
+    _require_positive(f"moe_intermediate_size of {where}", spec.moe_intermediate_size)
+    _require_positive(f"moe_shared_expert_intermediate_size of {where}", spec.moe_shared_expert_intermediate_size)
+    if top_k > experts:
+        raise ConfigError(f"num_experts_per_tok ({top_k}) exceeds the {experts} routed experts of {where}")
+    if experts % groups:
+        raise ConfigError(f"n_routed_experts ({experts}) of {where} is not divisible by n_group ({groups})")
+    if experts // groups < 2:
+        raise ConfigError(
+            f"{where} has {experts // groups} expert(s) per routing group; nemotron_h ranks a group by its two "
+            "best experts, so keep at least 2 per group (n_routed_experts >= 2 x n_group)"
+        )
+    if top_k > config.topk_group * (experts // groups):
+        raise ConfigError(
+            f"num_experts_per_tok ({top_k}) exceeds the experts of the topk_group ({config.topk_group}) groups "
+            f"of {experts // groups} that {where} routes to"
+        )
 
 
 def _layer_types_to_pattern(layer_types: Any) -> str:
@@ -421,12 +507,10 @@ def _layer_types_to_pattern(layer_types: Any) -> str:
         raise ConfigError("layers_block_type must be a list of block type names")
     chars = []
     for name in layer_types:
-        if name == "moe":
-            raise ConfigError("MoE blocks ('moe' in layers_block_type) are not supported")
         if name not in LAYER_TYPE_KINDS:
             raise ConfigError(
                 f"unknown block type {name!r} in layers_block_type: use linear_attention (Mamba-2), "
-                "full_attention or mlp"
+                "full_attention, mlp or moe"
             )
         chars.append(KIND_CHARS[LAYER_TYPE_KINDS[name]])
     return "".join(chars)

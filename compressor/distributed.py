@@ -1,5 +1,6 @@
 """Running on several processes: `torchrun --nproc-per-node N` (and multi-node) for data parallelism with the
-student and teacher sharded by FSDP2 (`fully_shard`), one Mamba/attention/MLP block per unit.
+student and teacher sharded by FSDP2 (`fully_shard`), one Mamba/attention/MLP/MoE block per unit (an MoE
+block's fp32 router one more).
 
 A single process (no WORLD_SIZE in the environment) uses none of this and needs no process group.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from compressor.config import MOE
 from compressor.errors import CompressorError
 from compressor.model import HybridLM
 
@@ -69,6 +71,8 @@ def shard(model: HybridLM, world: World, *, frozen: bool = False) -> HybridLM:
     from torch.distributed.fsdp import fully_shard
 
     for block in model.backbone.layers:
+        if block.kind == MOE:  # the router stays fp32: a unit of its own (FSDP wants one dtype per unit)
+            fully_shard(block.mixer.gate)
         fully_shard(block)
     fully_shard(model)
     if frozen:

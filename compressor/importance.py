@@ -13,6 +13,12 @@ max), in fp32. These defaults are Minitron's (ModelOpt). What is measured where:
   kept channels, ranked within each of the n_groups groups, the same count kept in every group;
 - attention: a (heads, head_dim) statistic from the input of o_proj; heads are ranked by its L2 norm over
   head_dim within their KV group, KV groups by the L2 norm of their heads;
+- MoE experts: per expert, sums over calibration tokens of the router weight it receives (routing mass,
+  the final top-k weights: normalised and scaled), of the tokens routed to it, and of the L2 norms of its
+  outputs (`expert_norm` = that sum / its tokens, ModelOpt's expert score); experts are kept per routing
+  group (the same number in each of the n_group groups), ranked by routing mass by default;
+- MoE FFN neurons: per expert, the input of its down_proj over the tokens routed to it, each forward pass
+  reduced like a sample (the tokens as its sequence); the shared expert's neurons like an MLP block's;
 - blocks: block influence, 1 - cos(block input, block output) averaged over tokens; optionally the
   drop-one-block effect: how far the model's next-token distribution moves (KL to the full model) or how
   much its LM loss rises when the block alone is skipped. Each block's input is computed once per batch
@@ -40,11 +46,13 @@ from safetensors.torch import load_file, save_file
 from compressor import distributed
 from compressor.errors import CompressorError, OptionError
 from compressor.losses import LossSpec, LossStats, TeacherLogits, head_loss, next_token_labels
-from compressor.model import Attention, HybridLM, MambaMixer
+from compressor.model import Attention, HybridLM, MambaMixer, MoE
 
 SCORES_FILE = "importance.safetensors"
 META_FILE = "importance.json"
 SEQ_NORMS = {"mean": 1, "l2": 2, "max": float("inf")}
+# Importance's per-block score tables, stored as `{name}.{block index}` in the scores file.
+PER_BLOCK = ("ffn", "mamba", "attention", "expert_routing", "expert_tokens", "expert_norm", "expert_ffn", "shared_ffn")
 
 
 @dataclass(frozen=True)
@@ -72,9 +80,11 @@ class ImportanceOptions:
 
 
 class _Statistic:
-    """A running reduction of (batch, seq, channels) activations to (channels,)."""
+    """A running reduction of (batch, seq, channels) activations to (channels,). With `size`, it finishes as
+    zeros when nothing passed (an expert no calibration token was routed to)."""
 
-    def __init__(self, options: ImportanceOptions) -> None:
+    def __init__(self, options: ImportanceOptions, size: int | None = None) -> None:
+        self.size = size
         self.seq_norm = SEQ_NORMS[options.seq_reduce]
         self.batch_reduce = options.batch_reduce
         self.value: torch.Tensor | None = None
@@ -101,6 +111,8 @@ class _Statistic:
 
     def finish(self, world: distributed.World) -> torch.Tensor:
         value, samples = self.value, self.samples
+        if value is None and self.size is not None:
+            value = torch.zeros(self.size, device=world.device)
         if world.distributed:
             import torch.distributed as dist
 
@@ -109,8 +121,48 @@ class _Statistic:
         if self.batch_reduce == "l2":
             return value.sqrt().cpu()
         if self.batch_reduce == "mean":
-            return (value / samples).cpu()
+            return (value / max(samples, 1)).cpu()
         return value.cpu()
+
+
+def _on_expert_input(stat: _Statistic) -> Callable:
+    """A down_proj pre-hook of one routed expert: its forward pass's routed tokens (tokens, ffn) are one
+    sample, the tokens its sequence; an expert no token chose runs on none and adds nothing."""
+
+    def record(module, args):
+        if len(args[0]):
+            stat.add(args[0][None])
+
+    return record
+
+
+class _ExpertTraffic:
+    """Per-expert sums over the calibration tokens of one MoE block: router weight received, tokens routed,
+    L2 norms of the expert's outputs (float64)."""
+
+    def __init__(self, experts: int, device: torch.device) -> None:
+        self.mass = torch.zeros(experts, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(experts, dtype=torch.float64, device=device)
+        self.norms = torch.zeros(experts, dtype=torch.float64, device=device)
+
+    def add_routing(self, weights: torch.Tensor, experts: torch.Tensor) -> None:
+        """The router's output: weights and expert indices, (tokens, k) each."""
+        chosen = experts.flatten()
+        self.mass.index_add_(0, chosen, weights.detach().flatten().double())
+        self.tokens += torch.bincount(chosen, minlength=len(self.tokens))
+
+    def add_output(self, expert: int, output: torch.Tensor) -> None:
+        """One expert's outputs (its tokens, width), before the router weight."""
+        self.norms[expert] += torch.linalg.vector_norm(output.detach().float(), dim=-1).sum().double()
+
+    def finish(self, world: distributed.World) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(routing mass, tokens, mean output norm per routed token), (experts,) each."""
+        values = torch.stack([self.mass, self.tokens, self.norms])
+        if world.distributed:
+            summed = distributed.all_reduce_sum(values.flatten().tolist(), world)
+            values = torch.tensor(summed, dtype=torch.float64).view(3, -1)
+        mass, tokens, norms = values.cpu()
+        return mass.float(), tokens.float(), (norms / tokens.clamp(min=1)).float()
 
 
 @dataclass
@@ -125,6 +177,12 @@ class Importance:
     block_drop: torch.Tensor | None = None  # (blocks,) drop-one effect
     removal_order: list[int] | None = None  # iterative removal, least important first
     meta: dict[str, Any] = field(default_factory=dict)
+    # MoE blocks (none in models without them)
+    expert_routing: dict[int, torch.Tensor] = field(default_factory=dict)  # (experts,) router weight received
+    expert_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # (experts,) tokens routed to each
+    expert_norm: dict[int, torch.Tensor] = field(default_factory=dict)  # (experts,) mean output L2 norm a token
+    expert_ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # (experts, moe ffn) neurons of each
+    shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # (shared ffn,) shared expert's neurons
 
     # ----- rankings (what pruning keeps) ----------------------------------------------------------
     def keep_hidden(self, count: int) -> torch.Tensor:
@@ -168,6 +226,37 @@ class Importance:
         heads = [g * group_size + _top(per_group[g], num_heads // keep_kv) for g in groups.tolist()]
         return torch.cat(heads).sort().values, groups
 
+    def expert_scores(self, block: int, method: Literal["routing", "norm"] = "routing") -> torch.Tensor:
+        """(experts,) of an MoE block: routing mass (default) or mean output norm per routed token (ModelOpt's)."""
+        table = {"routing": self.expert_routing, "norm": self.expert_norm}.get(method)
+        if table is None:
+            raise CompressorError(f"expert score {method!r} is not one of routing, norm")
+        return self._moe_scores(table, block)
+
+    def keep_experts(
+        self, block: int, count: int, n_group: int = 1, method: Literal["routing", "norm"] = "routing"
+    ) -> torch.Tensor:
+        """Kept experts of an MoE block, sorted: count / n_group of each routing group (groups are contiguous
+        runs of experts), the best by `expert_scores`."""
+        scores = self.expert_scores(block, method)
+        if count % n_group:
+            raise CompressorError(f"routed experts ({count}) must be a multiple of n_group ({n_group})")
+        return _top_per_group(scores, scores.numel() // n_group, count // n_group)
+
+    def keep_expert_ffn(self, block: int, expert: int, count: int) -> torch.Tensor:
+        """Kept FFN neurons of one routed expert (its own ranking)."""
+        return _top(self._moe_scores(self.expert_ffn, block)[expert], count)
+
+    def keep_shared_ffn(self, block: int, count: int) -> torch.Tensor:
+        return _top(self._moe_scores(self.shared_ffn, block), count)
+
+    def _moe_scores(self, table: dict[int, torch.Tensor], block: int) -> torch.Tensor:
+        if block not in table:
+            raise CompressorError(
+                f"these scores have no MoE statistics for block {block}: recompute them with `compress importance`"
+            )
+        return table[block]
+
     @property
     def depth_method(self) -> str:
         """How blocks are ranked when nobody asks for a method: the drop-one effect when it was measured,
@@ -197,7 +286,7 @@ class Importance:
         tensors = {"hidden": self.hidden, "block_influence": self.block_influence}
         if self.block_drop is not None:
             tensors["block_drop"] = self.block_drop
-        for name in ("ffn", "mamba", "attention"):
+        for name in PER_BLOCK:
             tensors.update({f"{name}.{i}": t for i, t in getattr(self, name).items()})
         save_file({k: v.contiguous().float() for k, v in tensors.items()}, folder / SCORES_FILE)
         meta = {**self.meta, "removal_order": self.removal_order}
@@ -216,7 +305,7 @@ class Importance:
                 f"this model's is {fingerprint}): recompute them with `compress importance`"
             )
         tensors = load_file(folder / SCORES_FILE)
-        per_block = {name: {} for name in ("ffn", "mamba", "attention")}
+        per_block = {name: {} for name in PER_BLOCK}
         for key, value in tensors.items():
             name, _, index = key.partition(".")
             if name in per_block:
@@ -254,6 +343,9 @@ class _Collector:
         self.ffn: dict[int, _Statistic] = {}
         self.mamba: dict[int, tuple[_Statistic, int, int]] = {}
         self.attention: dict[int, tuple[_Statistic, int, int]] = {}
+        self.traffic: dict[int, _ExpertTraffic] = {}
+        self.expert_ffn: dict[int, list[_Statistic]] = {}
+        self.shared_ffn: dict[int, _Statistic] = {}
         self.influence = torch.zeros(len(model.backbone.layers), dtype=torch.float64)
         self.tokens = 0
         self.handles = []
@@ -278,10 +370,25 @@ class _Collector:
                 stat = _Statistic(options)
                 self.attention[i] = (stat, mixer.num_heads, mixer.head_dim)
                 hook(mixer.o_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
+            elif isinstance(mixer, MoE):
+                self._hook_moe(i, mixer)
             else:
                 stat = self.ffn[i] = _Statistic(options)
                 hook(mixer.down_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
         hook(model.backbone.norm_f.register_forward_hook(self._on_output(self.hidden, "norm_f")))
+
+    def _hook_moe(self, index: int, mixer: MoE) -> None:
+        hook = self.handles.append
+        traffic = self.traffic[index] = _ExpertTraffic(len(mixer.experts), mixer.gate.weight.device)
+        hook(mixer.gate.register_forward_hook(lambda m, a, out, t=traffic: t.add_routing(*out)))
+        stats = self.expert_ffn[index] = []
+        for e, expert in enumerate(mixer.experts):
+            stat = _Statistic(self.options, size=expert.down_proj.in_features)
+            stats.append(stat)
+            hook(expert.down_proj.register_forward_pre_hook(_on_expert_input(stat)))
+            hook(expert.register_forward_hook(lambda m, a, out, t=traffic, e=e: t.add_output(e, out)))
+        shared = self.shared_ffn[index] = _Statistic(self.options)
+        hook(mixer.shared_experts.down_proj.register_forward_pre_hook(lambda m, a, s=shared: s.add(a[0])))
 
     def _on_output(self, table: dict, key: str) -> Callable:
         def record(module, args, output):
@@ -315,7 +422,16 @@ class _Collector:
             "mamba": {i: s.finish(world).view(h, p) for i, (s, h, p) in self.mamba.items()},
             "attention": {i: s.finish(world).view(h, d) for i, (s, h, d) in self.attention.items()},
             "block_influence": (influence / max(tokens, 1)).float(),
+            **self._finish_moe(world),
         }
+
+    def _finish_moe(self, world: distributed.World) -> dict[str, dict[int, torch.Tensor]]:
+        out = {name: {} for name in ("expert_routing", "expert_tokens", "expert_norm", "expert_ffn", "shared_ffn")}
+        for i, traffic in self.traffic.items():
+            out["expert_routing"][i], out["expert_tokens"][i], out["expert_norm"][i] = traffic.finish(world)
+            out["expert_ffn"][i] = torch.stack([s.finish(world) for s in self.expert_ffn[i]])
+            out["shared_ffn"][i] = self.shared_ffn[i].finish(world)
+        return out
 
 
 @torch.no_grad()

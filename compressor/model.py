@@ -3,12 +3,20 @@
 Parameter names equal the Hugging Face checkpoint's (`backbone.embeddings.weight`,
 `backbone.layers.{i}.norm.weight`, `backbone.layers.{i}.mixer.*`, `backbone.norm_f.weight`,
 `lm_head.weight`), so a checkpoint's state dict loads without renaming. Each block is
-`x = x + mixer(RMSNorm(x))` with one of three mixers:
+`x = x + mixer(RMSNorm(x))` with one of four mixers:
 
 - `MambaMixer` (M): Mamba-2 with grouped B/C, a chunked SSD scan for prefill/training and a recurrent
   step for decoding (pure torch in `compressor.ssd`, mamba-ssm kernels on CUDA when installed);
 - `Attention` (*): grouped-query attention through `scaled_dot_product_attention`, no positional encoding;
-- `MLP` (-): down(relu(up(x))^2).
+- `MLP` (-): down(relu(up(x))^2);
+- `MoE` (E): a sigmoid top-k router over routed experts (each an MLP without biases) plus a shared expert,
+  as transformers' `nemotron_h` computes it; the experts are stored one module per expert
+  (`mixer.experts.{e}.up_proj.weight`), as NVIDIA's checkpoints store them.
+
+The router runs in fp32, as in transformers: its logits are computed from the fp32-cast input and weight
+(with autocast off), and `compressor.checkpoint.load_model` keeps the router's tensors (`FP32_TENSORS`) in
+fp32 whatever the model's dtype, as transformers' `_keep_in_fp32_modules_strict` does. Expert outputs are
+weighted and summed in fp32, then cast back to the input's dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +31,11 @@ from torch import nn
 
 from compressor import kernels, ssd
 from compressor.cache import HybridCache
-from compressor.config import ATTENTION, MAMBA, BlockSpec, HybridConfig
+from compressor.config import ATTENTION, MAMBA, MOE, BlockSpec, HybridConfig
+from compressor.config import MLP as MLP_KIND  # the block kind; `MLP` below is its mixer
+
+# Tensors kept in fp32 whatever the model's dtype (name suffixes): the MoE router's weight and score bias.
+FP32_TENSORS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")
 
 
 class RMSNorm(nn.Module):
@@ -155,17 +167,115 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: HybridConfig, spec: BlockSpec) -> None:
+class FeedForward(nn.Module):
+    """down(relu(up(x))^2): nemotron_h's MLP, shared expert and routed expert."""
+
+    def __init__(self, width: int, ffn: int, bias: bool) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, spec.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(width, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, width, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class MLP(FeedForward):
+    def __init__(self, config: HybridConfig, spec: BlockSpec) -> None:
+        super().__init__(config.hidden_size, spec.intermediate_size, config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, cache: HybridCache | None = None, index: int = 0) -> torch.Tensor:
-        return self.down_proj(F.relu(self.up_proj(hidden)).square())
+        return super().forward(hidden)
 
 
-MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, "mlp": MLP}
+class TopKRouter(nn.Module):
+    """`mixer.gate`: picks num_experts_per_tok experts per token and their weights.
+
+    scores = sigmoid(x W^T) in fp32; the choice ranks scores + e_score_correction_bias (a buffer, set by
+    auxiliary-loss-free load balancing during pretraining, never by gradients), within the topk_group best
+    of n_group expert groups (a group ranks by the sum of its two best biased scores); the weights are the
+    chosen experts' unbiased scores, normalised to sum to 1 (norm_topk_prob), times routed_scaling_factor.
+    """
+
+    def __init__(self, config: HybridConfig, spec: BlockSpec) -> None:
+        super().__init__()
+        self.num_experts = spec.n_routed_experts  # E
+        self.top_k = config.num_experts_per_tok  # k
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (n, hidden) -> (weights (n, k) fp32, expert indices (n, k))."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            scores = F.linear(hidden.float(), self.weight.float()).sigmoid()  # (n, E)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.topk_group < self.n_group:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)  # (n, groups, E / groups)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (n, groups)
+            best = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], -math.inf).flatten(1)
+        experts = choice.topk(self.top_k, dim=-1).indices  # (n, k)
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, experts
+
+
+class MoE(nn.Module):
+    """Routed experts + a shared expert: out = fc2(sum_k w_k expert_k(fc1(x))) + shared_experts(x), with the
+    router's k experts and weights per token; fc1 / fc2 are the latent projections (fc1_latent_proj /
+    fc2_latent_proj, to and from moe_latent_size), identities without moe_latent_size.
+
+    Dispatch groups the (token, expert) pairs by expert with one sort and runs each expert once on all its
+    tokens: a Python loop over experts, none over tokens."""
+
+    def __init__(self, config: HybridConfig, spec: BlockSpec) -> None:
+        super().__init__()
+        h, latent = config.hidden_size, config.moe_latent_size
+        self.width = latent or h  # d: where the experts work
+        self.gate = TopKRouter(config, spec)
+        self.experts = nn.ModuleList(
+            FeedForward(self.width, spec.moe_intermediate_size, bias=False) for _ in range(spec.n_routed_experts)
+        )
+        self.shared_experts = FeedForward(h, spec.moe_shared_expert_intermediate_size, config.mlp_bias)
+        if latent is not None:
+            self.fc1_latent_proj = nn.Linear(h, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(latent, h, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def forward(self, hidden: torch.Tensor, cache: HybridCache | None = None, index: int = 0) -> torch.Tensor:
+        x = hidden.reshape(-1, hidden.shape[-1])  # (n, hidden)
+        weights, experts = self.gate(x)  # (n, k)
+        if self.fc1_latent_proj is not None:
+            x = self.fc1_latent_proj(x)  # (n, d)
+        routed = self.dispatch(x, weights, experts).to(hidden.dtype)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)
+        return routed.view_as(hidden) + self.shared_experts(hidden)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[:, k] * expert_{experts[:, k]}(x), (n, d) in fp32."""
+        n, k = experts.shape
+        flat = experts.flatten()  # (n k,) pair p = token p // k, slot p % k
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        grouped = x[order // k].split(counts)  # each expert's tokens
+        # every expert runs, on no tokens if none chose it, so each has a gradient (of zeros) in every process:
+        # data-parallel gradient reduction (FSDP) needs the same tensors from all of them
+        outputs = torch.cat([expert(t) for expert, t in zip(self.experts, grouped, strict=True)])
+        position = torch.empty_like(order)
+        position[order] = torch.arange(n * k, device=order.device)  # where each pair landed in `outputs`
+        pairs = outputs[position].float().view(n, k, -1)  # back in pair order: (n, k, d)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.bmm(weights[:, None, :], pairs).squeeze(1)  # sum_k w_k out_k in fp32
+
+
+MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, MLP_KIND: MLP, MOE: MoE}
 
 
 class Block(nn.Module):
@@ -248,10 +358,11 @@ class HybridLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters by component: embeddings, lm_head, mamba, attention, mlp, norms (block norms + norm_f).
+        """Parameters by component: embeddings, lm_head, mamba, attention, mlp, moe, norms (block norms + norm_f).
 
-        Tied embeddings count once, under embeddings."""
-        counts = dict.fromkeys(("embeddings", "lm_head", MAMBA, ATTENTION, "mlp", "norms"), 0)
+        Tied embeddings count once, under embeddings; buffers (the router's e_score_correction_bias) are not
+        parameters."""
+        counts = dict.fromkeys(("embeddings", "lm_head", MAMBA, ATTENTION, MLP_KIND, MOE, "norms"), 0)
         for name, param in self.named_parameters():  # shared tensors are listed once
             if name.startswith("backbone.embeddings."):
                 key = "embeddings"
@@ -267,8 +378,8 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random initialisation following nemotron_h's scheme (normal linears and embeddings, S4D-real A,
-        log-uniform dt, out_proj scaled by 1/sqrt(blocks))."""
+        """Random initialisation following nemotron_h's scheme (normal linears, embeddings and routers, zero
+        score-correction biases, S4D-real A, log-uniform dt, out_proj scaled by 1/sqrt(blocks))."""
         config = self.config
         std = config.initializer_range
         for module in self.modules():
@@ -283,6 +394,9 @@ class HybridLM(nn.Module):
                     module.bias.uniform_(-bound, bound, generator=generator)
             elif isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.weight.fill_(1.0)
+            elif isinstance(module, TopKRouter):
+                module.weight.normal_(0.0, std, generator=generator)
+                module.e_score_correction_bias.zero_()
         for block in self.backbone.layers:
             mixer = block.mixer
             if isinstance(mixer, MambaMixer):

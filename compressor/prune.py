@@ -11,6 +11,11 @@ tensor those widths touch, choosing what to keep from an `Importance`:
   gated-norm weight and out_proj's columns; B and C (shared by a group's heads) are untouched, so the
   gated norm's groups stay aligned;
 - attention query heads within their KV groups (and whole KV groups when asked): q/k/v rows, o_proj columns;
+- MoE routed experts (the same number kept in each of the n_group routing groups): the router's rows
+  (gate.weight) and e_score_correction_bias entries, the kept experts' modules, renumbered in order;
+- MoE expert FFN width (the same for every kept expert of a block, each keeping its own best neurons):
+  each expert's up_proj rows and down_proj columns;
+- MoE shared-expert FFN width: shared_experts up_proj rows (and bias) and down_proj columns;
 - whole blocks: the pattern is rewritten.
 
 Each kind's slicing is one function below. The result is an ordinary `HybridLM` and saves as a standard
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, HybridConfig
+from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABLE, HybridConfig
 from compressor.errors import CompressorError
 from compressor.importance import Importance
 from compressor.model import HybridLM
@@ -42,6 +47,9 @@ class BlockTarget:
     mamba_head_dim: int = 0
     num_attention_heads: int = 0
     num_key_value_heads: int = 0
+    n_routed_experts: int = 0
+    moe_intermediate_size: int = 0
+    moe_shared_expert_intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,9 @@ class Target:
         mamba_head_dim: int | None = None,
         num_attention_heads: int | None = None,
         num_key_value_heads: int | None = None,
+        n_routed_experts: int | None = None,
+        moe_intermediate_size: int | None = None,
+        moe_shared_expert_intermediate_size: int | None = None,
         drop_blocks: tuple[int, ...] | list[int] = (),
     ) -> Target:
         """Every kept block of a kind gets the same widths (None keeps the block's own)."""
@@ -71,6 +82,9 @@ class Target:
             "mamba_head_dim": mamba_head_dim,
             "num_attention_heads": num_attention_heads,
             "num_key_value_heads": num_key_value_heads,
+            "n_routed_experts": n_routed_experts,
+            "moe_intermediate_size": moe_intermediate_size,
+            "moe_shared_expert_intermediate_size": moe_shared_expert_intermediate_size,
         }
         blocks = []
         for spec in source.blocks:
@@ -90,11 +104,7 @@ class Target:
         if not self.blocks:
             raise CompressorError("a pruned model needs at least one block")
         pattern = "".join(KIND_CHARS[b.kind] for b in self.blocks)
-        fields = {
-            MAMBA: ("mamba_num_heads", "mamba_head_dim"),
-            ATTENTION: ("num_attention_heads", "num_key_value_heads"),
-            MLP: ("intermediate_size",),
-        }
+        fields = OVERRIDABLE
         uniform = {}
         for kind, names in fields.items():
             for name in names:
@@ -141,6 +151,13 @@ class Target:
     def summary(self, source: HybridConfig) -> dict:
         """What the target keeps, in the terms of ModelOpt's export_config where they apply."""
         config = self.config(source)
+        moe = {}
+        if config.has_moe:
+            moe = {
+                "num_moe_experts": config.n_routed_experts,
+                "moe_ffn_hidden_size": config.moe_intermediate_size,
+                "moe_shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
+            }
         return {
             "hidden_size": config.hidden_size,
             "ffn_hidden_size": config.intermediate_size,
@@ -148,6 +165,7 @@ class Target:
             "num_query_groups": config.num_key_value_heads,
             "mamba_num_heads": config.mamba_num_heads,
             "mamba_head_dim": config.mamba_head_dim,
+            **moe,
             "num_layers": config.num_blocks,
             "kept_blocks": [b.source for b in self.blocks],
             "uniform": config.is_uniform,
@@ -171,7 +189,7 @@ def prune(model: HybridLM, importance: Importance, target: Target) -> HybridLM:
             raise CompressorError(f"block {block.source} is a {src.kind} block, not {block.kind}")
         prefix = f"backbone.layers.{new_index}."
         state[prefix + "norm.weight"] = src.norm.weight[hidden]
-        slicer = {MAMBA: _slice_mamba, ATTENTION: _slice_attention}.get(block.kind, _slice_mlp)
+        slicer = {MAMBA: _slice_mamba, ATTENTION: _slice_attention, MLP: _slice_mlp, MOE: _slice_moe}[block.kind]
         for name, tensor in slicer(src.mixer, block, importance, hidden, source).items():
             state[prefix + "mixer." + name] = tensor
     with torch.device("meta"):
@@ -183,14 +201,64 @@ def prune(model: HybridLM, importance: Importance, target: Target) -> HybridLM:
 
 
 def _slice_mlp(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
-    neurons = importance.keep_ffn(block.source, block.intermediate_size)
+    return _slice_ffn(mixer, importance.keep_ffn(block.source, block.intermediate_size), hidden)
+
+
+def _slice_ffn(ffn, neurons: torch.Tensor, hidden: torch.Tensor) -> dict:
+    """A relu2 FFN (MLP block, shared or routed expert) keeping `neurons` and the `hidden` channels: up_proj
+    rows (and bias) and columns, down_proj columns and rows (and bias)."""
     out = {
-        "up_proj.weight": mixer.up_proj.weight[neurons][:, hidden],
-        "down_proj.weight": mixer.down_proj.weight[hidden][:, neurons],
+        "up_proj.weight": ffn.up_proj.weight[neurons][:, hidden],
+        "down_proj.weight": ffn.down_proj.weight[hidden][:, neurons],
     }
-    if mixer.up_proj.bias is not None:
-        out["up_proj.bias"] = mixer.up_proj.bias[neurons]
-        out["down_proj.bias"] = mixer.down_proj.bias[hidden]
+    if ffn.up_proj.bias is not None:
+        out["up_proj.bias"] = ffn.up_proj.bias[neurons]
+        out["down_proj.bias"] = ffn.down_proj.bias[hidden]
+    return out
+
+
+def _slice_moe(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
+    """An MoE block: its routed experts (`_drop_experts`), their FFN width (`_narrow_experts`), the shared
+    expert's FFN width (shared_experts up_proj rows and bias, down_proj columns), and the hidden channels:
+    gate.weight columns, shared_experts up_proj columns and down_proj rows (and bias), and either every kept
+    expert's up_proj columns and down_proj rows or, with latent projections, fc1_latent_proj's columns and
+    fc2_latent_proj's rows (and bias); the latent width itself is kept. A valid top-k and n_group
+    divisibility are checked by the pruned config."""
+    kept = importance.keep_experts(block.source, block.n_routed_experts, source.n_group)
+    out = _drop_experts(mixer, kept, hidden)
+    latent = mixer.fc1_latent_proj is not None
+    expert_channels = torch.arange(mixer.width) if latent else hidden  # what the experts read and write
+    out.update(_narrow_experts(mixer, block, importance, kept, expert_channels))
+    shared = importance.keep_shared_ffn(block.source, block.moe_shared_expert_intermediate_size)
+    out.update({f"shared_experts.{name}": t for name, t in _slice_ffn(mixer.shared_experts, shared, hidden).items()})
+    if latent:
+        out["fc1_latent_proj.weight"] = mixer.fc1_latent_proj.weight[:, hidden]
+        out["fc2_latent_proj.weight"] = mixer.fc2_latent_proj.weight[hidden]
+        if mixer.fc1_latent_proj.bias is not None:
+            out["fc1_latent_proj.bias"] = mixer.fc1_latent_proj.bias
+            out["fc2_latent_proj.bias"] = mixer.fc2_latent_proj.bias[hidden]
+    return out
+
+
+def _drop_experts(mixer, kept: torch.Tensor, hidden: torch.Tensor) -> dict:
+    """Keep the routed experts `kept` (source indices, ascending; from `Importance.keep_experts`, the same
+    number in each routing group): the router's rows of gate.weight (with the `hidden` columns) and entries
+    of gate.e_score_correction_bias. The kept experts' own tensors move in `_narrow_experts`."""
+    return {
+        "gate.weight": mixer.gate.weight[kept][:, hidden],
+        "gate.e_score_correction_bias": mixer.gate.e_score_correction_bias[kept],
+    }
+
+
+def _narrow_experts(mixer, block: BlockTarget, importance: Importance, kept: torch.Tensor, channels) -> dict:
+    """The kept experts, renumbered 0.. in source order, each narrowed to moe_intermediate_size neurons of
+    its own ranking (`Importance.keep_expert_ffn`): experts.{new}.up_proj rows and down_proj columns, and
+    the `channels` they read and write (up_proj columns, down_proj rows)."""
+    out = {}
+    for new, old in enumerate(kept.tolist()):
+        neurons = importance.keep_expert_ffn(block.source, old, block.moe_intermediate_size)
+        for name, tensor in _slice_ffn(mixer.experts[old], neurons, channels).items():
+            out[f"experts.{new}.{name}"] = tensor
     return out
 
 

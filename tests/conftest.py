@@ -68,3 +68,40 @@ def workspace(tmp_path_factory):
     rng = np.random.default_rng(0)
     np.save(root / "tokens.npy", (np.cumsum(rng.choice([1, 1, 2], size=48 * PIPELINE_SEQ)) % 512).astype(np.int32))
     return root
+
+
+@st.composite
+def tiny_moe_configs(draw, *, transformers_clamp: bool = True) -> HybridConfig:
+    """Small random hybrid MoE architectures: grouped routing, latent projections, biases, unnormalised
+    top-k weights, scaling factors, next to Mamba, attention and MLP blocks."""
+    base = draw(tiny_configs(transformers_clamp=transformers_clamp))
+    pattern = draw(st.text(alphabet="ME*-", max_size=3)) + "E" + draw(st.text(alphabet="ME*-", max_size=2))
+    n_group = draw(st.sampled_from([1, 2, 4]))
+    experts = n_group * draw(st.sampled_from([2, 3]))
+    topk_group = draw(st.integers(1, n_group))
+    top_k = draw(st.integers(1, min(4, topk_group * experts // n_group)))
+    return base.replace(
+        hybrid_override_pattern=pattern,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=draw(st.sampled_from([8, 20])),
+        moe_shared_expert_intermediate_size=draw(st.sampled_from([12, 24])),
+        moe_latent_size=draw(st.sampled_from([None, 8, 24])),
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+        norm_topk_prob=draw(st.booleans()),
+        mlp_bias=draw(st.booleans()),
+    )
+
+
+@torch.no_grad()
+def randomize_routers(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every MoE router (ours or transformers') weights that spread its sigmoid scores and a random
+    score-correction bias, so that routing is neither near-tied nor trivially uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            experts, hidden = module.weight.shape
+            module.weight.copy_(torch.randn(experts, hidden, generator=gen) * 1.5 / math.sqrt(hidden))
+            module.e_score_correction_bias.copy_(torch.randn(experts, generator=gen) * 0.3)

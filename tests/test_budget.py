@@ -12,12 +12,15 @@ from compressor.budget import (
     DEFAULT_PREFILL_CHUNK,
     GIB,
     GPUS,
+    Budget,
     GPUSpec,
     Workload,
     activation_bytes,
+    active_parameters,
     conv_state_bytes,
     estimate_memory,
     estimate_throughput,
+    experts_touched,
     get_gpu,
     kv_bytes_per_token,
     largest_batch,
@@ -34,10 +37,11 @@ from compressor.budget import (
     weight_bytes_by_component,
 )
 from compressor.cache import HybridCache
-from compressor.config import MAMBA, MLP, HybridConfig
+from compressor.checkpoint import load_model, save_model
+from compressor.config import MAMBA, MLP, MOE, HybridConfig
 from compressor.errors import BudgetError, CompressorError
 from compressor.model import HybridLM
-from compressor.presets import PUBLISHED, TINY, get_preset
+from compressor.presets import PUBLISHED, PUBLISHED_ACTIVE_PARAMS, TINY, get_preset
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 A10G_BUDGET = parse_size("19.66GiB")  # Nano-v2: 22 GiB less a 5% buffer and 1.3 GiB for a vision encoder
@@ -459,3 +463,145 @@ def test_cli_estimate_measure_on_tiny():
     assert data["measured"]["decode_tokens_per_s"] > 0
     result = _estimate("tiny", "--ctx", "1k", "--measure", "--device", "cpu")
     assert result.exit_code == 0 and "measured on cpu (bf16)" in result.output and "cache bytes" in result.output
+
+
+# ----- MoE ----------------------------------------------------------------------------------------------
+@st.composite
+def moe_configs(draw, *, scale: int = 1) -> HybridConfig:
+    """Random hybrid MoE architectures, some MoE blocks with their own expert counts and widths."""
+    base = draw(hybrid_configs(max_blocks=4, scale=scale))
+    pattern = base.pattern + "E" + draw(st.text(alphabet="ME*-", max_size=3))
+    n_group = draw(st.sampled_from([1, 2]))
+    top_k = draw(st.integers(1, 2))
+    overrides = dict(base.block_overrides)
+    for index, char in enumerate(pattern):
+        if char == "E" and draw(st.booleans()):
+            overrides[index] = {
+                "n_routed_experts": n_group * draw(st.integers(2, 5)),
+                "moe_intermediate_size": draw(st.integers(1, 40)) * scale,
+                "moe_shared_expert_intermediate_size": draw(st.integers(1, 40)) * scale,
+            }
+    return base.replace(
+        hybrid_override_pattern=pattern,
+        n_routed_experts=n_group * draw(st.integers(2, 5)),
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=draw(st.integers(1, 40)) * scale,
+        moe_shared_expert_intermediate_size=draw(st.integers(1, 40)) * scale,
+        moe_latent_size=draw(st.sampled_from([None, 8 * scale])),
+        n_group=n_group,
+        topk_group=n_group,
+        block_overrides=overrides,
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(moe_configs(scale=8))
+def test_moe_parameter_counts_equal_the_built_model(config):
+    model = _meta_model(config)
+    assert parameter_counts(config) == model.parameter_counts()
+    assert parameter_counts(config)[MOE] > 0
+    # active: the total less, in each MoE block, the experts a token is not routed to
+    unused = 0
+    for block in model.backbone.layers:
+        if block.kind == MOE:
+            expert = sum(p.numel() for p in block.mixer.experts[0].parameters())
+            unused += (len(block.mixer.experts) - config.num_experts_per_tok) * expert
+    assert active_parameters(config) == model.num_parameters() - unused
+
+
+def test_nano3_total_and_active_parameters_are_the_published_ones():
+    nano = get_preset("nemotron-3-nano-30b-a3b")
+    assert num_parameters(nano) == 31_577_937_344
+    assert active_parameters(nano) == PUBLISHED_ACTIVE_PARAMS["nemotron-3-nano-30b-a3b"] == 3_580_073_408
+    counts = parameter_counts(nano)
+    assert active_parameters(nano) - counts["embeddings"] == 3_227_751_872  # NVIDIA's "3.2B active"
+    assert counts[MOE] == 23 * 1_297_465_344 and counts[MAMBA] == 23 * 38_742_208
+    # all 128 experts are resident: BF16 weights are NVIDIA's 63.16 GB, plus the fp32 router's extra bytes
+    router_extra = 23 * (128 * 2688 * 2 + 128 * 4)  # fp32 instead of bf16 weight, plus the fp32 bias buffer
+    assert weight_bytes(nano, "bf16") == 2 * 31_577_937_344 + router_extra
+    assert round(weight_bytes(nano, "bf16") / 1e9, 2) == 63.17  # NVIDIA: 63.16 GB
+    for name in PUBLISHED:
+        if not get_preset(name).has_moe:
+            assert active_parameters(get_preset(name)) == num_parameters(get_preset(name))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_moe_weight_bytes_equal_a_loaded_checkpoint(tmp_path, dtype):
+    config = get_preset("tiny-moe").replace(
+        moe_latent_size=24, mlp_bias=True, block_overrides={4: {"n_routed_experts": 4}}
+    )
+    save_model(HybridLM(config), tmp_path / "moe")
+    model = load_model(tmp_path / "moe", dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # router fp32, its bias buffer
+    assert weight_bytes(config, dtype) == held
+
+
+def test_fp8_and_fp4_quantize_every_expert_but_not_the_router():
+    # One MoE block: 4 experts (8, 16) / (16, 8), shared (12, 16) / (16, 12), router (4, 16) + bias kept fp32.
+    config = HybridConfig(
+        hybrid_override_pattern="E", vocab_size=10, hidden_size=16, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, moe_shared_expert_intermediate_size=12,
+    )  # fmt: skip
+    bf16_rest = 2 * (10 * 16 * 2 + 16 * 2)  # embeddings + lm_head + two norms
+    router = 4 * (4 * 16 + 4)
+    assert weight_bytes(config, "bf16") == bf16_rest + 2 * (4 * 2 * 8 * 16 + 2 * 12 * 16) + router
+    fp8_experts = 4 * ((8 * 16 + 4 * 8) + (16 * 8 + 4 * 16))
+    fp8_shared = (12 * 16 + 4 * 12) + (16 * 12 + 4 * 16)
+    assert weight_bytes(config, "fp8") == bf16_rest + fp8_experts + fp8_shared + router
+    fp4_experts = 4 * ((64 + 8 * 1 + 4) + (64 + 16 * 1 + 4))
+    fp4_shared = (96 + 12 * 1 + 4) + (96 + 16 * 1 + 4)
+    assert weight_bytes(config, "fp4") == bf16_rest + fp4_experts + fp4_shared + router
+
+
+def test_experts_touched_by_a_batch():
+    assert experts_touched(128, 6, 1) == pytest.approx(6)
+    assert experts_touched(128, 6, 2) == pytest.approx(128 * (1 - (122 / 128) ** 2))
+    assert 127.9 < experts_touched(128, 6, 2048) <= 128
+    assert experts_touched(8, 8, 1) == pytest.approx(8)
+
+
+def test_moe_roofline_computes_active_parameters_and_reads_the_experts_a_batch_touches():
+    gpu = get_gpu("h100")
+    small = get_preset("nemotron-3-nano-30b-a3b")
+    # four times the experts at the same top-k: four times the expert memory, the same FLOPs a token
+    big = small.replace(n_routed_experts=512)
+    assert weight_bytes(big) > 3 * weight_bytes(small)
+    assert active_parameters(big) - active_parameters(small) == 23 * (512 - 128) * 2688
+    one_small, one_big = (estimate_throughput(c, Workload(64, 256, 1), gpu) for c in (small, big))
+    assert one_small.decode_bound == "memory"
+    # batch 1 reads 6 experts a block either way: decoding costs about the same (the routers differ)
+    assert one_big.decode_latency_s == pytest.approx(one_small.decode_latency_s, rel=0.02)
+    # a decode step of batch 1 reads about the active weights, not all of them
+    active_bytes = 2 * (active_parameters(small) - parameter_counts(small)["embeddings"])
+    assert active_bytes / gpu.memory_bandwidth < one_small.decode_latency_s < 1.1 * active_bytes / gpu.memory_bandwidth
+    # a large batch touches every expert: the big model's decode slows with its resident experts
+    wide_small, wide_big = (estimate_throughput(c, Workload(64, 256, 256), gpu) for c in (small, big))
+    assert wide_big.decode_s > 1.5 * wide_small.decode_s
+    # long prefill in large passes is compute bound at the active parameters' FLOPs (each pass of
+    # prefill_chunk tokens reads every expert: with the default 2048 it is memory bound)
+    prefills = (estimate_throughput(c, Workload(32_768, 16, 8), gpu, prefill_chunk=16_384) for c in (small, big))
+    prefill_small, prefill_big = prefills
+    assert prefill_small.prefill_bound == "compute"
+    assert prefill_big.prefill_s == pytest.approx(prefill_small.prefill_s, rel=0.02)
+    assert prefill_small.prefill_s > 2 * active_parameters(small) * 32_768 * 8 / gpu.bf16_flops * 0.9
+
+
+def test_moe_activation_allowance_grows_with_top_k_and_experts():
+    config = get_preset("tiny-moe").replace(hybrid_override_pattern="E")
+    base = activation_bytes(config, 4096)
+    assert activation_bytes(config.replace(num_experts_per_tok=4), 4096) > base
+    assert activation_bytes(config.replace(n_routed_experts=64), 4096) > base
+    assert estimate_memory(config, 4096).cache == 0  # MoE blocks keep no cache
+
+
+def test_budget_active_parameter_limit():
+    nano = get_preset("nemotron-3-nano-30b-a3b")
+    budget = Budget(active_params=3_000_000_000)
+    assert budget.violations(nano, nano) == ["active parameters 3,580,073,408 > 3,000,000,000"]
+    pruned = nano.replace(num_experts_per_tok=4, moe_intermediate_size=1536)
+    assert active_parameters(pruned) < 3_000_000_000 and budget.violations(pruned, nano) == []
+    assert "<= 3,000,000,000 active parameters" in budget.describe()
+    both = Budget(params=20_000_000_000, active_params=4_000_000_000)
+    assert both.violations(nano, nano) == ["parameters 31,577,937,344 > 20,000,000,000"]
+    with pytest.raises(BudgetError, match="no budget given"):
+        Budget()

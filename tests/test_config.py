@@ -124,7 +124,6 @@ def test_block_overrides_resolve_and_serialise():
     "changes, message",
     [
         ({"hybrid_override_pattern": "M-X"}, "unknown character(s) 'X'"),
-        ({"hybrid_override_pattern": "ME-"}, "MoE blocks"),
         ({"hybrid_override_pattern": ""}, "pattern is empty"),
         ({"mamba_num_heads": 12}, "mamba_num_heads (12) of block 0 (mamba) is not divisible by n_groups (8)"),
         ({"num_attention_heads": 12}, "num_attention_heads (12) of block 7 (attention) is not divisible"),
@@ -272,3 +271,89 @@ def test_ratios_of_a_config():
     config = HybridConfig(hybrid_override_pattern=pattern_from_ratios(56, 0.08, 0.5))
     assert config.ratios() == {MAMBA: 24 / 56, ATTENTION: 4 / 56, MLP: 28 / 56}
     assert HybridConfig(hybrid_override_pattern="MMMM").ratios() == {MAMBA: 1.0, ATTENTION: 0.0, MLP: 0.0}
+
+
+# ----- MoE blocks -------------------------------------------------------------------------------------------
+# The MoE part of NVIDIA-Nemotron-3-Nano-30B-A3B's config.json (transformers >= 5.6 form of the pattern).
+MOE_STYLE = {
+    **{k: v for k, v in PUBLISHED_STYLE.items() if k not in ("hybrid_override_pattern", "num_hidden_layers")},
+    "layers_block_type": ["linear_attention", "moe", "full_attention", "moe", "mlp"],
+    "n_routed_experts": 128,
+    "num_experts_per_tok": 6,
+    "moe_intermediate_size": 1856,
+    "n_shared_experts": 1,
+    "moe_shared_expert_intermediate_size": 3712,
+    "moe_shared_expert_overlap": True,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "moe_latent_size": None,
+}
+
+
+def test_moe_config_reads_and_round_trips():
+    config = HybridConfig.from_dict(MOE_STYLE)
+    assert config.pattern == "ME*E-" and config.count("moe") == 2 and config.has_moe
+    assert (config.n_routed_experts, config.num_experts_per_tok, config.routed_scaling_factor) == (128, 6, 2.5)
+    spec = config.block(1)
+    assert (spec.kind, spec.n_routed_experts, spec.moe_intermediate_size) == ("moe", 128, 1856)
+    assert config.extra["moe_shared_expert_overlap"] is True  # not modelled, written back
+    out = config.to_dict()
+    for key, value in MOE_STYLE.items():
+        if key != "attention_head_dim":
+            assert out[key] == value, key
+    assert HybridConfig.from_dict(json.loads(config.to_json())) == config
+    assert config.summary()["moe"] == 2 and config.summary()["n_routed_experts"] == 128
+    # the pattern form names MoE blocks E
+    assert HybridConfig(hybrid_override_pattern="MEM*E").block(1).kind == "moe"
+
+
+def test_dense_configs_do_not_gain_moe_keys():
+    out = HybridConfig.from_dict(PUBLISHED_STYLE).to_dict()
+    assert not {"n_routed_experts", "num_experts_per_tok", "moe_latent_size", "n_group"} & set(out)
+    # a dense config that names MoE values other than the defaults keeps them
+    raw = dict(PUBLISHED_STYLE, n_routed_experts=64)
+    assert HybridConfig.from_dict(raw).to_dict()["n_routed_experts"] == 64
+
+
+def test_moe_block_overrides_resolve_and_serialise():
+    overrides = {1: {"n_routed_experts": 4, "moe_intermediate_size": 24}, 3: {"moe_shared_expert_intermediate_size": 8}}
+    config = HybridConfig(hybrid_override_pattern="ME*E", n_routed_experts=8, block_overrides=overrides)
+    assert (config.block(1).n_routed_experts, config.block(1).moe_intermediate_size) == (4, 24)
+    assert config.block(3).n_routed_experts == 8 and config.block(3).moe_shared_expert_intermediate_size == 8
+    assert config.to_dict()["block_overrides"]["1"] == {"n_routed_experts": 4, "moe_intermediate_size": 24}
+    assert HybridConfig.from_dict(json.loads(config.to_json())) == config
+
+
+MOE_BASE = {"hybrid_override_pattern": "ME", "n_routed_experts": 8, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok (9) exceeds the 8 routed experts of block 1 (moe)"),
+        ({"n_group": 3, "topk_group": 1}, "n_routed_experts (8) of block 1 (moe) is not divisible by n_group (3)"),
+        ({"n_group": 8}, "has 1 expert(s) per routing group"),
+        ({"n_group": 2, "topk_group": 3}, "topk_group (3) cannot exceed n_group (2)"),
+        ({"n_group": 4, "topk_group": 1, "num_experts_per_tok": 3}, "exceeds the experts of the topk_group (1) groups"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a positive integer"),
+        ({"n_shared_experts": 0}, "n_shared_experts must be a positive integer"),
+        ({"moe_latent_size": 0}, "moe_latent_size must be a positive integer"),
+        ({"routed_scaling_factor": 0.0}, "routed_scaling_factor must be a positive number"),
+        ({"norm_topk_prob": "yes"}, "norm_topk_prob must be true or false"),
+        ({"moe_intermediate_size": 0}, "moe_intermediate_size of block 1 (moe) must be a positive integer"),
+        ({"block_overrides": {1: {"n_routed_experts": 1}}}, "exceeds the 1 routed experts of block 1"),
+        ({"block_overrides": {0: {"n_routed_experts": 4}}}, "block 0 is a mamba block and cannot override"),
+        ({"block_overrides": {1: {"intermediate_size": 4}}}, "block 1 is a moe block and cannot override"),
+    ],
+)
+def test_invalid_moe_configs_give_clear_errors(changes, message):
+    with pytest.raises(ConfigError) as info:
+        HybridConfig(**{**MOE_BASE, **changes})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_moe_fields_of_dense_models_are_not_checked():
+    # MoE values mean nothing without MoE blocks: a dense config is not refused for them
+    assert HybridConfig(hybrid_override_pattern="M-", num_experts_per_tok=99).num_experts_per_tok == 99

@@ -241,3 +241,123 @@ def test_cli_and_two_processes_equal_one(checkpoint, tmp_path):
     assert result.exit_code == 1 and "already exists" in result.output
     result = runner.invoke(cli.app, [*args[:4], "--samples", "100", *args[6:], "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "fewer than --samples 100" in result.output and not (tmp_path / "x").exists()
+
+
+# ----- MoE blocks ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_model():
+    from tests.conftest import randomize_routers
+
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny-moe").replace(n_group=2, topk_group=2)).eval()
+    randomize_routers(model)
+    return model
+
+
+def _captured_moe(model, batches):
+    """Per MoE block: router outputs, expert outputs and down_proj inputs, per forward pass."""
+    stores, handles = {}, []
+    for block in model.backbone.layers:
+        if block.kind != "moe":
+            continue
+        mixer, store = block.mixer, stores.setdefault(block.index, {"route": [], "out": {}, "ffn": {}, "shared": []})
+        handles.append(mixer.gate.register_forward_hook(lambda m, a, o, s=store: s["route"].append(o)))
+        handles.append(
+            mixer.shared_experts.down_proj.register_forward_pre_hook(lambda m, a, s=store: s["shared"].append(a[0]))
+        )
+        for e, expert in enumerate(mixer.experts):
+            handles.append(
+                expert.register_forward_hook(lambda m, a, o, s=store, e=e: s["out"].setdefault(e, []).append(o))
+            )
+            handles.append(
+                expert.down_proj.register_forward_pre_hook(
+                    lambda m, a, s=store, e=e: s["ffn"].setdefault(e, []).append(a[0])
+                )
+            )
+    with torch.no_grad():
+        for ids in batches:
+            model.backbone(ids)
+    for h in handles:
+        h.remove()
+    return stores
+
+
+def test_moe_statistics_equal_explicit_computation(moe_model):
+    batches = _batches(count=3)
+    scores = estimate(moe_model, batches)
+    for index, store in _captured_moe(moe_model, batches).items():
+        weights = torch.cat([w for w, _ in store["route"]])
+        experts = torch.cat([e for _, e in store["route"]])
+        mixer = moe_model.backbone.layers[index].mixer
+        for e in range(len(mixer.experts)):
+            routed = experts == e
+            assert scores.expert_routing[index][e].item() == pytest.approx(weights[routed].sum().item(), rel=1e-5)
+            assert scores.expert_tokens[index][e].item() == routed.sum().item()
+            outputs = torch.cat(store["out"].get(e, [torch.zeros(0, 64)]))
+            norm = outputs.norm(dim=-1).sum() / max(len(outputs), 1)
+            assert scores.expert_norm[index][e].item() == pytest.approx(norm.item(), rel=1e-5, abs=1e-7)
+            # each forward pass's routed tokens form one sample: mean |a| over them, then L2 over passes
+            passes = [a for a in store["ffn"].get(e, []) if len(a)]  # an expert no token chose runs on none
+            want = torch.stack([a.abs().mean(0) for a in passes]).square().sum(0).sqrt() if passes else 0
+            torch.testing.assert_close(scores.expert_ffn[index][e], want + torch.zeros(32), rtol=1e-5, atol=1e-6)
+        assert scores.expert_routing[index].sum().item() == pytest.approx(weights.sum().item(), rel=1e-5)
+        assert scores.expert_ffn[index].shape == (8, 32)
+        torch.testing.assert_close(
+            scores.shared_ffn[index], _minitron(torch.cat(store["shared"])), rtol=1e-5, atol=1e-6
+        )
+    # the top-k weights are normalised and scaled: every token hands out routed_scaling_factor in all
+    tokens = sum(ids.numel() for ids in batches)
+    assert scores.expert_routing[1].sum().item() == pytest.approx(2.5 * tokens, rel=1e-5)
+    assert scores.expert_tokens[1].sum().item() == 2 * tokens
+
+
+def test_moe_blocks_have_influence_and_drop_one_scores(moe_model):
+    batches = _batches(count=2)
+    scores = estimate(moe_model, batches, ImportanceOptions(drop_one="kl"))
+    assert scores.block_influence.shape == (8,) and (scores.block_influence[[1, 4, 7]] > 0).all()
+    for index in (1, 7):
+        result = evaluate(_without_block(moe_model, index), batches, teacher=moe_model)
+        assert scores.block_drop[index].item() == pytest.approx(result.kl, rel=1e-4, abs=1e-6)
+
+
+def test_moe_rankings_and_files(moe_model, tmp_path):
+    scores = estimate(moe_model, _batches(count=2))
+    # experts are kept per routing group (n_group 2: experts 0-3 and 4-7), the same number in each
+    kept = scores.keep_experts(1, 4, n_group=2)
+    assert torch.equal(torch.bincount(kept // 4, minlength=2), torch.tensor([2, 2]))
+    routing = scores.expert_routing[1]
+    for group in (0, 1):
+        mine = kept[kept // 4 == group]
+        assert routing[mine].min() >= routing[group * 4 : group * 4 + 4].topk(2).values.min()
+    by_norm = scores.keep_experts(1, 2, method="norm")
+    assert set(by_norm.tolist()) == set(scores.expert_norm[1].topk(2).indices.tolist())
+    assert torch.equal(scores.keep_expert_ffn(1, 3, 5), scores.expert_ffn[1][3].topk(5).indices.sort().values)
+    assert torch.equal(scores.keep_shared_ffn(4, 7), scores.shared_ffn[4].topk(7).indices.sort().values)
+    with pytest.raises(CompressorError, match="must be a multiple of n_group"):
+        scores.keep_experts(1, 3, n_group=2)
+    with pytest.raises(CompressorError, match="expert score 'mass' is not one of routing, norm"):
+        scores.expert_scores(1, "mass")
+    scores.save(tmp_path)
+    loaded = Importance.load(tmp_path)
+    for name in ("expert_routing", "expert_tokens", "expert_norm", "expert_ffn", "shared_ffn"):
+        table = getattr(loaded, name)
+        assert set(table) == {1, 4, 7}
+        for index, tensor in table.items():
+            torch.testing.assert_close(tensor, getattr(scores, name)[index])
+    # scores of a dense model say so when asked about experts
+    dense = Importance(hidden=scores.hidden, ffn={}, mamba={}, attention={}, block_influence=scores.block_influence)
+    with pytest.raises(CompressorError, match="no MoE statistics for block 1"):
+        dense.keep_experts(1, 4)
+
+
+@pytest.mark.parametrize("batch_reduce", ["l2", "mean", "max"])
+def test_an_expert_no_token_chooses_scores_zero(moe_model, batch_reduce):
+    model = HybridLM(moe_model.config).eval()
+    model.load_state_dict(moe_model.state_dict())
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.gate.e_score_correction_bias[5] = -100.0  # never among the top k
+    scores = estimate(model, _batches(count=2), ImportanceOptions(batch_reduce=batch_reduce))
+    assert scores.expert_tokens[1][5] == 0 and scores.expert_routing[1][5] == 0 and scores.expert_norm[1][5] == 0
+    assert torch.equal(scores.expert_ffn[1][5], torch.zeros(32))
+    assert torch.isfinite(scores.expert_ffn[1]).all() and (scores.expert_ffn[1].sum(1) > 0).sum() == 7
+    assert 5 not in scores.keep_experts(1, 4, n_group=2).tolist()

@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressor.checkpoint import load_model, save_model
-from compressor.model import HybridLM
+from compressor.model import HybridLM, MoE
 from compressor.presets import get_preset
-from tests.conftest import hf_state_dict, tiny_configs, to_transformers
+from tests.conftest import hf_state_dict, randomize_routers, tiny_configs, tiny_moe_configs, to_transformers
 
 pytest.importorskip("transformers")
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -173,3 +173,125 @@ def test_heterogeneous_blocks_build_and_run():
         cache = model.allocate_cache(2, 20)
         stepwise = torch.cat([model(ids[:, :5], cache)] + [model(ids[:, i : i + 1], cache) for i in range(5, 20)], 1)
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-4)
+
+
+# ----- MoE blocks ------------------------------------------------------------------------------------------
+def _moe_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = HybridLM(config).eval()
+    randomize_routers(model, seed)
+    return model
+
+
+@SETTINGS
+@given(config=tiny_moe_configs(), batch=st.integers(1, 3), length=st.integers(1, 29), seed=st.integers(0, 999))
+def test_moe_logits_equal_transformers_via_checkpoints_both_ways(tmp_path_factory, config, batch, length, seed):
+    transformers = pytest.importorskip("transformers")
+    ours = _moe_model(config, seed)
+    ids = _ids(config, batch, length, seed)
+    path = tmp_path_factory.mktemp("ours") / "ckpt"
+    save_model(ours, path)
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids, use_cache=False).logits).abs().max() <= 1e-4
+    theirs = to_transformers(config)
+    randomize_routers(theirs, seed + 1)
+    other = tmp_path_factory.mktemp("theirs") / "ckpt"
+    theirs.save_pretrained(other)
+    loaded = load_model(other)
+    with torch.no_grad():
+        assert (loaded(ids) - theirs(ids, use_cache=False).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # tiny-moe: 8 experts, top-2, scaling 2.5, Mamba / attention / MLP blocks around
+        {"n_group": 4, "topk_group": 2, "num_experts_per_tok": 3, "norm_topk_prob": False},
+        {"moe_latent_size": 40, "mlp_bias": True, "routed_scaling_factor": 1.0},
+    ],
+)
+def test_moe_logits_equal_transformers_on_fixed_configs(tmp_path, changes):
+    transformers = pytest.importorskip("transformers")
+    config = get_preset("tiny-moe").replace(time_step_limit=(0.001, math.inf), **changes)
+    ours = _moe_model(config)
+    save_model(ours, tmp_path / "ours")
+    names = set(load_model(tmp_path / "ours").state_dict())
+    assert "backbone.layers.1.mixer.experts.7.down_proj.weight" in names
+    assert "backbone.layers.1.mixer.gate.e_score_correction_bias" in names
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = _ids(config, 3, 41)
+    with torch.no_grad():
+        want = theirs(ids, use_cache=False).logits
+        assert (ours(ids) - want).abs().max() <= 1e-4
+        # the routing is spread: the comparison covers most experts
+        block = ours.backbone.layers[1]
+        _, experts = block.mixer.gate(block.norm(ours.backbone.embeddings(ids)).flatten(0, 1))
+        assert experts.unique().numel() >= config.n_routed_experts * 3 // 4
+
+
+def _naive_moe(mixer: MoE, hidden: torch.Tensor) -> torch.Tensor:
+    """The MoE block token by token (the reference the vectorised dispatch is held to)."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    weights, experts = mixer.gate(x)
+    rows = []
+    for t in range(x.shape[0]):
+        token = x[t] if mixer.fc1_latent_proj is None else mixer.fc1_latent_proj(x[t])
+        out = sum(w * mixer.experts[e](token) for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True))
+        rows.append(out if mixer.fc2_latent_proj is None else mixer.fc2_latent_proj(out))
+    return torch.stack(rows).view_as(hidden) + mixer.shared_experts(hidden)
+
+
+@pytest.mark.parametrize("latent", [None, 24])
+def test_moe_dispatch_equals_the_token_by_token_reference(latent):
+    config = get_preset("tiny-moe").replace(moe_latent_size=latent, n_group=2, topk_group=1)
+    mixer = _moe_model(config).backbone.layers[1].mixer
+    hidden = torch.randn(3, 11, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(hidden), _naive_moe(mixer, hidden), atol=1e-6, rtol=1e-5)
+        # grouped routing: each token's experts lie in one group of 4
+        _, experts = mixer.gate(hidden.flatten(0, 1))
+        assert torch.equal(experts[:, 0] // 4, experts[:, 1] // 4)
+
+
+def test_router_stays_fp32_in_a_bf16_model(tmp_path):
+    model = _moe_model(get_preset("tiny-moe"))
+    save_model(model, tmp_path / "fp32")
+    loaded = load_model(tmp_path / "fp32", dtype="bfloat16")
+    gate = loaded.backbone.layers[1].mixer.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert loaded.backbone.layers[1].mixer.experts[0].up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(gate.weight, model.backbone.layers[1].mixer.gate.weight)  # not rounded to bf16
+    ids = _ids(loaded.config, 2, 16)
+    with torch.no_grad():
+        half, full = loaded(ids), model(ids)
+    assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.05 * full.abs().max()
+    # a bf16 model saved and reloaded without a dtype: the router still comes back fp32
+    save_model(loaded, tmp_path / "bf16")
+    again = load_model(tmp_path / "bf16")
+    assert again.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
+    assert again.lm_head.weight.dtype == torch.bfloat16
+
+
+@SETTINGS
+@given(config=tiny_moe_configs(transformers_clamp=False), split=st.integers(1, 15), seed=st.integers(0, 999))
+def test_moe_cached_decoding_equals_full_forward(config, split, seed):
+    model = _moe_model(config, seed)
+    ids = _ids(config, 2, 16, seed)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(2, 16)
+        pieces = [model(ids[:, :split], cache)] + [model(ids[:, i : i + 1], cache) for i in range(split, 16)]
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_moe_gradients_reach_router_and_routed_experts_only():
+    model = _moe_model(get_preset("tiny-moe")).train()
+    ids = _ids(model.config, 2, 24)
+    model(ids).logsumexp(-1).mean().backward()
+    mixer = model.backbone.layers[1].mixer
+    assert mixer.gate.weight.grad is not None and mixer.gate.weight.grad.abs().sum() > 0
+    assert mixer.gate.e_score_correction_bias.grad is None  # a buffer: set by load balancing, not by gradients
+    assert mixer.shared_experts.up_proj.weight.grad.abs().sum() > 0
+    used = [e.up_proj.weight.grad is not None and e.up_proj.weight.grad.abs().sum() > 0 for e in mixer.experts]
+    assert any(used)

@@ -257,3 +257,65 @@ def test_cli_train_and_dry_run(workspace, tmp_path):
         cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "q"), "--tokens", "2X"]
     )
     assert result.exit_code == 1 and "token count" in result.output
+
+
+def test_distilling_a_moe_teacher_into_a_pruned_moe_student(workspace, tmp_path):
+    from compressor.evaluate import evaluate
+    from compressor.importance import estimate
+    from compressor.prune import Target, prune
+    from tests.conftest import randomize_routers
+
+    torch.manual_seed(2)
+    teacher = HybridLM(get_preset("tiny-moe").replace(vocab_size=VOCAB)).eval()
+    randomize_routers(teacher)
+    save_model(teacher, tmp_path / "teacher")
+    tokens = torch.from_numpy(np.load(workspace / "tokens.npy")[: 8 * 32].astype(np.int64)).view(8, 32)
+    scores = estimate(teacher, tokens.split(4))
+    target = Target.uniform(teacher.config, hidden_size=48, n_routed_experts=4, moe_intermediate_size=16)
+    save_model(prune(teacher, scores, target), tmp_path / "student")
+    config = _config(workspace, tmp_path / "run", student=str(tmp_path / "student"), teacher=str(tmp_path / "teacher"))
+    config.steps, config.eval_every = 6, 6
+    result = train(config)
+    evals = _records(tmp_path / "run", "eval")
+    assert result.steps == 6 and evals[-1]["val_kl"] < evals[0]["val_kl"]
+    before, after = load_model(tmp_path / "student"), load_model(tmp_path / "run" / "model")
+    assert after.config.n_routed_experts == 4 and after.config.hidden_size == 48
+    gate_before, gate_after = before.backbone.layers[1].mixer.gate, after.backbone.layers[1].mixer.gate
+    assert not torch.equal(gate_before.weight, gate_after.weight)  # the router learns from the KD loss alone
+    assert torch.equal(gate_before.e_score_correction_bias, gate_after.e_score_correction_bias)  # a buffer
+    # evaluation runs unchanged on the MoE student against its MoE teacher
+    metrics = evaluate(after, tokens.split(4), teacher=load_model(tmp_path / "teacher"))
+    assert np.isfinite(metrics.kl) and metrics.kl > 0 and np.isfinite(metrics.loss)
+
+
+def test_two_processes_equal_one_for_a_bf16_moe_student(tmp_path):
+    # every expert (used by a process's tokens or not) and the fp32 router must reduce their gradients
+    from tests.conftest import randomize_routers
+
+    torch.manual_seed(0)
+    config = get_preset("tiny-moe").replace(vocab_size=VOCAB, hybrid_override_pattern="ME*E")
+    teacher = HybridLM(config)
+    randomize_routers(teacher)
+    save_model(teacher, tmp_path / "teacher")
+    student = HybridLM(config.replace(n_routed_experts=4))
+    randomize_routers(student, 1)
+    save_model(student, tmp_path / "student")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tokens.npy", (np.cumsum(rng.choice([1, 1, 1, 2], size=4000)) % VOCAB).astype(np.int32))
+    args = [
+        "distill", str(tmp_path / "teacher"), str(tmp_path / "student"), "--data", str(tmp_path / "tokens.npy"),
+        "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2", "--steps", "2", "--lr", "3e-3",
+        "--eval-every", "2", "--eval-sequences", "8", "--save-every", "2", "--valid-fraction", "0.1", "--quiet",
+        "--log-every", "1", "--dtype", "bfloat16",
+    ]  # fmt: skip
+    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for kind, key in (("train", "loss"), ("eval", "val_kl")):
+        got = [r[key] for r in _records(tmp_path / "two", kind)]
+        np.testing.assert_allclose(got, [r[key] for r in _records(tmp_path / "one", kind)], rtol=2e-3)
+    model = load_model(tmp_path / "two" / "model")
+    assert model.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
