@@ -160,6 +160,9 @@ def load_config_or_preset(model: str):
         raise CompressorError(f"{model!r} is neither a checkpoint folder, a config.json nor a preset name") from None
 
 
+KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -215,7 +218,8 @@ def info(
     if json_output:
         print_json(
             {"model": model, "pattern": config.pattern, "architecture": summary,
-             "block_overrides": config.block_overrides, "parameters": {**counts, "total": total}, "dtypes": dtypes}
+             "block_overrides": config.block_overrides, "ratios": config.ratios(),
+             "parameters": {**counts, "total": total}, "dtypes": dtypes}
         )  # fmt: skip
         return
     pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
@@ -230,10 +234,13 @@ def info(
         ["Mamba-2", f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
                     f"state {config.ssm_state_size}, conv {config.conv_kernel}"],
         ["vocab", str(config.vocab_size)],
+        ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
         ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
     ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
     console.print(table(model, ["", ""], rows, left=2, show_header=False))
-    rows = [[name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items()]
+    rows = [
+        [name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items() if count or name != "moe"
+    ]
     console.print(
         table("parameters", ["component", "parameters", "share"], [*rows, ["[bold]total", f"[bold]{total:,}", "100%"]])
     )
@@ -264,6 +271,13 @@ def estimate(
     prefill_chunk: Annotated[
         int | None, typer.Option(help="Prefill chunk of the activation allowance (default 2048); 0 leaves it out.")
     ] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            help="A transformer to compare throughput with: qwen3-8b, llama-3.1-8b, or a Llama / Mistral / "
+            "Qwen2 / Qwen3 config.json or folder (needs --gpu)."
+        ),
+    ] = None,
     measure: Annotated[
         bool, typer.Option(help="Also build the model, allocate its cache on --device and time decoding.")
     ] = False,
@@ -278,7 +292,7 @@ def estimate(
     report = budget.report(
         config, ctx=ctx, batch=batch, target_mem=target_mem, gpu=gpu, gpu_bandwidth=gpu_bandwidth,
         gpu_tflops=gpu_tflops, isl=isl, osl=osl, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
-        prefill_chunk=prefill_chunk,
+        prefill_chunk=prefill_chunk, vs=vs,
     )  # fmt: skip
     measured = None
     if measure:
@@ -289,6 +303,8 @@ def estimate(
         print_json({"model": model, **report.to_dict(), "measured": measured.to_dict() if measured else None})
         return
     _print_report(model, config, report)
+    if report.versus is not None:
+        _print_versus(model, vs, report.versus)
     if measured is not None:
         rows = [
             ["cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}"],
@@ -352,6 +368,24 @@ def _print_report(model: str, config, report) -> None:
         console.print(out)
 
 
+def _print_versus(model: str, baseline: str, versus) -> None:
+    ours, theirs = versus.hybrid, versus.baseline
+    rows = [
+        ["parameters", f"{versus.hybrid_parameters:,}", f"{versus.baseline_parameters:,}", ""],
+        ["batch", str(ours.batch), str(theirs.batch), f"{ours.batch / theirs.batch:.2f}x"],
+        ["memory", fmt_memory(ours.memory.total), fmt_memory(theirs.memory.total), ""],
+        ["time to first token", f"{ours.time_to_first_token_s:,.2f} s", f"{theirs.time_to_first_token_s:,.2f} s",
+         f"{theirs.time_to_first_token_s / ours.time_to_first_token_s:.2f}x"],
+        ["decode tokens/s", f"{ours.decode_tokens_per_s:,.1f}", f"{theirs.decode_tokens_per_s:,.1f}",
+         f"{versus.decode_speedup:.2f}x"],
+        ["tokens/s overall", f"{ours.tokens_per_s:,.1f}", f"{theirs.tokens_per_s:,.1f}", f"{versus.speedup:.2f}x"],
+    ]  # fmt: skip
+    title = f"{model} vs {baseline}: {ours.input_tokens:,} in / {ours.output_tokens:,} out on {ours.gpu}"
+    caption = "ratio: the hybrid's advantage (rates: hybrid / baseline; times: baseline / hybrid)"
+    console.print(table(title, ["", model, baseline, "ratio"], rows, caption=caption, caption_justify="left"))
+    console.print(f"speedup: {versus.speedup:.2f}x tokens/s (decode {versus.decode_speedup:.2f}x)", highlight=False)
+
+
 # ----- init ---------------------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -362,6 +396,12 @@ def init(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE (JSON value); repeatable.")
     ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(help="Blocks of a layout from --attention-ratio / --mlp-ratio, placed as Megatron-LM does."),
+    ] = None,
+    attention_ratio: Annotated[float, typer.Option(help="Share of attention blocks (with --layers).")] = 0.0,
+    mlp_ratio: Annotated[float, typer.Option(help="Share of MLP blocks (with --layers); the rest are Mamba-2.")] = 0.0,
     tokenizer: Annotated[Path | None, typer.Option(help="Folder or tokenizer.json to ship with the model.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Random seed of the initialisation.", min=0)] = 0,
@@ -372,12 +412,17 @@ def init(
     from compressor.config import HybridConfig
     from compressor.presets import get_preset
 
-    if (preset is None) == (config is None):
-        raise CompressorError("give exactly one of --preset NAME or --config JSON")
-    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config)
+    if preset is not None and config is not None or (preset is None and config is None and layers is None):
+        raise CompressorError("give exactly one of --preset NAME or --config JSON (or --layers with ratios)")
+    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config) if config else HybridConfig()
+    if layers is not None:
+        arch = arch.with_layout(layers, attention_ratio, mlp_ratio)
+    elif attention_ratio or mlp_ratio:
+        raise OptionError("attention_ratio", "and --mlp-ratio lay out --layers blocks: give --layers too")
     arch = arch.with_settings(set_ or [])
     params = init_checkpoint(out, arch, tokenizer=tokenizer, dtype=dtype, seed=seed, overwrite=overwrite)
-    console.print(f"wrote a random {params:,}-parameter model ({dtype}) to [bold]{out}[/]")
+    blocks = ", ".join(f"{arch.count(kind)} {KIND_NAMES[kind]}" for kind in arch.ratios())
+    console.print(f"wrote a random {params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to [bold]{out}[/]")
 
 
 # ----- eval ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ from compressor.config import ATTENTION, MAMBA, MLP, MOE, BlockSpec, HybridConfi
 from compressor.errors import BudgetError, OptionError
 
 if TYPE_CHECKING:
-    from compressor.baselines import TransformerConfig
+    from compressor.baselines import Comparison, TransformerConfig
 
 KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
 DEFAULT_PREFILL_CHUNK = 2048
@@ -1011,6 +1011,7 @@ class Report:
     largest_batch: bool = False  # the batch is the largest that fits
     gpu: GPUSpec | None = None
     throughput: ThroughputEstimate | None = None
+    versus: Comparison | None = None  # against a transformer baseline (`vs`), on the same workload and GPU
 
     @property
     def total_parameters(self) -> int:
@@ -1029,6 +1030,7 @@ class Report:
             "memory": self.memory.to_dict(),
             "target": target,
             "throughput": self.throughput.to_dict() if self.throughput is not None else None,
+            "versus": self.versus.to_dict() if self.versus is not None else None,
         }
 
 
@@ -1047,10 +1049,12 @@ def report(
     kv_dtype: str | None = None,
     ssm_dtype: str | None = None,
     prefill_chunk: int | None = None,
+    vs: str | None = None,
 ) -> Report:
     """Everything `compress estimate` shows, from the written form of its options. `ctx` defaults to the
     config's max_position_embeddings; `batch` is a number or 'max' (the most that fit --target-mem or the
-    GPU's memory)."""
+    GPU's memory); `vs` names a transformer baseline (`compressor.baselines.load_baseline`) to compare the
+    throughput with, each at its own batch."""
     context = parse_context(ctx) if ctx is not None else config.max_position_embeddings
     limit = parse_size(target_mem) if target_mem is not None else None
     spec = gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, limit)
@@ -1078,7 +1082,14 @@ def report(
             output_tokens=parse_context(osl) if osl is not None else None,
         )
         throughput = estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
-    return Report(parameter_counts(config), memory, limit, largest, spec, throughput)
+    versus = None
+    if vs is not None:
+        from compressor import baselines
+
+        if spec is None:
+            raise OptionError("vs", "compares throughput: give a GPU (--gpu, or --gpu-bandwidth and --gpu-tflops)")
+        versus = baselines.compare(config, baselines.load_baseline(vs), workload, spec, memory_limit=limit, **dtypes)
+    return Report(parameter_counts(config), memory, limit, largest, spec, throughput, versus)
 
 
 # ----- measured ----------------------------------------------------------------------------------------

@@ -217,14 +217,21 @@ class HybridConfig:
         return self.hybrid_override_pattern.count(KIND_CHARS[kind])
 
     def ratios(self) -> dict[str, float]:
-        """The share of the blocks of each kind, {mamba, attention, mlp} -> fraction (they sum to 1)."""
-        return {kind: self.count(kind) / self.num_blocks for kind in (MAMBA, ATTENTION, MLP)}
+        """The share of the blocks of each kind, {mamba, attention, mlp (, moe)} -> fraction (they sum to 1)."""
+        kinds = (MAMBA, ATTENTION, MLP) + ((MOE,) if self.has_moe else ())
+        return {kind: self.count(kind) / self.num_blocks for kind in kinds}
 
     def replace(self, **changes: Any) -> HybridConfig:
         """A validated copy with some fields changed (overrides equal to the uniform value are dropped)."""
         new = dataclasses.replace(self, **changes)
         new.block_overrides = new._normalized_overrides()
         return new
+
+    def with_layout(self, num_layers: int, attention_ratio: float, mlp_ratio: float) -> HybridConfig:
+        """A copy whose blocks are laid out from ratios as Megatron-LM does (`pattern_from_ratios`), with
+        uniform widths."""
+        pattern = pattern_from_ratios(num_layers, attention_ratio, mlp_ratio)
+        return self.replace(hybrid_override_pattern=pattern, block_overrides={})
 
     def with_settings(self, settings: list[str]) -> HybridConfig:
         """A copy with `KEY=VALUE` settings applied (VALUE read as JSON, else as a string), validated."""

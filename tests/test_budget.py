@@ -605,3 +605,17 @@ def test_budget_active_parameter_limit():
     assert both.violations(nano, nano) == ["parameters 31,577,937,344 > 20,000,000,000"]
     with pytest.raises(BudgetError, match="no budget given"):
         Budget()
+
+
+def test_cli_estimate_against_a_transformer_baseline():
+    args = ("--isl", "8k", "--osl", "16k", "--gpu", "h100", "--batch", "max")
+    data = json.loads(_estimate("9b-v2", "--vs", "qwen3-8b", *args, "--json").output)
+    versus = data["versus"]
+    assert versus["baseline_parameters"] == 8_190_735_360 and versus["hybrid_parameters"] == 8_888_227_328
+    assert versus["hybrid"]["batch"] > versus["baseline"]["batch"] and versus["speedup"] > 3
+    result = _estimate("9b-v2", "--vs", "qwen3-8b", *args)
+    assert result.exit_code == 0 and f"speedup: {versus['speedup']:.2f}x tokens/s" in result.output
+    result = _estimate("9b-v2", "--vs", "qwen3-8b")
+    assert result.exit_code == 1 and "--vs compares throughput: give a GPU" in result.output
+    result = _estimate("9b-v2", "--vs", "gpt-9", "--gpu", "h100")
+    assert result.exit_code == 1 and "Traceback" not in result.output
