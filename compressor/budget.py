@@ -15,12 +15,13 @@ Parameters. `parameter_counts` has the keys of `HybridLM.parameter_counts()`: em
 attention, mlp, norms (block norms + norm_f). Tied embeddings count once, under embeddings. Biases are
 counted when `use_bias` (Mamba in/out projections), `mlp_bias` or `use_conv_bias` ask for them.
 
-Weights. fp32 = 4 bytes a parameter, bf16 / fp16 = 2. The quantized formats quantize the weight matrices
-of the blocks (Mamba in_proj / out_proj, attention q/k/v/o, MLP up / down); everything else (embeddings,
-lm_head, norms, conv1d, A_log, D, dt_bias, biases) stays in bf16:
-- fp8: FP8 E4M3, 1 byte a weight + one fp32 scale per output channel (row) of each matrix;
-- fp4: NVFP4, 4-bit E2M1 (half a byte) + one FP8 E4M3 scale per 16 consecutive weights of a row + one fp32
-  scale per matrix.
+Weights. fp32 = 4 bytes a parameter, bf16 / fp16 = 2. The quantized formats size what `compressor.quantize`
+exports (ModelOpt's hybrid recipe): the weight matrices of the Mamba blocks (in_proj, out_proj) and MLP
+blocks (up, down) are quantized; everything else (embeddings, lm_head, norms, conv1d, A_log, D, dt_bias,
+biases, and the attention blocks' q/k/v/o, which the recipe keeps in high precision) stays in bf16:
+- fp8: FP8 E4M3, 1 byte a weight + two fp32 scalars per matrix (weight scale, input scale);
+- fp4: NVFP4, 4-bit E2M1 (half a byte) + one FP8 E4M3 scale per 16 consecutive weights of a row + two
+  fp32 scalars per matrix (weight scale 2, input scale).
 
 Compute dtype. Activations and the Mamba conv state are in the compute dtype: fp32 for fp32 weights, fp16
 for fp16, bf16 otherwise (fp8 / fp4 weights are dequantized into bf16). The KV cache defaults to the
@@ -262,9 +263,9 @@ def num_parameters(config: HybridConfig) -> int:
 # ----- memory ------------------------------------------------------------------------------------------
 def _matrix_bytes(out: int, inp: int, dtype: str) -> int:
     if dtype == "fp8":
-        return out * inp + 4 * out  # E4M3 weights + one fp32 scale per output channel
+        return out * inp + 2 * 4  # E4M3 weights + fp32 weight and input scales
     if dtype == "fp4":
-        return math.ceil(out * inp / 2) + out * math.ceil(inp / 16) + 4  # E2M1 + E4M3 per 16 + fp32 per matrix
+        return math.ceil(out * inp / 2) + out * math.ceil(inp / 16) + 2 * 4  # E2M1 + E4M3 per 16 + 2 fp32
     return out * inp * _BYTES[dtype]
 
 
@@ -277,7 +278,8 @@ def weight_bytes_by_component(config: HybridConfig, dtype: str = "bf16") -> dict
     if dtype in ("fp8", "fp4"):
         out.update(dict.fromkeys((MAMBA, ATTENTION, MLP), 0))
         for spec, count in _block_groups(config):
-            matrices = sum(_matrix_bytes(o, i, dtype) for o, i in _matrices(config, spec))
+            stored = "bf16" if spec.kind == ATTENTION else dtype  # the quantization recipe keeps attention
+            matrices = sum(_matrix_bytes(o, i, stored) for o, i in _matrices(config, spec))
             out[spec.kind] += count * (matrices + 2 * _vectors(config, spec))
     return out
 
