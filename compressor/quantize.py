@@ -92,8 +92,8 @@ FORMATS = {
     "int8_sq": "INT8_SMOOTHQUANT_CFG",
     "int4_awq": "INT4_AWQ_CFG",
 }
-# ModelOpt's mamba_moe_disabled_quantizers: attention projections stay high precision. The MAMBA_MOE
-# configs already hold them; the generic int8 / int4 configs get them added.
+# ModelOpt's mamba_moe_disabled_quantizers: attention projections stay high precision (already in the
+# MAMBA_MOE presets; added to every config so that the generic int8 / int4 ones follow the same recipe).
 ATTENTION_KEPT = ("*q_proj*", "*k_proj*", "*v_proj*", "*o_proj*")
 TRAINABLE_FORMATS = ("fp8", "nvfp4")  # what QAD offers (ModelOpt's QAD recipes)
 CUDA_ONLY_FORMATS = ("nvfp4",)  # ModelOpt's NVFP4 fake quantization runs only with its CUDA kernels
@@ -126,7 +126,7 @@ class QuantRecipe:
         """The ModelOpt quantize config: the format's preset plus our exclusions (a fresh copy)."""
         mtq = _modelopt()
         config = copy.deepcopy(getattr(mtq, FORMATS[self.format]))
-        kept = (() if self.format in ("fp8", "nvfp4") else ATTENTION_KEPT) + self.keep
+        kept = ATTENTION_KEPT + self.keep
         config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in kept)]
         return config
 
@@ -243,42 +243,48 @@ def export_quantized(
     check_output(path, overwrite=overwrite)
     dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
     plain = {name for name in model.state_dict() if not _is_quantizer_tensor(name)}
-    state, hf_quant_config = _modelopt_export(model, dtype)
+    state, hf_quant_config, quantization_config = _modelopt_export(model, dtype)
     state = {
         name: tensor.to(dtype) if name in plain and tensor.is_floating_point() and tensor.element_size() > 1 else tensor
         for name, tensor in state.items()
     }
     if model.config.tie_word_embeddings and "backbone.embeddings.weight" not in state:
         state["backbone.embeddings.weight"] = state.pop("lm_head.weight")  # ModelOpt kept the other side
-    from modelopt.torch.export import convert_hf_quant_config_format
-
-    extra = {**model.config.extra, "quantization_config": convert_hf_quant_config_format(hf_quant_config)}
-    config = model.config.replace(extra=extra)
+    config = model.config.replace(extra={**model.config.extra, "quantization_config": quantization_config})
     with atomic_output(path, overwrite=overwrite) as tmp:
         write_checkpoint(tmp, config, state, tokenizer_from=tokenizer_from, max_shard_bytes=max_shard_bytes)
         raw = json.loads((tmp / "config.json").read_text())
-        raw["dtype"] = str(dtype).removeprefix("torch.")  # not the first tensor's: that may be packed
+        for key in {"dtype", "torch_dtype"} & set(raw):  # the model's, not the first tensor's (maybe packed)
+            raw[key] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant_config, indent=4) + "\n")
     return Path(path)
 
 
-def _modelopt_export(model: HybridLM, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict with packed weights and scales, hf_quant_config) from ModelOpt's exporter."""
+def _modelopt_export(
+    model: HybridLM, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(state dict with packed weights and scales, hf_quant_config.json, config.json's quantization_config)
+    from ModelOpt's exporter."""
     _modelopt()
+    from modelopt.torch.export import convert_hf_quant_config_format
     from modelopt.torch.export.unified_export_hf import _export_transformers_checkpoint
 
     # The exporter is written for transformers models: it runs a dummy forward on `model.device` to find
     # layers sharing an input. HybridLM has no such attribute, so lend it one for the call.
-    model.device = model.lm_head.weight.device
+    lend = not hasattr(model, "device")
+    if lend:
+        model.device = model.lm_head.weight.device
     try:
         with _quiet(), torch.no_grad():
             state, hf_quant_config = _export_transformers_checkpoint(model, dtype)
     finally:
-        del model.device
+        if lend:
+            del model.device
     if not hf_quant_config["quantization"].get("quant_algo"):
         raise CompressorError("nothing was quantized: every layer matched an exclusion of the recipe")
-    return {name: tensor.detach().contiguous() for name, tensor in state.items()}, hf_quant_config
+    state = {name: tensor.detach().contiguous() for name, tensor in state.items()}
+    return state, hf_quant_config, convert_hf_quant_config_format(hf_quant_config)
 
 
 # ----- quantization-aware distillation -------------------------------------------------------------------

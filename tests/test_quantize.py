@@ -11,6 +11,7 @@ from compressor.checkpoint import load_model, save_model, write_checkpoint
 from compressor.config import HybridConfig
 from compressor.errors import CheckpointError, CompressorError
 from compressor.evaluate import evaluate, teacher_targets
+from compressor.generate import generate
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
 from compressor.presets import get_preset
@@ -255,6 +256,8 @@ def test_load_dequantizes_each_format(tmp_path, fmt, config, tolerance):
         simulated = loaded(ids)
     assert 0 < _kl(reference, plain) < 0.01 and _kl(reference, simulated) < 0.02
     assert torch.equal(simulated, plain) == (fmt == "int4_awq")  # weight-only AWQ has no input scales
+    generated = generate(loaded, ids[:, :8], 4)  # compress generate: prefill + cached steps, hooks included
+    assert generated.shape == (2, 12) and torch.equal(generated[:, 8], simulated[:, 7].argmax(-1))
     # a loaded quantized checkpoint saves as a plain one
     again = load_model(save_model(loaded, tmp_path / "plain"))
     assert torch.equal(again.backbone.layers[0].mixer.in_proj.weight, loaded.backbone.layers[0].mixer.in_proj.weight)
