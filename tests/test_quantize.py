@@ -191,7 +191,7 @@ def test_nvfp4_export_follows_the_documented_layout(tmp_path):
     path = export_quantized(quantize(model, "nvfp4", _batches(config)), tmp_path / "nvfp4")
     tensors = _tensors(path)
     for name in QUANTIZED:
-        weight = source.get_submodule(name).weight.float()
+        weight = source.get_submodule(name).weight.detach().float()
         out, inp = weight.shape
         packed, scale, scale_2 = (tensors[f"{name}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2"))
         assert (packed.dtype, packed.shape) == (torch.uint8, (out, inp // 2))
@@ -353,7 +353,7 @@ def test_fp8_qad_trains_saves_resumes_and_exports(tmp_path):
         assert all(student.get_submodule(name).weight.grad.abs().sum() > 0 for name in reached)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert not torch.equal(student.backbone.layers[0].mixer.in_proj.weight, before)
 
