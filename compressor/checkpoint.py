@@ -125,12 +125,20 @@ def load_model(
     """Load a checkpoint folder into a `HybridLM` in eval mode.
 
     dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one). The
-    router tensors of MoE blocks are loaded in fp32 in any case.
+    router tensors of MoE blocks are loaded in fp32 in any case. A quantized checkpoint (ModelOpt export:
+    `quantization_config` in config.json) is dequantized into `dtype` (default: config.json's, else
+    bfloat16); see `compressor.quantize`.
     """
+    from compressor.quantize import QuantizedCheckpoint
+
     path = Path(path)
     config = HybridConfig.from_file(path)
     files = weight_files(path)
     dtype = parse_dtype(dtype) or parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
+    quantized = QuantizedCheckpoint.read(path, config, device)
+    if quantized is not None:
+        dtype = dtype or torch.bfloat16
+        config.extra.pop("quantization_config")  # the loaded model holds plain weights
     with torch.device("meta"):
         model = HybridLM(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -142,7 +150,7 @@ def load_model(
         shard = {}
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118
-                if tied and name == "lm_head.weight":
+                if (tied and name == "lm_head.weight") or (quantized is not None and quantized.is_companion(name)):
                     continue
                 if name not in expected:
                     raise CheckpointError(
@@ -150,12 +158,17 @@ def load_model(
                         "do the config and the weights belong together?"
                     )
                 found = tuple(f.get_slice(name).get_shape())
+                layer = quantized.layer(name) if quantized is not None else None
+                if layer is not None:
+                    found = layer.logical_shape(found)
                 if found != expected[name]:
                     raise CheckpointError(
                         f"tensor {name} has shape {list(found)} in {file.name}, but config.json implies "
                         f"{list(expected[name])}"
                     )
                 tensor = f.get_tensor(name)
+                if layer is not None:
+                    tensor = layer.dequantize(tensor)
                 if name.endswith(FP32_TENSORS):
                     shard[name] = tensor.float()
                     continue
