@@ -265,7 +265,12 @@ def estimate(
         str | None, typer.Option(help="Prompt tokens of the throughput workload (default: ctx - osl).")
     ] = None,
     osl: Annotated[str | None, typer.Option(help="Generated tokens (default: 1024, at most half the ctx).")] = None,
-    weight_dtype: WeightDtypeOption = "bf16",
+    weight_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (default: a quantized checkpoint's, else bf16)."
+        ),
+    ] = None,
     kv_dtype: KvDtypeOption = None,
     ssm_dtype: SsmDtypeOption = None,
     prefill_chunk: Annotated[
@@ -287,8 +292,13 @@ def estimate(
     """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
     from compressor import budget
     from compressor.distributed import resolve_device
+    from compressor.quantize import is_quantized_checkpoint, stored_weight_bytes
 
-    config, _ = load_config_or_preset(model)
+    config, folder = load_config_or_preset(model)
+    stored = None
+    if folder is not None and is_quantized_checkpoint(folder):
+        stored = stored_weight_bytes(folder)
+    weight_dtype = weight_dtype or (stored.budget_dtype if stored else None) or "bf16"
     report = budget.report(
         config, ctx=ctx, batch=batch, target_mem=target_mem, gpu=gpu, gpu_bandwidth=gpu_bandwidth,
         gpu_tflops=gpu_tflops, isl=isl, osl=osl, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
@@ -303,6 +313,9 @@ def estimate(
         print_json({"model": model, **report.to_dict(), "measured": measured.to_dict() if measured else None})
         return
     _print_report(model, config, report)
+    if stored is not None:
+        dtypes = ", ".join(f"{name} {fmt_memory(n)}" for name, n in sorted(stored.by_dtype.items()))
+        console.print(f"stored weights ({stored.quant_algo}): {fmt_memory(stored.total)} ({dtypes})", highlight=False)
     if report.versus is not None:
         _print_versus(model, vs, report.versus)
     if measured is not None:
@@ -444,6 +457,9 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of the train/valid split.", min=0)] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
+    weights_only: Annotated[
+        bool, typer.Option(help="Quantized checkpoints: dequantized weights only, no activation quantization.")
+    ] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     json_output: JsonOption = False,
@@ -454,12 +470,20 @@ def eval_(
     from compressor.data import model_sequences
     from compressor.distributed import resolve_device
     from compressor.evaluate import evaluate
+    from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
+
+    def load(path: Path):
+        """The model as deployed: a quantized checkpoint dequantized, its activations quantized."""
+        model = load_model(path, dtype=dtype, device=torch_device)
+        if not weights_only and is_quantized_checkpoint(path):
+            quantize_activations(model, path)
+        return model
 
     if split not in ("all", "valid", "train"):
         raise OptionError("split", f"{split!r} is not one of all, valid, train")
     torch_device = resolve_device(device)
     teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
-    first = load_model(models[0], dtype=dtype, device=torch_device)
+    first = load(models[0])
     limit = max_sequences if split == "all" else None
     sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
                                 text_field=text_field, max_sequences=limit)  # fmt: skip
@@ -471,13 +495,14 @@ def eval_(
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
         for path in models:
-            student = first if path == models[0] else load_model(path, dtype=dtype, device=torch_device)
+            student = first if path == models[0] else load(path)
             batches = sequences.batches(batch_size, shuffle=False, drop_last=False)
             result = evaluate(student, batches, teacher=teacher_model, on_batch=lambda n: progress.advance(task, n))
-            results.append((path, student.num_parameters(), result))
+            weights = stored_weight_bytes(path)
+            results.append((path, student.num_parameters(), result, weights.quant_algo or "/".join(weights.by_dtype)))
     if json_output:
-        rows = [{"model": str(p), "params": n, "teacher": str(teacher) if teacher else None, **r.to_dict()}
-                for p, n, r in results]  # fmt: skip
+        rows = [{"model": str(p), "params": n, "format": f, "teacher": str(teacher) if teacher else None,
+                 **r.to_dict()} for p, n, r, f in results]  # fmt: skip
         print_json(rows[0] if len(rows) == 1 else rows)
         return
     title = f"{Path(data).name}: {len(sequences)} x {seq_len} tokens"
@@ -491,10 +516,10 @@ def eval_(
                      ["top-1 agreement", f"{100 * result.top1_agreement:.1f}%"]]  # fmt: skip
         console.print(table(title, ["metric", "value"], [*rows, ["tokens", f"{result.tokens:,}"]]))
         return
-    columns = ["model", "parameters", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
+    columns = ["model", "parameters", "weights", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
     rows = []
-    for path, params, result in results:
-        row = [str(path), f"{params:,}", f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
+    for path, params, result, weights in results:
+        row = [str(path), f"{params:,}", weights, f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
         rows.append(row + ([f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"] if teacher else []))
     console.print(table(title, columns, rows))
 
@@ -809,6 +834,48 @@ def materialize(
     console.print(f"wrote candidate {index} to [bold]{out}[/]")
 
 
+# ----- quantize -----------------------------------------------------------------------------------------
+@app.command("quantize")
+@friendly
+def quantize_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to quantize.")],
+    quant_format: Annotated[str, typer.Option("--format", help="fp8, nvfp4, int8_sq or int4_awq.")],
+    data: Annotated[str, typer.Option(help="Calibration text or tokens (as for `compress eval`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the quantized (ModelOpt Hugging Face) checkpoint.")],
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 512,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Sequences per calibration forward pass.")] = 1,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(help="ModelOpt quantizer-name pattern kept in high precision, e.g. '*layers.0.*'; repeatable."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of the tensors left unquantized.")] = "bfloat16",
+    tokenizer: TokenizerOption = None,
+    text_field: TextFieldOption = "text",
+    device: DeviceOption = "auto",
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Quantize with NVIDIA ModelOpt (its hybrid recipe: Mamba and MLP matrices quantized, attention, conv1d,
+    embeddings and lm_head kept) and write the export vLLM and TensorRT-LLM load."""
+    from compressor.pipelines.quantizing import QuantizeConfig, quantize_checkpoint
+    from compressor.quantize import QuantRecipe
+
+    config = QuantizeConfig(QuantRecipe(quant_format, tuple(keep or ())), data, samples, seq_len, batch_size, dtype,
+                            str(tokenizer) if tokenizer else None, text_field, device)  # fmt: skip
+    with progress_bar() as progress:
+        task = progress.add_task("calibrating", total=samples * seq_len)
+        record = quantize_checkpoint(
+            model, config, out, overwrite=overwrite, on_batch=lambda n: progress.advance(task, n)
+        )
+    if json_output:
+        print_json(record.to_dict())
+        return
+    budget = f" (the budget model: {fmt_memory(record.budget_bytes)})" if record.budget_bytes is not None else ""
+    console.print(f"wrote {record.quant_algo} weights, {fmt_memory(record.stored_bytes)}{budget}, to [bold]{out}[/]")
+    console.print(f"kept in high precision: {', '.join(record.excluded) or 'nothing'}", highlight=False)
+
+
 # ----- train / distill ----------------------------------------------------------------------------------
 class RichReporter:
     """Live progress of a training run: a bar over steps with loss, KL, tokens/s and ETA; eval lines above."""
@@ -944,11 +1011,20 @@ def distill(
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="Quantization-aware distillation: fp8 or nvfp4 (CUDA); writes OUT/quantized/ at the end."),
+    ] = None,
+    quantize_keep: Annotated[
+        list[str] | None, typer.Option(help="ModelOpt quantizer-name pattern kept in high precision; repeatable.")
+    ] = None,
+    calib_sequences: Annotated[int, typer.Option(help="Training sequences that calibrate --quantize.")] = 128,
     run: dict[str, Any] | None = None,
 ) -> None:
     """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
     options = {k: v for k, v in locals().items() if k != "run"}
+    options["quantize_keep"] = tuple(quantize_keep or ())
     _run_training({**options, **run})
 
 

@@ -544,6 +544,11 @@ def _layout(owner: str, stored_dtype: str, tensors: dict[str, torch.Tensor]) -> 
     )
 
 
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint folder holds a quantized export (`quantization_config` in its config.json)."""
+    return bool(HybridConfig.from_file(path).extra.get("quantization_config"))
+
+
 def quantize_activations(model: HybridLM, path: str | Path) -> list[torch.utils.hooks.RemovableHandle]:
     """Fake-quantize the inputs of `model`'s quantized layers at the input scales stored in the quantized
     checkpoint `path` (FP8, NVFP4, INT8; weight-only formats have none), so a model loaded (dequantized)

@@ -45,6 +45,7 @@ from compressor.outputs import atomic_output, check_output
 from compressor.teacher_cache import TeacherCache, write_teacher_cache
 
 STATE_FILE = "trainer_state.json"
+QUANTIZED_DIR = "quantized"  # the quantized export of a quantization-aware run
 OPTIMIZER_FILE = "optimizer.safetensors"
 # Options that define the run; a resumed run must not change them.
 RUN_DEFINING = (
@@ -70,6 +71,8 @@ RUN_DEFINING = (
     "dtype",
     "cache_teacher",
     "top_k",
+    "quantize",
+    "quantize_keep",
 )
 
 
@@ -103,6 +106,9 @@ class TrainConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     cache_teacher: bool = False
     top_k: int = 64
+    quantize: str | None = None  # fp8 | nvfp4: quantization-aware training of a fake-quantized student
+    quantize_keep: tuple[str, ...] = ()  # ModelOpt quantizer-name patterns kept in high precision
+    calib_sequences: int = 128  # training sequences that calibrate the quantizers
     eval_every: int = 50
     eval_sequences: int = 64
     save_every: int = 100
@@ -119,7 +125,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
+        out["betas"], out["quantize_keep"] = list(self.betas), list(self.quantize_keep)
         return out
 
     @classmethod
@@ -127,6 +133,7 @@ class TrainConfig:
         raw = dict(raw)
         raw["loss"] = LossSpec(**raw["loss"])
         raw["betas"] = tuple(raw["betas"])
+        raw["quantize_keep"] = tuple(raw.get("quantize_keep", ()))
         return cls(**raw)
 
     def resolved_teacher_dtype(self, device: torch.device) -> str:
@@ -164,6 +171,8 @@ class TrainConfig:
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
+            ("quantize", self.quantize in (None, "fp8", "nvfp4"), "must be fp8 or nvfp4"),
+            ("calib_sequences", self.calib_sequences >= 1, "must be at least 1"),
         ]
         for name, ok, problem in checks:
             if not ok:
@@ -315,6 +324,8 @@ def setup(
         teacher.requires_grad_(False)
         check_same_vocab(teacher, student)
     train_set, valid_set, accum, total_steps = _data(config, world, student, sequences)
+    if config.quantize is not None:
+        _fake_quantize(student, config, train_set, out if resumed else None)
 
     cache = None
     if config.cache_teacher:
@@ -373,6 +384,12 @@ def loop(run: Run, reporter: Reporter) -> TrainResult:
             save(run)
     if not last_eval:  # a finished run resumed: its last evaluation is in the metrics
         last_eval = _last_eval(run.metrics, run.step) or evaluate(run, reporter)
+    if config.quantize is not None and run.world.is_main:
+        from compressor.quantize import export_qad_checkpoint
+
+        reporter.note(f"writing the {config.quantize} export to {run.out / QUANTIZED_DIR}")
+        export_qad_checkpoint(run.out / "model", run.out / QUANTIZED_DIR, overwrite=True)
+    distributed.barrier(run.world)
     return TrainResult(steps=run.total_steps, tokens=run.tokens, final_eval=last_eval, out=run.out)
 
 
@@ -507,6 +524,19 @@ def _data(
     else:
         total_steps = max(1, (per_epoch * micro) // config.batch_size)
     return train_set, valid_set.head(usable), accum, total_steps
+
+
+def _fake_quantize(student: HybridLM, config: TrainConfig, train_set: TokenSequences, resumed: Path | None) -> None:
+    """Quantization-aware training (ModelOpt's QAD recipe): quantize the student and calibrate it on the
+    first training sequences (the same on every process), or restore the ranges a resumed run saved."""
+    from compressor.quantize import QuantRecipe, prepare_qad, read_quantizer_state, restore_fake_quant
+
+    saved = read_quantizer_state(resumed / "model") if resumed is not None else None
+    if saved is not None:
+        restore_fake_quant(student, *saved)
+        return
+    calibration = train_set.head(config.calib_sequences).batches(config.micro_batch_size, shuffle=False)
+    prepare_qad(student, QuantRecipe(config.quantize, config.quantize_keep), calibration)
 
 
 def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
@@ -687,8 +717,17 @@ def _save(folder: Path, student, optimizer, config: TrainConfig, step: int, toke
     }
     # tokenizer files: from the previous checkpoint of this run, else from where the run got them
     tokenizer_from = folder if (folder / "tokenizer.json").is_file() else _tokenizer_folder(config)
+    quantizers = {}
+    if config.quantize is not None:  # a standard checkpoint of the weights + the calibrated ranges beside it
+        from compressor.quantize import QuantRecipe, split_quantizer_state
+
+        model_state, quantizers = split_quantizer_state(model_state)
     with atomic_output(folder, overwrite=True) as tmp:
         write_checkpoint(tmp, student.config, model_state, tokenizer_from=tokenizer_from)
+        if quantizers:
+            from compressor.quantize import write_quantizer_state
+
+            write_quantizer_state(tmp, QuantRecipe(config.quantize, config.quantize_keep), quantizers)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 

@@ -382,3 +382,75 @@ def test_fp8_qad_trains_saves_resumes_and_exports(tmp_path):
     quantize_activations(deployed, path)
     with torch.no_grad():
         assert _kl(expected, deployed(ids)) < 1e-3  # bf16 rounding of the unquantized tensors only
+
+
+# ----- the command line and the training recipe --------------------------------------------------------
+def test_cli_quantize_eval_estimate_and_quantization_aware_distillation(tmp_path):
+    """`compress quantize` writes the export, `eval` runs it as deployed (dequantized weights, quantized
+    activations), `estimate` sizes it in its format, `distill --quantize fp8` trains a fake-quantized
+    student, resumes, and exports it."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from cli import app
+    from compressor.train import TrainConfig, train
+
+    _modelopt()
+    config = get_preset("tiny").replace(vocab_size=64)
+    save_model(_model(config, torch.float32), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tokens.npy", (np.cumsum(rng.choice([1, 1, 2], size=64 * 32)) % 64).astype(np.int32))
+    data = str(tmp_path / "tokens.npy")
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    result = run("quantize", tmp_path / "model", "--format", "fp8", "--data", data, "--samples", "8",
+                 "--seq-len", "32", "--out", tmp_path / "fp8", "--device", "cpu", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["quant_algo"] == "FP8" and record["stored_bytes"] == record["budget_bytes"]
+    result = run("eval", tmp_path / "model", tmp_path / "fp8", "--data", data, "--seq-len", "32",
+                 "--teacher", tmp_path / "model", "--device", "cpu", "--json")  # fmt: skip
+    rows = json.loads(result.output)
+    assert [r["format"] for r in rows] == ["F32", "FP8"] and 0 < rows[1]["kl"] < 0.05
+    weights_only = run("eval", tmp_path / "fp8", "--data", data, "--seq-len", "32", "--teacher", tmp_path / "model",
+                       "--weights-only", "--device", "cpu", "--json")  # fmt: skip
+    assert json.loads(weights_only.output)["kl"] != rows[1]["kl"]  # the activations were quantized before
+    estimate = json.loads(run("estimate", tmp_path / "fp8", "--ctx", "1k", "--json").output)
+    assert estimate["memory"]["weight_dtype"] == "fp8" and estimate["memory"]["weights"] == record["budget_bytes"]
+    result = run("quantize", tmp_path / "model", "--format", "fp5", "--data", data, "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "unknown quantization format 'fp5'" in result.output
+    # quantization-aware distillation: interrupted after its first checkpoint, resumed, exported
+    common = dict(student=str(tmp_path / "model"), teacher=str(tmp_path / "model"), data=data, seq_len=32,
+                  batch_size=4, micro_batch_size=4, lr=1e-3, eval_every=2, save_every=2, eval_sequences=4,
+                  calib_sequences=8, quantize="fp8", valid_fraction=0.1, log_every=1, device="cpu")  # fmt: skip
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), steps=4, **common))
+    assert (tmp_path / "whole" / "model" / "quantizer_state.safetensors").is_file()
+    exported = json.loads((tmp_path / "whole" / "quantized" / HF_QUANT_CONFIG).read_text())
+    assert exported["quantization"]["quant_algo"] == "FP8"
+
+    class Interrupt:  # stops the run after its checkpoint of step 2
+        def start(self, *args):
+            pass
+
+        def step(self, record):
+            if record["step"] == 3:
+                raise KeyboardInterrupt
+
+        def evaluated(self, record):
+            pass
+
+        def note(self, text):
+            pass
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "split"), steps=4, **common), Interrupt())
+    resumed = train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common))
+    assert resumed.final_eval["val_loss"] == whole.final_eval["val_loss"]
+    for name, tensor in load_file(tmp_path / "whole" / "quantized" / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(tmp_path / "split" / "quantized" / "model.safetensors")[name]), name
+    result = run("distill", tmp_path / "model", tmp_path / "model", "--data", data, "--out", tmp_path / "q",
+                 "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "4", "--steps", "1",
+                 "--eval-sequences", "4", "--quantize", "int4", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 1 and "--quantize must be fp8 or nvfp4" in result.output
