@@ -8,16 +8,19 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from compressor.errors import CompressorError, OptionError
+from compressor.data import tokenizer_file
+from compressor.errors import CompressorError, OptionError, check_at_least
 
 app = typer.Typer(
     name="compress",
@@ -46,6 +49,13 @@ def friendly(command):
             message = str(exc)
             if isinstance(exc, OptionError) and exc.parameter in flags:
                 message = f"--{exc.parameter.replace('_', '-')} {exc.problem}"
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            message = escape(f"{exc.strerror or exc}{where}")
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -164,11 +174,22 @@ KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe":
 
 
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    """JSON on stdout, always valid: NaN and infinity (not JSON) are written as null."""
+    print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def say(text: str) -> None:
-    err_console.print(text, highlight=False)
+    err_console.print(escape(text), highlight=False)
 
 
 def progress_bar() -> Progress:
@@ -417,7 +438,7 @@ def init(
     mlp_ratio: Annotated[float, typer.Option(help="Share of MLP blocks (with --layers); the rest are Mamba-2.")] = 0.0,
     tokenizer: Annotated[Path | None, typer.Option(help="Folder or tokenizer.json to ship with the model.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Write a randomly initialised model (a preset or a config.json) as a checkpoint."""
@@ -433,6 +454,7 @@ def init(
     elif attention_ratio or mlp_ratio:
         raise OptionError("attention_ratio", "and --mlp-ratio lay out --layers blocks: give --layers too")
     arch = arch.with_settings(set_ or [])
+    check_at_least(seed=(seed, 0))
     params = init_checkpoint(out, arch, tokenizer=tokenizer, dtype=dtype, seed=seed, overwrite=overwrite)
     blocks = ", ".join(f"{arch.count(kind)} {KIND_NAMES[kind]}" for kind in arch.ratios())
     console.print(f"wrote a random {params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to [bold]{out}[/]")
@@ -449,12 +471,12 @@ def eval_(
     teacher: Annotated[
         Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
     ] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 512,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.", min=1)] = 8,
-    max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.", min=1)] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
+    max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.")] = None,
     split: Annotated[str, typer.Option(help="all, or valid / train: the deterministic split of the data.")] = "all",
     valid_fraction: Annotated[float, typer.Option(help="Validation share when --split is valid/train.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the train/valid split.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the train/valid split.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
     weights_only: Annotated[
@@ -481,12 +503,16 @@ def eval_(
 
     if split not in ("all", "valid", "train"):
         raise OptionError("split", f"{split!r} is not one of all, valid, train")
+    check_at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_sequences=(max_sequences, 1), seed=(seed, 0))
+    if not 0 < valid_fraction < 1:
+        raise OptionError("valid_fraction", f"must be between 0 and 1, got {valid_fraction}")
     torch_device = resolve_device(device)
     teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
     first = load(models[0])
     limit = max_sequences if split == "all" else None
     sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
-                                text_field=text_field, max_sequences=limit)  # fmt: skip
+                                text_field=text_field, max_sequences=limit,
+                                vocab_size=first.config.vocab_size)  # fmt: skip
     if split != "all":
         train, valid = sequences.split(valid_fraction, seed)
         sequences = valid if split == "valid" else train
@@ -500,6 +526,9 @@ def eval_(
             result = evaluate(student, batches, teacher=teacher_model, on_batch=lambda n: progress.advance(task, n))
             weights = stored_weight_bytes(path)
             results.append((path, student.num_parameters(), result, weights.quant_algo or "/".join(weights.by_dtype)))
+    for path, _, result, _ in results:
+        if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
+            say(f"[yellow]warning:[/] {path}: the loss is not finite (an overflow: evaluate with --dtype float32)")
     if json_output:
         rows = [{"model": str(p), "params": n, "format": f, "teacher": str(teacher) if teacher else None,
                  **r.to_dict()} for p, n, r, f in results]  # fmt: skip
@@ -530,11 +559,11 @@ def eval_(
 def generate(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder (with tokenizer.json).")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", min=1)] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.", min=1)] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Sample from the smallest set holding p of the mass.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sampling.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
 ) -> None:
@@ -581,7 +610,8 @@ def importance(
     config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
                                batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
                                text_field=text_field, device=device, dtype=dtype)  # fmt: skip
-    check_output(out, overwrite=overwrite)
+    inputs = (model, data, tokenizer_file(tokenizer))
+    check_output(out, overwrite=overwrite, inputs=inputs)
     world = distributed.init(distributed.resolve_device(device))
     try:
         passes = 1 + (0 if drop_one == "none" else max(1, iterative_rounds))
@@ -593,7 +623,7 @@ def importance(
     if not world.is_main:
         return
     scores = source.importance
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         scores.save(tmp)
     if json_output:
         print_json({"out": str(out), **scores.meta, "block_influence": scores.block_influence.tolist()})
@@ -678,6 +708,7 @@ def prune_command(
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
+    plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now, not after calibrating
     calibration = CalibrationConfig(
         str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
@@ -685,7 +716,7 @@ def prune_command(
     )  # fmt: skip
     from compressor.outputs import check_output
 
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
     with err_console.status("pruning") as status:
         progress = lambda text: (status.update(text), say(text))  # noqa: E731
         record = prune_to_budget(calibrate(calibration, say=progress), config, out, overwrite=overwrite, say=progress)
@@ -768,12 +799,13 @@ def search(
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
     from compressor.budget import parse_tokens
+    from compressor.pipelines.pruning import plan
     from compressor.pipelines.search import SearchConfig, load_search, resume_calibration, run_search
     from compressor.pipelines.source import CalibrationConfig, calibrate
     from compressor.train import TrainConfig
 
     if resume:
-        config, calibration = SearchConfig.from_record(load_search(out)), resume_calibration(out)
+        config, calibration = SearchConfig.from_record(load_search(out, incoming=True)), resume_calibration(out)
     else:
         if budget is None:
             raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
@@ -785,6 +817,7 @@ def search(
         config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by)
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
+        plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
         calibration = CalibrationConfig(
             str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
             score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
@@ -792,7 +825,7 @@ def search(
         )  # fmt: skip
         from compressor.outputs import check_output
 
-        check_output(out, overwrite=overwrite)
+        check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
     source = calibrate(calibration, say=say)
     record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
     if json_output:

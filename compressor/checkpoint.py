@@ -10,12 +10,13 @@ transformers keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from compressor.config import HybridConfig
@@ -59,7 +60,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def weight_files(path: str | Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file holding it; clear errors for anything else."""
+    """Map each tensor name to the safetensors file holding it; clear errors for anything else. Every file
+    must lie inside the folder (an index naming `../x` or an absolute path is refused, as is a link out of
+    it, but for the blob store of a Hugging Face cache snapshot)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: point at a checkpoint folder holding config.json")
@@ -67,16 +70,20 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
+            confined(file, path, what=f"shard {file.name} listed in {INDEX_NAME}")
             if not file.is_file():
                 raise CheckpointError(f"shard {file.name} listed in {INDEX_NAME} is missing from {path}")
         return files
     single = path / WEIGHTS_NAME
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        confined(single, path, what=WEIGHTS_NAME)
+        with open_weights(single) as f:
             return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
@@ -87,11 +94,42 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
+def confined(file: Path, folder: Path, *, what: str) -> Path:
+    """`file` resolved, refused unless it lies inside `folder` (links followed) or, for a snapshot of the
+    Hugging Face cache (`.../models--org--name/snapshots/REV/`), inside that repository's blob store."""
+    resolved, root = file.resolve(), folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(resolved == base or base in resolved.parents for base in allowed):
+        raise CheckpointError(
+            f"{what} resolves to {resolved}, outside {folder}: a checkpoint may only use its own files"
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def open_weights(file: Path, device: str = "cpu"):
+    """`safe_open` of a weight file, with a damaged, truncated or unreadable file reported as one line."""
+    try:
+        with safe_open(file, framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file} cannot be read as safetensors ({_first_line(exc)}): the file is damaged"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def stored_dtypes(path: str | Path) -> list[str]:
     """The dtypes the checkpoint's weight files store (safetensors names: F32, BF16, ...)."""
     seen = set()
     for file in sorted(set(weight_files(path).values())):
-        with safe_open(file, framework="pt") as f:
+        with open_weights(file) as f:
             seen.update(f.get_slice(name).get_dtype() for name in f.keys())  # noqa: SIM118
     return sorted(seen)
 
@@ -108,14 +146,17 @@ def fingerprint(path: str | Path) -> str:
     path = Path(path)
     digest = hashlib.sha256(HybridConfig.from_file(path).to_json().encode())
     for file in sorted(set(weight_files(path).values())):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(header_len))
-            digest.update(f.read(2**20))
-            f.seek(max(8 + header_len, size - 2**20))
-            digest.update(f.read())
+        try:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with file.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header_len, size)))
+                digest.update(f.read(2**20))
+                f.seek(max(8 + header_len, size - 2**20))
+                digest.update(f.read())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} cannot be read ({_first_line(exc)})") from None
     return digest.hexdigest()[:16]
 
 
@@ -148,7 +189,7 @@ def load_model(
     loaded: set[str] = set()
     for file in sorted(set(files.values())):
         shard = {}
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with open_weights(file, device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118
                 if (tied and name == "lm_head.weight") or (quantized is not None and quantized.is_companion(name)):
                     continue
@@ -182,7 +223,19 @@ def load_model(
         raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
     if tied:
         model.lm_head.weight = model.backbone.embeddings.weight
+    broken = nonfinite_tensors(model)
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights ({broken[0]}{more}): it is damaged or diverged in "
+            "training; use an earlier checkpoint"
+        )
     return model.eval()
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or infinity."""
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def write_checkpoint(
@@ -225,13 +278,22 @@ def write_checkpoint(
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             source = Path(tokenizer_from) / name
-            if source.is_file():
-                shutil.copyfile(source, folder / name)
+            if source.is_file():  # its content only, never a link out of the source folder
+                shutil.copyfile(confined(source, Path(tokenizer_from), what=name), folder / name)
+                (folder / name).chmod(0o644)
 
 
 def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, path, metadata={"format": "pt"})
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as exc:  # e.g. "No space left on device"
+        raise CheckpointError(f"writing {path} failed ({_first_line(exc)})") from None
     path.chmod(0o644)  # safetensors creates the file private; a checkpoint is meant to be shared
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a checkpoint's weight files (what a copy or a pruned child of it needs at most)."""
+    return sum(file.stat().st_size for file in set(weight_files(path).values()))
 
 
 def save_model(
@@ -269,9 +331,10 @@ def init_checkpoint(
     import tempfile
 
     from compressor.budget import available_memory, num_parameters
-    from compressor.outputs import check_output
+    from compressor.data import tokenizer_file
+    from compressor.outputs import check_free_space, check_output
 
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(tokenizer_file(tokenizer),))
     torch_dtype = parse_dtype(dtype)
     params = num_parameters(config)
     needed = params * torch.empty(0, dtype=torch_dtype).element_size()
@@ -281,6 +344,7 @@ def init_checkpoint(
             f"a {params:,}-parameter model needs {needed / 2**30:.1f} GiB in {dtype}, but only "
             f"{available / 2**30:.1f} GiB of memory is available"
         )
+    check_free_space(out, needed, f"a {params:,}-parameter checkpoint in {dtype}")
     with tempfile.TemporaryDirectory() as staging:
         tokenizer_from = None
         if tokenizer is not None:

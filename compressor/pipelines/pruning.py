@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor.budget import Budget
-from compressor.checkpoint import write_checkpoint
+from compressor.checkpoint import checkpoint_bytes, write_checkpoint
 from compressor.config import HybridConfig
+from compressor.data import tokenizer_file
 from compressor.errors import BudgetError, OptionError
-from compressor.outputs import atomic_output, check_output
+from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
 from compressor.pipelines.records import Candidate, CompressionRecord, write_json
 from compressor.pipelines.source import Source
@@ -32,6 +33,9 @@ from compressor.prune import prune
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import options_to_dict
 from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config
+
+if TYPE_CHECKING:
+    from compressor.pipelines.search import SearchConfig
 
 COMPRESSION_FILE = "compression.json"
 EXPORT_CONFIG_FILE = "export_config.json"
@@ -70,7 +74,10 @@ def prune_to_budget(
 ) -> CompressionRecord:
     """Choose, prune and write (module docstring); returns what `compression.json` records."""
     started = time.perf_counter()
-    check_output(out, overwrite=overwrite)
+    calibration = source.config
+    inputs = (source.path, calibration.data, calibration.importance_dir, tokenizer_file(calibration.tokenizer))
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    check_free_space(out, checkpoint_bytes(source.path), "the pruned checkpoint")  # never larger than the source
     strategy = config.build_strategy()
     arch = source.model.config
     proposals = strategy.propose(arch, source.importance, config.budget)
@@ -102,7 +109,7 @@ def prune_to_budget(
         export_config=export_config(pruned.config) if pruned.config.is_uniform else None,
         seconds=round(time.perf_counter() - started, 2),
     )
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_checkpoint(tmp, pruned.config, pruned.state_dict(), tokenizer_from=source.path)
         write_json(tmp / COMPRESSION_FILE, record.to_dict())
         if record.export_config is not None:
@@ -128,9 +135,10 @@ class Plan:
         }
 
 
-def plan(source: HybridConfig, config: PruneConfig) -> Plan:
-    """What `prune_to_budget` would consider for an architecture with no weights (the importance prior:
-    the last blocks of each kind go first), limited to the strategy's `top_k`."""
+def plan(source: HybridConfig, config: PruneConfig | SearchConfig) -> Plan:
+    """What `prune_to_budget` (or a search) would consider for an architecture with no weights (the
+    importance prior: the last blocks of each kind go first), limited to the strategy's `top_k`. Raises
+    when nothing meets the budget, before anything is loaded."""
     started = time.perf_counter()
     strategy = config.build_strategy()
     proposals = strategy.propose(source, None, config.budget)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from compressor.budget import weight_bytes
-from compressor.checkpoint import load_model
-from compressor.data import model_sequences
+from compressor.checkpoint import checkpoint_bytes, load_model
+from compressor.data import model_sequences, tokenizer_file
 from compressor.distributed import resolve_device
 from compressor.errors import CompressorError, OptionError
-from compressor.outputs import check_output
+from compressor.outputs import check_free_space, check_output
 from compressor.quantize import HF_QUANT_CONFIG, QuantRecipe, export_quantized, quantize, stored_weight_bytes
 
 BUDGET_DTYPES = {"fp8": "fp8", "nvfp4": "fp4"}  # formats the budget model sizes
@@ -68,7 +68,8 @@ def quantize_checkpoint(
     on_batch: Callable[[int], None] | None = None,
 ) -> QuantizeRecord:
     """Quantize, calibrate and export `model_path` into `out` (module docstring)."""
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(model_path, config.data, tokenizer_file(config.tokenizer)))
+    check_free_space(out, checkpoint_bytes(model_path), "the quantized checkpoint")  # never larger than the source
     model = load_model(model_path, device=resolve_device(config.device))
     sequences = model_sequences(
         config.data,
@@ -78,6 +79,7 @@ def quantize_checkpoint(
         tokenizer=config.tokenizer,
         text_field=config.text_field,
         max_sequences=config.samples,
+        vocab_size=model.config.vocab_size,
     )
     if len(sequences) < config.samples:
         raise CompressorError(
