@@ -32,13 +32,14 @@ from compressor.pipelines.source import Source
 from compressor.prune import prune
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import options_to_dict
-from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config
+from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
 
 if TYPE_CHECKING:
     from compressor.pipelines.search import SearchConfig
 
 COMPRESSION_FILE = "compression.json"
 EXPORT_CONFIG_FILE = "export_config.json"
+EXPORT_LAYERS_FILE = "export_layers.json"  # the blocks kept, to rebuild the same model with Megatron
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def prune_to_budget(
         write_json(tmp / COMPRESSION_FILE, record.to_dict())
         if record.export_config is not None:
             write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)
+            write_json(tmp / EXPORT_LAYERS_FILE, export_layers(source.model.config, record.chosen.target))
     return record
 
 
