@@ -578,16 +578,23 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def whole(ws, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of the run the kill tests interrupt, trained without interruption."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    train(TrainConfig(**_config(ws, out)))
+    return _weights(out / "model")
+
+
 @pytest.mark.parametrize("kill_after", [3, 4, 5])
-def test_a_kill_anywhere_in_a_checkpoint_swap_resumes_bit_identically(ws, tmp_path, kill_after):
+def test_a_kill_anywhere_in_a_checkpoint_swap_resumes_bit_identically(ws, whole, tmp_path, kill_after):
     """The second save swaps the new checkpoint in with os.replace calls 3 (temp -> complete), 4 (old out of
     the way) and 5 (new in place); a kill after any of them, then --resume, gives the uninterrupted weights."""
-    train(TrainConfig(**_config(ws, tmp_path / "whole")))
     script = KILLER.format(root=str(ROOT), kill_after=kill_after, config=_config(ws, tmp_path / "killed"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 9, done.stderr[-2000:]
     train(TrainConfig(**_config(ws, tmp_path / "killed", resume=True)))
-    whole, killed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "killed" / "model")
+    killed = _weights(tmp_path / "killed" / "model")
     assert whole.keys() == killed.keys() and all(torch.equal(whole[k], killed[k]) for k in whole)
     leftovers = [p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
@@ -608,7 +615,7 @@ def test_an_overwrite_run_killed_midway_leaves_the_old_run_and_resumes(ws, tmp_p
     assert not (tmp_path / ".run.incoming").exists()
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(ws, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(ws, whole, tmp_path):
     script = KILLER.format(root=str(ROOT), kill_after=1, config=_config(ws, tmp_path / "run"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 9, done.stderr[-2000:]
@@ -620,9 +627,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(ws, t
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "st')  # a torn last line
     train(TrainConfig(**_config(ws, tmp_path / "run", resume=True)))
-    train(TrainConfig(**_config(ws, tmp_path / "fresh")))
-    resumed, fresh = _weights(tmp_path / "run" / "model"), _weights(tmp_path / "fresh" / "model")
-    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    resumed = _weights(tmp_path / "run" / "model")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
 def test_two_writers_cannot_both_win(ws, tmp_path):
