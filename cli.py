@@ -1021,6 +1021,7 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
         option("seed", int, "Seed of data order, split and initialisation.", 0),
         option("dtype", str, "Master-weight dtype of the trained model.", "float32"),
         option("autocast", str, "auto (bf16 on CUDA), bf16 or off.", "auto"),
+        option("grad_checkpointing", bool, "Recompute each block in backward (long --seq-len in less memory).", False),
         option("tokenizer", Path | None, "Tokenizer (default: the trained model's)."),
         option("text_field", TextFieldOption, default="text"),
         option("device", DeviceOption, default="auto"),

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from compressor import kernels, ssd
 from compressor.cache import HybridCache
@@ -298,13 +299,16 @@ class Backbone(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, spec) for spec in config.blocks)
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        # activation checkpointing: keep each block's input only and recompute its insides in backward
+        self.checkpoint_blocks = False
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
         hidden = self.embeddings(input_ids)  # (b, t, hidden)
         if self.residual_in_fp32:
             hidden = hidden.float()
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            hidden = block(hidden, cache)
+            hidden = checkpoint(block, hidden, use_reentrant=False) if recompute else block(hidden, cache)
         return self.norm_f(hidden.to(self.norm_f.weight.dtype))
 
 

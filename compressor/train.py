@@ -112,6 +112,7 @@ class TrainConfig:
     quantize: str | None = None  # fp8 | nvfp4: quantization-aware training of a fake-quantized student
     quantize_keep: tuple[str, ...] = ()  # ModelOpt quantizer-name patterns kept in high precision
     calib_sequences: int = 128  # training sequences that calibrate the quantizers
+    grad_checkpointing: bool = False  # recompute each block in backward: activations of one block, not all
     eval_every: int = 50
     eval_sequences: int = 64
     save_every: int = 100
@@ -376,6 +377,7 @@ def setup(
         teacher = None  # train from the cache; the teacher leaves memory
     elif teacher is not None:
         distributed.shard(teacher, world, frozen=True)
+    student.backbone.checkpoint_blocks = config.grad_checkpointing
     distributed.shard(student, world)
     student.train()
 
@@ -649,7 +651,7 @@ def memory_plan(config: TrainConfig) -> dict[str, Any]:
     autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
     act_size = 2 if autocast else size
     terms["activations (one micro-batch)"] = _activation_bytes(
-        student, config.micro_batch_size * config.seq_len, act_size
+        student, config.micro_batch_size * config.seq_len, act_size, config.grad_checkpointing
     )
     logit_rows = min(config.loss.rows_per_chunk(student.vocab_size), config.micro_batch_size * config.seq_len)
     copies = 3 + (1 if config.teacher is not None else 0)  # logits, log-probs, gradient (+ teacher probabilities)
@@ -658,15 +660,15 @@ def memory_plan(config: TrainConfig) -> dict[str, Any]:
     return {"terms": terms, "total": total, "available": available_memory(device), "device": str(device)}
 
 
-def _activation_bytes(config, tokens: int, size: int) -> int:
-    """Tensors autograd keeps for backward over all blocks, per micro-batch of `tokens` tokens."""
+def _activation_bytes(config, tokens: int, size: int, checkpointed: bool = False) -> int:
+    """Tensors autograd keeps for backward, per micro-batch of `tokens` tokens: of every block, or, with
+    activation checkpointing, every block's input plus the insides of the one block recomputed at a time."""
     from compressor.config import ATTENTION, MAMBA
 
     gn = config.n_groups * config.ssm_state_size
-    per_token = 2 * config.hidden_size  # embeddings output, final norm input
-    fp32_per_token = 0
+    blocks = []  # bytes per token of each block's saved tensors
     for spec in config.blocks:
-        per_token += 2 * config.hidden_size  # the block's input and its norm's output
+        per_token, fp32_per_token = 2 * config.hidden_size, 0  # the block's input and its norm's output
         if spec.kind == MAMBA:
             inner, heads = spec.mamba_intermediate, spec.mamba_num_heads
             per_token += (2 * inner + 2 * gn + heads) + 2 * (inner + 2 * gn) + inner  # in_proj, conv, out_proj in
@@ -677,7 +679,11 @@ def _activation_bytes(config, tokens: int, size: int) -> int:
             per_token += 3 * q + 2 * kv
         else:
             per_token += 3 * spec.intermediate_size
-    return tokens * (per_token * size + fp32_per_token * 4)
+        blocks.append(per_token * size + fp32_per_token * 4)
+    ends = 2 * config.hidden_size * size  # embeddings output, final norm input
+    if checkpointed:
+        return tokens * (ends + len(blocks) * config.hidden_size * size + max(blocks))
+    return tokens * (ends + sum(blocks))
 
 
 def _micro_batches(train_set: TokenSequences, micro: int, seed: int, start: int) -> Iterator[np.ndarray]:

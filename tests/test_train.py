@@ -319,3 +319,17 @@ def test_two_processes_equal_one_for_a_bf16_moe_student(tmp_path):
     model = load_model(tmp_path / "two" / "model")
     assert model.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_gives_the_same_run_in_less_activation_memory(workspace, tmp_path):
+    plain = train(_config(workspace, tmp_path / "plain", steps=2, teacher=str(workspace / "teacher")))
+    checkpointed = train(
+        _config(workspace, tmp_path / "ckpt", steps=2, teacher=str(workspace / "teacher"), grad_checkpointing=True)
+    )
+    assert checkpointed.final_eval["val_loss"] == pytest.approx(plain.final_eval["val_loss"], rel=1e-5)
+    for name, tensor in _weights(tmp_path / "plain" / "model").items():
+        torch.testing.assert_close(_weights(tmp_path / "ckpt" / "model")[name], tensor, rtol=1e-5, atol=1e-6)
+    config = _config(workspace, tmp_path / "x", seq_len=32)
+    saved = memory_plan(config)["terms"]["activations (one micro-batch)"]
+    config.grad_checkpointing = True
+    assert memory_plan(config)["terms"]["activations (one micro-batch)"] < saved / 2
