@@ -22,7 +22,7 @@ weighted and summed in fp32, then cast back to the input's dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -302,12 +302,16 @@ class Backbone(nn.Module):
         # activation checkpointing: keep each block's input only and recompute its insides in backward
         self.checkpoint_blocks = False
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: HybridCache | None = None, skip_blocks: Collection[int] = ()
+    ) -> torch.Tensor:
         hidden = self.embeddings(input_ids)  # (b, t, hidden)
         if self.residual_in_fp32:
             hidden = hidden.float()
         recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for block in self.layers:
+            if block.index in skip_blocks:
+                continue
             hidden = checkpoint(block, hidden, use_reentrant=False) if recompute else block(hidden, cache)
         return self.norm_f(hidden.to(self.norm_f.weight.dtype))
 
@@ -332,17 +336,19 @@ class HybridLM(nn.Module):
         *,
         last_only: bool = False,
         head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        skip_blocks: Collection[int] = (),
     ) -> Any:
         """Logits (b, t, vocab) in the model's dtype; with `last_only`, only the last position's (b, 1, vocab).
 
         With a cache, the tokens continue the cached sequence and the cache advances past them. With
         `head`, returns head(final hidden states (b, t, hidden), lm_head weight) instead of logits: losses
         use it to form logits chunk by chunk, inside this forward so that sharded (FSDP) weights are
-        gathered while they are used.
+        gathered while they are used. `skip_blocks` (block indices) are passed over as if removed (their
+        cache state stays untouched): drop-one scores without copying the model.
         """
         if cache is not None:
             cache.check_room(input_ids.shape[1])
-        hidden = self.backbone(input_ids, cache)
+        hidden = self.backbone(input_ids, cache, skip_blocks)
         if cache is not None:
             cache.seen += input_ids.shape[1]
         if last_only:

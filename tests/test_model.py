@@ -295,3 +295,22 @@ def test_moe_gradients_reach_router_and_routed_experts_only():
     assert mixer.shared_experts.up_proj.weight.grad.abs().sum() > 0
     used = [e.up_proj.weight.grad is not None and e.up_proj.weight.grad.abs().sum() > 0 for e in mixer.experts]
     assert any(used)
+
+
+def test_skipping_blocks_equals_pruning_them_away():
+    from compressor.importance import estimate
+    from compressor.prune import Target, prune
+
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny")).eval()  # M-M*-M*M-
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(1))
+    scores = estimate(model, [ids])
+    for dropped in ((3,), (3, 6), (0, 5)):
+        pruned = prune(model, scores, Target.uniform(model.config, drop_blocks=dropped))
+        with torch.no_grad():
+            expected = pruned(ids)
+            torch.testing.assert_close(model(ids, skip_blocks=set(dropped)), expected, atol=1e-5, rtol=1e-5)
+            cache = model.allocate_cache(2, 30)  # the cached path skips them too
+            pieces = [model(ids[:, :17], cache, skip_blocks=dropped), model(ids[:, 17:], cache, skip_blocks=dropped)]
+            torch.testing.assert_close(torch.cat(pieces, 1), expected, atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(model(ids), expected)
