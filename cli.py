@@ -404,32 +404,42 @@ def eval_(
     json_output: JsonOption = False,
 ) -> None:
     """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too. Several
-    models are evaluated on the same sequences and compared in one table."""
+    models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
+    the models are sharded across the processes, each evaluates its share of the batches."""
+    from compressor import distributed
+    from compressor.budget import num_parameters
     from compressor.checkpoint import load_model
     from compressor.data import model_sequences
-    from compressor.distributed import resolve_device
     from compressor.evaluate import evaluate
 
     if split not in ("all", "valid", "train"):
         raise OptionError("split", f"{split!r} is not one of all, valid, train")
-    torch_device = resolve_device(device)
-    teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
-    first = load_model(models[0], dtype=dtype, device=torch_device)
-    limit = max_sequences if split == "all" else None
-    sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
-                                text_field=text_field, max_sequences=limit)  # fmt: skip
-    if split != "all":
-        train, valid = sequences.split(valid_fraction, seed)
-        sequences = valid if split == "valid" else train
-        sequences = sequences.head(max_sequences) if max_sequences is not None else sequences
-    results = []
-    with progress_bar() as progress:
-        task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
-        for path in models:
-            student = first if path == models[0] else load_model(path, dtype=dtype, device=torch_device)
-            batches = sequences.batches(batch_size, shuffle=False, drop_last=False)
-            result = evaluate(student, batches, teacher=teacher_model, on_batch=lambda n: progress.advance(task, n))
-            results.append((path, student.num_parameters(), result))
+    world = distributed.init(distributed.resolve_device(device))
+    try:
+        teacher_model = load_model(teacher, dtype=dtype, world=world) if teacher is not None else None
+        first = load_model(models[0], dtype=dtype, world=world)
+        limit = max_sequences if split == "all" else None
+        sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
+                                    text_field=text_field, max_sequences=limit)  # fmt: skip
+        if split != "all":
+            train, valid = sequences.split(valid_fraction, seed)
+            sequences = valid if split == "valid" else train
+            sequences = sequences.head(max_sequences) if max_sequences is not None else sequences
+        batches = distributed.share(list(sequences.batches(batch_size, shuffle=False, drop_last=False)), world)
+        results = []
+        with progress_bar() as progress:
+            progress.disable = not world.is_main
+            task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
+            for path in models:
+                student = first if path == models[0] else load_model(path, dtype=dtype, world=world)
+                advance = lambda n: progress.advance(task, n * world.size)  # noqa: E731
+                result = evaluate(student, batches, teacher=teacher_model, on_batch=advance, world=world)
+                results.append((path, num_parameters(student.config), result))
+                del student
+    finally:
+        distributed.close(world)
+    if not world.is_main:
+        return
     if json_output:
         rows = [{"model": str(p), "params": n, "teacher": str(teacher) if teacher else None, **r.to_dict()}
                 for p, n, r in results]  # fmt: skip
@@ -613,12 +623,20 @@ def prune_command(
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
         tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
     )  # fmt: skip
+    from compressor import distributed
     from compressor.outputs import check_output
 
     check_output(out, overwrite=overwrite)
-    with err_console.status("pruning") as status:
-        progress = lambda text: (status.update(text), say(text))  # noqa: E731
-        record = prune_to_budget(calibrate(calibration, say=progress), config, out, overwrite=overwrite, say=progress)
+    world = distributed.init(distributed.resolve_device(device))  # torchrun: the source is sharded
+    try:
+        with err_console.status("pruning") as status:
+            progress = lambda text: (status.update(text), say(text)) if world.is_main else None  # noqa: E731
+            source = calibrate(calibration, world=world, say=progress)
+            record = prune_to_budget(source, config, out, overwrite=overwrite, say=progress)
+    finally:
+        distributed.close(world)
+    if not world.is_main:
+        return
     if json_output:
         print_json(record.to_dict())
         return

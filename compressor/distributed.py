@@ -1,6 +1,15 @@
-"""Running on several processes: `torchrun --nproc-per-node N` (and multi-node) for data parallelism with the
-student and teacher sharded by FSDP2 (`fully_shard`), one Mamba/attention/MLP/MoE block per unit (an MoE
-block's fp32 router one more).
+"""Running on several processes: `torchrun --nproc-per-node N` (and multi-node) with every model sharded by
+FSDP2 (`fully_shard`), one Mamba/attention/MLP/MoE block per unit (an MoE block's fp32 router one more) and
+the rest (embeddings, norm_f, lm_head) in the root unit, so each process holds about 1/N of the weights.
+
+Models are sharded as they are built: `compressor.checkpoint.load_model(..., world=world)` and
+`compressor.prune.prune(..., world=world)` shard the empty (meta) model first and then place each tensor's
+rows of this process (`local_rows`), so no process ever holds a whole model. Passes over data split the
+batches (`share`) and sum their statistics over the processes; a sharded forward is a collective (each
+block is all-gathered as it runs), so every process runs the same number of them, padding its share with
+`None` (a pass on `IDLE_IDS` whose results are dropped). Passes that read the root's parameters outside
+the model's forward (drop-one scores, a teacher's head) keep the root gathered (`gather_root`); code that
+reads a block's weights directly (pruning) gathers it for the moment (`gathered`).
 
 A single process (no WORLD_SIZE in the environment) uses none of this and needs no process group.
 """
@@ -8,7 +17,10 @@ A single process (no WORLD_SIZE in the environment) uses none of this and needs 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +28,10 @@ import torch.distributed as dist
 from compressor.config import MOE
 from compressor.errors import CompressorError
 from compressor.model import HybridLM
+
+T = TypeVar("T")
+# The input of a padding pass: one token, whose results are dropped.
+IDLE_IDS = torch.zeros((1, 1), dtype=torch.long)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,12 +76,9 @@ def init(device: torch.device) -> World:
     return World(rank=rank, size=size, device=device)
 
 
-def shard(model: HybridLM, world: World, *, frozen: bool = False) -> HybridLM:
-    """Shard every block and then the rest (embeddings, norm_f, lm_head) across the world.
-
-    A frozen model (the teacher) keeps its root parameters gathered for the whole run: the distillation
-    loss reads the teacher's head weight outside the teacher's own forward.
-    """
+def shard(model: HybridLM, world: World) -> HybridLM:
+    """Shard every block and then the rest (embeddings, norm_f, lm_head) across the world; a model on the
+    meta device is sharded before it has any memory (then `to_empty` and each process's rows)."""
     if not world.distributed:
         return model
     from torch.distributed.fsdp import fully_shard
@@ -75,9 +88,76 @@ def shard(model: HybridLM, world: World, *, frozen: bool = False) -> HybridLM:
             fully_shard(block.mixer.gate)
         fully_shard(block)
     fully_shard(model)
-    if frozen:
-        model.unshard()
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """This process's rows of a whole parameter, as `fully_shard` lays it out (torch.chunk along dim 0, the
+    last processes getting fewer rows or none)."""
+    chunks = torch.chunk(tensor, world.size, dim=0) if tensor.ndim else (tensor,)
+    return chunks[world.rank] if world.rank < len(chunks) else tensor[:0]
+
+
+def gather_root(model: HybridLM, world: World) -> HybridLM:
+    """Keep a sharded model's root unit (embeddings, norm_f, lm_head) gathered while blocks stay sharded:
+    for passes that read those parameters outside the model's forward (drop-one scores; a teacher's or a
+    scored source's head weight, used after its forward). A no-op on one process or when already gathered."""
+    if not world.distributed or not _has_sharded_tensors(model.lm_head):
+        return model
+    idle_pass(model, world)  # FSDP settles which unit is the root on the first forward through it
+    model.unshard()
+    return model
+
+
+def idle_pass(model: HybridLM, world: World) -> None:
+    """A padding pass: a forward on `IDLE_IDS` whose result is dropped, so that this process takes part in
+    the collectives of the others' forwards."""
+    with torch.no_grad():
+        model(IDLE_IDS.to(world.device), head=lambda hidden, weight: None)
+
+
+@contextmanager
+def gathered(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`module`'s parameters whole inside the context: its FSDP units (its own and those nested in it, e.g. a
+    block and its MoE router) are all-gathered on entry and resharded on exit. A collective call (every
+    process gathers the same modules in the same order); a no-op for a module that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit in reversed(units):
+            unit.reshard()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter (DTensor) gathered whole (a collective call); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def share(items: list[T], world: World) -> list[T | None]:
+    """This process's share of `items` (every size-th, from its rank), padded with None to the longest
+    share: every process then runs the same number of (collective) sharded forwards."""
+    mine: list[T | None] = list(items[world.rank :: world.size])
+    longest = -(-len(items) // world.size)
+    return mine + [None] * (longest - len(mine))
+
+
+def _has_sharded_tensors(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def all_reduce_sum(values: list[float], world: World) -> list[float]:

@@ -307,10 +307,10 @@ def setup(
     distributed.barrier(world)
 
     # a resumed run continues from its own checkpoint
-    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, device=world.device)
+    # sharded as they load (each process reads its rows), a resumed run continuing from its own checkpoint
+    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, world=world)
     if teacher is None and config.teacher is not None:
-        dtype = config.resolved_teacher_dtype(world.device)
-        teacher = load_model(config.teacher, dtype=dtype, device=world.device)
+        teacher = load_model(config.teacher, dtype=config.resolved_teacher_dtype(world.device), world=world)
     if teacher is not None:
         teacher.requires_grad_(False)
         check_same_vocab(teacher, student)
@@ -321,8 +321,7 @@ def setup(
         cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter)
         teacher = None  # train from the cache; the teacher leaves memory
     elif teacher is not None:
-        distributed.shard(teacher, world, frozen=True)
-    distributed.shard(student, world)
+        distributed.gather_root(teacher, world)  # the loss reads the teacher's head weight after its forward
     student.train()
 
     decay = [p for p in student.parameters() if p.ndim >= 2]
@@ -514,7 +513,7 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
     cache_dir = out / "teacher_cache"
     if not TeacherCache.is_complete(cache_dir):
         reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
-        distributed.shard(teacher, world, frozen=True)
+        distributed.gather_root(teacher, world)
         micro = config.micro_batch_size
         # only the training sequences the run will see (all of them once it passes an epoch)
         batches = _micro_batches(train_set, micro, config.seed, 0)

@@ -76,7 +76,7 @@ def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("compressor.checkpoint.save_file", boom)
+    monkeypatch.setattr("compressor.checkpoint.write_weights", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(model, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
