@@ -163,7 +163,7 @@ def load_model(
     model = empty_model(config, dtype or _first_stored_dtype(files))
     world = world or distributed.World(device=torch.device(device))
     distributed.shard(model, world)
-    loaded = materialize(model, _stored_tensors(files, model), world)
+    loaded = materialize(model, _stored_tensors(files, model, one_map_each=world.distributed), world)
     expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
     missing = sorted(expected - loaded)
     if missing:
@@ -211,14 +211,19 @@ def materialize(model: HybridLM, tensors: Iterable[tuple[str, torch.Tensor]], wo
     return given
 
 
-def _stored_tensors(files: dict[str, Path], model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
+def _stored_tensors(
+    files: dict[str, Path], model: HybridLM, *, one_map_each: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, as stored (memory-mapped: read when used), each checked
-    against the architecture of `model` (an empty model of config.json)."""
+    against the architecture of `model` (an empty model of config.json). With `one_map_each` every tensor
+    maps its file anew, so the pages it read leave memory with it: what a sharded model, which copies a few
+    rows of each, needs (one map per file would keep every page read until the file is done)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     for file in sorted(set(files.values())):
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
+            names = list(f.keys())
+            for name in names:
                 if tied and name == "lm_head.weight":
                     continue
                 if name not in expected:
@@ -232,7 +237,13 @@ def _stored_tensors(files: dict[str, Path], model: HybridLM) -> Iterator[tuple[s
                         f"tensor {name} has shape {list(found)} in {file.name}, but config.json implies "
                         f"{list(expected[name])}"
                     )
-                yield name, f.get_tensor(name)
+                if not one_map_each:
+                    yield name, f.get_tensor(name)
+                    continue
+                with safe_open(file, framework="pt") as alone:
+                    tensor = alone.get_tensor(name)
+                yield name, tensor
+                del tensor
 
 
 def _first_stored_dtype(files: dict[str, Path]) -> torch.dtype:

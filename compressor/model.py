@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from compressor import kernels, ssd
@@ -298,13 +299,19 @@ class Backbone(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, spec) for spec in config.blocks)
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        # activation checkpointing: keep only each block's input for backward and recompute the rest there
+        self.checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
         hidden = self.embeddings(input_ids)  # (b, t, hidden)
         if self.residual_in_fp32:
             hidden = hidden.float()
+        recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
-            hidden = block(hidden, cache)
+            if recompute:
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden, cache)
         return self.norm_f(hidden.to(self.norm_f.weight.dtype))
 
 

@@ -113,6 +113,7 @@ class TrainConfig:
     dtype: str = "float32"  # student master weights
     teacher_dtype: str | None = None  # None: bf16 on CUDA, else the student's dtype
     autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -323,6 +324,7 @@ def setup(
     elif teacher is not None:
         distributed.gather_root(teacher, world)  # the loss reads the teacher's head weight after its forward
     student.train()
+    student.backbone.checkpointing = config.activation_checkpointing
 
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
@@ -522,68 +524,6 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
         splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
         write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world)
     return TeacherCache(cache_dir, config.top_k, config.loss.temperature)
-
-
-def memory_plan(config: TrainConfig) -> dict[str, Any]:
-    """What one process will hold, from the configs alone (no weights loaded), and the device's free memory.
-
-    Terms: student weights, gradients and AdamW's two moments (all in the student dtype, divided over the
-    processes by FSDP); the teacher's weights (none with --cache-teacher); the activations autograd keeps
-    for one micro-batch (an estimate per block from the tensors each mixer saves for backward); the loss
-    chunk (the logits of one chunk of rows with their log-probs and gradient, and the teacher's probabilities,
-    fp32).
-    """
-    import os
-
-    from compressor.budget import available_memory, num_parameters
-    from compressor.config import HybridConfig
-
-    student = HybridConfig.from_file(config.student)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = distributed.resolve_device(config.device)
-    size = torch.empty(0, dtype=parse_dtype(config.dtype)).element_size()
-    params = num_parameters(student)
-    terms = {
-        "student weights": params * size // world,
-        "gradients": params * size // world,
-        "optimizer state (AdamW)": 2 * params * size // world,
-    }
-    if config.teacher is not None and not config.cache_teacher:
-        teacher = HybridConfig.from_file(config.teacher)
-        teacher_size = torch.empty(0, dtype=parse_dtype(config.resolved_teacher_dtype(device))).element_size()
-        terms["teacher weights"] = num_parameters(teacher) * teacher_size // world
-    autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
-    act_size = 2 if autocast else size
-    terms["activations (one micro-batch)"] = _activation_bytes(
-        student, config.micro_batch_size * config.seq_len, act_size
-    )
-    logit_rows = min(config.loss.rows_per_chunk(student.vocab_size), config.micro_batch_size * config.seq_len)
-    copies = 3 + (1 if config.teacher is not None else 0)  # logits, log-probs, gradient (+ teacher probabilities)
-    terms["loss chunk"] = logit_rows * student.vocab_size * 4 * copies
-    total = sum(terms.values())
-    return {"terms": terms, "total": total, "available": available_memory(device), "device": str(device)}
-
-
-def _activation_bytes(config, tokens: int, size: int) -> int:
-    """Tensors autograd keeps for backward over all blocks, per micro-batch of `tokens` tokens."""
-    from compressor.config import ATTENTION, MAMBA
-
-    gn = config.n_groups * config.ssm_state_size
-    per_token = 2 * config.hidden_size  # embeddings output, final norm input
-    fp32_per_token = 0
-    for spec in config.blocks:
-        per_token += 2 * config.hidden_size  # the block's input and its norm's output
-        if spec.kind == MAMBA:
-            inner, heads = spec.mamba_intermediate, spec.mamba_num_heads
-            per_token += (2 * inner + 2 * gn + heads) + 2 * (inner + 2 * gn) + inner  # in_proj, conv, out_proj in
-            # the scan works in fp32: x*dt, B, C, within-chunk decays and scores, output, gated norm
-            fp32_per_token += 2 * inner + 2 * gn + 2 * heads * config.chunk_size + 4 * inner
-        elif spec.kind == ATTENTION:
-            q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-            per_token += 3 * q + 2 * kv
-        else:
-            per_token += 3 * spec.intermediate_size
-    return tokens * (per_token * size + fp32_per_token * 4)
 
 
 def _micro_batches(train_set: TokenSequences, micro: int, seed: int, start: int) -> Iterator[np.ndarray]:

@@ -80,7 +80,8 @@ def test_two_processes_equal_one(models, tmp_path):
     save_model(teacher, tmp_path / "teacher")
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 512, size=10 * 16).astype(np.int32))
     args = ["eval", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data",
-            str(tmp_path / "tokens.npy"), "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--json"]  # fmt: skip
+            str(tmp_path / "tokens.npy"), "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
+            "--json"]  # fmt: skip
     one = CliRunner().invoke(cli.app, args)
     assert one.exit_code == 0, one.output
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]

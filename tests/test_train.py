@@ -16,7 +16,7 @@ from compressor.checkpoint import load_model, save_model
 from compressor.errors import CompressorError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
-from compressor.train import TrainConfig, TrainingError, lr_at, memory_plan, train
+from compressor.train import TrainConfig, TrainingError, lr_at, train
 
 runner = CliRunner()
 VOCAB = 64
@@ -212,21 +212,6 @@ def test_errors(workspace, tmp_path):
     with pytest.raises(TrainingError, match=r"--resume with different options: lr \(0.003 in the run, 0.1 now\)"):
         train(_config(workspace, tmp_path / "f", steps=2, lr=0.1, resume=True))
     assert not any(p.name in "abcde" for p in tmp_path.iterdir())  # nothing half-written
-
-
-def test_memory_plan_counts_every_term(workspace, tmp_path):
-    config = _config(workspace, tmp_path / "x", teacher=str(workspace / "teacher"))
-    plan = memory_plan(config)
-    student = load_model(workspace / "student").num_parameters()
-    teacher = load_model(workspace / "teacher").num_parameters()
-    terms = plan["terms"]
-    assert terms["student weights"] == terms["gradients"] == 4 * student
-    assert terms["optimizer state (AdamW)"] == 8 * student
-    assert terms["teacher weights"] == 4 * teacher
-    assert terms["activations (one micro-batch)"] > 0 and terms["loss chunk"] == 32 * 4 * VOCAB * 4 * 4
-    assert plan["total"] == sum(terms.values()) and plan["available"] > 0
-    config.cache_teacher = True
-    assert "teacher weights" not in memory_plan(config)["terms"]
 
 
 def test_cli_train_and_dry_run(workspace, tmp_path):
