@@ -149,12 +149,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     world: distributed.World | None = None,
+    frozen: bool = True,
 ) -> HybridLM:
     """Load a checkpoint folder into a `HybridLM` in eval mode.
 
     dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one). The
     router tensors of MoE blocks are loaded in fp32 in any case. With a `world` of several processes the
-    model is sharded across them (`compressor.distributed`): each process reads and keeps only its rows.
+    model is sharded across them (`compressor.distributed.shard`; `frozen` False for a model to be trained):
+    each process reads and keeps only its rows of what is sharded.
     """
     path = Path(path)
     config = HybridConfig.from_file(path)
@@ -162,7 +164,7 @@ def load_model(
     dtype = parse_dtype(dtype) or parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
     model = empty_model(config, dtype or _first_stored_dtype(files))
     world = world or distributed.World(device=torch.device(device))
-    distributed.shard(model, world)
+    distributed.shard(model, world, frozen=frozen)
     loaded = materialize(model, _stored_tensors(files, model, one_map_each=world.distributed), world)
     expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
     missing = sorted(expected - loaded)

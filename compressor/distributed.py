@@ -1,15 +1,19 @@
 """Running on several processes: `torchrun --nproc-per-node N` (and multi-node) with every model sharded by
-FSDP2 (`fully_shard`), one Mamba/attention/MLP/MoE block per unit (an MoE block's fp32 router one more) and
-the rest (embeddings, norm_f, lm_head) in the root unit, so each process holds about 1/N of the weights.
+FSDP2 (`fully_shard`), one Mamba/attention/MLP/MoE block per unit (an MoE block's fp32 router one more), so
+each process holds about 1/N of the blocks' weights. Two layouts (`shard`):
+- trained (the student): the rest (embeddings, norm_f, lm_head) is the root unit, sharded too;
+- frozen (importance, scoring, evaluation, a teacher): the rest stays whole on every process. Those passes
+  read the head weight and call blocks outside the model's forward (drop-one scores, a teacher's logits),
+  and gathering the root would briefly take twice its size (FSDP's all-gather buffer and the parameters);
+  each block, a unit of its own, is gathered for its forward and resharded after it.
 
 Models are sharded as they are built: `compressor.checkpoint.load_model(..., world=world)` and
 `compressor.prune.prune(..., world=world)` shard the empty (meta) model first and then place each tensor's
 rows of this process (`local_rows`), so no process ever holds a whole model. Passes over data split the
 batches (`share`) and sum their statistics over the processes; a sharded forward is a collective (each
 block is all-gathered as it runs), so every process runs the same number of them, padding its share with
-`None` (a pass on `IDLE_IDS` whose results are dropped). Passes that read the root's parameters outside
-the model's forward (drop-one scores, a teacher's head) keep the root gathered (`gather_root`); code that
-reads a block's weights directly (pruning) gathers it for the moment (`gathered`).
+`None` (`idle_pass`, whose results are dropped). Code that reads a block's weights directly (pruning)
+gathers it for the moment (`gathered`).
 
 A single process (no WORLD_SIZE in the environment) uses none of this and needs no process group.
 """
@@ -68,6 +72,8 @@ def init(device: torch.device) -> World:
     if size == 1:
         return World(device=device)
     if not dist.is_initialized():
+        if device.type == "cpu":
+            _return_freed_memory()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank()
     if device.type == "cuda":
@@ -76,25 +82,28 @@ def init(device: torch.device) -> World:
     return World(rank=rank, size=size, device=device)
 
 
-def shard(model: HybridLM, world: World) -> HybridLM:
-    """Shard every block and then the rest (embeddings, norm_f, lm_head) across the world; a model on the
-    meta device is sharded before it has any memory (then `to_empty` and each process's rows)."""
+def shard(model: HybridLM, world: World, *, frozen: bool = False) -> HybridLM:
+    """Shard every block (module docstring), and the rest too unless `frozen`; a model on the meta device is
+    sharded before it has any memory (then `to_empty` and each process's rows)."""
     if not world.distributed:
         return model
     from torch.distributed.fsdp import fully_shard
 
+    # a frozen model has no root unit: each block is a root of its own, resharded after its forward
+    reshard = True if frozen else None
     for block in model.backbone.layers:
         if block.kind == MOE:  # the router stays fp32: a unit of its own (FSDP wants one dtype per unit)
-            fully_shard(block.mixer.gate)
-        fully_shard(block)
-    fully_shard(model)
+            fully_shard(block.mixer.gate, reshard_after_forward=reshard)
+        fully_shard(block, reshard_after_forward=reshard)
+    if not frozen:
+        fully_shard(model)
     return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def local_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
@@ -102,17 +111,6 @@ def local_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
     last processes getting fewer rows or none)."""
     chunks = torch.chunk(tensor, world.size, dim=0) if tensor.ndim else (tensor,)
     return chunks[world.rank] if world.rank < len(chunks) else tensor[:0]
-
-
-def gather_root(model: HybridLM, world: World) -> HybridLM:
-    """Keep a sharded model's root unit (embeddings, norm_f, lm_head) gathered while blocks stay sharded:
-    for passes that read those parameters outside the model's forward (drop-one scores; a teacher's or a
-    scored source's head weight, used after its forward). A no-op on one process or when already gathered."""
-    if not world.distributed or not _has_sharded_tensors(model.lm_head):
-        return model
-    idle_pass(model, world)  # FSDP settles which unit is the root on the first forward through it
-    model.unshard()
-    return model
 
 
 def idle_pass(model: HybridLM, world: World) -> None:
@@ -154,10 +152,18 @@ def share(items: list[T], world: World) -> list[T | None]:
     return mine + [None] * (longest - len(mine))
 
 
-def _has_sharded_tensors(module: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
+def _return_freed_memory() -> None:
+    """Have glibc give large freed blocks back to the system at once. By default its threshold for that
+    grows to the largest block freed (up to 32 MiB), after which such blocks stay in the heap; a sharded
+    model gathers and frees each block in turn, so a CPU process would keep about the whole model (measured:
+    a 2-process run holding more than one process). The same as MALLOC_MMAP_THRESHOLD_=131072."""
+    import contextlib
+    import ctypes
+    import ctypes.util
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(name).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 def all_reduce_sum(values: list[float], world: World) -> list[float]:

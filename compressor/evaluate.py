@@ -121,7 +121,6 @@ def evaluate(
     world = world or distributed.World(device=model.lm_head.weight.device)
     if teacher is not None:
         check_same_vocab(teacher, model)
-        distributed.gather_root(teacher, world)  # its head weight is read after its forward
     stats, teacher_stats = LossStats(), (LossStats() if teacher is not None else None)
     for batch in batches:
         if batch is None:

@@ -449,7 +449,8 @@ def estimate(
 ) -> Importance:
     """Score every axis of `model` on calibration batches (batch, seq_len) of token ids.
 
-    Under several processes (a model sharded across `world`, as `load_model(..., world=world)` makes it),
+    Under several processes (a model sharded across `world`, as `load_model(..., world=world)` makes it:
+    blocks sharded, embeddings, norm_f and lm_head whole, which drop-one reads directly),
     give each its share of the batches from `distributed.share` (None: a padding pass): the statistics are
     summed over all, and every process returns the scores of all the batches.
     """
@@ -457,7 +458,6 @@ def estimate(
     world = world or distributed.World(device=model.lm_head.weight.device)
     batches = list(batches)
     model.eval()
-    distributed.gather_root(model, world)  # drop-one reads embeddings, norm_f and lm_head directly
     collector = _Collector(model, options)
     try:
         for ids in batches:

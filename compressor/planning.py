@@ -1,13 +1,14 @@
 """Memory plans before launch: what each of N processes (one a GPU) holds in a stage, from configs alone.
 
-Every stage shards its models alike (`compressor.distributed`: FSDP2, one unit per block, the root unit
-holding embeddings, norm_f and lm_head), so a plan is a sum of terms of three kinds:
-- sharded: weights, gradients and optimizer state, divided among the N processes (and a scorer's
-  references, as the held-out batches are);
-- gathered (N > 1 only): what FSDP holds whole on every process beside its shard: a model's root unit, kept
-  gathered by passes that read the head weight outside the forward (`distributed.gather_root`), and the
-  largest block while it runs (the all-gather buffer and the unsharded parameters, 2x the block);
-- per process: the activations of one micro-batch, a loss chunk's logits, the references a scorer keeps.
+Every stage shards its models alike (`compressor.distributed.shard`: FSDP2, one unit per block; a frozen
+model keeps embeddings, norm_f and lm_head whole on each process, a trained one shards them as its root
+unit), so a plan is a sum of terms of three kinds:
+- sharded: blocks' weights (all weights of a trained model), gradients and optimizer state, divided among
+  the N processes, and a scorer's references, split with the held-out batches;
+- gathered (N > 1 only): what FSDP holds whole beside the shard: the largest block while it runs (the
+  all-gather buffer and the unsharded parameters, 2x the block) and a trained model's root unit;
+- per process: a frozen model's embeddings, norm_f and lm_head, the activations of one micro-batch, a loss
+  chunk's logits.
 
 Stages:
 - importance: the model; one forward's activations (the widest block's intermediates: a forward without
@@ -19,7 +20,7 @@ Stages:
   process's share of the held-out batches), one forward's activations, a loss chunk with the teacher's
   log-probs;
 - distillation: the student's weights, gradients and AdamW's two moments in its dtype (sharded), the
-  teacher's weights (sharded, root gathered; none with a cached teacher), the student's root and largest
+  teacher's weights (frozen: none with a cached teacher), the student's root unit and largest
   block gathered, the activations autograd keeps for one micro-batch (`_block_activations` summed over the
   blocks; with activation checkpointing every block's input and the widest block's tensors), the loss
   chunk (logits, log-probs, gradient, and the teacher's probabilities, fp32).
@@ -107,7 +108,7 @@ def importance_plan(
     size = _size(dtype)
     tokens = batch_size * seq_len
     plan = MemoryPlan("importance")
-    _add_model(plan, "model", config, size, root_gathered=True)
+    _add_model(plan, "model", config, size)
     plan.each["activations (one forward)"] = _forward_bytes(config, tokens, size)
     plan.each["statistics (fp32 copy)"] = tokens * _widest_hooked(config) * 4
     if drop_one:
@@ -132,8 +133,8 @@ def scoring_plan(
     size = _size(dtype)
     tokens = batch_size * seq_len
     plan = MemoryPlan("scoring")
-    _add_model(plan, "source", source, size, root_gathered=True)
-    _add_model(plan, "candidate", candidate, size, root_gathered=True)
+    _add_model(plan, "source", source, size)
+    _add_model(plan, "candidate", candidate, size)
     plan.sharded["references (held-out hidden states)"] = batches * tokens * source.hidden_size * size
     plan.each["activations (one forward)"] = _forward_bytes(source, tokens, size)
     plan.each["loss chunk"] = _loss_chunk(source, tokens, copies=4)
@@ -162,7 +163,7 @@ def distill_plan(
     plan.sharded["optimizer state (AdamW)"] = 2 * params * size
     plan.gathered["student root and largest block (gathered)"] = (root + 2 * block) * size
     if teacher is not None and not cache_teacher:
-        _add_model(plan, "teacher", teacher, _size(teacher_dtype), root_gathered=True)
+        _add_model(plan, "teacher", teacher, _size(teacher_dtype))
     tokens = micro_batch_size * seq_len
     act = 2 if autocast else size
     if checkpointing:
@@ -199,12 +200,13 @@ def training_plan(
 
 
 # ----- terms ----------------------------------------------------------------------------------------------
-def _add_model(plan: MemoryPlan, label: str, config: HybridConfig, size: int, *, root_gathered: bool) -> None:
-    """A frozen model's weights: its shard, and when sharded its root (kept gathered) and largest block."""
+def _add_model(plan: MemoryPlan, label: str, config: HybridConfig, size: int) -> None:
+    """A frozen model's weights: its blocks' shard, its embeddings, norm_f and lm_head whole, and when
+    sharded its largest block gathered."""
     params, root, block = _sizes(config)
-    plan.sharded[f"{label} weights"] = params * size
-    gathered = (root if root_gathered else 0) + 2 * block
-    plan.gathered[f"{label} root and largest block (gathered)"] = gathered * size
+    plan.sharded[f"{label} weights (blocks)"] = (params - root) * size
+    plan.each[f"{label} weights (embeddings, norm_f, lm_head)"] = root * size
+    plan.gathered[f"{label} largest block (gathered)"] = 2 * block * size
 
 
 def _sizes(config: HybridConfig) -> tuple[int, int, int]:

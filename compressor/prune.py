@@ -184,10 +184,11 @@ def prune(
     model: HybridLM, importance: Importance, target: Target, *, world: distributed.World | None = None
 ) -> HybridLM:
     """A new model with `target`'s architecture and the source's most important weights (copied), in the
-    source's dtype; sharded across `world`'s processes when it has several."""
+    source's dtype; sharded across `world`'s processes when it has several (the frozen layout of
+    `distributed.shard`: scoring and saving only run it forward)."""
     world = world or distributed.World(device=model.lm_head.weight.device)
     pruned = empty_model(target.config(model.config), model.backbone.embeddings.weight.dtype)
-    distributed.shard(pruned, world)
+    distributed.shard(pruned, world, frozen=True)
     materialize(pruned, pruned_tensors(model, importance, target), world)
     return pruned.train(model.training)
 
@@ -221,7 +222,7 @@ def pruned_tensors(model: HybridLM, importance: Importance, target: Target) -> I
     kept block (gathered whole while it is sliced when the source is sharded), norm_f and lm_head."""
     source = model.config
     hidden = importance.keep_hidden(target.hidden_size)
-    full = distributed.full  # the root's tensors of a sharded source (gathered already by `gather_root`)
+    full = distributed.full  # the root's tensors, whole unless the source is sharded in the trained layout
     yield "backbone.embeddings.weight", full(model.backbone.embeddings.weight)[:, hidden]
     for new_index, block in enumerate(target.blocks):
         src = model.backbone.layers[block.source]

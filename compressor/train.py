@@ -307,9 +307,8 @@ def setup(
         out.mkdir(parents=True)
     distributed.barrier(world)
 
-    # a resumed run continues from its own checkpoint
     # sharded as they load (each process reads its rows), a resumed run continuing from its own checkpoint
-    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, world=world)
+    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, world=world, frozen=False)
     if teacher is None and config.teacher is not None:
         teacher = load_model(config.teacher, dtype=config.resolved_teacher_dtype(world.device), world=world)
     if teacher is not None:
@@ -321,8 +320,6 @@ def setup(
     if config.cache_teacher:
         cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter)
         teacher = None  # train from the cache; the teacher leaves memory
-    elif teacher is not None:
-        distributed.gather_root(teacher, world)  # the loss reads the teacher's head weight after its forward
     student.train()
     student.backbone.checkpointing = config.activation_checkpointing
 
@@ -515,7 +512,6 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
     cache_dir = out / "teacher_cache"
     if not TeacherCache.is_complete(cache_dir):
         reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
-        distributed.gather_root(teacher, world)
         micro = config.micro_batch_size
         # only the training sequences the run will see (all of them once it passes an epoch)
         batches = _micro_batches(train_set, micro, config.seed, 0)

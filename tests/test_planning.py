@@ -29,12 +29,13 @@ def test_distill_plan_counts_every_term():
     params, teacher_params = num_parameters(student), num_parameters(teacher)
     one = plan.terms(1)
     assert one["student weights"] == one["gradients"] == 4 * params
-    assert one["optimizer state (AdamW)"] == 8 * params and one["teacher weights"] == 4 * teacher_params
+    teacher_weights = one["teacher weights (blocks)"] + one["teacher weights (embeddings, norm_f, lm_head)"]
+    assert one["optimizer state (AdamW)"] == 8 * params and teacher_weights == 4 * teacher_params
     assert one["activations (one micro-batch)"] > 0
     assert one["loss chunk"] == 32 * 4 * student.vocab_size * 4 * 4  # rows x vocab x fp32 x 4 copies
     assert plan.total(1) == sum(one.values())
     config.cache_teacher = True
-    assert "teacher weights" not in planning.training_plan(config, student, teacher, "cpu").terms(1)
+    assert not any("teacher" in name for name in planning.training_plan(config, student, teacher, "cpu").terms(1))
     # checkpointing keeps each block's input and one block's tensors
     config.activation_checkpointing = True
     saved = planning.training_plan(config, student, teacher, "cpu").terms(1)
@@ -46,10 +47,11 @@ def test_sharded_terms_divide_and_gathered_terms_appear_with_several_processes()
     plan = planning.importance_plan(config, seq_len=64, dtype=torch.bfloat16, drop_one=True)
     one, four = plan.terms(1), plan.terms(4)
     params = num_parameters(config)
-    assert one["model weights"] == 2 * params and four["model weights"] == -(-2 * params // 4)
     root, block = _root_and_block(config)
-    assert "model root and largest block (gathered)" not in one
-    assert four["model root and largest block (gathered)"] == 2 * (root + 2 * block)
+    blocks, whole = "model weights (blocks)", "model weights (embeddings, norm_f, lm_head)"
+    assert one[blocks] + one[whole] == 2 * params and one[whole] == four[whole] == 2 * root
+    assert four[blocks] == -(-2 * (params - root) // 4)
+    assert "model largest block (gathered)" not in one and four["model largest block (gathered)"] == 2 * 2 * block
     for name in ("activations (one forward)", "drop-one: block inputs", "loss chunk"):
         assert one[name] == four[name] > 0
     stream = 4 if config.residual_in_fp32 else 2

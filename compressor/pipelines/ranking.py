@@ -54,7 +54,6 @@ class ProxyScorer:
         self.batches = distributed.share(batches, self.world)
         self.references = None
         if metric == "kl":
-            distributed.gather_root(model, self.world)  # a reference's head weight is read after the forward
             self.references = [self._reference(ids) for ids in self.batches]
 
     def _reference(self, ids: torch.Tensor | None):
