@@ -62,12 +62,15 @@ STAGES = ("init", "load", "importance", "prune", "save", "distill step")
 # ----- one stage in its own process -------------------------------------------------------------------------
 def child(stage: str, params: dict) -> dict:
     """Run one stage in this (fresh) process; return its time and the RSS before its work."""
-    import torch  # noqa: F401  (the runtime, before the baseline)
+    import torch
 
     import cli
     from compressor import distributed
+    from compressor.checkpoint import empty_model
+    from compressor.presets import get_preset
 
     world = distributed.init(distributed.resolve_device("cpu"))
+    empty_model(get_preset("tiny"), torch.float32)  # the first model built loads ~75 MB of code, once a process
     baseline = _rss_now()
     started = time.perf_counter()
     result: dict = {}

@@ -304,3 +304,17 @@ def test_two_processes_equal_one_for_a_bf16_moe_student(tmp_path):
     model = load_model(tmp_path / "two" / "model")
     assert model.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_activation_checkpointing_gives_the_same_run(workspace, tmp_path):
+    plain = train(_config(workspace, tmp_path / "plain", teacher=str(workspace / "teacher"), steps=3, eval_every=3))
+    config = _config(workspace, tmp_path / "ckpt", teacher=str(workspace / "teacher"), steps=3, eval_every=3)
+    config.activation_checkpointing = True
+    recomputed = train(config)
+    np.testing.assert_allclose(
+        [r["loss"] for r in _records(tmp_path / "ckpt")], [r["loss"] for r in _records(tmp_path / "plain")], rtol=1e-6
+    )
+    assert recomputed.final_eval["val_kl"] == pytest.approx(plain.final_eval["val_kl"], rel=1e-6)
+    a, b = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "ckpt" / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
