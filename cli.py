@@ -8,16 +8,19 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from compressor.errors import CompressorError, OptionError
+from compressor.data import tokenizer_file
+from compressor.errors import CompressorError, OptionError, check_at_least
 
 app = typer.Typer(
     name="compress",
@@ -46,6 +49,13 @@ def friendly(command):
             message = str(exc)
             if isinstance(exc, OptionError) and exc.parameter in flags:
                 message = f"--{exc.parameter.replace('_', '-')} {exc.problem}"
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            message = escape(f"{exc.strerror or exc}{where}")
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -160,12 +170,26 @@ def load_config_or_preset(model: str):
         raise CompressorError(f"{model!r} is neither a checkpoint folder, a config.json nor a preset name") from None
 
 
+KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
+
+
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    """JSON on stdout, always valid: NaN and infinity (not JSON) are written as null."""
+    print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def say(text: str) -> None:
-    err_console.print(text, highlight=False)
+    err_console.print(escape(text), highlight=False)
 
 
 def progress_bar() -> Progress:
@@ -215,7 +239,8 @@ def info(
     if json_output:
         print_json(
             {"model": model, "pattern": config.pattern, "architecture": summary,
-             "block_overrides": config.block_overrides, "parameters": {**counts, "total": total}, "dtypes": dtypes}
+             "block_overrides": config.block_overrides, "ratios": config.ratios(),
+             "parameters": {**counts, "total": total}, "dtypes": dtypes}
         )  # fmt: skip
         return
     pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
@@ -230,10 +255,13 @@ def info(
         ["Mamba-2", f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
                     f"state {config.ssm_state_size}, conv {config.conv_kernel}"],
         ["vocab", str(config.vocab_size)],
+        ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
         ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
     ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
     console.print(table(model, ["", ""], rows, left=2, show_header=False))
-    rows = [[name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items()]
+    rows = [
+        [name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items() if count or name != "moe"
+    ]
     console.print(
         table("parameters", ["component", "parameters", "share"], [*rows, ["[bold]total", f"[bold]{total:,}", "100%"]])
     )
@@ -258,11 +286,23 @@ def estimate(
         str | None, typer.Option(help="Prompt tokens of the throughput workload (default: ctx - osl).")
     ] = None,
     osl: Annotated[str | None, typer.Option(help="Generated tokens (default: 1024, at most half the ctx).")] = None,
-    weight_dtype: WeightDtypeOption = "bf16",
+    weight_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (default: a quantized checkpoint's, else bf16)."
+        ),
+    ] = None,
     kv_dtype: KvDtypeOption = None,
     ssm_dtype: SsmDtypeOption = None,
     prefill_chunk: Annotated[
         int | None, typer.Option(help="Prefill chunk of the activation allowance (default 2048); 0 leaves it out.")
+    ] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            help="A transformer to compare throughput with: qwen3-8b, llama-3.1-8b, or a Llama / Mistral / "
+            "Qwen2 / Qwen3 config.json or folder (needs --gpu)."
+        ),
     ] = None,
     measure: Annotated[
         bool, typer.Option(help="Also build the model, allocate its cache on --device and time decoding.")
@@ -273,12 +313,17 @@ def estimate(
     """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
     from compressor import budget
     from compressor.distributed import resolve_device
+    from compressor.quantize import is_quantized_checkpoint, stored_weight_bytes
 
-    config, _ = load_config_or_preset(model)
+    config, folder = load_config_or_preset(model)
+    stored = None
+    if folder is not None and is_quantized_checkpoint(folder):
+        stored = stored_weight_bytes(folder)
+    weight_dtype = weight_dtype or (stored.budget_dtype if stored else None) or "bf16"
     report = budget.report(
         config, ctx=ctx, batch=batch, target_mem=target_mem, gpu=gpu, gpu_bandwidth=gpu_bandwidth,
         gpu_tflops=gpu_tflops, isl=isl, osl=osl, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
-        prefill_chunk=prefill_chunk,
+        prefill_chunk=prefill_chunk, vs=vs,
     )  # fmt: skip
     measured = None
     if measure:
@@ -289,6 +334,11 @@ def estimate(
         print_json({"model": model, **report.to_dict(), "measured": measured.to_dict() if measured else None})
         return
     _print_report(model, config, report)
+    if stored is not None:
+        dtypes = ", ".join(f"{name} {fmt_memory(n)}" for name, n in sorted(stored.by_dtype.items()))
+        console.print(f"stored weights ({stored.quant_algo}): {fmt_memory(stored.total)} ({dtypes})", highlight=False)
+    if report.versus is not None:
+        _print_versus(model, vs, report.versus)
     if measured is not None:
         rows = [
             ["cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}"],
@@ -350,6 +400,24 @@ def _print_report(model: str, config, report) -> None:
         out = table(title, ["metric", "value", "note"], rows, caption=caption, caption_justify="left")
         out.columns[2].justify = "left"
         console.print(out)
+
+
+def _print_versus(model: str, baseline: str, versus) -> None:
+    ours, theirs = versus.hybrid, versus.baseline
+    rows = [
+        ["parameters", f"{versus.hybrid_parameters:,}", f"{versus.baseline_parameters:,}", ""],
+        ["batch", str(ours.batch), str(theirs.batch), f"{ours.batch / theirs.batch:.2f}x"],
+        ["memory", fmt_memory(ours.memory.total), fmt_memory(theirs.memory.total), ""],
+        ["time to first token", f"{ours.time_to_first_token_s:,.2f} s", f"{theirs.time_to_first_token_s:,.2f} s",
+         f"{theirs.time_to_first_token_s / ours.time_to_first_token_s:.2f}x"],
+        ["decode tokens/s", f"{ours.decode_tokens_per_s:,.1f}", f"{theirs.decode_tokens_per_s:,.1f}",
+         f"{versus.decode_speedup:.2f}x"],
+        ["tokens/s overall", f"{ours.tokens_per_s:,.1f}", f"{theirs.tokens_per_s:,.1f}", f"{versus.speedup:.2f}x"],
+    ]  # fmt: skip
+    title = f"{model} vs {baseline}: {ours.input_tokens:,} in / {ours.output_tokens:,} out on {ours.gpu}"
+    caption = "ratio: the hybrid's advantage (rates: hybrid / baseline; times: baseline / hybrid)"
+    console.print(table(title, ["", model, baseline, "ratio"], rows, caption=caption, caption_justify="left"))
+    console.print(f"speedup: {versus.speedup:.2f}x tokens/s (decode {versus.decode_speedup:.2f}x)", highlight=False)
 
 
 # ----- memory plans (dry runs) --------------------------------------------------------------------------
@@ -415,9 +483,15 @@ def init(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE (JSON value); repeatable.")
     ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(help="Blocks of a layout from --attention-ratio / --mlp-ratio, placed as Megatron-LM does."),
+    ] = None,
+    attention_ratio: Annotated[float, typer.Option(help="Share of attention blocks (with --layers).")] = 0.0,
+    mlp_ratio: Annotated[float, typer.Option(help="Share of MLP blocks (with --layers); the rest are Mamba-2.")] = 0.0,
     tokenizer: Annotated[Path | None, typer.Option(help="Folder or tokenizer.json to ship with the model.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Write a randomly initialised model (a preset or a config.json) as a checkpoint."""
@@ -425,12 +499,18 @@ def init(
     from compressor.config import HybridConfig
     from compressor.presets import get_preset
 
-    if (preset is None) == (config is None):
-        raise CompressorError("give exactly one of --preset NAME or --config JSON")
-    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config)
+    if preset is not None and config is not None or (preset is None and config is None and layers is None):
+        raise CompressorError("give exactly one of --preset NAME or --config JSON (or --layers with ratios)")
+    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config) if config else HybridConfig()
+    if layers is not None:
+        arch = arch.with_layout(layers, attention_ratio, mlp_ratio)
+    elif attention_ratio or mlp_ratio:
+        raise OptionError("attention_ratio", "and --mlp-ratio lay out --layers blocks: give --layers too")
     arch = arch.with_settings(set_ or [])
+    check_at_least(seed=(seed, 0))
     params = init_checkpoint(out, arch, tokenizer=tokenizer, dtype=dtype, seed=seed, overwrite=overwrite)
-    console.print(f"wrote a random {params:,}-parameter model ({dtype}) to [bold]{out}[/]")
+    blocks = ", ".join(f"{arch.count(kind)} {KIND_NAMES[kind]}" for kind in arch.ratios())
+    console.print(f"wrote a random {params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to [bold]{out}[/]")
 
 
 # ----- eval ---------------------------------------------------------------------------------------------
@@ -444,14 +524,17 @@ def eval_(
     teacher: Annotated[
         Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
     ] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 512,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.", min=1)] = 8,
-    max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.", min=1)] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
+    max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.")] = None,
     split: Annotated[str, typer.Option(help="all, or valid / train: the deterministic split of the data.")] = "all",
     valid_fraction: Annotated[float, typer.Option(help="Validation share when --split is valid/train.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the train/valid split.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the train/valid split.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
+    weights_only: Annotated[
+        bool, typer.Option(help="Quantized checkpoints: dequantized weights only, no activation quantization.")
+    ] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     json_output: JsonOption = False,
@@ -464,16 +547,29 @@ def eval_(
     from compressor.checkpoint import load_model
     from compressor.data import model_sequences
     from compressor.evaluate import evaluate
+    from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
+
+    def load(path: Path):
+        """The model as deployed: a quantized checkpoint dequantized, its activations quantized (sharded
+        across the processes under torchrun)."""
+        model = load_model(path, dtype=dtype, world=world)
+        if not weights_only and is_quantized_checkpoint(path):
+            quantize_activations(model, path)
+        return model
 
     if split not in ("all", "valid", "train"):
         raise OptionError("split", f"{split!r} is not one of all, valid, train")
+    check_at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_sequences=(max_sequences, 1), seed=(seed, 0))
+    if not 0 < valid_fraction < 1:
+        raise OptionError("valid_fraction", f"must be between 0 and 1, got {valid_fraction}")
     world = distributed.init(distributed.resolve_device(device))
     try:
         teacher_model = load_model(teacher, dtype=dtype, world=world) if teacher is not None else None
-        first = load_model(models[0], dtype=dtype, world=world)
+        first = load(models[0])
         limit = max_sequences if split == "all" else None
         sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
-                                    text_field=text_field, max_sequences=limit)  # fmt: skip
+                                    text_field=text_field, max_sequences=limit,
+                                    vocab_size=first.config.vocab_size)  # fmt: skip
         if split != "all":
             train, valid = sequences.split(valid_fraction, seed)
             sequences = valid if split == "valid" else train
@@ -484,18 +580,23 @@ def eval_(
             progress.disable = not world.is_main
             task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
             for path in models:
-                student = first if path == models[0] else load_model(path, dtype=dtype, world=world)
+                student = first if path == models[0] else load(path)
                 advance = lambda n: progress.advance(task, n * world.size)  # noqa: E731
                 result = evaluate(student, batches, teacher=teacher_model, on_batch=advance, world=world)
-                results.append((path, num_parameters(student.config), result))
+                weights = stored_weight_bytes(path)
+                formats = weights.quant_algo or "/".join(weights.by_dtype)
+                results.append((path, num_parameters(student.config), result, formats))
                 del student
     finally:
         distributed.close(world)
     if not world.is_main:
         return
+    for path, _, result, _ in results:
+        if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
+            say(f"[yellow]warning:[/] {path}: the loss is not finite (an overflow: evaluate with --dtype float32)")
     if json_output:
-        rows = [{"model": str(p), "params": n, "teacher": str(teacher) if teacher else None, **r.to_dict()}
-                for p, n, r in results]  # fmt: skip
+        rows = [{"model": str(p), "params": n, "format": f, "teacher": str(teacher) if teacher else None,
+                 **r.to_dict()} for p, n, r, f in results]  # fmt: skip
         print_json(rows[0] if len(rows) == 1 else rows)
         return
     title = f"{Path(data).name}: {len(sequences)} x {seq_len} tokens"
@@ -509,10 +610,10 @@ def eval_(
                      ["top-1 agreement", f"{100 * result.top1_agreement:.1f}%"]]  # fmt: skip
         console.print(table(title, ["metric", "value"], [*rows, ["tokens", f"{result.tokens:,}"]]))
         return
-    columns = ["model", "parameters", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
+    columns = ["model", "parameters", "weights", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
     rows = []
-    for path, params, result in results:
-        row = [str(path), f"{params:,}", f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
+    for path, params, result, weights in results:
+        row = [str(path), f"{params:,}", weights, f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
         rows.append(row + ([f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"] if teacher else []))
     console.print(table(title, columns, rows))
 
@@ -523,11 +624,11 @@ def eval_(
 def generate(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder (with tokenizer.json).")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", min=1)] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.", min=1)] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Sample from the smallest set holding p of the mass.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sampling.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
 ) -> None:
@@ -591,7 +692,8 @@ def importance(
     config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
                                batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
                                text_field=text_field, device=device, dtype=dtype)  # fmt: skip
-    check_output(out, overwrite=overwrite)
+    inputs = (model, data, tokenizer_file(tokenizer))
+    check_output(out, overwrite=overwrite, inputs=inputs)
     world = distributed.init(distributed.resolve_device(device))
     try:
         passes = 1 + (0 if drop_one == "none" else max(1, iterative_rounds))
@@ -603,7 +705,7 @@ def importance(
     if not world.is_main:
         return
     scores = source.importance
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         scores.save(tmp)
     if json_output:
         print_json({"out": str(out), **scores.meta, "block_influence": scores.block_influence.tolist()})
@@ -707,6 +809,7 @@ def prune_command(
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
+    candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now, not later
     calibration = CalibrationConfig(
         str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
@@ -715,7 +818,7 @@ def prune_command(
     from compressor import distributed
     from compressor.outputs import check_output
 
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
     world = distributed.init(distributed.resolve_device(device))  # torchrun: the source is sharded
     try:
         with err_console.status("pruning") as status:
@@ -832,6 +935,7 @@ def search(
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
     from compressor.budget import parse_tokens
+    from compressor.pipelines.pruning import plan
     from compressor.pipelines.search import SearchConfig, load_search, resume_calibration, run_search
     from compressor.pipelines.source import CalibrationConfig, calibrate
     from compressor.train import TrainConfig
@@ -861,7 +965,7 @@ def search(
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
     if resume:
-        config, calibration = SearchConfig.from_record(load_search(out)), resume_calibration(out)
+        config, calibration = SearchConfig.from_record(load_search(out, incoming=True)), resume_calibration(out)
     else:
         if budget is None:
             raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
@@ -873,6 +977,7 @@ def search(
         config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by)
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
+        plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
         calibration = CalibrationConfig(
             str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
             score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
@@ -880,7 +985,7 @@ def search(
         )  # fmt: skip
         from compressor.outputs import check_output
 
-        check_output(out, overwrite=overwrite)
+        check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
     source = calibrate(calibration, say=say)
     record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
     if json_output:
@@ -920,6 +1025,48 @@ def materialize(
 
     write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
     console.print(f"wrote candidate {index} to [bold]{out}[/]")
+
+
+# ----- quantize -----------------------------------------------------------------------------------------
+@app.command("quantize")
+@friendly
+def quantize_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to quantize.")],
+    quant_format: Annotated[str, typer.Option("--format", help="fp8, nvfp4, int8_sq or int4_awq.")],
+    data: Annotated[str, typer.Option(help="Calibration text or tokens (as for `compress eval`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the quantized (ModelOpt Hugging Face) checkpoint.")],
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 512,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Sequences per calibration forward pass.")] = 1,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(help="ModelOpt quantizer-name pattern kept in high precision, e.g. '*layers.0.*'; repeatable."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of the tensors left unquantized.")] = "bfloat16",
+    tokenizer: TokenizerOption = None,
+    text_field: TextFieldOption = "text",
+    device: DeviceOption = "auto",
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Quantize with NVIDIA ModelOpt (its hybrid recipe: Mamba and MLP matrices quantized, attention, conv1d,
+    embeddings and lm_head kept) and write the export vLLM and TensorRT-LLM load."""
+    from compressor.pipelines.quantizing import QuantizeConfig, quantize_checkpoint
+    from compressor.quantize import QuantRecipe
+
+    config = QuantizeConfig(QuantRecipe(quant_format, tuple(keep or ())), data, samples, seq_len, batch_size, dtype,
+                            str(tokenizer) if tokenizer else None, text_field, device)  # fmt: skip
+    with progress_bar() as progress:
+        task = progress.add_task("calibrating", total=samples * seq_len)
+        record = quantize_checkpoint(
+            model, config, out, overwrite=overwrite, on_batch=lambda n: progress.advance(task, n)
+        )
+    if json_output:
+        print_json(record.to_dict())
+        return
+    budget = f" (the budget model: {fmt_memory(record.budget_bytes)})" if record.budget_bytes is not None else ""
+    console.print(f"wrote {record.quant_algo} weights, {fmt_memory(record.stored_bytes)}{budget}, to [bold]{out}[/]")
+    console.print(f"kept in high precision: {', '.join(record.excluded) or 'nothing'}", highlight=False)
 
 
 # ----- train / distill ----------------------------------------------------------------------------------
@@ -1056,12 +1203,21 @@ def distill(
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="Quantization-aware distillation: fp8 or nvfp4 (CUDA); writes OUT/quantized/ at the end."),
+    ] = None,
+    quantize_keep: Annotated[
+        list[str] | None, typer.Option(help="ModelOpt quantizer-name pattern kept in high precision; repeatable.")
+    ] = None,
+    calib_sequences: Annotated[int, typer.Option(help="Training sequences that calibrate --quantize.")] = 128,
     run: dict[str, Any] | None = None,
     plan: dict[str, Any] | None = None,
 ) -> None:
     """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
     options = {k: v for k, v in locals().items() if k not in ("run", "plan")}
+    options["quantize_keep"] = tuple(quantize_keep or ())
     _run_training({**options, **run, "plan": plan})
 
 

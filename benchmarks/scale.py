@@ -115,7 +115,7 @@ def _distill_step(params: dict) -> dict:
 
     config = TrainConfig(**params["config"])
     world = distributed.init(distributed.resolve_device("cpu"))
-    run = setup(config, world, None, SilentReporter())
+    run = setup(config, world, Path(config.out), None, SilentReporter())
     batches = _micro_batches(run.train_set, config.micro_batch_size, config.seed, 0)
     started = time.perf_counter()
     record = step(run, batches)
@@ -209,7 +209,7 @@ def measure_model(name: str, root: Path, tokens: Path, args) -> dict:
     plan = planning.training_plan(
         TrainConfig(**distill), HybridConfig.from_file(folder / "pruned"), config, "cpu"
     ).total(1)
-    if plan < 0.85 * available_memory("cpu"):
+    if plan < 0.6 * available_memory("cpu"):  # leave the rest to whoever shares the machine
         row["distill step"] = run_stage("distill step", {"config": distill})
     else:
         row["distill step"] = {"skipped": f"plan {plan / GIB:.1f} GiB > available {available_memory('cpu') / GIB:.1f}"}

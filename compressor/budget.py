@@ -23,13 +23,14 @@ router and the shared expert count in full; embeddings and lm_head included (Nem
 
 Weights. fp32 = 4 bytes a parameter, bf16 / fp16 = 2. Every routed expert is resident, whatever a token
 uses. The MoE router (weight and e_score_correction_bias) is kept in fp32 in every weight dtype, as
-transformers and compressor's loader keep it. The quantized formats quantize the weight matrices of the
-blocks (Mamba in_proj / out_proj, attention q/k/v/o, MLP up / down, every routed expert's up / down, the
-shared expert's up / down, the latent projections); everything else (embeddings, lm_head, norms, conv1d,
-A_log, D, dt_bias, biases) stays in bf16:
-- fp8: FP8 E4M3, 1 byte a weight + one fp32 scale per output channel (row) of each matrix;
-- fp4: NVFP4, 4-bit E2M1 (half a byte) + one FP8 E4M3 scale per 16 consecutive weights of a row + one fp32
-  scale per matrix.
+transformers and compressor's loader keep it. The quantized formats size what `compressor.quantize`
+exports (ModelOpt's hybrid recipe): the weight matrices of the Mamba blocks (in_proj, out_proj), MLP blocks
+(up, down) and MoE blocks (every routed expert's up / down, the shared expert's, the latent projections)
+are quantized; everything else (embeddings, lm_head, norms, conv1d, A_log, D, dt_bias, biases, and the
+attention blocks' q/k/v/o, which the recipe keeps in high precision) stays in bf16:
+- fp8: FP8 E4M3, 1 byte a weight + two fp32 scalars per matrix (weight scale, input scale);
+- fp4: NVFP4, 4-bit E2M1 (half a byte) + one FP8 E4M3 scale per 16 consecutive weights of a row + two
+  fp32 scalars per matrix (weight scale 2, input scale).
 
 Compute dtype. Activations and the Mamba conv state are in the compute dtype: fp32 for fp32 weights, fp16
 for fp16, bf16 otherwise (fp8 / fp4 weights are dequantized into bf16). The KV cache defaults to the
@@ -102,7 +103,7 @@ from compressor.config import ATTENTION, MAMBA, MLP, MOE, BlockSpec, HybridConfi
 from compressor.errors import BudgetError, OptionError
 
 if TYPE_CHECKING:
-    from compressor.baselines import TransformerConfig
+    from compressor.baselines import Comparison, TransformerConfig
 
 KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
 DEFAULT_PREFILL_CHUNK = 2048
@@ -338,9 +339,9 @@ def experts_touched(experts: int, top_k: int, tokens: int) -> float:
 # ----- memory ------------------------------------------------------------------------------------------
 def _matrix_bytes(out: int, inp: int, dtype: str) -> int:
     if dtype == "fp8":
-        return out * inp + 4 * out  # E4M3 weights + one fp32 scale per output channel
+        return out * inp + 2 * 4  # E4M3 weights + fp32 weight and input scales
     if dtype == "fp4":
-        return math.ceil(out * inp / 2) + out * math.ceil(inp / 16) + 4  # E2M1 + E4M3 per 16 + fp32 per matrix
+        return math.ceil(out * inp / 2) + out * math.ceil(inp / 16) + 2 * 4  # E2M1 + E4M3 per 16 + 2 fp32
     return out * inp * _BYTES[dtype]
 
 
@@ -361,7 +362,7 @@ def _block_bytes(config: HybridConfig, spec: BlockSpec, dtype: str, experts: flo
     (weight and e_score_correction_bias buffer) in fp32."""
     experts = spec.n_routed_experts if experts is None else experts
     plain = _plain_bytes(dtype)
-    if dtype in ("fp8", "fp4"):
+    if dtype in ("fp8", "fp4") and spec.kind != ATTENTION:  # the quantization recipe keeps attention
         matrices = sum(_matrix_bytes(o, i, dtype) for o, i in _matrices(config, spec))
     else:
         matrices = plain * sum(o * i for o, i in _matrices(config, spec))
@@ -1011,6 +1012,7 @@ class Report:
     largest_batch: bool = False  # the batch is the largest that fits
     gpu: GPUSpec | None = None
     throughput: ThroughputEstimate | None = None
+    versus: Comparison | None = None  # against a transformer baseline (`vs`), on the same workload and GPU
 
     @property
     def total_parameters(self) -> int:
@@ -1029,6 +1031,7 @@ class Report:
             "memory": self.memory.to_dict(),
             "target": target,
             "throughput": self.throughput.to_dict() if self.throughput is not None else None,
+            "versus": self.versus.to_dict() if self.versus is not None else None,
         }
 
 
@@ -1047,10 +1050,12 @@ def report(
     kv_dtype: str | None = None,
     ssm_dtype: str | None = None,
     prefill_chunk: int | None = None,
+    vs: str | None = None,
 ) -> Report:
     """Everything `compress estimate` shows, from the written form of its options. `ctx` defaults to the
     config's max_position_embeddings; `batch` is a number or 'max' (the most that fit --target-mem or the
-    GPU's memory)."""
+    GPU's memory); `vs` names a transformer baseline (`compressor.baselines.load_baseline`) to compare the
+    throughput with, each at its own batch."""
     context = parse_context(ctx) if ctx is not None else config.max_position_embeddings
     limit = parse_size(target_mem) if target_mem is not None else None
     spec = gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, limit)
@@ -1078,7 +1083,14 @@ def report(
             output_tokens=parse_context(osl) if osl is not None else None,
         )
         throughput = estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
-    return Report(parameter_counts(config), memory, limit, largest, spec, throughput)
+    versus = None
+    if vs is not None:
+        from compressor import baselines
+
+        if spec is None:
+            raise OptionError("vs", "compares throughput: give a GPU (--gpu, or --gpu-bandwidth and --gpu-tflops)")
+        versus = baselines.compare(config, baselines.load_baseline(vs), workload, spec, memory_limit=limit, **dtypes)
+    return Report(parameter_counts(config), memory, limit, largest, spec, throughput, versus)
 
 
 # ----- measured ----------------------------------------------------------------------------------------

@@ -18,13 +18,14 @@ Memory: a model's weights are never held twice, whatever its size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from compressor import distributed
 from compressor.config import HybridConfig
@@ -83,7 +84,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def weight_files(path: str | Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file holding it; clear errors for anything else."""
+    """Map each tensor name to the safetensors file holding it; clear errors for anything else. Every file
+    must lie inside the folder (an index naming `../x` or an absolute path is refused, as is a link out of
+    it, but for the blob store of a Hugging Face cache snapshot)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: point at a checkpoint folder holding config.json")
@@ -91,16 +94,20 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
+            confined(file, path, what=f"shard {file.name} listed in {INDEX_NAME}")
             if not file.is_file():
                 raise CheckpointError(f"shard {file.name} listed in {INDEX_NAME} is missing from {path}")
         return files
     single = path / WEIGHTS_NAME
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        confined(single, path, what=WEIGHTS_NAME)
+        with open_weights(single) as f:
             return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
@@ -111,11 +118,42 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
+def confined(file: Path, folder: Path, *, what: str) -> Path:
+    """`file` resolved, refused unless it lies inside `folder` (links followed) or, for a snapshot of the
+    Hugging Face cache (`.../models--org--name/snapshots/REV/`), inside that repository's blob store."""
+    resolved, root = file.resolve(), folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(resolved == base or base in resolved.parents for base in allowed):
+        raise CheckpointError(
+            f"{what} resolves to {resolved}, outside {folder}: a checkpoint may only use its own files"
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def open_weights(file: Path, device: str = "cpu"):
+    """`safe_open` of a weight file, with a damaged, truncated or unreadable file reported as one line."""
+    try:
+        with safe_open(file, framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file} cannot be read as safetensors ({_first_line(exc)}): the file is damaged"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def stored_dtypes(path: str | Path) -> list[str]:
     """The dtypes the checkpoint's weight files store (safetensors names: F32, BF16, ...)."""
     seen = set()
     for file in sorted(set(weight_files(path).values())):
-        with safe_open(file, framework="pt") as f:
+        with open_weights(file) as f:
             seen.update(f.get_slice(name).get_dtype() for name in f.keys())  # noqa: SIM118
     return sorted(seen)
 
@@ -132,14 +170,17 @@ def fingerprint(path: str | Path) -> str:
     path = Path(path)
     digest = hashlib.sha256(HybridConfig.from_file(path).to_json().encode())
     for file in sorted(set(weight_files(path).values())):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(header_len))
-            digest.update(f.read(2**20))
-            f.seek(max(8 + header_len, size - 2**20))
-            digest.update(f.read())
+        try:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with file.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header_len, size)))
+                digest.update(f.read(2**20))
+                f.seek(max(8 + header_len, size - 2**20))
+                digest.update(f.read())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} cannot be read ({_first_line(exc)})") from None
     return digest.hexdigest()[:16]
 
 
@@ -154,23 +195,39 @@ def load_model(
     """Load a checkpoint folder into a `HybridLM` in eval mode.
 
     dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one). The
-    router tensors of MoE blocks are loaded in fp32 in any case. With a `world` of several processes the
-    model is sharded across them (`compressor.distributed.shard`; `frozen` False for a model to be trained):
-    each process reads and keeps only its rows of what is sharded.
+    router tensors of MoE blocks are loaded in fp32 in any case. A quantized checkpoint (ModelOpt export:
+    `quantization_config` in config.json) is dequantized into `dtype` (default: config.json's, else
+    bfloat16); see `compressor.quantize`. With a `world` of several processes the model is sharded across
+    them (`compressor.distributed.shard`; `frozen` False for a model to be trained): each process reads and
+    keeps only its rows of what is sharded.
     """
+    from compressor.quantize import QuantizedCheckpoint
+
     path = Path(path)
     config = HybridConfig.from_file(path)
     files = weight_files(path)
     dtype = parse_dtype(dtype) or parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
+    quantized = QuantizedCheckpoint.read(path, config)
+    if quantized is not None:
+        dtype = dtype or torch.bfloat16
+        config.extra.pop("quantization_config")  # the loaded model holds plain weights
     model = empty_model(config, dtype or _first_stored_dtype(files))
     world = world or distributed.World(device=torch.device(device))
     distributed.shard(model, world, frozen=frozen)
-    loaded = materialize(model, _stored_tensors(files, model, one_map_each=world.distributed), world)
+    stored = _stored_tensors(files, model, quantized, one_map_each=world.distributed)
+    loaded = materialize(model, stored, world)
     expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
     missing = sorted(expected - loaded)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
+    broken = nonfinite_tensors(model)
+    if distributed.all_reduce_sum([len(broken)], world)[0]:  # every process stops, also those whose rows are fine
+        where = f"{broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}" if broken else "elsewhere"
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights ({where}): it is damaged or diverged in training; "
+            "use an earlier checkpoint"
+        )
     return model.eval()
 
 
@@ -214,19 +271,19 @@ def materialize(model: HybridLM, tensors: Iterable[tuple[str, torch.Tensor]], wo
 
 
 def _stored_tensors(
-    files: dict[str, Path], model: HybridLM, *, one_map_each: bool = False
+    files: dict[str, Path], model: HybridLM, quantized=None, *, one_map_each: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors one at a time, as stored (memory-mapped: read when used), each checked
-    against the architecture of `model` (an empty model of config.json). With `one_map_each` every tensor
-    maps its file anew, so the pages it read leave memory with it: what a sharded model, which copies a few
-    rows of each, needs (one map per file would keep every page read until the file is done)."""
+    """The checkpoint's tensors one at a time, as stored (memory-mapped: read when used; quantized layers of
+    a `compressor.quantize.QuantizedCheckpoint` dequantized), each checked against the architecture of
+    `model` (an empty model of config.json). With `one_map_each` every tensor maps its file anew, so the
+    pages it read leave memory with it: what a sharded model, which copies a few rows of each, needs (one
+    map per file would keep every page read until the file is done)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
-            names = list(f.keys())
-            for name in names:
-                if tied and name == "lm_head.weight":
+        with open_weights(file) as f:
+            for name in list(f.keys()):
+                if (tied and name == "lm_head.weight") or (quantized is not None and quantized.is_companion(name)):
                     continue
                 if name not in expected:
                     raise CheckpointError(
@@ -234,17 +291,20 @@ def _stored_tensors(
                         "do the config and the weights belong together?"
                     )
                 found = tuple(f.get_slice(name).get_shape())
+                layer = quantized.layer(name) if quantized is not None else None
+                if layer is not None:
+                    found = layer.logical_shape(found)
                 if found != expected[name]:
                     raise CheckpointError(
                         f"tensor {name} has shape {list(found)} in {file.name}, but config.json implies "
                         f"{list(expected[name])}"
                     )
                 if not one_map_each:
-                    yield name, f.get_tensor(name)
-                    continue
-                with safe_open(file, framework="pt") as alone:
-                    tensor = alone.get_tensor(name)
-                yield name, tensor
+                    tensor = f.get_tensor(name)
+                else:
+                    with open_weights(file) as alone:
+                        tensor = alone.get_tensor(name)
+                yield name, layer.dequantize(tensor) if layer is not None else tensor
                 del tensor
 
 
@@ -252,11 +312,21 @@ def _first_stored_dtype(files: dict[str, Path]) -> torch.dtype:
     """The dtype of the first stored tensor that is not a router's (what a checkpoint without a dtype in
     config.json is loaded in)."""
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
+        with open_weights(file) as f:
             for name in f.keys():  # noqa: SIM118
                 if not name.endswith(FP32_TENSORS):
                     return f.get_tensor(name).dtype
     return torch.float32
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or infinity (in this process's rows when sharded)."""
+    names = []
+    for name, tensor in model.state_dict().items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.is_floating_point() and not torch.isfinite(local).all():
+            names.append(name)
+    return names
 
 
 def write_checkpoint(
@@ -286,8 +356,9 @@ def write_checkpoint(
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             source = Path(tokenizer_from) / name
-            if source.is_file():
-                shutil.copyfile(source, folder / name)
+            if source.is_file():  # its content only, never a link out of the source folder
+                shutil.copyfile(confined(source, Path(tokenizer_from), what=name), folder / name)
+                (folder / name).chmod(0o644)
 
 
 def write_weights(
@@ -313,54 +384,58 @@ def write_weights(
             size = 0
         shards[-1].append(name)
         size += nbytes
-    file_names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
-    where: dict[str, tuple[int, int]] = {}  # name -> (file, byte offset of its data)
+    files = [folder / WEIGHTS_NAME] if len(shards) == 1 else [
+        folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]  # fmt: skip
     handles = []
     try:
-        for index, (names, file_name) in enumerate(zip(shards, file_names, strict=True)):
-            names.sort(key=lambda n: -layout[n].element_size())  # stable: layout order within a size
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name in names:
-                tensor = layout[name]
-                end = offset + _nbytes(tensor)
-                header[name] = {"dtype": _safetensors_dtype(tensor.dtype), "shape": list(tensor.shape),
-                                "data_offsets": [offset, end]}  # fmt: skip
-                offset = end
-            encoded = json.dumps(header, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-            handle = open(folder / file_name, "wb")  # noqa: SIM115 (closed below, all together)
-            handles.append(handle)
-            handle.write(len(encoded).to_bytes(8, "little") + encoded)
-            base = 8 + len(encoded)
-            for name in names:
-                where[name] = (index, base + header[name]["data_offsets"][0])
+        where: dict[str, tuple[int, int]] = {}  # name -> (file, byte offset of its data)
+        for index, (names, file) in enumerate(zip(shards, files, strict=True)):
+            handles.append(open(file, "wb"))  # noqa: SIM115 (closed below, all together)
+            for name, offset in _write_header(handles[-1], layout, names).items():
+                where[name] = (index, offset)
         written = set()
         for name, tensor in tensors:
             expected = layout[name]
             if name in written or tuple(tensor.shape) != tuple(expected.shape):
                 raise CheckpointError(f"cannot write tensor {name}: given twice or with the wrong shape")
             data = tensor.detach().to(device="cpu", dtype=expected.dtype).contiguous().reshape(-1)
-            file, offset = where[name]
-            handles[file].seek(offset)
-            handles[file].write(data.view(torch.uint8).numpy().data)
+            index, offset = where[name]
+            handles[index].seek(offset)
+            handles[index].write(data.view(torch.uint8).numpy().data)
             written.add(name)
-        if written != set(layout):
-            missing = sorted(set(layout) - written)
-            raise CheckpointError(f"no data was given for tensor(s) {', '.join(missing[:3])}")
+    except OSError as exc:  # e.g. "No space left on device"
+        raise CheckpointError(f"writing the weights into {folder} failed ({_first_line(exc)})") from None
     finally:
         for handle in handles:
             handle.close()
-    for file_name in file_names:
-        (folder / file_name).chmod(0o644)  # a checkpoint is meant to be shared
+    if written != set(layout):
+        missing = sorted(set(layout) - written)
+        raise CheckpointError(f"no data was given for tensor(s) {', '.join(missing[:3])}")
+    for file in files:
+        file.chmod(0o644)  # a checkpoint is meant to be shared
     if len(shards) > 1:
-        weight_map = {name: file_names[file] for name, (file, _) in where.items()}
+        weight_map = {name: files[index].name for name, (index, _) in where.items()}
         total = sum(_nbytes(t) for t in layout.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_header(handle, layout: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, int]:
+    """A safetensors header for the tensors `names` of `layout` (sorted by element size, largest first);
+    returns where each one's data goes in the file."""
+    names = sorted(names, key=lambda n: -layout[n].element_size())  # stable: layout order within a size
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        tensor = layout[name]
+        header[name] = {"dtype": _safetensors_dtype(tensor.dtype), "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + _nbytes(tensor)]}  # fmt: skip
+        offset += _nbytes(tensor)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    handle.write(len(encoded).to_bytes(8, "little") + encoded)
+    return {name: 8 + len(encoded) + header[name]["data_offsets"][0] for name in names}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -371,6 +446,11 @@ def _safetensors_dtype(dtype: torch.dtype) -> str:
     if dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"cannot store {dtype} in safetensors")
     return SAFETENSORS_DTYPES[dtype]
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a checkpoint's weight files (what a copy or a pruned child of it needs at most)."""
+    return sum(file.stat().st_size for file in set(weight_files(path).values()))
 
 
 def save_model(
@@ -408,9 +488,10 @@ def init_checkpoint(
     import tempfile
 
     from compressor.budget import available_memory, num_parameters
-    from compressor.outputs import check_output
+    from compressor.data import tokenizer_file
+    from compressor.outputs import check_free_space, check_output
 
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(tokenizer_file(tokenizer),))
     torch_dtype = parse_dtype(dtype)
     params = num_parameters(config)
     needed = params * torch.empty(0, dtype=torch_dtype).element_size()
@@ -420,6 +501,7 @@ def init_checkpoint(
             f"a {params:,}-parameter model needs {needed / 2**30:.1f} GiB in {dtype}, but only "
             f"{available / 2**30:.1f} GiB of memory is available"
         )
+    check_free_space(out, needed, f"a {params:,}-parameter checkpoint in {dtype}")
     with tempfile.TemporaryDirectory() as staging:
         tokenizer_from = None
         if tokenizer is not None:

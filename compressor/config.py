@@ -23,8 +23,11 @@ Megatron-LM's hybrid allocation does (the Mamba-2-Hybrid models were specified t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,14 +220,21 @@ class HybridConfig:
         return self.hybrid_override_pattern.count(KIND_CHARS[kind])
 
     def ratios(self) -> dict[str, float]:
-        """The share of the blocks of each kind, {mamba, attention, mlp} -> fraction (they sum to 1)."""
-        return {kind: self.count(kind) / self.num_blocks for kind in (MAMBA, ATTENTION, MLP)}
+        """The share of the blocks of each kind, {mamba, attention, mlp (, moe)} -> fraction (they sum to 1)."""
+        kinds = (MAMBA, ATTENTION, MLP) + ((MOE,) if self.has_moe else ())
+        return {kind: self.count(kind) / self.num_blocks for kind in kinds}
 
     def replace(self, **changes: Any) -> HybridConfig:
         """A validated copy with some fields changed (overrides equal to the uniform value are dropped)."""
         new = dataclasses.replace(self, **changes)
         new.block_overrides = new._normalized_overrides()
         return new
+
+    def with_layout(self, num_layers: int, attention_ratio: float, mlp_ratio: float) -> HybridConfig:
+        """A copy whose blocks are laid out from ratios as Megatron-LM does (`pattern_from_ratios`), with
+        uniform widths."""
+        pattern = pattern_from_ratios(num_layers, attention_ratio, mlp_ratio)
+        return self.replace(hybrid_override_pattern=pattern, block_overrides={})
 
     def with_settings(self, settings: list[str]) -> HybridConfig:
         """A copy with `KEY=VALUE` settings applied (VALUE read as JSON, else as a string), validated."""
@@ -271,10 +281,14 @@ class HybridConfig:
             raise ConfigError(
                 f"mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r} is not one of float32, bfloat16, float16"
             )
-        if self.layer_norm_epsilon <= 0:
-            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
-        if len(self.time_step_limit) != 2 or self.time_step_limit[0] > self.time_step_limit[1]:
-            raise ConfigError(f"time_step_limit must be [low, high] with low <= high, got {self.time_step_limit}")
+        if not (math.isfinite(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+            raise ConfigError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon}")
+        low, high = (self.time_step_limit + (math.nan, math.nan))[:2]
+        if len(self.time_step_limit) != 2 or not (math.isfinite(low) and 0 <= low <= high and high > 0):
+            raise ConfigError(
+                f"time_step_limit must be [low, high] with 0 <= low <= high, high > 0 (and may be Infinity), got "
+                f"{list(self.time_step_limit)}"
+            )
         for index, values in self.block_overrides.items():
             if not 0 <= index < len(pattern):
                 raise ConfigError(f"block_overrides names block {index}, but the model has {len(pattern)} blocks")
@@ -332,11 +346,15 @@ class HybridConfig:
             data.pop("architectures")  # written by default
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "pattern_key"}
         known = {k: data.pop(k) for k in list(data) if k in names}
+        hints = _field_types()
+        for name, value in known.items():
+            if not _matches(value, hints[name]):
+                raise ConfigError(f"config.json: {name} must be {_describe_type(hints[name])}, got {value!r}")
         if "time_step_limit" in known:
             known["time_step_limit"] = tuple(known["time_step_limit"])
         try:
             return cls(**known, extra=data, pattern_key=pattern_key)
-        except TypeError as exc:  # a field of the wrong JSON type
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong shape
             raise ConfigError(f"config.json has a field of the wrong type: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -449,6 +467,53 @@ def _spread(kinds: list[str], kind: str, step: float) -> None:
             budget += step
         else:
             budget -= 1
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(HybridConfig)
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Whether a JSON value fits a field's declared type (bool is not a number; an int is a float)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        return len(items) == len(value) and all(_matches(v, k) for v, k in zip(value, items, strict=True))
+    if origin is dict:
+        key_ok = (lambda k: str(k).lstrip("-").isdigit()) if args[0] is int else (lambda k: isinstance(k, str))
+        return isinstance(value, dict) and all(key_ok(k) and _matches(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _describe_type(kind: Any) -> str:
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in args)
+    if origin in (tuple, list):
+        return (
+            f"a list of {_describe_type(args[0])}s"
+            if origin is list or args[-1] is Ellipsis
+            else f"a list of {len(args)} numbers"
+        )
+    if origin is dict:
+        return "an object"
+    return names.get(kind, str(kind))
 
 
 def _require_positive(name: str, value: Any) -> None:

@@ -66,10 +66,17 @@ INT32_MAX = np.iinfo(np.int32).max
 TokenizerLike = Tokenizer | str | Path
 
 
+def tokenizer_file(path: str | Path | None) -> Path | None:
+    """The tokenizer.json a tokenizer option names: the file itself, or the one in a folder."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a `tokenizers.Tokenizer` from a `tokenizer.json` file or a checkpoint folder holding one."""
-    path = Path(path).expanduser()
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = tokenizer_file(path)
     if not file.is_file():
         raise DataError(
             f"no tokenizer at {file}: pass a checkpoint folder containing tokenizer.json, "
@@ -81,6 +88,23 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(
             f"cannot read tokenizer {file} ({err}); it must be a Hugging Face tokenizers JSON file"
         ) from err
+
+
+def check_same_tokenizer(first: str | Path, second: str | Path) -> None:
+    """Refuse two checkpoints (or tokenizer files) whose tokenizers map tokens to different ids; a side
+    without a tokenizer.json is not checked. Equal sizes are not enough: the vocabularies are compared."""
+    files = [Path(p) / "tokenizer.json" if Path(p).is_dir() else Path(p) for p in (first, second)]
+    if not all(f.is_file() for f in files):
+        return
+    if files[0].read_bytes() == files[1].read_bytes():
+        return
+    a, b = (load_tokenizer(f).get_vocab(with_added_tokens=True) for f in files)
+    if a != b:
+        differ = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])[:1]
+        example = f" (e.g. {differ[0][0]!r})" if differ else ""
+        raise DataError(
+            f"the tokenizers of {first} and {second} differ{example}: teacher and student must share one tokenizer"
+        )
 
 
 def find_eos_id(tokenizer: Tokenizer) -> int | None:
@@ -243,6 +267,32 @@ class TokenSequences:
         del out  # close the memory map before anyone reopens the file
         return path
 
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The rows in blocks of ROW_BLOCK (a memory-mapped file is read piecewise)."""
+        for begin in range(0, len(self), ROW_BLOCK):
+            rows = slice(begin, begin + ROW_BLOCK)
+            yield np.asarray(self.tokens[rows] if self.rows is None else self.tokens[self.rows[rows]])
+
+    def fingerprint(self) -> str:
+        """A short hash of the token ids: the same sequences in the same order, the same fingerprint."""
+        digest = hashlib.sha256(f"{len(self)}x{self.seq_len}".encode())
+        for block in self.blocks():
+            digest.update(np.ascontiguousarray(block).tobytes())
+        return digest.hexdigest()[:16]
+
+    def check_ids(self, vocab_size: int, source: str | Path) -> None:
+        """Refuse token ids outside [0, vocab_size): they would index past the embedding table."""
+        low, high = 0, -1
+        for block in self.blocks():
+            if block.size:
+                low, high = min(low, int(block.min())), max(high, int(block.max()))
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(
+                f"{source} holds token id {bad}, outside the model's vocabulary of {vocab_size}: the data was "
+                "tokenized for another model (use its tokenizer, or --tokenizer with this model's)"
+            )
+
     def _select(self, indices: np.ndarray) -> TokenSequences:
         return TokenSequences(self.tokens, indices if self.rows is None else self.rows[indices])
 
@@ -281,16 +331,18 @@ def model_sequences(
     tokenizer: TokenizerLike | None = None,
     text_field: str = "text",
     max_sequences: int | None = None,
+    vocab_size: int | None = None,
 ) -> TokenSequences:
     """`source` read as a checkpoint's model sees it: text tokenized with `tokenizer` (default: the
-    checkpoint folder's tokenizer.json) with the model's EOS id after each document; token files as they are."""
+    checkpoint folder's tokenizer.json) with the model's EOS id after each document; token files as they are.
+    With `vocab_size`, ids the model's embedding cannot take are refused."""
     path = _local_path(source)
     token_file = path is not None and path.suffix.lower() in TOKEN_SUFFIXES
     if not token_file and tokenizer is None:
         if not (Path(model_dir) / "tokenizer.json").is_file():
             raise DataError(f"{model_dir} has no tokenizer.json: pass --tokenizer, or give tokenized data (.npy)")
         tokenizer = model_dir
-    return load_sequences(
+    sequences = load_sequences(
         source,
         seq_len=seq_len,
         tokenizer=None if token_file else tokenizer,
@@ -298,6 +350,9 @@ def model_sequences(
         max_sequences=max_sequences,
         eos_id=eos_id,
     )
+    if vocab_size is not None:
+        sequences.check_ids(vocab_size, source)
+    return sequences
 
 
 def stream_sequences(

@@ -34,3 +34,10 @@ class OptionError(CompressorError):
         super().__init__(f"{parameter} {problem}")
         self.parameter = parameter
         self.problem = problem
+
+
+def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
+    """Raise an OptionError for the first `name=(value, lowest allowed)` below its bound (None passes)."""
+    for name, (value, low) in values.items():
+        if value is not None and not value >= low:
+            raise OptionError(name, f"must be at least {low}, got {value}")

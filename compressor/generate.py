@@ -93,12 +93,15 @@ def generate_text(
         raise OptionError("top_k", f"must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise OptionError("top_p", f"must be in (0, 1], got {top_p}")
+    if seed < 0:
+        raise OptionError("seed", f"must be at least 0, got {seed}")
     torch_device = resolve_device(device)
     model = load_model(model_dir, dtype=dtype, device=torch_device)
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise OptionError("prompt", "is empty after tokenization")
+    _check_cache_fits(model, len(ids) + max_new_tokens, torch_device)
     generator = torch.Generator(device=torch_device).manual_seed(seed)
     out = generate(
         model,
@@ -111,3 +114,18 @@ def generate_text(
         generator=generator,
     )
     return tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+def _check_cache_fits(model: HybridLM, tokens: int, device: torch.device) -> None:
+    """Refuse a generation whose preallocated cache would not fit the device's free memory."""
+    from compressor.budget import available_memory, estimate_memory, format_bytes
+
+    weight = {torch.float32: "fp32", torch.float16: "fp16"}.get(model.lm_head.weight.dtype, "bf16")
+    needed = estimate_memory(model.config, tokens, weight_dtype=weight, prefill_chunk=tokens).cache
+    free = available_memory(device)
+    if free is not None and needed > 0.8 * free:
+        raise OptionError(
+            "max_new_tokens",
+            f"is too many: the cache for {tokens:,} tokens needs {format_bytes(needed)}, but {format_bytes(free)} "
+            "is free",
+        )

@@ -280,6 +280,13 @@ class Importance:
             return scores
         return self.block_drop
 
+    def nonfinite(self) -> list[str]:
+        """Names of the score tables holding NaN or infinity (scores to refuse)."""
+        tables = {"hidden": self.hidden, "block_influence": self.block_influence, "block_drop": self.block_drop}
+        for name in PER_BLOCK:
+            tables.update({f"{name}.{i}": t for i, t in getattr(self, name).items()})
+        return [name for name, t in tables.items() if t is not None and not torch.isfinite(t.float()).all()]
+
     # ----- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

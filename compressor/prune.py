@@ -157,7 +157,8 @@ class Target:
         return ", ".join(parts) or "unpruned"
 
     def summary(self, source: HybridConfig) -> dict:
-        """What the target keeps, in the terms of ModelOpt's export_config where they apply."""
+        """What the target keeps, in the terms of ModelOpt's export_config where they apply, the blocks kept
+        (indices in the source) and whether the widths are uniform."""
         config = self.config(source)
         moe = {}
         if config.has_moe:
@@ -170,7 +171,7 @@ class Target:
             "hidden_size": config.hidden_size,
             "ffn_hidden_size": config.intermediate_size,
             "num_attention_heads": config.num_attention_heads,
-            "num_query_groups": config.num_key_value_heads,
+            "num_key_value_heads": config.num_key_value_heads,  # not a ModelOpt key: it no longer prunes them
             "mamba_num_heads": config.mamba_num_heads,
             "mamba_head_dim": config.mamba_head_dim,
             **moe,

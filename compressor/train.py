@@ -20,9 +20,11 @@ checkpoint; a non-finite loss stops the run with the last good checkpoint left i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,19 +34,21 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compressor import distributed
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
-from compressor.data import TokenSequences, model_sequences
+from compressor.data import TokenSequences, check_same_tokenizer, model_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError
 from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
-from compressor.outputs import atomic_output, check_output
+from compressor.outputs import atomic_output, check_free_space, check_output, output_lock, recover, staging, swap_in
 from compressor.teacher_cache import TeacherCache, write_teacher_cache
 
 STATE_FILE = "trainer_state.json"
+QUANTIZED_DIR = "quantized"  # the quantized export of a quantization-aware run
 OPTIMIZER_FILE = "optimizer.safetensors"
 # Options that define the run; a resumed run must not change them.
 RUN_DEFINING = (
@@ -70,6 +74,8 @@ RUN_DEFINING = (
     "dtype",
     "cache_teacher",
     "top_k",
+    "quantize",
+    "quantize_keep",
 )
 
 
@@ -103,6 +109,9 @@ class TrainConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     cache_teacher: bool = False
     top_k: int = 64
+    quantize: str | None = None  # fp8 | nvfp4: quantization-aware training of a fake-quantized student
+    quantize_keep: tuple[str, ...] = ()  # ModelOpt quantizer-name patterns kept in high precision
+    calib_sequences: int = 128  # training sequences that calibrate the quantizers
     eval_every: int = 50
     eval_sequences: int = 64
     save_every: int = 100
@@ -120,7 +129,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
+        out["betas"], out["quantize_keep"] = list(self.betas), list(self.quantize_keep)
         return out
 
     @classmethod
@@ -128,6 +137,7 @@ class TrainConfig:
         raw = dict(raw)
         raw["loss"] = LossSpec(**raw["loss"])
         raw["betas"] = tuple(raw["betas"])
+        raw["quantize_keep"] = tuple(raw.get("quantize_keep", ()))
         return cls(**raw)
 
     def resolved_teacher_dtype(self, device: torch.device) -> str:
@@ -165,6 +175,8 @@ class TrainConfig:
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
+            ("quantize", self.quantize in (None, "fp8", "nvfp4"), "must be fp8 or nvfp4"),
+            ("calib_sequences", self.calib_sequences >= 1, "must be at least 1"),
         ]
         for name, ok, problem in checks:
             if not ok:
@@ -241,6 +253,7 @@ class Run:
     tokens: int = 0
     teacher_val_loss: float | None = None
     last_saved: int = 0
+    data_fingerprint: str = ""  # of the sequences the run reads: a resumed run must read the same
 
     @property
     def tokens_per_step(self) -> int:
@@ -268,53 +281,103 @@ def train(
     reporter = reporter or SilentReporter()
     config.validate()
     out = Path(config.out)
-    resumed: dict[str, Any] | None = None
-    if config.resume:
-        resumed = _read_trainer_state(out / "model")
-        _check_resume(config, TrainConfig.from_dict(resumed["config"]))
-    else:
-        check_output(out, overwrite=config.overwrite)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(out) if main_process else contextlib.nullcontext():
+        work, resumed = _prepare_output(config, out)
+        world = distributed.init(distributed.resolve_device(config.device))
+        try:
+            run = setup(config, world, work, resumed, reporter, teacher=teacher, sequences=sequences)
+            result = loop(run, reporter)
+        except BaseException:
+            # a new run that stops before its first checkpoint leaves nothing behind
+            if world.is_main and not config.resume and work.exists() and not (work / "model").exists():
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            distributed.close(world)
+        if main_process and work != out:
+            swap_in(work, out)  # an --overwrite run replaces the old one only now that it is complete
+    return dataclasses.replace(result, out=out)
 
-    world = distributed.init(distributed.resolve_device(config.device))
+
+def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any] | None]:
+    """(the folder the run works in, the state of the checkpoint it resumes from, if any).
+
+    A new run works in `out`, or, replacing an existing run (--overwrite), in `staging(out)` until it is
+    complete. --resume continues a staged run if there is one, else the run in `out`; a run killed before
+    its first checkpoint starts again in place (keeping a complete teacher cache)."""
+    if not config.resume:
+        inputs = (config.student, config.teacher, config.data, tokenizer_file(config.tokenizer))
+        check_output(out, overwrite=config.overwrite, inputs=inputs)
+        return (staging(out) if out.exists() else out), None
+    work = staging(out) if _is_run(staging(out)) else out
+    recover(work / "model")  # a kill during a checkpoint's swap
+    if not (work / "model" / STATE_FILE).is_file():
+        if _is_run(work):
+            return work, None
+        raise TrainingError(f"nothing to resume: no {STATE_FILE} in {work / 'model'} (start a run without --resume)")
+    resumed = _read_trainer_state(work / "model")
     try:
-        run = setup(config, world, resumed, reporter, teacher=teacher, sequences=sequences)
-        return loop(run, reporter)
-    except BaseException:
-        # a new run that stops before its first checkpoint leaves nothing behind
-        if not config.resume and world.is_main and out.exists() and not (out / "model").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        distributed.close(world)
+        saved = TrainConfig.from_dict(resumed["config"])
+    except (KeyError, TypeError, CompressorError) as exc:
+        raise TrainingError(f"{work / 'model' / STATE_FILE} is damaged ({exc}): start again with --overwrite") from None
+    _check_resume(config, saved)
+    return work, resumed
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether `folder` is a run folder this recipe started (a checkpoint, metrics or a teacher cache)."""
+    return any((folder / name).exists() for name in ("model", "metrics.jsonl", "teacher_cache"))
 
 
 def setup(
     config: TrainConfig,
     world: distributed.World,
+    out: Path,
     resumed: dict[str, Any] | None,
     reporter: Reporter,
     *,
     teacher: HybridLM | None = None,
     sequences: TokenSequences | None = None,
 ) -> Run:
-    """The output folder, the models, the data and its split, the teacher cache, sharding, AdamW, and the
+    """The run folder `out`, the models, the data and its split, the teacher cache, sharding, AdamW, and the
     state of a resumed run."""
     torch.manual_seed(config.seed)
-    out = Path(config.out)
+    if world.is_main:
+        check_free_space(out, _save_bytes(config), "saving the run's checkpoints")
     if world.is_main and resumed is None:
-        if out.exists():
-            shutil.rmtree(out)  # --overwrite was given (checked by `train`)
-        out.mkdir(parents=True)
+        if out.exists() and not config.resume:
+            shutil.rmtree(out)  # a stale staging folder of an earlier --overwrite attempt
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "metrics.jsonl").exists():  # a run killed before its first checkpoint starts again
+            (out / "metrics.jsonl").unlink()
     distributed.barrier(world)
 
-    # sharded as they load (each process reads its rows), a resumed run continuing from its own checkpoint
-    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, world=world, frozen=False)
+    # sharded as they load (each process reads its rows), a resumed run continuing from its own checkpoint; a
+    # quantization-aware run shards after ModelOpt has replaced the student's linear layers
+    qad = config.quantize is not None
+    student = load_model(
+        out / "model" if resumed else config.student,
+        dtype=config.dtype,
+        device=world.device,
+        world=None if qad else world,
+        frozen=False,
+    )
     if teacher is None and config.teacher is not None:
         teacher = load_model(config.teacher, dtype=config.resolved_teacher_dtype(world.device), world=world)
     if teacher is not None:
         teacher.requires_grad_(False)
         check_same_vocab(teacher, student)
-    train_set, valid_set, accum, total_steps = _data(config, world, student, sequences)
+        check_same_tokenizer(config.teacher, config.tokenizer or config.student)
+    train_set, valid_set, accum, total_steps, data_fingerprint = _data(config, world, student, sequences)
+    if resumed is not None and resumed.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+        raise TrainingError(
+            f"{config.data} no longer holds the data this run started on (its content changed): resume with the "
+            "same data, or start a new run"
+        )
+    if qad:
+        _fake_quantize(student, config, train_set, out if resumed else None)
+        distributed.shard(student, world)
 
     cache = None
     if config.cache_teacher:
@@ -332,6 +395,7 @@ def setup(
         foreach=True,
     )
     run = Run(config, world, out, student, teacher, cache, train_set, valid_set, optimizer, accum, total_steps)
+    run.data_fingerprint = data_fingerprint
     if resumed is not None:
         run.step = run.last_saved = resumed["step"]
         run.tokens = resumed["tokens"]
@@ -371,6 +435,12 @@ def loop(run: Run, reporter: Reporter) -> TrainResult:
             save(run)
     if not last_eval:  # a finished run resumed: its last evaluation is in the metrics
         last_eval = _last_eval(run.metrics, run.step) or evaluate(run, reporter)
+    if config.quantize is not None and run.world.is_main:
+        from compressor.quantize import export_qad_checkpoint
+
+        reporter.note(f"writing the {config.quantize} export to {run.out / QUANTIZED_DIR}")
+        export_qad_checkpoint(run.out / "model", run.out / QUANTIZED_DIR, overwrite=True)
+    distributed.barrier(run.world)
     return TrainResult(steps=run.total_steps, tokens=run.tokens, final_eval=last_eval, out=run.out)
 
 
@@ -452,17 +522,25 @@ def evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
-    """Checkpoint the run (weights, optimizer, RNG, position) atomically, replacing the previous one."""
-    _save(
-        run.out / "model", run.student, run.optimizer, run.config, run.step, run.tokens, run.teacher_val_loss, run.world
-    )
+    """Checkpoint the run (weights, optimizer, RNG, position) atomically, replacing the previous one; weights
+    that are no longer finite stop the run instead, keeping the previous checkpoint."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in run.student.parameters())  # FSDP shards
+    finite = all(bool(torch.isfinite(t.detach()).all()) for t in local)
+    if distributed.all_reduce_sum([float(not finite)], run.world)[0] != 0:
+        where = f"the checkpoint of step {run.last_saved} is kept" if run.last_saved else "no checkpoint was written"
+        raise TrainingError(
+            f"the weights became non-finite by step {run.step} ({where}): lower --lr or --weight-decay, "
+            "raise --warmup-steps, then start again or --resume"
+        )
+    _save(run)
     run.last_saved = run.step
 
 
 def _data(
     config: TrainConfig, world: distributed.World, student: HybridLM, sequences: TokenSequences | None
-) -> tuple[TokenSequences, TokenSequences, int, int]:
-    """(training split, validation split, micro-batches per process per step, total steps)."""
+) -> tuple[TokenSequences, TokenSequences, int, int, str]:
+    """(training split, validation split, micro-batches per process per step, total steps, the data's
+    fingerprint)."""
     if sequences is None:
         sequences = model_sequences(
             config.data,
@@ -472,6 +550,7 @@ def _data(
             tokenizer=config.tokenizer,
             text_field=config.text_field,
             max_sequences=config.max_sequences,
+            vocab_size=student.config.vocab_size,
         )
     elif config.max_sequences is not None:
         sequences = sequences.head(config.max_sequences)
@@ -504,7 +583,30 @@ def _data(
         total_steps = max(1, config.tokens // tokens_per_step)
     else:
         total_steps = max(1, (per_epoch * micro) // config.batch_size)
-    return train_set, valid_set.head(usable), accum, total_steps
+    return train_set, valid_set.head(usable), accum, total_steps, sequences.fingerprint()
+
+
+def _save_bytes(config: TrainConfig) -> int:
+    """What a checkpoint save needs on disk at its peak: the new checkpoint (weights, AdamW's two moments)
+    written beside the previous one."""
+    from compressor.budget import num_parameters
+    from compressor.config import HybridConfig
+
+    size = torch.empty(0, dtype=parse_dtype(config.dtype)).element_size()
+    return 2 * 3 * num_parameters(HybridConfig.from_file(config.student)) * size
+
+
+def _fake_quantize(student: HybridLM, config: TrainConfig, train_set: TokenSequences, resumed: Path | None) -> None:
+    """Quantization-aware training (ModelOpt's QAD recipe): quantize the student and calibrate it on the
+    first training sequences (the same on every process), or restore the ranges a resumed run saved."""
+    from compressor.quantize import QuantRecipe, prepare_qad, read_quantizer_state, restore_fake_quant
+
+    saved = read_quantizer_state(resumed / "model") if resumed is not None else None
+    if saved is not None:
+        restore_fake_quant(student, *saved)
+        return
+    calibration = train_set.head(config.calib_sequences).batches(config.micro_batch_size, shuffle=False)
+    prepare_qad(student, QuantRecipe(config.quantize, config.quantize_keep), calibration)
 
 
 def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
@@ -572,29 +674,39 @@ def _autocast(mode: str, device: torch.device):
 
 
 def _append(path: Path, record: dict[str, Any], world: distributed.World) -> None:
+    """Append one record as one line in one write (a kill leaves at most a torn last line, which readers skip)."""
     if world.is_main:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The metrics records, skipping a line a kill left half-written."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
 def _last_eval(path: Path, step: int) -> dict[str, Any] | None:
     """The evaluation record of `step` in the metrics file, if there is one."""
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    found = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
+    found = [r for r in _records(path) if r.get("kind") == "eval" and r["step"] == step]
     return found[-1] if found else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint a resumed run starts from."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    """Drop records written after the checkpoint a resumed run starts from (and a torn last line)."""
+    if path.is_file():
+        kept = [r for r in _records(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _save(folder: Path, student, optimizer, config: TrainConfig, step: int, tokens: int, teacher_loss, world) -> None:
+def _save(run: Run) -> None:
     """Write the checkpoint (weights, optimizer, RNG, position) atomically, replacing the previous one."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -602,10 +714,11 @@ def _save(folder: Path, student, optimizer, config: TrainConfig, step: int, toke
         get_optimizer_state_dict,
     )
 
+    folder, student, config = run.out / "model", run.student, run.config
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(student, options=options)
-    optim_state = get_optimizer_state_dict(student, optimizer, options=options)
-    if not world.is_main:
+    optim_state = get_optimizer_state_dict(student, run.optimizer, options=options)
+    if not run.world.is_main:
         return
     tensors = {
         f"state.{name}.{key}": value for name, entry in optim_state["state"].items() for key, value in entry.items()
@@ -614,16 +727,26 @@ def _save(folder: Path, student, optimizer, config: TrainConfig, step: int, toke
     groups = [{k: v for k, v in group.items()} for group in optim_state["param_groups"]]
     state = {
         "format": 1,
-        "step": step,
-        "tokens": tokens,
-        "teacher_val_loss": teacher_loss,
+        "step": run.step,
+        "tokens": run.tokens,
+        "teacher_val_loss": run.teacher_val_loss,
+        "data_fingerprint": run.data_fingerprint,
         "param_groups": groups,
         "config": config.to_dict(),
     }
     # tokenizer files: from the previous checkpoint of this run, else from where the run got them
     tokenizer_from = folder if (folder / "tokenizer.json").is_file() else _tokenizer_folder(config)
+    quantizers = {}
+    if config.quantize is not None:  # a standard checkpoint of the weights + the calibrated ranges beside it
+        from compressor.quantize import QuantRecipe, split_quantizer_state
+
+        model_state, quantizers = split_quantizer_state(model_state)
     with atomic_output(folder, overwrite=True) as tmp:
         write_checkpoint(tmp, student.config, model_state, tokenizer_from=tokenizer_from)
+        if quantizers:
+            from compressor.quantize import write_quantizer_state
+
+            write_quantizer_state(tmp, QuantRecipe(config.quantize, config.quantize_keep), quantizers)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -639,7 +762,16 @@ def _read_trainer_state(folder: Path) -> dict[str, Any]:
     path = folder / STATE_FILE
     if not path.is_file():
         raise TrainingError(f"nothing to resume: no {STATE_FILE} in {folder} (start a new run without --resume)")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"]), int(state["tokens"]), list(state["param_groups"])  # noqa: B018 (checked, not used)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise TrainingError(f"{path} is damaged ({exc}): start the run again with --overwrite") from None
+    if not (folder / OPTIMIZER_FILE).is_file():
+        raise TrainingError(
+            f"{folder} lacks {OPTIMIZER_FILE}: the checkpoint is incomplete; start again with --overwrite"
+        )
+    return state
 
 
 def _check_resume(new: TrainConfig, saved: TrainConfig) -> None:
@@ -653,15 +785,25 @@ def _load_optimizer(folder: Path, student, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = json.loads((folder / STATE_FILE).read_text())
-    tensors = load_file(folder / OPTIMIZER_FILE)
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    entries: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, field_name = key.removeprefix("state.").rpartition(".")
-        entries.setdefault(name, {})[field_name] = value
-    set_optimizer_state_dict(
-        student,
-        optimizer,
-        optim_state_dict={"state": entries, "param_groups": state["param_groups"]},
-        options=StateDictOptions(full_state_dict=True),
-    )
+    try:
+        tensors = load_file(folder / OPTIMIZER_FILE)
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            name, _, field_name = key.removeprefix("state.").rpartition(".")
+            entries.setdefault(name, {})[field_name] = value
+        set_optimizer_state_dict(
+            student,
+            optimizer,
+            optim_state_dict={"state": entries, "param_groups": state["param_groups"]},
+            options=StateDictOptions(full_state_dict=True),
+        )
+    except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as exc:
+        raise TrainingError(
+            f"{folder / OPTIMIZER_FILE} cannot be restored ({_first_line(exc)}): start the run again with --overwrite"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -81,5 +81,17 @@ def target_from_export_config(source: HybridConfig, importance: Importance | Non
 
 
 def export_config(config: HybridConfig) -> dict[str, int]:
-    """A uniform architecture in ModelOpt's `mcore_minitron` export_config keys."""
+    """A uniform architecture in ModelOpt's `mcore_minitron` export_config keys (only keys it accepts)."""
     return {key: getattr(config, name) for key, name in EXPORT_KEYS.items()}
+
+
+def export_layers(source: HybridConfig, target: Target) -> dict[str, object]:
+    """Which blocks a target keeps, for rebuilding it at scale: ModelOpt picks the blocks to drop itself
+    from its own scores, so the ones compressor chose are written beside export_config.json; Megatron can
+    drop named layers (`layers_to_drop`, 1-indexed, as ModelOpt's `drop_mcore_language_model_layers`)."""
+    kept = [b.source for b in target.blocks]
+    return {
+        "hybrid_override_pattern": target.config(source).pattern,
+        "kept_blocks": kept,
+        "layers_to_drop": [i + 1 for i in range(source.num_blocks) if i not in kept],
+    }

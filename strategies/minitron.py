@@ -57,6 +57,13 @@ class MinitronOptions:
     depth_scores: str = field(
         default="auto", metadata={"help": "Block ranking: influence, drop (drop-one) or auto (drop when measured)."}
     )
+    modelopt_compatible: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Only shapes ModelOpt's mcore_minitron can express (its divisors, an even block count); "
+            "default: on when its divisors fit the model's sizes."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_width_pruning", "max_depth_pruning", "max_kind_pruning"):
@@ -84,23 +91,17 @@ class MinitronStrategy(Strategy):
         if not source.is_uniform:
             raise CompressorError("the minitron strategy searches uniform widths: start from a uniform model")
         heads_low = math.ceil(source.mamba_num_heads * (1 - o.max_width_pruning))
+        strict = self.modelopt_compatible(source)  # ModelOpt's own divisors, not capped for small models
+        hidden_step = o.hidden_divisor or (256 if strict else divisor_for(source.hidden_size, 256))
+        ffn_step = o.ffn_divisor or (512 if strict else divisor_for(source.intermediate_size, 512))
+        head_dim_step = o.head_dim_divisor or (8 if strict else divisor_for(source.mamba_head_dim, 8))
         grid = {
-            "hidden": width_choices(
-                source.hidden_size, o.hidden_divisor or divisor_for(source.hidden_size, 256), o.max_width_pruning
-            ),
-            "ffn": width_choices(
-                source.intermediate_size,
-                o.ffn_divisor or divisor_for(source.intermediate_size, 512),
-                o.max_width_pruning,
-            ),
+            "hidden": width_choices(source.hidden_size, hidden_step, o.max_width_pruning),
+            "ffn": width_choices(source.intermediate_size, ffn_step, o.max_width_pruning),
             "mamba_heads": [
                 h for h in range(source.mamba_num_heads, 0, -source.n_groups) if h >= max(heads_low, source.n_groups)
             ],
-            "head_dim": width_choices(
-                source.mamba_head_dim,
-                o.head_dim_divisor or divisor_for(source.mamba_head_dim, 8),
-                o.max_width_pruning,
-            ),
+            "head_dim": width_choices(source.mamba_head_dim, head_dim_step, o.max_width_pruning),
         }
         fixed = {"hidden": source.hidden_size, "ffn": source.intermediate_size}
         fixed.update(mamba_heads=source.mamba_num_heads, head_dim=source.mamba_head_dim)
@@ -113,11 +114,23 @@ class MinitronStrategy(Strategy):
         limit = math.floor(self.options.max_depth_pruning * source.num_blocks) if "depth" in self.options.axes else 0
         counts = (source.count(MAMBA), source.count(ATTENTION), source.count(MLP))
         per_kind = [min(limit, math.floor(self.options.max_kind_pruning * c)) for c in counts]
+        even = self.modelopt_compatible(source)  # ModelOpt's num_layers divisor is 2 for hybrids
         return [
             combo
             for combo in itertools.product(*(range(n + 1) for n in per_kind))
             if sum(combo) <= limit and sum(combo) < source.num_blocks
-        ]
+            and not (even and sum(combo) and (source.num_blocks - sum(combo)) % 2)
+        ]  # fmt: skip
+
+    def modelopt_compatible(self, source: HybridConfig) -> bool:
+        """Whether candidates are restricted to what ModelOpt can express: as asked, else (None) when its
+        divisors fit this model's sizes, i.e. when the restriction costs (almost) nothing."""
+        if self.options.modelopt_compatible is not None:
+            return self.options.modelopt_compatible
+        return all(
+            divisor_for(value, step) == step
+            for value, step in ((source.hidden_size, 256), (source.intermediate_size, 512), (source.mamba_head_dim, 8))
+        )
 
     def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget | None) -> list[Target]:
         """Targets of the grid that fit the memory and parameter budgets analytically, in the order they

@@ -160,11 +160,15 @@ def test_fp8_and_fp4_weights_carry_their_scales():
     config = HybridConfig(hybrid_override_pattern="-", vocab_size=10, hidden_size=32, intermediate_size=48)
     bf16_rest = 2 * (10 * 32 * 2 + 32 * 2)  # embeddings + lm_head + two norms
     assert weight_bytes(config, "bf16") == 2 * num_parameters(config)
-    # fp8: a byte a weight + one fp32 scale per output channel
-    assert weight_bytes(config, "fp8") == bf16_rest + (48 * 32 + 4 * 48) + (32 * 48 + 4 * 32)
-    # fp4 (NVFP4): half a byte a weight + one fp8 scale per 16 weights of a row + one fp32 scale per matrix
-    assert weight_bytes(config, "fp4") == bf16_rest + (768 + 48 * 2 + 4) + (768 + 32 * 3 + 4)
+    # fp8: a byte a weight + fp32 weight and input scales per matrix (ModelOpt's export)
+    assert weight_bytes(config, "fp8") == bf16_rest + (48 * 32 + 8) + (32 * 48 + 8)
+    # fp4 (NVFP4): half a byte a weight + one fp8 scale per 16 weights of a row + two fp32 scales per matrix
+    assert weight_bytes(config, "fp4") == bf16_rest + (768 + 48 * 2 + 8) + (768 + 32 * 3 + 8)
     assert weight_bytes(config, "nvfp4") == weight_bytes(config, "fp4")
+    # attention stays bf16 under the quantization recipe
+    attention = HybridConfig(hybrid_override_pattern="*", vocab_size=10, hidden_size=32, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=16)  # fmt: skip
+    assert weight_bytes(attention, "fp8") == weight_bytes(attention, "fp4") == weight_bytes(attention, "bf16")
     nine = get_preset("9b-v2")
     bf16, fp8, fp4 = (weight_bytes(nine, d) for d in ("bf16", "fp8", "fp4"))
     assert 0.5 * bf16 < fp8 < 0.6 * bf16 and 0.25 * bf16 < fp4 < fp8
@@ -545,11 +549,13 @@ def test_fp8_and_fp4_quantize_every_expert_but_not_the_router():
     bf16_rest = 2 * (10 * 16 * 2 + 16 * 2)  # embeddings + lm_head + two norms
     router = 4 * (4 * 16 + 4)
     assert weight_bytes(config, "bf16") == bf16_rest + 2 * (4 * 2 * 8 * 16 + 2 * 12 * 16) + router
-    fp8_experts = 4 * ((8 * 16 + 4 * 8) + (16 * 8 + 4 * 16))
-    fp8_shared = (12 * 16 + 4 * 12) + (16 * 12 + 4 * 16)
+    # FP8: a byte a weight + two fp32 scalars (weight and input scale) per matrix, as ModelOpt exports
+    fp8_experts = 4 * ((8 * 16 + 8) + (16 * 8 + 8))
+    fp8_shared = (12 * 16 + 8) + (16 * 12 + 8)
     assert weight_bytes(config, "fp8") == bf16_rest + fp8_experts + fp8_shared + router
-    fp4_experts = 4 * ((64 + 8 * 1 + 4) + (64 + 16 * 1 + 4))
-    fp4_shared = (96 + 12 * 1 + 4) + (96 + 16 * 1 + 4)
+    # NVFP4: half a byte a weight + an E4M3 scale per 16 of a row + two fp32 scalars per matrix
+    fp4_experts = 4 * ((64 + 8 * 1 + 8) + (64 + 16 * 1 + 8))
+    fp4_shared = (96 + 12 * 1 + 8) + (96 + 16 * 1 + 8)
     assert weight_bytes(config, "fp4") == bf16_rest + fp4_experts + fp4_shared + router
 
 
@@ -605,3 +611,17 @@ def test_budget_active_parameter_limit():
     assert both.violations(nano, nano) == ["parameters 31,577,937,344 > 20,000,000,000"]
     with pytest.raises(BudgetError, match="no budget given"):
         Budget()
+
+
+def test_cli_estimate_against_a_transformer_baseline():
+    args = ("--isl", "8k", "--osl", "16k", "--gpu", "h100", "--batch", "max")
+    data = json.loads(_estimate("9b-v2", "--vs", "qwen3-8b", *args, "--json").output)
+    versus = data["versus"]
+    assert versus["baseline_parameters"] == 8_190_735_360 and versus["hybrid_parameters"] == 8_888_227_328
+    assert versus["hybrid"]["batch"] > versus["baseline"]["batch"] and versus["speedup"] > 3
+    result = _estimate("9b-v2", "--vs", "qwen3-8b", *args)
+    assert result.exit_code == 0 and f"speedup: {versus['speedup']:.2f}x tokens/s" in result.output
+    result = _estimate("9b-v2", "--vs", "qwen3-8b")
+    assert result.exit_code == 1 and "--vs compares throughput: give a GPU" in result.output
+    result = _estimate("9b-v2", "--vs", "gpt-9", "--gpu", "h100")
+    assert result.exit_code == 1 and "Traceback" not in result.output

@@ -118,3 +118,20 @@ def test_eval_compares_several_models_on_the_same_sequences(workspace):
     assert rows[1]["loss"] == single["loss"] and rows[0]["tokens"] == rows[1]["tokens"]
     result = _run(*args, "--teacher", workspace / "teacher")
     assert result.exit_code == 0 and "top-1" in result.output and "100.0%" in result.output
+
+
+def test_init_lays_out_blocks_from_ratios_and_info_reports_them(tmp_path):
+    small = ["--set", "hidden_size=64", "--set", "intermediate_size=64", "--set", "mamba_num_heads=8",
+             "--set", "vocab_size=100", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2",
+             "--set", "head_dim=16", "--set", "ssm_state_size=8"]  # fmt: skip
+    result = _run("init", tmp_path / "m", "--layers", "56", "--attention-ratio", "0.08", "--mlp-ratio", "0.5", *small)
+    assert result.exit_code == 0, result.output
+    assert "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-" in result.output.replace("\n", "")
+    data = json.loads(_run("info", tmp_path / "m", "--json").output)
+    assert data["pattern"] == "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
+    assert data["ratios"] == {"mamba": 24 / 56, "attention": 4 / 56, "mlp": 28 / 56}
+    assert "43% Mamba-2 / 7% attention / 50% MLP" in _run("info", tmp_path / "m").output
+    result = _run("init", tmp_path / "x", "--preset", "tiny", "--mlp-ratio", "0.5")
+    assert result.exit_code == 1 and "give --layers too" in result.output
+    result = _run("init", tmp_path / "x", "--layers", "8", "--attention-ratio", "0.7", "--mlp-ratio", "0.5")
+    assert result.exit_code == 1 and "Traceback" not in result.output and not (tmp_path / "x").exists()

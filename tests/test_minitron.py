@@ -111,3 +111,32 @@ def test_infeasible_budget_names_the_smallest_footprint():
         match=r"no candidate meets the budget .* the smallest architecture within the pruning limits needs [\d.]+ GiB",
     ):
         _search(MinitronOptions(), source, Budget(memory=parse_size("5GiB"), context=8192))
+
+
+def test_modelopt_compatible_candidates_are_inside_modelopts_hybrid_search_space():
+    """On the Nano-v2 decision (12B-v2 under 19.66 GiB at 128k) every listed candidate is a shape ModelOpt's
+    mcore_minitron can express (strategies.grid.MODELOPT_DIVISORS, cited there): an even block count,
+    hidden / ffn / head_dim multiples of its divisors or unchanged, Mamba heads multiples of n_groups."""
+    from strategies.grid import modelopt_violations
+
+    source = get_preset("12b-v2")
+    budget = Budget(memory=parse_size("19.66GiB"), context=parse_context("128k"))
+    strategy = MinitronStrategy(MinitronOptions(axes=("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth")))
+    assert strategy.modelopt_compatible(source)  # on by default at real sizes
+    candidates = rank(strategy.propose(source, None, budget), source, budget, limit=60)
+    original = {"hidden_size": 5120, "ffn_hidden_size": 20480, "mamba_head_dim": 80, "mamba_num_heads": 128,
+                "num_attention_heads": 40, "num_layers": 62}  # fmt: skip
+    groups = {"mamba_num_heads": source.n_groups, "num_attention_heads": source.num_key_value_heads}
+    assert len(candidates) == 60
+    for c in candidates:
+        shape = {k: c.architecture[k] for k in original}
+        assert not modelopt_violations(shape, original, groups), (c.label, modelopt_violations(shape, original, groups))
+        assert shape["num_layers"] % 2 == 0
+    # the rule itself bites, and small models keep the capped divisors unless asked
+    assert modelopt_violations({"num_layers": 61, "hidden_size": 4500}, original, groups) == [
+        "num_layers 61 is not the original 62 or a multiple of 2",
+        "hidden_size 4500 is not the original 5120 or a multiple of 256",
+    ]
+    tiny = get_preset("tiny")
+    assert not MinitronStrategy().modelopt_compatible(tiny)
+    assert MinitronStrategy(MinitronOptions(modelopt_compatible=True)).grid(tiny)["hidden"] == [tiny.hidden_size]

@@ -56,6 +56,12 @@ def test_pruned_checkpoint_fits_and_records_the_search(workspace, tmp_path):
     assert record.chosen.params == pruned.num_parameters() and record.chosen.label != "unpruned"
     export = json.loads((tmp_path / "out" / "export_config.json").read_text())
     assert export["hidden_size"] == pruned.config.hidden_size and export["num_layers"] == pruned.config.num_blocks
+    assert "num_query_groups" not in export  # ModelOpt no longer accepts it
+    layers = json.loads((tmp_path / "out" / "export_layers.json").read_text())
+    source = load_model(workspace / "model").config
+    assert layers["hybrid_override_pattern"] == pruned.config.pattern
+    assert "".join(source.pattern[i] for i in layers["kept_blocks"]) == pruned.config.pattern
+    assert sorted(layers["layers_to_drop"] + [i + 1 for i in layers["kept_blocks"]]) == list(range(1, 10))
 
 
 def test_the_score_is_the_kl_of_the_pruned_model_on_held_out_data(workspace, tmp_path):
@@ -153,12 +159,12 @@ def test_dry_run_lists_fitting_candidates_of_a_preset():
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["stats"]["grid_points"] == 44_370 and data["strategy"] == "minitron"
+    assert data["stats"]["grid_points"] == 24_021 and data["strategy"] == "minitron"  # even block counts (ModelOpt)
     assert all(c["memory_bytes"] <= parse_size("19.66GiB") for c in data["candidates"])
     architectures = [c["architecture"] for c in data["candidates"]]
     assert any(a["num_layers"] == 56 and abs(a["hidden_size"] - 4480) <= 256 for a in architectures)
     result = runner.invoke(cli.app, ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run"])
-    assert result.exit_code == 0 and "44,370 grid points" in result.output
+    assert result.exit_code == 0 and "24,021 grid points" in result.output
     # any strategy, through the same pipeline; nothing fitting is one clear line
     args = ["prune", "12b-v2", "--target-mem", "19.66GiB", "--ctx", "128k", "--dry-run", "--strategy", "minipuzzle"]
     result = runner.invoke(cli.app, args)

@@ -18,22 +18,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor.budget import Budget
+from compressor.checkpoint import checkpoint_bytes
 from compressor.config import HybridConfig
+from compressor.data import tokenizer_file
 from compressor.errors import BudgetError, OptionError
-from compressor.outputs import atomic_output, check_output
+from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
 from compressor.pipelines.records import Candidate, CompressionRecord, write_json
 from compressor.pipelines.source import Source
 from compressor.prune import write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import options_to_dict
-from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config
+from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
+
+if TYPE_CHECKING:
+    from compressor.pipelines.search import SearchConfig
 
 COMPRESSION_FILE = "compression.json"
 EXPORT_CONFIG_FILE = "export_config.json"
+EXPORT_LAYERS_FILE = "export_layers.json"  # the blocks kept, to rebuild the same model with Megatron
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,10 @@ def prune_to_budget(
 ) -> CompressionRecord:
     """Choose, prune and write (module docstring); returns what `compression.json` records."""
     started = time.perf_counter()
-    check_output(out, overwrite=overwrite)
+    calibration = source.config
+    inputs = (source.path, calibration.data, calibration.importance_dir, tokenizer_file(calibration.tokenizer))
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    check_free_space(out, checkpoint_bytes(source.path), "the pruned checkpoint")  # never larger than the source
     strategy = config.build_strategy()
     arch = source.model.config
     proposals = strategy.propose(arch, source.importance, config.budget)
@@ -106,11 +115,12 @@ def prune_to_budget(
     if not source.world.is_main:  # the others slice their share of a sharded source for the main one
         write_pruned(source.model, source.importance, candidates[0].target, out, world=source.world)
         return record
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_pruned(source.model, source.importance, candidates[0].target, tmp, tokenizer_from=source.path)
         write_json(tmp / COMPRESSION_FILE, record.to_dict())
         if record.export_config is not None:
             write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)
+            write_json(tmp / EXPORT_LAYERS_FILE, export_layers(source.model.config, record.chosen.target))
     return record
 
 
@@ -132,9 +142,10 @@ class Plan:
         }
 
 
-def plan(source: HybridConfig, config: PruneConfig) -> Plan:
-    """What `prune_to_budget` would consider for an architecture with no weights (the importance prior:
-    the last blocks of each kind go first), limited to the strategy's `top_k`."""
+def plan(source: HybridConfig, config: PruneConfig | SearchConfig) -> Plan:
+    """What `prune_to_budget` (or a search) would consider for an architecture with no weights (the
+    importance prior: the last blocks of each kind go first), limited to the strategy's `top_k`. Raises
+    when nothing meets the budget, before anything is loaded."""
     started = time.perf_counter()
     strategy = config.build_strategy()
     proposals = strategy.propose(source, None, config.budget)

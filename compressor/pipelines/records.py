@@ -130,6 +130,7 @@ class SearchRecord:
     distill: dict[str, Any]
     rank_by: str
     candidates: list[Candidate]
+    data_fingerprint: str = ""  # of the calibration / distillation sequences (`TokenSequences.fingerprint`)
     ranking: list[int] = field(default_factory=list)  # finished finalists, best first
     pareto: dict[str, list[int]] = field(default_factory=dict)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,11 @@ from typing import Any
 
 from compressor.budget import Budget
 from compressor.checkpoint import fingerprint, load_model, parse_dtype, write_checkpoint
+from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.model import HybridLM
-from compressor.outputs import atomic_output, check_output
+from compressor.outputs import atomic_output, check_output, output_lock, staging, swap_in
 from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
 from compressor.pipelines.records import Candidate, Distilled, SearchRecord, read_json, write_json
 from compressor.pipelines.source import CalibrationConfig, Source
@@ -84,22 +86,27 @@ class SearchConfig:
         )
 
 
-def load_search(folder: str | Path) -> SearchRecord:
-    """The record of a search folder."""
-    folder = Path(folder)
+def load_search(folder: str | Path, *, incoming: bool = False) -> SearchRecord:
+    """The record of a search folder (with `incoming`, of the search replacing it, if one is under way)."""
+    folder = _active(Path(folder)) if incoming else Path(folder)
     if not (folder / SEARCH_FILE).is_file():
         raise CompressorError(f"{folder} is not a search folder (no {SEARCH_FILE}): run `compress search` first")
     try:
         return SearchRecord.from_dict(read_json(folder / SEARCH_FILE, "a search record"))
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError, CompressorError) as exc:
         raise CompressorError(f"{folder / SEARCH_FILE} is not a search record of this version ({exc})") from None
+
+
+def _active(out: Path) -> Path:
+    """Where the search of `out` works: its staging folder while an --overwrite search is under way."""
+    return staging(out) if (staging(out) / SEARCH_FILE).is_file() else out
 
 
 def resume_calibration(folder: str | Path) -> CalibrationConfig:
     """How the search in `folder` read its source and data, with its saved importance reused."""
-    record = load_search(folder)
-    raw = {**record.calibration, "importance_dir": str(Path(folder) / IMPORTANCE_DIR)}
-    return CalibrationConfig.from_dict(raw)
+    work = _active(Path(folder))
+    record = load_search(work)
+    return CalibrationConfig.from_dict({**record.calibration, "importance_dir": str(work / IMPORTANCE_DIR)})
 
 
 def run_search(
@@ -111,37 +118,61 @@ def run_search(
     overwrite: bool = False,
     say: Callable[[str], None] = print,
 ) -> SearchRecord:
-    """Propose, score, distill the finalists, rank (module docstring)."""
+    """Propose, score, distill the finalists, rank (module docstring). A search replacing an existing one
+    (`overwrite`) works in `staging(out)` and takes its place only when it is complete."""
     out = Path(out)
     _check_source_data(source, config)
-    if resume:
-        record = load_search(out)
-        if record.source.fingerprint != source.fingerprint:
-            raise CompressorError(
-                f"{source.path} is not the model this search started from (fingerprint {source.fingerprint}, "
-                f"recorded {record.source.fingerprint}): resume with the recorded source {record.source.path}"
-            )
-        say(f"resuming the search in {out}")
-    else:
-        check_output(out, overwrite=overwrite)
-        record = _propose_and_score(source, config, say)
-        with atomic_output(out, overwrite=overwrite) as tmp:
-            source.importance.save(_mkdir(tmp / IMPORTANCE_DIR))
-            write_json(tmp / SEARCH_FILE, record.to_dict())
+    with output_lock(out):
+        if resume:
+            work = _active(out)
+            record = load_search(work)
+            _check_same_source(record, source)
+            say(f"resuming the search in {work}")
+        else:
+            calibration = source.config
+            inputs = (source.path, calibration.data, calibration.importance_dir, tokenizer_file(calibration.tokenizer))
+            check_output(out, overwrite=overwrite, inputs=inputs)
+            work = staging(out) if out.exists() else out
+            record = _propose_and_score(source, config, say)
+            if work.exists():
+                shutil.rmtree(work)  # a stale staging folder of an earlier --overwrite attempt
+            with atomic_output(work, overwrite=True) as tmp:
+                source.importance.save(_mkdir(tmp / IMPORTANCE_DIR))
+                write_json(tmp / SEARCH_FILE, record.to_dict())
+        _distill_finalists(source, record, work, config, say)
+        if work != out:
+            swap_in(work, out)
+    return record
+
+
+def _distill_finalists(source: Source, record: SearchRecord, work: Path, config: SearchConfig, say) -> None:
+    """Every finalist distilled (finished ones read back), then the ranking, the Pareto fronts and the plot."""
     teacher = _teacher(source.model, config.distill)
     for candidate in record.candidates:
         if candidate.finalist:  # its result.json says whether it is finished
-            candidate.distilled = _distill_finalist(source, teacher, candidate, out, config.distill, say)
-            write_json(out / SEARCH_FILE, record.to_dict())
+            candidate.distilled = _distill_finalist(source, teacher, candidate, work, config.distill, say)
+            write_json(work / SEARCH_FILE, record.to_dict())
     finished = [c for c in record.candidates if c.distilled is not None]
     record.ranking = [c.index for c in sorted(finished, key=lambda c: c.distilled.metric(record.rank_by))]
     record.pareto = pareto_front(record.candidates, record.rank_by)
-    write_json(out / SEARCH_FILE, record.to_dict())
-    write_json(out / PARETO_FILE, record.pareto)
+    write_json(work / SEARCH_FILE, record.to_dict())
+    write_json(work / PARETO_FILE, record.pareto)
     from compressor.plots import plot_pareto
 
-    plot_pareto(record, out / PLOT_FILE)
-    return record
+    plot_pareto(record, work / PLOT_FILE)
+
+
+def _check_same_source(record: SearchRecord, source: Source) -> None:
+    if record.source.fingerprint != source.fingerprint:
+        raise CompressorError(
+            f"{source.path} is not the model this search started from (fingerprint {source.fingerprint}, "
+            f"recorded {record.source.fingerprint}): resume with the recorded source {record.source.path}"
+        )
+    if record.data_fingerprint and record.data_fingerprint != source.sequences.fingerprint():
+        raise CompressorError(
+            f"{source.config.data} no longer holds the data this search started on (its content changed): resume "
+            "with the same data, or start a new search"
+        )
 
 
 def _check_source_data(source: Source, config: SearchConfig) -> None:
@@ -170,6 +201,7 @@ def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str]
         strategy=strategy.name,
         strategy_options=options_to_dict(strategy.options),
         calibration=source.config.to_dict(),
+        data_fingerprint=source.sequences.fingerprint(),
         distill=config.distill.to_dict(),
         rank_by=config.rank_by,
         candidates=candidates,
@@ -255,7 +287,7 @@ def materialize(
     search_dir, out = Path(search_dir), Path(out)
     record = load_search(search_dir)
     candidate = record.candidate(index)
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path))
     if distilled:
         model_dir = search_dir / "candidates" / str(index) / "distill" / "model"
         if candidate.distilled is None or not (model_dir / "config.json").is_file():
@@ -263,7 +295,7 @@ def materialize(
                 f"candidate {index} was not distilled in this search: materialize it without --distilled"
             )
         model = load_model(model_dir, dtype=dtype, device=device)
-        with atomic_output(out, overwrite=overwrite) as tmp:
+        with atomic_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path)) as tmp:
             write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=model_dir)
         return out
     source_path = record.source.path
@@ -271,7 +303,7 @@ def materialize(
         raise CompressorError(f"{source_path} changed since the search: its fingerprint no longer matches")
     importance = Importance.load(search_dir / IMPORTANCE_DIR, record.source.fingerprint)
     source = load_model(source_path, dtype=dtype, device=device)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path)) as tmp:
         write_pruned(source, importance, candidate.target, tmp, tokenizer_from=source_path)
     return out
 

@@ -108,6 +108,7 @@ def calibrate(
             tokenizer=config.tokenizer,
             text_field=config.text_field,
             max_sequences=wanted,
+            vocab_size=model.config.vocab_size,
         )
         needed = first_held_out + config.score_samples
         if len(sequences) < needed:
@@ -132,6 +133,12 @@ def calibrate(
         }
         mine = distributed.share(batches, world)
         importance = estimate(model, mine, config.importance, world=world, meta=meta, on_batch=on_batch)
+        broken = importance.nonfinite()
+        if broken:
+            raise CompressorError(
+                f"importance of {config.model} came out NaN or infinite ({', '.join(broken)}): its activations "
+                "overflow; estimate in float32 (--dtype float32)"
+            )
     held_out = []
     if sequences is not None and config.score_samples:
         rows = sequences.head(first_held_out + config.score_samples).to_numpy()[first_held_out:]

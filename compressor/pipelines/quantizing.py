@@ -1,0 +1,101 @@
+"""`compress quantize`: a checkpoint in, its ModelOpt-quantized Hugging Face export out.
+
+Load the model, read `samples` calibration sequences, quantize and calibrate with ModelOpt (the hybrid
+recipe of `compressor.quantize`), export (weights + scales + hf_quant_config.json), and report what the
+files take next to what the budget model predicted for that format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor.budget import weight_bytes
+from compressor.checkpoint import checkpoint_bytes, load_model
+from compressor.data import model_sequences, tokenizer_file
+from compressor.distributed import resolve_device
+from compressor.errors import CompressorError, OptionError
+from compressor.outputs import check_free_space, check_output
+from compressor.quantize import HF_QUANT_CONFIG, QuantRecipe, export_quantized, quantize, stored_weight_bytes
+
+BUDGET_DTYPES = {"fp8": "fp8", "nvfp4": "fp4"}  # formats the budget model sizes
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What to quantize to and what to calibrate on."""
+
+    recipe: QuantRecipe
+    data: str
+    samples: int = 512
+    seq_len: int = 2048
+    batch_size: int = 1
+    dtype: str = "bfloat16"  # of the unquantized tensors of the export
+    tokenizer: str | None = None
+    text_field: str = "text"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, low in (("samples", 1), ("seq_len", 2), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise OptionError(name, f"must be at least {low}, got {getattr(self, name)}")
+
+
+@dataclass
+class QuantizeRecord:
+    """What was written: the format, the modules left in high precision, the stored weight bytes (and
+    the budget model's prediction for the format, when it sizes it)."""
+
+    format: str
+    quant_algo: str
+    excluded: list[str]
+    stored_bytes: int
+    budget_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def quantize_checkpoint(
+    model_path: str | Path,
+    config: QuantizeConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> QuantizeRecord:
+    """Quantize, calibrate and export `model_path` into `out` (module docstring)."""
+    check_output(out, overwrite=overwrite, inputs=(model_path, config.data, tokenizer_file(config.tokenizer)))
+    check_free_space(out, checkpoint_bytes(model_path), "the quantized checkpoint")  # never larger than the source
+    model = load_model(model_path, device=resolve_device(config.device))
+    sequences = model_sequences(
+        config.data,
+        model_path,
+        model.config.eos_id,
+        seq_len=config.seq_len,
+        tokenizer=config.tokenizer,
+        text_field=config.text_field,
+        max_sequences=config.samples,
+        vocab_size=model.config.vocab_size,
+    )
+    if len(sequences) < config.samples:
+        raise CompressorError(
+            f"{config.data} holds {len(sequences)} sequences of {config.seq_len} tokens, fewer than --samples "
+            f"{config.samples}: use more data, a smaller --seq-len or fewer --samples"
+        )
+    arch = model.config
+    batches = sequences.batches(config.batch_size, shuffle=False, drop_last=False)
+    quantize(model, config.recipe, batches, on_batch=on_batch)
+    export_quantized(model, out, dtype=config.dtype, tokenizer_from=model_path, overwrite=overwrite)
+    quantization = json.loads((Path(out) / HF_QUANT_CONFIG).read_text())["quantization"]
+    budget_dtype = BUDGET_DTYPES.get(config.recipe.format)
+    return QuantizeRecord(
+        format=config.recipe.format,
+        quant_algo=quantization["quant_algo"],
+        excluded=quantization.get("exclude_modules", []),
+        stored_bytes=stored_weight_bytes(out).total,
+        budget_bytes=weight_bytes(arch, budget_dtype) if budget_dtype else None,
+    )
