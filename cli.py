@@ -420,6 +420,59 @@ def _print_versus(model: str, baseline: str, versus) -> None:
     console.print(f"speedup: {versus.speedup:.2f}x tokens/s (decode {versus.decode_speedup:.2f}x)", highlight=False)
 
 
+# ----- memory plans (dry runs) --------------------------------------------------------------------------
+NPROC_OPTION = option("nproc", int | None, "Dry run: processes (GPUs) to plan for (default: the fewest that fit).")
+# importance, distill, train: the GPU to plan for (prune and search plan for their budget's --gpu)
+PLAN_OPTIONS = [
+    NPROC_OPTION,
+    option("gpu", str | None, "Dry run: plan for this GPU's memory (a10g, l4, l40s, a100-80gb, h100-sxm, h200, b200)."),
+]
+
+
+def _print_memory_plans(plans: list, options: dict[str, Any], gpu, device: str) -> list[dict]:
+    """One table per stage: bytes per process at --nproc (default: the fewest that fit), the verdict, the
+    fewest processes that fit on `gpu` (a GPUSpec; else the local device's free memory); returns the JSON
+    form (and prints nothing with --json)."""
+    from compressor import planning
+    from compressor.distributed import resolve_device
+
+    if options.get("nproc") is not None and options["nproc"] < 1:
+        raise OptionError("nproc", f"must be at least 1, got {options['nproc']}")
+    memory = planning.device_memory(gpu, resolve_device(device) if gpu is None else "cpu")
+    label = gpu.name if gpu is not None else str(resolve_device(device))
+    out = []
+    for plan in plans:
+        nproc = options.get("nproc") or (plan.smallest_nproc(memory) if memory is not None else None) or 1
+        out.append({**plan.to_dict(nproc, memory), "device": label})
+        if options.get("json"):
+            continue
+        rows = [[name, fmt_memory(nbytes)] for name, nbytes in plan.terms(nproc).items()]
+        rows.append(["[bold]total", f"[bold]{fmt_memory(plan.total(nproc))}"])
+        console.print(table(f"memory plan: {plan.stage}, per process of {nproc}", ["term", "size"], rows))
+        for line in [*planning.describe(plan, nproc, memory, label), *plan.notes]:
+            console.print(line, highlight=False)
+    if gpu is not None and not options.get("json"):
+        reserve = fmt_memory(planning.GPU_RESERVE)
+        console.print(
+            f"usable: {gpu.name}'s {fmt_memory(gpu.memory)} less {reserve} for the CUDA context and the allocator; "
+            "activations as compressor's torch path keeps them"
+        )
+    return out
+
+
+def _plan_gpu(name: str | None):
+    from compressor.budget import get_gpu
+
+    return get_gpu(name) if name is not None else None
+
+
+def _plan_dtype(config, dtype: str | None):
+    """The weights' dtype a stage runs in: --dtype, else the checkpoint's, else bf16 (a preset)."""
+    from compressor.checkpoint import parse_dtype
+
+    return parse_dtype(dtype or config.extra.get("dtype") or config.extra.get("torch_dtype") or "bfloat16")
+
+
 # ----- init ---------------------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -487,16 +540,19 @@ def eval_(
     json_output: JsonOption = False,
 ) -> None:
     """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too. Several
-    models are evaluated on the same sequences and compared in one table."""
+    models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
+    the models are sharded across the processes, each evaluates its share of the batches."""
+    from compressor import distributed
+    from compressor.budget import num_parameters
     from compressor.checkpoint import load_model
     from compressor.data import model_sequences
-    from compressor.distributed import resolve_device
     from compressor.evaluate import evaluate
     from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
 
     def load(path: Path):
-        """The model as deployed: a quantized checkpoint dequantized, its activations quantized."""
-        model = load_model(path, dtype=dtype, device=torch_device)
+        """The model as deployed: a quantized checkpoint dequantized, its activations quantized (sharded
+        across the processes under torchrun)."""
+        model = load_model(path, dtype=dtype, world=world)
         if not weights_only and is_quantized_checkpoint(path):
             quantize_activations(model, path)
         return model
@@ -506,26 +562,35 @@ def eval_(
     check_at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_sequences=(max_sequences, 1), seed=(seed, 0))
     if not 0 < valid_fraction < 1:
         raise OptionError("valid_fraction", f"must be between 0 and 1, got {valid_fraction}")
-    torch_device = resolve_device(device)
-    teacher_model = load_model(teacher, dtype=dtype, device=torch_device) if teacher is not None else None
-    first = load(models[0])
-    limit = max_sequences if split == "all" else None
-    sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
-                                text_field=text_field, max_sequences=limit,
-                                vocab_size=first.config.vocab_size)  # fmt: skip
-    if split != "all":
-        train, valid = sequences.split(valid_fraction, seed)
-        sequences = valid if split == "valid" else train
-        sequences = sequences.head(max_sequences) if max_sequences is not None else sequences
-    results = []
-    with progress_bar() as progress:
-        task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
-        for path in models:
-            student = first if path == models[0] else load(path)
-            batches = sequences.batches(batch_size, shuffle=False, drop_last=False)
-            result = evaluate(student, batches, teacher=teacher_model, on_batch=lambda n: progress.advance(task, n))
-            weights = stored_weight_bytes(path)
-            results.append((path, student.num_parameters(), result, weights.quant_algo or "/".join(weights.by_dtype)))
+    world = distributed.init(distributed.resolve_device(device))
+    try:
+        teacher_model = load_model(teacher, dtype=dtype, world=world) if teacher is not None else None
+        first = load(models[0])
+        limit = max_sequences if split == "all" else None
+        sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
+                                    text_field=text_field, max_sequences=limit,
+                                    vocab_size=first.config.vocab_size)  # fmt: skip
+        if split != "all":
+            train, valid = sequences.split(valid_fraction, seed)
+            sequences = valid if split == "valid" else train
+            sequences = sequences.head(max_sequences) if max_sequences is not None else sequences
+        batches = distributed.share(list(sequences.batches(batch_size, shuffle=False, drop_last=False)), world)
+        results = []
+        with progress_bar() as progress:
+            progress.disable = not world.is_main
+            task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
+            for path in models:
+                student = first if path == models[0] else load(path)
+                advance = lambda n: progress.advance(task, n * world.size)  # noqa: E731
+                result = evaluate(student, batches, teacher=teacher_model, on_batch=advance, world=world)
+                weights = stored_weight_bytes(path)
+                formats = weights.quant_algo or "/".join(weights.by_dtype)
+                results.append((path, num_parameters(student.config), result, formats))
+                del student
+    finally:
+        distributed.close(world)
+    if not world.is_main:
+        return
     for path, _, result, _ in results:
         if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
             say(f"[yellow]warning:[/] {path}: the loss is not finite (an overflow: evaluate with --dtype float32)")
@@ -579,10 +644,11 @@ def generate(
 # ----- importance ---------------------------------------------------------------------------------------
 @app.command()
 @friendly
+@with_group("plan", PLAN_OPTIONS)
 def importance(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to score.")],
-    data: Annotated[str, typer.Option(help="Calibration text or tokens (as for `compress eval`).")],
-    out: Annotated[Path, typer.Option(help="Importance folder to write.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to score (--dry-run: also a preset or config).")],
+    data: Annotated[str | None, typer.Option(help="Calibration text or tokens (as for `compress eval`).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Importance folder to write.")] = None,
     samples: SamplesOption = 1024,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
@@ -596,17 +662,33 @@ def importance(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the memory plan per process (--nproc, --gpu); score nothing.")
+    ] = False,
     json_output: JsonOption = False,
+    plan: dict[str, Any] | None = None,
 ) -> None:
     """Score every prunable axis (hidden channels, FFN neurons, Mamba heads and head_dim, attention heads,
     blocks) from activations on calibration data; pruning and strategies reuse the folder. Under
-    `torchrun --nproc-per-node N` each process scores its share."""
+    `torchrun --nproc-per-node N` the model is sharded across the processes, each scores its share."""
     from compressor import distributed
     from compressor.importance import ImportanceOptions
     from compressor.outputs import atomic_output, check_output
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
     options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
+    if dry_run:
+        from compressor import planning
+
+        arch, _ = load_config_or_preset(str(model))
+        plans = [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=_plan_dtype(arch, dtype),
+                                          drop_one=drop_one != "none")]  # fmt: skip
+        result = _print_memory_plans(plans, {**plan, "json": json_output}, _plan_gpu(plan.get("gpu")), device)
+        if json_output:
+            print_json(result[0])
+        return
+    if data is None or out is None:
+        raise OptionError("data" if data is None else "out", "is needed (or --dry-run to only plan the memory)")
     config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
                                batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
                                text_field=text_field, device=device, dtype=dtype)  # fmt: skip
@@ -668,6 +750,7 @@ def _print_importance(scores, out: Path) -> None:
 @friendly
 @with_group("budget", BUDGET_OPTIONS, budget_from)
 @with_group("strategy_options", strategy_options())
+@with_group("plan", [NPROC_OPTION])
 def prune_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")] = None,
@@ -690,36 +773,62 @@ def prune_command(
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
     dry_run: Annotated[
-        bool, typer.Option(help="Only list the candidates that fit (works on presets and config.json too).")
+        bool,
+        typer.Option(
+            help="Only list the candidates that fit and plan the memory per process (--nproc; the budget's "
+            "--gpu); works on presets and config.json too."
+        ),
     ] = False,
     json_output: JsonOption = False,
     budget=None,
     strategy_options: dict[str, str] | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> None:
-    """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default)."""
-    from compressor.pipelines.pruning import PruneConfig, plan, prune_to_budget
+    """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default).
+    Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
+    from compressor.pipelines.pruning import PruneConfig, prune_to_budget
+    from compressor.pipelines.pruning import plan as candidates_plan
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
     export = _read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score)
     if dry_run:
         arch, _ = load_config_or_preset(str(model))
-        _print_plan(plan(arch, config), config, json_output)
+        result = candidates_plan(arch, config)
+        stages = _compression_plans(
+            arch, result.candidates, seq_len=seq_len, batch_size=batch_size, score_samples=score_samples,
+            importance=importance_dir is None, dtype=dtype,
+        )  # fmt: skip
+        gpu = budget.gpu if budget is not None else None
+        if json_output:
+            memory = _print_memory_plans(stages, {**plan, "json": True}, gpu, device)
+            print_json({**result.to_dict(), "memory_plans": memory})
+            return
+        _print_plan(result, config, json_output)
+        _print_memory_plans(stages, plan, gpu, device)
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
-    plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now, not after calibrating
+    candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now, not later
     calibration = CalibrationConfig(
         str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
         tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
     )  # fmt: skip
+    from compressor import distributed
     from compressor.outputs import check_output
 
     check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
-    with err_console.status("pruning") as status:
-        progress = lambda text: (status.update(text), say(text))  # noqa: E731
-        record = prune_to_budget(calibrate(calibration, say=progress), config, out, overwrite=overwrite, say=progress)
+    world = distributed.init(distributed.resolve_device(device))  # torchrun: the source is sharded
+    try:
+        with err_console.status("pruning") as status:
+            progress = lambda text: (status.update(text), say(text)) if world.is_main else None  # noqa: E731
+            source = calibrate(calibration, world=world, say=progress)
+            record = prune_to_budget(source, config, out, overwrite=overwrite, say=progress)
+    finally:
+        distributed.close(world)
+    if not world.is_main:
+        return
     if json_output:
         print_json(record.to_dict())
         return
@@ -731,6 +840,24 @@ def prune_command(
     out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
     console.print(out_table)
     console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/]")
+
+
+def _compression_plans(arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None):
+    """The memory plans of a compression on `arch`: importance (unless reused), scoring the candidates (the
+    largest of them) on the held-out batches, and a finalist's distillation (`distill`, a TrainConfig)."""
+    from compressor import planning
+
+    weights = _plan_dtype(arch, dtype)
+    largest = max(candidates, key=lambda c: c.params).target.config(arch)
+    batches = -(-score_samples // batch_size)
+    plans = (
+        [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=weights)] if importance else []
+    )
+    plans.append(planning.scoring_plan(arch, largest, seq_len=seq_len, batch_size=batch_size, batches=max(batches, 1),
+                                       dtype=weights))  # fmt: skip
+    if distill is not None:
+        plans.append(planning.training_plan(distill, largest, arch, "cuda"))
+    return plans
 
 
 def _read_export_config(text: str) -> dict:
@@ -769,9 +896,10 @@ def _print_plan(result, config, json_output: bool) -> None:
 @friendly
 @with_group("budget", BUDGET_OPTIONS, budget_from)
 @with_group("strategy_options", strategy_options())
+@with_group("plan", [NPROC_OPTION])
 def search(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress.")],
-    out: Annotated[Path, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress (--dry-run: also a preset or config).")],
+    out: Annotated[Path | None, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")] = None,
     data: Annotated[str | None, typer.Option(help="Calibration and distillation data (text or tokens).")] = None,
     strategy: Annotated[str, typer.Option(help="minipuzzle, minitron, or a plugged-in one.")] = "minipuzzle",
     candidates: Annotated[int, typer.Option(help="Finalists put through the short distillation.")] = 8,
@@ -792,18 +920,48 @@ def search(
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="List the candidates that fit and plan the memory per process of importance, scoring "
+            "and a finalist's distillation (--nproc; the budget's --gpu); search nothing."
+        ),
+    ] = False,
     json_output: JsonOption = False,
     budget=None,
     strategy_options: dict[str, str] | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
     from compressor.budget import parse_tokens
-    from compressor.pipelines.pruning import plan
+    from compressor.pipelines.pruning import PruneConfig
+    from compressor.pipelines.pruning import plan as candidates_plan
     from compressor.pipelines.search import SearchConfig, load_search, resume_calibration, run_search
     from compressor.pipelines.source import CalibrationConfig, calibrate
     from compressor.train import TrainConfig
 
+    if dry_run:
+        if budget is None:
+            raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
+        arch, _ = load_config_or_preset(str(model))
+        prune_config = PruneConfig(budget, strategy, strategy_options or {})
+        result = candidates_plan(arch, prune_config)
+        distill = TrainConfig(student="", out="", data="", teacher=str(model), seq_len=seq_len, batch_size=batch_size,
+                              micro_batch_size=micro_batch_size)  # fmt: skip
+        stages = _compression_plans(
+            arch, result.candidates, seq_len=seq_len, batch_size=1, score_samples=score_samples,
+            importance=importance_dir is None, dtype=dtype, distill=distill,
+        )  # fmt: skip
+        if json_output:
+            memory = _print_memory_plans(stages, {**plan, "json": True}, budget.gpu, device)
+            print_json({**result.to_dict(), "memory_plans": memory})
+            return
+        _print_plan(result, prune_config, json_output)
+        _print_memory_plans(stages, plan, budget.gpu, device)
+        return
+    if out is None:
+        raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
     if resume:
         config, calibration = SearchConfig.from_record(load_search(out, incoming=True)), resume_calibration(out)
     else:
@@ -817,7 +975,7 @@ def search(
         config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by)
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
-        plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
+        candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
         calibration = CalibrationConfig(
             str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
             score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
@@ -952,11 +1110,11 @@ class RichReporter:
 
 def _run_training(options: dict[str, Any]) -> None:
     """Build the TrainConfig from a command's options, then plan (--dry-run) or train."""
-    from compressor.budget import format_bytes, parse_tokens
+    from compressor.budget import parse_tokens
     from compressor.losses import LossSpec
-    from compressor.train import TrainConfig, memory_plan, train
+    from compressor.train import TrainConfig, train
 
-    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
+    dry_run, quiet, plan = options.pop("dry_run"), options.pop("quiet"), options.pop("plan")
     loss_fields = [f.name for f in dataclasses.fields(LossSpec)]
     loss = LossSpec(**{name: options.pop(name) for name in loss_fields})
     tokens = options.pop("tokens")
@@ -964,23 +1122,18 @@ def _run_training(options: dict[str, Any]) -> None:
     config = TrainConfig(tokens=parse_tokens(tokens) if tokens is not None else None, loss=loss, **options)
     config.validate()
     if dry_run:
-        plan = memory_plan(config)
-        rows = [[name, format_bytes(nbytes)] for name, nbytes in plan["terms"].items()]
-        console.print(
-            table(
-                "memory plan (per process)",
-                ["term", "size"],
-                [*rows, ["[bold]total", f"[bold]{format_bytes(plan['total'])}"]],
-            )
-        )
-        if plan["available"] is not None:
-            spare = plan["available"] - plan["total"]
-            verdict = "fits" if spare >= 0 else "does not fit"
-            console.print(
-                f"{verdict} on {plan['device']}: {format_bytes(plan['available'])} available, "
-                f"{format_bytes(abs(spare))} {'to spare' if spare >= 0 else 'short'}"
-            )
+        from compressor import planning
+        from compressor.distributed import resolve_device
+
+        gpu = _plan_gpu(plan.get("gpu"))
+        device = "cuda" if gpu is not None else resolve_device(config.device)
+        student, _ = load_config_or_preset(config.student)
+        teacher = load_config_or_preset(config.teacher)[0] if config.teacher is not None else None
+        _print_memory_plans([planning.training_plan(config, student, teacher, device)], plan, gpu, config.device)
         return
+    for name in ("data", "out"):
+        if options[name] is None:
+            raise OptionError(name, "is needed (or --dry-run to only plan the memory)")
     reporter = RichReporter(quiet)
     try:
         result = train(config, reporter)
@@ -997,8 +1150,8 @@ def _run_training(options: dict[str, Any]) -> None:
 def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
     """The options `compress distill` and `compress train` share (compressor.train.TrainConfig)."""
     return [
-        option("data", str, "Training text or tokens (as for `compress eval`).", REQUIRED),
-        option("out", Path, "Run folder: model/ (latest checkpoint), metrics.jsonl.", REQUIRED),
+        option("data", str | None, "Training text or tokens (as for `compress eval`)."),
+        option("out", Path | None, "Run folder: model/ (latest checkpoint), metrics.jsonl."),
         option("tokens", str | None, "Token budget, e.g. 50M or 2B (sets the steps)."),
         option("steps", int | None, "Optimizer steps (default: one epoch)."),
         option("seq_len", int, "Tokens per sequence.", 512),
@@ -1021,13 +1174,15 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
         option("seed", int, "Seed of data order, split and initialisation.", 0),
         option("dtype", str, "Master-weight dtype of the trained model.", "float32"),
         option("autocast", str, "auto (bf16 on CUDA), bf16 or off.", "auto"),
-        option("grad_checkpointing", bool, "Recompute each block in backward (long --seq-len in less memory).", False),
+        option("activation_checkpointing", bool, "Recompute each block in backward: less memory, ~1/3 more compute.",
+               False),
         option("tokenizer", Path | None, "Tokenizer (default: the trained model's)."),
         option("text_field", TextFieldOption, default="text"),
         option("device", DeviceOption, default="auto"),
         option("overwrite", bool, "Replace an existing run folder.", False),
         option("resume", bool, "Continue the run in --out from its checkpoint.", False),
-        option("dry_run", bool, "Print the memory plan and whether it fits; train nothing.", False),
+        option("dry_run", bool, "Print the memory plan per process (--nproc, --gpu) and what fits; train nothing.",
+               False),
         option("quiet", bool, "No live display.", False),
     ]  # fmt: skip
 
@@ -1035,6 +1190,7 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
 @app.command()
 @friendly
 @with_group("run", training_options(lr=1e-4, min_lr=1e-5), dict)
+@with_group("plan", PLAN_OPTIONS)
 def distill(
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint folder.")],
     student: Annotated[Path, typer.Argument(help="Student checkpoint folder (e.g. the pruned model).")],
@@ -1054,24 +1210,27 @@ def distill(
     ] = None,
     calib_sequences: Annotated[int, typer.Option(help="Training sequences that calibrate --quantize.")] = 128,
     run: dict[str, Any] | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> None:
     """Distill TEACHER's next-token distribution into STUDENT (logit distillation). Under
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
-    options = {k: v for k, v in locals().items() if k != "run"}
+    options = {k: v for k, v in locals().items() if k not in ("run", "plan")}
     options["quantize_keep"] = tuple(quantize_keep or ())
-    _run_training({**options, **run})
+    _run_training({**options, **run, "plan": plan})
 
 
 @app.command("train")
 @friendly
 @with_group("run", training_options(lr=1e-3, min_lr=1e-4), dict)
+@with_group("plan", PLAN_OPTIONS)
 def train_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to train (e.g. from `compress init`).")],
     run: dict[str, Any] | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> None:
     """Plain language-model training of MODEL (the distillation loop without a teacher)."""
     options = dict(student=model, divergence="forward_kl", temperature=1.0, jsd_beta=0.5, lm_weight=1.0)
-    _run_training({**options, **run})
+    _run_training({**options, **run, "plan": plan})
 
 
 def main() -> None:  # pragma: no cover - console entry point

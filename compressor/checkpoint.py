@@ -2,10 +2,18 @@
 
 A checkpoint folder holds `config.json`, weights as `model.safetensors` or shards listed in
 `model.safetensors.index.json`, and tokenizer files. Only safetensors are read: pickle-based weights
-(`pytorch_model.bin`, `.pt`) can run arbitrary code when loaded and are refused. Loading builds the model
-on the meta device and assigns tensors shard by shard, so the weights are in memory once. The MoE router's
-tensors (`compressor.model.FP32_TENSORS`) stay in fp32 whatever dtype the rest is loaded in, as
-transformers keeps them.
+(`pytorch_model.bin`, `.pt`) can run arbitrary code when loaded and are refused. The MoE router's tensors
+(`compressor.model.FP32_TENSORS`) stay in fp32 whatever dtype the rest is loaded in, as transformers keeps
+them.
+
+Memory: a model's weights are never held twice, whatever its size.
+- Loading builds the model on the meta device (`empty_model`) and gives it its tensors one at a time
+  (`materialize`): a tensor already in the wanted dtype is the file's memory map, read when first used;
+  under several processes the empty model is sharded first and each keeps only its rows.
+- Saving (`write_weights`) lays the shards out from the tensors' shapes and dtypes, then writes each tensor
+  straight from its memory at its offset, so the tensors may come one at a time from a generator (pruning
+  writes a checkpoint without ever building the pruned model).
+- `init_checkpoint` fills an empty model in the target dtype: a bf16 model never exists in fp32.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from compressor import distributed
 from compressor.config import HybridConfig
 from compressor.errors import CheckpointError
 from compressor.model import FP32_TENSORS, HybridLM
@@ -47,6 +56,21 @@ DTYPES = {
     "fp16": torch.float16,
 }
 DEFAULT_SHARD_BYTES = 5 * 2**30
+# safetensors' names of the dtypes a checkpoint may hold
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -161,14 +185,21 @@ def fingerprint(path: str | Path) -> str:
 
 
 def load_model(
-    path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    world: distributed.World | None = None,
+    frozen: bool = True,
 ) -> HybridLM:
     """Load a checkpoint folder into a `HybridLM` in eval mode.
 
     dtype None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else the stored one). The
     router tensors of MoE blocks are loaded in fp32 in any case. A quantized checkpoint (ModelOpt export:
     `quantization_config` in config.json) is dequantized into `dtype` (default: config.json's, else
-    bfloat16); see `compressor.quantize`.
+    bfloat16); see `compressor.quantize`. With a `world` of several processes the model is sharded across
+    them (`compressor.distributed.shard`; `frozen` False for a model to be trained): each process reads and
+    keeps only its rows of what is sharded.
     """
     from compressor.quantize import QuantizedCheckpoint
 
@@ -176,21 +207,82 @@ def load_model(
     config = HybridConfig.from_file(path)
     files = weight_files(path)
     dtype = parse_dtype(dtype) or parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
-    quantized = QuantizedCheckpoint.read(path, config, device)
+    quantized = QuantizedCheckpoint.read(path, config)
     if quantized is not None:
         dtype = dtype or torch.bfloat16
         config.extra.pop("quantization_config")  # the loaded model holds plain weights
+    model = empty_model(config, dtype or _first_stored_dtype(files))
+    world = world or distributed.World(device=torch.device(device))
+    distributed.shard(model, world, frozen=frozen)
+    stored = _stored_tensors(files, model, quantized, one_map_each=world.distributed)
+    loaded = materialize(model, stored, world)
+    expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
+    broken = nonfinite_tensors(model)
+    if distributed.all_reduce_sum([len(broken)], world)[0]:  # every process stops, also those whose rows are fine
+        where = f"{broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}" if broken else "elsewhere"
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights ({where}): it is damaged or diverged in training; "
+            "use an earlier checkpoint"
+        )
+    return model.eval()
+
+
+def empty_model(config: HybridConfig, dtype: torch.dtype) -> HybridLM:
+    """`config`'s model on the meta device (no memory), every tensor in `dtype` but the MoE routers'
+    (`FP32_TENSORS`, fp32): what loading, pruning and initialisation fill tensor by tensor."""
     with torch.device("meta"):
-        model = HybridLM(config)
+        model = HybridLM(config).to(dtype)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith(FP32_TENSORS):
+            tensor.data = tensor.data.float()
+    return model
+
+
+@torch.no_grad()
+def materialize(model: HybridLM, tensors: Iterable[tuple[str, torch.Tensor]], world: distributed.World) -> set[str]:
+    """Give an empty (meta) model its tensors, one (name, whole tensor) at a time, on `world.device`, each
+    cast to the dtype the empty model has for it; returns the names given. A model sharded across several
+    processes keeps this process's rows of each (`distributed.local_rows`); otherwise each tensor is placed
+    as it is when its device and dtype are right (no copy). Tied embeddings are tied again at the end."""
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        model.to_empty(device=world.device)
+    given = set()
+    for name, tensor in tensors:
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, attribute)
+        if sharded:
+            local = current.to_local() if hasattr(current, "to_local") else current  # buffers are not sharded
+            rows = distributed.local_rows(tensor, world) if local is not current else tensor
+            local.copy_(rows)
+        else:
+            value = tensor.detach().to(device=world.device, dtype=current.dtype)
+            is_parameter = isinstance(current, torch.nn.Parameter)
+            setattr(module, attribute, torch.nn.Parameter(value, current.requires_grad) if is_parameter else value)
+        given.add(name)
+    if model.config.tie_word_embeddings and not sharded:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return given
+
+
+def _stored_tensors(
+    files: dict[str, Path], model: HybridLM, quantized=None, *, one_map_each: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, as stored (memory-mapped: read when used; quantized layers of
+    a `compressor.quantize.QuantizedCheckpoint` dequantized), each checked against the architecture of
+    `model` (an empty model of config.json). With `one_map_each` every tensor maps its file anew, so the
+    pages it read leave memory with it: what a sharded model, which copies a few rows of each, needs (one
+    map per file would keep every page read until the file is done)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")
-    loaded: set[str] = set()
+    tied = model.config.tie_word_embeddings
     for file in sorted(set(files.values())):
-        shard = {}
-        with open_weights(file, device=str(device)) as f:
-            for name in f.keys():  # noqa: SIM118
+        with open_weights(file) as f:
+            for name in list(f.keys()):
                 if (tied and name == "lm_head.weight") or (quantized is not None and quantized.is_companion(name)):
                     continue
                 if name not in expected:
@@ -207,71 +299,57 @@ def load_model(
                         f"tensor {name} has shape {list(found)} in {file.name}, but config.json implies "
                         f"{list(expected[name])}"
                     )
-                tensor = f.get_tensor(name)
-                if layer is not None:
-                    tensor = layer.dequantize(tensor)
-                if name.endswith(FP32_TENSORS):
-                    shard[name] = tensor.float()
-                    continue
-                dtype = dtype or tensor.dtype
-                shard[name] = tensor.to(dtype)
-        model.load_state_dict(shard, strict=False, assign=True)
-        loaded.update(shard)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
-    if tied:
-        model.lm_head.weight = model.backbone.embeddings.weight
-    broken = nonfinite_tensors(model)
-    if broken:
-        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
-        raise CheckpointError(
-            f"checkpoint {path} holds NaN or infinite weights ({broken[0]}{more}): it is damaged or diverged in "
-            "training; use an earlier checkpoint"
-        )
-    return model.eval()
+                if not one_map_each:
+                    tensor = f.get_tensor(name)
+                else:
+                    with open_weights(file) as alone:
+                        tensor = alone.get_tensor(name)
+                yield name, layer.dequantize(tensor) if layer is not None else tensor
+                del tensor
+
+
+def _first_stored_dtype(files: dict[str, Path]) -> torch.dtype:
+    """The dtype of the first stored tensor that is not a router's (what a checkpoint without a dtype in
+    config.json is loaded in)."""
+    for file in sorted(set(files.values())):
+        with open_weights(file) as f:
+            for name in f.keys():  # noqa: SIM118
+                if not name.endswith(FP32_TENSORS):
+                    return f.get_tensor(name).dtype
+    return torch.float32
 
 
 def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters and buffers holding NaN or infinity."""
-    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    """Names of the parameters and buffers holding NaN or infinity (in this process's rows when sharded)."""
+    names = []
+    for name, tensor in model.state_dict().items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.is_floating_point() and not torch.isfinite(local).all():
+            names.append(name)
+    return names
 
 
 def write_checkpoint(
     folder: Path,
     config: HybridConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     *,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
     tokenizer_from: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
-    """Write config.json, the weights and the tokenizer files into an existing (temporary) folder."""
-    state = {name: t.detach().contiguous() for name, t in state_dict.items()}
+    """Write config.json, the weights and the tokenizer files into an existing (temporary) folder.
+
+    `state_dict` gives every tensor's name, shape and dtype (meta tensors will do); the data comes from
+    `tensors` when given (each name once, in any order, one at a time: see `write_weights`), else from
+    `state_dict` itself."""
+    layout = dict(state_dict)
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # stored once, as the embeddings
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        _save_weights(shards[0], folder / WEIGHTS_NAME)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _save_weights(shard, folder / name)
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        layout.pop("lm_head.weight", None)  # stored once, as the embeddings
+    stream = layout.items() if tensors is None else ((n, t) for n, t in tensors if n in layout)
+    write_weights(folder, layout, stream, max_shard_bytes=max_shard_bytes)
     raw = config.to_dict()
-    raw["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    raw["dtype"] = str(next(iter(layout.values())).dtype).removeprefix("torch.")
     if "torch_dtype" in raw:
         raw["torch_dtype"] = raw["dtype"]
     (folder / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
@@ -283,12 +361,91 @@ def write_checkpoint(
                 (folder / name).chmod(0o644)
 
 
-def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def write_weights(
+    folder: Path,
+    layout: Mapping[str, torch.Tensor],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Write `model.safetensors`, or shards of at most `max_shard_bytes` (but one tensor) plus
+    `model.safetensors.index.json`, with the names, shapes and dtypes of `layout` (in its order), filled from
+    `tensors`: (name, tensor) pairs, each name once, in any order. Each tensor is written at its offset
+    straight from its memory and then let go, so memory holds one tensor of the stream at a time.
+
+    The files are standard safetensors (a JSON header of dtypes, shapes and data offsets, then the data);
+    within a file, tensors are ordered by element size, largest first, so each starts aligned."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in layout.items():
+        nbytes = _nbytes(tensor)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = [folder / WEIGHTS_NAME] if len(shards) == 1 else [
+        folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]  # fmt: skip
+    handles = []
     try:
-        save_file(tensors, path, metadata={"format": "pt"})
-    except SafetensorError as exc:  # e.g. "No space left on device"
-        raise CheckpointError(f"writing {path} failed ({_first_line(exc)})") from None
-    path.chmod(0o644)  # safetensors creates the file private; a checkpoint is meant to be shared
+        where: dict[str, tuple[int, int]] = {}  # name -> (file, byte offset of its data)
+        for index, (names, file) in enumerate(zip(shards, files, strict=True)):
+            handles.append(open(file, "wb"))  # noqa: SIM115 (closed below, all together)
+            for name, offset in _write_header(handles[-1], layout, names).items():
+                where[name] = (index, offset)
+        written = set()
+        for name, tensor in tensors:
+            expected = layout[name]
+            if name in written or tuple(tensor.shape) != tuple(expected.shape):
+                raise CheckpointError(f"cannot write tensor {name}: given twice or with the wrong shape")
+            data = tensor.detach().to(device="cpu", dtype=expected.dtype).contiguous().reshape(-1)
+            index, offset = where[name]
+            handles[index].seek(offset)
+            handles[index].write(data.view(torch.uint8).numpy().data)
+            written.add(name)
+    except OSError as exc:  # e.g. "No space left on device"
+        raise CheckpointError(f"writing the weights into {folder} failed ({_first_line(exc)})") from None
+    finally:
+        for handle in handles:
+            handle.close()
+    if written != set(layout):
+        missing = sorted(set(layout) - written)
+        raise CheckpointError(f"no data was given for tensor(s) {', '.join(missing[:3])}")
+    for file in files:
+        file.chmod(0o644)  # a checkpoint is meant to be shared
+    if len(shards) > 1:
+        weight_map = {name: files[index].name for name, (index, _) in where.items()}
+        total = sum(_nbytes(t) for t in layout.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_header(handle, layout: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, int]:
+    """A safetensors header for the tensors `names` of `layout` (sorted by element size, largest first);
+    returns where each one's data goes in the file."""
+    names = sorted(names, key=lambda n: -layout[n].element_size())  # stable: layout order within a size
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        tensor = layout[name]
+        header[name] = {"dtype": _safetensors_dtype(tensor.dtype), "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + _nbytes(tensor)]}  # fmt: skip
+        offset += _nbytes(tensor)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    handle.write(len(encoded).to_bytes(8, "little") + encoded)
+    return {name: 8 + len(encoded) + header[name]["data_offsets"][0] for name in names}
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"cannot store {dtype} in safetensors")
+    return SAFETENSORS_DTYPES[dtype]
 
 
 def checkpoint_bytes(path: str | Path) -> int:
@@ -359,7 +516,7 @@ def init_checkpoint(
             source = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
             shutil.copyfile(source, Path(staging) / "tokenizer.json")
             tokenizer_from = staging
-        torch.manual_seed(seed)
-        model = HybridLM(config).to(torch_dtype)
+        model = empty_model(config, torch_dtype).to_empty(device="cpu")  # memory once, in the target dtype
+        model.reset_parameters(torch.Generator().manual_seed(seed))
         save_model(model, out, tokenizer_from=tokenizer_from, overwrite=overwrite)
     return params

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from compressor import distributed
 from compressor.errors import CompressorError, DataError
 from compressor.losses import LossSpec, LossStats, TeacherLogits, TeacherTopK, head_loss, next_token_labels
 from compressor.model import HybridLM
@@ -90,25 +91,44 @@ def batch_stats(
         )
 
 
-@torch.inference_mode()
+def reduce_stats(stats: LossStats, world: distributed.World) -> LossStats:
+    """`stats` summed over all processes (as they are on one)."""
+    if not world.distributed:
+        return stats
+    fields = [float(stats.divergence), float(stats.cross_entropy), float(stats.agreement)]
+    divergence, cross_entropy, agreement, tokens, label_tokens = distributed.all_reduce_sum(
+        [*fields, stats.tokens, stats.label_tokens], world
+    )
+    return LossStats(divergence, cross_entropy, agreement, int(tokens), int(label_tokens))
+
+
+@torch.no_grad()
 def evaluate(
     model: HybridLM,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor | None],
     *,
     teacher: HybridLM | None = None,
     chunk_tokens: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    world: distributed.World | None = None,
 ) -> EvalResult:
     """Evaluate `model` (and its agreement with `teacher`) on batches of token ids (batch, seq_len).
 
-    `on_batch(tokens)` is called after each batch (progress display).
+    `on_batch(tokens)` is called after each batch (progress display). Under several processes (models
+    sharded across `world`), give each its share of the batches from `distributed.share` (None: a padding
+    pass): the sums are reduced over all processes and every one returns the whole result.
     """
+    world = world or distributed.World(device=model.lm_head.weight.device)
     if teacher is not None:
         check_same_vocab(teacher, model)
-    device = model.lm_head.weight.device
     stats, teacher_stats = LossStats(), (LossStats() if teacher is not None else None)
     for batch in batches:
-        ids = batch.to(device)
+        if batch is None:
+            for each in (teacher, model):
+                if each is not None:
+                    distributed.idle_pass(each, world)
+            continue
+        ids = batch.to(world.device)
         targets = None
         if teacher is not None:
             targets = teacher_targets(teacher, ids)
@@ -117,4 +137,6 @@ def evaluate(
         batch_stats(model, ids, stats, teacher=targets, chunk_tokens=chunk_tokens)
         if on_batch is not None:
             on_batch(ids.numel())
-    return EvalResult.from_stats(stats, teacher_stats)
+    if teacher_stats is not None:
+        teacher_stats = reduce_stats(teacher_stats, world)
+    return EvalResult.from_stats(reduce_stats(stats, world), teacher_stats)

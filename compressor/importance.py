@@ -80,10 +80,10 @@ class ImportanceOptions:
 
 
 class _Statistic:
-    """A running reduction of (batch, seq, channels) activations to (channels,). With `size`, it finishes as
-    zeros when nothing passed (an expert no calibration token was routed to)."""
+    """A running reduction of (batch, seq, channels) activations to (channels,); zeros when nothing passed
+    (an expert no calibration token was routed to, a process with no batch of its own)."""
 
-    def __init__(self, options: ImportanceOptions, size: int | None = None) -> None:
+    def __init__(self, options: ImportanceOptions, size: int) -> None:
         self.size = size
         self.seq_norm = SEQ_NORMS[options.seq_reduce]
         self.batch_reduce = options.batch_reduce
@@ -111,7 +111,7 @@ class _Statistic:
 
     def finish(self, world: distributed.World) -> torch.Tensor:
         value, samples = self.value, self.samples
-        if value is None and self.size is not None:
+        if value is None:
             value = torch.zeros(self.size, device=world.device)
         if world.distributed:
             import torch.distributed as dist
@@ -357,12 +357,13 @@ class _Collector:
         self.tokens = 0
         self.handles = []
         hook = self.handles.append
+        width = model.config.hidden_size
         for block in model.backbone.layers:
             i, mixer = block.index, block.mixer
-            hook(block.norm.register_forward_hook(self._on_output(self.hidden, f"block.{i}")))
+            hook(block.norm.register_forward_hook(self._on_output(f"block.{i}", width)))
             hook(block.register_forward_hook(self._on_block(i)))
             if isinstance(mixer, MambaMixer):
-                stat = _Statistic(options)
+                stat = _Statistic(options, mixer.intermediate)
                 self.mamba[i] = (stat, mixer.num_heads, mixer.head_dim)
                 if options.mamba_signal == "x":
                     width = mixer.intermediate  # in_proj output is [z, x, B, C, dt]; x follows z
@@ -374,15 +375,15 @@ class _Collector:
                 else:
                     hook(mixer.out_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
             elif isinstance(mixer, Attention):
-                stat = _Statistic(options)
+                stat = _Statistic(options, mixer.num_heads * mixer.head_dim)
                 self.attention[i] = (stat, mixer.num_heads, mixer.head_dim)
                 hook(mixer.o_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
             elif isinstance(mixer, MoE):
                 self._hook_moe(i, mixer)
             else:
-                stat = self.ffn[i] = _Statistic(options)
+                stat = self.ffn[i] = _Statistic(options, mixer.down_proj.in_features)
                 hook(mixer.down_proj.register_forward_pre_hook(lambda m, a, s=stat: s.add(a[0])))
-        hook(model.backbone.norm_f.register_forward_hook(self._on_output(self.hidden, "norm_f")))
+        hook(model.backbone.norm_f.register_forward_hook(self._on_output("norm_f", width)))
 
     def _hook_moe(self, index: int, mixer: MoE) -> None:
         hook = self.handles.append
@@ -394,12 +395,14 @@ class _Collector:
             stats.append(stat)
             hook(expert.down_proj.register_forward_pre_hook(_on_expert_input(stat)))
             hook(expert.register_forward_hook(lambda m, a, out, t=traffic, e=e: t.add_output(e, out)))
-        shared = self.shared_ffn[index] = _Statistic(self.options)
+        shared = self.shared_ffn[index] = _Statistic(self.options, mixer.shared_experts.down_proj.in_features)
         hook(mixer.shared_experts.down_proj.register_forward_pre_hook(lambda m, a, s=shared: s.add(a[0])))
 
-    def _on_output(self, table: dict, key: str) -> Callable:
+    def _on_output(self, key: str, width: int) -> Callable:
+        stat = self.hidden[key] = _Statistic(self.options, width)
+
         def record(module, args, output):
-            table.setdefault(key, _Statistic(self.options)).add(output)
+            stat.add(output)
 
         return record
 
@@ -444,7 +447,7 @@ class _Collector:
 @torch.no_grad()
 def estimate(
     model: HybridLM,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor | None],
     options: ImportanceOptions | None = None,
     *,
     world: distributed.World | None = None,
@@ -453,7 +456,10 @@ def estimate(
 ) -> Importance:
     """Score every axis of `model` on calibration batches (batch, seq_len) of token ids.
 
-    Under several processes, give each its share of the batches: the statistics are summed over all.
+    Under several processes (a model sharded across `world`, as `load_model(..., world=world)` makes it:
+    blocks sharded, embeddings, norm_f and lm_head whole, which drop-one reads directly),
+    give each its share of the batches from `distributed.share` (None: a padding pass): the statistics are
+    summed over all, and every process returns the scores of all the batches.
     """
     options = options or ImportanceOptions()
     world = world or distributed.World(device=model.lm_head.weight.device)
@@ -462,11 +468,14 @@ def estimate(
     collector = _Collector(model, options)
     try:
         for ids in batches:
-            model.backbone(ids.to(world.device))
-            if on_batch is not None:
-                on_batch(ids.numel())
+            if ids is not None:
+                model.backbone(ids.to(world.device))
+                if on_batch is not None:
+                    on_batch(ids.numel())
     finally:
         collector.close()
+    for _ in range(batches.count(None)):
+        distributed.idle_pass(model, world)
     scores = collector.finish(world)
     drop, order = None, None
     if options.drop_one != "none":
@@ -506,8 +515,8 @@ def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) 
     totals = torch.zeros(len(blocks), dtype=torch.float64)
     tokens = 0
     weight = model.lm_head.weight
-    for ids in batches:
-        ids = ids.to(world.device)
+    for batch in batches:
+        ids = (batch if batch is not None else distributed.IDLE_IDS).to(world.device)  # None: a padding pass
         hidden = backbone.embeddings(ids)
         inputs = []
         for i, block in enumerate(blocks):
@@ -523,6 +532,8 @@ def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) 
             for j in range(i + 1, len(blocks)):
                 if j not in removed:
                     hidden = blocks[j](hidden)
+            if batch is None:
+                continue
             final = backbone.norm_f(hidden).flatten(0, 1)
             stats = LossStats()
             if metric == "kl":
@@ -531,6 +542,8 @@ def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) 
             else:
                 head_loss(final, weight, spec, labels=labels, stats=stats)
                 totals[i] += float(stats.cross_entropy)
+        if batch is None:
+            continue
         tokens += ids.numel() if metric == "kl" else int((labels != -100).sum())
         if on_batch is not None:
             on_batch(ids.numel())

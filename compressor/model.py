@@ -299,8 +299,8 @@ class Backbone(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, spec) for spec in config.blocks)
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        # activation checkpointing: keep each block's input only and recompute its insides in backward
-        self.checkpoint_blocks = False
+        # activation checkpointing: keep only each block's input for backward and recompute the rest there
+        self.checkpointing = False
 
     def forward(
         self, input_ids: torch.Tensor, cache: HybridCache | None = None, skip_blocks: Collection[int] = ()
@@ -308,7 +308,7 @@ class Backbone(nn.Module):
         hidden = self.embeddings(input_ids)  # (b, t, hidden)
         if self.residual_in_fp32:
             hidden = hidden.float()
-        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
+        recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
             if block.index in skip_blocks:
                 continue

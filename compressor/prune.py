@@ -18,18 +18,26 @@ tensor those widths touch, choosing what to keep from an `Importance`:
 - MoE shared-expert FFN width: shared_experts up_proj rows (and bias) and down_proj columns;
 - whole blocks: the pattern is rewritten.
 
-Each kind's slicing is one function below. The result is an ordinary `HybridLM` and saves as a standard
-checkpoint; uniform targets load in transformers too.
+Each kind's slicing is one function below; `pruned_tensors` yields the pruned model's tensors one at a
+time, block by block. `prune` fills an empty model with them (an ordinary `HybridLM`, sharded across the
+processes of a `world` when given: its source may be sharded too, each block is then gathered while it is
+sliced); `write_pruned` writes them straight into a checkpoint without building the pruned model, so
+memory holds the source and one tensor. Both save as standard checkpoints; uniform targets load in
+transformers too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from compressor import distributed
+from compressor.checkpoint import empty_model, materialize, write_checkpoint
 from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABLE, HybridConfig
 from compressor.errors import CompressorError
 from compressor.importance import Importance
@@ -173,32 +181,62 @@ class Target:
         }
 
 
+def prune(
+    model: HybridLM, importance: Importance, target: Target, *, world: distributed.World | None = None
+) -> HybridLM:
+    """A new model with `target`'s architecture and the source's most important weights (copied), in the
+    source's dtype; sharded across `world`'s processes when it has several (the frozen layout of
+    `distributed.shard`: scoring and saving only run it forward)."""
+    world = world or distributed.World(device=model.lm_head.weight.device)
+    pruned = empty_model(target.config(model.config), model.backbone.embeddings.weight.dtype)
+    distributed.shard(pruned, world, frozen=True)
+    materialize(pruned, pruned_tensors(model, importance, target), world)
+    return pruned.train(model.training)
+
+
+def write_pruned(
+    model: HybridLM,
+    importance: Importance,
+    target: Target,
+    folder: Path,
+    *,
+    tokenizer_from: str | Path | None = None,
+    world: distributed.World | None = None,
+) -> HybridConfig:
+    """Write the pruned model as a checkpoint into an existing (temporary) folder, tensor by tensor, without
+    building it; returns its config. Under several processes (a sharded source) every process slices and
+    the main one writes."""
+    config = target.config(model.config)
+    tensors = pruned_tensors(model, importance, target)
+    if world is not None and not world.is_main:
+        for _ in tensors:  # the collective gathers of a sharded source
+            pass
+        return config
+    layout = empty_model(config, model.backbone.embeddings.weight.dtype).state_dict()
+    write_checkpoint(folder, config, layout, tensors=tensors, tokenizer_from=tokenizer_from)
+    return config
+
+
 @torch.no_grad()
-def prune(model: HybridLM, importance: Importance, target: Target) -> HybridLM:
-    """A new model with `target`'s architecture and the source's most important weights (copied)."""
+def pruned_tensors(model: HybridLM, importance: Importance, target: Target) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pruned model's tensors as (name, tensor), one at a time, each a new tensor: the embeddings, each
+    kept block (gathered whole while it is sliced when the source is sharded), norm_f and lm_head."""
     source = model.config
-    config = target.config(source)
     hidden = importance.keep_hidden(target.hidden_size)
-    state: dict[str, torch.Tensor] = {
-        "backbone.embeddings.weight": model.backbone.embeddings.weight[:, hidden],
-        "backbone.norm_f.weight": model.backbone.norm_f.weight[hidden],
-        "lm_head.weight": model.lm_head.weight[:, hidden],
-    }
+    full = distributed.full  # the root's tensors, whole unless the source is sharded in the trained layout
+    yield "backbone.embeddings.weight", full(model.backbone.embeddings.weight)[:, hidden]
     for new_index, block in enumerate(target.blocks):
         src = model.backbone.layers[block.source]
         if src.kind != block.kind:
             raise CompressorError(f"block {block.source} is a {src.kind} block, not {block.kind}")
         prefix = f"backbone.layers.{new_index}."
-        state[prefix + "norm.weight"] = src.norm.weight[hidden]
         slicer = {MAMBA: _slice_mamba, ATTENTION: _slice_attention, MLP: _slice_mlp, MOE: _slice_moe}[block.kind]
-        for name, tensor in slicer(src.mixer, block, importance, hidden, source).items():
-            state[prefix + "mixer." + name] = tensor
-    with torch.device("meta"):
-        pruned = HybridLM(config)
-    pruned.load_state_dict({k: v.clone() for k, v in state.items()}, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        pruned.lm_head.weight = pruned.backbone.embeddings.weight
-    return pruned.train(model.training)
+        with distributed.gathered(src):
+            yield prefix + "norm.weight", src.norm.weight[hidden]
+            for name, tensor in slicer(src.mixer, block, importance, hidden, source).items():
+                yield prefix + "mixer." + name, tensor
+    yield "backbone.norm_f.weight", full(model.backbone.norm_f.weight)[hidden]
+    yield "lm_head.weight", full(model.lm_head.weight)[:, hidden]
 
 
 def _slice_mlp(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
@@ -236,7 +274,7 @@ def _slice_moe(mixer, block: BlockTarget, importance: Importance, hidden: torch.
         out["fc1_latent_proj.weight"] = mixer.fc1_latent_proj.weight[:, hidden]
         out["fc2_latent_proj.weight"] = mixer.fc2_latent_proj.weight[hidden]
         if mixer.fc1_latent_proj.bias is not None:
-            out["fc1_latent_proj.bias"] = mixer.fc1_latent_proj.bias
+            out["fc1_latent_proj.bias"] = mixer.fc1_latent_proj.bias.clone()
             out["fc2_latent_proj.bias"] = mixer.fc2_latent_proj.bias[hidden]
     return out
 

@@ -112,7 +112,6 @@ class TrainConfig:
     quantize: str | None = None  # fp8 | nvfp4: quantization-aware training of a fake-quantized student
     quantize_keep: tuple[str, ...] = ()  # ModelOpt quantizer-name patterns kept in high precision
     calib_sequences: int = 128  # training sequences that calibrate the quantizers
-    grad_checkpointing: bool = False  # recompute each block in backward: activations of one block, not all
     eval_every: int = 50
     eval_sequences: int = 64
     save_every: int = 100
@@ -123,6 +122,7 @@ class TrainConfig:
     dtype: str = "float32"  # student master weights
     teacher_dtype: str | None = None  # None: bf16 on CUDA, else the student's dtype
     autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -353,11 +353,18 @@ def setup(
             (out / "metrics.jsonl").unlink()
     distributed.barrier(world)
 
-    # a resumed run continues from its own checkpoint
-    student = load_model(out / "model" if resumed else config.student, dtype=config.dtype, device=world.device)
+    # sharded as they load (each process reads its rows), a resumed run continuing from its own checkpoint; a
+    # quantization-aware run shards after ModelOpt has replaced the student's linear layers
+    qad = config.quantize is not None
+    student = load_model(
+        out / "model" if resumed else config.student,
+        dtype=config.dtype,
+        device=world.device,
+        world=None if qad else world,
+        frozen=False,
+    )
     if teacher is None and config.teacher is not None:
-        dtype = config.resolved_teacher_dtype(world.device)
-        teacher = load_model(config.teacher, dtype=dtype, device=world.device)
+        teacher = load_model(config.teacher, dtype=config.resolved_teacher_dtype(world.device), world=world)
     if teacher is not None:
         teacher.requires_grad_(False)
         check_same_vocab(teacher, student)
@@ -368,18 +375,16 @@ def setup(
             f"{config.data} no longer holds the data this run started on (its content changed): resume with the "
             "same data, or start a new run"
         )
-    if config.quantize is not None:
+    if qad:
         _fake_quantize(student, config, train_set, out if resumed else None)
+        distributed.shard(student, world)
 
     cache = None
     if config.cache_teacher:
         cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter)
         teacher = None  # train from the cache; the teacher leaves memory
-    elif teacher is not None:
-        distributed.shard(teacher, world, frozen=True)
-    student.backbone.checkpoint_blocks = config.grad_checkpointing
-    distributed.shard(student, world)
     student.train()
+    student.backbone.checkpointing = config.activation_checkpointing
 
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
@@ -609,7 +614,6 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
     cache_dir = out / "teacher_cache"
     if not TeacherCache.is_complete(cache_dir):
         reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
-        distributed.shard(teacher, world, frozen=True)
         micro = config.micro_batch_size
         # only the training sequences the run will see (all of them once it passes an epoch)
         batches = _micro_batches(train_set, micro, config.seed, 0)
@@ -618,72 +622,6 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
         splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
         write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world)
     return TeacherCache(cache_dir, config.top_k, config.loss.temperature)
-
-
-def memory_plan(config: TrainConfig) -> dict[str, Any]:
-    """What one process will hold, from the configs alone (no weights loaded), and the device's free memory.
-
-    Terms: student weights, gradients and AdamW's two moments (all in the student dtype, divided over the
-    processes by FSDP); the teacher's weights (none with --cache-teacher); the activations autograd keeps
-    for one micro-batch (an estimate per block from the tensors each mixer saves for backward); the loss
-    chunk (the logits of one chunk of rows with their log-probs and gradient, and the teacher's probabilities,
-    fp32).
-    """
-    import os
-
-    from compressor.budget import available_memory, num_parameters
-    from compressor.config import HybridConfig
-
-    student = HybridConfig.from_file(config.student)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = distributed.resolve_device(config.device)
-    size = torch.empty(0, dtype=parse_dtype(config.dtype)).element_size()
-    params = num_parameters(student)
-    terms = {
-        "student weights": params * size // world,
-        "gradients": params * size // world,
-        "optimizer state (AdamW)": 2 * params * size // world,
-    }
-    if config.teacher is not None and not config.cache_teacher:
-        teacher = HybridConfig.from_file(config.teacher)
-        teacher_size = torch.empty(0, dtype=parse_dtype(config.resolved_teacher_dtype(device))).element_size()
-        terms["teacher weights"] = num_parameters(teacher) * teacher_size // world
-    autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
-    act_size = 2 if autocast else size
-    terms["activations (one micro-batch)"] = _activation_bytes(
-        student, config.micro_batch_size * config.seq_len, act_size, config.grad_checkpointing
-    )
-    logit_rows = min(config.loss.rows_per_chunk(student.vocab_size), config.micro_batch_size * config.seq_len)
-    copies = 3 + (1 if config.teacher is not None else 0)  # logits, log-probs, gradient (+ teacher probabilities)
-    terms["loss chunk"] = logit_rows * student.vocab_size * 4 * copies
-    total = sum(terms.values())
-    return {"terms": terms, "total": total, "available": available_memory(device), "device": str(device)}
-
-
-def _activation_bytes(config, tokens: int, size: int, checkpointed: bool = False) -> int:
-    """Tensors autograd keeps for backward, per micro-batch of `tokens` tokens: of every block, or, with
-    activation checkpointing, every block's input plus the insides of the one block recomputed at a time."""
-    from compressor.config import ATTENTION, MAMBA
-
-    gn = config.n_groups * config.ssm_state_size
-    blocks = []  # bytes per token of each block's saved tensors
-    for spec in config.blocks:
-        per_token, fp32_per_token = 2 * config.hidden_size, 0  # the block's input and its norm's output
-        if spec.kind == MAMBA:
-            inner, heads = spec.mamba_intermediate, spec.mamba_num_heads
-            per_token += (2 * inner + 2 * gn + heads) + 2 * (inner + 2 * gn) + inner  # in_proj, conv, out_proj in
-            # the scan works in fp32: x*dt, B, C, within-chunk decays and scores, output, gated norm
-            fp32_per_token += 2 * inner + 2 * gn + 2 * heads * config.chunk_size + 4 * inner
-        elif spec.kind == ATTENTION:
-            q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-            per_token += 3 * q + 2 * kv
-        else:
-            per_token += 3 * spec.intermediate_size
-        blocks.append(per_token * size + fp32_per_token * 4)
-    ends = 2 * config.hidden_size * size  # embeddings output, final norm input
-    if checkpointed:
-        return tokens * (ends + len(blocks) * config.hidden_size * size + max(blocks))
-    return tokens * (ends + sum(blocks))
 
 
 def _micro_batches(train_set: TokenSequences, micro: int, seed: int, start: int) -> Iterator[np.ndarray]:

@@ -76,7 +76,7 @@ def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("compressor.checkpoint.save_file", boom)
+    monkeypatch.setattr("compressor.checkpoint.write_weights", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(model, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -155,3 +155,62 @@ def test_empty_folder_with_config_only(tmp_path, model):
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
         load_model(path)
     shutil.rmtree(path)
+
+
+def test_written_files_are_standard_safetensors(tmp_path, model):
+    # the writer lays shards out from shapes and dtypes and fills them tensor by tensor, in any order
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from compressor.checkpoint import write_weights
+
+    state = {**model.state_dict(), "mask": torch.tensor([True, False, True]), "half": torch.ones(3, 5).half()}
+    state["backbone.norm_f.weight"] = state["backbone.norm_f.weight"].bfloat16()
+    layout = {name: t.to("meta") for name, t in state.items()}  # shapes and dtypes only
+    folder = tmp_path / "w"
+    folder.mkdir()
+    write_weights(folder, layout, reversed(list(state.items())), max_shard_bytes=50_000)
+    index = json.loads((folder / INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(state) and len(set(index["weight_map"].values())) > 2
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    for file in set(index["weight_map"].values()):
+        loaded = load_file(folder / file)  # the library reads (and validates) every file
+        for name, tensor in loaded.items():
+            assert tensor.dtype == state[name].dtype and torch.equal(tensor, state[name]), name
+        with safe_open(folder / file, framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    with pytest.raises(CheckpointError, match="no data was given for tensor"):
+        write_weights(tmp_path, layout, list(state.items())[:-1])
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        write_weights(tmp_path, layout, [("mask", torch.ones(4, dtype=torch.bool))])
+
+
+def test_loading_keeps_the_stored_dtype_and_maps_the_file(tmp_path, model):
+    # bf16 stays bf16 (no fp32 detour) and a tensor in the wanted dtype is the file's memory, not a copy
+    source = HybridLM(model.config).to(torch.bfloat16)
+    path = save_model(source, tmp_path / "ckpt")
+    loaded = load_model(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert not loaded.lm_head.weight.untyped_storage().resizable()  # backed by the file's memory map
+    assert load_model(path, dtype="float32").lm_head.weight.untyped_storage().resizable()  # converted: a copy
+
+
+def test_init_fills_an_empty_model_in_the_target_dtype(tmp_path):
+    from compressor.checkpoint import init_checkpoint
+
+    config = get_preset("tiny-moe").replace(hidden_size=128, initializer_range=0.02)
+    params = init_checkpoint(tmp_path / "bf16", config, dtype="bfloat16", seed=3)
+    model = load_model(tmp_path / "bf16")
+    assert params == model.num_parameters()
+    state = model.state_dict()
+    assert state["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32  # the router stays fp32
+    assert state["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
+    # the distribution of HybridLM.reset_parameters: normal linears, S4D A, unit norms, log-uniform dt
+    weights = state["backbone.layers.0.mixer.in_proj.weight"].float()
+    assert abs(weights.std().item() - 0.02) < 0.002 and abs(weights.mean().item()) < 0.001
+    a_log = torch.log(torch.arange(1.0, 9.0)).bfloat16()
+    assert torch.equal(state["backbone.layers.0.mixer.A_log"], a_log)
+    assert torch.all(state["backbone.norm_f.weight"] == 1)
+    init_checkpoint(tmp_path / "again", config, dtype="bfloat16", seed=3)
+    again = load_model(tmp_path / "again").state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)  # the seed decides

@@ -60,3 +60,34 @@ def test_vocab_mismatch_and_empty_data(models):
         evaluate(student, _batches(), teacher=other)
     with pytest.raises(DataError, match="no tokens to evaluate"):
         evaluate(student, [])
+
+
+def test_two_processes_equal_one(models, tmp_path):
+    # `compress eval` under torchrun: both models sharded over two gloo processes, the batches split (5 of 2
+    # sequences: one process pads its share with a pass whose results are dropped)
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    import cli
+    from compressor.checkpoint import save_model
+
+    student, teacher = models
+    save_model(student, tmp_path / "student")
+    save_model(teacher, tmp_path / "teacher")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 512, size=10 * 16).astype(np.int32))
+    args = ["eval", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data",
+            str(tmp_path / "tokens.npy"), "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
+            "--json"]  # fmt: skip
+    one = CliRunner().invoke(cli.app, args)
+    assert one.exit_code == 0, one.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    two = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    want, got = json.loads(one.output), json.loads(two.stdout)
+    assert got["tokens"] == want["tokens"] == 160
+    for key in ("loss", "kl", "teacher_loss", "top1_agreement"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)

@@ -230,3 +230,27 @@ def test_bad_moe_targets(moe_model, moe_scores):
             prune(moe_model, moe_scores, Target.uniform(config, n_routed_experts=5))
     with pytest.raises(CompressorError, match="cannot keep 40 of 32"):
         prune(moe_model, moe_scores, Target.uniform(config, moe_intermediate_size=40))
+
+
+def test_write_pruned_equals_prune_then_save(model, scores, tmp_path):
+    # the streamed checkpoint (no pruned model built) holds exactly what the pruned model would save
+    from compressor.prune import write_pruned
+
+    target = Target.uniform(model.config, hidden_size=48, intermediate_size=40, mamba_num_heads=8, drop_blocks=(2,))
+    source = HybridLM(model.config).to(torch.bfloat16)
+    source.load_state_dict(model.state_dict())
+    save_model(prune(source, scores, target), tmp_path / "built")
+    (tmp_path / "streamed").mkdir()
+    config = write_pruned(source, scores, target, tmp_path / "streamed")
+    built, streamed = load_model(tmp_path / "built"), load_model(tmp_path / "streamed")
+    assert config.to_dict() | {"dtype": "bfloat16"} == built.config.to_dict() == streamed.config.to_dict()
+    a, b = built.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+def test_a_pruned_model_shares_no_memory_with_its_source(moe_model, moe_scores):
+    pruned = prune(moe_model, moe_scores, Target.identity(moe_model.config))
+    source = {t.untyped_storage().data_ptr() for t in moe_model.state_dict().values()}
+    assert not source & {t.untyped_storage().data_ptr() for t in pruned.state_dict().values()}

@@ -2,6 +2,8 @@
 compression.json out."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,6 +130,26 @@ def test_cli_prune(workspace, tmp_path):
     result = runner.invoke(cli.app, [*args, "--target-mem", "22GB/s", "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "bandwidth" in result.output
     assert not any((tmp_path / n).exists() for n in "bcd")
+
+
+def test_two_processes_score_and_prune_as_one(workspace, tmp_path):
+    # the source and every candidate sharded over two gloo processes, the held-out batches split among them
+    _, full = _budget(workspace)
+    args = ["prune", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
+            "--score-samples", "12", "--seq-len", str(SEQ), "--batch-size", "5", "--ctx", "512", "--device", "cpu",
+            "--top-k", "3", "--target-mem", f"{int(full * 0.8)}B", "--json"]  # fmt: skip
+    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    records = [json.loads((tmp_path / run / "compression.json").read_text()) for run in ("one", "two")]
+    assert [c["label"] for c in records[0]["candidates"]] == [c["label"] for c in records[1]["candidates"]]
+    np.testing.assert_allclose(
+        [c["score"] for c in records[1]["candidates"]], [c["score"] for c in records[0]["candidates"]], rtol=1e-5
+    )
+    a, b = load_model(tmp_path / "one").state_dict(), load_model(tmp_path / "two").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dry_run_lists_fitting_candidates_of_a_preset():

@@ -16,7 +16,7 @@ from compressor.checkpoint import load_model, save_model
 from compressor.errors import CompressorError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
-from compressor.train import TrainConfig, TrainingError, lr_at, memory_plan, train
+from compressor.train import TrainConfig, TrainingError, lr_at, train
 
 runner = CliRunner()
 VOCAB = 64
@@ -214,21 +214,6 @@ def test_errors(workspace, tmp_path):
     assert not any(p.name in "abcde" for p in tmp_path.iterdir())  # nothing half-written
 
 
-def test_memory_plan_counts_every_term(workspace, tmp_path):
-    config = _config(workspace, tmp_path / "x", teacher=str(workspace / "teacher"))
-    plan = memory_plan(config)
-    student = load_model(workspace / "student").num_parameters()
-    teacher = load_model(workspace / "teacher").num_parameters()
-    terms = plan["terms"]
-    assert terms["student weights"] == terms["gradients"] == 4 * student
-    assert terms["optimizer state (AdamW)"] == 8 * student
-    assert terms["teacher weights"] == 4 * teacher
-    assert terms["activations (one micro-batch)"] > 0 and terms["loss chunk"] == 32 * 4 * VOCAB * 4 * 4
-    assert plan["total"] == sum(terms.values()) and plan["available"] > 0
-    config.cache_teacher = True
-    assert "teacher weights" not in memory_plan(config)["terms"]
-
-
 def test_cli_train_and_dry_run(workspace, tmp_path):
     common = ["--data", str(workspace / "tokens.npy"), "--seq-len", "32", "--batch-size", "8", "--quiet"]
     common += ["--device", "cpu"]  # the dry run reports for CPU, also on a GPU machine
@@ -321,15 +306,15 @@ def test_two_processes_equal_one_for_a_bf16_moe_student(tmp_path):
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_gradient_checkpointing_gives_the_same_run_in_less_activation_memory(workspace, tmp_path):
-    plain = train(_config(workspace, tmp_path / "plain", steps=2, teacher=str(workspace / "teacher")))
-    checkpointed = train(
-        _config(workspace, tmp_path / "ckpt", steps=2, teacher=str(workspace / "teacher"), grad_checkpointing=True)
+def test_activation_checkpointing_gives_the_same_run(workspace, tmp_path):
+    plain = train(_config(workspace, tmp_path / "plain", teacher=str(workspace / "teacher"), steps=3, eval_every=3))
+    config = _config(workspace, tmp_path / "ckpt", teacher=str(workspace / "teacher"), steps=3, eval_every=3)
+    config.activation_checkpointing = True
+    recomputed = train(config)
+    np.testing.assert_allclose(
+        [r["loss"] for r in _records(tmp_path / "ckpt")], [r["loss"] for r in _records(tmp_path / "plain")], rtol=1e-6
     )
-    assert checkpointed.final_eval["val_loss"] == pytest.approx(plain.final_eval["val_loss"], rel=1e-5)
-    for name, tensor in _weights(tmp_path / "plain" / "model").items():
-        torch.testing.assert_close(_weights(tmp_path / "ckpt" / "model")[name], tensor, rtol=1e-5, atol=1e-6)
-    config = _config(workspace, tmp_path / "x", seq_len=32)
-    saved = memory_plan(config)["terms"]["activations (one micro-batch)"]
-    config.grad_checkpointing = True
-    assert memory_plan(config)["terms"]["activations (one micro-batch)"] < saved / 2
+    assert recomputed.final_eval["val_kl"] == pytest.approx(plain.final_eval["val_kl"], rel=1e-6)
+    a, b = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "ckpt" / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compressor.budget import Budget
-from compressor.checkpoint import checkpoint_bytes, write_checkpoint
+from compressor.checkpoint import checkpoint_bytes
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import BudgetError, OptionError
@@ -29,7 +29,7 @@ from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
 from compressor.pipelines.records import Candidate, CompressionRecord, write_json
 from compressor.pipelines.source import Source
-from compressor.prune import prune
+from compressor.prune import write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import options_to_dict
 from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
@@ -88,7 +88,9 @@ def prune_to_budget(
         missed = config.budget.violations(proposals[0].config(arch), arch)
         if missed:
             raise OptionError("export_config", f"names a shape that misses the budget: {'; '.join(missed)}")
-    scorer = ProxyScorer(source.model, source.importance, source.held_out, config.score) if source.held_out else None
+    scorer = None
+    if source.held_out:
+        scorer = ProxyScorer(source.model, source.importance, source.held_out, config.score, world=source.world)
     candidates = rank(
         proposals,
         arch,
@@ -98,7 +100,7 @@ def prune_to_budget(
         smallest=strategy.smallest(arch),
         say=say,
     )
-    pruned = prune(source.model, source.importance, candidates[0].target)
+    chosen = candidates[0].target.config(arch)
     record = CompressionRecord(
         source=source.info,
         budget=config.budget,
@@ -107,11 +109,14 @@ def prune_to_budget(
         score_metric=scorer.metric if scorer else None,
         importance={"folder": source.config.importance_dir, **source.importance.meta},
         candidates=candidates,
-        export_config=export_config(pruned.config) if pruned.config.is_uniform else None,
+        export_config=export_config(chosen) if chosen.is_uniform else None,
         seconds=round(time.perf_counter() - started, 2),
     )
+    if not source.world.is_main:  # the others slice their share of a sharded source for the main one
+        write_pruned(source.model, source.importance, candidates[0].target, out, world=source.world)
+        return record
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
-        write_checkpoint(tmp, pruned.config, pruned.state_dict(), tokenizer_from=source.path)
+        write_pruned(source.model, source.importance, candidates[0].target, tmp, tokenizer_from=source.path)
         write_json(tmp / COMPRESSION_FILE, record.to_dict())
         if record.export_config is not None:
             write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)

@@ -3,7 +3,8 @@
 `rank` walks the proposals in the strategy's order, checks each exactly against the budget (memory,
 parameters, throughput), costs it, keeps the first `limit` that fit, scores them with a proxy when one is
 given and sorts them, lowest score first. `ProxyScorer` is the proxy: KL(source || pruned) or the pruned
-model's LM loss on the source's held-out batches.
+model's LM loss on the source's held-out batches; under several processes the source and each candidate
+are sharded and the batches split among them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from compressor import distributed
 from compressor.budget import Budget, format_bytes, num_parameters
 from compressor.config import HybridConfig
 from compressor.errors import BudgetError, CompressorError, OptionError
-from compressor.evaluate import batch_stats, teacher_targets
+from compressor.evaluate import batch_stats, reduce_stats, teacher_targets
 from compressor.importance import Importance
 from compressor.losses import LossStats
 from compressor.model import HybridLM
@@ -28,21 +30,46 @@ SCORE_METRICS = ("kl", "loss")
 
 class ProxyScorer:
     """KL(source || pruned) or the pruned model's LM loss on held-out batches; lower is better. The source
-    model's final hidden states are computed once per batch and reused for every candidate."""
+    model's final hidden states are computed once per batch and reused for every candidate.
 
-    def __init__(self, model: HybridLM, importance: Importance, batches: list[torch.Tensor], metric: str = "kl"):
+    With a `world` of several processes the source is sharded across them (`calibrate` loads it so), each
+    candidate is pruned sharded, each process scores its share of the batches and the sums are reduced:
+    every process returns the same score, that of one process."""
+
+    def __init__(
+        self,
+        model: HybridLM,
+        importance: Importance,
+        batches: list[torch.Tensor],
+        metric: str = "kl",
+        *,
+        world: distributed.World | None = None,
+    ):
         if metric not in SCORE_METRICS:
             raise OptionError("score", f"{metric!r} is not one of {', '.join(SCORE_METRICS)}")
         if not batches:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
-        self.metric, self.model, self.importance, self.batches = metric, model, importance, batches
-        self.references = [teacher_targets(model, ids) for ids in batches] if metric == "kl" else None
+        self.metric, self.model, self.importance = metric, model, importance
+        self.world = world or distributed.World(device=model.lm_head.weight.device)
+        self.batches = distributed.share(batches, self.world)
+        self.references = None
+        if metric == "kl":
+            self.references = [self._reference(ids) for ids in self.batches]
+
+    def _reference(self, ids: torch.Tensor | None):
+        if ids is None:
+            return distributed.idle_pass(self.model, self.world)
+        return teacher_targets(self.model, ids)
 
     def __call__(self, target: Target) -> float:
-        pruned = prune(self.model, self.importance, target).eval()
+        pruned = prune(self.model, self.importance, target, world=self.world).eval()
         stats = LossStats()
         for i, ids in enumerate(self.batches):
+            if ids is None:
+                distributed.idle_pass(pruned, self.world)
+                continue
             batch_stats(pruned, ids, stats, teacher=self.references[i] if self.references else None)
+        stats = reduce_stats(stats, self.world)
         if self.metric == "kl":
             return float(stats.divergence) / stats.tokens
         return float(stats.cross_entropy) / stats.label_tokens

@@ -34,7 +34,7 @@ from compressor.outputs import atomic_output, check_output, output_lock, staging
 from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
 from compressor.pipelines.records import Candidate, Distilled, SearchRecord, read_json, write_json
 from compressor.pipelines.source import CalibrationConfig, Source
-from compressor.prune import prune
+from compressor.prune import write_pruned
 from compressor.train import STATE_FILE, TrainConfig, train
 from strategies import build_options, get_strategy
 from strategies.base import options_to_dict
@@ -189,7 +189,7 @@ def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str]
     arch = source.model.config
     proposals = strategy.propose(arch, source.importance, config.budget)
     say(f"{strategy.name}: " + (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in strategy.stats.items()) or "done"))
-    scorer = ProxyScorer(source.model, source.importance, source.held_out, "kl")
+    scorer = ProxyScorer(source.model, source.importance, source.held_out, "kl", world=source.world)
     candidates = rank(
         proposals, arch, config.budget, limit=strategy.top_k, scorer=scorer, smallest=strategy.smallest(arch), say=say
     )
@@ -227,9 +227,8 @@ def _distill_finalist(
     say(f"distilling finalist {candidate.index}: {candidate.label}")
     pruned_dir, run_dir = folder / "pruned", folder / "distill"
     if not (pruned_dir / "config.json").is_file():
-        pruned = prune(source.model, source.importance, candidate.target)
         with atomic_output(pruned_dir, overwrite=True) as tmp:
-            write_checkpoint(tmp, pruned.config, pruned.state_dict(), tokenizer_from=source.path)
+            write_pruned(source.model, source.importance, candidate.target, tmp, tokenizer_from=source.path)
     resume = (run_dir / "model" / STATE_FILE).is_file()
     calibration = source.config
     config = dataclasses.replace(
@@ -296,16 +295,16 @@ def materialize(
                 f"candidate {index} was not distilled in this search: materialize it without --distilled"
             )
         model = load_model(model_dir, dtype=dtype, device=device)
-        tokenizer_from = model_dir
-    else:
-        source_path = record.source.path
-        if fingerprint(source_path) != record.source.fingerprint:
-            raise CompressorError(f"{source_path} changed since the search: its fingerprint no longer matches")
-        importance = Importance.load(search_dir / IMPORTANCE_DIR, record.source.fingerprint)
-        model = prune(load_model(source_path, dtype=dtype, device=device), importance, candidate.target)
-        tokenizer_from = source_path
+        with atomic_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path)) as tmp:
+            write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=model_dir)
+        return out
+    source_path = record.source.path
+    if fingerprint(source_path) != record.source.fingerprint:
+        raise CompressorError(f"{source_path} changed since the search: its fingerprint no longer matches")
+    importance = Importance.load(search_dir / IMPORTANCE_DIR, record.source.fingerprint)
+    source = load_model(source_path, dtype=dtype, device=device)
     with atomic_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path)) as tmp:
-        write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from)
+        write_pruned(source, importance, candidate.target, tmp, tokenizer_from=source_path)
     return out
 
 

@@ -5,8 +5,9 @@ and held-out calibration batches, built by `calibrate` (the one calibration step
 Calibration data is read once: the first `samples` sequences estimate importance (unless an importance
 folder is given), the next `score_samples` are held out to score candidates on. A search keeps every
 sequence (`all_sequences`): its finalists' distillations train on them without tokenizing again.
-Under `torchrun` each process loads the model and estimates importance on its share of the batches;
-the statistics are summed over all processes.
+Under `torchrun` the model is sharded across the processes as it loads (each holds about 1/N of the
+weights, `compressor.distributed`); each estimates importance on its share of the batches and the
+statistics are summed over all processes, as later the candidates' scores are.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def calibrate(
     """Load the checkpoint and the data once; read or estimate importance; hold out scoring batches."""
     say = say or (lambda text: None)
     world = world or distributed.World(device=distributed.resolve_device(config.device))
-    model = load_model(config.model, dtype=config.dtype, device=world.device)
+    model = load_model(config.model, dtype=config.dtype, world=world)
     source_fingerprint = fingerprint(config.model)
     importance = Importance.load(config.importance_dir, source_fingerprint) if config.importance_dir else None
     first_held_out = 0 if importance is not None else config.samples
@@ -130,7 +131,7 @@ def calibrate(
             "seq_len": config.seq_len,
             "pattern": model.config.pattern,
         }
-        mine = [b for j, b in enumerate(batches) if j % world.size == world.rank]
+        mine = distributed.share(batches, world)
         importance = estimate(model, mine, config.importance, world=world, meta=meta, on_batch=on_batch)
         broken = importance.nonfinite()
         if broken:

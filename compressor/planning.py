@@ -1,0 +1,315 @@
+"""Memory plans before launch: what each of N processes (one a GPU) holds in a stage, from configs alone.
+
+Every stage shards its models alike (`compressor.distributed.shard`: FSDP2, one unit per block; a frozen
+model keeps embeddings, norm_f and lm_head whole on each process, a trained one shards them as its root
+unit), so a plan is a sum of terms of three kinds:
+- sharded: blocks' weights (all weights of a trained model), gradients and optimizer state, divided among
+  the N processes, and a scorer's references, split with the held-out batches;
+- gathered (N > 1 only): what FSDP holds whole beside the shard: the largest block while it runs (the
+  all-gather buffer and the unsharded parameters, 2x the block) and a trained model's root unit;
+- per process: a frozen model's embeddings, norm_f and lm_head, the activations of one micro-batch, a loss
+  chunk's logits.
+
+Stages:
+- importance: the model; one forward's activations (the widest block's intermediates: a forward without
+  gradients frees each block's tensors before the next, see `_block_activations`) plus the fp32 copy the
+  statistics make of the widest hooked activation; with drop-one, every block's input for the micro-batch,
+  the reference hidden states and a loss chunk;
+- scoring (candidates of `compress prune` and `search`): the source as for importance, one candidate (its
+  shard; its root and largest block gathered), the references (the source's final hidden states of this
+  process's share of the held-out batches), one forward's activations, a loss chunk with the teacher's
+  log-probs;
+- distillation: the student's weights, gradients and AdamW's two moments in its dtype (sharded), the
+  teacher's weights (frozen: none with a cached teacher), the student's root unit and largest
+  block gathered, the activations autograd keeps for one micro-batch (`_block_activations` summed over the
+  blocks; with activation checkpointing every block's input and the widest block's tensors), the loss
+  chunk (logits, log-probs, gradient, and the teacher's probabilities, fp32).
+
+A GPU plan adds `GPU_RESERVE` for the CUDA context and the allocator's slack. `MemoryPlan.smallest_nproc`
+finds the fewest processes whose share fits a memory size. The weight terms are exact; the activation terms
+are estimates of the pure-torch path, checked against peak memory measured on CPU by `benchmarks/scale.py
+--plans`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compressor.budget import GIB, GPUSpec, format_bytes
+from compressor.config import ATTENTION, MAMBA, MOE, BlockSpec, HybridConfig
+from compressor.losses import LossSpec
+from compressor.model import HybridLM
+
+# CUDA context, NCCL buffers and the caching allocator's fragmentation: set aside on every GPU.
+GPU_RESERVE = 2 * GIB
+MAX_NPROC = 65536
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes one process holds in a stage, term by term, for any number of processes."""
+
+    stage: str
+    sharded: dict[str, int] = field(default_factory=dict)  # the whole run's, divided among the processes
+    gathered: dict[str, int] = field(default_factory=dict)  # held whole by each process when N > 1
+    each: dict[str, int] = field(default_factory=dict)  # held by each process whatever N
+    notes: list[str] = field(default_factory=list)
+
+    def terms(self, nproc: int) -> dict[str, int]:
+        """Per process at `nproc` processes."""
+        out = {name: -(-nbytes // nproc) for name, nbytes in self.sharded.items()}
+        if nproc > 1:
+            out.update(self.gathered)
+        out.update(self.each)
+        return out
+
+    def total(self, nproc: int) -> int:
+        return sum(self.terms(nproc).values())
+
+    def smallest_nproc(self, memory: int) -> int | None:
+        """The fewest processes whose per-process total fits in `memory` bytes (None: no number does)."""
+        if self.total(1) <= memory:
+            return 1
+        low, high = 1, 2  # total(low) does not fit; grow high until it does, then bisect (totals fall with N)
+        while self.total(high) > memory:
+            low, high = high, 2 * high
+            if high > MAX_NPROC:
+                return None
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.total(middle) <= memory else (middle, high)
+        return high
+
+    def to_dict(self, nproc: int, memory: int | None = None) -> dict[str, Any]:
+        out = {"stage": self.stage, "nproc": nproc, "terms": self.terms(nproc), "total": self.total(nproc)}
+        if memory is not None:
+            out.update(memory=memory, smallest_nproc=self.smallest_nproc(memory))
+        return {**out, "notes": self.notes}
+
+
+def device_memory(gpu: GPUSpec | None, device: torch.device | str = "cpu") -> int | None:
+    """What a plan must fit in: the GPU's memory less `GPU_RESERVE`, else the local device's free memory."""
+    if gpu is not None:
+        return gpu.memory - GPU_RESERVE
+    from compressor.budget import available_memory
+
+    return available_memory(device)
+
+
+def importance_plan(
+    config: HybridConfig, *, seq_len: int, batch_size: int = 1, dtype: torch.dtype, drop_one: bool = False
+) -> MemoryPlan:
+    """`compress importance` (module docstring)."""
+    size = _size(dtype)
+    tokens = batch_size * seq_len
+    plan = MemoryPlan("importance")
+    _add_model(plan, "model", config, size)
+    plan.each["activations (one forward)"] = _forward_bytes(config, tokens, size)
+    plan.each["statistics (fp32 copy)"] = tokens * _widest_hooked(config) * 4
+    if drop_one:
+        stream = 4 if config.residual_in_fp32 else size
+        plan.each["drop-one: block inputs"] = config.num_blocks * tokens * config.hidden_size * stream
+        plan.each["drop-one: reference"] = tokens * config.hidden_size * size
+        plan.each["loss chunk"] = _loss_chunk(config, tokens, copies=4)
+    return plan
+
+
+def scoring_plan(
+    source: HybridConfig,
+    candidate: HybridConfig,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    batches: int,
+    dtype: torch.dtype,
+) -> MemoryPlan:
+    """Scoring candidates on `batches` held-out batches (`ProxyScorer`): module docstring. The references
+    are split among the processes with the batches."""
+    size = _size(dtype)
+    tokens = batch_size * seq_len
+    plan = MemoryPlan("scoring")
+    _add_model(plan, "source", source, size)
+    _add_model(plan, "candidate", candidate, size)
+    plan.sharded["references (held-out hidden states)"] = batches * tokens * source.hidden_size * size
+    plan.each["activations (one forward)"] = _forward_bytes(source, tokens, size)
+    plan.each["loss chunk"] = _loss_chunk(source, tokens, copies=4)
+    return plan
+
+
+def distill_plan(
+    student: HybridConfig,
+    teacher: HybridConfig | None,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    autocast: bool,
+    cache_teacher: bool = False,
+    checkpointing: bool = False,
+    loss: LossSpec | None = None,
+) -> MemoryPlan:
+    """One step of `compress distill` / `train` (module docstring); `teacher` None is plain LM training."""
+    size = _size(dtype)
+    params, root, block = _sizes(student)
+    plan = MemoryPlan("distillation" if teacher is not None else "training")
+    plan.sharded["student weights"] = params * size
+    plan.sharded["gradients"] = params * size
+    plan.sharded["optimizer state (AdamW)"] = 2 * params * size
+    plan.gathered["student root and largest block (gathered)"] = (root + 2 * block) * size
+    if teacher is not None and not cache_teacher:
+        _add_model(plan, "teacher", teacher, _size(teacher_dtype))
+    tokens = micro_batch_size * seq_len
+    act = 2 if autocast else size
+    if checkpointing:
+        plan.each["activations (block inputs + one block)"] = _checkpointed_activations(student, tokens, act)
+    else:
+        plan.each["activations (one micro-batch)"] = _training_activations(student, tokens, act)
+    rows = min((loss or LossSpec()).rows_per_chunk(student.vocab_size), tokens)
+    copies = 3 + (1 if teacher is not None else 0)  # logits, log-probs, gradient (+ teacher probabilities)
+    plan.each["loss chunk"] = rows * student.vocab_size * 4 * copies
+    return plan
+
+
+def training_plan(
+    config, student: HybridConfig, teacher: HybridConfig | None, device: torch.device | str
+) -> MemoryPlan:
+    """`distill_plan` for a run's options (a `compressor.train.TrainConfig`) on a `device` type: on CUDA the
+    teacher defaults to bf16 and autocast to bf16, as the run would have them."""
+    from compressor.checkpoint import parse_dtype
+
+    device = torch.device(device)
+    autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
+    return distill_plan(
+        student,
+        teacher if config.teacher is not None else None,
+        seq_len=config.seq_len,
+        micro_batch_size=config.micro_batch_size,
+        dtype=parse_dtype(config.dtype),
+        teacher_dtype=parse_dtype(config.resolved_teacher_dtype(device)),
+        autocast=autocast,
+        cache_teacher=config.cache_teacher,
+        checkpointing=config.activation_checkpointing,
+        loss=config.loss,
+    )
+
+
+# ----- terms ----------------------------------------------------------------------------------------------
+def _add_model(plan: MemoryPlan, label: str, config: HybridConfig, size: int) -> None:
+    """A frozen model's weights: its blocks' shard, its embeddings, norm_f and lm_head whole, and when
+    sharded its largest block gathered."""
+    params, root, block = _sizes(config)
+    plan.sharded[f"{label} weights (blocks)"] = (params - root) * size
+    plan.each[f"{label} weights (embeddings, norm_f, lm_head)"] = root * size
+    plan.gathered[f"{label} largest block (gathered)"] = 2 * block * size
+
+
+def _sizes(config: HybridConfig) -> tuple[int, int, int]:
+    """(parameters, parameters of the root unit, parameters of the largest block), counted on a meta model."""
+    return _counted(config.to_json())
+
+
+@functools.lru_cache(maxsize=16)
+def _counted(config_json: str) -> tuple[int, int, int]:
+    with torch.device("meta"):
+        model = HybridLM(HybridConfig.from_dict(json.loads(config_json)))
+    params = sum(p.numel() for p in model.parameters())
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.backbone.layers)
+    return params, params - sum(sum(p.numel() for p in b.parameters()) for b in model.backbone.layers), block
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _block_activations(config: HybridConfig, spec: BlockSpec) -> tuple[int, int]:
+    """(elements in the compute dtype, fp32 elements) one block holds per token of a forward that keeps its
+    tensors for backward: its input and normed input, and per mixer what it computes on the way."""
+    gn = config.n_groups * config.ssm_state_size
+    h = config.hidden_size
+    per_token, fp32 = 2 * h, 0
+    if spec.kind == MAMBA:
+        inner, heads = spec.mamba_intermediate, spec.mamba_num_heads
+        per_token += (2 * inner + 2 * gn + heads) + 2 * (inner + 2 * gn) + inner  # in_proj, conv, out_proj in
+        # the scan works in fp32: x*dt, B, C, within-chunk decays and scores, output, gated norm
+        fp32 += 2 * inner + 2 * gn + 2 * heads * config.chunk_size + 4 * inner
+    elif spec.kind == ATTENTION:
+        q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+        per_token += 3 * q + 2 * kv
+    elif spec.kind == MOE:
+        k, width = config.num_experts_per_tok, config.moe_latent_size or h
+        per_token += 2 * k * width + 2 * k * spec.moe_intermediate_size + 3 * spec.moe_shared_expert_intermediate_size
+        fp32 += 2 * spec.n_routed_experts + 2 * k * width  # router scores, weighted expert outputs
+    else:
+        per_token += 3 * spec.intermediate_size
+    return per_token, fp32
+
+
+def _training_activations(config: HybridConfig, tokens: int, size: int) -> int:
+    """What autograd keeps over all blocks for one micro-batch of `tokens` (plus embeddings and norm_f)."""
+    per_token, fp32 = 2 * config.hidden_size, 0
+    for spec in config.blocks:
+        block, block_fp32 = _block_activations(config, spec)
+        per_token, fp32 = per_token + block, fp32 + block_fp32
+    return tokens * (per_token * size + fp32 * 4)
+
+
+def _checkpointed_activations(config: HybridConfig, tokens: int, size: int) -> int:
+    """With activation checkpointing: every block's input (the residual stream), and the widest block's
+    tensors while it is recomputed and differentiated."""
+    stream = 4 if config.residual_in_fp32 else size
+    widest = max(block * size + fp32 * 4 for block, fp32 in (_block_activations(config, s) for s in config.blocks))
+    return tokens * ((config.num_blocks + 2) * config.hidden_size * stream + widest)
+
+
+def _forward_bytes(config: HybridConfig, tokens: int, size: int) -> int:
+    """The peak of a forward without gradients: the residual stream (fp32 when `residual_in_fp32`) and the
+    widest block's intermediates (each block's are freed before the next)."""
+    stream = tokens * config.hidden_size * (4 if config.residual_in_fp32 else size)
+    widest = max(block * size + fp32 * 4 for block, fp32 in (_block_activations(config, s) for s in config.blocks))
+    return 2 * stream + tokens * widest
+
+
+def _widest_hooked(config: HybridConfig) -> int:
+    """The widest activation importance reduces (channels): hidden, a Mamba block's x, attention heads, FFN."""
+    widths = [config.hidden_size]
+    for spec in config.blocks:
+        if spec.kind == MAMBA:
+            widths.append(spec.mamba_intermediate)
+        elif spec.kind == ATTENTION:
+            widths.append(spec.num_attention_heads * spec.head_dim)
+        elif spec.kind == MOE:
+            widths.append(max(spec.moe_intermediate_size, spec.moe_shared_expert_intermediate_size))
+        else:
+            widths.append(spec.intermediate_size)
+    return max(widths)
+
+
+def _loss_chunk(config: HybridConfig, tokens: int, copies: int) -> int:
+    """fp32 logits of one chunk of rows through the head, `copies` of them alive at once."""
+    return min(LossSpec().rows_per_chunk(config.vocab_size), tokens) * config.vocab_size * 4 * copies
+
+
+def describe(plan: MemoryPlan, nproc: int, memory: int | None, device: str) -> list[str]:
+    """The verdict lines under a plan's table: whether it fits at `nproc`, and the fewest processes that fit."""
+    total = plan.total(nproc)
+    lines = []
+    if memory is not None:
+        spare = memory - total
+        verdict = "fits" if spare >= 0 else "does not fit"
+        lines.append(
+            f"{verdict} on {device} at {nproc} process{'es' if nproc > 1 else ''}: {format_bytes(memory)} "
+            f"usable, {format_bytes(abs(spare))} {'to spare' if spare >= 0 else 'short'}"
+        )
+        smallest = plan.smallest_nproc(memory)
+        lines.append(
+            f"smallest number of {device} that fits: {smallest}"
+            if smallest is not None
+            else f"no number of {device} fits: the per-process terms alone need {format_bytes(plan.total(MAX_NPROC))}"
+        )
+    return lines
