@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from compressor.errors import CompressorError
 
-INSTALL_HINT = "lm-eval is not installed: pip install 'compressor[eval]' (or pip install 'lm-eval>=0.4.8,<0.5')"
+INSTALL_HINT = "lm-eval is not installed: pip install 'compressor[eval]' (or pip install 'lm-eval>=0.4.10,<0.5')"
 try:
     # lm-eval's own model names are registered lazily by importing lm_eval.models; do it before adding
     # ours, since lm-eval only does it itself while its registry is still empty.
@@ -393,7 +393,8 @@ def evaluate_tasks(
         raise CompressorError("no lm-eval tasks given: name at least one (e.g. hellaswag, or a task YAML)")
     if include_path is not None and not Path(include_path).is_dir():
         raise CompressorError(f"--include-path {include_path} is not a folder of lm-eval task YAML files")
-    task_manager = _task_manager(list(tasks), include_path)
+    names, folders = _task_names(tasks, include_path)
+    task_manager = _task_manager(names, folders)
     import lm_eval
 
     results = []
@@ -401,7 +402,7 @@ def evaluate_tasks(
         model = CompressorLM(path, device=device, dtype=dtype, batch_size=batch_size)
         raw = lm_eval.simple_evaluate(
             model=model,
-            tasks=list(tasks),
+            tasks=names,
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=task_manager,
@@ -413,17 +414,43 @@ def evaluate_tasks(
     return results
 
 
-def _task_manager(tasks: list[str], include_path: str | Path | None):
+def _task_names(tasks: Sequence[str], include_path: str | Path | None) -> tuple[list[str], list[str]]:
+    """Task names and the folders to index: a task YAML file becomes its name and its folder (lm-eval
+    before 0.4.11 loads tasks by name only)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # reads task YAMLs without running their !function tags
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names, folders = [], [str(include_path)] if include_path is not None else []
+    for task in tasks:
+        path = Path(task)
+        if not path.is_file():
+            names.append(task)
+            continue
+        try:
+            raw = yaml.load(path.read_text(), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise CompressorError(f"{path} is not a readable lm-eval task YAML ({err})") from None
+        name = next((raw[k] for k in ("task", "group") if isinstance(raw, dict) and isinstance(raw.get(k), str)), None)
+        if name is None:
+            raise CompressorError(f"{path} is not an lm-eval task YAML: it has no 'task: NAME'")
+        names.append(name)
+        folders.append(str(path.parent))
+    return names, list(dict.fromkeys(folders))
+
+
+def _task_manager(names: list[str], folders: list[str]):
     """lm-eval's task index; its thousands of built-in tasks are indexed (seconds) only when asked for."""
     from lm_eval.tasks import TaskManager
 
-    include = str(include_path) if include_path is not None else None
-    if include is not None or all(Path(task).is_file() for task in tasks):
-        local = TaskManager(include_path=include, include_defaults=False)
-        if all(task in local.all_tasks or Path(task).is_file() for task in tasks):
+    if folders:
+        local = TaskManager(include_path=folders, include_defaults=False)
+        if all(name in local.all_tasks for name in names):
             return local
-    manager = TaskManager(include_path=include)
-    unknown = [task for task in tasks if task not in manager.all_tasks and not Path(task).is_file()]
+    manager = TaskManager(include_path=folders or None)
+    unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise CompressorError(
             f"unknown lm-eval task(s) {', '.join(unknown)}: give names lm-eval lists (lm-eval ls tasks), "

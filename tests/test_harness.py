@@ -277,7 +277,7 @@ def test_missing_lm_eval_is_one_line():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "error: lm-eval is not installed: pip install 'compressor[eval]' (or pip install 'lm-eval>=0.4.8,<0.5')"
+        "error: lm-eval is not installed: pip install 'compressor[eval]' (or pip install 'lm-eval>=0.4.10,<0.5')"
     )
 
 
