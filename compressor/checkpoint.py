@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from compressor.config import HybridConfig
+from compressor.config import HybridConfig, hf_exact
 from compressor.errors import CheckpointError
 from compressor.model import FP32_TENSORS, HybridLM
 from compressor.outputs import atomic_output
@@ -330,6 +331,22 @@ def complete_tokenizer(folder: str | Path, config: HybridConfig) -> list[str]:
         (folder / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2, sort_keys=True) + "\n")
         written.append("special_tokens_map.json")
     return written
+
+
+def set_hf_exact(path: str | Path) -> HybridConfig:
+    """Rewrite a checkpoint's config.json so compressor matches transformers' logits (`config.hf_exact`).
+
+    Only `time_step_limit` changes; every other key of config.json keeps its value. Returns the new config.
+    """
+    file = Path(path) / "config.json"
+    config = hf_exact(HybridConfig.from_file(path))
+    raw = json.loads(file.read_text())
+    raw.pop("mamba_dt_limit", None)  # a legacy spelling would contradict the new value
+    raw["time_step_limit"] = list(config.time_step_limit)
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+    return config
 
 
 def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:

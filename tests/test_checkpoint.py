@@ -1,12 +1,14 @@
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model
+from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model, set_hf_exact
 from compressor.errors import CheckpointError, CompressorError, ConfigError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
@@ -241,3 +243,45 @@ def test_init_writes_a_complete_tokenizer(tmp_path):
     assert result.exit_code == 0, result.output
     tokenizer = _auto_tokenizer(out)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+
+
+def test_set_hf_exact_makes_transformers_agree_on_a_trained_like_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny")).eval()
+    assert model.config.time_step_limit == (0.0, math.inf)
+    with torch.no_grad():  # as in trained models, some heads step below time_step_min (0.001)
+        for block in model.backbone.layers:
+            if block.kind == "mamba":
+                block.mixer.dt_bias[::2] = math.log(math.expm1(0.0008))
+    ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(1))
+    steps = []
+    hooks = [
+        b.mixer.in_proj.register_forward_hook(
+            lambda mod, args, out, m=b.mixer: steps.append(F.softplus(out[..., -m.num_heads :] + m.dt_bias))
+        )
+        for b in model.backbone.layers
+        if b.kind == "mamba"
+    ]
+    with torch.no_grad():
+        ours = model(ids)
+    for hook in hooks:
+        hook.remove()
+    below = float(torch.cat([s.flatten() for s in steps]).lt(0.001).float().mean())
+    assert 0.1 < below < 0.9
+    path = save_model(model, tmp_path / "ckpt")
+    before = json.loads((path / "config.json").read_text())
+    with torch.no_grad():
+        theirs = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
+    assert (ours - theirs).abs().max() > 1e-4  # transformers floors dt at time_step_min, the checkpoint does not
+
+    config = set_hf_exact(path)
+    after = json.loads((path / "config.json").read_text())
+    assert config.time_step_limit == (0.001, math.inf) and after["time_step_limit"] == [0.001, math.inf]
+    assert {k: v for k, v in after.items() if k != "time_step_limit"} == {
+        k: v for k, v in before.items() if k != "time_step_limit"
+    }
+    with torch.no_grad():
+        assert (load_model(path)(ids) - theirs).abs().max() <= 1e-5
+        refreshed = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
+        assert torch.equal(refreshed, theirs)  # transformers ignores time_step_limit: nothing changed there
