@@ -55,6 +55,7 @@ except ImportError as err:
 from compressor.checkpoint import load_model, parse_dtype  # noqa: E402
 from compressor.data import load_tokenizer  # noqa: E402
 from compressor.generate import generate  # noqa: E402
+from compressor.losses import CHUNK_LOGITS  # noqa: E402
 from compressor.model import HybridLM  # noqa: E402
 
 MODEL_NAME = "compressor"
@@ -259,9 +260,15 @@ class CompressorLM(TemplateLM):
         targets_t = torch.tensor(targets, device=device)
 
         def head(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = F.linear(hidden[rows_t, columns_t], weight).float()  # (continuation tokens, vocab)
-            logprobs = logits.log_softmax(dim=-1).gather(1, targets_t[:, None])[:, 0]
-            return logprobs, logits.argmax(dim=-1) != targets_t
+            selected = hidden[rows_t, columns_t]  # (continuation tokens, hidden)
+            step = max(1, CHUNK_LOGITS // weight.shape[0])  # rolling windows score every token: chunk the logits
+            logprobs, misses = [], []
+            for start in range(0, selected.shape[0], step):
+                logits = F.linear(selected[start : start + step], weight).float()  # (step, vocab)
+                target = targets_t[start : start + step]
+                logprobs.append(logits.log_softmax(dim=-1).gather(1, target[:, None])[:, 0])
+                misses.append(logits.argmax(dim=-1) != target)
+            return torch.cat(logprobs), torch.cat(misses)
 
         logprobs, misses = self.model(ids.to(device), head=head)
         totals = torch.zeros(len(pairs), dtype=torch.float64, device=device).index_add_(0, rows_t, logprobs.double())

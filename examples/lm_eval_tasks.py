@@ -4,15 +4,16 @@
 - shakespeare_next_line (multiple_choice, acc / acc_norm): the speaker and up to three lines of a speech;
   which of four lines comes next? The three wrong lines are drawn from other speeches of the held-out
   plays, with lengths within 30% of the right one's (chance: 25%).
-- shakespeare_speaker (generate_until, exact_match): three consecutive speeches; the model writes the
-  name of the next speaker (the header line, e.g. "BANQUO."), stopping at the end of the line. Names of
-  the held-out plays' characters are unseen in training, so the model must take them from the context.
+- shakespeare_next_word (generate_until, exact_match): the speaker, the speech's previous lines and a
+  line cut before one of its words; the model writes on (greedy, up to 4 tokens or the end of the line)
+  and its first word must be the text's (letters and apostrophes, case-sensitive). The cut is never
+  followed by a space in the prompt, which would tokenize unlike the training text.
 
 Each task keeps `--items` documents (default 300), drawn with a fixed seed. The YAML files name the data
 by absolute path, so run the script on the machine that evaluates:
 
     python examples/lm_eval_tasks.py --out runs/lm_eval_tasks
-    compress eval examples/model --lm-eval-tasks shakespeare_next_line,shakespeare_speaker \\
+    compress eval examples/model --lm-eval-tasks shakespeare_next_line,shakespeare_next_word \\
         --include-path runs/lm_eval_tasks
 """
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A speaker's header line: "MACBETH.", "FIRST WITCH.", "SIR TOBY."
 SPEAKER = re.compile(r"^[A-Z][A-Z' \-]*[A-Z]\.$")
 CONTEXT_LINES = 3  # lines of a speech shown before the line to guess
-CONTEXT_SPEECHES = 3  # speeches shown before the speaker to guess
+WORD = re.compile(r"[A-Za-z']+")  # a word to guess, as the task's answer filter reads it
 
 
 def read_speeches(text: str) -> list[tuple[str, list[str]]]:
@@ -58,12 +59,16 @@ def next_line_items(speeches, rng: random.Random, count: int) -> list[dict]:
     return rng.sample(items, min(count, len(items)))
 
 
-def speaker_items(speeches, rng: random.Random, count: int) -> list[dict]:
+def next_word_items(speeches, rng: random.Random, count: int) -> list[dict]:
     items = []
-    for i in range(CONTEXT_SPEECHES, len(speeches)):
-        shown = speeches[i - CONTEXT_SPEECHES : i]
-        context = "\n\n".join("\n".join([speaker, *body[-2:]]) for speaker, body in shown) + "\n\n"
-        items.append({"context": context, "answer": speeches[i][0]})
+    for speaker, body in speeches:
+        for i, line in enumerate(body):
+            # words after the line's first, with the text before them (no trailing space)
+            for match in list(WORD.finditer(line))[1:]:
+                prefix = line[: match.start()].rstrip()
+                if line[len(prefix) : match.start()] == " ":  # a word after a plain space
+                    context = "\n".join([speaker, *body[max(0, i - CONTEXT_LINES + 1) : i], prefix])
+                    items.append({"context": context, "answer": match.group()})
     return rng.sample(items, min(count, len(items)))
 
 
@@ -83,7 +88,7 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """,
-    "shakespeare_speaker": """task: shakespeare_speaker
+    "shakespeare_next_word": """task: shakespeare_next_word
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -94,7 +99,13 @@ doc_to_text: context
 doc_to_target: answer
 generation_kwargs:
   until: ["\\n"]
-  max_gen_toks: 8
+  max_gen_toks: 4
+filter_list:
+  - name: first_word
+    filter:
+      - function: regex
+        regex_pattern: "{word}"
+      - function: take_first
 metric_list:
   - metric: exact_match
 """,
@@ -112,13 +123,13 @@ def main() -> None:
     rng = random.Random(args.seed)
     items = {
         "shakespeare_next_line": next_line_items(speeches, rng, args.items),
-        "shakespeare_speaker": speaker_items(speeches, rng, args.items),
+        "shakespeare_next_word": next_word_items(speeches, rng, args.items),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name, docs in items.items():
         data = (args.out / f"{name}.jsonl").resolve()
         data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-        (args.out / f"{name}.yaml").write_text(YAML[name].format(data=data))
+        (args.out / f"{name}.yaml").write_text(YAML[name].format(data=data, word=WORD.pattern))
         print(f"{name}: {len(docs)} documents -> {data}")
 
 

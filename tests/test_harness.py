@@ -164,13 +164,16 @@ def test_greedy_flag_on_the_model_own_continuation(workspace):
     assert greedy and not other
 
 
-def test_loglikelihood_rolling_scores_every_token_once(workspace):
+def test_loglikelihood_rolling_scores_every_token_once(workspace, monkeypatch):
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
     tokens = _ids(text)
     lm = CompressorLM(workspace / "uniform", batch_size=2)
     (total,) = lm.loglikelihood_rolling(_requests((text,)))
     expected, _ = _direct_loglikelihood(lm.model, [lm.prefix_token_id], tokens)  # the whole text in one window
     assert total == pytest.approx(expected, abs=1e-4)
+    monkeypatch.setattr("compressor.harness.CHUNK_LOGITS", 3 * VOCAB)  # logits formed 3 rows at a time
+    assert lm.loglikelihood_rolling(_requests((text,))) == pytest.approx([total], abs=1e-5)
+    monkeypatch.undo()
 
     short = CompressorLM(lm.model, tokenizer=workspace / "uniform", max_length=8)
     seen = []
