@@ -14,8 +14,6 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task data only, never the hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -40,6 +38,15 @@ QUESTIONS = [
     ("LEAR. Blow, winds, and", ["crack your cheeks", "rage", "stop", "sing"]),
 ]
 PROMPTS = ["KING. Speak, good sir", "ROMEO. What light", "HAMLET. To be", "LEAR. Blow, winds", "FOOL. Nuncle"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Local task data only, never the hub."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
 
 
 def _ids(text: str) -> list[int]:
