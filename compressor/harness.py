@@ -54,9 +54,11 @@ except ImportError as err:
 
 from compressor.checkpoint import load_model, parse_dtype  # noqa: E402
 from compressor.data import load_tokenizer  # noqa: E402
+from compressor.distributed import resolve_device  # noqa: E402
 from compressor.generate import generate  # noqa: E402
 from compressor.losses import CHUNK_LOGITS  # noqa: E402
 from compressor.model import HybridLM  # noqa: E402
+from compressor.quantize import is_quantized_checkpoint, quantize_activations  # noqa: E402
 
 MODEL_NAME = "compressor"
 DEFAULT_BATCH_SIZE = 8
@@ -107,27 +109,28 @@ class CompressorLM(TemplateLM):
     """An lm-eval model over a compressor checkpoint folder (or a loaded `HybridLM` plus its tokenizer).
 
     Arguments (also as lm-eval `--model_args k=v,...`): `pretrained` the checkpoint folder; `tokenizer`
-    a folder or tokenizer.json (default: the checkpoint's); `device`; `dtype` (default: the checkpoint's);
-    `batch_size`; `max_length` (default: max_position_embeddings); `max_gen_toks`; `prefix_token_id`, the
-    token an empty context and rolling windows start from (default: BOS, else EOS, as lm-eval's HF backend).
+    a folder or tokenizer.json (default: the checkpoint's); `device` (auto, cpu, cuda, cuda:N); `dtype`
+    (default: the checkpoint's); `batch_size`; `max_length` (default: max_position_embeddings);
+    `max_gen_toks`; `prefix_token_id`, the token an empty context and rolling windows start from (default:
+    BOS, else EOS, as lm-eval's HF backend); `weights_only`: a quantized checkpoint runs dequantized
+    without its activation quantization (by default it runs as deployed, as `compress eval` runs it).
     """
 
     def __init__(
         self,
         pretrained: str | Path | HybridLM,
         tokenizer: str | Path | None = None,
-        device: str | torch.device = "cpu",
+        device: str = "auto",
         dtype: str | torch.dtype | None = None,
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         prefix_token_id: int | None = None,
+        weights_only: bool = False,
         max_batch_size: int | None = None,  # passed by lm-eval for automatic batch sizes, which this model lacks
     ) -> None:
         super().__init__()
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CompressorError(f"device {device} was asked for but CUDA is not available: pass --device cpu")
+        device = resolve_device(str(device))
         if isinstance(pretrained, HybridLM):
             if tokenizer is None:
                 raise CompressorError("a loaded model needs its tokenizer: pass tokenizer=FOLDER")
@@ -136,6 +139,8 @@ class CompressorLM(TemplateLM):
         else:
             self.model = load_model(pretrained, dtype=dtype, device=device)
             self.name = str(pretrained)
+            if not weights_only and is_quantized_checkpoint(pretrained):  # as deployed, as compress eval runs it
+                quantize_activations(self.model, pretrained)
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else pretrained)
         self._device = device
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -385,15 +390,17 @@ def evaluate_tasks(
     limit: int | float | None = None,
     include_path: str | Path | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
+    weights_only: bool = False,
     bootstrap_iters: int = 100_000,
 ) -> list[ModelTaskResults]:
     """Run lm-eval `tasks` on each checkpoint, one after the other (one model in memory at a time).
 
     `tasks` are lm-eval task or group names, names defined by YAML files under `include_path`, or YAML file
     paths. `limit` caps the documents per task (a float below 1: a fraction). lm-eval's seeds are fixed, so
-    the few-shot examples are the same for every model. `bootstrap_iters` sets lm-eval's bootstrap for the
+    the few-shot examples are the same for every model. Quantized checkpoints run as deployed (activation
+    quantization included) unless `weights_only`. `bootstrap_iters` sets lm-eval's bootstrap for the
     standard errors of metrics without a closed form (0 skips them).
     """
     if not tasks:
@@ -406,7 +413,7 @@ def evaluate_tasks(
 
     results = []
     for path in model_paths:
-        model = CompressorLM(path, device=device, dtype=dtype, batch_size=batch_size)
+        model = CompressorLM(path, device=device, dtype=dtype, batch_size=batch_size, weights_only=weights_only)
         raw = lm_eval.simple_evaluate(
             model=model,
             tasks=names,

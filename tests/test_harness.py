@@ -301,5 +301,26 @@ def test_user_errors(workspace):
     with pytest.raises(CompressorError, match="needs its tokenizer"):
         CompressorLM(load_model(workspace / "uniform"))
     if not torch.cuda.is_available():
-        with pytest.raises(CompressorError, match="CUDA is not available: pass --device cpu"):
+        with pytest.raises(CompressorError, match="no CUDA device is available: use --device cpu"):
             CompressorLM(workspace / "uniform", device="cuda:0")
+
+
+def test_quantized_checkpoint_runs_as_deployed(workspace, tmp_path):
+    pytest.importorskip("modelopt.torch.quantization")
+    from compressor.quantize import export_quantized, quantize, quantize_activations
+
+    model = load_model(workspace / "uniform", dtype="float32")
+    gen = torch.Generator().manual_seed(3)
+    quantize(model, "fp8", [torch.randint(0, VOCAB, (2, 32), generator=gen) for _ in range(2)])
+    path = export_quantized(model, tmp_path / "fp8", tokenizer_from=workspace / "uniform")
+    assert (path / "tokenizer_config.json").is_file()
+    pairs = [(q, " " + choices[0]) for q, choices in QUESTIONS[:3]]
+    deployed = [s for s, _ in CompressorLM(path, dtype="float32").loglikelihood(_requests(*pairs))]
+    weights_only = CompressorLM(path, dtype="float32", weights_only=True).loglikelihood(_requests(*pairs))
+    reference = load_model(path, dtype="float32")
+    quantize_activations(reference, path)
+    for (context, continuation), score in zip(pairs, deployed, strict=True):
+        context_ids = _ids(context)
+        expected, _ = _direct_loglikelihood(reference, context_ids, _ids(context + continuation)[len(context_ids) :])
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert [s for s, _ in weights_only] != pytest.approx(deployed, abs=1e-6)  # activations quantized by default
