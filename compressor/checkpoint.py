@@ -14,12 +14,18 @@ Memory: a model's weights are never held twice, whatever its size.
   straight from its memory at its offset, so the tensors may come one at a time from a generator (pruning
   writes a checkpoint without ever building the pruned model).
 - `init_checkpoint` fills an empty model in the target dtype: a bf16 model never exists in fp32.
+
+Every folder written here carries a complete tokenizer: the source's tokenizer files are copied, and
+when the source has `tokenizer.json` but no `tokenizer_config.json`, one is derived (BOS/EOS/PAD at the
+ids config.json names, spelled as the tokenizer spells them), so `transformers.AutoTokenizer` and tools
+built on it (lm-eval's HF backend, vLLM) know the special tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -28,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from compressor import distributed
-from compressor.config import HybridConfig
+from compressor.config import HybridConfig, hf_exact
 from compressor.errors import CheckpointError
 from compressor.model import FP32_TENSORS, HybridLM
 from compressor.outputs import atomic_output
@@ -46,6 +52,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+# config.json id field of each special token written into a derived tokenizer_config.json.
+SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "pad_token_id"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPES = {
     "float32": torch.float32,
@@ -359,6 +367,64 @@ def write_checkpoint(
             if source.is_file():  # its content only, never a link out of the source folder
                 shutil.copyfile(confined(source, Path(tokenizer_from), what=name), folder / name)
                 (folder / name).chmod(0o644)
+        complete_tokenizer(folder, config)
+
+
+def special_tokens(tokenizer_file: str | Path, config: HybridConfig) -> dict[str, str]:
+    """{"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}: the tokens at config.json's ids.
+
+    A token whose id is unset in the config (or outside the tokenizer's vocabulary) is left out.
+    """
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        raise CheckpointError(f"cannot read tokenizer {tokenizer_file} ({err})") from None
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_id, "pad_token_id": config.pad_token_id}
+    tokens = {}
+    for name, id_field in SPECIAL_TOKEN_IDS.items():
+        token = tokenizer.id_to_token(ids[id_field]) if isinstance(ids[id_field], int) else None
+        if token is not None:
+            tokens[name] = token
+    return tokens
+
+
+def complete_tokenizer(folder: str | Path, config: HybridConfig) -> list[str]:
+    """Derive tokenizer_config.json and special_tokens_map.json in a folder holding tokenizer.json.
+
+    Nothing is changed when the folder has no tokenizer.json or already has a tokenizer_config.json (the
+    source's own is kept as it is). Returns the names of the files written.
+    """
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return []
+    tokens = special_tokens(folder / "tokenizer.json", config)
+    # PreTrainedTokenizerFast wraps tokenizer.json as it is (transformers 4 and 5): no template tokens
+    # added on encoding, and decoding keeps the tokenizer's own spacing.
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **tokens}
+    written = ["tokenizer_config.json"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
+    if not (folder / "special_tokens_map.json").is_file():
+        (folder / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2, sort_keys=True) + "\n")
+        written.append("special_tokens_map.json")
+    return written
+
+
+def set_hf_exact(path: str | Path) -> HybridConfig:
+    """Rewrite a checkpoint's config.json so compressor matches transformers' logits (`config.hf_exact`).
+
+    Only `time_step_limit` changes; every other key of config.json keeps its value. Returns the new config.
+    """
+    file = Path(path) / "config.json"
+    config = hf_exact(HybridConfig.from_file(path))
+    raw = json.loads(file.read_text())
+    raw.pop("mamba_dt_limit", None)  # a legacy spelling would contradict the new value
+    raw["time_step_limit"] = list(config.time_step_limit)
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+    return config
 
 
 def write_weights(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,13 +23,16 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Continue each prompt of `input_ids` (batch, prompt_len) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy; otherwise sample from softmax(logits / temperature), optionally restricted
     to the `top_k` most likely tokens and/or the smallest set holding `top_p` of the probability. A
-    sequence that emits `eos_token_id` keeps emitting it; generation stops when all have. Returns
-    (batch, prompt_len + generated) token ids.
+    sequence that emits `eos_token_id` keeps emitting it; generation stops when all have. `stop`, called
+    after each step with the tokens generated so far (batch, steps), returns a bool (batch,) marking the
+    sequences that are finished too (stop strings); those continue with `eos_token_id` when given.
+    Returns (batch, prompt_len + generated) token ids.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be (batch, prompt_len) with prompt_len >= 1")
@@ -45,6 +49,8 @@ def generate(
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
         out.append(token[:, None])
+        if stop is not None:
+            done |= stop(torch.cat(out[1:], dim=1)).to(device)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = model(token[:, None], cache)[:, -1]

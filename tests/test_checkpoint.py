@@ -1,14 +1,19 @@
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model
+from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model, set_hf_exact
 from compressor.errors import CheckpointError, CompressorError, ConfigError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
+
+EXAMPLE_TOKENIZER = Path(__file__).resolve().parents[1] / "examples" / "data" / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +59,12 @@ def test_load_with_dtype_choice(tmp_path, model):
 def test_tokenizer_files_are_copied_and_nothing_else(tmp_path, model):
     source = tmp_path / "src"
     source.mkdir()
-    (source / "tokenizer.json").write_text('{"fake": true}')
+    shutil.copyfile(EXAMPLE_TOKENIZER, source / "tokenizer.json")
+    (source / "generation_config.json").write_text('{"fake": true}')
     (source / "modeling_evil.py").write_text("raise SystemExit")
     path = save_model(model, tmp_path / "out", tokenizer_from=source)
-    assert (path / "tokenizer.json").read_text() == '{"fake": true}'
+    assert (path / "tokenizer.json").read_bytes() == EXAMPLE_TOKENIZER.read_bytes()
+    assert (path / "generation_config.json").read_text() == '{"fake": true}'
     assert not (path / "modeling_evil.py").exists()
 
 
@@ -214,3 +221,126 @@ def test_init_fills_an_empty_model_in_the_target_dtype(tmp_path):
     init_checkpoint(tmp_path / "again", config, dtype="bfloat16", seed=3)
     again = load_model(tmp_path / "again").state_dict()
     assert all(torch.equal(state[k], again[k]) for k in state)  # the seed decides
+
+
+def _auto_tokenizer(path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def vocab_model():
+    """The tiny architecture with the example tokenizer's vocabulary (4096)."""
+    torch.manual_seed(0)
+    return HybridLM(get_preset("tiny").replace(vocab_size=4096)).eval()
+
+
+def test_saved_tokenizer_has_bos_eos_pad_from_the_config(tmp_path, vocab_model):
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copyfile(EXAMPLE_TOKENIZER, source / "tokenizer.json")
+    path = save_model(vocab_model, tmp_path / "out", tokenizer_from=source)
+    assert {"tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in path.iterdir()}
+    tokenizer = _auto_tokenizer(path)
+    config = vocab_model.config
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        config.bos_token_id,
+        config.eos_token_id,
+        config.pad_token_id,
+    )
+    text = "ROMEO. But soft, what light through yonder window breaks?"
+    from tokenizers import Tokenizer
+
+    # transformers encodes and decodes exactly as the tokenizer.json compressor itself uses
+    assert tokenizer(text).input_ids == Tokenizer.from_file(str(EXAMPLE_TOKENIZER)).encode(text).ids
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+
+
+def test_derived_tokens_follow_config_ids(tmp_path):
+    torch.manual_seed(0)
+    config = get_preset("tiny").replace(vocab_size=4096, bos_token_id=None, eos_token_id=[1, 2], pad_token_id=2)
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copyfile(EXAMPLE_TOKENIZER, source / "tokenizer.json")
+    path = save_model(HybridLM(config), tmp_path / "out", tokenizer_from=source)
+    derived = json.loads((path / "tokenizer_config.json").read_text())
+    assert "bos_token" not in derived and derived["eos_token"] == "<s>" and derived["pad_token"] == "</s>"
+    tokenizer = _auto_tokenizer(path)
+    assert tokenizer.bos_token is None and (tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2)
+
+
+def test_existing_tokenizer_config_is_kept(tmp_path, vocab_model):
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copyfile(EXAMPLE_TOKENIZER, source / "tokenizer.json")
+    own = '{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "model_max_length": 77}'
+    (source / "tokenizer_config.json").write_text(own)
+    path = save_model(vocab_model, tmp_path / "out", tokenizer_from=source)
+    assert (path / "tokenizer_config.json").read_text() == own
+    assert not (path / "special_tokens_map.json").exists()
+    assert _auto_tokenizer(path).model_max_length == 77
+
+
+def test_unreadable_tokenizer_is_refused(tmp_path, model):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "tokenizer.json").write_text('{"fake": true}')
+    with pytest.raises(CheckpointError, match="cannot read tokenizer"):
+        save_model(model, tmp_path / "out", tokenizer_from=source)
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_writes_a_complete_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "model"
+    args = ["init", str(out), "--preset", "tiny", "--set", "vocab_size=4096", "--tokenizer", str(EXAMPLE_TOKENIZER)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    tokenizer = _auto_tokenizer(out)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+
+
+def test_set_hf_exact_makes_transformers_agree_on_a_trained_like_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny")).eval()
+    assert model.config.time_step_limit == (0.0, math.inf)
+    with torch.no_grad():  # as in trained models, some heads step below time_step_min (0.001)
+        for block in model.backbone.layers:
+            if block.kind == "mamba":
+                block.mixer.dt_bias[::2] = math.log(math.expm1(0.0008))
+    ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(1))
+    steps = []
+    hooks = [
+        b.mixer.in_proj.register_forward_hook(
+            lambda mod, args, out, m=b.mixer: steps.append(F.softplus(out[..., -m.num_heads :] + m.dt_bias))
+        )
+        for b in model.backbone.layers
+        if b.kind == "mamba"
+    ]
+    with torch.no_grad():
+        ours = model(ids)
+    for hook in hooks:
+        hook.remove()
+    below = float(torch.cat([s.flatten() for s in steps]).lt(0.001).float().mean())
+    assert 0.1 < below < 0.9
+    path = save_model(model, tmp_path / "ckpt")
+    before = json.loads((path / "config.json").read_text())
+    with torch.no_grad():
+        theirs = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
+    assert (ours - theirs).abs().max() > 1e-4  # transformers floors dt at time_step_min, the checkpoint does not
+
+    config = set_hf_exact(path)
+    after = json.loads((path / "config.json").read_text())
+    assert config.time_step_limit == (0.001, math.inf) and after["time_step_limit"] == [0.001, math.inf]
+    assert {k: v for k, v in after.items() if k != "time_step_limit"} == {
+        k: v for k, v in before.items() if k != "time_step_limit"
+    }
+    with torch.no_grad():
+        assert (load_model(path)(ids) - theirs).abs().max() <= 1e-5
+        refreshed = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
+        assert torch.equal(refreshed, theirs)  # transformers ignores time_step_limit: nothing changed there

@@ -41,3 +41,19 @@ def test_eos_ends_generation(model):
     out = generate(model, prompt, 10, eos_token_id=eos)
     assert out.shape[1] == 5 + first + 1 and out[0, -1] == eos
     assert out[0, 5:].tolist() == greedy[: first + 1]
+
+
+def test_stop_callback_ends_each_sequence(model):
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
+    greedy = generate(model, prompt, 10)[:, 5:]
+    calls = []
+
+    def stop(new):  # row 0 is finished after 3 tokens, row 1 after 6
+        calls.append(new.clone())
+        return torch.tensor([new.shape[1] >= 3, new.shape[1] >= 6])
+
+    out = generate(model, prompt, 10, stop=stop)
+    assert out.shape[1] == 5 + 6 and torch.equal(out[:, 5:], greedy[:, :6])
+    assert [c.shape for c in calls] == [(2, n) for n in range(1, 7)] and torch.equal(calls[-1], greedy[:, :6])
+    out = generate(model, prompt, 10, stop=stop, eos_token_id=511)
+    assert out[0, 5 + 3 :].eq(511).all() and torch.equal(out[1, 5:], greedy[1, :6])
