@@ -896,6 +896,7 @@ class Budget:
         ctx: str = "8k",
         batch: int = 1,
         target_params: str | None = None,
+        target_active_params: str | None = None,
         gpu: str | None = None,
         gpu_bandwidth: str | None = None,
         gpu_tflops: float | None = None,
@@ -909,7 +910,7 @@ class Budget:
     ) -> Budget | None:
         """A budget from its written form ('19.66GiB', '128k', '9B', 'a10g', '8k' ...); None when no limit is
         given. Keyword names are those of the command-line options."""
-        if target_mem is None and target_params is None and min_speedup is None:
+        if target_mem is None and target_params is None and target_active_params is None and min_speedup is None:
             return None
         if batch < 1:
             raise OptionError("batch", f"must be at least 1, got {batch}")
@@ -918,6 +919,9 @@ class Budget:
         if prefill_chunk < 0:
             raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {prefill_chunk}")
         memory = parse_size(target_mem) if target_mem is not None else None
+        active = (
+            parse_count(target_active_params, "active parameter count") if target_active_params is not None else None
+        )
         context = parse_context(ctx)
         workload = None
         if isl is not None or osl is not None:
@@ -936,6 +940,7 @@ class Budget:
             ssm_dtype=normalize_dtype(ssm_dtype, SSM_DTYPES, "SSM state dtype") if ssm_dtype else None,
             prefill_chunk=prefill_chunk,
             params=parse_params(target_params) if target_params is not None else None,
+            active_params=active,
             gpu=gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, memory),
             min_speedup=min_speedup,
             workload=workload,
@@ -1011,6 +1016,7 @@ class Report:
     largest_batch: bool = False  # the batch is the largest that fits
     gpu: GPUSpec | None = None
     throughput: ThroughputEstimate | None = None
+    active_parameters: int | None = None  # what one token uses (`active_parameters`)
 
     @property
     def total_parameters(self) -> int:
@@ -1025,7 +1031,7 @@ class Report:
         if self.limit is not None:
             target = {"bytes": self.limit, "fits": self.headroom >= 0, "headroom": self.headroom}
         return {
-            "parameters": {**self.parameters, "total": self.total_parameters},
+            "parameters": {**self.parameters, "total": self.total_parameters, "active": self.active_parameters},
             "memory": self.memory.to_dict(),
             "target": target,
             "throughput": self.throughput.to_dict() if self.throughput is not None else None,
@@ -1078,7 +1084,7 @@ def report(
             output_tokens=parse_context(osl) if osl is not None else None,
         )
         throughput = estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
-    return Report(parameter_counts(config), memory, limit, largest, spec, throughput)
+    return Report(parameter_counts(config), memory, limit, largest, spec, throughput, active_parameters(config))
 
 
 # ----- measured ----------------------------------------------------------------------------------------

@@ -22,11 +22,10 @@ additive over blocks, so each is the cost of the embeddings plus the per-block c
 number of blocks of that kind, with per-block costs from `compressor.budget` on one-block configs
 (`strategies.costs.BlockCosts`); the prefill activation allowance is the largest kind's. This evaluates the
 whole grid with numpy (about two million points for the 12B-v2 preset in seconds); `GridCosts` holds the
-arrays, equal to the budget model's figures for every point (tested). The largest fitting candidates by
-parameters are then checked exactly by the budget model (throughput included) and the `top_k` of them are
-scored (`compressor.pipelines.ranking`); the best score wins. Under an active-parameter budget the order
-stays by total parameters (ModelOpt sorts by active parameters): the largest active count is often reached
-by dropping experts to save their router rows, while the most parameters keeps the experts.
+arrays, equal to the budget model's figures for every point (tested). The largest fitting candidates (by
+parameters; under an active-parameter budget by active parameters first, as ModelOpt ranks by its first
+constraint) are then checked exactly by the budget model (throughput included) and the `top_k` of them are
+scored (`compressor.pipelines.ranking`); the best score wins.
 """
 
 from __future__ import annotations
@@ -247,7 +246,7 @@ class MinitronStrategy(Strategy):
         fits = space.fits(budget)
         order = drop_order(source, importance, self.options.depth_scores)
         targets = []
-        for index in _stratified(np.where(fits, space.params, -1), space.depth[:, DEPTH_KINDS.index(ATTENTION)]):
+        for index in _stratified(np.where(fits, _size(space, budget), -1), space.depth[:, DEPTH_KINDS.index(ATTENTION)]):
             targets.append(space.target(source, index, order))
             if len(targets) >= max(50 * self.options.top_k, 500):
                 break
@@ -270,6 +269,19 @@ class MinitronStrategy(Strategy):
         return source.replace(
             hybrid_override_pattern="".join(reversed(pattern)), **{GRID_FIELDS[k]: v[-1] for k, v in grid.items()}
         )
+
+
+def _size(space: GridCosts, budget: Budget) -> np.ndarray:
+    """How large each grid point counts as, for taking the largest first: its parameters; under an
+    active-parameter budget its rank by active parameters (within 1% of the budget counted as equal,
+    so that no expert is dropped only to save its router row), then by parameters."""
+    if budget.active_params is None:
+        return space.params
+    active = np.floor(space.active_params / (0.01 * budget.active_params))
+    order = np.lexsort((space.params.ravel(), active.ravel()))  # by active parameters, then parameters
+    rank = np.empty(order.size)
+    rank[order] = np.arange(order.size)
+    return rank.reshape(space.params.shape)
 
 
 def _stratified(params: np.ndarray, attention_removed: np.ndarray, per_combo: int = 3):
