@@ -567,14 +567,25 @@ def memory_plan(config: TrainConfig) -> dict[str, Any]:
 
 def _activation_bytes(config, tokens: int, size: int) -> int:
     """Tensors autograd keeps for backward over all blocks, per micro-batch of `tokens` tokens."""
-    from compressor.config import ATTENTION, MAMBA
+    from compressor.config import ATTENTION, MAMBA, MOE
 
     gn = config.n_groups * config.ssm_state_size
     per_token = 2 * config.hidden_size  # embeddings output, final norm input
-    fp32_per_token = 0
+    fp32_per_token = config.hidden_size  # the final norm's normalized input (RMSNorm works in fp32)
+    int64_per_token = 0
     for spec in config.blocks:
         per_token += 2 * config.hidden_size  # the block's input and its norm's output
-        if spec.kind == MAMBA:
+        fp32_per_token += config.hidden_size  # the norm's normalized input
+        if spec.kind == MOE:
+            k, width = config.num_experts_per_tok, config.moe_latent_size or config.hidden_size
+            # per routed pair: the expert's gathered input, its up_proj output after relu and squared; the
+            # shared expert's two; the latent sum entering fc2_latent_proj
+            per_token += k * (width + 2 * spec.moe_intermediate_size) + 2 * spec.moe_shared_expert_intermediate_size
+            per_token += config.moe_latent_size or 0
+            # router scores, top-k weights, each pair's weighted output (summed in fp32); the routing indices
+            fp32_per_token += spec.n_routed_experts + k + k * width
+            int64_per_token += 3 * k
+        elif spec.kind == MAMBA:
             inner, heads = spec.mamba_intermediate, spec.mamba_num_heads
             per_token += (2 * inner + 2 * gn + heads) + 2 * (inner + 2 * gn) + inner  # in_proj, conv, out_proj in
             # the scan works in fp32: x*dt, B, C, within-chunk decays and scores, output, gated norm
@@ -584,7 +595,7 @@ def _activation_bytes(config, tokens: int, size: int) -> int:
             per_token += 3 * q + 2 * kv
         else:
             per_token += 3 * spec.intermediate_size
-    return tokens * (per_token * size + fp32_per_token * 4)
+    return tokens * (per_token * size + fp32_per_token * 4 + int64_per_token * 8)
 
 
 def _micro_batches(train_set: TokenSequences, micro: int, seed: int, start: int) -> Iterator[np.ndarray]:
