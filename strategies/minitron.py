@@ -220,14 +220,13 @@ class MinitronStrategy(Strategy):
                 out[(slice(None), *position)] = cost
             return out
 
-        base = table(None)[..., None]
         totals = np.zeros((3, *shape, len(depth)))  # params, active params, weight + cache bytes
+        totals += table(None)[:3, ..., None]
         activations = np.zeros((*shape, len(depth)))
-        totals += base[:3]
         for i, kind in enumerate(DEPTH_KINDS):
-            count = source.count(kind) - depth[:, i]  # (D,)
             if not source.count(kind):
                 continue
+            count = source.count(kind) - depth[:, i]  # (D,) blocks of this kind kept
             unit = table(kind)[..., None]
             totals += unit[:3] * count
             activations = np.maximum(activations, np.where(count > 0, unit[3], 0))
@@ -246,7 +245,8 @@ class MinitronStrategy(Strategy):
         fits = space.fits(budget)
         order = drop_order(source, importance, self.options.depth_scores)
         targets = []
-        for index in _stratified(np.where(fits, _size(space, budget), -1), space.depth[:, DEPTH_KINDS.index(ATTENTION)]):
+        attention_removed = space.depth[:, DEPTH_KINDS.index(ATTENTION)]
+        for index in _stratified(np.where(fits, _size(space, budget), -1), attention_removed):
             targets.append(space.target(source, index, order))
             if len(targets) >= max(50 * self.options.top_k, 500):
                 break
