@@ -137,6 +137,7 @@ BUDGET_OPTIONS = [
     option("ctx", str, "Context length of the memory budget, e.g. 128k.", "8k"),
     option("batch", int, "Sequences served at once.", 1),
     option("target_params", str | None, "Parameter budget, e.g. 9B."),
+    option("target_active_params", str | None, "Active-parameter budget (what a token uses in MoE models), e.g. 3B."),
     option("gpu", GpuOption),
     option("gpu_bandwidth", GpuBandwidthOption),
     option("gpu_tflops", GpuTflopsOption),
@@ -227,33 +228,33 @@ def info(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, config.json or preset name (see `compress init`).")],
     json_output: JsonOption = False,
 ) -> None:
-    """Describe a model: blocks by type, widths, parameters by component, dtype."""
-    from compressor.budget import parameter_counts
+    """Describe a model: blocks by type, widths, parameters by component (and active per token), dtype."""
+    from compressor.budget import active_parameters, parameter_counts
     from compressor.checkpoint import stored_dtypes
 
     config, folder = load_config_or_preset(model)
     counts = parameter_counts(config)
-    total = sum(counts.values())
+    total, active = sum(counts.values()), active_parameters(config)
     dtypes = stored_dtypes(folder) if folder is not None else []
     summary = config.summary()
     if json_output:
         print_json(
             {"model": model, "pattern": config.pattern, "architecture": summary,
              "block_overrides": config.block_overrides, "ratios": config.ratios(),
-             "parameters": {**counts, "total": total}, "dtypes": dtypes}
+             "parameters": {**counts, "total": total, "active": active}, "dtypes": dtypes}
         )  # fmt: skip
         return
     pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
     rows = [
         ["pattern", pattern],
-        ["blocks", f"{summary['blocks']} ({summary['mamba']} Mamba-2, {summary['attention']} attention, "
-                   f"{summary['mlp']} MLP)"],
+        ["blocks", f"{summary['blocks']} ({_block_counts(config)})"],
         ["hidden", str(config.hidden_size)],
         ["MLP ffn", str(config.intermediate_size)],
         ["attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
                       f"head_dim {config.head_dim}"],
         ["Mamba-2", f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
                     f"state {config.ssm_state_size}, conv {config.conv_kernel}"],
+        *([["MoE", _moe_widths(config)]] if config.has_moe else []),
         ["vocab", str(config.vocab_size)],
         ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
         ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
@@ -262,8 +263,28 @@ def info(
     rows = [
         [name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items() if count or name != "moe"
     ]
-    console.print(
-        table("parameters", ["component", "parameters", "share"], [*rows, ["[bold]total", f"[bold]{total:,}", "100%"]])
+    rows.append(["[bold]total", f"[bold]{total:,}", "100%"])
+    if config.has_moe:
+        rows.append(["active per token", f"{active:,}", f"{100 * active / total:.1f}%"])
+    console.print(table("parameters", ["component", "parameters", "share"], rows))
+
+
+def _block_counts(config) -> str:
+    """'23 Mamba-2, 6 attention, 0 MLP, 23 MoE' (MoE only for models that have MoE blocks)."""
+    from compressor.config import ATTENTION, MAMBA, MLP, MOE
+
+    counts = f"{config.count(MAMBA)} Mamba-2, {config.count(ATTENTION)} attention, {config.count(MLP)} MLP"
+    return counts + (f", {config.count(MOE)} MoE" if config.has_moe else "")
+
+
+def _moe_widths(config) -> str:
+    """The MoE row of `compress info`: experts, top-k, expert and shared-expert FFN, groups, scaling."""
+    groups = f"{config.n_group} group{'s' if config.n_group > 1 else ''} (top {config.topk_group})"
+    latent = f", latent {config.moe_latent_size}" if config.moe_latent_size else ""
+    return (
+        f"{config.n_routed_experts} experts, top-{config.num_experts_per_tok}, expert FFN "
+        f"{config.moe_intermediate_size}, shared FFN {config.moe_shared_expert_intermediate_size}, {groups}, "
+        f"scaling {config.routed_scaling_factor:g}{latent}"
     )
 
 
@@ -352,14 +373,17 @@ def estimate(
 
 def _print_report(model: str, config, report) -> None:
     from compressor.budget import GIB
-    from compressor.config import ATTENTION, MAMBA, MLP
+    from compressor.config import ATTENTION, MAMBA
 
     memory = report.memory
+    active = f", {report.active_parameters:,} active per token" if config.has_moe else ""
     console.print(
-        f"[bold]{model}[/]: {report.total_parameters:,} parameters ({config.num_blocks} blocks: "
-        f"{config.count(MAMBA)} Mamba-2, {config.count(ATTENTION)} attention, {config.count(MLP)} MLP)",
+        f"[bold]{model}[/]: {report.total_parameters:,} parameters{active} ({config.num_blocks} blocks: "
+        f"{_block_counts(config)})",
         highlight=False,
     )
+    if config.has_moe:
+        console.print(f"MoE: {_moe_widths(config)}", highlight=False)
     quantized = " (matrices; the rest bf16)" if memory.weight_dtype in ("fp8", "fp4") else ""
     activations = f"prefill chunk {memory.prefill_chunk:,} tokens" if memory.prefill_chunk else "left out"
     terms = [
@@ -832,9 +856,11 @@ def prune_command(
     if json_output:
         print_json(record.to_dict())
         return
-    columns = ["#", "candidate", "blocks", "parameters", "memory", "speedup", f"score ({record.score_metric})"]
-    rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", fmt_memory(c.memory_bytes), _speedup(c.speedup),
-             f"{c.score:.4f}" if c.score is not None else "-"]
+    moe = any(c.active_params not in (None, c.params) for c in record.candidates)  # MoE: show active parameters
+    columns = ["#", "candidate", "blocks", "parameters", *(["active"] if moe else []), "memory", "speedup",
+               f"score ({record.score_metric})"]  # fmt: skip
+    rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", *([f"{c.active_params:,}"] if moe else []),
+             fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-"]
             for i, c in enumerate(record.candidates, start=1)]  # fmt: skip
     out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
     out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
@@ -882,13 +908,16 @@ def _print_plan(result, config, json_output: bool) -> None:
         "not scored (a config has no weights):",
         highlight=False,
     )
+    moe = any("num_moe_experts" in c.architecture for c in result.candidates)  # the label names MoE widths
+    chars = "M*-E" if moe else "M*-"
     rows = []
     for c in result.candidates:
-        blocks = "/".join(str(c.pattern.count(char)) for char in "M*-")
+        blocks = "/".join(str(c.pattern.count(char)) for char in chars)
         arch = c.architecture
-        rows.append([c.label, blocks, str(arch["hidden_size"]), str(arch["ffn_hidden_size"]), f"{c.params:,}",
-                     fmt_memory(c.memory_bytes)])  # fmt: skip
-    console.print(table(None, ["candidate", "M/*/- blocks", "hidden", "ffn", "parameters", "memory"], rows))
+        widths = [f"{c.active_params:,}"] if moe else [str(arch["hidden_size"]), str(arch["ffn_hidden_size"])]
+        rows.append([c.label, blocks, *widths, f"{c.params:,}", fmt_memory(c.memory_bytes)])
+    widths = ["active"] if moe else ["hidden", "ffn"]
+    console.print(table(None, ["candidate", f"{'/'.join(chars)} blocks", *widths, "parameters", "memory"], rows))
 
 
 # ----- search -------------------------------------------------------------------------------------------
@@ -966,7 +995,9 @@ def search(
         config, calibration = SearchConfig.from_record(load_search(out, incoming=True)), resume_calibration(out)
     else:
         if budget is None:
-            raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
+            raise CompressorError(
+                "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
+            )
         template = TrainConfig(
             student="", out="", data="", tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
             micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9, eval_sequences=64,

@@ -27,6 +27,7 @@ from compressor.evaluate import evaluate  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
 from compressor.pipelines.ranking import ProxyScorer, rank  # noqa: E402
 from compressor.prune import Target, prune  # noqa: E402
+from strategies.grid import DEPTH_KINDS  # noqa: E402
 from strategies.minitron import MinitronOptions, MinitronStrategy  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def every_fitting_target(strategy, source, importance, budget):
     grid = strategy.grid(source)
     scores = importance.block_scores("influence").tolist()
     ranked = sorted(range(source.num_blocks), key=lambda i: scores[i])
-    order = {kind: [i for i in ranked if source.block(i).kind == kind] for kind in ("mamba", "attention", "mlp")}
+    order = {kind: [i for i in ranked if source.block(i).kind == kind] for kind in DEPTH_KINDS}
     points = list(
         itertools.product(
             grid["hidden"], grid["ffn"], grid["mamba_heads"], grid["head_dim"], strategy.depth_choices(source)
@@ -45,7 +46,7 @@ def every_fitting_target(strategy, source, importance, budget):
     )
     fitting = []
     for hidden, ffn, heads, head_dim, depth in points:
-        drop = [i for kind, n in zip(("mamba", "attention", "mlp"), depth, strict=True) for i in order[kind][:n]]
+        drop = [i for kind, n in zip(DEPTH_KINDS, depth, strict=True) for i in order[kind][:n]]
         target = Target.uniform(source, hidden_size=hidden, intermediate_size=ffn, mamba_num_heads=heads,
                                 mamba_head_dim=head_dim, drop_blocks=tuple(drop))  # fmt: skip
         if not budget.violations(target.config(source), source):

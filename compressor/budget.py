@@ -897,6 +897,7 @@ class Budget:
         ctx: str = "8k",
         batch: int = 1,
         target_params: str | None = None,
+        target_active_params: str | None = None,
         gpu: str | None = None,
         gpu_bandwidth: str | None = None,
         gpu_tflops: float | None = None,
@@ -910,7 +911,7 @@ class Budget:
     ) -> Budget | None:
         """A budget from its written form ('19.66GiB', '128k', '9B', 'a10g', '8k' ...); None when no limit is
         given. Keyword names are those of the command-line options."""
-        if target_mem is None and target_params is None and min_speedup is None:
+        if target_mem is None and target_params is None and target_active_params is None and min_speedup is None:
             return None
         if batch < 1:
             raise OptionError("batch", f"must be at least 1, got {batch}")
@@ -919,6 +920,9 @@ class Budget:
         if prefill_chunk < 0:
             raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {prefill_chunk}")
         memory = parse_size(target_mem) if target_mem is not None else None
+        active = (
+            parse_count(target_active_params, "active parameter count") if target_active_params is not None else None
+        )
         context = parse_context(ctx)
         workload = None
         if isl is not None or osl is not None:
@@ -937,6 +941,7 @@ class Budget:
             ssm_dtype=normalize_dtype(ssm_dtype, SSM_DTYPES, "SSM state dtype") if ssm_dtype else None,
             prefill_chunk=prefill_chunk,
             params=parse_params(target_params) if target_params is not None else None,
+            active_params=active,
             gpu=gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, memory),
             min_speedup=min_speedup,
             workload=workload,
@@ -1013,6 +1018,7 @@ class Report:
     gpu: GPUSpec | None = None
     throughput: ThroughputEstimate | None = None
     versus: Comparison | None = None  # against a transformer baseline (`vs`), on the same workload and GPU
+    active_parameters: int | None = None  # what one token uses (`active_parameters`)
 
     @property
     def total_parameters(self) -> int:
@@ -1027,7 +1033,7 @@ class Report:
         if self.limit is not None:
             target = {"bytes": self.limit, "fits": self.headroom >= 0, "headroom": self.headroom}
         return {
-            "parameters": {**self.parameters, "total": self.total_parameters},
+            "parameters": {**self.parameters, "total": self.total_parameters, "active": self.active_parameters},
             "memory": self.memory.to_dict(),
             "target": target,
             "throughput": self.throughput.to_dict() if self.throughput is not None else None,
@@ -1090,7 +1096,7 @@ def report(
         if spec is None:
             raise OptionError("vs", "compares throughput: give a GPU (--gpu, or --gpu-bandwidth and --gpu-tflops)")
         versus = baselines.compare(config, baselines.load_baseline(vs), workload, spec, memory_limit=limit, **dtypes)
-    return Report(parameter_counts(config), memory, limit, largest, spec, throughput, versus)
+    return Report(parameter_counts(config), memory, limit, largest, spec, throughput, versus, active_parameters(config))
 
 
 # ----- measured ----------------------------------------------------------------------------------------

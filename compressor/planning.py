@@ -229,10 +229,11 @@ def _size(dtype: torch.dtype) -> int:
 
 def _block_activations(config: HybridConfig, spec: BlockSpec) -> tuple[int, int]:
     """(elements in the compute dtype, fp32 elements) one block holds per token of a forward that keeps its
-    tensors for backward: its input and normed input, and per mixer what it computes on the way."""
+    tensors for backward: its input and normed input (and the norm's fp32 normalized input), and per mixer
+    what it computes on the way."""
     gn = config.n_groups * config.ssm_state_size
     h = config.hidden_size
-    per_token, fp32 = 2 * h, 0
+    per_token, fp32 = 2 * h, h
     if spec.kind == MAMBA:
         inner, heads = spec.mamba_intermediate, spec.mamba_num_heads
         per_token += (2 * inner + 2 * gn + heads) + 2 * (inner + 2 * gn) + inner  # in_proj, conv, out_proj in
@@ -243,16 +244,22 @@ def _block_activations(config: HybridConfig, spec: BlockSpec) -> tuple[int, int]
         per_token += 3 * q + 2 * kv
     elif spec.kind == MOE:
         k, width = config.num_experts_per_tok, config.moe_latent_size or h
-        per_token += 2 * k * width + 2 * k * spec.moe_intermediate_size + 3 * spec.moe_shared_expert_intermediate_size
-        fp32 += 2 * spec.n_routed_experts + 2 * k * width  # router scores, weighted expert outputs
+        # per routed pair: the expert's gathered input, its up_proj output after relu and squared; the shared
+        # expert's two; the latent sum entering fc2_latent_proj
+        per_token += k * (width + 2 * spec.moe_intermediate_size) + 2 * spec.moe_shared_expert_intermediate_size
+        per_token += config.moe_latent_size or 0
+        # router scores, top-k weights, each pair's weighted output (summed in fp32); the three int64 routing
+        # index tensors of k per token, counted as two fp32 elements each
+        fp32 += spec.n_routed_experts + k + k * width + 2 * 3 * k
     else:
         per_token += 3 * spec.intermediate_size
     return per_token, fp32
 
 
 def _training_activations(config: HybridConfig, tokens: int, size: int) -> int:
-    """What autograd keeps over all blocks for one micro-batch of `tokens` (plus embeddings and norm_f)."""
-    per_token, fp32 = 2 * config.hidden_size, 0
+    """What autograd keeps over all blocks for one micro-batch of `tokens` (plus embeddings and norm_f, whose
+    normalized input is fp32)."""
+    per_token, fp32 = 2 * config.hidden_size, config.hidden_size
     for spec in config.blocks:
         block, block_fp32 = _block_activations(config, spec)
         per_token, fp32 = per_token + block, fp32 + block_fp32

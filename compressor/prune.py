@@ -136,17 +136,25 @@ class Target:
         return cls(hidden_size=raw["hidden_size"], blocks=tuple(BlockTarget(**b) for b in raw["blocks"]))
 
     def describe(self, source: HybridConfig) -> str:
-        """What the target changes, in a few words: 'hidden 192, ffn 576, mamba 12x20, -1M, -1*'; widths that
-        vary from block to block are given as ranges ('ffn 384-576, mamba heads 8-12')."""
+        """What the target changes, in a few words: 'hidden 192, ffn 576, mamba 12x20, experts 96, -1M, -1*';
+        widths that vary from block to block are given as ranges ('ffn 384-576, mamba heads 8-12')."""
         config = self.config(source)
         parts = [f"hidden {config.hidden_size}"] if config.hidden_size != source.hidden_size else []
+        moe = (
+            ("n_routed_experts", "experts", MOE),
+            ("moe_intermediate_size", "moe ffn", MOE),
+            ("moe_shared_expert_intermediate_size", "shared ffn", MOE),
+        )
         if config.is_uniform:
             if config.intermediate_size != source.intermediate_size:
                 parts.append(f"ffn {config.intermediate_size}")
             if (config.mamba_num_heads, config.mamba_head_dim) != (source.mamba_num_heads, source.mamba_head_dim):
                 parts.append(f"mamba {config.mamba_num_heads}x{config.mamba_head_dim}")
+            parts += [f"{label} {getattr(config, name)}" for name, label, _ in moe
+                      if config.has_moe and getattr(config, name) != getattr(source, name)]  # fmt: skip
         else:
-            for name, label, kind in (("intermediate_size", "ffn", MLP), ("mamba_num_heads", "mamba heads", MAMBA)):
+            per_block = (("intermediate_size", "ffn", MLP), ("mamba_num_heads", "mamba heads", MAMBA), *moe)
+            for name, label, kind in per_block:
                 widths = sorted({getattr(b, name) for b in self.blocks if b.kind == kind})
                 if widths and widths != [getattr(source, name)]:
                     parts.append(f"{label} {widths[0]}-{widths[-1]}" if len(widths) > 1 else f"{label} {widths[0]}")

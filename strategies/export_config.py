@@ -27,6 +27,12 @@ EXPORT_KEYS = {
     "mamba_head_dim": "mamba_head_dim",
     "num_layers": "num_blocks",
 }
+# ModelOpt's MoE hparams (`mcore_minitron` SUPPORTED_HPARAMS), written only for models with MoE blocks.
+MOE_EXPORT_KEYS = {
+    "num_moe_experts": "n_routed_experts",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
+}
 # Accepted on input for compressor's own use (KV groups); ModelOpt no longer prunes it, so it is never written.
 INPUT_ONLY_KEYS = {"num_query_groups": "num_key_value_heads"}
 
@@ -38,10 +44,12 @@ class ExportConfigOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.shape, dict):
             raise OptionError("export_config", 'must be a JSON object like {"hidden_size": 4480}')
-        known = {**EXPORT_KEYS, **INPUT_ONLY_KEYS}
+        known = {**EXPORT_KEYS, **MOE_EXPORT_KEYS, **INPUT_ONLY_KEYS}
         unknown = sorted(set(self.shape) - set(known))
         if unknown:
-            raise OptionError("export_config", f"has unknown key(s) {unknown}: use {', '.join(EXPORT_KEYS)}")
+            raise OptionError(
+                "export_config", f"has unknown key(s) {unknown}: use {', '.join({**EXPORT_KEYS, **MOE_EXPORT_KEYS})}"
+            )
         for key, value in self.shape.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError("export_config", f"{key} must be a positive whole number, got {value!r}")
@@ -59,7 +67,9 @@ def target_from_export_config(source: HybridConfig, importance: Importance | Non
     """The target an export_config names; `num_layers` drops the least important blocks (the last ones
     without importance)."""
     for key, value in shape.items():
-        name = {**EXPORT_KEYS, **INPUT_ONLY_KEYS}[key]
+        name = {**EXPORT_KEYS, **MOE_EXPORT_KEYS, **INPUT_ONLY_KEYS}[key]
+        if key in MOE_EXPORT_KEYS and not source.has_moe:
+            raise OptionError("export_config", f"{key} names MoE blocks, but the model has none")
         if value > getattr(source, name):
             raise OptionError("export_config", f"{key} {value} is larger than the model's {getattr(source, name)}")
     layers = shape.get("num_layers", source.num_blocks)
@@ -76,13 +86,18 @@ def target_from_export_config(source: HybridConfig, importance: Importance | Non
         mamba_head_dim=shape.get("mamba_head_dim"),
         num_attention_heads=shape.get("num_attention_heads"),
         num_key_value_heads=shape.get("num_query_groups"),
+        n_routed_experts=shape.get("num_moe_experts"),
+        moe_intermediate_size=shape.get("moe_ffn_hidden_size"),
+        moe_shared_expert_intermediate_size=shape.get("moe_shared_expert_intermediate_size"),
         drop_blocks=drop,
     )
 
 
 def export_config(config: HybridConfig) -> dict[str, int]:
-    """A uniform architecture in ModelOpt's `mcore_minitron` export_config keys (only keys it accepts)."""
-    return {key: getattr(config, name) for key, name in EXPORT_KEYS.items()}
+    """A uniform architecture in ModelOpt's `mcore_minitron` export_config keys (the MoE ones only for a model
+    with MoE blocks)."""
+    keys = {**EXPORT_KEYS, **(MOE_EXPORT_KEYS if config.has_moe else {})}
+    return {key: getattr(config, name) for key, name in keys.items()}
 
 
 def export_layers(source: HybridConfig, target: Target) -> dict[str, object]:

@@ -1,40 +1,48 @@
 """MiniPuzzle: heterogeneous architectures built block by block from importance, under a budget.
 
-Every block gets its own choice: keep it, drop it (Mamba, attention or MLP), or, for MLP blocks, narrow
-its FFN to one of a few widths (and Mamba blocks their heads, when asked); the hidden size is shared and
-taken from a few sizes of the Minitron grid. Each choice has
-- a cost from the budget model (parameters; weights + KV cache + SSM / conv state bytes), additive over
-  blocks, with the prefill activation allowance of the widest block set aside;
+Every block gets its own choice: keep it, drop it (Mamba, attention, MLP or MoE), or, for MLP blocks, narrow
+its FFN to one of a few widths (and Mamba blocks their heads, when asked); an MoE block keeps a share of its
+routed experts (`expert_fractions`, the same count in every routing group) and narrows its routed experts'
+and shared expert's FFN by one of the `ffn_fractions`. The hidden size is shared and taken from a few sizes
+of the Minitron grid. Each choice has
+- a cost from the budget model (parameters, active parameters; weights + KV cache + SSM / conv state
+  bytes), additive over blocks, with the prefill activation allowance of the widest block set aside;
 - an importance-based damage: dropping block i costs its block score d_i (the drop-one KL when the
   importance has it, else block influence); keeping a fraction of its FFN neurons (or Mamba heads) costs
-  d_i times the share of the block's squared activation importance that the removed ones carry.
+  d_i times the share of the block's squared activation importance that the removed ones carry. In an MoE
+  block the routed part keeps the routing mass of the kept experts (`Importance.expert_scores`) times the
+  mass-weighted share of their squared FFN-neuron importance kept, the shared expert its share of squared
+  neuron importance kept; the two are weighed by the parameters a token uses in each (top-k routed
+  experts, the shared expert), and the damage is d_i times what is not kept.
 
 For each hidden size the cheapest-damage assignment within the budget is a multiple-choice knapsack,
-solved by Lagrangian relaxation (each block takes argmin damage + lambda * cost; lambda is bisected to
-the smallest that fits) followed by a greedy fill of what budget remains; the depth limits are enforced
-by forbidding the most damaging surplus drops and solving again. Four variants per hidden size (free,
-widths only, depth only, attention kept) over the `hidden_choices` largest hidden sizes that admit a
-solution give a diverse set, which is checked exactly against the budget (throughput
-included) and scored zero-shot by the scorer. `compress search` then distills the best few briefly and
-ranks them again (Nemotron-H's 56B -> 47B MiniPuzzle step).
+solved by Lagrangian relaxation (each block takes argmin damage + lambda * cost, the cost being the sum of
+the block's shares of each limit the budget sets: memory, parameters, active parameters; lambda is
+bisected to the smallest that fits) followed by a greedy fill of what budget remains; the depth limits are
+enforced by forbidding the most damaging surplus drops and solving again. Four variants per hidden size
+(free, widths only, depth only, attention kept) over the `hidden_choices` largest hidden sizes that admit
+a solution give a diverse set, which is checked exactly against the budget (throughput included) and
+scored zero-shot by the scorer. `compress search` then distills the best few briefly and ranks them again
+(Nemotron-H's 56B -> 47B MiniPuzzle step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from compressor.budget import Budget, parameter_counts
-from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, HybridConfig
+from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABLE, BlockSpec, HybridConfig
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.prune import BlockTarget, Target
 from strategies.base import Strategy
 from strategies.costs import BlockCosts
-from strategies.grid import divisor_for, width_choices
+from strategies.grid import DEPTH_KINDS, divisor_for, fewest_experts, width_choices
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,15 @@ class MiniPuzzleOptions:
     hidden_choices: int = field(default=3, metadata={"help": "MiniPuzzle: hidden sizes tried (the largest)."})
     max_width_pruning: float = field(default=0.4, metadata={"help": "At most this share of a width removed."})
     ffn_fractions: tuple[float, ...] = field(
-        default=(1.0, 0.75, 0.5), metadata={"help": "MiniPuzzle: FFN widths an MLP block may keep, e.g. 1,0.75,0.5."}
+        default=(1.0, 0.75, 0.5),
+        metadata={"help": "MiniPuzzle: FFN widths an MLP block (or an MoE block's experts) may keep, e.g. 1,0.75,0.5."},
     )
     mamba_head_fractions: tuple[float, ...] = field(
         default=(1.0,), metadata={"help": "MiniPuzzle: Mamba head shares a block may keep, e.g. 1,0.75,0.5."}
+    )
+    expert_fractions: tuple[float, ...] = field(
+        default=(1.0, 0.75, 0.5),
+        metadata={"help": "MiniPuzzle: routed-expert shares an MoE block may keep, e.g. 1,0.75,0.5."},
     )
     max_depth_pruning: float = field(default=0.3, metadata={"help": "At most this share of all blocks removed."})
     max_kind_pruning: float = field(
@@ -57,7 +70,7 @@ class MiniPuzzleOptions:
     )
 
     def __post_init__(self) -> None:
-        for name in ("ffn_fractions", "mamba_head_fractions"):
+        for name in ("ffn_fractions", "mamba_head_fractions", "expert_fractions"):
             values = getattr(self, name)
             if not values or not all(0 < f <= 1 for f in values):
                 raise OptionError(name, f"must be fractions in (0, 1], got {','.join(map(str, values)) or 'none'}")
@@ -73,12 +86,21 @@ class MiniPuzzleOptions:
 
 @dataclass
 class _Option:
+    """One choice for one block: its widths (BlockTarget fields it changes; None when dropped), whether it
+    keeps the block whole, its costs and damage."""
+
     kind: str
-    width: int  # FFN size (MLP), heads (Mamba); 0 when the block is dropped; 1 for a kept attention block
+    widths: dict[str, int] | None
+    whole: bool
     params: int
+    active_params: int
     nbytes: int
     activations: int
     damage: float
+
+    @property
+    def dropped(self) -> bool:
+        return self.widths is None
 
 
 class MiniPuzzleStrategy(Strategy):
@@ -97,7 +119,7 @@ class MiniPuzzleStrategy(Strategy):
             )
         if not source.is_uniform:
             raise CompressorError("MiniPuzzle starts from a uniform model")
-        if budget.memory is None and budget.params is None:
+        if budget.memory is None and budget.params is None and budget.active_params is None:
             full = budget.memory_of(source).total
             targets: list[Target] = []
             for share in (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
@@ -110,14 +132,18 @@ class MiniPuzzleStrategy(Strategy):
         costs = BlockCosts(source, budget)
         damage = _block_damage(source, importance, o.depth_scores)
         limits = self._drop_limits(source)
+        moe = {s.index: _MoEScores(source, s, importance) for s in source.blocks if s.kind == MOE}
         seen, targets, hidden_used = set(), [], 0
         for hidden in hidden_grid:  # the largest hidden sizes that admit a solution
-            options = [self._options(source, importance, costs, damage, i, hidden) for i in range(source.num_blocks)]
-            base_params, base_bytes = costs.base(hidden)
+            options = [
+                self._options(source, importance, moe.get(i), costs, damage, i, hidden)
+                for i in range(source.num_blocks)
+            ]
+            base = costs.base(hidden)
             found = False
             for variant in VARIANTS:
-                allowed = [[x for x in opts if _allowed(x, opts, variant)] for opts in options]
-                choice = _solve(allowed, budget, base_params, base_bytes, limits, source)
+                allowed = [[x for x in opts if _allowed(x, variant)] for opts in options]
+                choice = _solve(allowed, budget, base, limits)
                 if choice is None:
                     continue
                 found = True
@@ -134,29 +160,29 @@ class MiniPuzzleStrategy(Strategy):
 
     def _drop_limits(self, source: HybridConfig) -> dict[str, int]:
         total = math.floor(self.options.max_depth_pruning * source.num_blocks)
-        limits = {
-            kind: math.floor(self.options.max_kind_pruning * source.count(kind)) for kind in (MAMBA, ATTENTION, MLP)
-        }
+        limits = {kind: math.floor(self.options.max_kind_pruning * source.count(kind)) for kind in DEPTH_KINDS}
         limits["total"] = total
         return limits
 
     def _options(
-        self, source, importance, costs: BlockCosts, damage: list[float], index: int, hidden: int
+        self,
+        source,
+        importance,
+        moe: _MoEScores | None,
+        costs: BlockCosts,
+        damage: list[float],
+        index: int,
+        hidden: int,
     ) -> list[_Option]:
+        """The choices of one block: dropped, then each width it may keep (whole first)."""
         spec = source.block(index)
         kind = spec.kind
-        options = [_Option(kind, 0, 0, 0, 0, damage[index])]  # dropped
+        options = [_Option(kind, None, False, 0, 0, 0, 0, damage[index])]
         if kind == MLP:
             scores = importance.ffn[index] if importance is not None else torch.ones(spec.intermediate_size)
-            divisor = divisor_for(spec.intermediate_size, 512)
-            widths = {
-                min(spec.intermediate_size, max(divisor, round(spec.intermediate_size * f / divisor) * divisor))
-                for f in self.options.ffn_fractions
-            }
-            widths.add(spec.intermediate_size)
-            for width in sorted(widths, reverse=True):
-                params, nbytes, act = costs.block(MLP, hidden, width, spec.mamba_num_heads, spec.mamba_head_dim)
-                options.append(_Option(kind, width, params, nbytes, act, damage[index] * _removed_share(scores, width)))
+            for width in _widths(spec.intermediate_size, self.options.ffn_fractions):
+                share = _removed_share(scores, width)
+                options.append(self._option(costs, spec, hidden, {"intermediate_size": width}, damage[index] * share))
         elif kind == MAMBA:
             groups = source.n_groups
             head_scores = (
@@ -166,17 +192,96 @@ class MiniPuzzleStrategy(Strategy):
                 min(spec.mamba_num_heads, max(groups, round(spec.mamba_num_heads * f / groups) * groups))
                 for f in self.options.mamba_head_fractions
             }
-            counts.add(spec.mamba_num_heads)
-            for heads in sorted(counts, reverse=True):
-                params, nbytes, act = costs.block(MAMBA, hidden, spec.intermediate_size, heads, spec.mamba_head_dim)
+            for heads in sorted(counts | {spec.mamba_num_heads}, reverse=True):
                 share = _removed_share_grouped(head_scores, heads, groups)
-                options.append(_Option(kind, heads, params, nbytes, act, damage[index] * share))
+                options.append(self._option(costs, spec, hidden, {"mamba_num_heads": heads}, damage[index] * share))
+        elif kind == MOE:
+            fractions = sorted(set(self.options.ffn_fractions) | {1.0}, reverse=True)
+            for experts, fraction in itertools.product(_expert_counts(source, spec, self.options), fractions):
+                widths = {
+                    "n_routed_experts": experts,
+                    "moe_intermediate_size": _width(spec.moe_intermediate_size, fraction),
+                    "moe_shared_expert_intermediate_size": _width(spec.moe_shared_expert_intermediate_size, fraction),
+                }
+                options.append(self._option(costs, spec, hidden, widths, damage[index] * moe.removed_share(**widths)))
         else:
-            params, nbytes, act = costs.block(
-                ATTENTION, hidden, spec.intermediate_size, spec.mamba_num_heads, spec.mamba_head_dim
-            )
-            options.append(_Option(kind, 1, params, nbytes, act, 0.0))
+            options.append(self._option(costs, spec, hidden, {}, 0.0))
         return options
+
+    @staticmethod
+    def _option(costs: BlockCosts, spec: BlockSpec, hidden: int, widths: dict[str, int], damage: float) -> _Option:
+        cost = costs.block(spec.kind, hidden, **{n: getattr(spec, n) for n in OVERRIDABLE[spec.kind]} | widths)
+        whole = all(getattr(spec, name) == value for name, value in widths.items())
+        return _Option(spec.kind, widths, whole, *cost, damage)
+
+
+def _width(full: int, fraction: float) -> int:
+    """`fraction` of an FFN width `full`, rounded to ModelOpt's FFN divisor (`full` itself for 1)."""
+    if fraction >= 1:
+        return full
+    divisor = divisor_for(full, 512)
+    return min(full, max(divisor, round(full * fraction / divisor) * divisor))
+
+
+def _widths(full: int, fractions: tuple[float, ...]) -> list[int]:
+    """The FFN widths of these fractions of `full`, `full` itself first."""
+    return sorted({_width(full, f) for f in fractions} | {full}, reverse=True)
+
+
+def _expert_counts(source: HybridConfig, spec: BlockSpec, options: MiniPuzzleOptions) -> list[int]:
+    """Routed-expert counts an MoE block may keep: each fraction of its experts rounded to a multiple of
+    n_group, never fewer than `fewest_experts`; all of them first."""
+    groups, experts = source.n_group, spec.n_routed_experts
+    low = min(experts, fewest_experts(source))
+    counts = {min(experts, max(low, round(experts * f / groups) * groups)) for f in options.expert_fractions}
+    return sorted(counts | {experts}, reverse=True)
+
+
+class _MoEScores:
+    """What an MoE block's choices remove, from importance (uniform scores for a config alone); the
+    per-expert shares of squared FFN importance kept by each width are summed once."""
+
+    def __init__(self, source: HybridConfig, spec: BlockSpec, importance: Importance | None) -> None:
+        self.index, self.n_group, self.importance = spec.index, source.n_group, importance
+        experts, ffn, shared = (
+            spec.n_routed_experts,
+            spec.moe_intermediate_size,
+            spec.moe_shared_expert_intermediate_size,
+        )
+        if importance is None:  # every expert and neuron alike: the best w of n keep w / n
+            self.mass = torch.ones(experts, dtype=torch.float64)
+            self.ffn_kept = (torch.arange(1, ffn + 1, dtype=torch.float64) / ffn).expand(experts, ffn)
+            self.shared_kept = torch.arange(1, shared + 1, dtype=torch.float64) / shared
+        else:
+            self.mass = importance.expert_scores(spec.index).double().clamp(min=0)
+            # (experts, ffn): the share of each expert's squared neuron importance its best w neurons keep, at w - 1
+            self.ffn_kept = _kept_shares(importance.expert_ffn[spec.index])  # present with the expert scores
+            self.shared_kept = _kept_shares(importance.shared_ffn[spec.index][None])[0]  # (shared ffn,)
+        width = source.moe_latent_size or source.hidden_size
+        routed = source.num_experts_per_tok * 2 * width * ffn  # the routed parameters a token uses
+        self.routed_weight = routed / (routed + 2 * source.hidden_size * shared)
+
+    def removed_share(
+        self, n_routed_experts: int, moe_intermediate_size: int, moe_shared_expert_intermediate_size: int
+    ) -> float:
+        if self.importance is not None:
+            kept = self.importance.keep_experts(self.index, n_routed_experts, self.n_group)
+        else:
+            kept = torch.arange(n_routed_experts)
+        total = float(self.mass.sum())
+        if total > 0:
+            weights, mass_kept = self.mass[kept], float(self.mass[kept].sum()) / total
+        else:  # no calibration token reached this block's experts
+            weights, mass_kept = torch.ones(len(kept), dtype=torch.float64), n_routed_experts / len(self.mass)
+        ffn_kept = float((weights * self.ffn_kept[kept, moe_intermediate_size - 1]).sum() / weights.sum())
+        shared_kept = float(self.shared_kept[moe_shared_expert_intermediate_size - 1])
+        return 1 - (self.routed_weight * mass_kept * ffn_kept + (1 - self.routed_weight) * shared_kept)
+
+
+def _kept_shares(scores: torch.Tensor) -> torch.Tensor:
+    """(rows, n) -> (rows, n): the share of each row's squared scores that its best w + 1 carry, at [:, w]."""
+    squared = scores.double().square().sort(dim=-1, descending=True).values
+    return squared.cumsum(-1) / squared.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
 # free: every choice; widths: no block dropped; depth: blocks kept whole or dropped; attention kept: no
@@ -184,67 +289,79 @@ class MiniPuzzleStrategy(Strategy):
 VARIANTS = ("free", "widths", "depth", "attention kept")
 
 
-def _allowed(option: _Option, options: list[_Option], variant: str) -> bool:
-    full = max(x.width for x in options)
+def _allowed(option: _Option, variant: str) -> bool:
     if variant == "widths":
-        return option.width > 0
+        return not option.dropped
     if variant == "depth":
-        return option.width in (0, full)
+        return option.dropped or option.whole
     if variant == "attention kept":
-        return option.kind != ATTENTION or option.width > 0
+        return option.kind != ATTENTION or not option.dropped
     return True
 
 
-def _solve(options, budget: Budget, base_params: int, base_bytes: int, limits: dict[str, int], source: HybridConfig):
-    """The least-damage choice per block within the budget, or None. options[i]: the choices of block i."""
+def _solve(options, budget: Budget, base, limits: dict[str, int]):
+    """The least-damage choice per block within the budget, or None. options[i]: the choices of block i;
+    `base`: the fixed part's cost (`BlockCosts.base`)."""
     options = [list(o) for o in options]
     for _ in range(len(options) + 1):
-        choice = _lagrangian(options, budget, base_params, base_bytes)
+        choice = _lagrangian(options, budget, base)
         if choice is None:
             return None
         surplus = _surplus_drops(choice, limits)
         if surplus is None:
             return choice
-        options[surplus] = [x for x in options[surplus] if x.width > 0]  # keep this block, solve again
+        options[surplus] = [x for x in options[surplus] if not x.dropped]  # keep this block, solve again
     return None
 
 
-def _capacity(choice, budget: Budget, base_params: int, base_bytes: int) -> tuple[bool, float]:
-    params = base_params + sum(x.params for x in choice)
-    nbytes = base_bytes + sum(x.nbytes for x in choice) + max((x.activations for x in choice), default=0)
-    fits = (budget.memory is None or nbytes <= budget.memory) and (budget.params is None or params <= budget.params)
-    return fits, nbytes
+# the budget's additive limits and the _Option cost each constrains
+_LIMITS = (("memory", "nbytes"), ("params", "params"), ("active_params", "active_params"))
 
 
-def _lagrangian(options, budget: Budget, base_params: int, base_bytes: int):
+def _fits(totals: dict[str, int], activations: int, budget: Budget) -> bool:
+    """Whether additive totals (by _Option cost name) plus the activation allowance meet every limit."""
+    for limit_name, cost_name in _LIMITS:
+        limit = getattr(budget, limit_name)
+        used = totals[cost_name] + (activations if cost_name == "nbytes" else 0)
+        if limit is not None and used > limit:
+            return False
+    return True
+
+
+def _lagrangian(options, budget: Budget, base):
     """Bisect lambda so that argmin(damage + lambda * cost) per block fits; then spend what is left greedily."""
-    use_memory = budget.memory is not None
-    scale = float(budget.memory if use_memory else (budget.params or 1))
+    limits = [(cost, getattr(budget, limit)) for limit, cost in _LIMITS if getattr(budget, limit) is not None]
 
     def cost(x: _Option) -> float:  # additive part only; the activation allowance is a maximum, not a sum
-        return (x.nbytes if use_memory else x.params) / scale
+        return sum(getattr(x, name) / limit for name, limit in limits)
+
+    def totals(choice) -> dict[str, int]:
+        return {name: getattr(base, name) + sum(getattr(x, name) for x in choice) for _, name in _LIMITS}
+
+    def capacity(choice) -> bool:
+        return _fits(totals(choice), max((x.activations for x in choice), default=0), budget)
+
+    table = [[(x.damage, cost(x), x) for x in opts] for opts in options]
 
     def pick(lam: float):
-        return [min(opts, key=lambda x: (x.damage + lam * cost(x), cost(x))) for opts in options]
+        return [min(row, key=lambda r: (r[0] + lam * r[1], r[1]))[2] for row in table]
 
-    cheapest = [min(opts, key=cost) for opts in options]
-    if not _capacity(cheapest, budget, base_params, base_bytes)[0]:
+    if not capacity([min(opts, key=cost) for opts in options]):
         return None
     low, high = 0.0, 1.0
-    while not _capacity(pick(high), budget, base_params, base_bytes)[0]:
+    while not capacity(pick(high)):
         high *= 4
         if high > 1e12:
             return None
     for _ in range(60):
         middle = (low + high) / 2
-        if _capacity(pick(middle), budget, base_params, base_bytes)[0]:
+        if capacity(pick(middle)):
             high = middle
         else:
             low = middle
     choice = pick(high)
     # greedy fill: the upgrade with the best damage saved per cost added, while anything still fits
-    params = base_params + sum(x.params for x in choice)
-    nbytes = base_bytes + sum(x.nbytes for x in choice)
+    used = totals(choice)
     activations = max((x.activations for x in choice), default=0)
     while True:
         best, best_gain = None, 0.0
@@ -254,25 +371,21 @@ def _lagrangian(options, budget: Budget, base_params: int, base_bytes: int):
                 added = cost(x) - cost(choice[i])
                 if saved <= 0 or added <= 0 or saved / added <= best_gain:
                     continue
-                new_params = params - choice[i].params + x.params
-                new_bytes = nbytes - choice[i].nbytes + x.nbytes + max(activations, x.activations)
-                if (budget.memory is None or new_bytes <= budget.memory) and (
-                    budget.params is None or new_params <= budget.params
-                ):
+                new = {name: value - getattr(choice[i], name) + getattr(x, name) for name, value in used.items()}
+                if _fits(new, max(activations, x.activations), budget):
                     best, best_gain = (i, x), saved / added
         if best is None:
             return choice
         i, x = best
-        params += x.params - choice[i].params
-        nbytes += x.nbytes - choice[i].nbytes
+        used = {name: value - getattr(choice[i], name) + getattr(x, name) for name, value in used.items()}
         activations = max(activations, x.activations)
         choice[i] = x
 
 
 def _surplus_drops(choice, limits: dict[str, int]) -> int | None:
     """A dropped block beyond the depth limits (the most damaging such drop), or None if within them."""
-    dropped = [i for i, x in enumerate(choice) if x.width == 0]
-    by_kind = {kind: [i for i in dropped if choice[i].kind == kind] for kind in (MAMBA, ATTENTION, MLP)}
+    dropped = [i for i, x in enumerate(choice) if x.dropped]
+    by_kind = {kind: [i for i in dropped if choice[i].kind == kind] for kind in DEPTH_KINDS}
     over = [i for kind, idx in by_kind.items() if len(idx) > limits[kind] for i in idx]
     if not over and len(dropped) > limits["total"]:
         over = dropped
@@ -284,20 +397,11 @@ def _surplus_drops(choice, limits: dict[str, int]) -> int | None:
 def _target(source: HybridConfig, hidden: int, choice: list[_Option]) -> Target:
     blocks = []
     for index, option in enumerate(choice):
-        if option.width == 0:
+        if option.dropped:
             continue
         spec = source.block(index)
-        widths = dict(
-            intermediate_size=spec.intermediate_size,
-            mamba_num_heads=spec.mamba_num_heads,
-            mamba_head_dim=spec.mamba_head_dim,
-            num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_key_value_heads,
-        )
-        if option.kind == MLP:
-            widths["intermediate_size"] = option.width
-        elif option.kind == MAMBA:
-            widths["mamba_num_heads"] = option.width
+        names = [f.name for f in dataclasses.fields(BlockTarget) if f.name not in ("source", "kind")]
+        widths = {name: getattr(spec, name) for name in names} | option.widths
         blocks.append(BlockTarget(source=index, kind=option.kind, **widths))
     return Target(hidden_size=hidden, blocks=tuple(blocks))
 

@@ -625,3 +625,25 @@ def test_cli_estimate_against_a_transformer_baseline():
     assert result.exit_code == 1 and "--vs compares throughput: give a GPU" in result.output
     result = _estimate("9b-v2", "--vs", "gpt-9", "--gpu", "h100")
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_active_parameter_budget_from_its_written_form():
+    budget = Budget.from_options(target_active_params="3B")
+    assert budget.active_params == 3_000_000_000 and budget.memory is None and budget.params is None
+    assert Budget.from_options(target_active_params="3.2B", target_params="20B").params == 20_000_000_000
+    assert Budget.from_options(ctx="8k") is None
+    with pytest.raises(BudgetError, match="unknown suffix 'X' in active parameter count '3X'"):
+        Budget.from_options(target_active_params="3X")
+
+
+def test_cli_estimate_shows_moe_blocks_and_active_parameters():
+    data = json.loads(_estimate("nano3-30b", "--ctx", "8k", "--json").output)
+    assert data["parameters"]["active"] == 3_580_073_408 and data["parameters"]["total"] == 31_577_937_344
+    result = _estimate("nano3-30b", "--ctx", "8k")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert (
+        "31,577,937,344 parameters, 3,580,073,408 active per token (52 blocks: 23 Mamba-2, 6 attention, 0 MLP, " in text
+    )
+    assert "23 MoE)" in text and "MoE: 128 experts, top-6, expert FFN 1856, shared FFN 3712" in text
+    assert "active per token" not in _estimate("9b-v2", "--ctx", "8k").output

@@ -43,6 +43,23 @@ def test_info_on_checkpoint_and_preset(workspace):
     assert json.loads(result.output)["parameters"]["total"] == 12_310_001_152
 
 
+def test_info_shows_moe_blocks_and_active_parameters():
+    result = _run("info", "nano3-30b")
+    assert result.exit_code == 0, result.output
+    assert "52 (23 Mamba-2, 6 attention, 0 MLP, 23 MoE)" in result.output
+    assert "128 experts, top-6, expert FFN 1856, shared FFN 3712, 1 group" in result.output
+    assert "active per token │  3,580,073,408 │ 11.3%" in result.output
+    data = json.loads(_run("info", "nano3-30b", "--json").output)
+    assert data["parameters"]["active"] == 3_580_073_408 and data["architecture"]["moe"] == 23
+    assert data["architecture"]["num_experts_per_tok"] == 6
+    dense = json.loads(_run("info", "9b-v2", "--json").output)
+    assert (
+        dense["parameters"]["active"] == dense["parameters"]["total"]
+        and "n_routed_experts" not in dense["architecture"]
+    )
+    assert "MoE" not in _run("info", "9b-v2").output
+
+
 def test_init_writes_a_loadable_checkpoint_with_tokenizer(workspace):
     assert (workspace / "model" / WEIGHTS_NAME).is_file()
     assert (workspace / "model" / "tokenizer.json").is_file()

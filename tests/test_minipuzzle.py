@@ -1,9 +1,11 @@
-"""MiniPuzzle: per-block architectures under a budget, from importance or from a config alone."""
+"""MiniPuzzle: per-block architectures (MoE expert choices too) under a budget, from importance or a config alone."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from compressor.budget import Budget, BudgetError, num_parameters, parse_params, parse_size
+from compressor.budget import Budget, BudgetError, active_parameters, num_parameters, parse_params, parse_size
 from compressor.checkpoint import load_model, save_model
 from compressor.importance import estimate
 from compressor.model import HybridLM
@@ -103,3 +105,91 @@ def test_throughput_first_budget():
     budget = Budget(context=24576, gpu=get_gpu("a10g"), min_speedup=1.2, workload=Workload(8192, 16384, 1))
     candidates = _search(MiniPuzzleOptions(), source, None, budget)
     assert candidates and all(c.speedup >= 1.2 for c in candidates)
+
+
+# ----- MoE blocks ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_model():
+    from tests.conftest import randomize_routers
+
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny-moe").replace(n_group=2, topk_group=1)).eval()
+    randomize_routers(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def moe_scores(moe_model):
+    gen = torch.Generator().manual_seed(0)
+    return estimate(moe_model, [torch.randint(0, 512, (2, 24), generator=gen) for _ in range(2)])
+
+
+def test_moe_blocks_choose_their_experts_under_active_and_total_budgets(moe_model, moe_scores, tmp_path):
+    source = moe_model.config
+    full = Budget(memory=1, context=2048, prefill_chunk=0).memory_of(source).total  # weights and caches
+    options = MiniPuzzleOptions(expert_fractions=(1, 0.75, 0.5), ffn_fractions=(1, 0.75, 0.5))
+    budgets = (
+        Budget(active_params=int(0.85 * active_parameters(source))),
+        Budget(params=int(0.75 * num_parameters(source))),
+        Budget(
+            memory=int(0.8 * full), context=2048, prefill_chunk=0, active_params=int(0.9 * active_parameters(source))
+        ),
+    )
+    fewer_experts = []
+    for budget in budgets:
+        candidates = _search(options, source, moe_scores, budget)
+        assert candidates
+        for c in candidates:
+            config = c.target.config(source)
+            assert not budget.violations(config, source), c.label
+            fewer_experts += [
+                (c, s.index) for s in config.blocks if s.kind == "moe" and s.n_routed_experts < source.n_routed_experts
+            ]
+    assert fewer_experts, "no MoE block kept fewer experts"
+    per_block = [c for c, _ in fewer_experts if not c.target.config(source).is_uniform]
+    assert per_block and "experts" in per_block[0].label
+    pruned = prune(moe_model, moe_scores, per_block[0].target)
+    save_model(pruned, tmp_path / "moe")
+    loaded = load_model(tmp_path / "moe")
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), pruned(ids))
+    assert loaded.num_parameters() == num_parameters(per_block[0].target.config(source))
+
+
+def test_expert_damage_follows_the_routing_mass(moe_model, moe_scores):
+    """Two MoE blocks alike but for their routing: one sends every token to half of its experts, the other
+    spreads them evenly. A budget that halves one block's experts halves the concentrated one."""
+    source = moe_model.config
+    blocks = [s.index for s in source.blocks if s.kind == "moe"]
+    concentrated, spread = blocks[1], blocks[0]
+    routing = dict(moe_scores.expert_routing)
+    for index in blocks:
+        routing[index] = torch.ones(source.n_routed_experts)
+    routing[concentrated] = torch.tensor([1.0, 1.0, 1e-3, 1e-3, 1.0, 1.0, 1e-3, 1e-3])  # 2 of each group of 4
+    scores = dataclasses.replace(
+        moe_scores,
+        block_influence=torch.ones(source.num_blocks),
+        expert_routing=routing,
+        expert_ffn={i: torch.ones_like(t) for i, t in moe_scores.expert_ffn.items()},
+    )
+    one_expert = 2 * source.hidden_size * source.moe_intermediate_size + source.hidden_size  # its FFN, router row
+    budget = Budget(params=num_parameters(source) - 4 * one_expert)
+    options = MiniPuzzleOptions(expert_fractions=(1, 0.5), ffn_fractions=(1,), max_depth_pruning=0, hidden_choices=1)
+    (target,) = MiniPuzzleStrategy(options).propose(source, scores, budget)
+    experts = {b.source: b.n_routed_experts for b in target.blocks if b.kind == "moe"}
+    assert experts[concentrated] == 4 and all(experts[i] == 8 for i in blocks if i != concentrated)
+    assert experts[spread] == 8
+    kept = scores.keep_experts(concentrated, 4, source.n_group)
+    assert kept.tolist() == [0, 1, 4, 5]  # what pruning keeps: the experts tokens go to
+
+
+def test_nano3_config_alone_under_an_active_parameter_budget():
+    nano = get_preset("nano3-30b")
+    budget = Budget(active_params=parse_params("3B"))
+    candidates = _search(MiniPuzzleOptions(), nano, None, budget)
+    assert candidates
+    for c in candidates:
+        config = c.target.config(nano)  # every MoE block's widths filled in: a valid config
+        assert active_parameters(config) <= budget.active_params
+        assert all(s.n_routed_experts >= nano.num_experts_per_tok for s in config.blocks if s.kind == "moe")

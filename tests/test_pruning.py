@@ -152,6 +152,31 @@ def test_two_processes_score_and_prune_as_one(workspace, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_prune_an_moe_checkpoint_to_an_active_parameter_budget(workspace, tmp_path):
+    from compressor.budget import active_parameters, num_parameters
+    from compressor.presets import get_preset
+    from tests.conftest import randomize_routers
+
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny-moe").replace(hidden_size=96))
+    randomize_routers(model)
+    save_model(model, tmp_path / "moe")
+    limit = int(0.8 * active_parameters(model.config))
+    args = ["prune", str(tmp_path / "moe"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
+            "--score-samples", "8", "--seq-len", str(SEQ), "--batch-size", "4", "--device", "cpu", "--top-k", "3",
+            "--target-active-params", str(limit), "--axes", "hidden,moe_experts,moe_ffn,moe_shared_ffn,depth",
+            "--out", str(tmp_path / "pruned")]  # fmt: skip
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert "active" in result.output and "wrote the pruned model" in result.output
+    pruned = load_model(tmp_path / "pruned").config
+    assert active_parameters(pruned) <= limit and num_parameters(pruned) < num_parameters(model.config)
+    record = json.loads((tmp_path / "pruned" / "compression.json").read_text())
+    assert record["budget"]["active_params"] == limit and record["candidates"][0]["active_params"] <= limit
+    export = json.loads((tmp_path / "pruned" / "export_config.json").read_text())
+    assert export["moe_ffn_hidden_size"] == pruned.moe_intermediate_size
+
+
 def test_dry_run_lists_fitting_candidates_of_a_preset():
     result = runner.invoke(
         cli.app,
@@ -171,6 +196,26 @@ def test_dry_run_lists_fitting_candidates_of_a_preset():
     assert result.exit_code == 0 and "minipuzzle" in result.output, result.output
     result = runner.invoke(cli.app, ["prune", "12b-v2", "--target-mem", "1GiB", "--ctx", "128k", "--dry-run"])
     assert result.exit_code == 1 and "no candidate meets the budget" in result.output
+
+
+def test_dry_run_on_nano3_under_an_active_parameter_budget():
+    args = ["prune", "nemotron-3-nano-30b-a3b", "--target-active-params", "3B", "--dry-run", "--top-k", "5"]
+    args += ["--axes", "hidden,moe_experts,moe_ffn,moe_shared_ffn,depth"]
+    result = runner.invoke(cli.app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    candidates = json.loads(result.output)["candidates"]
+    assert len(candidates) == 5
+    for c in candidates:
+        assert c["active_params"] <= 3_000_000_000 < c["params"]
+        assert c["architecture"]["num_moe_experts"] <= 128 and c["architecture"]["moe_ffn_hidden_size"] <= 1856
+    assert any(c["architecture"]["moe_shared_expert_intermediate_size"] < 3712 for c in candidates)
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0 and "<= 3,000,000,000 active parameters" in " ".join(result.output.split())
+    assert "M/*/-/E blocks" in result.output and "active" in result.output and "moe ffn" in result.output
+    for strategy in ("minipuzzle", "minitron"):  # default axes too: hidden and depth
+        result = runner.invoke(cli.app, [*args[:-2], "--strategy", strategy, "--json"])
+        assert result.exit_code == 0, result.output
+        assert all(c["active_params"] <= 3_000_000_000 for c in json.loads(result.output)["candidates"])
 
 
 def test_strategy_options_come_from_the_strategy_and_are_checked(workspace, tmp_path):

@@ -318,3 +318,50 @@ def test_activation_checkpointing_gives_the_same_run(workspace, tmp_path):
     a, b = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "ckpt" / "model")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def _saved_bytes_per_token(config, lengths=(64, 192), batch=2) -> float:
+    """Bytes of the tensors autograd keeps for backward (parameters aside) per token of a forward pass: the
+    slope between two sequence lengths, so that what does not grow with tokens drops out."""
+    torch.manual_seed(0)
+    model = HybridLM(config)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(length: int) -> int:
+        saved = {}  # storage -> bytes, each storage once
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.backbone(torch.randint(0, config.vocab_size, (batch, length)))
+        return sum(saved.values())
+
+    short, long = lengths
+    return (saved_bytes(long) - saved_bytes(short)) / (batch * (long - short))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"num_experts_per_tok": 4},
+        {"n_routed_experts": 32, "n_group": 2, "topk_group": 1},
+        {"moe_latent_size": 32, "mlp_bias": True},
+        {"moe_intermediate_size": 96, "moe_shared_expert_intermediate_size": 16},
+    ],
+)
+def test_memory_plan_moe_activations_are_what_autograd_keeps(changes):
+    """One MoE block's share of the memory plan's activations against the bytes autograd saves for it
+    (fp32): the difference between two-block and one-block models."""
+    from compressor.planning import _training_activations as _activation_bytes
+
+    one = get_preset("tiny-moe").replace(hybrid_override_pattern="E", **changes)
+    two = one.replace(hybrid_override_pattern="EE")
+    measured = _saved_bytes_per_token(two) - _saved_bytes_per_token(one)
+    estimated = _activation_bytes(two, 1, 4) - _activation_bytes(one, 1, 4)
+    assert estimated == pytest.approx(measured, rel=0.03)
+    assert _activation_bytes(one, 1, 4) != _activation_bytes(one.replace(hybrid_override_pattern="-"), 1, 4)

@@ -58,8 +58,8 @@ class PruneConfig:
             raise OptionError("score", f"{self.score!r} is not one of {', '.join(SCORE_METRICS)}")
         if self.budget is None and self.export is None:
             raise BudgetError(
-                "give a budget (--target-mem, --target-params, or --min-speedup with --gpu) or name the shape "
-                "with --export-config"
+                "give a budget (--target-mem, --target-params, --target-active-params, or --min-speedup with --gpu) "
+                "or name the shape with --export-config"
             )
         self.build_strategy()  # checks the strategy's name and options now, before any work
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from compressor import distributed
-from compressor.budget import Budget, format_bytes, num_parameters
+from compressor.budget import Budget, active_parameters, format_bytes, num_parameters
 from compressor.config import HybridConfig
 from compressor.errors import BudgetError, CompressorError, OptionError
 from compressor.evaluate import batch_stats, reduce_stats, teacher_targets
@@ -88,6 +88,7 @@ def candidate(source: HybridConfig, target: Target, budget: Budget | None, index
         speedup=budget.speedup_of(config, source) if budget is not None else None,
         architecture=target.summary(source),
         index=index,
+        active_params=active_parameters(config),
     )
 
 

@@ -51,6 +51,7 @@ class Candidate:
     index: int = 0  # position in its record
     finalist: bool = False  # search: put through the short distillation
     distilled: Distilled | None = None
+    active_params: int | None = None  # parameters a token uses (differs from params with MoE blocks)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
