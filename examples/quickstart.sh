@@ -4,7 +4,7 @@
 #   1. prune it to fit a memory budget (Minitron: importance on calibration text, a grid search under the
 #      budget, the best of the largest fitting candidates by KL to the original),
 #   2. distill the original into the pruned model for a short while,
-#   3. compare original, pruned and distilled on held-out plays.
+#   3. compare original, pruned and distilled on held-out plays, and on phonebook retrieval at 1k tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup.sh
@@ -20,3 +20,4 @@ compress distill examples/model "$out/pruned" --data "$data/sample.txt" --out "$
   --eval-every 20 --save-every 50 --eval-sequences 32
 compress eval examples/model "$out/pruned" "$out/distilled/model" --teacher examples/model \
   --data "$data/valid.txt" --seq-len 256 --max-sequences 128
+compress eval examples/model "$out/pruned" "$out/distilled/model" --task phonebook --ctx 1k --task-sequences 4

@@ -210,7 +210,7 @@ def test_save_load_and_fingerprint(model, tmp_path):
 def test_options_are_checked():
     with pytest.raises(CompressorError, match="seq_reduce 'median'"):
         ImportanceOptions(seq_reduce="median")
-    with pytest.raises(CompressorError, match="choose --drop-one kl or loss"):
+    with pytest.raises(CompressorError, match="choose --drop-one kl, loss or retrieval"):
         ImportanceOptions(iterative_rounds=2)
 
 

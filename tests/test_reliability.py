@@ -275,7 +275,7 @@ CASES = [
     ([*IMPORTANCE, "--seq-reduce", "median"], "--seq-reduce 'median' is not one of"),
     ([*IMPORTANCE, "--batch-reduce", "sum"], "--batch-reduce 'sum' is not one of"),
     ([*IMPORTANCE, "--mamba-signal", "y"], "--mamba-signal 'y' is not one of"),
-    ([*IMPORTANCE, "--iterative-rounds", "2"], "choose --drop-one kl or loss"),
+    ([*IMPORTANCE, "--iterative-rounds", "2"], "choose --drop-one kl, loss or retrieval"),
     ([*IMPORTANCE, "--iterative-rounds", "-1", "--drop-one", "kl"], "--iterative-rounds must be at least 0"),
     ([*IMPORTANCE, "--samples", "1000"], "fewer than --samples 1000"),
     (

@@ -1,11 +1,13 @@
 """`compress search`: candidates ranked after a short distillation (Nemotron-H's MiniPuzzle procedure).
 
-1. propose and score: the strategy's candidates that meet the budget, scored zero-shot (KL to the source
-   on held-out calibration sequences); the best `finalists` are marked. The folder (`search.json`, the
+1. propose and score: the strategy's candidates that meet the budget, scored zero-shot (`score`: KL to the
+   source on held-out calibration sequences, or loss, with or without the retrieval probe's term; see
+   `ranking`); the best `finalists` are marked. The folder (`search.json`, the
    importance scores) is built aside and renamed into place only once this step has succeeded;
 2. distill: each finalist is pruned from the in-memory source and distilled from it for the same token
    budget, data, seed and schedule (`SearchConfig.distill`, a `TrainConfig` template), checkpointing as any
-   distillation run does; its validation result is written as it finishes;
+   distillation run does; its validation result (and, with a retrieval probe, its retrieval) is written as
+   it finishes;
 3. rank: finished finalists by validation KL (or loss), the Pareto fronts of quality against memory (and
    speedup when a GPU was given), `pareto.json` and `pareto.png`.
 

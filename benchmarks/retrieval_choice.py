@@ -1,0 +1,75 @@
+"""The candidate chosen by KL alone against the one chosen with retrieval in the score, before and after the
+same distillation, on the quick start's budget (20 MiB at a 4k context):
+
+    python benchmarks/retrieval_choice.py                      # the example model, 400k distillation tokens
+    python benchmarks/retrieval_choice.py --tokens 100k --out runs/choice
+
+Runs the `compress` commands a user would (prune with `--score kl` and with `--score kl+retrieval`, the
+same `compress distill` for both), then `compress eval` for held-out loss and KL to the original, and
+`compress eval --task phonebook` at 1k and 4k tokens, and prints one table. Reruns reuse finished steps
+in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+PRUNE = ["--target-mem", "20MiB", "--ctx", "4k", "--axes", "hidden,ffn,mamba_heads,mamba_head_dim,depth",
+         "--data", str(DATA / "sample.txt"), "--samples", "64", "--score-samples", "32", "--seq-len", "256",
+         "--batch-size", "8"]  # fmt: skip
+DISTILL = ["--data", str(DATA / "sample.txt"), "--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "8",
+           "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", "1000", "--save-every", "50", "--quiet"]  # fmt: skip
+
+
+def compress(*args: str) -> str:
+    """Run `compress ARGS` (this checkout's CLI) and return its standard output."""
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"compress {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "examples" / "model"))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "retrieval_choice")
+    parser.add_argument("--tokens", default="400k", help="distillation tokens per candidate")
+    parser.add_argument("--retrieval-ctx", default="1k", help="context of the probe in the score")
+    parser.add_argument("--weight", default="1", help="--retrieval-weight")
+    args = parser.parse_args()
+    models = {"original": Path(args.model)}
+    for label, score in (("KL alone", "kl"), ("KL + retrieval", "kl+retrieval")):
+        pruned, run = args.out / f"{score}-pruned", args.out / f"{score}-distilled"
+        if not (pruned / "config.json").is_file():
+            compress("prune", args.model, *PRUNE, "--score", score, "--retrieval-ctx", args.retrieval_ctx,
+                     "--retrieval-weight", args.weight, "--out", str(pruned), "--overwrite")  # fmt: skip
+        if not (run / "model" / "config.json").is_file() or not (run / "done").is_file():
+            compress("distill", args.model, str(pruned), *DISTILL, "--tokens", args.tokens, "--out", str(run),
+                     "--overwrite")  # fmt: skip
+            (run / "done").write_text("")
+        chosen = json.loads((pruned / "compression.json").read_text())["chosen"]["label"]
+        models[f"{label}: {chosen}"] = pruned
+        models[f"{label}: {chosen}, distilled"] = run / "model"
+    paths = [str(p) for p in models.values()]
+    losses = json.loads(compress("eval", *paths, "--teacher", args.model, "--data", str(DATA / "valid.txt"),
+                                 "--seq-len", "256", "--max-sequences", "128", "--json"))  # fmt: skip
+    tasks = json.loads(compress("eval", *paths, "--task", "phonebook", "--ctx", "1k,4k", "--task-sequences", "4",
+                                "--json"))["models"]  # fmt: skip
+    print(f"quick start budget (20 MiB at 4k), distillation {args.tokens} tokens each; phonebook 64 queries")
+    print("| model | parameters | loss | KL to original | phonebook 1k | log-lik 1k | phonebook 4k | log-lik 4k |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (label, path), loss in zip(models.items(), losses, strict=True):
+        one, four = tasks[str(path)]
+        print(f"| {label} | {loss['params']:,} | {loss['loss']:.4f} | {loss['kl']:.4f} | "
+              f"{100 * one['accuracy']:.1f}% | {one['log_likelihood']:.3f} | {100 * four['accuracy']:.1f}% | "
+              f"{four['log_likelihood']:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
