@@ -543,8 +543,20 @@ def init(
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folder(s) to evaluate (several: a comparison).")],
     data: Annotated[
-        str, typer.Option(help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name.")
-    ],
+        str | None,
+        typer.Option(help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name."),
+    ] = None,
+    lm_eval_tasks: Annotated[
+        str | None,
+        typer.Option(help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated."),
+    ] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval tasks: few-shot examples per prompt.")] = None,
+    limit: Annotated[
+        float | None, typer.Option(help="lm-eval tasks: at most this many documents per task (below 1: a share).")
+    ] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="lm-eval tasks: a folder of task YAML files to find the names in.")
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
     ] = None,
@@ -565,7 +577,8 @@ def eval_(
 ) -> None:
     """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too. Several
     models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
-    the models are sharded across the processes, each evaluates its share of the batches."""
+    the models are sharded across the processes, each evaluates its share of the batches. With
+    --lm-eval-tasks, lm-eval's task metrics instead (the `eval` extra), side by side per model."""
     from compressor import distributed
     from compressor.budget import num_parameters
     from compressor.checkpoint import load_model
@@ -581,6 +594,13 @@ def eval_(
             quantize_activations(model, path)
         return model
 
+    if lm_eval_tasks is not None:
+        _eval_lm_eval_tasks(models, lm_eval_tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                            batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only,
+                            json_output=json_output)  # fmt: skip
+        return
+    if data is None:
+        raise OptionError("data", "is needed: the text or tokens to evaluate on (or --lm-eval-tasks to run tasks)")
     if split not in ("all", "valid", "train"):
         raise OptionError("split", f"{split!r} is not one of all, valid, train")
     check_at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_sequences=(max_sequences, 1), seed=(seed, 0))
@@ -640,6 +660,39 @@ def eval_(
         row = [str(path), f"{params:,}", weights, f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
         rows.append(row + ([f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"] if teacher else []))
     console.print(table(title, columns, rows))
+
+
+def _eval_lm_eval_tasks(models: list[Path], tasks: str, *, num_fewshot, limit, include_path, batch_size, device,
+                        dtype, weights_only: bool, json_output: bool) -> None:  # fmt: skip
+    """`compress eval --lm-eval-tasks`: lm-eval on each model, one table with a column per model (rows: task
+    and metric, value +- standard error); --json: the list of `harness.ModelTaskResults` records."""
+    check_at_least(num_fewshot=(num_fewshot, 0), batch_size=(batch_size, 1))
+    if limit is not None and not (limit > 0 and (limit < 1 or limit == int(limit))):
+        raise OptionError("limit", f"must be a whole number of documents or a share below 1, got {limit:g}")
+    try:
+        from compressor.harness import evaluate_tasks
+    except CompressorError:
+        raise OptionError("lm_eval_tasks", 'needs lm-eval, which is not installed: pip install -e ".[eval]"') from None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    documents = int(limit) if limit is not None and limit >= 1 else limit  # lm-eval: an int counts, a float is a share
+    results = evaluate_tasks(models, names, num_fewshot=num_fewshot, limit=documents, include_path=include_path,
+                             batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only)  # fmt: skip
+    if json_output:
+        print_json([result.to_dict() for result in results])
+        return
+    values: dict[tuple[str, str], dict[int, str]] = {}  # (task, metric) -> {model column: "value +- stderr"}
+    for column, result in enumerate(results):
+        for task in result.tasks:
+            for metric in task.metrics:
+                name = metric.name if metric.filter == "none" else f"{metric.name} ({metric.filter})"
+                error = f" ± {metric.stderr:.4f}" if metric.stderr is not None else ""
+                values.setdefault((task.task, name), {})[column] = f"{metric.value:.4f}{error}"
+    rows = [
+        [task, metric, *(cells.get(i, "-") for i in range(len(results)))] for (task, metric), cells in values.items()
+    ]
+    shots = f", {num_fewshot}-shot" if num_fewshot else ""
+    title = f"lm-eval{shots}{f', at most {limit:g} documents per task' if limit else ''}"
+    console.print(table(title, ["task", "metric", *(str(r.model) for r in results)], rows, left=2))
 
 
 # ----- generate -----------------------------------------------------------------------------------------
