@@ -115,6 +115,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
+HfExactOption = Annotated[
+    bool,
+    typer.Option(help="Write time_step_limit [time_step_min, inf]: transformers' dt floor, so its logits equal ours."),
+]
 TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
 TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
 SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
@@ -849,6 +853,7 @@ def prune_command(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    hf_exact: HfExactOption = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -906,6 +911,10 @@ def prune_command(
         distributed.close(world)
     if not world.is_main:
         return
+    if hf_exact:
+        from compressor.checkpoint import set_hf_exact
+
+        set_hf_exact(out)
     if json_output:
         print_json(record.to_dict())
         return
@@ -1100,12 +1109,16 @@ def materialize(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    hf_exact: HfExactOption = False,
 ) -> None:
     """Write a searched candidate as a checkpoint (pruned from the original, or as distilled in the search)."""
+    from compressor.checkpoint import set_hf_exact
     from compressor.distributed import resolve_device
     from compressor.pipelines.search import materialize as write
 
     write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
+    if hf_exact:
+        set_hf_exact(out)
     console.print(f"wrote candidate {index} to [bold]{out}[/]")
 
 
