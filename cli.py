@@ -234,7 +234,7 @@ def info(
 ) -> None:
     """Describe a model: blocks by type, widths, parameters by component (and active per token), dtype."""
     from compressor.budget import active_parameters, parameter_counts
-    from compressor.checkpoint import stored_dtypes
+    from compressor.checkpoint import loaders, stored_dtypes
 
     config, folder = load_config_or_preset(model)
     counts = parameter_counts(config)
@@ -245,7 +245,8 @@ def info(
         print_json(
             {"model": model, "pattern": config.pattern, "architecture": summary,
              "block_overrides": config.block_overrides, "ratios": config.ratios(),
-             "parameters": {**counts, "total": total, "active": active}, "dtypes": dtypes}
+             "parameters": {**counts, "total": total, "active": active}, "dtypes": dtypes,
+             "loads_in": loaders(config)}
         )  # fmt: skip
         return
     pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
@@ -262,6 +263,7 @@ def info(
         ["vocab", str(config.vocab_size)],
         ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
         ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
+        ["loads in", ", ".join(loaders(config))],
     ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
     console.print(table(model, ["", ""], rows, left=2, show_header=False))
     rows = [
