@@ -929,7 +929,7 @@ def prune_command(
     out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
     out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
     console.print(out_table)
-    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/]")
+    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({_loads_in(out)})")
 
 
 def _compression_plans(arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None):
@@ -1121,7 +1121,15 @@ def materialize(
     write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
     if hf_exact:
         set_hf_exact(out)
-    console.print(f"wrote candidate {index} to [bold]{out}[/]")
+    console.print(f"wrote candidate {index} to [bold]{out}[/] ({_loads_in(out)})")
+
+
+def _loads_in(path: Path) -> str:
+    """'loads in: compressor, transformers, vLLM' for a written checkpoint (per-block ones: compressor only)."""
+    from compressor.checkpoint import loaders
+    from compressor.config import HybridConfig
+
+    return f"loads in: {', '.join(loaders(HybridConfig.from_file(path)))}"
 
 
 # ----- quantize -----------------------------------------------------------------------------------------

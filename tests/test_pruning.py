@@ -123,6 +123,7 @@ def test_cli_prune(workspace, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "candidates (minitron), best first" in result.output and "wrote the pruned model" in result.output
+    assert "(loads in: compressor, transformers, vLLM)" in " ".join(result.output.split())
     _assert_transformers_exact(tmp_path / "a")
     result = runner.invoke(cli.app, [*args, "--target-mem", "1KiB", "--out", str(tmp_path / "b")])
     assert (

@@ -127,6 +127,8 @@ def test_materialize_any_candidate(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     config = load_model(tmp_path / "e").config
     assert config.time_step_limit == (config.time_step_min, math.inf)
+    where = "compressor, transformers, vLLM" if config.is_uniform else "compressor)"
+    assert f"(loads in: {where}" in " ".join(result.output.split())
     result = runner.invoke(cli.app, ["materialize", str(tmp_path / "s"), "99", "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "no candidate 99" in result.output
     result = runner.invoke(cli.app, ["materialize", str(tmp_path), "0", "--out", str(tmp_path / "z")])
