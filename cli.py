@@ -154,6 +154,29 @@ BUDGET_OPTIONS = [
 ]  # fmt: skip
 
 
+RETRIEVAL_OPTIONS = [
+    option("retrieval_task", str, "Retrieval probe of --drop-one retrieval and --score ...retrieval: phonebook, "
+           "mqar or needle (needle hides its sentence in --data).", "phonebook"),
+    option("retrieval_ctx", str | None, "Tokens per probe sequence, e.g. 4k [default: the budget's --ctx; "
+           "importance: 1k]."),
+    option("retrieval_sequences", int, "Probe sequences (16 queries each).", 8),
+]  # fmt: skip
+
+
+def retrieval_from(needed: bool, values: dict[str, Any], context: int):
+    """The RetrievalConfig the retrieval flags describe, when a decision uses it (`needed`), else None."""
+    from compressor.tasks import RetrievalConfig, parse_contexts
+
+    if not needed:
+        return None
+    if values["retrieval_ctx"] is not None:
+        contexts = parse_contexts(values["retrieval_ctx"])
+        if len(contexts) != 1:
+            raise OptionError("retrieval_ctx", f"takes one context length, got {values['retrieval_ctx']!r}")
+        context = contexts[0]
+    return RetrievalConfig(values["retrieval_task"], context, values["retrieval_sequences"])
+
+
 def budget_from(values: dict[str, Any]):
     """The Budget the budget flags describe (None when no limit is given)."""
     from compressor.budget import Budget
@@ -550,8 +573,17 @@ def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folder(s) to evaluate (several: a comparison).")],
     data: Annotated[
         str | None,
-        typer.Option(help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name."),
+        typer.Option(
+            help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name (with --task "
+            "needle: the filler text)."
+        ),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="A retrieval task instead of loss: phonebook, mqar or needle (accuracy by --ctx)."),
+    ] = None,
+    ctx: Annotated[str, typer.Option(help="--task: context lengths, e.g. 1k,4k,16k.")] = "1k",
+    task_sequences: Annotated[int, typer.Option(help="--task: sequences per context (16 queries each).")] = 8,
     lm_eval_tasks: Annotated[
         str | None,
         typer.Option(help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated."),
@@ -592,6 +624,19 @@ def eval_(
     from compressor.evaluate import evaluate
     from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
 
+    if task is not None:
+        return _eval_task(models, task, ctx, task_sequences, data, batch_size, seed, device, dtype, json_output)
+    if lm_eval_tasks is not None:
+        _eval_lm_eval_tasks(models, lm_eval_tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                            batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only,
+                            json_output=json_output)  # fmt: skip
+        return
+    if data is None:
+        raise OptionError(
+            "data",
+            "is needed: the text to measure loss on (or --task for a retrieval task, --lm-eval-tasks for lm-eval)",
+        )
+
     def load(path: Path):
         """The model as deployed: a quantized checkpoint dequantized, its activations quantized (sharded
         across the processes under torchrun)."""
@@ -600,13 +645,6 @@ def eval_(
             quantize_activations(model, path)
         return model
 
-    if lm_eval_tasks is not None:
-        _eval_lm_eval_tasks(models, lm_eval_tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
-                            batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only,
-                            json_output=json_output)  # fmt: skip
-        return
-    if data is None:
-        raise OptionError("data", "is needed: the text or tokens to evaluate on (or --lm-eval-tasks to run tasks)")
     if split not in ("all", "valid", "train"):
         raise OptionError("split", f"{split!r} is not one of all, valid, train")
     check_at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_sequences=(max_sequences, 1), seed=(seed, 0))
@@ -666,6 +704,34 @@ def eval_(
         row = [str(path), f"{params:,}", weights, f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
         rows.append(row + ([f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"] if teacher else []))
     console.print(table(title, columns, rows))
+
+
+def _eval_task(models, task, ctx, sequences, data, batch_size, seed, device, dtype, json_output) -> None:
+    """`compress eval --task`: each model on the same generated sequences at each context, side by side."""
+    from compressor.checkpoint import load_model
+    from compressor.data import load_tokenizer
+    from compressor.distributed import resolve_device
+    from compressor.tasks import TaskSpec, evaluate_task, parse_contexts
+
+    contexts = parse_contexts(ctx)
+    check_at_least(task_sequences=(sequences, 1), batch_size=(batch_size, 1), seed=(seed, 0))
+    spec = TaskSpec(task, sequences=sequences, data=data, seed=seed)
+    tokenizer = load_tokenizer(models[0])
+    results = {}
+    with err_console.status(f"{task}") as status:
+        for path in models:
+            status.update(f"{task}: {path}")
+            model = load_model(path, dtype=dtype, device=resolve_device(device))
+            results[path] = evaluate_task(model, tokenizer, spec, contexts, batch_size=batch_size)
+            del model
+    if json_output:
+        print_json({"task": task, "models": {str(p): [r.to_dict() for r in rs] for p, rs in results.items()}})
+        return
+    queries = results[models[0]][0].queries
+    rows = [[fmt_context(context), *(_retrieval_cell(rs[i].to_dict()) for rs in results.values())]
+            for i, context in enumerate(contexts)]  # fmt: skip
+    title = f"{task}: {queries} queries per context, exact match (answer log-likelihood)"
+    console.print(table(title, ["context", *map(str, models)], rows))
 
 
 def _eval_lm_eval_tasks(models: list[Path], tasks: str, *, num_fewshot, limit, include_path, batch_size, device,
@@ -728,6 +794,7 @@ def generate(
 @app.command()
 @friendly
 @with_group("plan", PLAN_OPTIONS)
+@with_group("retrieval", RETRIEVAL_OPTIONS, dict)
 def importance(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to score (--dry-run: also a preset or config).")],
     data: Annotated[str | None, typer.Option(help="Calibration text or tokens (as for `compress eval`).")] = None,
@@ -738,7 +805,13 @@ def importance(
     seq_reduce: Annotated[str, typer.Option(help="Over the sequence: mean, l2 or max (of |a|).")] = "mean",
     batch_reduce: Annotated[str, typer.Option(help="Over samples: l2, mean or max.")] = "l2",
     mamba_signal: Annotated[str, typer.Option(help="x (in_proj's x) or ssm_out (out_proj's input).")] = "x",
-    drop_one: Annotated[str, typer.Option(help="Drop-one-block effect: none, kl or loss.")] = "none",
+    drop_one: Annotated[
+        str,
+        typer.Option(
+            help="Drop-one-block effect: none, kl, loss, or retrieval (the answer log-likelihood lost on "
+            "--retrieval-task without the block)."
+        ),
+    ] = "none",
     iterative_rounds: Annotated[int, typer.Option(help="Remove the least important block and re-score, N times.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
@@ -750,6 +823,7 @@ def importance(
     ] = False,
     json_output: JsonOption = False,
     plan: dict[str, Any] | None = None,
+    retrieval: dict[str, Any] | None = None,
 ) -> None:
     """Score every prunable axis (hidden channels, FFN neurons, Mamba heads and head_dim, attention heads,
     blocks) from activations on calibration data; pruning and strategies reuse the folder. Under
@@ -772,14 +846,15 @@ def importance(
         return
     if data is None or out is None:
         raise OptionError("data" if data is None else "out", "is needed (or --dry-run to only plan the memory)")
+    probe = retrieval_from(drop_one == "retrieval", retrieval, 1024)
     config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
                                batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
-                               text_field=text_field, device=device, dtype=dtype)  # fmt: skip
+                               text_field=text_field, device=device, dtype=dtype, retrieval=probe)  # fmt: skip
     inputs = (model, data, tokenizer_file(tokenizer))
     check_output(out, overwrite=overwrite, inputs=inputs)
     world = distributed.init(distributed.resolve_device(device))
     try:
-        passes = 1 + (0 if drop_one == "none" else max(1, iterative_rounds))
+        passes = 1 + (0 if drop_one in ("none", "retrieval") else max(1, iterative_rounds))
         with progress_bar() as progress:
             task = progress.add_task("scoring", total=samples * seq_len * passes)
             source = calibrate(config, world=world, on_batch=lambda n: progress.advance(task, n * world.size))
@@ -834,6 +909,7 @@ def _print_importance(scores, out: Path) -> None:
 @with_group("budget", BUDGET_OPTIONS, budget_from)
 @with_group("strategy_options", strategy_options())
 @with_group("plan", [NPROC_OPTION])
+@with_group("retrieval", RETRIEVAL_OPTIONS, dict)
 def prune_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")] = None,
@@ -846,7 +922,16 @@ def prune_command(
     score_samples: ScoreSamplesOption = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
-    score: Annotated[str, typer.Option(help="Candidate score: kl (to the original) or loss.")] = "kl",
+    score: Annotated[
+        str,
+        typer.Option(
+            help="Candidate score: kl (to the original), loss, retrieval (answer log-likelihood lost on "
+            "--retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x --retrieval-weight)."
+        ),
+    ] = "kl",
+    retrieval_weight: Annotated[
+        float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")
+    ] = 1.0,
     strategy: Annotated[
         str, typer.Option(help="Search strategy: minitron, minipuzzle or a plugged-in one.")
     ] = "minitron",
@@ -867,6 +952,7 @@ def prune_command(
     budget=None,
     strategy_options: dict[str, str] | None = None,
     plan: dict[str, Any] | None = None,
+    retrieval: dict[str, Any] | None = None,
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default).
     Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
@@ -875,7 +961,7 @@ def prune_command(
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
     export = _read_export_config(export_config) if export_config is not None else None
-    config = PruneConfig(budget, strategy, strategy_options or {}, export, score)
+    config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
     if dry_run:
         arch, _ = load_config_or_preset(str(model))
         result = candidates_plan(arch, config)
@@ -898,6 +984,7 @@ def prune_command(
         str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
         tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
+        retrieval=retrieval_from("retrieval" in score, retrieval, budget.context if budget else 1024),
     )  # fmt: skip
     from compressor import distributed
     from compressor.outputs import check_output
@@ -921,15 +1008,34 @@ def prune_command(
         print_json(record.to_dict())
         return
     moe = any(c.active_params not in (None, c.params) for c in record.candidates)  # MoE: show active parameters
+    probe = record.retrieval
     columns = ["#", "candidate", "blocks", "parameters", *(["active"] if moe else []), "memory", "speedup",
-               f"score ({record.score_metric})"]  # fmt: skip
+               f"score ({record.score_metric})", *([_retrieval_column(probe)] if probe else [])]  # fmt: skip
     rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", *([f"{c.active_params:,}"] if moe else []),
-             fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-"]
+             fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-",
+             *([_retrieval_cell(c.retrieval)] if probe else [])]
             for i, c in enumerate(record.candidates, start=1)]  # fmt: skip
     out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
     out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
     console.print(out_table)
+    if probe:
+        say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
     console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({_loads_in(out)})")
+
+
+def _retrieval_column(probe: dict[str, Any]) -> str:
+    """'phonebook @4k (acc, ll)': the header of a retrieval column."""
+    return f"{probe['task']} @{fmt_context(probe['context'])} (acc, ll)"
+
+
+def _retrieval_cell(result: dict[str, Any] | None) -> str:
+    """'94% (-0.21)': exact-match accuracy and the answers' mean log-likelihood."""
+    return f"{100 * result['accuracy']:.0f}% ({result['log_likelihood']:.2f})" if result else "-"
+
+
+def fmt_context(tokens: int) -> str:
+    """4096 -> '4k'; other counts as they are."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
 def _compression_plans(arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None):
@@ -990,6 +1096,7 @@ def _print_plan(result, config, json_output: bool) -> None:
 @with_group("budget", BUDGET_OPTIONS, budget_from)
 @with_group("strategy_options", strategy_options())
 @with_group("plan", [NPROC_OPTION])
+@with_group("retrieval", RETRIEVAL_OPTIONS, dict)
 def search(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")] = None,
@@ -1006,6 +1113,16 @@ def search(
     score_samples: ScoreSamplesOption = 64,
     importance_dir: ImportanceDirOption = None,
     rank_by: Annotated[str, typer.Option(help="Rank finalists by kl (to the original) or loss.")] = "kl",
+    score: Annotated[
+        str,
+        typer.Option(
+            help="Zero-shot score: kl (to the original), loss, retrieval (answer log-likelihood lost on "
+            "--retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x --retrieval-weight)."
+        ),
+    ] = "kl",
+    retrieval_weight: Annotated[
+        float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")
+    ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the distillation data order and split.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
@@ -1024,6 +1141,7 @@ def search(
     budget=None,
     strategy_options: dict[str, str] | None = None,
     plan: dict[str, Any] | None = None,
+    retrieval: dict[str, Any] | None = None,
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
@@ -1067,7 +1185,8 @@ def search(
             micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9, eval_sequences=64,
             save_every=50, seed=seed, device=device,
         )  # fmt: skip
-        config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by)
+        config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by, score,
+                              retrieval_weight)  # fmt: skip
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
         candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
@@ -1075,6 +1194,7 @@ def search(
             str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
             score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
             text_field=text_field, all_sequences=True, device=device, dtype=dtype,
+            retrieval=retrieval_from("retrieval" in score, retrieval, budget.context),
         )  # fmt: skip
         from compressor.outputs import check_output
 
@@ -1086,12 +1206,18 @@ def search(
         return
     key = "val_kl" if record.rank_by == "kl" else "val_loss"
     rank = {index: position for position, index in enumerate(record.ranking, start=1)}
+    probe = record.retrieval
     rows = []
     for c in sorted(record.candidates, key=lambda c: (rank.get(c.index, 10**6), c.score)):
+        retrieval_cells = [_retrieval_cell(c.retrieval), _retrieval_cell(c.distilled and c.distilled.retrieval)]
         rows.append([str(rank.get(c.index, "-")), str(c.index), c.label, str(len(c.pattern)), f"{c.params:,}",
                      fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}",
-                     f"{c.distilled.metric(record.rank_by):.4f}" if c.distilled else "-"])  # fmt: skip
-    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", "zero-shot KL", key]
+                     f"{c.distilled.metric(record.rank_by):.4f}" if c.distilled else "-",
+                     *(retrieval_cells if probe else [])])  # fmt: skip
+    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup",
+               f"zero-shot {record.score_metric}", key]  # fmt: skip
+    if probe:
+        columns += [_retrieval_column(probe), "after distillation"]
     out_table = table(f"{record.strategy} search ({out}), ranked after distillation", columns, rows, left=0)
     out_table.columns[2].justify = "left"
     console.print(out_table)
@@ -1099,6 +1225,8 @@ def search(
         f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
         f"`compress materialize {out} K --out DIR` writes candidate K"
     )
+    if probe:
+        say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
 
 
 @app.command()
@@ -1205,6 +1333,8 @@ class RichReporter:
             line += f"  KL {record['val_kl']:.4f}  top-1 {100 * record['val_top1_agreement']:.1f}%"
         if record.get("teacher_val_loss") is not None:
             line += f"  (teacher loss {record['teacher_val_loss']:.4f})"
+        if record.get("val_retrieval_accuracy") is not None:
+            line += f"  retrieval {100 * record['val_retrieval_accuracy']:.0f}% ({record['val_retrieval_ll']:.2f})"
         self.note(line)
 
     def note(self, text: str) -> None:
@@ -1217,7 +1347,7 @@ class RichReporter:
 
 def _run_training(options: dict[str, Any]) -> None:
     """Build the TrainConfig from a command's options, then plan (--dry-run) or train."""
-    from compressor.budget import parse_tokens
+    from compressor.budget import parse_context, parse_tokens
     from compressor.losses import LossSpec
     from compressor.train import TrainConfig, train
 
@@ -1225,6 +1355,7 @@ def _run_training(options: dict[str, Any]) -> None:
     loss_fields = [f.name for f in dataclasses.fields(LossSpec)]
     loss = LossSpec(**{name: options.pop(name) for name in loss_fields})
     tokens = options.pop("tokens")
+    options["eval_ctx"] = parse_context(options["eval_ctx"])
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
     config = TrainConfig(tokens=parse_tokens(tokens) if tokens is not None else None, loss=loss, **options)
     config.validate()
@@ -1274,6 +1405,9 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
         option("chunk_tokens", int | None, "Tokens per logits chunk in the loss (default: 128 MiB of logits)."),
         option("eval_every", int, "Validate every N steps.", 50),
         option("eval_sequences", int, "Validation sequences.", 64),
+        option("eval_task", str | None, "Also measure a retrieval task at each validation: phonebook, mqar or needle."),
+        option("eval_ctx", str, "--eval-task: tokens per sequence, e.g. 4k.", "1k"),
+        option("eval_task_sequences", int, "--eval-task: sequences (16 queries each).", 8),
         option("save_every", int, "Checkpoint every N steps.", 100),
         option("log_every", int, "Log training metrics every N steps.", 10),
         option("valid_fraction", float, "Share of the data held out for validation.", 0.05),

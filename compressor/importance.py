@@ -37,7 +37,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from compressor import distributed
 from compressor.errors import CompressorError, OptionError
 from compressor.losses import LossSpec, LossStats, TeacherLogits, head_loss, next_token_labels
 from compressor.model import Attention, HybridLM, MambaMixer, MoE
+
+if TYPE_CHECKING:
+    from compressor.tasks import TaskScorer
 
 SCORES_FILE = "importance.safetensors"
 META_FILE = "importance.json"
@@ -60,7 +63,7 @@ class ImportanceOptions:
     seq_reduce: Literal["mean", "l2", "max"] = "mean"
     batch_reduce: Literal["l2", "mean", "max"] = "l2"
     mamba_signal: Literal["x", "ssm_out"] = "x"
-    drop_one: Literal["none", "kl", "loss"] = "none"
+    drop_one: Literal["none", "kl", "loss", "retrieval"] = "none"
     iterative_rounds: int = 0
 
     def __post_init__(self) -> None:
@@ -68,7 +71,7 @@ class ImportanceOptions:
             "seq_reduce": ("mean", "l2", "max"),
             "batch_reduce": ("l2", "mean", "max"),
             "mamba_signal": ("x", "ssm_out"),
-            "drop_one": ("none", "kl", "loss"),
+            "drop_one": ("none", "kl", "loss", "retrieval"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -76,7 +79,9 @@ class ImportanceOptions:
         if self.iterative_rounds < 0:
             raise OptionError("iterative_rounds", f"must be at least 0, got {self.iterative_rounds}")
         if self.iterative_rounds and self.drop_one == "none":
-            raise OptionError("iterative_rounds", "re-scores with the drop-one effect: choose --drop-one kl or loss")
+            raise OptionError(
+                "iterative_rounds", "re-scores with the drop-one effect: choose --drop-one kl, loss or retrieval"
+            )
 
 
 class _Statistic:
@@ -453,8 +458,12 @@ def estimate(
     world: distributed.World | None = None,
     meta: dict[str, Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    retrieval: TaskScorer | None = None,
 ) -> Importance:
     """Score every axis of `model` on calibration batches (batch, seq_len) of token ids.
+
+    `retrieval` is the probe of `drop_one="retrieval"`: a block's drop-one score is then how much the
+    answers' log-likelihood falls without it (`compressor.tasks`).
 
     Under several processes (a model sharded across `world`, as `load_model(..., world=world)` makes it:
     blocks sharded, embeddings, norm_f and lm_head whole, which drop-one reads directly),
@@ -478,8 +487,10 @@ def estimate(
         distributed.idle_pass(model, world)
     scores = collector.finish(world)
     drop, order = None, None
+    if options.drop_one == "retrieval" and retrieval is None:
+        raise OptionError("drop_one", "retrieval needs a retrieval task to measure the blocks on")
     if options.drop_one != "none":
-        drop, order = _drop_one(model, batches, options, world, on_batch)
+        drop, order = _drop_one(model, batches, options, world, on_batch, retrieval)
     return Importance(
         **scores,
         block_drop=drop,
@@ -488,13 +499,16 @@ def estimate(
     )
 
 
-def _drop_one(model, batches, options, world, on_batch):
+def _drop_one(model, batches, options, world, on_batch, retrieval):
     """Drop-one-block scores; with iterative rounds, the removal order as well."""
     blocks = model.backbone.layers
     removed: list[int] = []
     first = None
     for _ in range(max(1, options.iterative_rounds)):
-        scores = _drop_one_round(model, batches, options.drop_one, set(removed), world, on_batch)
+        if options.drop_one == "retrieval":
+            scores = _retrieval_round(model, retrieval, set(removed))
+        else:
+            scores = _drop_one_round(model, batches, options.drop_one, set(removed), world, on_batch)
         if first is None:
             first = scores
         if not options.iterative_rounds:
@@ -504,6 +518,16 @@ def _drop_one(model, batches, options, world, on_batch):
             break
         removed.append(min(candidates, key=lambda i: scores[i]))
     return first, (removed or None)
+
+
+def _retrieval_round(model: HybridLM, retrieval: TaskScorer, removed: set[int]) -> torch.Tensor:
+    """Per block: how much the retrieval answers' log-likelihood falls when it is skipped as well as `removed`."""
+    reference = retrieval(model, skip_blocks=removed)
+    scores = torch.full((model.config.num_blocks,), float("nan"))
+    for i in range(model.config.num_blocks):
+        if i not in removed:
+            scores[i] = reference - retrieval(model, skip_blocks=removed | {i})
+    return scores
 
 
 def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) -> torch.Tensor:

@@ -32,7 +32,13 @@ activations (16k tokens of the example model: well under 1 GiB).
 Three entry points: `evaluate_task` (every context, a `TaskResult` each: `compress eval --task`),
 `TaskScorer` (one task and context, `scorer(model) -> float`, for candidate scoring; `skip_blocks` scores
 the model with blocks skipped), and `block_drop_effect` (the score each block's removal costs: a drop-one
-importance signal measured on retrieval).
+importance signal measured on retrieval). `RetrievalConfig` is how the decisions ask for a scorer (task,
+context, sequences, seed): importance's `--drop-one retrieval`, prune/search `--score ...+retrieval` and
+distillation's `--eval-task`.
+
+Decisions rank by the answer log-likelihood, not by accuracy: exact match moves in steps of one query and
+is flat (zero) on a model that does not retrieve at all, while the log-likelihood of the answers falls
+smoothly as the blocks that carry retrieval are removed. Accuracy is recorded beside it.
 """
 
 from __future__ import annotations
@@ -208,6 +214,27 @@ def parse_contexts(text: str | Sequence[str | int]) -> tuple[int, ...]:
     if not contexts:
         raise CompressorError(f"no context lengths in {text!r}: write them like 1k,4k,16k")
     return contexts
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """A retrieval probe for decisions: `sequences` sequences of `task` at `context` tokens (16 queries each)."""
+
+    task: str = "phonebook"
+    context: int = 1024
+    sequences: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise CompressorError(f"unknown task {self.task!r}: choose {', '.join(TASKS)}")
+        _check_positive("retrieval context", self.context)
+        _check_positive("retrieval sequences", self.sequences)
+
+    def scorer(self, tokenizer: Tokenizer | str | Path, data: str | None = None) -> TaskScorer:
+        """Its examples generated once, scored by answer log-likelihood (`data`: the needle's filler text)."""
+        spec = TaskSpec(self.task, sequences=self.sequences, data=data, seed=self.seed)
+        return TaskScorer.build(spec, tokenizer, self.context, "log_likelihood")
 
 
 # --- generators -------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
 from compressor.outputs import atomic_output, check_free_space, check_output, output_lock, recover, staging, swap_in
+from compressor.tasks import TASKS, RetrievalConfig, TaskScorer
 from compressor.teacher_cache import TeacherCache, write_teacher_cache
 
 STATE_FILE = "trainer_state.json"
@@ -114,6 +115,9 @@ class TrainConfig:
     calib_sequences: int = 128  # training sequences that calibrate the quantizers
     eval_every: int = 50
     eval_sequences: int = 64
+    eval_task: str | None = None  # a retrieval task (compressor.tasks) measured at each validation
+    eval_ctx: int = 1024  # its context length
+    eval_task_sequences: int = 8  # its sequences (16 queries each)
     save_every: int = 100
     log_every: int = 10
     valid_fraction: float = 0.05
@@ -168,6 +172,9 @@ class TrainConfig:
             ("autocast", self.autocast in ("auto", "bf16", "off"), "must be auto, bf16 or off"),
             ("eval_every", self.eval_every >= 1, "must be at least 1"),
             ("eval_sequences", self.eval_sequences >= 1, "must be at least 1"),
+            ("eval_task", self.eval_task in (None, *TASKS), f"must be one of {', '.join(TASKS)}"),
+            ("eval_ctx", self.eval_ctx >= 2, "must be at least 2"),
+            ("eval_task_sequences", self.eval_task_sequences >= 1, "must be at least 1"),
             ("save_every", self.save_every >= 1, "must be at least 1"),
             ("log_every", self.log_every >= 1, "must be at least 1"),
             ("valid_fraction", 0 < self.valid_fraction < 1, "must be between 0 and 1"),
@@ -254,6 +261,7 @@ class Run:
     teacher_val_loss: float | None = None
     last_saved: int = 0
     data_fingerprint: str = ""  # of the sequences the run reads: a resumed run must read the same
+    retrieval: TaskScorer | None = None  # the `eval_task` probe, generated once
 
     @property
     def tokens_per_step(self) -> int:
@@ -396,6 +404,11 @@ def setup(
     )
     run = Run(config, world, out, student, teacher, cache, train_set, valid_set, optimizer, accum, total_steps)
     run.data_fingerprint = data_fingerprint
+    if config.eval_task is not None:
+        if world.size > 1:
+            raise OptionError("eval_task", "is measured in one process: run without torchrun")
+        probe = RetrievalConfig(config.eval_task, config.eval_ctx, config.eval_task_sequences)
+        run.retrieval = probe.scorer(config.tokenizer or config.student, config.data)
     if resumed is not None:
         run.step = run.last_saved = resumed["step"]
         run.tokens = resumed["tokens"]
@@ -516,6 +529,11 @@ def evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:
         record.update(val_kl=result.kl, val_top1_agreement=result.top1_agreement)
     if run.teacher_val_loss is not None:
         record["teacher_val_loss"] = run.teacher_val_loss
+    if run.retrieval is not None:
+        run.student.eval()
+        retrieval = run.retrieval.result(run.student)
+        run.student.train()
+        record.update(val_retrieval_accuracy=retrieval.accuracy, val_retrieval_ll=retrieval.log_likelihood)
     _append(run.metrics, record, run.world)
     reporter.evaluated(record)
     return record

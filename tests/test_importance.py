@@ -361,3 +361,32 @@ def test_an_expert_no_token_chooses_scores_zero(moe_model, batch_reduce):
     assert torch.equal(scores.expert_ffn[1][5], torch.zeros(32))
     assert torch.isfinite(scores.expert_ffn[1]).all() and (scores.expert_ffn[1].sum(1) > 0).sum() == 7
     assert 5 not in scores.keep_experts(1, 4, n_group=2).tolist()
+
+
+def test_drop_one_retrieval_marks_the_blocks_that_retrieve():
+    from compressor.tasks import RetrievalConfig
+    from tests.test_tasks import V, retrieval_probe, retrieving_model
+
+    model, probe = retrieving_model(), retrieval_probe()
+    ids = torch.randint(12, V, (2, 48), generator=torch.Generator().manual_seed(0))
+    scores = estimate(model, [ids], ImportanceOptions(drop_one="retrieval"), retrieval=probe)
+    expected = [probe(model) - probe(model, skip_blocks={i}) for i in range(3)]
+    assert scores.block_drop.tolist() == pytest.approx(expected, abs=1e-4)
+    assert scores.block_drop[0] > 4 and scores.block_drop[1] > 4 and abs(scores.block_drop[2]) < 0.1
+    rounds = estimate(model, [ids], ImportanceOptions(drop_one="retrieval", iterative_rounds=2), retrieval=probe)
+    assert rounds.removal_order[0] == 2  # the MLP goes first: it carries no retrieval
+    with pytest.raises(CompressorError, match="retrieval needs a retrieval task"):
+        estimate(model, [ids], ImportanceOptions(drop_one="retrieval"))
+    assert RetrievalConfig().context == 1024
+
+
+def test_cli_importance_drop_one_retrieval(tmp_path):
+    args = ["importance", "examples/model", "--data", "examples/data/sample.txt", "--samples", "2", "--seq-len", "64",
+            "--drop-one", "retrieval", "--retrieval-ctx", "256", "--retrieval-sequences", "1"]  # fmt: skip
+    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "scores"), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = Importance.load(tmp_path / "scores")
+    assert scores.block_drop is not None and torch.isfinite(scores.block_drop).all()
+    assert scores.meta["retrieval"] == {"task": "phonebook", "context": 256, "sequences": 1, "seed": 0}
+    result = runner.invoke(cli.app, [*args[:-2], "--retrieval-ctx", "1k,2k", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "--retrieval-ctx takes one context length" in result.output

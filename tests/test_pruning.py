@@ -252,3 +252,54 @@ def test_strategy_options_come_from_the_strategy_and_are_checked(workspace, tmp_
         result = runner.invoke(cli.app, [*base[:-1], *extra])
         assert result.exit_code == 1 and message in " ".join(result.output.split()), (extra, result.output)
         assert "Traceback" not in result.output
+
+
+def test_retrieval_in_the_score_keeps_the_block_that_retrieves():
+    from compressor.importance import estimate
+    from compressor.pipelines.ranking import ProxyScorer, rank
+    from compressor.prune import Target
+    from tests.test_tasks import V, retrieval_probe, retrieving_model
+
+    model, probe = retrieving_model(), retrieval_probe()  # blocks: Mamba, attention (the copy), MLP
+    ids = torch.randint(12, V, (4, 64), generator=torch.Generator().manual_seed(0))
+    importance = estimate(model, [ids])
+    proposals = [Target.uniform(model.config, drop_blocks=(1,)), Target.uniform(model.config, drop_blocks=(2,))]
+
+    def ranked(metric):
+        scorer = ProxyScorer(model, importance, [ids], metric, retrieval=probe, retrieval_weight=0.5)
+        return scorer, rank(proposals, model.config, None, limit=2, scorer=scorer)
+
+    _, by_kl = ranked("kl")
+    scorer, by_both = ranked("kl+retrieval")
+    assert [c.label for c in by_kl] == ["-1*", "-1-"]  # on text the attention block matters least ...
+    assert [c.label for c in by_both] == ["-1-", "-1*"]  # ... but it is the one that retrieves
+    assert scorer.source_retrieval.accuracy == 1.0
+    kl = {c.label: c.score for c in by_kl}
+    for c in by_both:
+        assert c.retrieval["accuracy"] == (0.0 if c.label == "-1*" else 1.0)
+        lost = max(0.0, scorer.source_retrieval.log_likelihood - c.retrieval["log_likelihood"])
+        assert c.score == pytest.approx(kl[c.label] + 0.5 * lost, rel=1e-6)
+    with pytest.raises(CompressorError, match="needs a retrieval task"):
+        ProxyScorer(model, importance, [ids], "retrieval")
+
+
+def test_cli_prune_with_retrieval_in_the_score(tmp_path):
+    args = ["prune", "examples/model", "--data", "examples/data/sample.txt", "--samples", "4", "--score-samples", "2",
+            "--seq-len", "64", "--target-mem", "20MiB", "--ctx", "1k", "--top-k", "2", "--score", "kl+retrieval",
+            "--retrieval-weight", "2", "--retrieval-ctx", "256", "--retrieval-sequences", "1",
+            "--axes", "hidden,ffn,mamba_heads,mamba_head_dim,depth"]  # fmt: skip
+    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "pruned")])
+    assert result.exit_code == 0, result.output
+    assert "phonebook @256 (acc, ll)" in " ".join(result.output.split())
+    record = json.loads((tmp_path / "pruned" / "compression.json").read_text())
+    assert record["score_metric"] == "kl+retrieval"
+    assert record["retrieval"]["weight"] == 2 and record["retrieval"]["source"]["queries"] == 16
+    assert all(c["retrieval"]["context"] == 256 for c in record["candidates"])
+    for bad, message in [
+        (["--score", "recall"], "--score 'recall' is not one of kl, loss, retrieval, kl+retrieval"),
+        (["--retrieval-weight", "-1"], "--retrieval-weight must be a finite number >= 0"),
+        (["--retrieval-task", "lookup"], "unknown task 'lookup'"),
+    ]:
+        result = runner.invoke(cli.app, [*args, *bad, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), (bad, result.output)
+        assert not (tmp_path / "x").exists()

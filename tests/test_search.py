@@ -9,11 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from compressor.budget import Budget
+from compressor.budget import Budget, parse_size
 from compressor.checkpoint import load_model
 from compressor.errors import CompressorError
 from compressor.pipelines.records import SearchRecord
-from compressor.pipelines.search import SearchConfig, materialize, resume_calibration, run_search
+from compressor.pipelines.search import SearchConfig, load_search, materialize, resume_calibration, run_search
 from compressor.pipelines.source import CalibrationConfig, calibrate
 from compressor.prune import Target
 from compressor.train import TrainConfig
@@ -133,3 +133,26 @@ def test_materialize_any_candidate(workspace, tmp_path):
     assert result.exit_code == 1 and "no candidate 99" in result.output
     result = runner.invoke(cli.app, ["materialize", str(tmp_path), "0", "--out", str(tmp_path / "z")])
     assert result.exit_code == 1 and "is not a search folder" in result.output
+
+
+def test_search_with_retrieval_records_it_before_and_after_distillation(tmp_path):
+    from compressor.tasks import RetrievalConfig
+
+    calibration = CalibrationConfig(
+        "examples/model", "examples/data/sample.txt", samples=4, score_samples=2, seq_len=64, batch_size=2,
+        all_sequences=True, device="cpu", retrieval=RetrievalConfig("phonebook", 256, sequences=1),
+    )  # fmt: skip
+    template = TrainConfig(student="", out="", data="", steps=2, seq_len=64, batch_size=2, micro_batch_size=2,
+                           eval_sequences=2, eval_every=10**9, max_sequences=64, device="cpu")  # fmt: skip
+    config = SearchConfig(Budget(memory=parse_size("20MiB"), context=1024), template, "minipuzzle", {"top_k": 3},
+                          finalists=1, score="kl+retrieval", retrieval_weight=0.5)  # fmt: skip
+    out = tmp_path / "search"
+    record = run_search(calibrate(calibration), config, out, say=lambda t: None)
+    assert record.score_metric == "kl+retrieval" and record.retrieval["weight"] == 0.5
+    assert all(c.retrieval is not None and c.retrieval["context"] == 256 for c in record.candidates)
+    finalist = next(c for c in record.candidates if c.finalist)
+    assert finalist.distilled.retrieval["queries"] == 16
+    assert (out / "pareto.png").stat().st_size > 0
+    again = SearchConfig.from_record(load_search(out))
+    assert (again.score, again.retrieval_weight) == ("kl+retrieval", 0.5)
+    assert resume_calibration(out).retrieval == calibration.retrieval

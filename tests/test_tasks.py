@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from compressor.errors import CompressorError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
 from compressor.tasks import (
+    RetrievalConfig,
     TaskScorer,
     TaskSpec,
     TaskVocabulary,
@@ -238,3 +240,67 @@ def test_a_tokenizer_without_the_task_tokens_is_refused():
     plain.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(CompressorError, match="single-token words"):
         TaskVocabulary.from_tokenizer(plain)
+
+
+def retrieving_model(mlp_scale: float = 0.05) -> HybridLM:
+    """The copier with a third block, an MLP of small random weights: dropping it costs much KL on text and
+    no retrieval, dropping the attention block costs less KL and all of the retrieval."""
+    source = copier()
+    model = HybridLM(source.config.replace(hybrid_override_pattern="M*-")).eval()
+    weights = source.state_dict()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
+            elif name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0, mlp_scale)
+    return model
+
+
+def retrieval_probe() -> TaskScorer:
+    spec = TaskSpec("phonebook", sequences=2, queries=8, digits=1, name_words=1)
+    return TaskScorer(make_examples(spec, None, 200, VOCAB), "log_likelihood")
+
+
+def test_retrieval_config_builds_a_log_likelihood_probe():
+    scorer = RetrievalConfig("mqar", 256, sequences=2).scorer("examples/model")
+    assert scorer.metric == "log_likelihood" and tuple(scorer.examples.tokens.shape) == (2, 256)
+    assert RetrievalConfig("needle", 512, 1).scorer("examples/model", VALID_TEXT).examples.task == "needle"
+    for call, message in [
+        (lambda: RetrievalConfig("needle", 512).scorer("examples/model"), "pass data"),
+        (lambda: RetrievalConfig("lookup"), "unknown task 'lookup'"),
+        (lambda: RetrievalConfig(context=0), "retrieval context must be a positive integer"),
+    ]:
+        with pytest.raises(CompressorError, match=message):
+            call()
+
+
+def test_cli_eval_task_compares_models_by_context(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    args = ["eval", "examples/model", "examples/model", "--task", "phonebook", "--ctx", "256,512",
+            "--task-sequences", "1"]  # fmt: skip
+    result = runner.invoke(cli.app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["task"] == "phonebook" and list(data["models"]) == ["examples/model"]  # the same folder twice
+    runs = data["models"]["examples/model"]
+    assert [r["context"] for r in runs] == [256, 512] and all(r["queries"] == 16 for r in runs)
+    table = runner.invoke(cli.app, args)
+    assert table.exit_code == 0 and "phonebook: 16 queries per context" in " ".join(table.output.split())
+    for bad, message in [
+        (["--task", "lookup"], "unknown task 'lookup'"),
+        (["--task", "phonebook", "--ctx", "1x"], "context length '1x'"),
+        (["--task", "needle"], "pass data (e.g. --data FILE.txt)"),
+        (["--task", "phonebook", "--task-sequences", "0"], "--task-sequences must be at least 1"),
+        ([], "--data is needed"),
+    ]:
+        result = runner.invoke(cli.app, ["eval", "examples/model", *bad])
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), (bad, result.output)
+        assert "Traceback" not in result.output

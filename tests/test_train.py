@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import cli
 from compressor.checkpoint import load_model, save_model
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
 from compressor.train import TrainConfig, TrainingError, lr_at, train
@@ -365,3 +365,20 @@ def test_memory_plan_moe_activations_are_what_autograd_keeps(changes):
     estimated = _activation_bytes(two, 1, 4) - _activation_bytes(one, 1, 4)
     assert estimated == pytest.approx(measured, rel=0.03)
     assert _activation_bytes(one, 1, 4) != _activation_bytes(one.replace(hybrid_override_pattern="-"), 1, 4)
+
+
+def test_validation_measures_a_retrieval_task(tmp_path):
+    args = ["distill", "examples/model", "examples/model", "--data", "examples/data/sample.txt", "--steps", "2",
+            "--seq-len", "64", "--batch-size", "2", "--micro-batch-size", "2", "--eval-every", "1",
+            "--eval-sequences", "2", "--max-sequences", "32", "--device", "cpu", "--eval-task", "mqar",
+            "--eval-task-sequences", "1", "--quiet"]  # fmt: skip
+    result = runner.invoke(cli.app, [*args, "--eval-ctx", "256", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    evals = _records(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all(0 <= r["val_retrieval_accuracy"] <= 1 and r["val_retrieval_ll"] < 0 for r in evals)
+    result = runner.invoke(cli.app, [*args, "--eval-ctx", "1x", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "context length '1x'" in result.output
+    config = TrainConfig(student="s", out="o", data="d", eval_task="lookup")
+    with pytest.raises(OptionError, match="must be one of phonebook, mqar, needle"):
+        config.validate()

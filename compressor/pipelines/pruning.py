@@ -52,6 +52,7 @@ class PruneConfig:
     options: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] | None = None
     score: str = "kl"
+    retrieval_weight: float = 1.0  # of the retrieval term in `kl+retrieval` / `loss+retrieval`
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_METRICS:
@@ -89,8 +90,8 @@ def prune_to_budget(
         if missed:
             raise OptionError("export_config", f"names a shape that misses the budget: {'; '.join(missed)}")
     scorer = None
-    if source.held_out:
-        scorer = ProxyScorer(source.model, source.importance, source.held_out, config.score, world=source.world)
+    if source.held_out or "retrieval" in config.score:
+        scorer = proxy_scorer(source, config.score, config.retrieval_weight)
     candidates = rank(
         proposals,
         arch,
@@ -111,6 +112,7 @@ def prune_to_budget(
         candidates=candidates,
         export_config=export_config(chosen) if chosen.is_uniform else None,
         seconds=round(time.perf_counter() - started, 2),
+        retrieval=retrieval_record(scorer, config.retrieval_weight),
     )
     if not source.world.is_main:  # the others slice their share of a sharded source for the main one
         write_pruned(source.model, source.importance, candidates[0].target, out, world=source.world)
@@ -122,6 +124,33 @@ def prune_to_budget(
             write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)
             write_json(tmp / EXPORT_LAYERS_FILE, export_layers(source.model.config, record.chosen.target))
     return record
+
+
+def proxy_scorer(source: Source, metric: str, retrieval_weight: float = 1.0) -> ProxyScorer:
+    """The candidates' proxy on the source's held-out batches and, with a probe, its retrieval task."""
+    return ProxyScorer(
+        source.model,
+        source.importance,
+        source.held_out,
+        metric,
+        world=source.world,
+        retrieval=source.retrieval,
+        retrieval_weight=retrieval_weight,
+    )
+
+
+def retrieval_record(scorer: ProxyScorer | None, weight: float) -> dict[str, Any] | None:
+    """What a record says of the retrieval probe: the task, its weight in the score, the source's result."""
+    if scorer is None or scorer.retrieval is None:
+        return None
+    examples = scorer.retrieval.examples
+    return {
+        "task": examples.task,
+        "context": examples.context,
+        "queries": examples.num_queries,
+        "weight": weight if "retrieval" in scorer.metric else 0.0,
+        "source": scorer.source_retrieval.to_dict(),
+    }
 
 
 @dataclass

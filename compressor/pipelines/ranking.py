@@ -5,12 +5,19 @@ parameters, throughput), costs it, keeps the first `limit` that fit, scores them
 given and sorts them, lowest score first. `ProxyScorer` is the proxy: KL(source || pruned) or the pruned
 model's LM loss on the source's held-out batches; under several processes the source and each candidate
 are sharded and the batches split among them.
+
+Retrieval in the score (`kl+retrieval`, `loss+retrieval`, `retrieval`): with the source's retrieval probe
+(`compressor.tasks`), a candidate's score gains `retrieval_weight` x the answer log-likelihood it loses
+against the source (nats per answer token), so of two candidates equally close to the source on text, the
+one that keeps the blocks carrying retrieval ranks first. Whenever the source has a probe, every scored
+candidate's retrieval result is recorded, whatever the score.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,13 +31,23 @@ from compressor.losses import LossStats
 from compressor.model import HybridLM
 from compressor.pipelines.records import Candidate
 from compressor.prune import Target, prune
+from compressor.tasks import TaskResult, TaskScorer
 
-SCORE_METRICS = ("kl", "loss")
+SCORE_METRICS = ("kl", "loss", "retrieval", "kl+retrieval", "loss+retrieval")
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate's proxy score (lower is better) and, when measured, its retrieval result."""
+
+    value: float
+    retrieval: TaskResult | None = None
 
 
 class ProxyScorer:
-    """KL(source || pruned) or the pruned model's LM loss on held-out batches; lower is better. The source
-    model's final hidden states are computed once per batch and reused for every candidate.
+    """KL(source || pruned) or the pruned model's LM loss on held-out batches, plus the retrieval term when
+    the metric names it (module docstring); lower is better. The source model's final hidden states are
+    computed once per batch and reused for every candidate.
 
     With a `world` of several processes the source is sharded across them (`calibrate` loads it so), each
     candidate is pruned sharded, each process scores its share of the batches and the sums are reduced:
@@ -44,35 +61,52 @@ class ProxyScorer:
         metric: str = "kl",
         *,
         world: distributed.World | None = None,
+        retrieval: TaskScorer | None = None,
+        retrieval_weight: float = 1.0,
     ):
         if metric not in SCORE_METRICS:
             raise OptionError("score", f"{metric!r} is not one of {', '.join(SCORE_METRICS)}")
-        if not batches:
+        self.text_metric = metric.removesuffix("retrieval").removesuffix("+") or None  # kl | loss | None
+        if self.text_metric and not batches:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
+        if "retrieval" in metric and retrieval is None:
+            raise OptionError("score", f"{metric} needs a retrieval task (--retrieval-task)")
+        if not math.isfinite(retrieval_weight) or retrieval_weight < 0:
+            raise OptionError("retrieval_weight", f"must be a finite number >= 0, got {retrieval_weight}")
         self.metric, self.model, self.importance = metric, model, importance
+        self.retrieval, self.retrieval_weight = retrieval, retrieval_weight
         self.world = world or distributed.World(device=model.lm_head.weight.device)
-        self.batches = distributed.share(batches, self.world)
+        self.batches = distributed.share(batches, self.world) if self.text_metric else []
         self.references = None
-        if metric == "kl":
+        if self.text_metric == "kl":
             self.references = [self._reference(ids) for ids in self.batches]
+        self.source_retrieval = retrieval.result(model) if retrieval is not None else None
 
     def _reference(self, ids: torch.Tensor | None):
         if ids is None:
             return distributed.idle_pass(self.model, self.world)
         return teacher_targets(self.model, ids)
 
-    def __call__(self, target: Target) -> float:
+    def __call__(self, target: Target) -> Score:
         pruned = prune(self.model, self.importance, target, world=self.world).eval()
-        stats = LossStats()
-        for i, ids in enumerate(self.batches):
-            if ids is None:
-                distributed.idle_pass(pruned, self.world)
-                continue
-            batch_stats(pruned, ids, stats, teacher=self.references[i] if self.references else None)
-        stats = reduce_stats(stats, self.world)
-        if self.metric == "kl":
-            return float(stats.divergence) / stats.tokens
-        return float(stats.cross_entropy) / stats.label_tokens
+        value = 0.0
+        if self.text_metric:
+            stats = LossStats()
+            for i, ids in enumerate(self.batches):
+                if ids is None:
+                    distributed.idle_pass(pruned, self.world)
+                    continue
+                batch_stats(pruned, ids, stats, teacher=self.references[i] if self.references else None)
+            stats = reduce_stats(stats, self.world)
+            if self.text_metric == "kl":
+                value = float(stats.divergence) / stats.tokens
+            else:
+                value = float(stats.cross_entropy) / stats.label_tokens
+        retrieval = self.retrieval.result(pruned) if self.retrieval is not None else None
+        if "retrieval" in self.metric:
+            weight = self.retrieval_weight if self.text_metric else 1.0
+            value += weight * max(0.0, self.source_retrieval.log_likelihood - retrieval.log_likelihood)
+        return Score(value, retrieval)
 
 
 def candidate(source: HybridConfig, target: Target, budget: Budget | None, index: int = 0) -> Candidate:
@@ -98,7 +132,7 @@ def rank(
     budget: Budget | None,
     *,
     limit: int,
-    scorer: Callable[[Target], float] | None = None,
+    scorer: Callable[[Target], Score | float] | None = None,
     smallest: HybridConfig | None = None,
     say: Callable[[str], None] | None = None,
 ) -> list[Candidate]:
@@ -122,7 +156,10 @@ def rank(
     if scorer is not None:
         for i, c in enumerate(fitting, start=1):
             say(f"scoring {i}/{len(fitting)}: {c.label}")
-            c.score = scorer(c.target)
+            scored = scorer(c.target)
+            c.score = scored.value if isinstance(scored, Score) else scored
+            if isinstance(scored, Score) and scored.retrieval is not None:
+                c.retrieval = scored.retrieval.to_dict()
         if not any(math.isfinite(c.score) for c in fitting):
             raise CompressorError(
                 "every candidate scored NaN or infinity: the source model's outputs are not finite (check its "

@@ -31,6 +31,7 @@ class Distilled:
     val_ppl: float
     val_kl: float
     val_top1_agreement: float
+    retrieval: dict[str, Any] | None = None  # TaskResult.to_dict of the distilled model (with a probe)
 
     def metric(self, rank_by: str) -> float:
         return self.val_kl if rank_by == "kl" else self.val_loss
@@ -52,6 +53,7 @@ class Candidate:
     finalist: bool = False  # search: put through the short distillation
     distilled: Distilled | None = None
     active_params: int | None = None  # parameters a token uses (differs from params with MoE blocks)
+    retrieval: dict[str, Any] | None = None  # TaskResult.to_dict of the pruned model (with a retrieval probe)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -85,11 +87,12 @@ class CompressionRecord:
     budget: Budget | None
     strategy: str
     strategy_options: dict[str, Any]
-    score_metric: str | None  # kl | loss; None when nothing was scored (no held-out data)
+    score_metric: str | None  # kl | loss | (kl+|loss+)retrieval; None when nothing was scored
     importance: dict[str, Any]  # the folder it came from (None: computed) and how it was computed
     candidates: list[Candidate]
     export_config: dict[str, int] | None  # the chosen shape in ModelOpt's keys (uniform models only)
     seconds: float = 0.0
+    retrieval: dict[str, Any] | None = None  # the probe, its weight in the score and the source's result
 
     @property
     def chosen(self) -> Candidate:
@@ -107,6 +110,7 @@ class CompressionRecord:
             "chosen": self.chosen.to_dict(),
             "export_config": self.export_config,
             "seconds": self.seconds,
+            "retrieval": self.retrieval,
         }
 
     @classmethod
@@ -132,6 +136,8 @@ class SearchRecord:
     rank_by: str
     candidates: list[Candidate]
     data_fingerprint: str = ""  # of the calibration / distillation sequences (`TokenSequences.fingerprint`)
+    score_metric: str = "kl"  # the zero-shot proxy (`ranking.SCORE_METRICS`)
+    retrieval: dict[str, Any] | None = None  # the probe, its weight and the source's result (`retrieval_record`)
     ranking: list[int] = field(default_factory=list)  # finished finalists, best first
     pareto: dict[str, list[int]] = field(default_factory=dict)
 

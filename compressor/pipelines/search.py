@@ -31,7 +31,8 @@ from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.model import HybridLM
 from compressor.outputs import atomic_output, check_output, output_lock, staging, swap_in
-from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
+from compressor.pipelines.pruning import proxy_scorer, retrieval_record
+from compressor.pipelines.ranking import SCORE_METRICS, rank
 from compressor.pipelines.records import Candidate, Distilled, SearchRecord, read_json, write_json
 from compressor.pipelines.source import CalibrationConfig, Source
 from compressor.prune import write_pruned
@@ -44,6 +45,7 @@ RESULT_FILE = "result.json"
 PARETO_FILE = "pareto.json"
 PLOT_FILE = "pareto.png"
 IMPORTANCE_DIR = "importance"
+RANK_METRICS = ("kl", "loss")  # finalists after distillation
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,14 @@ class SearchConfig:
     options: dict[str, Any] = field(default_factory=dict)
     finalists: int = 8
     rank_by: str = "kl"
+    score: str = "kl"  # the zero-shot proxy
+    retrieval_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.rank_by not in SCORE_METRICS:
-            raise OptionError("rank_by", f"{self.rank_by!r} is not one of {', '.join(SCORE_METRICS)}")
+        if self.rank_by not in RANK_METRICS:
+            raise OptionError("rank_by", f"{self.rank_by!r} is not one of {', '.join(RANK_METRICS)}")
+        if self.score not in SCORE_METRICS:
+            raise OptionError("score", f"{self.score!r} is not one of {', '.join(SCORE_METRICS)}")
         if self.finalists < 1:
             raise OptionError("candidates", f"must be at least 1, got {self.finalists}")
         self.distill.validate()
@@ -83,6 +89,8 @@ class SearchConfig:
             options=record.strategy_options,
             finalists=sum(c.finalist for c in record.candidates),
             rank_by=record.rank_by,
+            score=record.score_metric,
+            retrieval_weight=record.retrieval["weight"] if record.retrieval else 1.0,
         )
 
 
@@ -189,7 +197,7 @@ def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str]
     arch = source.model.config
     proposals = strategy.propose(arch, source.importance, config.budget)
     say(f"{strategy.name}: " + (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in strategy.stats.items()) or "done"))
-    scorer = ProxyScorer(source.model, source.importance, source.held_out, "kl", world=source.world)
+    scorer = proxy_scorer(source, config.score, config.retrieval_weight)
     candidates = rank(
         proposals, arch, config.budget, limit=strategy.top_k, scorer=scorer, smallest=strategy.smallest(arch), say=say
     )
@@ -205,6 +213,8 @@ def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str]
         distill=config.distill.to_dict(),
         rank_by=config.rank_by,
         candidates=candidates,
+        score_metric=config.score,
+        retrieval=retrieval_record(scorer, config.retrieval_weight),
     )
 
 
@@ -244,7 +254,11 @@ def _distill_finalist(
         overwrite=not resume,
     )
     final = train(config, teacher=teacher, sequences=source.sequences).final_eval
-    distilled = Distilled(final["val_loss"], final["val_ppl"], final["val_kl"], final["val_top1_agreement"])
+    retrieval = None
+    if source.retrieval is not None:
+        retrieval = source.retrieval.result(load_model(run_dir / "model", device=teacher.lm_head.weight.device))
+    distilled = Distilled(final["val_loss"], final["val_ppl"], final["val_kl"], final["val_top1_agreement"],
+                          retrieval.to_dict() if retrieval is not None else None)  # fmt: skip
     write_json(result_file, dataclasses.asdict(distilled))  # a finished candidate is recorded whole or not at all
     return distilled
 

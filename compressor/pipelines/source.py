@@ -5,6 +5,8 @@ and held-out calibration batches, built by `calibrate` (the one calibration step
 Calibration data is read once: the first `samples` sequences estimate importance (unless an importance
 folder is given), the next `score_samples` are held out to score candidates on. A search keeps every
 sequence (`all_sequences`): its finalists' distillations train on them without tokenizing again.
+With `retrieval` set, a retrieval probe (`compressor.tasks.RetrievalConfig`) is generated once from the
+checkpoint's tokenizer: importance's `--drop-one retrieval` and the candidates' retrieval scores use it.
 Under `torchrun` the model is sharded across the processes as it loads (each holds about 1/N of the
 weights, `compressor.distributed`); each estimates importance on its share of the batches and the
 statistics are summed over all processes, as later the candidates' scores are.
@@ -28,6 +30,7 @@ from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
 from compressor.pipelines.records import SourceInfo
+from compressor.tasks import RetrievalConfig, TaskScorer
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class CalibrationConfig:
     all_sequences: bool = False  # keep every sequence of the data (a search distills from them)
     device: str = "auto"
     dtype: str | None = None
+    retrieval: RetrievalConfig | None = None  # a retrieval probe for drop-one and candidate scores
 
     def __post_init__(self) -> None:
         for name, low in (("samples", 1), ("score_samples", 0), ("seq_len", 2), ("batch_size", 1)):
@@ -62,6 +66,8 @@ class CalibrationConfig:
     def from_dict(cls, raw: dict[str, Any]) -> CalibrationConfig:
         raw = dict(raw)
         raw["importance"] = ImportanceOptions(**raw["importance"])
+        if raw.get("retrieval") is not None:
+            raw["retrieval"] = RetrievalConfig(**raw["retrieval"])
         return cls(**raw)
 
 
@@ -77,6 +83,7 @@ class Source:
     sequences: TokenSequences | None  # the data as read (all of it with `all_sequences`)
     world: distributed.World
     config: CalibrationConfig
+    retrieval: TaskScorer | None = None  # the probe of `config.retrieval`
 
     @property
     def info(self) -> SourceInfo:
@@ -118,6 +125,11 @@ def calibrate(
                 else f"fewer than the {first_held_out} for importance (--samples) plus the {config.score_samples} held "
                 "out for scoring (--score-samples): use more data, a smaller --seq-len or fewer samples"
             ))  # fmt: skip
+    retrieval = None
+    if config.retrieval is not None:
+        if world.size > 1:
+            raise OptionError("retrieval_task", "is measured in one process: run without torchrun")
+        retrieval = config.retrieval.scorer(config.tokenizer or config.model, config.data)
     if importance is not None:
         say(f"importance from {config.importance_dir}")
     else:
@@ -132,7 +144,11 @@ def calibrate(
             "pattern": model.config.pattern,
         }
         mine = distributed.share(batches, world)
-        importance = estimate(model, mine, config.importance, world=world, meta=meta, on_batch=on_batch)
+        if retrieval is not None:
+            meta["retrieval"] = dataclasses.asdict(config.retrieval)
+        importance = estimate(
+            model, mine, config.importance, world=world, meta=meta, on_batch=on_batch, retrieval=retrieval
+        )
         broken = importance.nonfinite()
         if broken:
             raise CompressorError(
@@ -146,4 +162,6 @@ def calibrate(
             torch.from_numpy(rows[i : i + config.batch_size].astype("int64")).to(world.device)
             for i in range(0, len(rows), config.batch_size)
         ]
-    return Source(Path(config.model), model, source_fingerprint, importance, held_out, sequences, world, config)
+    return Source(
+        Path(config.model), model, source_fingerprint, importance, held_out, sequences, world, config, retrieval
+    )
