@@ -115,6 +115,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
+HfExactOption = Annotated[
+    bool,
+    typer.Option(help="Write time_step_limit [time_step_min, inf]: transformers' dt floor, so its logits equal ours."),
+]
 TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
 TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
 SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
@@ -253,7 +257,7 @@ def info(
 ) -> None:
     """Describe a model: blocks by type, widths, parameters by component (and active per token), dtype."""
     from compressor.budget import active_parameters, parameter_counts
-    from compressor.checkpoint import stored_dtypes
+    from compressor.checkpoint import loaders, stored_dtypes
 
     config, folder = load_config_or_preset(model)
     counts = parameter_counts(config)
@@ -264,7 +268,8 @@ def info(
         print_json(
             {"model": model, "pattern": config.pattern, "architecture": summary,
              "block_overrides": config.block_overrides, "ratios": config.ratios(),
-             "parameters": {**counts, "total": total, "active": active}, "dtypes": dtypes}
+             "parameters": {**counts, "total": total, "active": active}, "dtypes": dtypes,
+             "loads_in": loaders(config)}
         )  # fmt: skip
         return
     pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
@@ -281,6 +286,7 @@ def info(
         ["vocab", str(config.vocab_size)],
         ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
         ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
+        ["loads in", ", ".join(loaders(config))],
     ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
     console.print(table(model, ["", ""], rows, left=2, show_header=False))
     rows = [
@@ -578,6 +584,17 @@ def eval_(
     ] = None,
     ctx: Annotated[str, typer.Option(help="--task: context lengths, e.g. 1k,4k,16k.")] = "1k",
     task_sequences: Annotated[int, typer.Option(help="--task: sequences per context (16 queries each).")] = 8,
+    lm_eval_tasks: Annotated[
+        str | None,
+        typer.Option(help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated."),
+    ] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval tasks: few-shot examples per prompt.")] = None,
+    limit: Annotated[
+        float | None, typer.Option(help="lm-eval tasks: at most this many documents per task (below 1: a share).")
+    ] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="lm-eval tasks: a folder of task YAML files to find the names in.")
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
     ] = None,
@@ -598,7 +615,8 @@ def eval_(
 ) -> None:
     """Mean next-token loss and perplexity on a dataset; with --teacher, KL and top-1 agreement too. Several
     models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
-    the models are sharded across the processes, each evaluates its share of the batches."""
+    the models are sharded across the processes, each evaluates its share of the batches. With
+    --lm-eval-tasks, lm-eval's task metrics instead (the `eval` extra), side by side per model."""
     from compressor import distributed
     from compressor.budget import num_parameters
     from compressor.checkpoint import load_model
@@ -608,8 +626,16 @@ def eval_(
 
     if task is not None:
         return _eval_task(models, task, ctx, task_sequences, data, batch_size, seed, device, dtype, json_output)
+    if lm_eval_tasks is not None:
+        _eval_lm_eval_tasks(models, lm_eval_tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                            batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only,
+                            json_output=json_output)  # fmt: skip
+        return
     if data is None:
-        raise OptionError("data", "is needed: the text to measure loss on (or --task for a retrieval task)")
+        raise OptionError(
+            "data",
+            "is needed: the text to measure loss on (or --task for a retrieval task, --lm-eval-tasks for lm-eval)",
+        )
 
     def load(path: Path):
         """The model as deployed: a quantized checkpoint dequantized, its activations quantized (sharded
@@ -706,6 +732,39 @@ def _eval_task(models, task, ctx, sequences, data, batch_size, seed, device, dty
             for i, context in enumerate(contexts)]  # fmt: skip
     title = f"{task}: {queries} queries per context, exact match (answer log-likelihood)"
     console.print(table(title, ["context", *map(str, models)], rows))
+
+
+def _eval_lm_eval_tasks(models: list[Path], tasks: str, *, num_fewshot, limit, include_path, batch_size, device,
+                        dtype, weights_only: bool, json_output: bool) -> None:  # fmt: skip
+    """`compress eval --lm-eval-tasks`: lm-eval on each model, one table with a column per model (rows: task
+    and metric, value +- standard error); --json: the list of `harness.ModelTaskResults` records."""
+    check_at_least(num_fewshot=(num_fewshot, 0), batch_size=(batch_size, 1))
+    if limit is not None and not (limit > 0 and (limit < 1 or limit == int(limit))):
+        raise OptionError("limit", f"must be a whole number of documents or a share below 1, got {limit:g}")
+    try:
+        from compressor.harness import evaluate_tasks
+    except CompressorError:
+        raise OptionError("lm_eval_tasks", 'needs lm-eval, which is not installed: pip install -e ".[eval]"') from None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    documents = int(limit) if limit is not None and limit >= 1 else limit  # lm-eval: an int counts, a float is a share
+    results = evaluate_tasks(models, names, num_fewshot=num_fewshot, limit=documents, include_path=include_path,
+                             batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only)  # fmt: skip
+    if json_output:
+        print_json([result.to_dict() for result in results])
+        return
+    values: dict[tuple[str, str], dict[int, str]] = {}  # (task, metric) -> {model column: "value +- stderr"}
+    for column, result in enumerate(results):
+        for task in result.tasks:
+            for metric in task.metrics:
+                name = metric.name if metric.filter == "none" else f"{metric.name} ({metric.filter})"
+                error = f" ± {metric.stderr:.4f}" if metric.stderr is not None else ""
+                values.setdefault((task.task, name), {})[column] = f"{metric.value:.4f}{error}"
+    rows = [
+        [task, metric, *(cells.get(i, "-") for i in range(len(results)))] for (task, metric), cells in values.items()
+    ]
+    shots = f", {num_fewshot}-shot" if num_fewshot else ""
+    title = f"lm-eval{shots}{f', at most {limit:g} documents per task' if limit else ''}"
+    console.print(table(title, ["task", "metric", *(str(r.model) for r in results)], rows, left=2))
 
 
 # ----- generate -----------------------------------------------------------------------------------------
@@ -881,6 +940,7 @@ def prune_command(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    hf_exact: HfExactOption = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -940,6 +1000,10 @@ def prune_command(
         distributed.close(world)
     if not world.is_main:
         return
+    if hf_exact:
+        from compressor.checkpoint import set_hf_exact
+
+        set_hf_exact(out)
     if json_output:
         print_json(record.to_dict())
         return
@@ -956,7 +1020,7 @@ def prune_command(
     console.print(out_table)
     if probe:
         say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
-    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/]")
+    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({_loads_in(out)})")
 
 
 def _retrieval_column(probe: dict[str, Any]) -> str:
@@ -1175,13 +1239,25 @@ def materialize(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    hf_exact: HfExactOption = False,
 ) -> None:
     """Write a searched candidate as a checkpoint (pruned from the original, or as distilled in the search)."""
+    from compressor.checkpoint import set_hf_exact
     from compressor.distributed import resolve_device
     from compressor.pipelines.search import materialize as write
 
     write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
-    console.print(f"wrote candidate {index} to [bold]{out}[/]")
+    if hf_exact:
+        set_hf_exact(out)
+    console.print(f"wrote candidate {index} to [bold]{out}[/] ({_loads_in(out)})")
+
+
+def _loads_in(path: Path) -> str:
+    """'loads in: compressor, transformers, vLLM' for a written checkpoint (per-block ones: compressor only)."""
+    from compressor.checkpoint import loaders
+    from compressor.config import HybridConfig
+
+    return f"loads in: {', '.join(loaders(HybridConfig.from_file(path)))}"
 
 
 # ----- quantize -----------------------------------------------------------------------------------------

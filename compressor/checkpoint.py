@@ -411,6 +411,28 @@ def complete_tokenizer(folder: str | Path, config: HybridConfig) -> list[str]:
     return written
 
 
+def loaders(config: HybridConfig) -> list[str]:
+    """The programs that load a checkpoint of `config`: compressor always; transformers' and vLLM's
+    `NemotronHForCausalLM` only with uniform widths; a ModelOpt-quantized export vLLM, not transformers.
+
+    Why (transformers 5.24, vLLM's main branch read in 2026): transformers' `NemotronHConfig` is a strict
+    dataclass typing every width as one int (`intermediate_size: int`, `mamba_num_heads: int`) and builds
+    every block's mixer from those (`NemotronHBlock.__init__`: `MIXER_TYPES[block_type](config, layer_idx)`),
+    so `block_overrides`, compressor's own key, is not read. vLLM (`model_executor/models/nemotron_h.py`)
+    reads per-layer widths only from an `intermediate_size` list (`NemotronHMLPDecoderLayer.__init__`) or
+    from a `get_nemotron_h_config_for_layer` of NVIDIA's custom `nemotron_h_puzzle` configs (MLP, MoE and
+    attention layers), never per-layer Mamba heads (`NemotronHMambaDecoderLayer.__init__` and the state
+    shapes in `get_mamba_state_shape_from_config` take the global `mamba_num_heads`). A quantized export
+    (`quant_method: modelopt`) is read by vLLM's ModelOpt support; transformers skips a quantization method
+    it does not know (`AutoHfQuantizer.supports_quant_method`) and would read the packed weights as plain.
+    """
+    if not config.is_uniform:
+        return ["compressor"]
+    if config.extra.get("quantization_config"):
+        return ["compressor", "vLLM"]
+    return ["compressor", "transformers", "vLLM"]
+
+
 def set_hf_exact(path: str | Path) -> HybridConfig:
     """Rewrite a checkpoint's config.json so compressor matches transformers' logits (`config.hf_exact`).
 

@@ -68,6 +68,13 @@ class MiniPuzzleOptions:
     depth_scores: str = field(
         default="auto", metadata={"help": "Block ranking: influence, drop (drop-one) or auto (drop when measured)."}
     )
+    servable: bool = field(
+        default=False,
+        metadata={
+            "help": "MiniPuzzle: only candidates transformers and vLLM load: the kept blocks of a kind share "
+            "their widths (blocks may still be dropped)."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("ffn_fractions", "mamba_head_fractions", "expert_fractions"):
@@ -141,9 +148,10 @@ class MiniPuzzleStrategy(Strategy):
             ]
             base = costs.base(hidden)
             found = False
+            solve = _solve_servable if o.servable else _solve
             for variant in VARIANTS:
                 allowed = [[x for x in opts if _allowed(x, variant)] for opts in options]
-                choice = _solve(allowed, budget, base, limits)
+                choice = solve(allowed, budget, base, limits)
                 if choice is None:
                     continue
                 found = True
@@ -312,6 +320,30 @@ def _solve(options, budget: Budget, base, limits: dict[str, int]):
             return choice
         options[surplus] = [x for x in options[surplus] if not x.dropped]  # keep this block, solve again
     return None
+
+
+def _solve_servable(options, budget: Budget, base, limits: dict[str, int]):
+    """The least-damage choice within the budget whose kept blocks of each kind share their widths, or
+    None: what transformers' and vLLM's NemotronH can load (one width per kind in config.json). Each
+    combination of one width per kind is solved as `_solve` does, with every block restricted to dropped
+    or that width; on a uniform source every block of a kind offers the same widths."""
+
+    def key(option: _Option) -> tuple:
+        return tuple(sorted(option.widths.items()))
+
+    widths: dict[str, list[tuple]] = {}  # kind -> its distinct width choices
+    for option in itertools.chain.from_iterable(options):
+        if not option.dropped and key(option) not in widths.setdefault(option.kind, []):
+            widths[option.kind].append(key(option))
+    best, best_damage = None, math.inf
+    for combination in itertools.product(*widths.values()):
+        chosen = dict(zip(widths, combination, strict=True))
+        restricted = [[x for x in opts if x.dropped or key(x) == chosen[x.kind]] for opts in options]
+        choice = _solve(restricted, budget, base, limits) if all(restricted) else None
+        damage = sum(x.damage for x in choice) if choice is not None else math.inf
+        if damage < best_damage:
+            best, best_damage = choice, damage
+    return best
 
 
 # the budget's additive limits and the _Option cost each constrains

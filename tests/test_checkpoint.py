@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model, set_hf_exact
+from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, loaders, save_model, set_hf_exact
 from compressor.errors import CheckpointError, CompressorError, ConfigError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
@@ -344,3 +344,21 @@ def test_set_hf_exact_makes_transformers_agree_on_a_trained_like_model(tmp_path)
         assert (load_model(path)(ids) - theirs).abs().max() <= 1e-5
         refreshed = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
         assert torch.equal(refreshed, theirs)  # transformers ignores time_step_limit: nothing changed there
+
+
+def test_loaders_say_where_a_checkpoint_loads(tmp_path):
+    """Uniform: compressor, transformers, vLLM; per-block: compressor only (transformers refuses its shapes);
+    a ModelOpt-quantized uniform export: compressor and vLLM."""
+    transformers = pytest.importorskip("transformers")
+    config = get_preset("tiny")
+    assert loaders(config) == ["compressor", "transformers", "vLLM"]
+    quantized = config.replace(extra={"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}})
+    assert loaders(quantized) == ["compressor", "vLLM"]
+    mlp = next(i for i, kind in enumerate(config.block_kinds) if kind == "mlp")
+    per_block = config.replace(block_overrides={mlp: {"intermediate_size": config.intermediate_size // 2}})
+    assert loaders(per_block) == ["compressor"]
+    torch.manual_seed(0)
+    path = save_model(HybridLM(per_block).eval(), tmp_path / "per_block")
+    assert load_model(path).config.block_overrides == per_block.block_overrides
+    with pytest.raises(RuntimeError, match="mismatch"):
+        transformers.NemotronHForCausalLM.from_pretrained(path)

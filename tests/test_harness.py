@@ -324,3 +324,62 @@ def test_quantized_checkpoint_runs_as_deployed(workspace, tmp_path):
         expected, _ = _direct_loglikelihood(reference, context_ids, _ids(context + continuation)[len(context_ids) :])
         assert score == pytest.approx(expected, abs=1e-4)
     assert [s for s, _ in weights_only] != pytest.approx(deployed, abs=1e-6)  # activations quantized by default
+
+
+# ----- compress eval --lm-eval-tasks ----------------------------------------------------------------------
+def _compress(*args):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_compress_eval_lm_eval_tasks(workspace, monkeypatch):
+    """Two checkpoints (uniform, per-block) on a task YAML file: the JSON records, then the side-by-side table."""
+    models = [workspace / "uniform", workspace / "per_block"]
+    task = workspace / "tasks" / "toy_mc.yaml"
+    result = _compress("eval", *models, "--lm-eval-tasks", task, "--limit", 4, "--batch-size", 4, "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [r["model"] for r in records] == [str(m) for m in models]
+    for record, path in zip(records, models, strict=True):
+        (task_record,) = record["tasks"]
+        assert task_record["task"] == "toy_mc" and task_record["samples"] == 4
+        (acc,) = [m for m in task_record["metrics"] if m["name"] == "acc"]
+        assert acc["filter"] == "none" and acc["stderr"] is not None
+        assert acc["value"] == pytest.approx(_direct_accuracy(load_model(path), limit=4))
+        assert ModelTaskResults.from_dict(record).task("toy_mc").metric("acc").value == acc["value"]
+    monkeypatch.chdir(workspace)  # short model names for the table's columns
+    result = _compress("eval", "uniform", "per_block", "--lm-eval-tasks", "toy_mc", "--include-path", "tasks",
+                       "--limit", 4, "--num-fewshot", 1)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "task" in line and "metric" in line)
+    assert "uniform" in header and "per_block" in header
+    row = next(line for line in result.stdout.splitlines() if "toy_mc" in line)
+    assert "acc" in row and row.count("±") == 2  # one value per model
+    assert "1-shot" in result.stdout
+
+
+def test_compress_eval_lm_eval_user_errors(workspace, monkeypatch):
+    """A bad task name, a bad --limit, no --data without tasks, lm-eval missing: one line, exit 1."""
+    model = workspace / "uniform"
+    cases = [
+        (("--lm-eval-tasks", "no_such_task", "--include-path", workspace / "tasks"), "unknown lm-eval task(s) no_such"),
+        (("--lm-eval-tasks", "toy_mc", "--limit", 2.5), "--limit must be a whole number"),
+        ((), "--data is needed"),
+    ]
+    for args, message in cases:
+        result = _compress("eval", model, *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
+        assert message in result.output, result.output
+    monkeypatch.delitem(sys.modules, "compressor.harness")  # imported anew, without lm-eval
+    for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    result = _compress("eval", model, "--lm-eval-tasks", "toy_mc")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        result.output.strip()
+        == 'error: --lm-eval-tasks needs lm-eval, which is not installed: pip install -e ".[eval]"'
+    )

@@ -65,6 +65,29 @@ def test_candidates_are_heterogeneous_and_round_trip(model, scores, tmp_path):
         torch.testing.assert_close(stepwise, pruned(ids), atol=1e-5, rtol=1e-4)
 
 
+def test_servable_candidates_share_widths_per_kind(model, scores, moe_model, moe_scores, tmp_path):
+    """--servable true: every candidate writes the standard uniform format (transformers loads it), narrows
+    or drops something, and meets the budget; per-block candidates exist for the same budget without it."""
+    transformers = pytest.importorskip("transformers")
+    for source, importance in ((model, scores), (moe_model, moe_scores)):
+        budget = Budget(params=int(0.75 * num_parameters(source.config)))
+        options = MiniPuzzleOptions(ffn_fractions=(1, 0.75, 0.5), mamba_head_fractions=(1, 0.5), servable=True)
+        candidates = _search(options, source.config, importance, budget)
+        assert candidates
+        for c in candidates:
+            config = c.target.config(source.config)
+            assert config.is_uniform and not budget.violations(config, source.config), c.label
+        free = MiniPuzzleStrategy(dataclasses.replace(options, servable=False))
+        assert any(not t.config(source.config).is_uniform for t in free.propose(source.config, importance, budget))
+    save_model(prune(moe_model, moe_scores, candidates[0].target), tmp_path / "servable")  # an MoE candidate
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = (
+            transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "servable").eval()(ids, use_cache=False).logits
+        )
+        assert (load_model(tmp_path / "servable")(ids) - theirs).abs().max() < 1e-3  # the dt floor aside
+
+
 def test_damage_guides_the_choice(model, scores):
     """With drop damage from importance, the block dropped first is a low-importance one."""
     budget = Budget(params=int(0.9 * num_parameters(model.config)))

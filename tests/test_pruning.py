@@ -118,9 +118,13 @@ def test_cli_prune(workspace, tmp_path):
     args = ["prune", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
             "--score-samples", "8", "--seq-len", str(SEQ), "--batch-size", "4", "--ctx", "512", "--device", "cpu",
             "--top-k", "3"]  # fmt: skip
-    result = runner.invoke(cli.app, [*args, "--target-mem", f"{int(full * 0.8)}B", "--out", str(tmp_path / "a")])
+    result = runner.invoke(
+        cli.app, [*args, "--target-mem", f"{int(full * 0.8)}B", "--out", str(tmp_path / "a"), "--hf-exact"]
+    )
     assert result.exit_code == 0, result.output
     assert "candidates (minitron), best first" in result.output and "wrote the pruned model" in result.output
+    assert "(loads in: compressor, transformers, vLLM)" in " ".join(result.output.split())
+    _assert_transformers_exact(tmp_path / "a")
     result = runner.invoke(cli.app, [*args, "--target-mem", "1KiB", "--out", str(tmp_path / "b")])
     assert (
         result.exit_code == 1 and "no candidate meets the budget" in result.output and "Traceback" not in result.output
@@ -130,6 +134,18 @@ def test_cli_prune(workspace, tmp_path):
     result = runner.invoke(cli.app, [*args, "--target-mem", "22GB/s", "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "bandwidth" in result.output
     assert not any((tmp_path / n).exists() for n in "bcd")
+
+
+def _assert_transformers_exact(path) -> None:
+    """--hf-exact: config.json floors dt as transformers does, and transformers' logits equal ours."""
+    transformers = pytest.importorskip("transformers")
+    model = load_model(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["time_step_limit"] == [model.config.time_step_min, float("inf")]
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
+        assert (model(ids) - theirs).abs().max() <= 1e-5
 
 
 def test_two_processes_score_and_prune_as_one(workspace, tmp_path):

@@ -2,6 +2,7 @@
 zero-shot, finalists distilled briefly and ranked, resumable; any candidate materialized."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -120,6 +121,14 @@ def test_materialize_any_candidate(workspace, tmp_path):
         cli.app, ["materialize", str(tmp_path / "s"), str(last.index), "--out", str(tmp_path / "x"), "--distilled"]
     )
     assert result.exit_code == 1 and "was not distilled" in result.output
+    result = runner.invoke(
+        cli.app, ["materialize", str(tmp_path / "s"), str(last.index), "--out", str(tmp_path / "e"), "--hf-exact"]
+    )
+    assert result.exit_code == 0, result.output
+    config = load_model(tmp_path / "e").config
+    assert config.time_step_limit == (config.time_step_min, math.inf)
+    where = "compressor, transformers, vLLM" if config.is_uniform else "compressor)"
+    assert f"(loads in: {where}" in " ".join(result.output.split())
     result = runner.invoke(cli.app, ["materialize", str(tmp_path / "s"), "99", "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "no candidate 99" in result.output
     result = runner.invoke(cli.app, ["materialize", str(tmp_path), "0", "--out", str(tmp_path / "z")])
