@@ -617,13 +617,6 @@ def eval_(
     models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
     the models are sharded across the processes, each evaluates its share of the batches. With
     --lm-eval-tasks, lm-eval's task metrics instead (the `eval` extra), side by side per model."""
-    from compressor import distributed
-    from compressor.budget import num_parameters
-    from compressor.checkpoint import load_model
-    from compressor.data import model_sequences
-    from compressor.evaluate import evaluate
-    from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
-
     if task is not None:
         return _eval_task(models, task, ctx, task_sequences, data, batch_size, seed, device, dtype, json_output)
     if lm_eval_tasks is not None:
@@ -636,6 +629,21 @@ def eval_(
             "data",
             "is needed: the text to measure loss on (or --task for a retrieval task, --lm-eval-tasks for lm-eval)",
         )
+
+    _eval_loss(models, data, teacher, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences, split=split,
+               valid_fraction=valid_fraction, seed=seed, tokenizer=tokenizer, text_field=text_field,
+               weights_only=weights_only, device=device, dtype=dtype, json_output=json_output)  # fmt: skip
+
+
+def _eval_loss(models, data, teacher, *, seq_len, batch_size, max_sequences, split, valid_fraction, seed, tokenizer,
+               text_field, weights_only, device, dtype, json_output) -> None:  # fmt: skip
+    """`compress eval`'s loss mode: every model on the same sequences (sharded under torchrun)."""
+    from compressor import distributed
+    from compressor.budget import num_parameters
+    from compressor.checkpoint import load_model
+    from compressor.data import model_sequences
+    from compressor.evaluate import evaluate
+    from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
 
     def load(path: Path):
         """The model as deployed: a quantized checkpoint dequantized, its activations quantized (sharded
@@ -679,6 +687,11 @@ def eval_(
         distributed.close(world)
     if not world.is_main:
         return
+    _print_eval(results, f"{Path(data).name}: {len(sequences)} x {seq_len} tokens", teacher, json_output)
+
+
+def _print_eval(results: list, title: str, teacher: Path | None, json_output: bool) -> None:
+    """The loss mode's table (one model: its metrics; several: a row each) or JSON."""
     for path, _, result, _ in results:
         if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
             say(f"[yellow]warning:[/] {path}: the loss is not finite (an overflow: evaluate with --dtype float32)")
@@ -687,11 +700,10 @@ def eval_(
                  **r.to_dict()} for p, n, r, f in results]  # fmt: skip
         print_json(rows[0] if len(rows) == 1 else rows)
         return
-    title = f"{Path(data).name}: {len(sequences)} x {seq_len} tokens"
     if len(results) == 1:
         result = results[0][2]
         rows = [["loss (nats/token)", f"{result.loss:.4f}"], ["perplexity", f"{result.perplexity:.2f}"]]
-        if teacher_model is not None:
+        if teacher is not None:
             rows += [["teacher loss", f"{result.teacher_loss:.4f}"],
                      ["teacher perplexity", f"{result.teacher_perplexity:.2f}"],
                      ["KL(teacher || model)", f"{result.kl:.4f}"],
@@ -963,19 +975,9 @@ def prune_command(
     export = _read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
     if dry_run:
-        arch, _ = load_config_or_preset(str(model))
-        result = candidates_plan(arch, config)
-        stages = _compression_plans(
-            arch, result.candidates, seq_len=seq_len, batch_size=batch_size, score_samples=score_samples,
-            importance=importance_dir is None, dtype=dtype,
-        )  # fmt: skip
-        gpu = budget.gpu if budget is not None else None
-        if json_output:
-            memory = _print_memory_plans(stages, {**plan, "json": True}, gpu, device)
-            print_json({**result.to_dict(), "memory_plans": memory})
-            return
-        _print_plan(result, config, json_output)
-        _print_memory_plans(stages, plan, gpu, device)
+        _dry_run_compression(model, config, plan, seq_len=seq_len, batch_size=batch_size, score_samples=score_samples,
+                             importance=importance_dir is None, dtype=dtype, device=device,
+                             json_output=json_output)  # fmt: skip
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
@@ -1007,6 +1009,12 @@ def prune_command(
     if json_output:
         print_json(record.to_dict())
         return
+    _print_candidates(record)
+    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({_loads_in(out)})")
+
+
+def _print_candidates(record) -> None:
+    """The scored candidates of a prune, best first (active parameters for MoE, retrieval with a probe)."""
     moe = any(c.active_params not in (None, c.params) for c in record.candidates)  # MoE: show active parameters
     probe = record.retrieval
     columns = ["#", "candidate", "blocks", "parameters", *(["active"] if moe else []), "memory", "speedup",
@@ -1020,7 +1028,6 @@ def prune_command(
     console.print(out_table)
     if probe:
         say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
-    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({_loads_in(out)})")
 
 
 def _retrieval_column(probe: dict[str, Any]) -> str:
@@ -1036,6 +1043,23 @@ def _retrieval_cell(result: dict[str, Any] | None) -> str:
 def fmt_context(tokens: int) -> str:
     """4096 -> '4k'; other counts as they are."""
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def _dry_run_compression(model, config, plan, *, json_output, device, **stages) -> None:
+    """`--dry-run` of prune and search: the candidates that fit (`config`, a PruneConfig) and the memory plans
+    of the stages (`_compression_plans`: importance, scoring, a finalist's distillation)."""
+    from compressor.pipelines.pruning import plan as candidates_plan
+
+    arch, _ = load_config_or_preset(str(model))
+    result = candidates_plan(arch, config)
+    plans = _compression_plans(arch, result.candidates, **stages)
+    gpu = config.budget.gpu if config.budget is not None else None
+    if json_output:
+        memory = _print_memory_plans(plans, {**plan, "json": True}, gpu, device)
+        print_json({**result.to_dict(), "memory_plans": memory})
+        return
+    _print_plan(result, config, json_output)
+    _print_memory_plans(plans, plan, gpu, device)
 
 
 def _compression_plans(arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None):
@@ -1155,21 +1179,11 @@ def search(
     if dry_run:
         if budget is None:
             raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
-        arch, _ = load_config_or_preset(str(model))
-        prune_config = PruneConfig(budget, strategy, strategy_options or {})
-        result = candidates_plan(arch, prune_config)
         distill = TrainConfig(student="", out="", data="", teacher=str(model), seq_len=seq_len, batch_size=batch_size,
                               micro_batch_size=micro_batch_size)  # fmt: skip
-        stages = _compression_plans(
-            arch, result.candidates, seq_len=seq_len, batch_size=1, score_samples=score_samples,
-            importance=importance_dir is None, dtype=dtype, distill=distill,
-        )  # fmt: skip
-        if json_output:
-            memory = _print_memory_plans(stages, {**plan, "json": True}, budget.gpu, device)
-            print_json({**result.to_dict(), "memory_plans": memory})
-            return
-        _print_plan(result, prune_config, json_output)
-        _print_memory_plans(stages, plan, budget.gpu, device)
+        _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), plan, seq_len=seq_len,
+                             batch_size=1, score_samples=score_samples, importance=importance_dir is None, dtype=dtype,
+                             device=device, json_output=json_output, distill=distill)  # fmt: skip
         return
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
@@ -1204,6 +1218,11 @@ def search(
     if json_output:
         print_json(record.to_dict())
         return
+    _print_search(record, out)
+
+
+def _print_search(record, out: Path) -> None:
+    """A search's candidates, ranked after distillation, and where its Pareto front and plot are."""
     key = "val_kl" if record.rank_by == "kl" else "val_loss"
     rank = {index: position for position, index in enumerate(record.ranking, start=1)}
     probe = record.retrieval
