@@ -3,8 +3,8 @@
 
 The commands run in-process (one import of torch for all of them) in a temporary folder holding a link to
 the repository's `examples/`, so the README's `runs/...` outputs land in that folder, never in the
-checkout. A few sizes are shrunk so the whole file stays near a minute on 2 cores (`SHRINK`); everything
-else, flags and paths included, is the README's text. Lines of a bash block that do not start with
+checkout. A few sizes are shrunk so the whole file stays near a minute on 2 idle cores (`SHRINK`);
+everything else, flags and paths included, is the README's text. Lines of a bash block that do not start with
 `compress` (`bash examples/quickstart.sh`, the `torchrun` launch) are not run here.
 """
 
@@ -22,12 +22,16 @@ from cli import app
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
-# {subcommand: {flag: value}}: the test's value replaces the README's wherever that command uses the flag.
+# {subcommand: {flag: value}}: the test's value replaces the README's wherever that command uses the flag,
+# and is added where it does not. Importance, candidate scoring and distillation dominate the cost.
 SHRINK = {
     "importance": {"--samples": "16"},  # 64 calibration sequences -> 16
-    "distill": {"--tokens": "2k"},  # one optimizer step of 8 x 256 tokens (plain and quantization-aware)
-    "train": {"--tokens": "2k"},
-    "search": {"--samples": "16", "--distill-tokens": "2k"},  # importance on 16 sequences, one step a finalist
+    "prune": {"--score-samples": "4", "--top-k": "2"},  # two candidates scored on 4 sequences (of 10 on 16)
+    # one optimizer step of 8 x 256 tokens, validated on 4 sequences; quantization-aware: calibrated on 4
+    "distill": {"--tokens": "2k", "--eval-sequences": "4", "--calib-sequences": "4"},
+    "train": {"--tokens": "2k", "--eval-sequences": "4"},
+    # importance on 16 sequences, candidates scored on 4, one finalist distilled for one step
+    "search": {"--samples": "16", "--score-samples": "4", "--candidates": "1", "--distill-tokens": "2k"},
     "quantize": {"--samples": "4"},
     "eval": {"--max-sequences": "8"},
     "generate": {"--max-new-tokens": "4"},
@@ -63,7 +67,8 @@ def _quoted_outputs() -> list[tuple[list[str], str]]:
 
 def _shrunk(args: list[str]) -> list[str]:
     sizes = SHRINK.get(args[0], {})
-    return [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+    out = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+    return out + [word for flag, value in sizes.items() if flag not in args for word in (flag, value)]
 
 
 def _flat(text: str) -> str:
