@@ -323,7 +323,11 @@ def _moe_widths(config) -> str:
 def estimate(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, config.json or preset name.")],
     ctx: Annotated[
-        str | None, typer.Option(help="Context length, e.g. 128k (k = 1024). Default: max_position_embeddings.")
+        str | None,
+        typer.Option(
+            help="Context length, e.g. 128k (k = 1024). Default: --isl + --osl when both are given, else "
+            "max_position_embeddings."
+        ),
     ] = None,
     batch: Annotated[str, typer.Option(help="Sequences at once, or 'max': the most that fit the memory.")] = "1",
     gpu: GpuOption = None,

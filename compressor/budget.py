@@ -1061,8 +1061,14 @@ def report(
     """Everything `compress estimate` shows, from the written form of its options. `ctx` defaults to the
     config's max_position_embeddings; `batch` is a number or 'max' (the most that fit --target-mem or the
     GPU's memory); `vs` names a transformer baseline (`compressor.baselines.load_baseline`) to compare the
-    throughput with, each at its own batch."""
-    context = parse_context(ctx) if ctx is not None else config.max_position_embeddings
+    throughput with, each at its own batch. Without `ctx`, a workload of `isl` + `osl` tokens is sized at
+    that context, so the memory shown is the workload's."""
+    if ctx is not None:
+        context = parse_context(ctx)
+    elif isl is not None and osl is not None:
+        context = parse_context(isl) + parse_context(osl)
+    else:
+        context = config.max_position_embeddings
     limit = parse_size(target_mem) if target_mem is not None else None
     spec = gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, limit)
     chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk

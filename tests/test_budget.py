@@ -647,3 +647,10 @@ def test_cli_estimate_shows_moe_blocks_and_active_parameters():
     )
     assert "23 MoE)" in text and "MoE: 128 experts, top-6, expert FFN 1856, shared FFN 3712" in text
     assert "active per token" not in _estimate("9b-v2", "--ctx", "8k").output
+
+
+def test_cli_estimate_sizes_memory_at_the_workload_without_ctx():
+    args = ("--isl", "8k", "--osl", "16k", "--gpu", "h100", "--batch", "max", "--json")
+    implied = json.loads(_estimate("9b-v2", *args).output)
+    explicit = json.loads(_estimate("9b-v2", "--ctx", "24k", *args).output)
+    assert implied == explicit and implied["memory"]["context"] == 24 * 1024
