@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from compressor import distributed
 from compressor.config import HybridConfig, hf_exact
-from compressor.errors import CheckpointError
+from compressor.errors import CheckpointError, first_line
 from compressor.model import FP32_TENSORS, HybridLM
 from compressor.outputs import atomic_output
 
@@ -148,13 +148,8 @@ def open_weights(file: Path, device: str = "cpu"):
             yield f
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"{file} cannot be read as safetensors ({_first_line(exc)}): the file is damaged"
+            f"{file} cannot be read as safetensors ({first_line(exc)}): the file is damaged"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def stored_dtypes(path: str | Path) -> list[str]:
@@ -188,7 +183,7 @@ def fingerprint(path: str | Path) -> str:
                 f.seek(max(8 + header_len, size - 2**20))
                 digest.update(f.read())
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{file} cannot be read ({_first_line(exc)})") from None
+            raise CheckpointError(f"{file} cannot be read ({first_line(exc)})") from None
     return digest.hexdigest()[:16]
 
 
@@ -493,7 +488,7 @@ def write_weights(
             handles[index].write(data.view(torch.uint8).numpy().data)
             written.add(name)
     except OSError as exc:  # e.g. "No space left on device"
-        raise CheckpointError(f"writing the weights into {folder} failed ({_first_line(exc)})") from None
+        raise CheckpointError(f"writing the weights into {folder} failed ({first_line(exc)})") from None
     finally:
         for handle in handles:
             handle.close()

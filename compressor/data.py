@@ -47,7 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from compressor.errors import DataError
+from compressor.errors import DataError, first_line
 
 # Special tokens that end a document, in the order they are looked for.
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
@@ -469,7 +469,7 @@ def _open_text(source: str | Path, path: Path | None, text_field: str, dataset_s
         except Exception as err:  # network, auth, unknown names and splits all raise differently
             raise DataError(
                 f"cannot load dataset {source!r} (split {dataset_split!r}) from the Hugging Face Hub: "
-                f"{_first_line(err)}; check the name and network access, or pass a local file"
+                f"{first_line(err)}; check the name and network access, or pass a local file"
             ) from err
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         dataset = datasets.load_from_disk(str(path))
@@ -526,7 +526,7 @@ def _document_batches(dataset: Any, field: str, source: str | Path) -> Iterator[
                 documents.append(text)
             yield documents
     except (ValueError, OSError) as err:  # malformed JSON/parquet, bad encoding, unreadable file
-        raise DataError(f"cannot read {source}: {_first_line(err)}") from err
+        raise DataError(f"cannot read {source}: {first_line(err)}") from err
 
 
 def _missing_field(source: str | Path, field: str, fields: list[str]) -> DataError:
@@ -618,7 +618,7 @@ def _read_token_array(path: Path) -> np.ndarray:
             if len(names) == 1:
                 return file.get_tensor(names[0])
     except (ValueError, OSError, SafetensorError) as err:
-        raise DataError(f"cannot read token file {path}: {_first_line(err)}") from err
+        raise DataError(f"cannot read token file {path}: {first_line(err)}") from err
     raise DataError(
         f"{path} holds tensors {names or 'none'} but none named 'tokens'; "
         "name the token tensor 'tokens' or keep only one tensor in the file"
@@ -652,8 +652,3 @@ def _check_positive(name: str, value: int) -> None:
 def _check_seed(value: int, name: str = "seed") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise DataError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -41,3 +41,9 @@ def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
     for name, (value, low) in values.items():
         if value is not None and not value >= low:
             raise OptionError(name, f"must be at least {low}, got {value}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

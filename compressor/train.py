@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from compressor import distributed
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
 from compressor.data import TokenSequences, check_same_tokenizer, model_sequences, tokenizer_file
-from compressor.errors import CompressorError, OptionError
+from compressor.errors import CompressorError, OptionError, first_line
 from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
@@ -818,10 +818,5 @@ def _load_optimizer(folder: Path, student, optimizer) -> None:
         )
     except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as exc:
         raise TrainingError(
-            f"{folder / OPTIMIZER_FILE} cannot be restored ({_first_line(exc)}): start the run again with --overwrite"
+            f"{folder / OPTIMIZER_FILE} cannot be restored ({first_line(exc)}): start the run again with --overwrite"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
