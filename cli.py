@@ -122,6 +122,15 @@ HfExactOption = Annotated[
 TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
 TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
 SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
+ScoreOption = Annotated[
+    str,
+    typer.Option(
+        help="Candidate score (zero-shot, lower is better): kl (to the original), loss, retrieval (answer "
+        "log-likelihood lost on --retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x "
+        "--retrieval-weight)."
+    ),
+]
+RetrievalWeightOption = Annotated[float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")]
 ScoreSamplesOption = Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")]
 ImportanceDirOption = Annotated[
     Path | None, typer.Option("--importance", help="Importance folder to reuse (`compress importance`).")
@@ -938,16 +947,8 @@ def prune_command(
     score_samples: ScoreSamplesOption = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
-    score: Annotated[
-        str,
-        typer.Option(
-            help="Candidate score: kl (to the original), loss, retrieval (answer log-likelihood lost on "
-            "--retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x --retrieval-weight)."
-        ),
-    ] = "kl",
-    retrieval_weight: Annotated[
-        float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")
-    ] = 1.0,
+    score: ScoreOption = "kl",
+    retrieval_weight: RetrievalWeightOption = 1.0,
     strategy: Annotated[
         str, typer.Option(help="Search strategy: minitron, minipuzzle or a plugged-in one.")
     ] = "minitron",
@@ -1144,16 +1145,8 @@ def search(
     score_samples: ScoreSamplesOption = 64,
     importance_dir: ImportanceDirOption = None,
     rank_by: Annotated[str, typer.Option(help="Rank finalists by kl (to the original) or loss.")] = "kl",
-    score: Annotated[
-        str,
-        typer.Option(
-            help="Zero-shot score: kl (to the original), loss, retrieval (answer log-likelihood lost on "
-            "--retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x --retrieval-weight)."
-        ),
-    ] = "kl",
-    retrieval_weight: Annotated[
-        float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")
-    ] = 1.0,
+    score: ScoreOption = "kl",
+    retrieval_weight: RetrievalWeightOption = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the distillation data order and split.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
