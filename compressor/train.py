@@ -282,10 +282,12 @@ def train(
     *,
     teacher: HybridLM | None = None,
     sequences: TokenSequences | None = None,
+    retrieval: TaskScorer | None = None,
 ) -> TrainResult:
     """Run (or resume) a training / distillation run; see the module docstring. `teacher` and `sequences`
     may be given already loaded (a search distils many students from one teacher and one read of the
-    data); they must be what `config.teacher` and `config.data` name."""
+    data); they must be what `config.teacher` and `config.data` name. `retrieval`, a probe already built,
+    is measured at each validation in place of `config.eval_task`'s."""
     reporter = reporter or SilentReporter()
     config.validate()
     out = Path(config.out)
@@ -294,7 +296,8 @@ def train(
         work, resumed = _prepare_output(config, out)
         world = distributed.init(distributed.resolve_device(config.device))
         try:
-            run = setup(config, world, work, resumed, reporter, teacher=teacher, sequences=sequences)
+            run = setup(config, world, work, resumed, reporter, teacher=teacher, sequences=sequences,
+                        retrieval=retrieval)  # fmt: skip
             result = loop(run, reporter)
         except BaseException:
             # a new run that stops before its first checkpoint leaves nothing behind
@@ -347,6 +350,7 @@ def setup(
     *,
     teacher: HybridLM | None = None,
     sequences: TokenSequences | None = None,
+    retrieval: TaskScorer | None = None,
 ) -> Run:
     """The run folder `out`, the models, the data and its split, the teacher cache, sharding, AdamW, and the
     state of a resumed run."""
@@ -404,7 +408,8 @@ def setup(
     )
     run = Run(config, world, out, student, teacher, cache, train_set, valid_set, optimizer, accum, total_steps)
     run.data_fingerprint = data_fingerprint
-    if config.eval_task is not None:
+    run.retrieval = retrieval
+    if config.eval_task is not None and retrieval is None:
         if world.size > 1:
             raise OptionError("eval_task", "is measured in one process: run without torchrun")
         probe = RetrievalConfig(config.eval_task, config.eval_ctx, config.eval_task_sequences)

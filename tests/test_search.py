@@ -147,11 +147,16 @@ def test_search_with_retrieval_records_it_before_and_after_distillation(tmp_path
     config = SearchConfig(Budget(memory=parse_size("20MiB"), context=1024), template, "minipuzzle", {"top_k": 3},
                           finalists=1, score="kl+retrieval", retrieval_weight=0.5)  # fmt: skip
     out = tmp_path / "search"
-    record = run_search(calibrate(calibration), config, out, say=lambda t: None)
+    source = calibrate(calibration)
+    record = run_search(source, config, out, say=lambda t: None)
     assert record.score_metric == "kl+retrieval" and record.retrieval["weight"] == 0.5
     assert all(c.retrieval is not None and c.retrieval["context"] == 256 for c in record.candidates)
     finalist = next(c for c in record.candidates if c.finalist)
     assert finalist.distilled.retrieval["queries"] == 16
+    distilled = load_model(out / "candidates" / str(finalist.index) / "distill" / "model")
+    again = source.retrieval.result(distilled)  # the run's last validation measured the saved weights
+    assert finalist.distilled.retrieval["log_likelihood"] == pytest.approx(again.log_likelihood, abs=1e-6)
+    assert finalist.distilled.retrieval["accuracy"] == again.accuracy
     assert (out / "pareto.png").stat().st_size > 0
     again = SearchConfig.from_record(load_search(out))
     assert (again.score, again.retrieval_weight) == ("kl+retrieval", 0.5)

@@ -255,12 +255,19 @@ def _distill_finalist(
         resume=resume,
         overwrite=not resume,
     )
-    final = train(config, teacher=teacher, sequences=source.sequences).final_eval
+    final = train(config, teacher=teacher, sequences=source.sequences, retrieval=source.retrieval).final_eval
     retrieval = None
-    if source.retrieval is not None:
-        retrieval = source.retrieval.result(load_model(run_dir / "model", device=teacher.lm_head.weight.device))
+    if source.retrieval is not None:  # measured by the run's validation, on the source's probe
+        examples = source.retrieval.examples
+        retrieval = {
+            "task": examples.task,
+            "context": examples.context,
+            "queries": examples.num_queries,
+            "accuracy": final["val_retrieval_accuracy"],
+            "log_likelihood": final["val_retrieval_ll"],
+        }
     distilled = Distilled(final["val_loss"], final["val_ppl"], final["val_kl"], final["val_top1_agreement"],
-                          retrieval.to_dict() if retrieval is not None else None)  # fmt: skip
+                          retrieval)  # fmt: skip
     write_json(result_file, dataclasses.asdict(distilled))  # a finished candidate is recorded whole or not at all
     return distilled
 
