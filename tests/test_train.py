@@ -328,17 +328,17 @@ def _saved_bytes_per_token(config, lengths=(64, 192), batch=2) -> float:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved_bytes(length: int) -> int:
-        saved = {}  # storage -> bytes, each storage once
+        saved = {}  # address -> storage, each storage once; held, so no later tensor reuses an address
 
         def pack(tensor):
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
+                saved[storage.data_ptr()] = storage
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             model.backbone(torch.randint(0, config.vocab_size, (batch, length)))
-        return sum(saved.values())
+        return sum(storage.nbytes() for storage in saved.values())
 
     short, long = lengths
     return (saved_bytes(long) - saved_bytes(short)) / (batch * (long - short))
