@@ -3,11 +3,15 @@ same distillation, on the quick start's budget (20 MiB at a 4k context):
 
     python benchmarks/retrieval_choice.py                      # the example model, 400k distillation tokens
     python benchmarks/retrieval_choice.py --tokens 100k --out runs/choice
+    python benchmarks/retrieval_choice.py --distill-data text  # distill on the calibration text alone
 
 Runs the `compress` commands a user would (prune with `--score kl` and with `--score kl+retrieval`, the
 same `compress distill` for both), then `compress eval` for held-out loss and KL to the original, and
-`compress eval --task phonebook` at 1k and 4k tokens, and prints one table. Reruns reuse finished steps
-in `--out`.
+`compress eval --task phonebook` at 1k and 4k tokens, and prints one table. The distillation data is, by
+default, the calibration text (`examples/data/sample.txt`) mixed with 30% retrieval rows at 1024 tokens
+(`examples/mix_retrieval.py`, as in the example model's training mix): distillation
+only passes on what its data exercises. `--distill-data text` distills on the text alone. Reruns reuse
+finished steps in `--out`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ DATA = ROOT / "examples" / "data"
 PRUNE = ["--target-mem", "20MiB", "--ctx", "4k", "--axes", "hidden,ffn,mamba_heads,mamba_head_dim,depth",
          "--data", str(DATA / "sample.txt"), "--samples", "64", "--score-samples", "32", "--seq-len", "256",
          "--batch-size", "8"]  # fmt: skip
-DISTILL = ["--data", str(DATA / "sample.txt"), "--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "8",
-           "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", "1000", "--save-every", "50", "--quiet"]  # fmt: skip
+DISTILL = ["--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", "1000", "--save-every", "50", "--quiet"]
+# 4,096 tokens per step either way
+DISTILL_DATA = {"text": ["--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "8"],
+                "mix": ["--seq-len", "1024", "--batch-size", "4", "--micro-batch-size", "4"]}  # fmt: skip
+MIX_ROWS = 1000  # 1M tokens: more than 400k distillation tokens read once
 
 
 def compress(*args: str) -> str:
@@ -35,6 +42,16 @@ def compress(*args: str) -> str:
     return done.stdout
 
 
+def write_mix(tokenizer: Path, out: Path) -> None:
+    """The calibration text with 30% retrieval rows, MIX_ROWS x 1024 tokens (examples/mix_retrieval.py)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(ROOT / "examples" / "mix_retrieval.py"), "--text", str(DATA / "sample.txt"),
+               "--tokenizer", str(tokenizer), "--seq-len", "1024", "--rows", str(MIX_ROWS), "--retrieval-share",
+               "0.3", "--out", str(out)]  # fmt: skip
+    if subprocess.run(command, cwd=ROOT, capture_output=True, text=True).returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "examples" / "model"))
@@ -42,15 +59,27 @@ def main() -> None:
     parser.add_argument("--tokens", default="400k", help="distillation tokens per candidate")
     parser.add_argument("--retrieval-ctx", default="1k", help="context of the probe in the score")
     parser.add_argument("--weight", default="1", help="--retrieval-weight")
+    parser.add_argument(
+        "--distill-data",
+        choices=sorted(DISTILL_DATA),
+        default="mix",
+        help="distill on the calibration text mixed with retrieval rows, or on the text alone",
+    )
     args = parser.parse_args()
+    data = DATA / "sample.txt"
+    if args.distill_data == "mix":
+        data = args.out / "mix-1k.npy"
+        if not data.is_file():
+            write_mix(Path(args.model) / "tokenizer.json", data)
+    distill = [*DISTILL, "--data", str(data), *DISTILL_DATA[args.distill_data]]
     models = {"original": Path(args.model)}
     for label, score in (("KL alone", "kl"), ("KL + retrieval", "kl+retrieval")):
-        pruned, run = args.out / f"{score}-pruned", args.out / f"{score}-distilled"
+        pruned, run = args.out / f"{score}-pruned", args.out / f"{score}-distilled-{args.distill_data}"
         if not (pruned / "config.json").is_file():
             compress("prune", args.model, *PRUNE, "--score", score, "--retrieval-ctx", args.retrieval_ctx,
                      "--retrieval-weight", args.weight, "--out", str(pruned), "--overwrite")  # fmt: skip
         if not (run / "model" / "config.json").is_file() or not (run / "done").is_file():
-            compress("distill", args.model, str(pruned), *DISTILL, "--tokens", args.tokens, "--out", str(run),
+            compress("distill", args.model, str(pruned), *distill, "--tokens", args.tokens, "--out", str(run),
                      "--overwrite")  # fmt: skip
             (run / "done").write_text("")
         chosen = json.loads((pruned / "compression.json").read_text())["chosen"]["label"]
@@ -61,7 +90,10 @@ def main() -> None:
                                  "--seq-len", "256", "--max-sequences", "128", "--json"))  # fmt: skip
     tasks = json.loads(compress("eval", *paths, "--task", "phonebook", "--ctx", "1k,4k", "--task-sequences", "4",
                                 "--json"))["models"]  # fmt: skip
-    print(f"quick start budget (20 MiB at 4k), distillation {args.tokens} tokens each; phonebook 64 queries")
+    print(
+        f"quick start budget (20 MiB at 4k), distillation {args.tokens} tokens each on the {args.distill_data} "
+        f"({DISTILL_DATA[args.distill_data][1]} tokens per sequence); phonebook 64 queries"
+    )
     print("| model | parameters | loss | KL to original | phonebook 1k | log-lik 1k | phonebook 4k | log-lik 4k |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (label, path), loss in zip(models.items(), losses, strict=True):

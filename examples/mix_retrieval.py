@@ -1,4 +1,4 @@
-"""Write a token file of Shakespeare mixed with synthetic retrieval sequences, for `compress train`.
+"""Write a token file of Shakespeare mixed with synthetic retrieval sequences, for `compress train` or `distill`.
 
 Each row is `--seq-len` tokens: either a piece of the training text (examples/data/train.txt, tokenized
 with the example tokenizer, documents separated by EOS) or one sequence of a retrieval task from

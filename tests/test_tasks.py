@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 
@@ -304,3 +305,44 @@ def test_cli_eval_task_compares_models_by_context(tmp_path):
         result = runner.invoke(cli.app, ["eval", "examples/model", *bad])
         assert result.exit_code == 1 and message in " ".join(result.output.split()), (bad, result.output)
         assert "Traceback" not in result.output
+
+
+def _example_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, f"examples/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_training_rows_point_each_answer_at_the_token_it_copies():
+    example = _example_script("train_example")
+    rng = np.random.default_rng(0)
+    for make in (example.phonebook_rows, example.copy_rows):
+        rows, source = make(VOCAB, 3, 96, rng)
+        assert rows.shape == source.shape == (3, 96)
+        row, position = np.nonzero(source >= 0)
+        assert len(position) > 0 and (source[row, position] <= position).all()
+        # the token each answering position predicts is the one at its source
+        assert (rows[row, source[row, position]] == rows[row, position + 1]).all()
+    rows, source = example.phonebook_rows(VOCAB, 2, 96, rng)
+    entry = example.NAME_WORDS + 1 + example.DIGITS + 1
+    for row, position in zip(*np.nonzero(source >= 0), strict=True):
+        asked, found = position + 1, source[row, position]
+        # the queried entry's name is the name before the source: a lookup, not any earlier digit
+        name = example.NAME_WORDS
+        assert (rows[row, asked - asked % entry : asked - asked % entry + name] ==
+                rows[row, found - found % entry : found - found % entry + name]).all()  # fmt: skip
+    assert (source >= 0).sum() == 2 * (96 // entry // 2) * example.DIGITS
+
+
+def test_guidance_loss_is_low_for_a_head_that_attends_to_the_copied_token():
+    example = _example_script("train_example")
+    rows, source = example.copy_rows(VOCAB, 4, 16, np.random.default_rng(1))
+    rows, source = rows[::2], source[::2]  # the word rows (odd rows repeat digits: ambiguous matches)
+    losses = []
+    for model in (copier(), HybridLM(copier().config)):
+        inputs = example.capture_attention_inputs(model)
+        with torch.no_grad():
+            model(torch.from_numpy(rows))
+            losses.append(float(example.guidance_loss(model, inputs, torch.from_numpy(source))))
+    assert losses[0] < 0.1 < 1.0 < losses[1], losses
