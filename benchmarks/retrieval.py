@@ -110,7 +110,7 @@ def main() -> None:
     for context in contexts:
         columns += [f"phonebook {context // 1024}k", f"log-lik {context // 1024}k", f"s {context // 1024}k"]
     print(f"phonebook: {args.sequences} sequences x 16 queries per context, two-word names, four digits; "
-          f"batch {args.batch_size}, prefill chunk {args.prefill_chunk}; times provisional (shared CPU)\n")  # fmt: skip
+          f"batch {args.batch_size}, prefill chunk {args.prefill_chunk}\n")  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (len(columns) - 1))
     for label, path in models.items():
