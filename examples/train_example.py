@@ -208,6 +208,8 @@ def main() -> None:
         betas=(0.9, 0.95),
     )
     checkpoint = args.out / "checkpoint"
+    if args.resume and not (checkpoint / "step.json").is_file():
+        raise SystemExit(f"nothing to resume: no checkpoint in {checkpoint}; run without --resume")
     step = load_checkpoint(checkpoint, model, optimizer) if args.resume else 0
     stages = parse_stages(args.stages)
     total = sum(stage[1] for stage in stages)
