@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -45,8 +44,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from compressor import load_model, save_model
+from compressor.checkpoint import write_checkpoint
 from compressor.config import ATTENTION
 from compressor.data import find_eos_id, load_sequences, load_tokenizer
+from compressor.outputs import atomic_output
 from compressor.tasks import TaskSpec, TaskVocabulary, make_examples, score
 
 NAME_WORDS = 2
@@ -147,23 +148,15 @@ def batch(stage, text: np.ndarray, vocab: TaskVocabulary, rng: np.random.Generat
 
 
 def save_checkpoint(folder: Path, model, optimizer, step: int, tokenizer_from: Path) -> None:
-    """Weights, AdamW moments and the step, written beside and swapped in whole."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    save_model(model, tmp, tokenizer_from=tokenizer_from, overwrite=True)
+    """Weights, AdamW moments and the step, written beside and swapped in whole (`atomic_output`)."""
     moments = {}
     for index, param in enumerate(model.parameters()):
         for key, value in optimizer.state.get(param, {}).items():
             moments[f"{index}.{key}"] = value.detach().reshape(-1).clone() if value.ndim == 0 else value
-    save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
-    (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        for path in old.iterdir():
-            path.unlink()
-        old.rmdir()
+    with atomic_output(folder, overwrite=True) as tmp:
+        write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from)
+        save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
+        (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
 
 
 def load_checkpoint(folder: Path, model, optimizer) -> int:
