@@ -1344,6 +1344,8 @@ class RichReporter:
         line = f"loss {record['loss']:.4f}"
         if "kl" in record:
             line += f"  KL {record['kl']:.4f}  top-1 {100 * record['top1_agreement']:.1f}%"
+        if "attention_kl" in record:
+            line += f"  attention KL {record['attention_kl']:.4f}"
         line += f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
         self.progress.update(self.task, completed=record["step"], line=line)
 
@@ -1461,6 +1463,16 @@ def distill(
     lm_weight: Annotated[float, typer.Option(help="Weight of the student's LM loss in the mix (0-1).")] = 0.0,
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
+    attention_loss: Annotated[
+        float,
+        typer.Option(
+            help="Weight of attention transfer: KL from each teacher attention block's weights to its "
+            "student block's, added to the loss (0: off). Restores retrieval that pruning broke."
+        ),
+    ] = 0.0,
+    attention_queries: Annotated[
+        int, typer.Option(help="--attention-loss: query positions per micro-batch whose attention rows it matches.")
+    ] = 256,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
     quantize: Annotated[
         str | None,

@@ -8,6 +8,8 @@ Parameter names equal the Hugging Face checkpoint's (`backbone.embeddings.weight
 - `MambaMixer` (M): Mamba-2 with grouped B/C, a chunked SSD scan for prefill/training and a recurrent
   step for decoding (pure torch in `compressor.ssd`, mamba-ssm kernels on CUDA when installed);
 - `Attention` (*): grouped-query attention through `scaled_dot_product_attention`, no positional encoding;
+  when `record_queries` holds query positions, a forward without a cache also keeps those queries' log
+  attention weights in `recorded` (`log_attention`; attention transfer in distillation);
 - `MLP` (-): down(relu(up(x))^2);
 - `MoE` (E): a sigmoid top-k router over routed experts (each an MLP without biases) plus a shared expert,
   as transformers' `nemotron_h` computes it; the experts are stored one module per expert
@@ -142,12 +144,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.record_queries: torch.Tensor | None = None  # query positions whose attention weights to keep
+        self.recorded: torch.Tensor | None = None  # their log weights, (b, heads, queries, t)
 
     def forward(self, hidden: torch.Tensor, cache: HybridCache | None = None, index: int = 0) -> torch.Tensor:
         b, t, _ = hidden.shape
         q = self.q_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.record_queries is not None and cache is None:
+            self.recorded = log_attention(q, k, self.record_queries)
         past = 0
         if cache is not None:
             past, state = cache.seen, cache.layers[index]
@@ -166,6 +172,16 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (b, heads, t, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def log_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Causal log attention weights (b, heads, len(queries), t), in fp32, of the query positions `queries`
+    (ascending) given q (b, heads, t, head_dim) and k (b, kv_heads, t, head_dim): what
+    `scaled_dot_product_attention` weights the values with, for those rows only."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # each KV head serves `group` query heads
+    scores = q[:, :, queries].float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    future = torch.arange(k.shape[2], device=q.device) > queries[:, None]  # (queries, t)
+    return scores.masked_fill(future, float("-inf")).log_softmax(-1)
 
 
 class FeedForward(nn.Module):

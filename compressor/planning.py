@@ -153,8 +153,10 @@ def distill_plan(
     cache_teacher: bool = False,
     checkpointing: bool = False,
     loss: LossSpec | None = None,
+    attention_queries: int = 0,
 ) -> MemoryPlan:
-    """One step of `compress distill` / `train` (module docstring); `teacher` None is plain LM training."""
+    """One step of `compress distill` / `train` (module docstring); `teacher` None is plain LM training;
+    `attention_queries` > 0: with attention transfer over that many query positions."""
     size = _size(dtype)
     params, root, block = _sizes(student)
     plan = MemoryPlan("distillation" if teacher is not None else "training")
@@ -173,6 +175,11 @@ def distill_plan(
     rows = min((loss or LossSpec()).rows_per_chunk(student.vocab_size), tokens)
     copies = 3 + (1 if teacher is not None else 0)  # logits, log-probs, gradient (+ teacher probabilities)
     plan.each["loss chunk"] = rows * student.vocab_size * 4 * copies
+    if attention_queries and teacher is not None:
+        # fp32 maps per attention block: the teacher's, the student's scores, log-softmax and its gradient
+        heads = sum(spec.num_attention_heads for spec in student.blocks if spec.kind == ATTENTION)
+        maps = micro_batch_size * heads * min(attention_queries, seq_len) * seq_len * 4
+        plan.each["attention maps (--attention-loss)"] = 4 * maps
     return plan
 
 
@@ -196,6 +203,7 @@ def training_plan(
         cache_teacher=config.cache_teacher,
         checkpointing=config.activation_checkpointing,
         loss=config.loss,
+        attention_queries=config.attention_queries if config.attention_loss > 0 else 0,
     )
 
 

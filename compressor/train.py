@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compressor import distributed
+from compressor.attention_transfer import attention_kl, attention_pairs, recording, sample_queries
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
 from compressor.data import TokenSequences, check_same_tokenizer, model_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, first_line
@@ -77,6 +78,8 @@ RUN_DEFINING = (
     "top_k",
     "quantize",
     "quantize_keep",
+    "attention_loss",
+    "attention_queries",
 )
 
 
@@ -110,6 +113,8 @@ class TrainConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     cache_teacher: bool = False
     top_k: int = 64
+    attention_loss: float = 0.0  # weight of the attention-transfer KL (compressor.attention_transfer); 0: off
+    attention_queries: int = 256  # query positions per micro-batch whose attention rows it matches
     quantize: str | None = None  # fp8 | nvfp4: quantization-aware training of a fake-quantized student
     quantize_keep: tuple[str, ...] = ()  # ModelOpt quantizer-name patterns kept in high precision
     calib_sequences: int = 128  # training sequences that calibrate the quantizers
@@ -182,6 +187,14 @@ class TrainConfig:
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
+            ("attention_loss", math.isfinite(self.attention_loss) and self.attention_loss >= 0, "must be at least 0"),
+            ("attention_loss", not (self.attention_loss > 0 and self.teacher is None), "needs a teacher"),
+            (
+                "attention_loss",
+                not (self.attention_loss > 0 and self.cache_teacher),
+                "needs the teacher in memory: leave out --cache-teacher",
+            ),
+            ("attention_queries", self.attention_queries >= 1, "must be at least 1"),
             ("quantize", self.quantize in (None, "fp8", "nvfp4"), "must be fp8 or nvfp4"),
             ("calib_sequences", self.calib_sequences >= 1, "must be at least 1"),
         ]
@@ -262,6 +275,7 @@ class Run:
     last_saved: int = 0
     data_fingerprint: str = ""  # of the sequences the run reads: a resumed run must read the same
     retrieval: TaskScorer | None = None  # the `eval_task` probe, generated once
+    attention_pairs: tuple[tuple[int, int], ...] = ()  # (student, teacher) attention blocks, with attention_loss
 
     @property
     def tokens_per_step(self) -> int:
@@ -409,6 +423,8 @@ def setup(
     run = Run(config, world, out, student, teacher, cache, train_set, valid_set, optimizer, accum, total_steps)
     run.data_fingerprint = data_fingerprint
     run.retrieval = retrieval
+    if config.attention_loss > 0:
+        run.attention_pairs = attention_pairs(config.student, student.config, config.teacher, teacher.config)
     if config.eval_task is not None and retrieval is None:
         if world.size > 1:
             raise OptionError("eval_task", "is measured in one process: run without torchrun")
@@ -469,32 +485,40 @@ def step(run: Run, batches: Iterator[np.ndarray]) -> dict[str, Any]:
     config, world = run.config, run.world
     stats = LossStats()
     step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
+    step_attention = 0.0
     autocast = _autocast(config.autocast, world.device)
     for j in range(run.accum * world.size):
         indices = next(batches)
         if j % world.size != world.rank:
             continue
         ids = run.train_set.take(indices).to(world.device)
-        with autocast:
-            target = None
-            if run.teacher is not None:
-                target = teacher_targets(run.teacher, ids)
-            elif run.cache is not None:
-                target = run.cache.get("train", indices, world.device)
-            labels = next_token_labels(ids)
-            loss_sum = run.student(
-                ids,
-                head=lambda hidden, weight, t=target, y=labels, s=stats: head_loss(
-                    hidden.flatten(0, 1), weight, config.loss, labels=y, teacher=t, stats=s
-                ),
-            )
-        # sum over this process's tokens / global token count; FSDP averages gradients over processes
-        loss = loss_sum * (world.size / run.tokens_per_step)
-        loss.backward()
+        with _attention_maps(run, j, ids.shape[1]) as maps:
+            with autocast:
+                target = None
+                if run.teacher is not None:
+                    target = teacher_targets(run.teacher, ids)
+                elif run.cache is not None:
+                    target = run.cache.get("train", indices, world.device)
+                labels = next_token_labels(ids)
+                loss_sum = run.student(
+                    ids,
+                    head=lambda hidden, weight, t=target, y=labels, s=stats: head_loss(
+                        hidden.flatten(0, 1), weight, config.loss, labels=y, teacher=t, stats=s
+                    ),
+                )
+            # sum over this process's tokens / global token count; FSDP averages gradients over processes
+            loss = loss_sum * (world.size / run.tokens_per_step)
+            if maps is not None:
+                teacher_maps, student_maps = maps
+                attention = attention_kl(teacher_maps(), student_maps(), run.attention_pairs)
+                share = ids.numel() * world.size / run.tokens_per_step  # this micro-batch's share, as loss_sum's
+                loss = loss + config.attention_loss * share * attention
+                step_attention += float(attention.detach()) * share / world.size
+            loss.backward()  # inside the recording: activation checkpointing recomputes the maps here
         step_loss += loss_sum.detach()
     fields = [float(step_loss), float(stats.divergence), float(stats.cross_entropy), float(stats.agreement)]
-    total_loss, divergence, cross_entropy, agreement, tokens, label_tokens = distributed.all_reduce_sum(
-        [*fields, stats.tokens, stats.label_tokens], world
+    total_loss, divergence, cross_entropy, agreement, tokens, label_tokens, attention = distributed.all_reduce_sum(
+        [*fields, stats.tokens, stats.label_tokens, step_attention], world
     )
     if not math.isfinite(total_loss):
         saved = run.last_saved
@@ -506,12 +530,31 @@ def step(run: Run, batches: Iterator[np.ndarray]) -> dict[str, Any]:
     record: dict[str, Any] = {"loss": total_loss / run.tokens_per_step, "ce": cross_entropy / label_tokens}
     if run.has_teacher:
         record.update(kl=divergence / tokens, top1_agreement=agreement / tokens)
+    if run.attention_pairs:
+        record["attention_kl"] = attention
     if config.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), config.grad_clip)
         record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return record
+
+
+@contextlib.contextmanager
+def _attention_maps(run: Run, micro_batch: int, seq_len: int):
+    """With --attention-loss, the teacher's and the student's recorded attention maps (functions returning
+    them) for one micro-batch's forwards; the queries are drawn from (seed, step, micro-batch). Else None."""
+    if not run.attention_pairs:
+        yield None
+        return
+    rng = np.random.default_rng([run.config.seed, run.step, micro_batch])
+    queries = sample_queries(seq_len, run.config.attention_queries, rng, run.world.device)
+    student_blocks, teacher_blocks = zip(*run.attention_pairs, strict=True)
+    with (
+        recording(run.teacher, teacher_blocks, queries) as teacher_maps,
+        recording(run.student, student_blocks, queries) as student_maps,
+    ):
+        yield teacher_maps, student_maps
 
 
 def evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:

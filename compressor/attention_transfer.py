@@ -1,0 +1,110 @@
+"""Attention transfer: distillation that also pulls the student's attention weights toward the teacher's.
+
+Logit distillation passes on what the teacher predicts, not where its attention looks. A pruned hybrid
+whose attention has lost the place to copy from (retrieval at the uniform guess) does not find it again
+from next-token KL in a short distillation: the example model's pruned candidates stay at 0% phonebook
+after 400k tokens of it (README, Long context). With `--attention-loss W` each of the student's attention
+blocks adds W x KL(teacher's attention weights || student's) to the loss, the KL taken per query row and
+averaged over the sampled queries, the heads and the blocks. It is the teacher-given form of the guidance
+that trained the example model (examples/train_example.py), with no labels needed.
+
+Pairs (`attention_pairs`): each student attention block is matched with the teacher block it was pruned
+from, read from the student's `compression.json` (the chosen candidate's `source` indices) when that
+record's source is this teacher (same fingerprint); otherwise the attention blocks pair in order when both
+models have as many. Heads pair one to one, so each pair needs the same number of query heads: a student
+whose attention heads were pruned is refused (which heads were kept is not recorded).
+
+Memory: each map is (micro-batch, heads, queries, seq_len) in fp32, for the teacher and the student (with
+its gradient), per attention block. `queries` is `--attention-queries` positions drawn per micro-batch
+(all of them when the sequence is shorter), so the term grows with seq_len, not with its square
+(`compressor.planning.distill_plan` counts it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.checkpoint import fingerprint
+from compressor.config import ATTENTION, HybridConfig
+from compressor.errors import OptionError
+from compressor.model import HybridLM
+
+
+def attention_pairs(
+    student_dir: str | Path, student: HybridConfig, teacher_dir: str | Path, teacher: HybridConfig
+) -> tuple[tuple[int, int], ...]:
+    """(student block index, teacher block index) for every attention block of the student."""
+    student_blocks = [spec.index for spec in student.blocks if spec.kind == ATTENTION]
+    teacher_blocks = [spec.index for spec in teacher.blocks if spec.kind == ATTENTION]
+    if not student_blocks:
+        raise OptionError("attention_loss", "needs a student with attention blocks; this one has none")
+    sources = _pruned_from(Path(student_dir), Path(teacher_dir))
+    if sources is not None and len(sources) == student.num_blocks:
+        pairs = tuple((index, sources[index]) for index in student_blocks)
+    elif len(student_blocks) == len(teacher_blocks):
+        pairs = tuple(zip(student_blocks, teacher_blocks, strict=True))
+    else:
+        raise OptionError(
+            "attention_loss",
+            f"cannot match the student's {len(student_blocks)} attention blocks with the teacher's "
+            f"{len(teacher_blocks)}: the student has no compression.json from pruning this teacher",
+        )
+    for s, t in pairs:
+        s_heads, t_heads = student.blocks[s].num_attention_heads, teacher.blocks[t].num_attention_heads
+        if teacher.blocks[t].kind != ATTENTION or s_heads != t_heads:
+            raise OptionError(
+                "attention_loss",
+                f"matches heads one to one: the student's block {s} has {s_heads} attention heads, the "
+                f"teacher's block {t} {t_heads if teacher.blocks[t].kind == ATTENTION else 'is no attention block'}",
+            )
+    return pairs
+
+
+def _pruned_from(student_dir: Path, teacher_dir: Path) -> list[int] | None:
+    """The source block of each student block, from compression.json when it records pruning this teacher."""
+    try:
+        record = json.loads((student_dir / "compression.json").read_text())
+        if record["source"]["fingerprint"] != fingerprint(teacher_dir):
+            return None
+        return [int(block["source"]) for block in record["chosen"]["target"]["blocks"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record (or not one of ours): pair in order
+
+
+def sample_queries(seq_len: int, count: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
+    """`count` distinct query positions of a sequence, ascending (every position when there are fewer)."""
+    if count >= seq_len:
+        return torch.arange(seq_len, device=device)
+    return torch.from_numpy(np.sort(rng.choice(seq_len, count, replace=False))).to(device)
+
+
+@contextmanager
+def recording(model: HybridLM, blocks: Sequence[int], queries: torch.Tensor) -> Iterator[Callable[[], dict]]:
+    """Within the block, forwards of `model` keep the log attention weights of `queries` in the given
+    attention blocks; the block gets a function returning the latest ones (block index -> (b, heads,
+    queries, t)). Keep the backward inside the block: activation checkpointing recomputes them there."""
+    mixers = {index: model.backbone.layers[index].mixer for index in blocks}
+    for mixer in mixers.values():
+        mixer.record_queries, mixer.recorded = queries, None
+    try:
+        yield lambda: {index: mixer.recorded for index, mixer in mixers.items()}
+    finally:
+        for mixer in mixers.values():
+            mixer.record_queries, mixer.recorded = None, None
+
+
+def attention_kl(teacher: dict[int, torch.Tensor], student: dict[int, torch.Tensor], pairs) -> torch.Tensor:
+    """Mean over pairs, heads and query rows of KL(teacher's attention weights || student's), in nats."""
+    losses = []
+    for s, t in pairs:
+        teacher_log, student_log = teacher[t], student[s]
+        visible = torch.isfinite(teacher_log)  # the causal mask is the same in both
+        gap = torch.where(visible, teacher_log - student_log, 0.0)
+        losses.append((teacher_log.exp() * gap).sum(-1).mean())
+    return torch.stack(losses).mean()

@@ -1,0 +1,206 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import cli
+from compressor.attention_transfer import attention_kl, attention_pairs, recording, sample_queries
+from compressor.checkpoint import fingerprint, load_model, save_model
+from compressor.config import ATTENTION
+from compressor.errors import OptionError
+from compressor.model import HybridLM, log_attention
+from compressor.presets import get_preset
+from compressor.train import TrainConfig, train
+
+runner = CliRunner()
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A teacher with peaked attention, a student of another width (same heads), and data with structure."""
+    root = tmp_path_factory.mktemp("attention")
+    rng = np.random.default_rng(0)
+    stream = np.cumsum(rng.choice([1, 1, 1, 2], size=12_000)) % VOCAB
+    np.save(root / "tokens.npy", stream.astype(np.int32))
+    config = get_preset("tiny").replace(vocab_size=VOCAB)
+    torch.manual_seed(0)
+    teacher = HybridLM(config.replace(hidden_size=96))
+    for spec in teacher.config.blocks:  # attention as peaked as a trained model's, far from a fresh student's
+        if spec.kind == ATTENTION:
+            teacher.backbone.layers[spec.index].mixer.q_proj.weight.data *= 30
+    save_model(teacher, root / "teacher")
+    torch.manual_seed(1)
+    save_model(HybridLM(config), root / "student")
+    return root
+
+
+def _config(workspace, out, **changes):
+    base = dict(
+        student=str(workspace / "student"), teacher=str(workspace / "teacher"), out=str(out),
+        data=str(workspace / "tokens.npy"), seq_len=32, batch_size=8, micro_batch_size=4, steps=12, lr=3e-3,
+        min_lr=3e-4, warmup_steps=2, eval_every=12, eval_sequences=8, save_every=12, log_every=1,
+        valid_fraction=0.1, device="cpu",
+    )  # fmt: skip
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _records(run, kind="train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _maps_kl(teacher, student, ids) -> float:
+    """Attention KL of `student` to `teacher` on `ids`, over every query, block pairs in order."""
+    pairs = attention_pairs("-", student.config, "-", teacher.config)
+    queries = torch.arange(ids.shape[1])
+    with recording(teacher, [t for _, t in pairs], queries) as t_maps, torch.no_grad():
+        teacher(ids)
+        with recording(student, [s for s, _ in pairs], queries) as s_maps:
+            student(ids)
+            return float(attention_kl(t_maps(), s_maps(), pairs))
+
+
+def test_recorded_weights_are_what_the_attention_applies():
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny").replace(vocab_size=VOCAB)).eval()
+    index = next(spec.index for spec in model.config.blocks if spec.kind == ATTENTION)
+    mixer = model.backbone.layers[index].mixer
+    hidden = torch.randn(2, 20, model.config.hidden_size)
+    queries = torch.tensor([0, 3, 7, 19])
+    with recording(model, [index], queries) as maps:
+        out = mixer(hidden)
+        log_weights = maps()[index]  # (b, heads, queries, t)
+    assert log_weights.shape == (2, mixer.num_heads, 4, 20)
+    assert mixer.record_queries is None and mixer.recorded is None  # cleared on exit
+    weights = log_weights.exp()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, mixer.num_heads, 4))
+    assert (weights[:, :, 1, 4:] == 0).all()  # query 3 sees keys 0..3 only
+    v = mixer.v_proj(hidden).view(2, 20, mixer.num_kv_heads, mixer.head_dim).transpose(1, 2)
+    v = v.repeat_interleave(mixer.num_heads // mixer.num_kv_heads, dim=1)
+    mixed = (weights @ v).transpose(1, 2).reshape(2, 4, -1)  # what those rows pass to o_proj
+    torch.testing.assert_close(mixer.o_proj(mixed), out[:, queries], rtol=1e-5, atol=1e-5)
+    # by hand for one head: softmax of q.k / sqrt(d) over the causal keys
+    q = mixer.q_proj(hidden)[1, 7, : mixer.head_dim]
+    k = mixer.k_proj(hidden)[1, :8, : mixer.head_dim]
+    torch.testing.assert_close(weights[1, 0, 2, :8], F.softmax(k @ q / math.sqrt(mixer.head_dim), -1))
+    assert log_attention(torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.arange(5)).shape == (1, 4, 5, 5)
+
+
+def test_attention_kl_is_zero_on_the_same_maps_and_has_finite_gradients():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8)
+    teacher = log_attention(q, k, torch.arange(12))
+    assert float(attention_kl({0: teacher}, {0: teacher}, [(0, 0)])) == pytest.approx(0.0, abs=1e-6)
+    q2 = q.clone().requires_grad_()
+    student = log_attention(q2, k, torch.arange(12))
+    loss = attention_kl({0: teacher}, {0: student}, [(0, 0)])
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    student = log_attention(q2 * 3, k, torch.arange(12))
+    loss = attention_kl({0: teacher}, {0: student}, [(0, 0)])
+    loss.backward()
+    assert float(loss.detach()) > 0.01 and torch.isfinite(q2.grad).all() and q2.grad.abs().sum() > 0
+
+
+def test_sample_queries():
+    rng = np.random.default_rng(0)
+    assert sample_queries(5, 8, rng, torch.device("cpu")).tolist() == [0, 1, 2, 3, 4]
+    picked = sample_queries(100, 10, rng, torch.device("cpu"))
+    assert len(set(picked.tolist())) == 10 and picked.tolist() == sorted(picked.tolist())
+
+
+def test_pairs_follow_the_pruning_record_else_the_order(workspace, tmp_path):
+    teacher = load_model(workspace / "teacher")
+    attention = [spec.index for spec in teacher.config.blocks if spec.kind == ATTENTION]
+    assert attention == [3, 6]  # M-M*-M*M-
+    student = load_model(workspace / "student")
+    assert attention_pairs(workspace / "student", student.config, workspace / "teacher", teacher.config) == (
+        (3, 3),
+        (6, 6),
+    )
+    # a student pruned from the teacher down to its last four blocks (M*M-): one attention block, from block 6
+    config = student.config.replace(hybrid_override_pattern="M*M-")
+    save_model(HybridLM(config), tmp_path / "pruned")
+    blocks = [{"source": source} for source in (5, 6, 7, 8)]
+    record = {"source": {"fingerprint": fingerprint(workspace / "teacher")}, "chosen": {"target": {"blocks": blocks}}}
+    (tmp_path / "pruned" / "compression.json").write_text(json.dumps(record))
+    assert attention_pairs(tmp_path / "pruned", config, workspace / "teacher", teacher.config) == ((1, 6),)
+    # the same record from another source model is not this teacher's, and one block cannot pair with two
+    record["source"]["fingerprint"] = "0" * 16
+    (tmp_path / "pruned" / "compression.json").write_text(json.dumps(record))
+    with pytest.raises(OptionError, match="cannot match the student's 1 attention blocks with the teacher's 2"):
+        attention_pairs(tmp_path / "pruned", config, workspace / "teacher", teacher.config)
+    fewer_heads = student.config.replace(num_attention_heads=2)
+    with pytest.raises(OptionError, match="heads one to one: the student's block 3 has 2 attention heads"):
+        attention_pairs(tmp_path, fewer_heads, workspace / "teacher", teacher.config)
+    with pytest.raises(OptionError, match="needs a student with attention blocks"):
+        attention_pairs(tmp_path, student.config.replace(hybrid_override_pattern="M-M-M-"), "-", teacher.config)
+
+
+def test_attention_loss_pulls_the_students_attention_to_the_teachers(workspace, tmp_path):
+    options = dict(lr=1e-2, min_lr=1e-3, steps=40, eval_every=40, save_every=40)
+    train(_config(workspace, tmp_path / "plain", **options))
+    transfer = train(_config(workspace, tmp_path / "transfer", attention_loss=20.0, attention_queries=16, **options))
+    steps = _records(tmp_path / "transfer")
+    assert all(math.isfinite(r["attention_kl"]) for r in steps) and steps[-1]["attention_kl"] < steps[0]["attention_kl"]
+    teacher = load_model(workspace / "teacher")
+    ids = torch.from_numpy(np.load(workspace / "tokens.npy")[:128].astype(np.int64)).view(4, 32)
+    before = _maps_kl(teacher, load_model(workspace / "student"), ids)
+    after_plain = _maps_kl(teacher, load_model(tmp_path / "plain" / "model"), ids)
+    after_transfer = _maps_kl(teacher, load_model(tmp_path / "transfer" / "model"), ids)
+    # 0.44 -> 0.20 nats in 40 steps with the transfer; logit distillation alone leaves it at 0.44
+    assert after_transfer < 0.6 * before and after_transfer < 0.6 * after_plain
+    first = _records(tmp_path / "transfer", "eval")[0]
+    assert transfer.final_eval["val_kl"] < 0.5 * first["val_kl"]  # the logits are still distilled
+
+
+def test_attention_loss_with_activation_checkpointing_gives_the_same_run(workspace, tmp_path):
+    options = dict(steps=3, attention_loss=1.0, attention_queries=8)
+    train(_config(workspace, tmp_path / "plain", **options))
+    train(_config(workspace, tmp_path / "ckpt", activation_checkpointing=True, **options))
+    for key in ("loss", "attention_kl"):
+        got, want = ([r[key] for r in _records(tmp_path / run)] for run in ("ckpt", "plain"))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_attention_loss_errors_and_plan(workspace, tmp_path):
+    with pytest.raises(OptionError, match="attention_loss.*needs the teacher in memory"):
+        _config(workspace, tmp_path / "a", attention_loss=1.0, cache_teacher=True).validate()
+    with pytest.raises(OptionError, match="attention_loss.*needs a teacher"):
+        _config(workspace, tmp_path / "a", attention_loss=1.0, teacher=None).validate()
+    with pytest.raises(OptionError, match="attention_queries.*at least 1"):
+        _config(workspace, tmp_path / "a", attention_loss=1.0, attention_queries=0).validate()
+    common = [str(workspace / "teacher"), str(workspace / "student"), "--data", str(workspace / "tokens.npy"),
+              "--seq-len", "32", "--batch-size", "8", "--quiet", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(cli.app, ["distill", *common, "--attention-loss", "-1", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "--attention-loss" in result.output and "Traceback" not in result.output
+    result = runner.invoke(cli.app, ["distill", *common, "--attention-loss", "1", "--dry-run"])
+    assert result.exit_code == 0 and "attention maps (--attention-loss)" in result.output, result.output
+    result = runner.invoke(cli.app, ["distill", *common, "--attention-loss", "1", "--steps", "2",
+                                     "--out", str(tmp_path / "c")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert all("attention_kl" in r for r in _records(tmp_path / "c"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_two_processes_equal_one_with_the_attention_loss(workspace, tmp_path):
+    args = [
+        "distill", str(workspace / "teacher"), str(workspace / "student"), "--data", str(workspace / "tokens.npy"),
+        "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2", "--steps", "4", "--lr", "3e-3",
+        "--eval-every", "4", "--eval-sequences", "8", "--save-every", "4", "--valid-fraction", "0.1", "--quiet",
+        "--log-every", "1", "--device", "cpu", "--attention-loss", "2", "--attention-queries", "8",
+    ]  # fmt: skip
+    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for key in ("loss", "attention_kl"):
+        got, want = ([r[key] for r in _records(tmp_path / run)] for run in ("two", "one"))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
