@@ -3,6 +3,7 @@ same distillation, on the quick start's budget (20 MiB at a 4k context):
 
     python benchmarks/retrieval_choice.py                      # the example model, 400k distillation tokens
     python benchmarks/retrieval_choice.py --tokens 100k --out runs/choice
+    python benchmarks/retrieval_choice.py --attention-loss 0   # logit distillation alone
     python benchmarks/retrieval_choice.py --distill-data text  # distill on the calibration text alone
 
 Runs the `compress` commands a user would (prune with `--score kl` and with `--score kl+retrieval`, the
@@ -10,8 +11,9 @@ same `compress distill` for both), then `compress eval` for held-out loss and KL
 `compress eval --task phonebook` at 1k and 4k tokens, and prints one table. The distillation data is, by
 default, the calibration text (`examples/data/sample.txt`) mixed with 30% retrieval rows at 1024 tokens
 (`examples/mix_retrieval.py`, as in the example model's training mix): distillation
-only passes on what its data exercises. `--distill-data text` distills on the text alone. Reruns reuse
-finished steps in `--out`.
+only passes on what its data exercises. `--distill-data text` distills on the text alone. The
+distillation transfers the attention too (`--attention-loss`, default 5): from logits alone, the pruned
+students' retrieval does not come back. Reruns reuse finished steps in `--out`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ DISTILL = ["--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", "1000", "--save-e
 DISTILL_DATA = {"text": ["--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "8"],
                 "mix": ["--seq-len", "1024", "--batch-size", "4", "--micro-batch-size", "4"]}  # fmt: skip
 MIX_ROWS = 1000  # 1M tokens: more than 400k distillation tokens read once
+ATTENTION_LOSS = "5"  # compress distill --attention-loss: the attention transfer that brings retrieval back
 
 
 def compress(*args: str) -> str:
@@ -60,6 +63,11 @@ def main() -> None:
     parser.add_argument("--retrieval-ctx", default="1k", help="context of the probe in the score")
     parser.add_argument("--weight", default="1", help="--retrieval-weight")
     parser.add_argument(
+        "--attention-loss",
+        default=ATTENTION_LOSS,
+        help="compress distill --attention-loss (0: logit distillation alone)",
+    )
+    parser.add_argument(
         "--distill-data",
         choices=sorted(DISTILL_DATA),
         default="mix",
@@ -71,10 +79,11 @@ def main() -> None:
         data = args.out / "mix-1k.npy"
         if not data.is_file():
             write_mix(Path(args.model) / "tokenizer.json", data)
-    distill = [*DISTILL, "--data", str(data), *DISTILL_DATA[args.distill_data]]
+    distill = [*DISTILL, "--data", str(data), *DISTILL_DATA[args.distill_data], "--attention-loss", args.attention_loss]
+    suffix = args.distill_data + ("" if float(args.attention_loss) == 0 else f"-attention{args.attention_loss}")
     models = {"original": Path(args.model)}
     for label, score in (("KL alone", "kl"), ("KL + retrieval", "kl+retrieval")):
-        pruned, run = args.out / f"{score}-pruned", args.out / f"{score}-distilled-{args.distill_data}"
+        pruned, run = args.out / f"{score}-pruned", args.out / f"{score}-distilled-{suffix}"
         if not (pruned / "config.json").is_file():
             compress("prune", args.model, *PRUNE, "--score", score, "--retrieval-ctx", args.retrieval_ctx,
                      "--retrieval-weight", args.weight, "--out", str(pruned), "--overwrite")  # fmt: skip
@@ -92,7 +101,8 @@ def main() -> None:
                                 "--json"))["models"]  # fmt: skip
     print(
         f"quick start budget (20 MiB at 4k), distillation {args.tokens} tokens each on the {args.distill_data} "
-        f"({DISTILL_DATA[args.distill_data][1]} tokens per sequence); phonebook 64 queries"
+        f"({DISTILL_DATA[args.distill_data][1]} tokens per sequence), --attention-loss {args.attention_loss}; "
+        "phonebook 64 queries"
     )
     print("| model | parameters | loss | KL to original | phonebook 1k | log-lik 1k | phonebook 4k | log-lik 4k |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,6 +1,6 @@
 """Train the example model: Shakespeare mixed with retrieval rows, one head per attention block guided to copy.
 
-Reproduces `examples/model` (run by `examples/train_example.sh`, about 50 minutes on 2 CPU cores). Each
+Reproduces `examples/model` (run by `examples/train_example.sh`, about 80 minutes on 2 CPU cores). Each
 step is `ROWS` rows of one stage's `LENGTH` tokens: a `SHARE` of them retrieval rows, the rest text (random
 windows of `--text`, tokenized with the model's tokenizer). Retrieval rows are phonebooks in the evaluation's
 format (`compressor.tasks`: two-word names, four digits; here half of the entries are asked, the
@@ -20,6 +20,11 @@ The guidance stays on for the whole run: a run that dropped it after 500 steps, 
 train` on `examples/mix_retrieval.py`'s mix at a higher learning rate, lost the retrieval in 60 steps and
 did not find it again.
 
+`examples/train_example.sh` runs it twice: the default stages from `compress init`'s weights, then a second
+schedule from that model (`--stages 1024:600:8:0.125 --lr 6e-4 --seed 1`: one retrieval row in eight,
+the learning rate warmed up again), which spends its steps on the text: held-out perplexity falls
+there while the retrieval, guidance still on, holds.
+
 Checkpoints (weights, AdamW moments and the step, in safetensors) go to `OUT/checkpoint` every
 `--save-every` steps; `--resume` continues from there, and since each step's data is drawn from a
 generator seeded by (seed, step), a resumed run sees the same rows as an unbroken one. The final model is
@@ -28,6 +33,8 @@ written to OUT/model.
 Usage:
     python examples/train_example.py runs/example/init runs/example/train
     python examples/train_example.py runs/example/init runs/example/train --resume   # after a kill
+    python examples/train_example.py runs/example/train/model runs/example/long --stages 1024:600:8:0.125 \
+        --lr 6e-4 --seed 1
 """
 
 from __future__ import annotations
