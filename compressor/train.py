@@ -4,6 +4,8 @@
 top-k), read and split the data, build AdamW, then loop: for each optimizer step, run this process's share
 of the global batch in micro-batches (the loss of each is divided by the global token count, so the
 accumulated gradient is that of one large batch), clip, set the learning rate from the schedule, step.
+With `attention_loss` > 0 each micro-batch's loss also holds the attention transfer
+(`compressor.attention_transfer`): the KL from the teacher's attention weights to the student's.
 Every `eval_every` steps it measures validation loss, KL to the teacher and top-1 agreement; every
 `save_every` steps it writes a checkpoint. Metrics go to `OUT/metrics.jsonl`.
 
