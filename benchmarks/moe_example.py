@@ -150,7 +150,7 @@ def main() -> None:
     scores = estimate(dense, calibration.head(32).batches(8, shuffle=False))
     shared = args.shared or dense.config.intermediate_size // 3
     moe = upcycle(dense, scores, experts=args.experts, top_k=args.top_k, shared=shared)
-    save_model(moe, out / "upcycled", tokenizer_from=ROOT / args.model)
+    save_model(moe, out / "upcycled", tokenizer_from=ROOT / args.model, overwrite=True)  # a rerun replaces it
     print(f"upcycled {args.model} into {out / 'upcycled'} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     # 2. train briefly, 3. prune to the budgets, 4. distill, 5. evaluate

@@ -12,8 +12,8 @@ same `compress distill` for both), then `compress eval` for held-out loss and KL
 default, the calibration text (`examples/data/sample.txt`) mixed with 30% retrieval rows at 1024 tokens
 (`examples/mix_retrieval.py`, as in the example model's training mix): distillation
 only passes on what its data exercises. `--distill-data text` distills on the text alone. The
-distillation transfers the attention too (`--attention-loss`, default 5): from logits alone, the pruned
-students' retrieval does not come back. Reruns reuse finished steps in `--out`.
+distillation transfers the attention too (`--attention-loss`, default 5): by logits alone the pruned
+students' retrieval comes back less, or not at all (`--attention-loss 0`). Reruns reuse finished steps in `--out`.
 """
 
 from __future__ import annotations
