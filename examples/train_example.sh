@@ -5,7 +5,7 @@
 # 1k tokens as a long-context hybrid's do. examples/train_example.py trains it in two runs, one head per
 # attention block guided to the token to copy (see its docstring): 250 steps at 128 tokens, 250 at 256 and
 # 680 at 1024 with half, then 30%, retrieval rows (about 47 minutes on 2 idle CPU cores); then a second
-# schedule of 600 steps at 1024 tokens with one retrieval row in eight, for the text (about 33 minutes).
+# schedule of 600 steps at 1024 tokens with one retrieval row in eight, for the text (about 32 minutes).
 # After a kill, rerun the interrupted train_example.py line with --resume.
 # Run from a set-up checkout (examples/setup.sh).
 set -euo pipefail
