@@ -1,9 +1,14 @@
-"""Shared test helpers: random tiny architectures and the transformers reference."""
+"""Shared test helpers: random tiny architectures, the transformers reference and short training runs."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -56,8 +61,6 @@ PIPELINE_SEQ = 32
 def workspace(tmp_path_factory):
     """A small random hybrid checkpoint and a token file of 48 sequences of PIPELINE_SEQ tokens, for the
     pipeline tests (prune, search)."""
-    import numpy as np
-
     from compressor.checkpoint import save_model
     from compressor.model import HybridLM
     from compressor.presets import get_preset
@@ -105,3 +108,46 @@ def randomize_routers(model: torch.nn.Module, seed: int = 0) -> None:
             experts, hidden = module.weight.shape
             module.weight.copy_(torch.randn(experts, hidden, generator=gen) * 1.5 / math.sqrt(hidden))
             module.e_score_correction_bias.copy_(torch.randn(experts, generator=gen) * 0.3)
+
+
+# ----- training runs (tests/test_train.py, tests/test_attention_transfer.py) -------------------------------
+TRAIN_VOCAB = 64
+
+
+def write_cyclic_tokens(path, size: int = 12_000) -> None:
+    """Token data with structure a model can learn: each token is usually the previous one + 1."""
+    rng = np.random.default_rng(0)
+    np.save(path, (np.cumsum(rng.choice([1, 1, 1, 2], size=size)) % TRAIN_VOCAB).astype(np.int32))
+
+
+def train_config(workspace, out, **changes):
+    """A few-step CPU run of `workspace`'s student on its tokens.npy (compressor.train.TrainConfig)."""
+    from compressor.train import TrainConfig
+
+    base = dict(
+        student=str(workspace / "student"), out=str(out), data=str(workspace / "tokens.npy"), seq_len=32,
+        batch_size=8, micro_batch_size=4, steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
+        eval_sequences=8, save_every=2, log_every=1, valid_fraction=0.1,
+        device="cpu",  # the figures these tests compare are CPU fp32 ones, also on a GPU machine
+    )  # fmt: skip
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def train_records(out, kind: str = "train") -> list[dict]:
+    """The `kind` records of a run's metrics.jsonl."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def distill_in_one_and_two_processes(args: list[str], one, two) -> None:
+    """Run `compress ARGS` in this process into `one`, and under torchrun with two gloo processes into `two`."""
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(one)])
+    assert result.exit_code == 0, result.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
+    done = subprocess.run([*launch, *args, "--out", str(two)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,19 +14,25 @@ from compressor.config import ATTENTION
 from compressor.errors import OptionError
 from compressor.model import HybridLM, log_attention
 from compressor.presets import get_preset
-from compressor.train import TrainConfig, train
+from compressor.train import train
+from tests.conftest import (
+    TRAIN_VOCAB,
+    distill_in_one_and_two_processes,
+    train_config,
+    train_records,
+    write_cyclic_tokens,
+)
 
 runner = CliRunner()
-VOCAB = 64
+VOCAB = TRAIN_VOCAB
+_records = train_records
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A teacher with peaked attention, a student of another width (same heads), and data with structure."""
     root = tmp_path_factory.mktemp("attention")
-    rng = np.random.default_rng(0)
-    stream = np.cumsum(rng.choice([1, 1, 1, 2], size=12_000)) % VOCAB
-    np.save(root / "tokens.npy", stream.astype(np.int32))
+    write_cyclic_tokens(root / "tokens.npy")
     config = get_preset("tiny").replace(vocab_size=VOCAB)
     torch.manual_seed(0)
     teacher = HybridLM(config.replace(hidden_size=96))
@@ -42,18 +46,9 @@ def workspace(tmp_path_factory):
 
 
 def _config(workspace, out, **changes):
-    base = dict(
-        student=str(workspace / "student"), teacher=str(workspace / "teacher"), out=str(out),
-        data=str(workspace / "tokens.npy"), seq_len=32, batch_size=8, micro_batch_size=4, steps=12, lr=3e-3,
-        min_lr=3e-4, warmup_steps=2, eval_every=12, eval_sequences=8, save_every=12, log_every=1,
-        valid_fraction=0.1, device="cpu",
-    )  # fmt: skip
-    base.update(changes)
-    return TrainConfig(**base)
-
-
-def _records(run, kind="train") -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    """A 12-step distillation from the workspace's teacher."""
+    base = dict(teacher=str(workspace / "teacher"), steps=12, eval_every=12, save_every=12)
+    return train_config(workspace, out, **{**base, **changes})
 
 
 def _maps_kl(teacher, student, ids) -> float:
@@ -196,11 +191,7 @@ def test_two_processes_equal_one_with_the_attention_loss(workspace, tmp_path):
         "--eval-every", "4", "--eval-sequences", "8", "--save-every", "4", "--valid-fraction", "0.1", "--quiet",
         "--log-every", "1", "--device", "cpu", "--attention-loss", "2", "--attention-queries", "8",
     ]  # fmt: skip
-    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    distill_in_one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     for key in ("loss", "attention_kl"):
         got, want = ([r[key] for r in _records(tmp_path / run)] for run in ("two", "one"))
         np.testing.assert_allclose(got, want, rtol=1e-4)

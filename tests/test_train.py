@@ -2,9 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,53 +14,30 @@ from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
 from compressor.train import TrainConfig, TrainingError, lr_at, train
+from tests.conftest import (
+    TRAIN_VOCAB,
+    distill_in_one_and_two_processes,
+    train_config,
+    train_records,
+    write_cyclic_tokens,
+)
 
 runner = CliRunner()
-VOCAB = 64
+VOCAB = TRAIN_VOCAB
+_config, _records = train_config, train_records
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny teacher/student pair and token data with structure a model can learn."""
     root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    # a noisy cyclic language: each token is usually the previous one + 1
-    stream = np.cumsum(rng.choice([1, 1, 1, 2], size=12_000)) % VOCAB
-    np.save(root / "tokens.npy", stream.astype(np.int32))
+    write_cyclic_tokens(root / "tokens.npy")
     config = get_preset("tiny").replace(vocab_size=VOCAB)
     torch.manual_seed(0)
     save_model(HybridLM(config), root / "student")
     torch.manual_seed(1)
     save_model(HybridLM(config.replace(hidden_size=96)), root / "teacher")
     return root
-
-
-def _config(workspace, out, **changes):
-    base = dict(
-        student=str(workspace / "student"),
-        out=str(out),
-        data=str(workspace / "tokens.npy"),
-        seq_len=32,
-        batch_size=8,
-        micro_batch_size=4,
-        steps=8,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=2,
-        eval_every=4,
-        eval_sequences=8,
-        save_every=2,
-        log_every=1,
-        valid_fraction=0.1,
-        device="cpu",  # the figures these tests compare are CPU fp32 ones, also on a GPU machine
-    )
-    base.update(changes)
-    return TrainConfig(**base)
-
-
-def _records(out, kind="train"):
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def _weights(path):
@@ -140,11 +114,7 @@ def test_two_processes_equal_one(workspace, tmp_path):
         "--eval-every", "2", "--eval-sequences", "8", "--save-every", "4", "--valid-fraction", "0.1", "--quiet",
         "--log-every", "1", "--device", "cpu",
     ]  # fmt: skip
-    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    distill_in_one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     for kind, key in (("train", "loss"), ("eval", "val_loss"), ("eval", "val_kl")):
         got = [r[key] for r in _records(tmp_path / "two", kind)]
         want = [r[key] for r in _records(tmp_path / "one", kind)]
@@ -285,19 +255,14 @@ def test_two_processes_equal_one_for_a_bf16_moe_student(tmp_path):
     student = HybridLM(config.replace(n_routed_experts=4))
     randomize_routers(student, 1)
     save_model(student, tmp_path / "student")
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "tokens.npy", (np.cumsum(rng.choice([1, 1, 1, 2], size=4000)) % VOCAB).astype(np.int32))
+    write_cyclic_tokens(tmp_path / "tokens.npy", size=4000)
     args = [
         "distill", str(tmp_path / "teacher"), str(tmp_path / "student"), "--data", str(tmp_path / "tokens.npy"),
         "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2", "--steps", "2", "--lr", "3e-3",
         "--eval-every", "2", "--eval-sequences", "8", "--save-every", "2", "--valid-fraction", "0.1", "--quiet",
         "--log-every", "1", "--dtype", "bfloat16",
     ]  # fmt: skip
-    one = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    distill_in_one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     for kind, key in (("train", "loss"), ("eval", "val_kl")):
         got = [r[key] for r in _records(tmp_path / "two", kind)]
         np.testing.assert_allclose(got, [r[key] for r in _records(tmp_path / "one", kind)], rtol=2e-3)
