@@ -54,6 +54,7 @@ from compressor import load_model, save_model
 from compressor.checkpoint import write_checkpoint
 from compressor.config import ATTENTION
 from compressor.data import find_eos_id, load_sequences, load_tokenizer
+from compressor.model import log_attention
 from compressor.outputs import atomic_output
 from compressor.tasks import TaskSpec, TaskVocabulary, make_examples, score
 
@@ -124,10 +125,8 @@ def guidance_loss(model, inputs: dict[int, torch.Tensor], source: torch.Tensor) 
         q = F.linear(hidden, attention.q_proj.weight[GUIDED_HEAD * d : (GUIDED_HEAD + 1) * d])
         kv = GUIDED_HEAD // group
         k = F.linear(hidden, attention.k_proj.weight[kv * d : (kv + 1) * d])
-        scores = q @ k.transpose(1, 2) / math.sqrt(d)  # (batch, t, t)
-        t = scores.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()
-        log_weights = scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
+        every = torch.arange(q.shape[1], device=q.device)
+        log_weights = log_attention(q[:, None], k[:, None], every)[:, 0]  # (batch, t, t), one head
         losses.append(-log_weights[batch, position, source[batch, position]].mean())
     return torch.stack(losses).mean()
 
