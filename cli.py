@@ -132,6 +132,16 @@ ScoreOption = Annotated[
 ]
 RetrievalWeightOption = Annotated[float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")]
 ScoreSamplesOption = Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")]
+AttentionLossOption = Annotated[
+    float,
+    typer.Option(
+        help="Weight of attention transfer: KL from each teacher attention block's weights to its student "
+        "block's, added to the distillation loss (0: off). Restores retrieval that pruning broke."
+    ),
+]
+AttentionQueriesOption = Annotated[
+    int, typer.Option(help="--attention-loss: query positions per micro-batch whose attention rows it matches.")
+]
 ImportanceDirOption = Annotated[
     Path | None, typer.Option("--importance", help="Importance folder to reuse (`compress importance`).")
 ]
@@ -1144,9 +1154,17 @@ def search(
     samples: SamplesOption = 1024,
     score_samples: ScoreSamplesOption = 64,
     importance_dir: ImportanceDirOption = None,
-    rank_by: Annotated[str, typer.Option(help="Rank finalists by kl (to the original) or loss.")] = "kl",
+    rank_by: Annotated[
+        str,
+        typer.Option(
+            help="Rank finalists after distillation by kl (to the original), loss, or retrieval (the probe's "
+            "accuracy: --retrieval-task at --retrieval-ctx)."
+        ),
+    ] = "kl",
     score: ScoreOption = "kl",
     retrieval_weight: RetrievalWeightOption = 1.0,
+    attention_loss: AttentionLossOption = 0.0,
+    attention_queries: AttentionQueriesOption = 256,
     seed: Annotated[int, typer.Option(help="Seed of the distillation data order and split.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
@@ -1180,8 +1198,8 @@ def search(
         if budget is None:
             raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
         distill = TrainConfig(student="", out="", data="", teacher=str(model), seq_len=seq_len, batch_size=batch_size,
-                              micro_batch_size=micro_batch_size,
-                              activation_checkpointing=activation_checkpointing)  # fmt: skip
+                              micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
+                              attention_loss=attention_loss, attention_queries=attention_queries)  # fmt: skip
         _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), plan, seq_len=seq_len,
                              batch_size=1, score_samples=score_samples, importance=importance_dir is None, dtype=dtype,
                              device=device, json_output=json_output, distill=distill)  # fmt: skip
@@ -1196,9 +1214,11 @@ def search(
                 "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
             )
         template = TrainConfig(
-            student="", out="", data="", tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
-            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9, eval_sequences=64,
-            save_every=50, seed=seed, device=device, activation_checkpointing=activation_checkpointing,
+            student="", out="", data="", teacher=str(model), tokens=parse_tokens(distill_tokens), seq_len=seq_len,
+            batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9,
+            eval_sequences=64, save_every=50, seed=seed, device=device,
+            activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
+            attention_queries=attention_queries,
         )  # fmt: skip
         config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by, score,
                               retrieval_weight)  # fmt: skip
@@ -1209,7 +1229,7 @@ def search(
             str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
             score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
             text_field=text_field, all_sequences=True, device=device, dtype=dtype,
-            retrieval=retrieval_from("retrieval" in score, retrieval, budget.context),
+            retrieval=retrieval_from("retrieval" in score or rank_by == "retrieval", retrieval, budget.context),
         )  # fmt: skip
         from compressor.outputs import check_output
 
@@ -1224,7 +1244,7 @@ def search(
 
 def _print_search(record, out: Path) -> None:
     """A search's candidates, ranked after distillation, and where its Pareto front and plot are."""
-    key = "val_kl" if record.rank_by == "kl" else "val_loss"
+    shown = "loss" if record.rank_by == "loss" else "kl"  # ranked by retrieval: its column is beside the KL
     rank = {index: position for position, index in enumerate(record.ranking, start=1)}
     probe = record.retrieval
     rows = []
@@ -1232,13 +1252,14 @@ def _print_search(record, out: Path) -> None:
         retrieval_cells = [_retrieval_cell(c.retrieval), _retrieval_cell(c.distilled and c.distilled.retrieval)]
         rows.append([str(rank.get(c.index, "-")), str(c.index), c.label, str(len(c.pattern)), f"{c.params:,}",
                      fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}",
-                     f"{c.distilled.metric(record.rank_by):.4f}" if c.distilled else "-",
+                     f"{c.distilled.metric(shown):.4f}" if c.distilled else "-",
                      *(retrieval_cells if probe else [])])  # fmt: skip
     columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup",
-               f"zero-shot {record.score_metric}", key]  # fmt: skip
+               f"zero-shot {record.score_metric}", f"val_{shown}"]  # fmt: skip
     if probe:
         columns += [_retrieval_column(probe), "after distillation"]
-    out_table = table(f"{record.strategy} search ({out}), ranked after distillation", columns, rows, left=0)
+    out_table = table(f"{record.strategy} search ({out}), ranked by {record.rank_by} after distillation", columns,
+                      rows, left=0)  # fmt: skip
     out_table.columns[2].justify = "left"
     console.print(out_table)
     console.print(
@@ -1463,16 +1484,8 @@ def distill(
     lm_weight: Annotated[float, typer.Option(help="Weight of the student's LM loss in the mix (0-1).")] = 0.0,
     cache_teacher: Annotated[bool, typer.Option(help="Precompute the teacher's top-k once; train without it.")] = False,
     top_k: Annotated[int, typer.Option(help="Tokens kept per position by --cache-teacher.")] = 64,
-    attention_loss: Annotated[
-        float,
-        typer.Option(
-            help="Weight of attention transfer: KL from each teacher attention block's weights to its "
-            "student block's, added to the loss (0: off). Restores retrieval that pruning broke."
-        ),
-    ] = 0.0,
-    attention_queries: Annotated[
-        int, typer.Option(help="--attention-loss: query positions per micro-batch whose attention rows it matches.")
-    ] = 256,
+    attention_loss: AttentionLossOption = 0.0,
+    attention_queries: AttentionQueriesOption = 256,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
     quantize: Annotated[
         str | None,

@@ -1,4 +1,4 @@
-"""The candidate chosen by KL alone against the one chosen with retrieval in the score, before and after the
+"""The candidate chosen by KL alone against those chosen with retrieval in the decision, before and after the
 same distillation, on the quick start's budget (20 MiB at a 4k context):
 
     python benchmarks/retrieval_choice.py                      # the example model, 400k distillation tokens
@@ -6,9 +6,15 @@ same distillation, on the quick start's budget (20 MiB at a 4k context):
     python benchmarks/retrieval_choice.py --attention-loss 0   # logit distillation alone
     python benchmarks/retrieval_choice.py --distill-data text  # distill on the calibration text alone
 
-Runs the `compress` commands a user would (prune with `--score kl` and with `--score kl+retrieval`, the
-same `compress distill` for both), then `compress eval` for held-out loss and KL to the original, and
-`compress eval --task phonebook` at 1k and 4k tokens, and prints one table. The distillation data is, by
+Runs the `compress` commands a user would, three ways to choose:
+- `compress prune --score kl` (KL alone), then `compress distill`;
+- `compress prune --score kl+retrieval` (the zero-shot retrieval probe in the score), then the same
+  `compress distill`;
+- `compress search --rank-by retrieval`: the best `--candidates` by zero-shot KL each put through that same
+  distillation, ranked by the phonebook probe at 4k after it; `compress materialize` writes the winner,
+  pruned and distilled.
+Then `compress eval` for held-out loss and KL to the original, and `compress eval --task phonebook` at 1k
+and 4k tokens, and one table. The distillation data is, by
 default, the calibration text (`examples/data/sample.txt`) mixed with 30% retrieval rows at 1024 tokens
 (`examples/mix_retrieval.py`, as in the example model's training mix): distillation
 only passes on what its data exercises. `--distill-data text` distills on the text alone. The
@@ -26,13 +32,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-PRUNE = ["--target-mem", "20MiB", "--ctx", "4k", "--axes", "hidden,ffn,mamba_heads,mamba_head_dim,depth",
+AXES = "hidden,ffn,mamba_heads,mamba_head_dim,depth"  # attention heads stay whole
+PRUNE = ["--target-mem", "20MiB", "--ctx", "4k", "--axes", AXES,
          "--data", str(DATA / "sample.txt"), "--samples", "64", "--score-samples", "32", "--seq-len", "256",
          "--batch-size", "8"]  # fmt: skip
 DISTILL = ["--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", "1000", "--save-every", "50", "--quiet"]
 # 4,096 tokens per step either way
 DISTILL_DATA = {"text": ["--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "8"],
                 "mix": ["--seq-len", "1024", "--batch-size", "4", "--micro-batch-size", "4"]}  # fmt: skip
+SEARCH = ["--strategy", "minitron", "--target-mem", "20MiB", "--ctx", "4k", "--axes", AXES, "--samples", "64",
+          "--score-samples", "32", "--lr", "1e-3", "--min-lr", "1e-4", "--rank-by", "retrieval"]  # fmt: skip
 MIX_ROWS = 1000  # 1M tokens: more than 400k distillation tokens read once
 ATTENTION_LOSS = "5"  # compress distill --attention-loss: the attention transfer that brings retrieval back
 
@@ -62,6 +71,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="400k", help="distillation tokens per candidate")
     parser.add_argument("--retrieval-ctx", default="1k", help="context of the probe in the score")
     parser.add_argument("--weight", default="1", help="--retrieval-weight")
+    parser.add_argument("--candidates", default="4", help="compress search --candidates (finalists distilled)")
     parser.add_argument(
         "--attention-loss",
         default=ATTENTION_LOSS,
@@ -94,6 +104,19 @@ def main() -> None:
         chosen = json.loads((pruned / "compression.json").read_text())["chosen"]["label"]
         models[f"{label}: {chosen}"] = pruned
         models[f"{label}: {chosen}, distilled"] = run / "model"
+    search = args.out / f"search-{suffix}"
+    if not (search / "pareto.json").is_file():
+        resume = ["--resume"] if (search / "search.json").is_file() else ["--overwrite"]
+        compress("search", args.model, "--data", str(data), *SEARCH, *DISTILL_DATA[args.distill_data], "--candidates",
+                 args.candidates, "--distill-tokens", args.tokens, "--attention-loss", args.attention_loss, "--out",
+                 str(search), *resume)  # fmt: skip
+    record = json.loads((search / "search.json").read_text())
+    best = record["ranking"][0]
+    label = f"search, ranked by retrieval: {record['candidates'][best]['label']}"
+    for kind, extra in (("pruned", []), ("distilled", ["--distilled"])):
+        compress("materialize", str(search), str(best), "--out", str(search / f"best-{kind}"), *extra, "--overwrite")
+    models[label] = search / "best-pruned"
+    models[f"{label}, distilled"] = search / "best-distilled"
     paths = [str(p) for p in models.values()]
     losses = json.loads(compress("eval", *paths, "--teacher", args.model, "--data", str(DATA / "valid.txt"),
                                  "--seq-len", "256", "--max-sequences", "128", "--json"))  # fmt: skip
@@ -102,7 +125,7 @@ def main() -> None:
     print(
         f"quick start budget (20 MiB at 4k), distillation {args.tokens} tokens each on the {args.distill_data} "
         f"({DISTILL_DATA[args.distill_data][1]} tokens per sequence), --attention-loss {args.attention_loss}; "
-        "phonebook 64 queries"
+        f"phonebook 64 queries; the search distilled {sum(c['finalist'] for c in record['candidates'])} finalists"
     )
     print("| model | parameters | loss | KL to original | phonebook 1k | log-lik 1k | phonebook 4k | log-lik 4k |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -17,13 +17,14 @@ def plot_pareto(record: SearchRecord, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     by_index = {c.index: c for c in record.candidates}
-    rank_key = "val_kl" if record.rank_by == "kl" else "val_loss"
+    rank_key = {"kl": "val_kl", "loss": "val_loss", "retrieval": "retrieval error (1 - accuracy)"}[record.rank_by]
+    zero_shot = "retrieval error" if record.rank_by == "retrieval" else record.score_metric
 
     def x_of(c: Candidate, panel: str) -> float:
         return (c.memory_bytes or 0) / 2**20 if panel == "memory" else c.speedup
 
     def y_of(c: Candidate) -> float:
-        return c.distilled.metric(record.rank_by) if c.distilled is not None else c.score
+        return c.quality(record.rank_by)
 
     panels = [("memory", "memory (MiB)")] + ([("speedup", "estimated speedup")] if "speedup" in record.pareto else [])
     columns = len(panels) + (record.retrieval is not None)
@@ -42,7 +43,7 @@ def plot_pareto(record: SearchRecord, path: Path) -> None:
             label="Pareto front",
         )
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{rank_key} after short distillation (o) / zero-shot {record.score_metric} (x)")
+        ax.set_ylabel(f"{rank_key} after short distillation (o) / zero-shot {zero_shot} (x)")
         ax.legend()
     if record.retrieval is not None:
         _retrieval_panel(fig, record)

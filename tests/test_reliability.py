@@ -426,6 +426,10 @@ CASES = [
         "--rank-by 'ppl' is not one of",
     ),
     (
+        [*SEARCH[:-4], "--target-mem", "1GiB", "--attention-loss", "-1", "--out", "{root}/out_search"],
+        "--attention-loss must be at least 0",
+    ),
+    (
         [*SEARCH[:-4], "--target-mem", "1GiB", "--batch-size", "0", "--out", "{root}/out_search"],
         "--batch-size must be at least 1",
     ),

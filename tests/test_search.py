@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import cli
 from compressor.budget import Budget, parse_size
 from compressor.checkpoint import load_model
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 from compressor.pipelines.records import SearchRecord
 from compressor.pipelines.search import SearchConfig, load_search, materialize, resume_calibration, run_search
 from compressor.pipelines.source import CalibrationConfig, calibrate
@@ -161,3 +161,54 @@ def test_search_with_retrieval_records_it_before_and_after_distillation(tmp_path
     again = SearchConfig.from_record(load_search(out))
     assert (again.score, again.retrieval_weight) == ("kl+retrieval", 0.5)
     assert resume_calibration(out).retrieval == calibration.retrieval
+
+
+def test_search_ranks_by_retrieval_after_distillation_with_attention_transfer(tmp_path):
+    from compressor.attention_transfer import attention_pairs
+    from compressor.config import ATTENTION
+    from compressor.pipelines.records import CompressionRecord
+    from compressor.tasks import RetrievalConfig
+    from tests.conftest import train_records
+
+    calibration = CalibrationConfig(
+        "examples/model", "examples/data/sample.txt", samples=4, score_samples=2, seq_len=64, batch_size=2,
+        all_sequences=True, device="cpu", retrieval=RetrievalConfig("phonebook", 256, sequences=1),
+    )  # fmt: skip
+    template = TrainConfig(student="", out="", data="", teacher="examples/model", steps=2, seq_len=64, batch_size=2,
+                           micro_batch_size=2, eval_sequences=2, eval_every=10**9, log_every=1, max_sequences=64,
+                           device="cpu", attention_loss=1.0, attention_queries=16)  # fmt: skip
+    config = SearchConfig(Budget(memory=parse_size("20MiB"), context=1024), template, "minitron", {"top_k": 3},
+                          finalists=3, rank_by="retrieval")  # fmt: skip
+    out = tmp_path / "search"
+    record = run_search(calibrate(calibration), config, out, say=lambda t: None)
+    finalists = [c for c in record.candidates if c.finalist]
+    assert len(record.ranking) == len(finalists) == 3
+    keys = [(1 - c.distilled.retrieval["accuracy"], c.distilled.val_kl) for c in map(record.candidate, record.ranking)]
+    assert keys == sorted(keys)
+    source = load_model("examples/model").config
+    for c in finalists:
+        folder = out / "candidates" / str(c.index)
+        compression = CompressionRecord.from_dict(json.loads((folder / "pruned" / "compression.json").read_text()))
+        assert compression.chosen.target == c.target and compression.source == record.source
+        pairs = attention_pairs(folder / "pruned", load_model(folder / "pruned").config, "examples/model", source)
+        assert pairs == tuple((i, b.source) for i, b in enumerate(c.target.blocks) if b.kind == ATTENTION)
+        assert all(r["attention_kl"] > 0 for r in train_records(folder / "distill"))  # the transfer ran
+    # the ranking goes by retrieval, not KL: finished results, rewritten so the two disagree, are ranked again
+    for rank, c in enumerate(finalists):
+        result = {**json.loads((out / "candidates" / str(c.index) / "result.json").read_text()), "val_kl": 1.0 - rank}
+        result["retrieval"] = {**result["retrieval"], "accuracy": rank / 4}
+        (out / "candidates" / str(c.index) / "result.json").write_text(json.dumps(result))
+    again = run_search(calibrate(resume_calibration(out)), SearchConfig.from_record(load_search(out)), out,
+                       resume=True, say=lambda t: None)  # fmt: skip
+    assert again.ranking == [c.index for c in reversed(finalists)]
+    assert again.pareto["memory"]  # the front is taken on retrieval error
+    materialize(out, again.ranking[0], tmp_path / "chosen")
+    chosen = CompressionRecord.from_dict(json.loads((tmp_path / "chosen" / "compression.json").read_text()))
+    assert chosen.chosen.target == again.candidate(again.ranking[0]).target
+
+
+def test_ranking_by_retrieval_needs_the_probe(workspace, tmp_path):
+    template = _config(workspace).distill
+    config = SearchConfig(_budget(workspace), template, "minitron", {"top_k": 2}, finalists=1, rank_by="retrieval")
+    with pytest.raises(OptionError, match="rank_by retrieval needs the retrieval probe"):
+        run_search(calibrate(_calibration(workspace)), config, tmp_path / "s", say=lambda t: None)

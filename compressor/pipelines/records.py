@@ -34,6 +34,9 @@ class Distilled:
     retrieval: dict[str, Any] | None = None  # TaskResult.to_dict of the distilled model (with a probe)
 
     def metric(self, rank_by: str) -> float:
+        """Lower is better: the validation KL or loss, or (`retrieval`) the probe's error rate, 1 - accuracy."""
+        if rank_by == "retrieval":
+            return retrieval_error(self.retrieval)
         return self.val_kl if rank_by == "kl" else self.val_loss
 
 
@@ -54,6 +57,15 @@ class Candidate:
     distilled: Distilled | None = None
     active_params: int | None = None  # parameters a token uses (differs from params with MoE blocks)
     retrieval: dict[str, Any] | None = None  # TaskResult.to_dict of the pruned model (with a retrieval probe)
+
+    def quality(self, rank_by: str) -> float:
+        """Lower is better: `Distilled.metric` after the short distillation, else the zero-shot measure
+        (the proxy score, or the pruned model's retrieval error when ranking by retrieval)."""
+        if self.distilled is not None:
+            return self.distilled.metric(rank_by)
+        if rank_by == "retrieval":
+            return retrieval_error(self.retrieval)
+        return self.score if self.score is not None else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -161,6 +173,11 @@ class SearchRecord:
         raw["budget"] = Budget.from_dict(raw["budget"])
         raw["candidates"] = [Candidate.from_dict(c) for c in raw["candidates"]]
         return cls(**raw)
+
+
+def retrieval_error(result: dict[str, Any] | None) -> float:
+    """1 - accuracy of a TaskResult dict; 1.0 where nothing was measured."""
+    return 1.0 - result["accuracy"] if result is not None else 1.0
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -4,12 +4,18 @@
    source on held-out calibration sequences, or loss, with or without the retrieval probe's term; see
    `ranking`); the best `finalists` are marked. The folder (`search.json`, the
    importance scores) is built aside and renamed into place only once this step has succeeded;
-2. distill: each finalist is pruned from the in-memory source and distilled from it for the same token
-   budget, data, seed and schedule (`SearchConfig.distill`, a `TrainConfig` template), checkpointing as any
-   distillation run does; its validation result (and, with a retrieval probe, its retrieval) is written as
-   it finishes;
-3. rank: finished finalists by validation KL (or loss), the Pareto fronts of quality against memory (and
-   speedup when a GPU was given), `pareto.json` and `pareto.png`.
+2. distill: each finalist is pruned from the in-memory source (with the `compression.json` `compress prune`
+   would write, so `attention_loss` pairs its attention blocks with the source's) and distilled from it for
+   the same token budget, data, seed and schedule (`SearchConfig.distill`, a `TrainConfig` template),
+   checkpointing as any distillation run does; its validation result (and, with a retrieval probe, its
+   retrieval) is written as it finishes;
+3. rank: finished finalists by validation KL, loss, or the retrieval probe's accuracy (`rank_by`; ties go
+   to the lower KL), the Pareto fronts of quality against memory (and speedup when a GPU was given),
+   `pareto.json` and `pareto.png`.
+
+Ranking by retrieval after distillation is the retrieval-aware choice that holds up: a zero-shot retrieval
+score ranks candidates while all of them answer at chance (pruning takes retrieval down whole), and that
+does not say which ones a distillation brings back (README, Long context).
 
 `resume=True` continues a search where it stopped: finished finalists are skipped, an interrupted
 distillation resumes from its checkpoint. The source checkpoint is loaded once (by `calibrate`) and the data
@@ -28,26 +34,35 @@ from typing import Any
 
 from compressor.budget import Budget
 from compressor.checkpoint import fingerprint, load_model, parse_dtype, write_checkpoint
+from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.model import HybridLM
 from compressor.outputs import atomic_output, check_output, output_lock, staging, swap_in
-from compressor.pipelines.pruning import proxy_scorer, retrieval_record
+from compressor.pipelines.pruning import COMPRESSION_FILE, proxy_scorer, retrieval_record
 from compressor.pipelines.ranking import SCORE_METRICS, rank
-from compressor.pipelines.records import Candidate, Distilled, SearchRecord, read_json, write_json
+from compressor.pipelines.records import (
+    Candidate,
+    CompressionRecord,
+    Distilled,
+    SearchRecord,
+    read_json,
+    write_json,
+)
 from compressor.pipelines.source import CalibrationConfig, Source
 from compressor.prune import write_pruned
 from compressor.train import STATE_FILE, TrainConfig, train
 from strategies import build_options, get_strategy
 from strategies.base import options_to_dict
+from strategies.export_config import export_config
 
 SEARCH_FILE = "search.json"
 RESULT_FILE = "result.json"
 PARETO_FILE = "pareto.json"
 PLOT_FILE = "pareto.png"
 IMPORTANCE_DIR = "importance"
-RANK_METRICS = ("kl", "loss")  # finalists after distillation
+RANK_METRICS = ("kl", "loss", "retrieval")  # finalists after distillation (`Distilled.metric`)
 
 
 @dataclass(frozen=True)
@@ -160,10 +175,11 @@ def _distill_finalists(source: Source, record: SearchRecord, work: Path, config:
     teacher = _teacher(source.model, config.distill)
     for candidate in record.candidates:
         if candidate.finalist:  # its result.json says whether it is finished
-            candidate.distilled = _distill_finalist(source, teacher, candidate, work, config.distill, say)
+            candidate.distilled = _distill_finalist(source, teacher, record, candidate, work, config.distill, say)
             write_json(work / SEARCH_FILE, record.to_dict())
     finished = [c for c in record.candidates if c.distilled is not None]
-    record.ranking = [c.index for c in sorted(finished, key=lambda c: c.distilled.metric(record.rank_by))]
+    ranked = sorted(finished, key=lambda c: (c.distilled.metric(record.rank_by), c.distilled.val_kl))
+    record.ranking = [c.index for c in ranked]
     record.pareto = pareto_front(record.candidates, record.rank_by)
     write_json(work / SEARCH_FILE, record.to_dict())
     write_json(work / PARETO_FILE, record.pareto)
@@ -192,6 +208,8 @@ def _check_source_data(source: Source, config: SearchConfig) -> None:
             "a search distills from the calibration data: calibrate with all_sequences=True and the "
             "distillation's seq_len"
         )
+    if config.rank_by == "retrieval" and source.retrieval is None:
+        raise OptionError("rank_by", "retrieval needs the retrieval probe: calibrate with a RetrievalConfig")
 
 
 def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str], None]) -> SearchRecord:
@@ -228,7 +246,13 @@ def _teacher(model: HybridLM, template: TrainConfig) -> HybridLM:
 
 
 def _distill_finalist(
-    source: Source, teacher: HybridLM, candidate: Candidate, out: Path, template: TrainConfig, say
+    source: Source,
+    teacher: HybridLM,
+    record: SearchRecord,
+    candidate: Candidate,
+    out: Path,
+    template: TrainConfig,
+    say,
 ) -> Distilled:
     """Prune the finalist from the in-memory source (once), distill it (resuming an interrupted run), and
     record its validation result."""
@@ -241,6 +265,8 @@ def _distill_finalist(
     if not (pruned_dir / "config.json").is_file():
         with atomic_output(pruned_dir, overwrite=True) as tmp:
             write_pruned(source.model, source.importance, candidate.target, tmp, tokenizer_from=source.path)
+            _write_compression_record(tmp, record, candidate, source.model.config, source.importance,
+                                      source.config.importance_dir)  # fmt: skip
     resume = (run_dir / "model" / STATE_FILE).is_file()
     calibration = source.config
     config = dataclasses.replace(
@@ -273,16 +299,12 @@ def _distill_finalist(
 
 
 def pareto_front(candidates: list[Candidate], rank_by: str = "kl") -> dict[str, list[int]]:
-    """Candidates no other beats on both quality (after distillation when available, else zero-shot KL)
-    and cost: one front against memory (or parameters), one against speedup when it was estimated."""
-
-    def quality(c: Candidate) -> float:
-        if c.distilled is not None:
-            return c.distilled.metric(rank_by)
-        return c.score if c.score is not None else float("inf")
+    """Candidates no other beats on both quality (`Candidate.quality`: after distillation when available,
+    else zero-shot) and cost: one front against memory (or parameters), one against speedup when it was
+    estimated."""
 
     def front(cost: Callable[[Candidate], float]) -> list[int]:
-        points = [(cost(c), quality(c), c.index) for c in candidates]
+        points = [(cost(c), c.quality(rank_by), c.index) for c in candidates]
         kept = [
             (c, i) for c, q, i in points
             if not any((c2 <= c and q2 <= q) and (c2 < c or q2 < q) for c2, q2, _ in points)
@@ -328,7 +350,29 @@ def materialize(
     source = load_model(source_path, dtype=dtype, device=device)
     with atomic_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path)) as tmp:
         write_pruned(source, importance, candidate.target, tmp, tokenizer_from=source_path)
+        _write_compression_record(tmp, record, candidate, source.config, importance, search_dir / IMPORTANCE_DIR)
     return out
+
+
+def _write_compression_record(
+    folder: Path, record: SearchRecord, candidate: Candidate, source: HybridConfig, importance: Importance,
+    importance_dir: str | Path | None,
+) -> None:  # fmt: skip
+    """The `compression.json` `compress prune` writes, for a candidate pruned by a search: its source, budget,
+    strategy and target (whose block sources pair its attention blocks for `--attention-loss`)."""
+    chosen = candidate.target.config(source)
+    compression = CompressionRecord(
+        source=record.source,
+        budget=record.budget,
+        strategy=record.strategy,
+        strategy_options=record.strategy_options,
+        score_metric=record.score_metric,
+        importance={"folder": str(importance_dir) if importance_dir else None, **importance.meta},
+        candidates=[candidate],
+        export_config=export_config(chosen) if chosen.is_uniform else None,
+        retrieval=record.retrieval,
+    )
+    write_json(folder / COMPRESSION_FILE, compression.to_dict())
 
 
 def _mkdir(path: Path) -> Path:
