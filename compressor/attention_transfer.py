@@ -3,7 +3,7 @@
 Logit distillation passes on what the teacher predicts, not where its attention looks. A pruned hybrid
 whose attention has lost the place to copy from (retrieval at the uniform guess) finds it again slowly,
 or not at all, from next-token KL: on the example model's mix of text and phonebooks, 400k tokens bring
-two pruned students from 0% to 72% and 2% at 1k by logits alone, to 91% and 39% with the transfer
+two pruned students from 0% to 72% and 2% at 1k by logits alone, to 89% and 43% with the transfer
 (README, Long context). With `--attention-loss W` each of the student's attention
 blocks adds W x KL(teacher's attention weights || student's) to the loss, the KL taken per query row and
 averaged over the sampled queries, the heads and the blocks. It is the teacher-given form of the guidance

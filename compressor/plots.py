@@ -17,8 +17,10 @@ def plot_pareto(record: SearchRecord, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     by_index = {c.index: c for c in record.candidates}
-    rank_key = {"kl": "val_kl", "loss": "val_loss", "retrieval": "retrieval error (1 - accuracy)"}[record.rank_by]
-    zero_shot = "retrieval error" if record.rank_by == "retrieval" else record.score_metric
+    if record.rank_by == "retrieval":
+        quality = "retrieval error (1 - acc.), distilled (o) / zero-shot (x)"
+    else:
+        quality = f"val_{record.rank_by} after short distillation (o) / zero-shot {record.score_metric} (x)"
 
     def x_of(c: Candidate, panel: str) -> float:
         return (c.memory_bytes or 0) / 2**20 if panel == "memory" else c.speedup
@@ -43,7 +45,7 @@ def plot_pareto(record: SearchRecord, path: Path) -> None:
             label="Pareto front",
         )
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{rank_key} after short distillation (o) / zero-shot {zero_shot} (x)")
+        ax.set_ylabel(quality)
         ax.legend()
     if record.retrieval is not None:
         _retrieval_panel(fig, record)
