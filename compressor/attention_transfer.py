@@ -12,8 +12,9 @@ that trained the example model (examples/train_example.py), with no labels neede
 Pairs (`attention_pairs`): each student attention block is matched with the teacher block it was pruned
 from, read from the student's `compression.json` (the chosen candidate's `source` indices) when that
 record's source is this teacher (same fingerprint); otherwise the attention blocks pair in order when both
-models have as many. Heads pair one to one, so each pair needs the same number of query heads: a student
-whose attention heads were pruned is refused (which heads were kept is not recorded).
+models have as many. Heads pair one to one: a block whose heads were pruned pairs its heads with the
+teacher heads the record says were kept (`attention_heads`, `compressor.prune.kept_attention_heads`);
+without that record a pair needs the same number of heads.
 
 Memory: each map is (micro-batch, heads, queries, seq_len) in fp32, for the teacher and the student (with
 its gradient), per attention block. `queries` is `--attention-queries` positions drawn per micro-batch
@@ -27,6 +28,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,45 +39,60 @@ from compressor.errors import OptionError
 from compressor.model import HybridLM
 
 
+class Pair(NamedTuple):
+    """A student attention block and the teacher block it learns from; `heads`: the teacher's query heads
+    its heads pair with, in order (None: all of them)."""
+
+    student: int
+    teacher: int
+    heads: tuple[int, ...] | None = None
+
+
 def attention_pairs(
     student_dir: str | Path, student: HybridConfig, teacher_dir: str | Path, teacher: HybridConfig
-) -> tuple[tuple[int, int], ...]:
-    """(student block index, teacher block index) for every attention block of the student."""
+) -> tuple[Pair, ...]:
+    """A `Pair` for every attention block of the student (module docstring)."""
     student_blocks = [spec.index for spec in student.blocks if spec.kind == ATTENTION]
     teacher_blocks = [spec.index for spec in teacher.blocks if spec.kind == ATTENTION]
     if not student_blocks:
         raise OptionError("attention_loss", "needs a student with attention blocks; this one has none")
-    sources = _pruned_from(Path(student_dir), Path(teacher_dir))
+    sources, kept = _pruned_from(Path(student_dir), Path(teacher_dir))
     if sources is not None and len(sources) == student.num_blocks:
-        pairs = tuple((index, sources[index]) for index in student_blocks)
+        pairs = [Pair(index, sources[index], kept.get(sources[index])) for index in student_blocks]
     elif len(student_blocks) == len(teacher_blocks):
-        pairs = tuple(zip(student_blocks, teacher_blocks, strict=True))
+        pairs = [Pair(s, t) for s, t in zip(student_blocks, teacher_blocks, strict=True)]
     else:
         raise OptionError(
             "attention_loss",
             f"cannot match the student's {len(student_blocks)} attention blocks with the teacher's "
             f"{len(teacher_blocks)}: the student has no compression.json from pruning this teacher",
         )
-    for s, t in pairs:
+    for s, t, heads in pairs:
         s_heads, t_heads = student.blocks[s].num_attention_heads, teacher.blocks[t].num_attention_heads
-        if teacher.blocks[t].kind != ATTENTION or s_heads != t_heads:
+        paired = len(heads) if heads is not None else t_heads
+        if teacher.blocks[t].kind != ATTENTION or s_heads != paired:
             raise OptionError(
                 "attention_loss",
                 f"matches heads one to one: the student's block {s} has {s_heads} attention heads, the "
-                f"teacher's block {t} {t_heads if teacher.blocks[t].kind == ATTENTION else 'is no attention block'}",
+                f"teacher's block {t} {t_heads if teacher.blocks[t].kind == ATTENTION else 'is no attention block'}"
+                " (a student with pruned heads needs the compression.json of `compress prune`, which names the "
+                "heads it kept)",
             )
-    return pairs
+    return tuple(pairs)
 
 
-def _pruned_from(student_dir: Path, teacher_dir: Path) -> list[int] | None:
-    """The source block of each student block, from compression.json when it records pruning this teacher."""
+def _pruned_from(student_dir: Path, teacher_dir: Path) -> tuple[list[int] | None, dict[int, tuple[int, ...]]]:
+    """From compression.json when it records pruning this teacher: the source block of each student block,
+    and the query heads kept in each attention block whose heads were pruned (source block -> heads)."""
     try:
         record = json.loads((student_dir / "compression.json").read_text())
         if record["source"]["fingerprint"] != fingerprint(teacher_dir):
-            return None
-        return [int(block["source"]) for block in record["chosen"]["target"]["blocks"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no record (or not one of ours): pair in order
+            return None, {}
+        sources = [int(block["source"]) for block in record["chosen"]["target"]["blocks"]]
+        kept = {int(block): tuple(int(h) for h in heads) for block, heads in record.get("attention_heads", {}).items()}
+        return sources, kept
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, {}  # no record (or not one of ours): pair in order
 
 
 def sample_queries(seq_len: int, count: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
@@ -100,11 +117,15 @@ def recording(model: HybridLM, blocks: Sequence[int], queries: torch.Tensor) -> 
             mixer.record_queries, mixer.recorded = None, None
 
 
-def attention_kl(teacher: dict[int, torch.Tensor], student: dict[int, torch.Tensor], pairs) -> torch.Tensor:
+def attention_kl(
+    teacher: dict[int, torch.Tensor], student: dict[int, torch.Tensor], pairs: Sequence[Pair]
+) -> torch.Tensor:
     """Mean over pairs, heads and query rows of KL(teacher's attention weights || student's), in nats."""
     losses = []
-    for s, t in pairs:
+    for s, t, heads in pairs:
         teacher_log, student_log = teacher[t], student[s]
+        if heads is not None:  # the teacher's heads the student's were kept from, in the student's order
+            teacher_log = teacher_log[:, list(heads)]
         visible = torch.isfinite(teacher_log)  # the causal mask is the same in both
         gap = torch.where(visible, teacher_log - student_log, 0.0)
         losses.append((teacher_log.exp() * gap).sum(-1).mean())

@@ -309,6 +309,20 @@ def _narrow_experts(mixer, block: BlockTarget, importance: Importance, kept: tor
     return out
 
 
+def kept_attention_heads(importance: Importance, target: Target, source: HybridConfig) -> dict[str, list[int]]:
+    """{source block index (as text): the query heads `prune` keeps} for each attention block of `target`
+    whose heads are pruned, as `compression.json` records them (attention transfer pairs heads by it)."""
+    kept = {}
+    for block in target.blocks:
+        spec = source.blocks[block.source]
+        if block.kind == ATTENTION and block.num_attention_heads != spec.num_attention_heads:
+            heads, _ = importance.keep_attention(
+                block.source, block.num_attention_heads, spec.num_key_value_heads, keep_kv=block.num_key_value_heads
+            )
+            kept[str(block.source)] = heads.tolist()
+    return kept
+
+
 def _slice_attention(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:
     heads, groups = importance.keep_attention(
         block.source, block.num_attention_heads, mixer.num_kv_heads, keep_kv=block.num_key_value_heads

@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compressor import distributed
-from compressor.attention_transfer import attention_kl, attention_pairs, recording, sample_queries
+from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
 from compressor.data import TokenSequences, check_same_tokenizer, model_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, first_line
@@ -277,7 +277,7 @@ class Run:
     last_saved: int = 0
     data_fingerprint: str = ""  # of the sequences the run reads: a resumed run must read the same
     retrieval: TaskScorer | None = None  # the `eval_task` probe, generated once
-    attention_pairs: tuple[tuple[int, int], ...] = ()  # (student, teacher) attention blocks, with attention_loss
+    attention_pairs: tuple[Pair, ...] = ()  # (student, teacher, heads) attention blocks, with attention_loss
 
     @property
     def tokens_per_step(self) -> int:
@@ -551,7 +551,7 @@ def _attention_maps(run: Run, micro_batch: int, seq_len: int):
         return
     rng = np.random.default_rng([run.config.seed, run.step, micro_batch])
     queries = sample_queries(seq_len, run.config.attention_queries, rng, run.world.device)
-    student_blocks, teacher_blocks = zip(*run.attention_pairs, strict=True)
+    student_blocks, teacher_blocks = [p.student for p in run.attention_pairs], [p.teacher for p in run.attention_pairs]
     with (
         recording(run.teacher, teacher_blocks, queries) as teacher_maps,
         recording(run.student, student_blocks, queries) as student_maps,

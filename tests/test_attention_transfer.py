@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import cli
-from compressor.attention_transfer import attention_kl, attention_pairs, recording, sample_queries
+from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
 from compressor.checkpoint import fingerprint, load_model, save_model
 from compressor.config import ATTENTION
 from compressor.errors import OptionError
@@ -51,13 +51,13 @@ def _config(workspace, out, **changes):
     return train_config(workspace, out, **{**base, **changes})
 
 
-def _maps_kl(teacher, student, ids) -> float:
-    """Attention KL of `student` to `teacher` on `ids`, over every query, block pairs in order."""
-    pairs = attention_pairs("-", student.config, "-", teacher.config)
+def _maps_kl(teacher, student, ids, pairs=None) -> float:
+    """Attention KL of `student` to `teacher` on `ids`, over every query (block pairs in order by default)."""
+    pairs = pairs or attention_pairs("-", student.config, "-", teacher.config)
     queries = torch.arange(ids.shape[1])
-    with recording(teacher, [t for _, t in pairs], queries) as t_maps, torch.no_grad():
+    with recording(teacher, [p.teacher for p in pairs], queries) as t_maps, torch.no_grad():
         teacher(ids)
-        with recording(student, [s for s, _ in pairs], queries) as s_maps:
+        with recording(student, [p.student for p in pairs], queries) as s_maps:
             student(ids)
             return float(attention_kl(t_maps(), s_maps(), pairs))
 
@@ -92,13 +92,13 @@ def test_attention_kl_is_zero_on_the_same_maps_and_has_finite_gradients():
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8)
     teacher = log_attention(q, k, torch.arange(12))
-    assert float(attention_kl({0: teacher}, {0: teacher}, [(0, 0)])) == pytest.approx(0.0, abs=1e-6)
+    assert float(attention_kl({0: teacher}, {0: teacher}, [Pair(0, 0)])) == pytest.approx(0.0, abs=1e-6)
     q2 = q.clone().requires_grad_()
     student = log_attention(q2, k, torch.arange(12))
-    loss = attention_kl({0: teacher}, {0: student}, [(0, 0)])
+    loss = attention_kl({0: teacher}, {0: student}, [Pair(0, 0)])
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
     student = log_attention(q2 * 3, k, torch.arange(12))
-    loss = attention_kl({0: teacher}, {0: student}, [(0, 0)])
+    loss = attention_kl({0: teacher}, {0: student}, [Pair(0, 0)])
     loss.backward()
     assert float(loss.detach()) > 0.01 and torch.isfinite(q2.grad).all() and q2.grad.abs().sum() > 0
 
@@ -116,8 +116,8 @@ def test_pairs_follow_the_pruning_record_else_the_order(workspace, tmp_path):
     assert attention == [3, 6]  # M-M*-M*M-
     student = load_model(workspace / "student")
     assert attention_pairs(workspace / "student", student.config, workspace / "teacher", teacher.config) == (
-        (3, 3),
-        (6, 6),
+        Pair(3, 3),
+        Pair(6, 6),
     )
     # a student pruned from the teacher down to its last four blocks (M*M-): one attention block, from block 6
     config = student.config.replace(hybrid_override_pattern="M*M-")
@@ -125,7 +125,7 @@ def test_pairs_follow_the_pruning_record_else_the_order(workspace, tmp_path):
     blocks = [{"source": source} for source in (5, 6, 7, 8)]
     record = {"source": {"fingerprint": fingerprint(workspace / "teacher")}, "chosen": {"target": {"blocks": blocks}}}
     (tmp_path / "pruned" / "compression.json").write_text(json.dumps(record))
-    assert attention_pairs(tmp_path / "pruned", config, workspace / "teacher", teacher.config) == ((1, 6),)
+    assert attention_pairs(tmp_path / "pruned", config, workspace / "teacher", teacher.config) == (Pair(1, 6),)
     # the same record from another source model is not this teacher's, and one block cannot pair with two
     record["source"]["fingerprint"] = "0" * 16
     (tmp_path / "pruned" / "compression.json").write_text(json.dumps(record))
@@ -136,6 +136,44 @@ def test_pairs_follow_the_pruning_record_else_the_order(workspace, tmp_path):
         attention_pairs(tmp_path, fewer_heads, workspace / "teacher", teacher.config)
     with pytest.raises(OptionError, match="needs a student with attention blocks"):
         attention_pairs(tmp_path, student.config.replace(hybrid_override_pattern="M-M-M-"), "-", teacher.config)
+
+
+def test_a_student_with_pruned_heads_pairs_them_with_the_heads_it_kept(workspace, tmp_path):
+    from compressor.importance import estimate
+    from compressor.pipelines.pruning import PruneConfig, prune_to_budget
+    from compressor.pipelines.source import CalibrationConfig, calibrate
+    from compressor.prune import Target, kept_attention_heads
+
+    teacher = load_model(workspace / "teacher")
+    gen = torch.Generator().manual_seed(0)
+    importance = estimate(teacher, [torch.randint(0, VOCAB, (2, 24), generator=gen) for _ in range(3)])
+    target = Target.uniform(teacher.config, num_attention_heads=2)  # one query head of each KV group
+    kept = kept_attention_heads(importance, target, teacher.config)
+    assert sorted(kept) == ["3", "6"] and all(len(h) == 2 and h[0] < 2 <= h[1] for h in kept.values())
+    # `compress prune` to that shape records the heads; the student's heads then pair with them
+    shape = {"num_attention_heads": 2}
+    calibration = CalibrationConfig(str(workspace / "teacher"), str(workspace / "tokens.npy"), samples=4,
+                                    score_samples=2, seq_len=24, batch_size=2, device="cpu")  # fmt: skip
+    source = calibrate(calibration)
+    record = prune_to_budget(source, PruneConfig(export=shape), tmp_path / "pruned", say=lambda t: None)
+    recorded = json.loads((tmp_path / "pruned" / "compression.json").read_text())["attention_heads"]
+    assert recorded == record.attention_heads == kept_attention_heads(source.importance, target, teacher.config)
+    student = load_model(tmp_path / "pruned")
+    pairs = attention_pairs(tmp_path / "pruned", student.config, workspace / "teacher", teacher.config)
+    assert pairs == tuple(Pair(b, b, tuple(recorded[str(b)])) for b in (3, 6))
+    # in the first attention block (its input unchanged) the kept heads attend exactly as the teacher's did,
+    # the first two heads do not
+    ids = torch.randint(0, VOCAB, (2, 24), generator=gen)
+    assert _maps_kl(teacher, student, ids, pairs[:1]) < 1e-6
+    assert _maps_kl(teacher, student, ids, [Pair(3, 3, (0, 1))]) > 0.1
+    assert _maps_kl(teacher, student, ids, pairs) < 0.01  # the second block sees the first's narrower output
+    # and the distillation takes them
+    args = ["distill", str(workspace / "teacher"), str(tmp_path / "pruned"), "--data", str(workspace / "tokens.npy"),
+            "--seq-len", "24", "--batch-size", "2", "--micro-batch-size", "2", "--steps", "1", "--attention-loss", "1",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert _records(tmp_path / "run")[0]["attention_kl"] < 0.01
 
 
 def test_attention_loss_pulls_the_students_attention_to_the_teachers(workspace, tmp_path):

@@ -164,7 +164,7 @@ def test_search_with_retrieval_records_it_before_and_after_distillation(tmp_path
 
 
 def test_search_ranks_by_retrieval_after_distillation_with_attention_transfer(tmp_path):
-    from compressor.attention_transfer import attention_pairs
+    from compressor.attention_transfer import Pair, attention_pairs
     from compressor.config import ATTENTION
     from compressor.pipelines.records import CompressionRecord
     from compressor.tasks import RetrievalConfig
@@ -191,7 +191,7 @@ def test_search_ranks_by_retrieval_after_distillation_with_attention_transfer(tm
         compression = CompressionRecord.from_dict(json.loads((folder / "pruned" / "compression.json").read_text()))
         assert compression.chosen.target == c.target and compression.source == record.source
         pairs = attention_pairs(folder / "pruned", load_model(folder / "pruned").config, "examples/model", source)
-        assert pairs == tuple((i, b.source) for i, b in enumerate(c.target.blocks) if b.kind == ATTENTION)
+        assert pairs == tuple(Pair(i, b.source) for i, b in enumerate(c.target.blocks) if b.kind == ATTENTION)
         assert all(r["attention_kl"] > 0 for r in train_records(folder / "distill"))  # the transfer ran
     # the ranking goes by retrieval, not KL: finished results, rewritten so the two disagree, are ranked again
     for rank, c in enumerate(finalists):

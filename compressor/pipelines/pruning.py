@@ -29,7 +29,7 @@ from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
 from compressor.pipelines.records import Candidate, CompressionRecord, write_json
 from compressor.pipelines.source import Source
-from compressor.prune import write_pruned
+from compressor.prune import kept_attention_heads, write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import options_to_dict
 from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
@@ -113,6 +113,7 @@ def prune_to_budget(
         export_config=export_config(chosen) if chosen.is_uniform else None,
         seconds=round(time.perf_counter() - started, 2),
         retrieval=retrieval_record(scorer, config.retrieval_weight),
+        attention_heads=kept_attention_heads(source.importance, candidates[0].target, arch),
     )
     if not source.world.is_main:  # the others slice their share of a sharded source for the main one
         write_pruned(source.model, source.importance, candidates[0].target, out, world=source.world)

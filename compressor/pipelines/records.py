@@ -105,6 +105,7 @@ class CompressionRecord:
     export_config: dict[str, int] | None  # the chosen shape in ModelOpt's keys (uniform models only)
     seconds: float = 0.0
     retrieval: dict[str, Any] | None = None  # the probe, its weight in the score and the source's result
+    attention_heads: dict[str, list[int]] = field(default_factory=dict)  # `prune.kept_attention_heads`
 
     @property
     def chosen(self) -> Candidate:
@@ -123,6 +124,7 @@ class CompressionRecord:
             "export_config": self.export_config,
             "seconds": self.seconds,
             "retrieval": self.retrieval,
+            "attention_heads": self.attention_heads,
         }
 
     @classmethod

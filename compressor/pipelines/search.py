@@ -51,7 +51,7 @@ from compressor.pipelines.records import (
     write_json,
 )
 from compressor.pipelines.source import CalibrationConfig, Source
-from compressor.prune import write_pruned
+from compressor.prune import kept_attention_heads, write_pruned
 from compressor.train import STATE_FILE, TrainConfig, train
 from strategies import build_options, get_strategy
 from strategies.base import options_to_dict
@@ -371,6 +371,7 @@ def _write_compression_record(
         candidates=[candidate],
         export_config=export_config(chosen) if chosen.is_uniform else None,
         retrieval=record.retrieval,
+        attention_heads=kept_attention_heads(importance, candidate.target, source),
     )
     write_json(folder / COMPRESSION_FILE, compression.to_dict())
 
