@@ -25,10 +25,15 @@ schedule from that model (`--stages 1024:600:8:0.125 --lr 6e-4 --seed 1`: one re
 the learning rate warmed up again), which spends its steps on the text: held-out perplexity falls
 there while the retrieval, guidance still on, holds.
 
-Checkpoints (weights, AdamW moments and the step, in safetensors) go to `OUT/checkpoint` every
-`--save-every` steps; `--resume` continues from there, and since each step's data is drawn from a
-generator seeded by (seed, step), a resumed run sees the same rows as an unbroken one. The final model is
-written to OUT/model.
+`--average-from STEP` writes, as the final model, the mean of the weights taken every `--average-every`
+steps after STEP (stochastic weight averaging) instead of the last weights: on this small corpus the
+weights along one schedule overfit the training plays in different directions, and their mean does better
+on the held-out plays than any one of them.
+
+Checkpoints (weights, AdamW moments, the step and the running weight average, in safetensors) go to
+`OUT/checkpoint` every `--save-every` steps; `--resume` continues from there, and since each step's data is
+drawn from a generator seeded by (seed, step), a resumed run sees the same rows as an unbroken one. The
+final model is written to OUT/model (the last weights stay in OUT/checkpoint).
 
 Usage:
     python examples/train_example.py runs/example/init runs/example/train
@@ -153,8 +158,34 @@ def batch(stage, text: np.ndarray, vocab: TaskVocabulary, rng: np.random.Generat
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(source)
 
 
-def save_checkpoint(folder: Path, model, optimizer, step: int, tokenizer_from: Path) -> None:
-    """Weights, AdamW moments and the step, written beside and swapped in whole (`atomic_output`)."""
+class WeightAverage:
+    """The running mean of a model's weights, one snapshot every `every` steps after step `start`."""
+
+    def __init__(self, model, start: int, every: int):
+        self.start, self.every, self.count = start, every, 0
+        self.mean = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    def update(self, model, step: int) -> None:
+        """Take a snapshot if `step` (steps done) is one of this average's."""
+        if step <= self.start or (step - self.start) % self.every:
+            return
+        self.count += 1
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.mean[name] += (value.detach() - self.mean[name]) / self.count
+            else:
+                self.mean[name].copy_(value)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**self.mean, "__count__": torch.tensor([self.count])}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.count = int(state.pop("__count__"))
+        self.mean = state
+
+
+def save_checkpoint(folder: Path, model, optimizer, step: int, tokenizer_from: Path, average=None) -> None:
+    """Weights, AdamW moments, the step (and the weight average), written beside and swapped in whole."""
     moments = {}
     for index, param in enumerate(model.parameters()):
         for key, value in optimizer.state.get(param, {}).items():
@@ -162,11 +193,13 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, tokenizer_from: P
     with atomic_output(folder, overwrite=True) as tmp:
         write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from)
         save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
+        if average is not None:
+            save_file({k: v.contiguous() for k, v in average.state().items()}, tmp / "average.safetensors")
         (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> int:
-    """Restore weights and AdamW moments from `folder`; the step to continue from."""
+def load_checkpoint(folder: Path, model, optimizer, average=None) -> int:
+    """Restore weights, AdamW moments (and the weight average) from `folder`; the step to continue from."""
     model.load_state_dict(load_model(folder, dtype="float32").state_dict())
     moments = load_file(folder / "optimizer.safetensors")
     for index, param in enumerate(model.parameters()):
@@ -174,6 +207,8 @@ def load_checkpoint(folder: Path, model, optimizer) -> int:
         if state:
             state["step"] = state["step"].reshape(())
             optimizer.state[param] = state
+    if average is not None:
+        average.restore(load_file(folder / "average.safetensors"))
     return int(json.loads((folder / "step.json").read_text())["step"])
 
 
@@ -183,12 +218,18 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="run folder: checkpoint/ while training, model/ at the end")
     parser.add_argument("--stages", default=STAGES, help="LENGTH:STEPS:ROWS:SHARE,... trained in order")
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (cosine to a tenth)")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's, on the matrices")
     parser.add_argument("--guidance", type=float, default=1.0, help="weight of the attention guidance loss")
     parser.add_argument("--text", type=Path, default=Path("examples/data/train.txt"))
     parser.add_argument("--every", type=int, default=50, help="report (and probe phonebook at 1k) every N steps")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--average-from", type=int, default=None, metavar="STEP",
+        help="write OUT/model as the mean of the weights taken every --average-every steps after STEP",
+    )  # fmt: skip
+    parser.add_argument("--average-every", type=int, default=25, help="steps between averaged snapshots")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -202,16 +243,21 @@ def main() -> None:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(0.9, 0.95),
     )
     checkpoint = args.out / "checkpoint"
     if args.resume and not (checkpoint / "step.json").is_file():
         raise SystemExit(f"nothing to resume: no checkpoint in {checkpoint}; run without --resume")
-    step = load_checkpoint(checkpoint, model, optimizer) if args.resume else 0
     stages = parse_stages(args.stages)
     total = sum(stage[1] for stage in stages)
+    average = None
+    if args.average_from is not None:
+        if not 0 <= args.average_from < total or args.average_every < 1:
+            raise SystemExit(f"--average-from must be a step in [0, {total}) and --average-every at least 1")
+        average = WeightAverage(model, args.average_from, args.average_every)
+    step = load_checkpoint(checkpoint, model, optimizer, average) if args.resume else 0
     ends = np.cumsum([stage[1] for stage in stages])
     start, losses = time.perf_counter(), []
     while step < total:
@@ -229,8 +275,10 @@ def main() -> None:
         optimizer.step()
         losses.append((lm.item(), guidance.item()))
         step += 1
+        if average is not None:
+            average.update(model, step)
         if step % args.save_every == 0 or step == total:
-            save_checkpoint(checkpoint, model, optimizer, step, args.init)
+            save_checkpoint(checkpoint, model, optimizer, step, args.init, average)
         if step % args.every == 0 or step == total:
             model.eval()
             result = score(model, probe)
@@ -243,6 +291,9 @@ def main() -> None:
                 f"{time.perf_counter() - start:.0f} s",
                 flush=True,
             )
+    if average is not None and average.count:
+        model.load_state_dict(average.mean)
+        print(f"the model is the mean of {average.count} snapshots (steps {args.average_from}+{args.average_every}k)")
     save_model(model, args.out / "model", tokenizer_from=args.init, overwrite=True)
     print(f"wrote {args.out / 'model'}")
 

@@ -346,3 +346,28 @@ def test_guidance_loss_is_low_for_a_head_that_attends_to_the_copied_token():
             model(torch.from_numpy(rows))
             losses.append(float(example.guidance_loss(model, inputs, torch.from_numpy(source))))
     assert losses[0] < 0.1 < 1.0 < losses[1], losses
+
+
+def test_example_training_weight_average_is_the_mean_of_its_snapshots_and_survives_a_resume(tmp_path):
+    example = _example_script("train_example")
+    model = copier()
+    optimizer = torch.optim.AdamW(model.parameters())
+    average = example.WeightAverage(model, start=1, every=2)
+    snapshots = []
+    for step in range(1, 7):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+        average.update(model, step)
+        if step in (3, 5):
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert average.count == 2
+    for name, value in average.mean.items():
+        torch.testing.assert_close(value, (snapshots[0][name] + snapshots[1][name]) / 2)
+    assert not torch.equal(average.mean["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    example.save_checkpoint(tmp_path / "checkpoint", model, optimizer, 6, "examples/model", average)
+    resumed = example.WeightAverage(copier(), start=1, every=2)
+    step = example.load_checkpoint(tmp_path / "checkpoint", copier(), optimizer, resumed)
+    assert step == 6 and resumed.count == 2
+    for name, value in average.mean.items():
+        assert torch.equal(resumed.mean[name], value)
