@@ -180,12 +180,10 @@ class WeightAverage:
             else:
                 self.mean[name].copy_(value)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {**self.mean, "__count__": torch.tensor([self.count])}
-
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
-        self.count = int(state.pop("__count__"))
-        self.mean = state
+    def restore(self, mean: dict[str, torch.Tensor], step: int) -> None:
+        """The mean saved after `step` steps (its snapshot count follows from the step)."""
+        self.count = max(0, (step - self.start) // self.every)
+        self.mean = mean
 
 
 def save_checkpoint(folder: Path, model, optimizer, step: int, tokenizer_from: Path, average=None) -> None:
@@ -198,7 +196,7 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, tokenizer_from: P
         write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=tokenizer_from)
         save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
         if average is not None:
-            save_file({k: v.contiguous() for k, v in average.state().items()}, tmp / "average.safetensors")
+            save_file({k: v.contiguous() for k, v in average.mean.items()}, tmp / "average.safetensors")
         (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
 
 
@@ -211,9 +209,10 @@ def load_checkpoint(folder: Path, model, optimizer, average=None) -> int:
         if state:
             state["step"] = state["step"].reshape(())
             optimizer.state[param] = state
+    step = int(json.loads((folder / "step.json").read_text())["step"])
     if average is not None:
-        average.restore(load_file(folder / "average.safetensors"))
-    return int(json.loads((folder / "step.json").read_text())["step"])
+        average.restore(load_file(folder / "average.safetensors"), step)
+    return step
 
 
 def main() -> None:
