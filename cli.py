@@ -115,10 +115,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
-HfExactOption = Annotated[
-    bool,
-    typer.Option(help="Write time_step_limit [time_step_min, inf]: transformers' dt floor, so its logits equal ours."),
-]
+HfExactOption = Annotated[bool, typer.Option(hidden=True, help="Retired (HF_EXACT_RETIRED).")]
+HF_EXACT_RETIRED = (
+    "is retired: transformers 5.25 and newer apply config.json's time_step_limit, so outputs agree with it as "
+    "written; only transformers 5.6-5.24 floored dt at time_step_min, and a checkpoint whose time_step_limit is "
+    "raised to that floor is another model to vLLM and llama.cpp, which ignore the key. Leave the flag out "
+    "(compare logits with transformers >= 5.25)"
+)
 TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
 TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
 SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
@@ -987,6 +990,8 @@ def prune_command(
     from compressor.pipelines.pruning import plan as candidates_plan
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
+    if hf_exact:
+        raise OptionError("hf_exact", HF_EXACT_RETIRED)
     export = _read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
     if dry_run:
@@ -1017,10 +1022,6 @@ def prune_command(
         distributed.close(world)
     if not world.is_main:
         return
-    if hf_exact:
-        from compressor.checkpoint import set_hf_exact
-
-        set_hf_exact(out)
     if json_output:
         print_json(record.to_dict())
         return
@@ -1283,13 +1284,12 @@ def materialize(
     hf_exact: HfExactOption = False,
 ) -> None:
     """Write a searched candidate as a checkpoint (pruned from the original, or as distilled in the search)."""
-    from compressor.checkpoint import set_hf_exact
     from compressor.distributed import resolve_device
     from compressor.pipelines.search import materialize as write
 
-    write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
     if hf_exact:
-        set_hf_exact(out)
+        raise OptionError("hf_exact", HF_EXACT_RETIRED)
+    write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
     console.print(f"wrote candidate {index} to [bold]{out}[/] ({_loads_in(out)})")
 
 

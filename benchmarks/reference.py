@@ -1,17 +1,18 @@
 """How far are compressor's logits from transformers' NemotronHForCausalLM on trained checkpoints?
 
-The one deliberate difference is the Mamba step size floor: checkpoints carry time_step_limit [0, inf]
-(what mamba-ssm and the original implementation apply), which compressor follows, while transformers
-ignores time_step_limit and clamps softplus(dt) below at time_step_min (0.001), in its forward pass only
-(its one-token decoding step does not clamp). This script loads each checkpoint in both engines (fp32,
-the same folder) and reports, over held-out text:
+The Mamba step size softplus(dt + dt_bias) is where releases differ: transformers 5.25 and newer clamp it to
+config.json's time_step_limit, as compressor, mamba-ssm and the original implementation do; 5.6-5.24
+ignored time_step_limit and floored it at time_step_min (0.001). Checkpoints carry time_step_limit [0, inf].
+This script loads each checkpoint in both engines (fp32, the same folder) and reports, over held-out text,
+with the installed transformers:
 
-1. as shipped: the share of (token, Mamba head) step sizes under the floor, max and mean |logit
+1. as shipped: the share of (token, Mamba head) step sizes under time_step_min, max and mean |logit
    difference|, and both losses;
-2. making them agree: max |logit difference| after `compressor.checkpoint.set_hf_exact` (compressor takes
-   transformers' floor: time_step_limit [time_step_min, inf]) and compressor's loss then; after setting
-   time_step_min to 0 instead (transformers' floor disappears, the model is unchanged); and how far
-   transformers' own cached decoding is from its forward pass, as shipped and with time_step_min 0.
+2. with time_step_limit raised to [time_step_min, inf] (what the retired `--hf-exact` wrote): max |logit
+   difference| between the two engines then, compressor's loss then, and how far that moves compressor's
+   own logits (a raised limit is another model to engines that ignore the key: vLLM, llama.cpp);
+3. whether the installed transformers floors dt (its logits change with time_step_min alone) and how far
+   its cached decoding is from its forward pass.
 
     python benchmarks/reference.py                          # the example model and a pruned child of it
     python benchmarks/reference.py --models runs/quickstart/distilled/model --sequences 16
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -34,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compressor.checkpoint import load_model, save_model, set_hf_exact  # noqa: E402
+from compressor.checkpoint import load_model, save_model  # noqa: E402
 from compressor.config import ATTENTION  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
@@ -85,10 +87,10 @@ def edited_copy(folder: Path, tmp: Path, name: str, edit) -> Path:
     return out
 
 
-def set_time_step_min(folder: Path, value: float) -> None:
+def set_config(folder: Path, **values) -> None:
     file = folder / "config.json"
     raw = json.loads(file.read_text())
-    raw["time_step_min"] = value
+    raw.update(values)
     file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
@@ -111,27 +113,33 @@ def compare(folder: Path, batches: list[torch.Tensor]) -> dict[str, float]:
     def hf(path: Path):
         return transformers.NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
+    time_step_min = json.loads((folder / "config.json").read_text()).get("time_step_min", 0.001)
     with tempfile.TemporaryDirectory() as tmp:
+        raise_limit = lambda p: set_config(p, time_step_limit=[time_step_min, math.inf])  # noqa: E731
+        raised = edited_copy(folder, Path(tmp), "raised", raise_limit)
+        no_min = edited_copy(folder, Path(tmp), "no_min", lambda p: set_config(p, time_step_min=0.0))
         models = {
             "ours": load_model(folder, dtype="float32"),
             "theirs": hf(folder),
-            "exact": load_model(edited_copy(folder, Path(tmp), "exact", set_hf_exact), dtype="float32"),
-            "no_floor": hf(edited_copy(folder, Path(tmp), "no_floor", lambda p: set_time_step_min(p, 0.0))),
+            "ours_raised": load_model(raised, dtype="float32"),
+            "theirs_raised": hf(raised),
+            "theirs_no_min": hf(no_min),
         }
-    diffs = {"ours": [], "exact": [], "no_floor": []}  # max |logit diff| to transformers per batch
+    pairs = {"shipped": ("ours", "theirs"), "raised": ("ours_raised", "theirs_raised"),
+             "moved": ("ours_raised", "ours"), "floors": ("theirs", "theirs_no_min")}  # fmt: skip
+    diffs = {name: 0.0 for name in pairs}  # max |logit difference| of each pair
     losses = dict.fromkeys(models, 0.0)
     abs_sum, count, tokens = 0.0, 0, 0
     with torch.no_grad():
         for ids in batches:
             logits = {
-                name: model(ids, use_cache=False).logits if name in ("theirs", "no_floor") else model(ids)
+                name: model(ids, use_cache=False).logits if name.startswith("theirs") else model(ids)
                 for name, model in models.items()
             }
+            for name, (a, b) in pairs.items():
+                diffs[name] = max(diffs[name], float((logits[a] - logits[b]).abs().max()))
             diff = (logits["ours"] - logits["theirs"]).abs()
             abs_sum, count = abs_sum + float(diff.double().sum()), count + diff.numel()
-            diffs["ours"].append(float(diff.max()))
-            diffs["exact"].append(float((logits["exact"] - logits["theirs"]).abs().max()))
-            diffs["no_floor"].append(float((logits["ours"] - logits["no_floor"]).abs().max()))
             labels = ids[:, 1:].reshape(-1)
             for name, value in logits.items():
                 loss = torch.nn.functional.cross_entropy(value[:, :-1].flatten(0, 1).float(), labels, reduction="sum")
@@ -139,15 +147,15 @@ def compare(folder: Path, batches: list[torch.Tensor]) -> dict[str, float]:
             tokens += labels.numel()
     return {
         "below": dt_below_floor(models["ours"], batches),
-        "max": max(diffs["ours"]),
+        "max": diffs["shipped"],
         "mean": abs_sum / count,
         "loss_ours": losses["ours"] / tokens,
         "loss_theirs": losses["theirs"] / tokens,
-        "exact_max": max(diffs["exact"]),
-        "loss_exact": losses["exact"] / tokens,
-        "no_floor_max": max(diffs["no_floor"]),
+        "raised_max": diffs["raised"],
+        "loss_raised": losses["ours_raised"] / tokens,
+        "moved_max": diffs["moved"],
+        "floors": diffs["floors"] > 0,
         "decode_gap": decode_gap(models["theirs"], batches[0][:2]),
-        "decode_gap_no_floor": decode_gap(models["no_floor"], batches[0][:2]),
         "tokens": tokens,
     }
 
@@ -169,25 +177,36 @@ def main() -> None:
         folders.update({str(m): Path(m) for m in args.models})
         rows = {name: compare(folder, batches) for name, folder in folders.items()}
     tokens = next(iter(rows.values()))["tokens"]
+    floors = {r["floors"] for r in rows.values()}
+    behaviour = {
+        frozenset({True}): "floors dt at time_step_min, ignores time_step_limit",
+        frozenset({False}): "clamps dt to time_step_limit",
+    }.get(frozenset(floors), "mixed (see the rows)")
+    print(f"transformers {transformers_version()}: {behaviour}")
     print(f"held-out: {tokens:,} predicted tokens of examples/data/valid.txt (sequences of 256), fp32\n")
-    print("as shipped (time_step_limit [0, inf]; transformers floors dt at time_step_min 0.001)")
-    print("| model | dt under the floor | max abs logit diff | mean abs logit diff | loss compressor | "
-          "loss transformers | difference |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("as shipped (time_step_limit [0, inf])")
+    print("| model | dt under time_step_min | max abs logit diff | mean abs logit diff | loss compressor | "
+          "loss transformers | difference | transformers decode vs forward |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(
-            f"| {name} | {r['below']:.2%} | {r['max']:.4f} | {r['mean']:.1e} | {r['loss_ours']:.5f} | "
-            f"{r['loss_theirs']:.5f} | {r['loss_theirs'] - r['loss_ours']:+.5f} |"
+            f"| {name} | {r['below']:.2%} | {r['max']:.1e} | {r['mean']:.1e} | {r['loss_ours']:.5f} | "
+            f"{r['loss_theirs']:.5f} | {r['loss_theirs'] - r['loss_ours']:+.5f} | {r['decode_gap']:.1e} |"
         )
-    print("\nmaking them agree (max abs logit diff to transformers; transformers' decoding vs its own forward)")
-    print("| model | hf_exact | loss compressor, hf_exact | time_step_min 0 | transformers decode vs forward | "
-          "same, time_step_min 0 |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\ntime_step_limit raised to [time_step_min, inf] (what the retired --hf-exact wrote)")
+    print("| model | max abs logit diff | loss compressor | its change | max abs change of compressor's logits |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(
-            f"| {name} | {r['exact_max']:.1e} | {r['loss_exact']:.5f} | {r['no_floor_max']:.1e} | "
-            f"{r['decode_gap']:.4f} | {r['decode_gap_no_floor']:.1e} |"
+            f"| {name} | {r['raised_max']:.1e} | {r['loss_raised']:.5f} | {r['loss_raised'] - r['loss_ours']:+.5f} | "
+            f"{r['moved_max']:.4f} |"
         )
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 if __name__ == "__main__":

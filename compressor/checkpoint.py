@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from compressor import distributed
-from compressor.config import HybridConfig, hf_exact
+from compressor.config import HybridConfig
 from compressor.errors import CheckpointError, first_line
 from compressor.model import FP32_TENSORS, HybridLM
 from compressor.outputs import atomic_output
@@ -426,22 +425,6 @@ def loaders(config: HybridConfig) -> list[str]:
     if config.extra.get("quantization_config"):
         return ["compressor", "vLLM"]
     return ["compressor", "transformers", "vLLM"]
-
-
-def set_hf_exact(path: str | Path) -> HybridConfig:
-    """Rewrite a checkpoint's config.json so compressor matches transformers' logits (`config.hf_exact`).
-
-    Only `time_step_limit` changes; every other key of config.json keeps its value. Returns the new config.
-    """
-    file = Path(path) / "config.json"
-    config = hf_exact(HybridConfig.from_file(path))
-    raw = json.loads(file.read_text())
-    raw.pop("mamba_dt_limit", None)  # a legacy spelling would contradict the new value
-    raw["time_step_limit"] = list(config.time_step_limit)
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, file)
-    return config
 
 
 def write_weights(

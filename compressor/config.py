@@ -516,18 +516,6 @@ def _describe_type(kind: Any) -> str:
     return names.get(kind, str(kind))
 
 
-def hf_exact(config: HybridConfig) -> HybridConfig:
-    """`config` with time_step_limit = [time_step_min, inf]: the dt floor transformers' nemotron_h applies.
-
-    Checkpoints say [0, inf] (mamba-ssm's and the original implementation's behaviour), which compressor
-    follows; transformers ignores time_step_limit and clamps softplus(dt) below at time_step_min in its
-    forward pass. Under this config compressor applies the same floor, so its logits equal transformers'
-    up to float rounding on any weights; on trained models this changes the outputs a little (see
-    benchmarks/reference.py).
-    """
-    return config.replace(time_step_limit=(config.time_step_min, math.inf))
-
-
 def _require_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")

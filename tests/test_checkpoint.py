@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, loaders, save_model, set_hf_exact
+from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, loaders, save_model
 from compressor.errors import CheckpointError, CompressorError, ConfigError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
+from tests.conftest import transformers_dt_bounds, transformers_floors_dt, with_time_step_limit
 
 EXAMPLE_TOKENIZER = Path(__file__).resolve().parents[1] / "examples" / "data" / "tokenizer.json"
 
@@ -304,8 +305,14 @@ def test_init_writes_a_complete_tokenizer(tmp_path):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
 
 
-def test_set_hf_exact_makes_transformers_agree_on_a_trained_like_model(tmp_path):
+def test_transformers_agrees_under_the_dt_bounds_it_applies(tmp_path, transformers_world):
+    """On a model whose step sizes fall under time_step_min, as trained ones do: transformers' logits equal
+    ours under the bounds it applies (time_step_limit from 5.25, time_step_min's floor before), differ from
+    ours by more than rounding where those bounds differ from the checkpoint's, and a checkpoint whose
+    time_step_limit already starts at time_step_min agrees in either behaviour."""
     transformers = pytest.importorskip("transformers")
+    floors = transformers_floors_dt()
+    assert floors == {"floor": True, "limit": False}.get(transformers_world, floors)
     torch.manual_seed(0)
     model = HybridLM(get_preset("tiny")).eval()
     assert model.config.time_step_limit == (0.0, math.inf)
@@ -329,21 +336,24 @@ def test_set_hf_exact_makes_transformers_agree_on_a_trained_like_model(tmp_path)
     below = float(torch.cat([s.flatten() for s in steps]).lt(0.001).float().mean())
     assert 0.1 < below < 0.9
     path = save_model(model, tmp_path / "ckpt")
-    before = json.loads((path / "config.json").read_text())
-    with torch.no_grad():
-        theirs = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
-    assert (ours - theirs).abs().max() > 1e-4  # transformers floors dt at time_step_min, the checkpoint does not
 
-    config = set_hf_exact(path)
-    after = json.loads((path / "config.json").read_text())
-    assert config.time_step_limit == (0.001, math.inf) and after["time_step_limit"] == [0.001, math.inf]
-    assert {k: v for k, v in after.items() if k != "time_step_limit"} == {
-        k: v for k, v in before.items() if k != "time_step_limit"
-    }
+    def theirs(folder):
+        with torch.no_grad():
+            return transformers.NemotronHForCausalLM.from_pretrained(folder).eval()(ids, use_cache=False).logits
+
+    floored = (0.001, math.inf)
+    raised = with_time_step_limit(path, tmp_path / "raised", floored)
     with torch.no_grad():
-        assert (load_model(path)(ids) - theirs).abs().max() <= 1e-5
-        refreshed = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
-        assert torch.equal(refreshed, theirs)  # transformers ignores time_step_limit: nothing changed there
+        ours_floored = load_model(raised)(ids)
+    shipped = theirs(path)
+    expected = ours_floored if transformers_dt_bounds(model.config) == floored else ours
+    assert (expected - shipped).abs().max() <= 1e-5
+    gap = float((ours - shipped).abs().max())
+    assert gap > 1e-4 if floors else gap <= 1e-5
+    # time_step_limit starting at time_step_min: the same floor in either behaviour, so both engines agree,
+    # and it is another model than the shipped one
+    assert (ours_floored - theirs(raised)).abs().max() <= 1e-5
+    assert (ours_floored - ours).abs().max() > 1e-4
 
 
 def test_loaders_say_where_a_checkpoint_loads(tmp_path):

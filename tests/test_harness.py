@@ -258,7 +258,8 @@ def test_same_accuracy_as_lm_eval_hf_backend(workspace):
     scores = {
         name: [float(r[0][0]) for s in run["samples"]["toy_mc"] for r in s["resps"]] for name, run in runs.items()
     }
-    assert scores["hf"] == pytest.approx(scores["compressor"], abs=1e-3)  # dt floor: transformers differs slightly
+    # transformers 5.15-5.24 floor dt, so their scores lie a little apart
+    assert scores["hf"] == pytest.approx(scores["compressor"], abs=1e-3)
 
 
 def test_lm_eval_command_line_entry(workspace, tmp_path):

@@ -20,7 +20,7 @@ from compressor.model import HybridLM
 from compressor.pipelines.pruning import PruneConfig, prune_to_budget
 from compressor.pipelines.records import CompressionRecord
 from compressor.pipelines.source import CalibrationConfig, calibrate
-from tests.conftest import PIPELINE_SEQ
+from tests.conftest import PIPELINE_SEQ, assert_transformers_agrees
 
 runner = CliRunner()
 SEQ = PIPELINE_SEQ  # tokens per sequence of the workspace data
@@ -121,10 +121,13 @@ def test_cli_prune(workspace, tmp_path):
     result = runner.invoke(
         cli.app, [*args, "--target-mem", f"{int(full * 0.8)}B", "--out", str(tmp_path / "a"), "--hf-exact"]
     )
+    assert result.exit_code == 1 and "--hf-exact is retired" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "a").exists()
+    result = runner.invoke(cli.app, [*args, "--target-mem", f"{int(full * 0.8)}B", "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "candidates (minitron), best first" in result.output and "wrote the pruned model" in result.output
     assert "(loads in: compressor, transformers, vLLM)" in " ".join(result.output.split())
-    _assert_transformers_exact(tmp_path / "a")
+    assert_transformers_agrees(tmp_path / "a", tmp_path / "a-bounds")
     result = runner.invoke(cli.app, [*args, "--target-mem", "1KiB", "--out", str(tmp_path / "b")])
     assert (
         result.exit_code == 1 and "no candidate meets the budget" in result.output and "Traceback" not in result.output
@@ -134,18 +137,6 @@ def test_cli_prune(workspace, tmp_path):
     result = runner.invoke(cli.app, [*args, "--target-mem", "22GB/s", "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "bandwidth" in result.output
     assert not any((tmp_path / n).exists() for n in "bcd")
-
-
-def _assert_transformers_exact(path) -> None:
-    """--hf-exact: config.json floors dt as transformers does, and transformers' logits equal ours."""
-    transformers = pytest.importorskip("transformers")
-    model = load_model(path)
-    config = json.loads((path / "config.json").read_text())
-    assert config["time_step_limit"] == [model.config.time_step_min, float("inf")]
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        theirs = transformers.NemotronHForCausalLM.from_pretrained(path).eval()(ids, use_cache=False).logits
-        assert (model(ids) - theirs).abs().max() <= 1e-5
 
 
 def test_two_processes_score_and_prune_as_one(workspace, tmp_path):

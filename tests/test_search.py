@@ -124,9 +124,12 @@ def test_materialize_any_candidate(workspace, tmp_path):
     result = runner.invoke(
         cli.app, ["materialize", str(tmp_path / "s"), str(last.index), "--out", str(tmp_path / "e"), "--hf-exact"]
     )
+    assert result.exit_code == 1 and "--hf-exact is retired: transformers 5.25 and newer" in result.output
+    assert not (tmp_path / "e").exists()
+    result = runner.invoke(cli.app, ["materialize", str(tmp_path / "s"), str(last.index), "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     config = load_model(tmp_path / "e").config
-    assert config.time_step_limit == (config.time_step_min, math.inf)
+    assert config.time_step_limit == (0.0, math.inf)  # as the source says
     where = "compressor, transformers, vLLM" if config.is_uniform else "compressor)"
     assert f"(loads in: {where}" in " ".join(result.output.split())
     result = runner.invoke(cli.app, ["materialize", str(tmp_path / "s"), "99", "--out", str(tmp_path / "y")])
