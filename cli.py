@@ -221,6 +221,11 @@ def load_config_or_preset(model: str):
 
 
 KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
+SERVED_BY = {  # by config.json's model_type (HybridConfig.served_format)
+    "nemotron_h": "every engine (uniform)",
+    "nemotron_h_puzzle": "compressor and vLLM (nemotron_h_puzzle, trust_remote_code)",
+    "nemotron_h_compressor": "compressor only (per-block Mamba widths)",
+}
 
 
 def print_json(data: Any) -> None:
@@ -1111,7 +1116,9 @@ def _print_plan(result, config, json_output: bool) -> None:
     if json_output:
         print_json(result.to_dict())
         return
-    stats = ", ".join(f"{value:,} {name.replace('_', ' ')}" for name, value in result.stats.items())
+    from strategies.base import describe_stats
+
+    stats = describe_stats(result.stats)
     console.print(
         f"{result.strategy}: {stats + '; ' if stats else ''}{len(result.candidates)} candidates meet the budget "
         f"({config.budget.describe() if config.budget else 'export_config'}) in {result.seconds:.2f} s; "
@@ -1267,6 +1274,10 @@ def _print_search(record, out: Path) -> None:
         f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
         f"`compress materialize {out} K --out DIR` writes candidate K"
     )
+    served: dict[str, list[str]] = {}
+    for c in record.candidates:
+        served.setdefault(c.architecture.get("format", "nemotron_h"), []).append(f"#{c.index}")
+    say("served by: " + "; ".join(f"{', '.join(ids)} {SERVED_BY[fmt]}" for fmt, ids in sorted(served.items())))
     if probe:
         say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from compressor import distributed
-from compressor.config import HybridConfig
+from compressor.config import COMPRESSOR_ONLY, PUZZLE, PUZZLE_CONFIG_MODULE, HybridConfig
 from compressor.errors import CheckpointError, first_line
 from compressor.model import FP32_TENSORS, HybridLM
 from compressor.outputs import atomic_output
@@ -355,6 +356,9 @@ def write_checkpoint(
     if "torch_dtype" in raw:
         raw["torch_dtype"] = raw["dtype"]
     (folder / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    if config.served_format == PUZZLE:  # the configuration module its auto_map names
+        module = f"{PUZZLE_CONFIG_MODULE}.py"
+        shutil.copyfile(Path(__file__).with_name(module), folder / module)
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             source = Path(tokenizer_from) / name
@@ -406,25 +410,26 @@ def complete_tokenizer(folder: str | Path, config: HybridConfig) -> list[str]:
 
 
 def loaders(config: HybridConfig) -> list[str]:
-    """The programs that load a checkpoint of `config`: compressor always; transformers' and vLLM's
-    `NemotronHForCausalLM` only with uniform widths; a ModelOpt-quantized export vLLM, not transformers.
+    """The engines that run a checkpoint of `config` as compressor does, with how to load it there.
 
-    Why (transformers 5.24, vLLM's main branch read in 2026): transformers' `NemotronHConfig` is a strict
-    dataclass typing every width as one int (`intermediate_size: int`, `mamba_num_heads: int`) and builds
-    every block's mixer from those (`NemotronHBlock.__init__`: `MIXER_TYPES[block_type](config, layer_idx)`),
-    so `block_overrides`, compressor's own key, is not read. vLLM (`model_executor/models/nemotron_h.py`)
-    reads per-layer widths only from an `intermediate_size` list (`NemotronHMLPDecoderLayer.__init__`) or
-    from a `get_nemotron_h_config_for_layer` of NVIDIA's custom `nemotron_h_puzzle` configs (MLP, MoE and
-    attention layers), never per-layer Mamba heads (`NemotronHMambaDecoderLayer.__init__` and the state
-    shapes in `get_mamba_state_shape_from_config` take the global `mamba_num_heads`). A quantized export
-    (`quant_method: modelopt`) is read by vLLM's ModelOpt support; transformers skips a quantization method
-    it does not know (`AutoHfQuantizer.supports_quant_method`) and would read the packed weights as plain.
+    By its served format (`HybridConfig.served_format`, measured in `benchmarks/interop.py`):
+    - nemotron_h (uniform): compressor, transformers, vLLM, llama.cpp (converted by its convert_hf_to_gguf.py);
+    - nemotron_h_puzzle: vLLM reads `block_configs` through the folder's configuration module
+      (`trust_remote_code`); a ModelOpt-quantized export runs there in bf16 / fp16 only (vLLM refuses fp32 for
+      ModelOpt). transformers refuses the format: it has no per-block NemotronH, and it would read packed
+      quantized weights as plain ones (it skips `quant_method: modelopt` with a warning);
+    - nemotron_h_compressor (per-block Mamba widths, which vLLM and llama.cpp read only globally): compressor.
+    vLLM and llama.cpp never read `time_step_limit`: a checkpoint whose limit is not [0, inf] runs as another
+    model there, so they are left out for it.
     """
-    if not config.is_uniform:
+    served = config.served_format
+    if served == COMPRESSOR_ONLY:
         return ["compressor"]
-    if config.extra.get("quantization_config"):
-        return ["compressor", "vLLM"]
-    return ["compressor", "transformers", "vLLM"]
+    unclamped = config.time_step_limit == (0.0, math.inf)
+    if served == PUZZLE:
+        vllm = "vLLM (trust_remote_code, bf16/fp16)" if config.is_quantized else "vLLM (trust_remote_code)"
+        return ["compressor", *([vllm] if unclamped else [])]
+    return ["compressor", "transformers", *(["vLLM", "llama.cpp"] if unclamped else [])]
 
 
 def write_weights(

@@ -4,9 +4,16 @@
 A model is a stack of single-mixer blocks, one per character of the pattern: `M` Mamba-2, `*` attention,
 `-` MLP, `E` mixture of experts (MoE). Widths are uniform by default (the standard format); a block may
 carry its own widths through `block_overrides` (block index -> {field: value}), which pruning uses to give
-each block its own size (MoE blocks: their expert count and expert / shared-expert FFN widths). A config
-with overrides writes them under the key `block_overrides`, which transformers does not know: such
-checkpoints load in compressor only.
+each block its own size (MoE blocks: their expert count and expert / shared-expert FFN widths).
+
+config.json says which engines may read it (`served_format`): uniform configs are standard `nemotron_h`;
+per-block MLP, attention and MoE widths, and ModelOpt-quantized exports, are written in NVIDIA's Puzzle
+format (`nemotron_h_puzzle`: one `block_configs` entry per block and a small configuration module in the
+folder, `PUZZLE_CONFIG_MODULE`), which vLLM and TensorRT-LLM serve and transformers refuses (it would
+ignore per-block widths, or read packed quantized weights as plain ones); per-block Mamba widths, which no
+other engine reads per block, get compressor's own type (`nemotron_h_compressor`), which every other
+engine refuses. compressor reads all three (and the `block_overrides` key of its earlier outputs) without
+running any code from the folder.
 
 MoE fields (`n_routed_experts`, `num_experts_per_tok`, ...) keep transformers' names and defaults; they are
 validated and written only when the pattern has MoE blocks or a value differs from its default, so dense
@@ -59,6 +66,17 @@ KEY_ALIASES = {
     "mamba_chunk_size": "chunk_size",
     "attention_head_dim": "head_dim",
 }
+# config.json's model_type per served format (`HybridConfig.served_format`), and its architectures entry.
+NEMOTRON_H, PUZZLE, COMPRESSOR_ONLY = "nemotron_h", "nemotron_h_puzzle", "nemotron_h_compressor"
+ARCHITECTURES = {
+    NEMOTRON_H: "NemotronHForCausalLM",
+    PUZZLE: "NemotronHPuzzleForCausalLM",
+    COMPRESSOR_ONLY: "NemotronHCompressorForCausalLM",
+}
+# The configuration module a Puzzle-format folder carries (compressor/configuration_nemotron_h_puzzle.py),
+# run by transformers and vLLM under trust_remote_code, never by compressor.
+PUZZLE_CONFIG_MODULE = "configuration_nemotron_h_puzzle"
+PUZZLE_AUTO_MAP = {"AutoConfig": f"{PUZZLE_CONFIG_MODULE}.NemotronHPuzzleConfig"}
 # Per-block width fields each block kind may override.
 OVERRIDABLE = {
     MAMBA: ("mamba_num_heads", "mamba_head_dim"),
@@ -212,6 +230,27 @@ class HybridConfig:
         return not self.block_overrides
 
     @property
+    def is_quantized(self) -> bool:
+        """A ModelOpt export: config.json carries a quantization_config."""
+        return bool(self.extra.get("quantization_config"))
+
+    @property
+    def served_format(self) -> str:
+        """config.json's model_type: NEMOTRON_H (uniform), PUZZLE (per-block MLP / attention / MoE widths, or a
+        quantized export) or COMPRESSOR_ONLY (per-block Mamba widths); see the module docstring."""
+        if any(self.hybrid_override_pattern[index] == KIND_CHARS[MAMBA] for index in self.block_overrides):
+            return COMPRESSOR_ONLY
+        return PUZZLE if self.block_overrides or self.is_quantized else NEMOTRON_H
+
+    def block_configs(self) -> list[dict[str, Any]]:
+        """One `block_configs` entry per block: its type and the widths of its kind (Mamba's are global)."""
+        entries = []
+        for spec in self.blocks:
+            names = OVERRIDABLE[spec.kind] if spec.kind != MAMBA or self.served_format == COMPRESSOR_ONLY else ()
+            entries.append({"block_type": spec.kind, **{name: getattr(spec, name) for name in names}})
+        return entries
+
+    @property
     def has_moe(self) -> bool:
         return KIND_CHARS[MOE] in self.hybrid_override_pattern
 
@@ -299,6 +338,12 @@ class HybridConfig:
                     f"block {index} is a {kind} block and cannot override {', '.join(bad)}; "
                     f"allowed: {', '.join(OVERRIDABLE[kind])}"
                 )
+            if values.get("n_routed_experts", 0) > self.n_routed_experts:
+                raise ConfigError(
+                    f"block {index} has {values['n_routed_experts']} routed experts, more than n_routed_experts "
+                    f"({self.n_routed_experts}): the global count must be the largest (vLLM sizes its expert "
+                    "table by it)"
+                )
         if self.has_moe:
             self._validate_moe()
         for spec in self.blocks:
@@ -323,12 +368,19 @@ class HybridConfig:
     def from_dict(cls, raw: dict[str, Any]) -> HybridConfig:
         """Build from a parsed `config.json` (either pattern form, legacy key spellings accepted)."""
         data = {k: _decode_floats(v) for k, v in raw.items()}
-        model_type = data.pop("model_type", "nemotron_h")
-        if model_type != "nemotron_h":
+        model_type = data.pop("model_type", NEMOTRON_H)
+        if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported: compressor reads Nemotron-H-format "
-                "checkpoints (model_type 'nemotron_h')"
+                f"checkpoints (model_type {', '.join(map(repr, ARCHITECTURES))})"
             )
+        if data.get("architectures") == [ARCHITECTURES[model_type]]:
+            data.pop("architectures")  # written by default
+        block_configs = data.pop("block_configs", None)
+        if model_type == PUZZLE:
+            data.pop("auto_map", None)  # the folder's configuration module: never run, ours is written back
+        if model_type != NEMOTRON_H and not isinstance(block_configs, list):
+            raise ConfigError(f"config.json of model_type {model_type!r} needs a 'block_configs' list, one per block")
         for legacy, canonical in KEY_ALIASES.items():
             if legacy in data:
                 value = data.pop(legacy)
@@ -342,8 +394,6 @@ class HybridConfig:
         elif "hybrid_override_pattern" not in data:
             raise ConfigError("config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'")
         data.pop("num_hidden_layers", None)  # derived from the pattern
-        if data.get("architectures") == ["NemotronHForCausalLM"]:
-            data.pop("architectures")  # written by default
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "pattern_key"}
         known = {k: data.pop(k) for k in list(data) if k in names}
         hints = _field_types()
@@ -353,13 +403,18 @@ class HybridConfig:
         if "time_step_limit" in known:
             known["time_step_limit"] = tuple(known["time_step_limit"])
         try:
-            return cls(**known, extra=data, pattern_key=pattern_key)
+            config = cls(**known, extra=data, pattern_key=pattern_key)
         except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong shape
             raise ConfigError(f"config.json has a field of the wrong type: {exc}") from None
+        if block_configs is None:
+            return config
+        widths = _read_block_configs(block_configs, config)
+        return config.replace(block_overrides=dict(enumerate(widths)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The `config.json` content: the standard nemotron_h format, plus `block_overrides` when non-uniform."""
-        out: dict[str, Any] = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
+        """The `config.json` content in the served format: standard nemotron_h, or with `block_configs`."""
+        served = self.served_format
+        out: dict[str, Any] = {"architectures": [ARCHITECTURES[served]], "model_type": served}
         out.update(self.extra)
         for f in dataclasses.fields(self):
             if f.name in ("extra", "pattern_key", "block_overrides", "hybrid_override_pattern"):
@@ -373,8 +428,10 @@ class HybridConfig:
         else:
             out["hybrid_override_pattern"] = self.hybrid_override_pattern
         out["num_hidden_layers"] = self.num_blocks
-        if self.block_overrides:
-            out["block_overrides"] = {str(i): dict(v) for i, v in sorted(self.block_overrides.items())}
+        if served != NEMOTRON_H:
+            out["block_configs"] = self.block_configs()
+        if served == PUZZLE:
+            out["auto_map"] = dict(PUZZLE_AUTO_MAP)
         return out
 
     @classmethod
@@ -514,6 +571,45 @@ def _describe_type(kind: Any) -> str:
     if origin is dict:
         return "an object"
     return names.get(kind, str(kind))
+
+
+def _read_block_configs(entries: list[Any], config: HybridConfig) -> list[dict[str, int]]:
+    """Every block's widths (`OVERRIDABLE` of its kind) from config.json's `block_configs`, one entry per
+    block in pattern order; a width an entry leaves out is `config`'s.
+
+    Each entry names its block's type, which must match the pattern, and may set the widths compressor
+    models per block; any other key must repeat the global value, since a per-block value compressor
+    cannot apply would be silently ignored.
+    """
+    kinds = config.block_kinds
+    if len(entries) != len(kinds):
+        raise ConfigError(f"block_configs has {len(entries)} entries, but the layer pattern has {len(kinds)} blocks")
+    blocks = []
+    for index, (entry, kind) in enumerate(zip(entries, kinds, strict=True)):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"block_configs[{index}] must be an object, got {entry!r}")
+        block_type = LAYER_TYPE_KINDS.get(entry.get("block_type"))
+        if block_type != kind:
+            raise ConfigError(
+                f"block_configs[{index}] has block_type {entry.get('block_type')!r}, but block {index} of the "
+                f"layer pattern is a {kind} block"
+            )
+        spec = config.block(index)
+        widths = {name: getattr(spec, name) for name in OVERRIDABLE[kind]}
+        for name, value in entry.items():
+            if name == "block_type" or value is None:
+                continue
+            if name in OVERRIDABLE[kind]:
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ConfigError(f"block_configs[{index}].{name} must be a whole number, got {value!r}")
+                widths[name] = value
+            elif getattr(config, name, value) != value or not hasattr(config, name):
+                raise ConfigError(
+                    f"block_configs[{index}] sets {name}={value!r}, which compressor cannot apply per block "
+                    f"(a {kind} block may set {', '.join(OVERRIDABLE[kind]) or 'nothing'})"
+                )
+        blocks.append(widths)
+    return blocks
 
 
 def _require_positive(name: str, value: Any) -> None:

@@ -116,8 +116,9 @@ class Target:
         uniform = {}
         for kind, names in fields.items():
             for name in names:
-                values = [getattr(b, name) for b in self.blocks if b.kind == kind]
-                uniform[name] = Counter(values).most_common(1)[0][0] if values else getattr(source, name)
+                values = [getattr(b, name) for b in self.blocks if b.kind == kind] or [getattr(source, name)]
+                # the expert count is the largest (HybridConfig requires it), every other width the most common
+                uniform[name] = max(values) if name == "n_routed_experts" else Counter(values).most_common(1)[0][0]
         overrides = {}
         for index, block in enumerate(self.blocks):
             differ = {n: getattr(block, n) for n in fields[block.kind] if getattr(block, n) != uniform[n]}
@@ -166,7 +167,7 @@ class Target:
 
     def summary(self, source: HybridConfig) -> dict:
         """What the target keeps, in the terms of ModelOpt's export_config where they apply, the blocks kept
-        (indices in the source) and whether the widths are uniform."""
+        (indices in the source), whether the widths are uniform and the format its config.json is written in."""
         config = self.config(source)
         moe = {}
         if config.has_moe:
@@ -186,6 +187,7 @@ class Target:
             "num_layers": config.num_blocks,
             "kept_blocks": [b.source for b in self.blocks],
             "uniform": config.is_uniform,
+            "format": config.served_format,  # config.json's model_type: which engines serve it
         }
 
 

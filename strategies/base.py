@@ -119,3 +119,11 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
     except ValueError:
         raise OptionError(name, f"takes a {kind.__name__}, got {value!r}") from None
     return text
+
+
+def describe_stats(stats: dict[str, int | str]) -> str:
+    """A strategy's `stats` for a progress line: '12 proposed, servable vllm'."""
+    return ", ".join(
+        f"{value:,} {name.replace('_', ' ')}" if isinstance(value, int) else f"{name.replace('_', ' ')} {value}"
+        for name, value in stats.items()
+    )

@@ -68,11 +68,13 @@ class MiniPuzzleOptions:
     depth_scores: str = field(
         default="auto", metadata={"help": "Block ranking: influence, drop (drop-one) or auto (drop when measured)."}
     )
-    servable: bool = field(
-        default=False,
+    servable: str = field(
+        default="auto",
         metadata={
-            "help": "MiniPuzzle: only candidates transformers and vLLM load: the kept blocks of a kind share "
-            "their widths (blocks may still be dropped)."
+            "help": "MiniPuzzle: the engines the candidates must run in. uniform: every engine (the kept blocks "
+            "of a kind share their widths; blocks may be dropped); vllm: vLLM (per-block MLP and MoE widths, "
+            "the kept Mamba blocks share their heads; written in the nemotron_h_puzzle format); any: compressor "
+            "only (per-block Mamba heads too); auto: vllm, or any where vllm finds no candidate."
         },
     )
 
@@ -89,6 +91,14 @@ class MiniPuzzleOptions:
                 raise OptionError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if self.depth_scores not in ("auto", "influence", "drop"):
             raise OptionError("depth_scores", f"{self.depth_scores!r} is not one of auto, influence, drop")
+        servable = {True: "uniform", False: "any", "true": "uniform", "false": "any"}.get(self.servable, self.servable)
+        if servable not in SHARED_KINDS and servable != "auto":
+            raise OptionError("servable", f"{self.servable!r} is not one of auto, uniform, vllm, any")
+        object.__setattr__(self, "servable", servable)  # true / false: the earlier yes-or-no spelling
+
+
+# The block kinds whose kept blocks share one width, per servability mode: what each engine reads globally.
+SHARED_KINDS = {"uniform": frozenset((MAMBA, ATTENTION, MLP, MOE)), "vllm": frozenset((MAMBA,)), "any": frozenset()}
 
 
 @dataclass
@@ -115,24 +125,34 @@ class MiniPuzzleStrategy(Strategy):
     Options = MiniPuzzleOptions
 
     def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget | None) -> list[Target]:
-        """Distinct targets from the knapsack over per-block choices, for each hidden size and variant.
-
-        A throughput-only budget has no additive cost to pack against; decode speed follows the bytes a
-        step reads, so the knapsack is run against a ladder of memory targets (95% ... 50% of the
-        original's) and the caller keeps what reaches the speedup."""
+        """Distinct targets from the knapsack over per-block choices, for each hidden size and variant, in
+        the servability mode the options ask for (auto: vllm, else any)."""
         if budget is None:
             raise OptionError(
                 "budget", "is needed by the minipuzzle strategy: give a memory, parameter or speedup target"
             )
         if not source.is_uniform:
             raise CompressorError("MiniPuzzle starts from a uniform model")
+        modes = ("vllm", "any") if self.options.servable == "auto" else (self.options.servable,)
+        for mode in modes:
+            targets = self._propose(source, importance, budget, mode)
+            if targets:
+                break
+        self.stats = {"proposed": len(targets), "servable": mode}
+        return targets
+
+    def _propose(self, source: HybridConfig, importance, budget: Budget, mode: str) -> list[Target]:
+        """The targets of one servability mode (`SHARED_KINDS`).
+
+        A throughput-only budget has no additive cost to pack against; decode speed follows the bytes a
+        step reads, so the knapsack is run against a ladder of memory targets (95% ... 50% of the
+        original's) and the caller keeps what reaches the speedup."""
         if budget.memory is None and budget.params is None and budget.active_params is None:
             full = budget.memory_of(source).total
             targets: list[Target] = []
             for share in (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
                 surrogate = dataclasses.replace(budget, memory=int(share * full), min_speedup=None, gpu=None)
-                targets += [t for t in self.propose(source, importance, surrogate) if t not in targets]
-            self.stats = {"proposed": len(targets)}
+                targets += [t for t in self._propose(source, importance, surrogate, mode) if t not in targets]
             return targets
         o = self.options
         hidden_grid = width_choices(source.hidden_size, divisor_for(source.hidden_size, 256), o.max_width_pruning)
@@ -148,10 +168,9 @@ class MiniPuzzleStrategy(Strategy):
             ]
             base = costs.base(hidden)
             found = False
-            solve = _solve_servable if o.servable else _solve
             for variant in VARIANTS:
                 allowed = [[x for x in opts if _allowed(x, variant)] for opts in options]
-                choice = solve(allowed, budget, base, limits)
+                choice = _solve_shared(allowed, budget, base, limits, SHARED_KINDS[mode])
                 if choice is None:
                     continue
                 found = True
@@ -163,7 +182,6 @@ class MiniPuzzleStrategy(Strategy):
             hidden_used += found
             if hidden_used == o.hidden_choices:
                 break
-        self.stats = {"proposed": len(targets)}
         return targets
 
     def _drop_limits(self, source: HybridConfig) -> dict[str, int]:
@@ -322,23 +340,28 @@ def _solve(options, budget: Budget, base, limits: dict[str, int]):
     return None
 
 
-def _solve_servable(options, budget: Budget, base, limits: dict[str, int]):
-    """The least-damage choice within the budget whose kept blocks of each kind share their widths, or
-    None: what transformers' and vLLM's NemotronH can load (one width per kind in config.json). Each
-    combination of one width per kind is solved as `_solve` does, with every block restricted to dropped
-    or that width; on a uniform source every block of a kind offers the same widths."""
+def _solve_shared(options, budget: Budget, base, limits: dict[str, int], shared: frozenset[str]):
+    """The least-damage choice within the budget whose kept blocks of each kind in `shared` share their
+    widths, or None: with every kind shared, what transformers' NemotronH loads (one width per kind in
+    config.json); with Mamba shared, what vLLM loads (it reads Mamba widths globally). Each combination of
+    one width per shared kind is solved as `_solve` does, with those blocks restricted to dropped or that
+    width; on a uniform source every block of a kind offers the same widths."""
+    if not shared:
+        return _solve(options, budget, base, limits)
 
     def key(option: _Option) -> tuple:
         return tuple(sorted(option.widths.items()))
 
-    widths: dict[str, list[tuple]] = {}  # kind -> its distinct width choices
+    widths: dict[str, list[tuple]] = {}  # shared kind -> its distinct width choices
     for option in itertools.chain.from_iterable(options):
-        if not option.dropped and key(option) not in widths.setdefault(option.kind, []):
+        if option.kind in shared and not option.dropped and key(option) not in widths.setdefault(option.kind, []):
             widths[option.kind].append(key(option))
     best, best_damage = None, math.inf
     for combination in itertools.product(*widths.values()):
         chosen = dict(zip(widths, combination, strict=True))
-        restricted = [[x for x in opts if x.dropped or key(x) == chosen[x.kind]] for opts in options]
+        restricted = [
+            [x for x in opts if x.dropped or x.kind not in chosen or key(x) == chosen[x.kind]] for opts in options
+        ]
         choice = _solve(restricted, budget, base, limits) if all(restricted) else None
         damage = sum(x.damage for x in choice) if choice is not None else math.inf
         if damage < best_damage:

@@ -357,18 +357,29 @@ def test_transformers_agrees_under_the_dt_bounds_it_applies(tmp_path, transforme
 
 
 def test_loaders_say_where_a_checkpoint_loads(tmp_path):
-    """Uniform: compressor, transformers, vLLM; per-block: compressor only (transformers refuses its shapes);
-    a ModelOpt-quantized uniform export: compressor and vLLM."""
+    """Uniform: every engine; per-block MLP / attention / MoE widths and quantized exports: the Puzzle format
+    vLLM reads (its configuration module in the folder) and transformers refuses; per-block Mamba widths:
+    compressor's own type, which transformers refuses too; a raised time_step_limit: not vLLM nor llama.cpp."""
     transformers = pytest.importorskip("transformers")
     config = get_preset("tiny")
-    assert loaders(config) == ["compressor", "transformers", "vLLM"]
+    assert loaders(config) == ["compressor", "transformers", "vLLM", "llama.cpp"]
+    assert loaders(config.replace(time_step_limit=(0.001, math.inf))) == ["compressor", "transformers"]
     quantized = config.replace(extra={"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}})
-    assert loaders(quantized) == ["compressor", "vLLM"]
+    assert loaders(quantized) == ["compressor", "vLLM (trust_remote_code, bf16/fp16)"]
     mlp = next(i for i, kind in enumerate(config.block_kinds) if kind == "mlp")
     per_block = config.replace(block_overrides={mlp: {"intermediate_size": config.intermediate_size // 2}})
-    assert loaders(per_block) == ["compressor"]
+    assert loaders(per_block) == ["compressor", "vLLM (trust_remote_code)"]
+    mamba = per_block.replace(block_overrides={0: {"mamba_num_heads": config.mamba_num_heads // 2}})
+    assert loaders(mamba) == ["compressor"]
     torch.manual_seed(0)
-    path = save_model(HybridLM(per_block).eval(), tmp_path / "per_block")
-    assert load_model(path).config.block_overrides == per_block.block_overrides
-    with pytest.raises(RuntimeError, match="mismatch"):
-        transformers.NemotronHForCausalLM.from_pretrained(path)
+    for name, each in (("per_block", per_block), ("mamba", mamba)):
+        path = save_model(HybridLM(each).eval(), tmp_path / name)
+        assert load_model(path).config.block_overrides == each.block_overrides
+        assert (path / "configuration_nemotron_h_puzzle.py").is_file() == (name == "per_block")
+        with pytest.raises(ValueError):  # custom code it may not run / a model type it does not know
+            transformers.AutoConfig.from_pretrained(path)
+    module = transformers.AutoConfig.from_pretrained(tmp_path / "per_block", trust_remote_code=True)
+    assert module.get_nemotron_h_config_for_layer(mlp).intermediate_size == config.intermediate_size // 2
+    assert module.get_nemotron_h_config_for_layer(mlp + 1).intermediate_size == config.intermediate_size
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):  # no per-block model there
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "per_block", trust_remote_code=True)

@@ -36,11 +36,14 @@ def test_info_on_checkpoint_and_preset(workspace):
     result = _run("info", workspace / "model")
     assert result.exit_code == 0
     assert "9 (4 Mamba-2, 2 attention, 3 MLP)" in result.output and "F32" in result.output
-    assert any("loads in" in line and "compressor, transformers, vLLM" in line for line in result.output.splitlines())
+    assert any(
+        "loads in" in line and "compressor, transformers, vLLM, llama.cpp" in line
+        for line in result.output.splitlines()
+    )
     result = _run("info", workspace / "model", "--json")
     data = json.loads(result.output)
     assert data["parameters"]["total"] == 210_400 and data["dtypes"] == ["F32"]
-    assert data["loads_in"] == ["compressor", "transformers", "vLLM"]
+    assert data["loads_in"] == ["compressor", "transformers", "vLLM", "llama.cpp"]
     result = _run("info", "12b-v2", "--json")
     assert json.loads(result.output)["parameters"]["total"] == 12_310_001_152
 

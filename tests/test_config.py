@@ -113,11 +113,81 @@ def test_block_overrides_resolve_and_serialise():
     assert config.block(3).intermediate_size == config.intermediate_size
     assert not config.is_uniform
     out = config.to_dict()
-    assert out["block_overrides"] == {"1": {"intermediate_size": 512}}
+    assert out["model_type"] == "nemotron_h_puzzle" and out["architectures"] == ["NemotronHPuzzleForCausalLM"]
+    assert out["auto_map"] == {"AutoConfig": "configuration_nemotron_h_puzzle.NemotronHPuzzleConfig"}
+    assert out["block_configs"] == [
+        {"block_type": "mamba"},
+        {"block_type": "mlp", "intermediate_size": 512},
+        {"block_type": "attention", "num_attention_heads": 32, "num_key_value_heads": 8},
+        {"block_type": "mlp", "intermediate_size": config.intermediate_size},
+    ]
+    assert "block_overrides" not in out and out["intermediate_size"] == config.intermediate_size
     assert HybridConfig.from_dict(json.loads(config.to_json())) == config
     # an override equal to the uniform width is no override
     same = config.replace(block_overrides={1: {"intermediate_size": config.intermediate_size}})
-    assert same.is_uniform and "block_overrides" not in same.to_dict()
+    assert same.is_uniform and same.to_dict()["model_type"] == "nemotron_h" and "block_configs" not in same.to_dict()
+
+
+def test_served_format_follows_what_engines_read():
+    """Per-block Mamba widths (read globally by vLLM and llama.cpp): compressor's own type, refused elsewhere;
+    a quantized uniform export: Puzzle; an MoE block with more experts than the global count is refused (vLLM
+    sizes its expert table by the global count)."""
+    base = HybridConfig(hybrid_override_pattern="M-*-", n_groups=8, mamba_num_heads=128)
+    assert base.served_format == "nemotron_h"
+    mamba = base.replace(block_overrides={0: {"mamba_num_heads": 64}})
+    out = mamba.to_dict()
+    assert out["model_type"] == "nemotron_h_compressor" and "auto_map" not in out
+    assert out["block_configs"][0] == {"block_type": "mamba", "mamba_num_heads": 64, "mamba_head_dim": 64}
+    assert HybridConfig.from_dict(json.loads(mamba.to_json())) == mamba
+    quantized = base.replace(extra={"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}})
+    assert quantized.to_dict()["model_type"] == "nemotron_h_puzzle"
+    assert HybridConfig.from_dict(json.loads(quantized.to_json())) == quantized
+    moe = HybridConfig(hybrid_override_pattern="MEME", n_routed_experts=8, num_experts_per_tok=2)
+    out = moe.replace(block_overrides={3: {"n_routed_experts": 4}}).to_dict()
+    assert out["n_routed_experts"] == 8 and [b.get("n_routed_experts") for b in out["block_configs"]] == [
+        None, 8, None, 4
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="block 3 has 12 routed experts, more than n_routed_experts"):
+        moe.replace(block_overrides={3: {"n_routed_experts": 12}})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b.pop(), "block_configs has 3 entries, but the layer pattern has 4 blocks"),
+        (lambda b: b[1].update(block_type="mamba"), r"block_configs\[1\] has block_type 'mamba', but block 1"),
+        (lambda b: b[1].update(intermediate_size="wide"), r"block_configs\[1\].intermediate_size must be a whole"),
+        (lambda b: b[2].update(head_dim=64), r"block_configs\[2\] sets head_dim=64, which compressor cannot apply"),
+        (lambda b: b[2].update(sliding_window=512), "sets sliding_window=512, which compressor cannot apply"),
+    ],
+)
+def test_block_configs_that_cannot_be_read_exactly_are_refused(change, message):
+    raw = HybridConfig(hybrid_override_pattern="M-*-", block_overrides={1: {"intermediate_size": 512}}).to_dict()
+    change(raw["block_configs"])
+    with pytest.raises(ConfigError, match=message):
+        HybridConfig.from_dict(raw)
+
+
+def test_block_configs_of_nvidia_puzzle_checkpoints_and_earlier_outputs_read():
+    """A Puzzle config with keys that repeat global values, and the `block_overrides` key earlier outputs wrote."""
+    raw = HybridConfig(hybrid_override_pattern="M-*E", num_experts_per_tok=2).to_dict()
+    raw.update(
+        model_type="nemotron_h_puzzle", architectures=["NemotronHPuzzleForCausalLM"], auto_map={"AutoConfig": "x.Y"}
+    )
+    raw["block_configs"] = [
+        {"block_type": "mamba"},
+        {"block_type": "mlp", "intermediate_size": 1024, "mlp_bias": False},
+        {"block_type": "attention", "head_dim": 128, "sliding_window": None},
+        {"block_type": "moe", "n_routed_experts": 4, "num_experts_per_tok": 2},
+    ]
+    config = HybridConfig.from_dict(raw)
+    assert config.block_overrides == {1: {"intermediate_size": 1024}, 3: {"n_routed_experts": 4}}
+    assert "auto_map" not in config.extra and "block_configs" not in config.extra
+    old = HybridConfig(hybrid_override_pattern="M-*-").to_dict()
+    old["block_overrides"] = {"1": {"intermediate_size": 512}}
+    assert HybridConfig.from_dict(old).block(1).intermediate_size == 512
+    with pytest.raises(ConfigError, match="needs a 'block_configs' list"):
+        HybridConfig.from_dict({**old, "model_type": "nemotron_h_puzzle"})
 
 
 @pytest.mark.parametrize(
@@ -322,7 +392,10 @@ def test_moe_block_overrides_resolve_and_serialise():
     config = HybridConfig(hybrid_override_pattern="ME*E", n_routed_experts=8, block_overrides=overrides)
     assert (config.block(1).n_routed_experts, config.block(1).moe_intermediate_size) == (4, 24)
     assert config.block(3).n_routed_experts == 8 and config.block(3).moe_shared_expert_intermediate_size == 8
-    assert config.to_dict()["block_overrides"]["1"] == {"n_routed_experts": 4, "moe_intermediate_size": 24}
+    assert config.to_dict()["block_configs"][1] == {
+        "block_type": "moe", "n_routed_experts": 4, "moe_intermediate_size": 24,
+        "moe_shared_expert_intermediate_size": 7688,
+    }  # fmt: skip
     assert HybridConfig.from_dict(json.loads(config.to_json())) == config
 
 

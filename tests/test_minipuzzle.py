@@ -7,6 +7,7 @@ import torch
 
 from compressor.budget import Budget, BudgetError, active_parameters, num_parameters, parse_params, parse_size
 from compressor.checkpoint import load_model, save_model
+from compressor.errors import OptionError
 from compressor.importance import estimate
 from compressor.model import HybridLM
 from compressor.pipelines.ranking import rank
@@ -66,19 +67,30 @@ def test_candidates_are_heterogeneous_and_round_trip(model, scores, tmp_path):
 
 
 def test_servable_candidates_share_widths_per_kind(model, scores, moe_model, moe_scores, tmp_path):
-    """--servable true: every candidate writes the standard uniform format (transformers loads it), narrows
-    or drops something, and meets the budget; per-block candidates exist for the same budget without it."""
+    """--servable uniform (or the earlier `true`): every candidate writes the standard uniform format
+    (transformers loads it), narrows or drops something, and meets the budget. vllm: per-block MLP / MoE
+    widths, one Mamba width (the Puzzle format vLLM serves); any: per-block Mamba heads too (compressor only);
+    auto: vllm's candidates."""
     transformers = pytest.importorskip("transformers")
     for source, importance in ((model, scores), (moe_model, moe_scores)):
         budget = Budget(params=int(0.75 * num_parameters(source.config)))
-        options = MiniPuzzleOptions(ffn_fractions=(1, 0.75, 0.5), mamba_head_fractions=(1, 0.5), servable=True)
+        options = MiniPuzzleOptions(ffn_fractions=(1, 0.75, 0.5), mamba_head_fractions=(1, 0.5), servable="true")
+        assert options.servable == "uniform"
         candidates = _search(options, source.config, importance, budget)
         assert candidates
         for c in candidates:
             config = c.target.config(source.config)
             assert config.is_uniform and not budget.violations(config, source.config), c.label
-        free = MiniPuzzleStrategy(dataclasses.replace(options, servable=False))
-        assert any(not t.config(source.config).is_uniform for t in free.propose(source.config, importance, budget))
+        formats = {}
+        for mode in ("vllm", "any", "auto"):
+            strategy = MiniPuzzleStrategy(dataclasses.replace(options, servable=mode))
+            targets = strategy.propose(source.config, importance, budget)
+            formats[mode] = [t.config(source.config).served_format for t in targets]
+            assert strategy.stats["servable"] == ("vllm" if mode == "auto" else mode)
+        assert "nemotron_h_compressor" not in formats["vllm"] and "nemotron_h_puzzle" in formats["vllm"]
+        assert set(formats["any"]) - {"nemotron_h"} and formats["auto"] == formats["vllm"]
+    with pytest.raises(OptionError, match="'all' is not one of auto, uniform, vllm, any"):
+        MiniPuzzleOptions(servable="all")
     save_model(prune(moe_model, moe_scores, candidates[0].target), tmp_path / "servable")  # an MoE candidate
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -126,7 +126,7 @@ def test_cli_prune(workspace, tmp_path):
     result = runner.invoke(cli.app, [*args, "--target-mem", f"{int(full * 0.8)}B", "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "candidates (minitron), best first" in result.output and "wrote the pruned model" in result.output
-    assert "(loads in: compressor, transformers, vLLM)" in " ".join(result.output.split())
+    assert "(loads in: compressor, transformers, vLLM, llama.cpp)" in " ".join(result.output.split())
     assert_transformers_agrees(tmp_path / "a", tmp_path / "a-bounds")
     result = runner.invoke(cli.app, [*args, "--target-mem", "1KiB", "--out", str(tmp_path / "b")])
     assert (

@@ -294,6 +294,27 @@ def test_tied_embeddings_export_and_load(tmp_path):
     assert torch.equal(loaded.lm_head.weight, source.lm_head.weight)
 
 
+def test_transformers_refuses_a_quantized_export_it_would_compute_wrong(tmp_path):
+    """transformers skips `quant_method: modelopt` with a warning and would read the packed weights as plain
+    ones: the export is written in the Puzzle format, which it refuses with or without trust_remote_code,
+    and which carries the configuration module vLLM reads."""
+    transformers = pytest.importorskip("transformers")
+    _modelopt()
+    config = get_preset("tiny")
+    path = export_quantized(quantize(_model(config), "fp8", _batches(config)), tmp_path / "fp8")
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["model_type"] == "nemotron_h_puzzle" and (path / "configuration_nemotron_h_puzzle.py").is_file()
+    assert [entry["block_type"] for entry in raw["block_configs"]] == config.block_kinds
+    with pytest.raises(ValueError):
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert (
+        HybridConfig.from_file(path).is_quantized
+        and load_model(path).num_parameters() == _model(config).num_parameters()
+    )
+
+
 def test_foreign_quantization_is_refused(tmp_path):
     config = get_preset("tiny")
     path = save_model(_model(config), tmp_path / "ckpt")

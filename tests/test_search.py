@@ -130,7 +130,11 @@ def test_materialize_any_candidate(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     config = load_model(tmp_path / "e").config
     assert config.time_step_limit == (0.0, math.inf)  # as the source says
-    where = "compressor, transformers, vLLM" if config.is_uniform else "compressor)"
+    where = {
+        "nemotron_h": "compressor, transformers, vLLM, llama.cpp)",
+        "nemotron_h_puzzle": "compressor, vLLM (trust_remote_code))",
+        "nemotron_h_compressor": "compressor)",
+    }[config.served_format]
     assert f"(loads in: {where}" in " ".join(result.output.split())
     result = runner.invoke(cli.app, ["materialize", str(tmp_path / "s"), "99", "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "no candidate 99" in result.output

@@ -31,7 +31,7 @@ from compressor.pipelines.records import Candidate, CompressionRecord, write_jso
 from compressor.pipelines.source import Source
 from compressor.prune import kept_attention_heads, write_pruned
 from strategies import Strategy, build_options, get_strategy
-from strategies.base import options_to_dict
+from strategies.base import describe_stats, options_to_dict
 from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def prune_to_budget(
     arch = source.model.config
     proposals = strategy.propose(arch, source.importance, config.budget)
     if strategy.stats:
-        say(", ".join(f"{value:,} {name.replace('_', ' ')}" for name, value in strategy.stats.items()))
+        say(describe_stats(strategy.stats))
     if config.export is not None and config.budget is not None:
         missed = config.budget.violations(proposals[0].config(arch), arch)
         if missed:

@@ -54,7 +54,7 @@ from compressor.pipelines.source import CalibrationConfig, Source
 from compressor.prune import kept_attention_heads, write_pruned
 from compressor.train import STATE_FILE, TrainConfig, train
 from strategies import build_options, get_strategy
-from strategies.base import options_to_dict
+from strategies.base import describe_stats, options_to_dict
 from strategies.export_config import export_config
 
 SEARCH_FILE = "search.json"
@@ -216,7 +216,7 @@ def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str]
     strategy = config.build_strategy()
     arch = source.model.config
     proposals = strategy.propose(arch, source.importance, config.budget)
-    say(f"{strategy.name}: " + (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in strategy.stats.items()) or "done"))
+    say(f"{strategy.name}: " + (describe_stats(strategy.stats) or "done"))
     scorer = proxy_scorer(source, config.score, config.retrieval_weight)
     candidates = rank(
         proposals, arch, config.budget, limit=strategy.top_k, scorer=scorer, smallest=strategy.smallest(arch), say=say
