@@ -1135,6 +1135,8 @@ def _print_plan(result, config, json_output: bool) -> None:
         rows.append([c.label, blocks, *widths, f"{c.params:,}", fmt_memory(c.memory_bytes)])
     widths = ["active"] if moe else ["hidden", "ffn"]
     console.print(table(None, ["candidate", f"{'/'.join(chars)} blocks", *widths, "parameters", "memory"], rows))
+    for warning in result.warnings:
+        say(f"warning: {warning}")
 
 
 # ----- search -------------------------------------------------------------------------------------------
@@ -1532,6 +1534,21 @@ def train_command(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+def lm_eval_main() -> None:
+    """`lm-eval-compressor`: lm-eval's own command line with the "compressor" model registered.
+
+    lm-eval (0.4.x) finds only the models its package registers, never a plug-in's, so `lm_eval --model
+    compressor` cannot work by installation alone; this is the same command with that one addition."""
+    try:
+        import compressor.harness  # noqa: F401  (registers the model)
+    except CompressorError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ from compressor.errors import OptionError
 from compressor.importance import Importance
 from compressor.prune import Target
 from strategies.base import Strategy
+from strategies.grid import modelopt_violations
 
 # ModelOpt's export_config keys -> the HybridConfig fields they set.
 EXPORT_KEYS = {
@@ -98,6 +99,15 @@ def export_config(config: HybridConfig) -> dict[str, int]:
     with MoE blocks)."""
     keys = {**EXPORT_KEYS, **(MOE_EXPORT_KEYS if config.has_moe else {})}
     return {key: getattr(config, name) for key, name in keys.items()}
+
+
+def modelopt_problems(source: HybridConfig, config: HybridConfig) -> list[str]:
+    """What ModelOpt's mcore_minitron cannot express of `config` pruned from `source` (empty: all of it); a
+    per-block config has no export_config at all."""
+    if not config.is_uniform:
+        return ["per-block widths have no export_config"]
+    groups = {"mamba_num_heads": source.n_groups, "num_attention_heads": source.num_key_value_heads}
+    return modelopt_violations(export_config(config), export_config(source), groups)
 
 
 def export_layers(source: HybridConfig, target: Target) -> dict[str, object]:

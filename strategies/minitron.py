@@ -43,7 +43,7 @@ from compressor.importance import Importance
 from compressor.prune import Target
 from strategies.base import Strategy
 from strategies.costs import BlockCosts
-from strategies.grid import DEPTH_KINDS, divisor_for, drop_order, expert_choices, width_choices
+from strategies.grid import DEPTH_KINDS, MODELOPT_DIVISORS, divisor_for, drop_order, expert_choices, width_choices
 
 AXES = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "moe_experts", "moe_ffn", "moe_shared_ffn", "depth")
 # grid key -> the HybridConfig field it sets (the grid's key for the mamba_head_dim axis is "head_dim")
@@ -93,7 +93,7 @@ class MinitronOptions:
         default=None,
         metadata={
             "help": "Only shapes ModelOpt's mcore_minitron can express (its divisors, an even block count); "
-            "default: on when its divisors fit the model's sizes."
+            "default: on from a hidden size of 2048 (ModelOpt's scale)."
         },
     )
 
@@ -211,15 +211,12 @@ class MinitronStrategy(Strategy):
         ]  # fmt: skip
 
     def modelopt_compatible(self, source: HybridConfig) -> bool:
-        """Whether candidates are restricted to what ModelOpt can express: as asked, else (None) when its
-        divisors fit this model's sizes, i.e. when the restriction costs (almost) nothing."""
+        """Whether candidates are restricted to what ModelOpt can express: as asked, else (None) for a model at
+        ModelOpt's scale (a hidden size its divisor of 256 leaves choices in: 2048 and up), whose exports
+        ModelOpt would otherwise refuse; smaller models keep the finer, capped divisors (`divisor_for`)."""
         if self.options.modelopt_compatible is not None:
             return self.options.modelopt_compatible
-        sizes = [(source.hidden_size, 256), (source.intermediate_size, 512), (source.mamba_head_dim, 8)]
-        if source.has_moe:
-            sizes += [(source.n_routed_experts, 8), (source.moe_intermediate_size, 512)]
-            sizes += [(source.moe_shared_expert_intermediate_size, 512)]
-        return all(divisor_for(value, step) == step for value, step in sizes)
+        return divisor_for(source.hidden_size, MODELOPT_DIVISORS["hidden_size"]) == MODELOPT_DIVISORS["hidden_size"]
 
     def grid_costs(self, source: HybridConfig, budget: Budget) -> GridCosts:
         """Every grid point costed analytically (module docstring)."""

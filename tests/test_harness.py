@@ -269,15 +269,18 @@ def test_lm_eval_command_line_entry(workspace, tmp_path):
         *("--output_path", str(tmp_path / "out")),
     ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "compressor.harness", *args], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "toy_mc" in result.stdout and "acc" in result.stdout
-    written = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    assert written["results"]["toy_mc"]["acc,none"] == pytest.approx(
-        _direct_accuracy(load_model(workspace / "uniform"))
-    )
+    expected = _direct_accuracy(load_model(workspace / "uniform"))
+    # `python -m compressor.harness` and the `lm-eval-compressor` script installed with the package
+    script = Path(sys.executable).with_name("lm-eval-compressor")
+    for launch, out in (([sys.executable, "-m", "compressor.harness"], "module"), ([str(script)], "script")):
+        if not script.is_file() and out == "script":
+            pytest.skip("the package is not installed in this environment (pip install -e .)")
+        run = [*launch, *args[:-1], str(tmp_path / out)]
+        result = subprocess.run(run, capture_output=True, text=True, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "toy_mc" in result.stdout and "acc" in result.stdout
+        written = json.loads(next((tmp_path / out).rglob("results_*.json")).read_text())
+        assert written["results"]["toy_mc"]["acc,none"] == pytest.approx(expected)
 
 
 def test_missing_lm_eval_is_one_line():

@@ -1,5 +1,7 @@
 """The Minitron strategy: grid (MoE axes too), analytic costs, budgets, and the 12B-v2 -> 9B-v2 search space."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,8 +115,11 @@ def test_moe_grid_follows_modelopt_and_valid_routing():
     moe_axes = MinitronOptions(axes=("hidden", "moe_experts", "moe_ffn", "moe_shared_ffn", "depth"))
     grid = MinitronStrategy(moe_axes).grid(nano)
     assert grid["moe_experts"] == list(range(128, 79, -8))  # num_moe_experts_divisor 8, down to 60%
-    assert grid["moe_ffn"] == [1856, *range(1792, 1113, -128)]  # the FFN divisor (512 capped at 1856 / 8)
-    assert grid["moe_shared_ffn"] == [3712, *range(3584, 2227, -256)]
+    # at ModelOpt's scale (hidden 2688) its own FFN divisor, 512, so that every export_config loads there
+    assert grid["moe_ffn"] == [1856, 1536] and grid["moe_shared_ffn"] == [3712, 3584, 3072, 2560]
+    free = MinitronStrategy(dataclasses.replace(moe_axes, modelopt_compatible=False)).grid(nano)
+    assert free["moe_ffn"] == [1856, *range(1792, 1113, -128)]  # the FFN divisor 512 capped at 1856 / 8
+    assert free["moe_shared_ffn"] == [3712, *range(3584, 2227, -256)]
     assert grid["ffn"] == [1856] and grid["mamba_heads"] == [64]  # no MLP blocks; Mamba axes not asked for
     assert MinitronStrategy().grid(nano)["moe_experts"] == [128]  # the MoE axes are off by default
     assert max(c[3] for c in MinitronStrategy().depth_choices(nano)) == 10  # MoE blocks removable: 20% of 52
@@ -141,7 +146,10 @@ def test_active_parameter_budget_on_nano3_narrows_the_experts():
         config = c.target.config(nano)
         assert active_parameters(config) <= budget.active_params < active_parameters(nano)
         assert c.params == num_parameters(config)
-    assert any(c.target.config(nano).moe_intermediate_size < nano.moe_intermediate_size for c in candidates)
+    narrowed = [c.target.config(nano) for c in candidates]
+    assert any(
+        config.moe_shared_expert_intermediate_size < nano.moe_shared_expert_intermediate_size for config in narrowed
+    )
     assert any("moe ffn" in c.label or "shared ffn" in c.label for c in candidates)
     # the order keeps the most parameters: every expert stays when only active parameters are limited
     assert candidates[0].target.config(nano).n_routed_experts == 128

@@ -216,9 +216,28 @@ def test_dry_run_on_nano3_under_an_active_parameter_budget():
         assert c["active_params"] <= 3_000_000_000 < c["params"]
         assert c["architecture"]["num_moe_experts"] <= 128 and c["architecture"]["moe_ffn_hidden_size"] <= 1856
     assert any(c["architecture"]["moe_shared_expert_intermediate_size"] < 3712 for c in candidates)
+    # at ModelOpt's scale the candidates keep to its search space by default, so their export_config loads there
+    from compressor.presets import get_preset
+    from strategies.export_config import modelopt_problems
+    from strategies.grid import modelopt_violations
+
+    source = get_preset("nemotron-3-nano-30b-a3b")
+    original = {k: v for k, v in candidates[0]["architecture"].items() if k in ("num_moe_experts",)}
+    assert original and json.loads(result.output)["warnings"] == []
+    for c in candidates:
+        shape = {k: c["architecture"][k] for k in ("num_moe_experts", "moe_ffn_hidden_size", "hidden_size")}
+        groups = {"mamba_num_heads": source.n_groups, "num_attention_heads": source.num_key_value_heads}
+        assert not modelopt_violations(shape, {"num_moe_experts": 128, "moe_ffn_hidden_size": 1856,
+                                               "hidden_size": 2688}, groups), c["label"]  # fmt: skip
+    free = runner.invoke(cli.app, [*args, "--modelopt-compatible", "false", "--json"])
+    warnings = json.loads(free.output)["warnings"]
+    assert len(warnings) == 1 and "ModelOpt refuses their export_config" in warnings[0], warnings
+    assert modelopt_problems(source, source) == []
+    result = runner.invoke(cli.app, [*args, "--modelopt-compatible", "false"])
+    assert "warning: " in result.output and "candidates have shapes ModelOpt's mcore_minitron cannot" in result.output
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 0 and "<= 3,000,000,000 active parameters" in " ".join(result.output.split())
-    assert "M/*/-/E blocks" in result.output and "active" in result.output and "moe ffn" in result.output
+    assert "M/*/-/E blocks" in result.output and "active" in result.output and "shared ffn" in result.output
     for strategy in ("minipuzzle", "minitron"):  # default axes too: hidden and depth
         result = runner.invoke(cli.app, [*args[:-2], "--strategy", strategy, "--json"])
         assert result.exit_code == 0, result.output

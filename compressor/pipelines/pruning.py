@@ -32,7 +32,13 @@ from compressor.pipelines.source import Source
 from compressor.prune import kept_attention_heads, write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
-from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
+from strategies.export_config import (
+    ExportConfigOptions,
+    ExportConfigStrategy,
+    export_config,
+    export_layers,
+    modelopt_problems,
+)
 
 if TYPE_CHECKING:
     from compressor.pipelines.search import SearchConfig
@@ -101,6 +107,9 @@ def prune_to_budget(
         smallest=strategy.smallest(arch),
         say=say,
     )
+    warning = modelopt_warning(candidates, arch)
+    if warning:
+        say(warning)
     chosen = candidates[0].target.config(arch)
     record = CompressionRecord(
         source=source.info,
@@ -125,6 +134,20 @@ def prune_to_budget(
             write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)
             write_json(tmp / EXPORT_LAYERS_FILE, export_layers(source.model.config, record.chosen.target))
     return record
+
+
+def modelopt_warning(candidates: list[Candidate], source: HybridConfig) -> str | None:
+    """A line naming the uniform candidates whose export_config ModelOpt's mcore_minitron would refuse, or None."""
+    outside = [c for c in candidates if c.target.config(source).is_uniform]
+    outside = [c for c in outside if modelopt_problems(source, c.target.config(source))]
+    if not outside:
+        return None
+    first = modelopt_problems(source, outside[0].target.config(source))[0]
+    return (
+        f"{len(outside)} of {len(candidates)} candidates have shapes ModelOpt's mcore_minitron cannot express "
+        f"(#{outside[0].index}: {first}): ModelOpt refuses their export_config; the minitron option "
+        "modelopt_compatible=true keeps to its search space"
+    )
 
 
 def proxy_scorer(source: Source, metric: str, retrieval_weight: float = 1.0) -> ProxyScorer:
@@ -162,6 +185,7 @@ class Plan:
     candidates: list[Candidate]
     stats: dict[str, int]
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +193,7 @@ class Plan:
             "stats": self.stats,
             "seconds": self.seconds,
             "candidates": [c.to_dict() for c in self.candidates],
+            "warnings": self.warnings,
         }
 
 
@@ -180,4 +205,5 @@ def plan(source: HybridConfig, config: PruneConfig | SearchConfig) -> Plan:
     strategy = config.build_strategy()
     proposals = strategy.propose(source, None, config.budget)
     candidates = rank(proposals, source, config.budget, limit=strategy.top_k, smallest=strategy.smallest(source))
-    return Plan(strategy.name, candidates, strategy.stats, time.perf_counter() - started)
+    warnings = [w for w in [modelopt_warning(candidates, source)] if w]
+    return Plan(strategy.name, candidates, strategy.stats, time.perf_counter() - started, warnings)
