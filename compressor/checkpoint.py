@@ -4,7 +4,8 @@ A checkpoint folder holds `config.json`, weights as `model.safetensors` or shard
 `model.safetensors.index.json`, and tokenizer files. Only safetensors are read: pickle-based weights
 (`pytorch_model.bin`, `.pt`) can run arbitrary code when loaded and are refused. The MoE router's tensors
 (`compressor.model.FP32_TENSORS`) stay in fp32 whatever dtype the rest is loaded in, as transformers keeps
-them.
+them. A quantized export (ModelOpt's unified format: `compressor.quantize`) is dequantized on load, with the
+scales `QuantizedCheckpoint` reads.
 
 Memory: a model's weights are never held twice, whatever its size.
 - Loading builds the model on the meta device (`empty_model`) and gives it its tensors one at a time
@@ -28,6 +29,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -204,8 +206,6 @@ def load_model(
     them (`compressor.distributed.shard`; `frozen` False for a model to be trained): each process reads and
     keeps only its rows of what is sharded.
     """
-    from compressor.quantize import QuantizedCheckpoint
-
     path = Path(path)
     config = HybridConfig.from_file(path)
     files = weight_files(path)
@@ -274,10 +274,10 @@ def materialize(model: HybridLM, tensors: Iterable[tuple[str, torch.Tensor]], wo
 
 
 def _stored_tensors(
-    files: dict[str, Path], model: HybridLM, quantized=None, *, one_map_each: bool = False
+    files: dict[str, Path], model: HybridLM, quantized: QuantizedCheckpoint | None = None, *, one_map_each: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, as stored (memory-mapped: read when used; quantized layers of
-    a `compressor.quantize.QuantizedCheckpoint` dequantized), each checked against the architecture of
+    a `QuantizedCheckpoint` dequantized), each checked against the architecture of
     `model` (an empty model of config.json). With `one_map_each` every tensor maps its file anew, so the
     pages it read leave memory with it: what a sharded model, which copies a few rows of each, needs (one
     map per file would keep every page read until the file is done)."""
@@ -591,3 +591,167 @@ def init_checkpoint(
         model.reset_parameters(torch.Generator().manual_seed(seed))
         save_model(model, out, tokenizer_from=tokenizer_from, overwrite=overwrite)
     return params
+
+
+# ----- quantized checkpoints: the scales of a ModelOpt export (no ModelOpt needed) ----------------------
+# The layout is written out in `compressor.quantize`, which exports it; `load_model` dequantizes with these.
+
+# quant_algo values compressor can read (hf_quant_config / quantization_config); MIXED_PRECISION mixes them.
+READABLE_ALGOS = ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "MIXED_PRECISION")
+# Tensors that accompany a Linear's weight in the export (KV-cache scales sit on k_proj / v_proj).
+COMPANIONS = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
+E4M3_MAX, E2M1_MAX = 448.0, 6.0
+# E2M1 code (sign bit 3, magnitude bits 0-2) -> value, as ModelOpt's NVFP4QTensor defines it.
+E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
+_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # midpoints between magnitudes
+_E2M1_ROUND_UP = torch.tensor([0.75, 1.75, 3.5])  # ties that round to the even code above
+
+
+@dataclass
+class QuantizedLinear:
+    """The stored scales of one quantized Linear; `algo` is fp8, nvfp4, int8 or int4 (the weight's layout)."""
+
+    algo: str
+    weight_scale: torch.Tensor
+    weight_scale_2: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    pre_quant_scale: torch.Tensor | None = None
+
+    def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """(out, in) of the weight from its stored shape."""
+        if self.algo == "nvfp4":
+            return (stored[0], 2 * stored[1])  # two values a byte along the row
+        if self.algo == "int4":
+            return (self.weight_scale.shape[0], stored[1])  # two rows a byte
+        return tuple(stored)
+
+    def dequantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in fp32, scales (and the smoothing scale) applied."""
+        if self.algo == "fp8":
+            scale = self.weight_scale.float()
+            weight = weight.float() * (scale[:, None] if scale.ndim == 1 else scale)
+        elif self.algo == "int8":
+            weight = weight.float() * self.weight_scale.float()[:, None]
+        elif self.algo == "nvfp4":
+            codes = torch.stack((weight & 0x0F, weight >> 4), dim=-1).flatten(-2)  # even column: low nibble
+            values = E2M1_VALUES.to(weight.device)[codes.long()]  # (out, in)
+            weight = _per_block(values, self.weight_scale.float()) * self.weight_scale_2.float()
+        else:  # int4: rows 2i and 2i+1 in the low and high nibble, two's complement
+            nibbles = torch.stack((weight & 0x0F, weight >> 4), dim=1).flatten(0, 1).to(torch.int8)
+            values = (nibbles - 16 * (nibbles >= 8).to(torch.int8)).float()  # (out, in)
+            weight = _per_block(values, self.weight_scale.float())
+        if self.pre_quant_scale is not None:
+            weight = weight * self.pre_quant_scale.float()  # the input is scaled by it before the matmul
+        return weight
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize a layer input as the deployed kernel does, at the stored input scale."""
+        scale = self.input_scale.float()
+        h = x.float()
+        if self.pre_quant_scale is not None:  # quantize x * s; the dequantized weight already holds s
+            h = h * self.pre_quant_scale.float()
+        if self.algo == "fp8":
+            h = (h / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+        elif self.algo == "int8":
+            h = (h / scale).round().clamp(-128, 127) * scale
+        elif self.algo == "nvfp4":
+            h = nvfp4_fake_quant(h, scale)
+        if self.pre_quant_scale is not None:
+            h = h / self.pre_quant_scale.float()
+        return h.to(x.dtype)
+
+
+def _per_block(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """values (out, in) * scale (out, in / block), each scale over `block` consecutive inputs of a row."""
+    out, inp = values.shape
+    return (values.view(out, scale.shape[1], -1) * scale[..., None]).view(out, inp)
+
+
+def nvfp4_fake_quant(x: torch.Tensor, global_scale: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of fp32 `x` along its last dim (a multiple of `block`): per block an E4M3
+    scale amax / (6 * global_scale), values rounded to E2M1 (ties to even), as ModelOpt's NVFP4QTensor."""
+    blocks = x.view(*x.shape[:-1], -1, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / (E2M1_MAX * global_scale)
+    scale = scale.clamp(2**-9, E4M3_MAX).to(torch.float8_e4m3fn).float() * global_scale
+    scaled = blocks / scale
+    magnitude = scaled.abs()
+    codes = torch.bucketize(magnitude, _E2M1_BOUNDS.to(x.device)) + torch.isin(magnitude, _E2M1_ROUND_UP.to(x.device))
+    values = E2M1_VALUES.to(x.device)[codes] * scaled.sign()
+    return (values * scale).view_as(x)
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """The quantized layers of a ModelOpt unified checkpoint: module name -> `QuantizedLinear`."""
+
+    quant_algo: str
+    layers: dict[str, QuantizedLinear] = field(default_factory=dict)
+
+    @classmethod
+    def read(
+        cls, path: str | Path, config: HybridConfig | None = None, device: str | torch.device = "cpu"
+    ) -> QuantizedCheckpoint | None:
+        """The scales of a quantized checkpoint folder (None when config.json has no quantization_config)."""
+        config = config or HybridConfig.from_file(path)
+        quant_config = config.extra.get("quantization_config")
+        if quant_config is None:
+            return None
+        method, algo = quant_config.get("quant_method"), quant_config.get("quant_algo")
+        if method != "modelopt":
+            raise CheckpointError(
+                f"{path} is quantized by {method!r}: compressor reads ModelOpt exports (quant_method 'modelopt')"
+            )
+        if algo not in READABLE_ALGOS:
+            raise CheckpointError(
+                f"{path} is quantized as {algo}: compressor reads {', '.join(READABLE_ALGOS[:-1])} and mixes of them"
+            )
+        companions: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {scale name: tensor}
+        stored: dict[str, str] = {}  # module name -> safetensors dtype of its weight
+        for file in sorted(set(weight_files(path).values())):
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    owner, _, suffix = name.rpartition(".")
+                    if suffix in COMPANIONS:
+                        companions.setdefault(owner, {})[suffix] = f.get_tensor(name)
+                    elif suffix == "weight":
+                        stored[owner] = f.get_slice(name).get_dtype()
+        checkpoint = cls(quant_algo=algo)
+        for owner, tensors in companions.items():
+            if "weight_scale" not in tensors:
+                continue  # KV-cache scales only
+            if owner not in stored:
+                raise CheckpointError(f"{path} has scales for {owner} but no {owner}.weight")
+            checkpoint.layers[owner] = QuantizedLinear(
+                algo=_layout(owner, stored[owner], tensors),
+                weight_scale=tensors["weight_scale"],
+                weight_scale_2=tensors.get("weight_scale_2"),
+                input_scale=tensors.get("input_scale"),
+                pre_quant_scale=tensors.get("pre_quant_scale"),
+            )
+        return checkpoint
+
+    def is_companion(self, name: str) -> bool:
+        """A scale read with its weight (or a KV-cache scale), not a parameter of its own."""
+        return name.rpartition(".")[2] in COMPANIONS
+
+    def layer(self, name: str) -> QuantizedLinear | None:
+        """The quantized layer whose weight is the tensor `name`, if any."""
+        owner, _, suffix = name.rpartition(".")
+        return self.layers.get(owner) if suffix == "weight" else None
+
+
+def _layout(owner: str, stored_dtype: str, tensors: dict[str, torch.Tensor]) -> str:
+    """fp8 / nvfp4 / int8 / int4 from the stored weight's safetensors dtype and its scales."""
+    scale_dtype = tensors["weight_scale"].dtype
+    if stored_dtype == "F8_E4M3":
+        return "fp8"
+    if stored_dtype == "I8":
+        return "int8"
+    if stored_dtype == "U8" and scale_dtype == torch.float8_e4m3fn and "weight_scale_2" in tensors:
+        return "nvfp4"
+    if stored_dtype == "U8" and scale_dtype.is_floating_point and scale_dtype.itemsize > 1:
+        return "int4"
+    raise CheckpointError(
+        f"{owner}.weight is stored as {stored_dtype} with a {scale_dtype} weight_scale: not a layout compressor "
+        "reads (FP8, NVFP4, INT8 SmoothQuant, INT4 AWQ)"
+    )

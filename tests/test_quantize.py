@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from compressor.budget import weight_bytes, weight_bytes_by_component
-from compressor.checkpoint import load_model, save_model, write_checkpoint
+from compressor.checkpoint import load_model, nvfp4_fake_quant, save_model, write_checkpoint
 from compressor.config import HybridConfig
 from compressor.errors import CheckpointError, CompressorError
 from compressor.evaluate import evaluate, teacher_targets
@@ -21,7 +21,6 @@ from compressor.quantize import (
     QuantRecipe,
     export_qad_checkpoint,
     export_quantized,
-    nvfp4_fake_quant,
     prepare_qad,
     quantize,
     quantize_activations,
