@@ -394,6 +394,7 @@ def estimate(
     """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
     from compressor import budget
     from compressor.distributed import resolve_device
+    from compressor.estimate import report as estimate_report
     from compressor.quantize import is_quantized_checkpoint, stored_weight_bytes
 
     config, folder = load_config_or_preset(model)
@@ -401,7 +402,7 @@ def estimate(
     if folder is not None and is_quantized_checkpoint(folder):
         stored = stored_weight_bytes(folder)
     weight_dtype = weight_dtype or (stored.budget_dtype if stored else None) or "bf16"
-    report = budget.report(
+    report = estimate_report(
         config, ctx=ctx, batch=batch, target_mem=target_mem, gpu=gpu, gpu_bandwidth=gpu_bandwidth,
         gpu_tflops=gpu_tflops, isl=isl, osl=osl, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
         prefill_chunk=prefill_chunk, vs=vs,

@@ -47,6 +47,7 @@ from compressor.budget import (
 )
 from compressor.budget import estimate_throughput as estimate_hybrid_throughput
 from compressor.budget import num_parameters as num_hybrid_parameters
+from compressor.budget import speedup as hybrid_speedup
 from compressor.config import HybridConfig
 from compressor.errors import BudgetError, ConfigError
 
@@ -428,3 +429,15 @@ def compare(
         hybrid=estimate_hybrid_throughput(hybrid, workload, gpu, ssm_dtype=ssm_dtype, **options),
         baseline=estimate_throughput(baseline, workload, gpu, **options),
     )
+
+
+def speedup(
+    hybrid: HybridConfig, reference: HybridConfig | TransformerConfig, workload: Workload, gpu: GPUSpec, **options
+) -> float:
+    """How many times the tokens/s of `reference` `hybrid` reaches on the same workload and GPU (> 1: faster):
+    `budget.speedup` when `reference` is another hybrid, `compare(...).speedup` when it is a plain
+    transformer (which has no SSM state: `ssm_dtype` applies to `hybrid` only). Keyword arguments as
+    `compare`; with batch 'max' each architecture gets its own batch."""
+    if isinstance(reference, HybridConfig):
+        return hybrid_speedup(hybrid, reference, workload, gpu, **options)
+    return compare(hybrid, reference, workload, gpu, **options).speedup

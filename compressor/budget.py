@@ -97,13 +97,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from compressor.config import ATTENTION, MAMBA, MLP, MOE, BlockSpec, HybridConfig
 from compressor.errors import BudgetError, OptionError
-
-if TYPE_CHECKING:
-    from compressor.baselines import Comparison, TransformerConfig
 
 KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
 DEFAULT_PREFILL_CHUNK = 2048
@@ -828,26 +825,13 @@ def _roofline(flops: float, nbytes: float, gpu: GPUSpec) -> tuple[float, str]:
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
-def speedup(
-    config: HybridConfig,
-    reference: HybridConfig | TransformerConfig,
-    workload: Workload,
-    gpu: GPUSpec,
-    **options,
-) -> float:
+def speedup(config: HybridConfig, reference: HybridConfig, workload: Workload, gpu: GPUSpec, **options) -> float:
     """How many times the tokens/s of `reference` `config` reaches on the same workload and GPU (> 1: faster).
 
-    `reference` is another hybrid or a plain transformer (`compressor.baselines.TransformerConfig`, which
-    has no SSM state: `ssm_dtype` applies to `config` only). Keyword arguments as `estimate_throughput`;
-    with batch 'max' each architecture gets its own batch."""
+    Keyword arguments as `estimate_throughput`; with batch 'max' each architecture gets its own batch. A
+    plain transformer as the reference: `compressor.baselines.speedup`."""
     ours = estimate_throughput(config, workload, gpu, **options)
-    if isinstance(reference, HybridConfig):
-        theirs = estimate_throughput(reference, workload, gpu, **options)
-    else:
-        from compressor import baselines  # it builds on this module
-
-        options.pop("ssm_dtype", None)
-        theirs = baselines.estimate_throughput(reference, workload, gpu, **options)
+    theirs = estimate_throughput(reference, workload, gpu, **options)
     return ours.tokens_per_s / theirs.tokens_per_s
 
 
@@ -1003,106 +987,6 @@ class Budget:
                 f"({workload.input_tokens:,} in / {workload.output_tokens:,} out)"
             )
         return "; ".join(parts)
-
-
-# ----- a report of one architecture (compress estimate) --------------------------------------------------
-@dataclass(frozen=True)
-class Report:
-    """Parameters, memory at a context and batch, the verdict against a memory limit, and (with a GPU) the
-    throughput of a workload: what `compress estimate` shows."""
-
-    parameters: dict[str, int]
-    memory: MemoryEstimate
-    limit: int | None = None  # bytes of --target-mem
-    largest_batch: bool = False  # the batch is the largest that fits
-    gpu: GPUSpec | None = None
-    throughput: ThroughputEstimate | None = None
-    versus: Comparison | None = None  # against a transformer baseline (`vs`), on the same workload and GPU
-    active_parameters: int | None = None  # what one token uses (`active_parameters`)
-
-    @property
-    def total_parameters(self) -> int:
-        return sum(self.parameters.values())
-
-    @property
-    def headroom(self) -> int | None:
-        return None if self.limit is None else self.memory.headroom(self.limit)
-
-    def to_dict(self) -> dict:
-        target = None
-        if self.limit is not None:
-            target = {"bytes": self.limit, "fits": self.headroom >= 0, "headroom": self.headroom}
-        return {
-            "parameters": {**self.parameters, "total": self.total_parameters, "active": self.active_parameters},
-            "memory": self.memory.to_dict(),
-            "target": target,
-            "throughput": self.throughput.to_dict() if self.throughput is not None else None,
-            "versus": self.versus.to_dict() if self.versus is not None else None,
-        }
-
-
-def report(
-    config: HybridConfig,
-    *,
-    ctx: str | None = None,
-    batch: str = "1",
-    target_mem: str | None = None,
-    gpu: str | None = None,
-    gpu_bandwidth: str | None = None,
-    gpu_tflops: float | None = None,
-    isl: str | None = None,
-    osl: str | None = None,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
-    prefill_chunk: int | None = None,
-    vs: str | None = None,
-) -> Report:
-    """Everything `compress estimate` shows, from the written form of its options. `ctx` defaults to the
-    config's max_position_embeddings; `batch` is a number or 'max' (the most that fit --target-mem or the
-    GPU's memory); `vs` names a transformer baseline (`compressor.baselines.load_baseline`) to compare the
-    throughput with, each at its own batch. Without `ctx`, a workload of `isl` + `osl` tokens is sized at
-    that context, so the memory shown is the workload's."""
-    if ctx is not None:
-        context = parse_context(ctx)
-    elif isl is not None and osl is not None:
-        context = parse_context(isl) + parse_context(osl)
-    else:
-        context = config.max_position_embeddings
-    limit = parse_size(target_mem) if target_mem is not None else None
-    spec = gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, limit)
-    chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
-    if chunk < 0:
-        raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {chunk}")
-    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=chunk)
-    largest = str(batch).strip().lower() == "max"
-    if largest:
-        fill = limit if limit is not None else spec.memory if spec is not None else None
-        if fill is None:
-            raise OptionError("batch", "max needs --target-mem or --gpu: the memory to fill")
-        batch_size = max(largest_batch(config, context, fill, **dtypes), 1)
-    elif str(batch).strip().isdigit() and int(batch) > 0:
-        batch_size = int(batch)
-    else:
-        raise OptionError("batch", f"{batch!r} is not a positive whole number or 'max'")
-    memory = estimate_memory(config, context, batch_size, **dtypes)
-    throughput = None
-    if spec is not None:
-        workload = Workload.for_context(
-            context,
-            "max" if largest else batch_size,
-            input_tokens=parse_context(isl) if isl is not None else None,
-            output_tokens=parse_context(osl) if osl is not None else None,
-        )
-        throughput = estimate_throughput(config, workload, spec, memory_limit=limit, **dtypes)
-    versus = None
-    if vs is not None:
-        from compressor import baselines
-
-        if spec is None:
-            raise OptionError("vs", "compares throughput: give a GPU (--gpu, or --gpu-bandwidth and --gpu-tflops)")
-        versus = baselines.compare(config, baselines.load_baseline(vs), workload, spec, memory_limit=limit, **dtypes)
-    return Report(parameter_counts(config), memory, limit, largest, spec, throughput, versus, active_parameters(config))
 
 
 # ----- measured ----------------------------------------------------------------------------------------

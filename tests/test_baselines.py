@@ -4,7 +4,7 @@ import math
 import pytest
 
 from compressor import baselines
-from compressor.baselines import PUBLISHED, TransformerConfig, compare, load_baseline
+from compressor.baselines import PUBLISHED, TransformerConfig, compare, load_baseline, speedup
 from compressor.budget import (
     GIB,
     GPUS,
@@ -13,7 +13,6 @@ from compressor.budget import (
     get_gpu,
     kv_bytes_per_token,
     num_parameters,
-    speedup,
     weight_bytes,
 )
 from compressor.config import HybridConfig
