@@ -1199,9 +1199,10 @@ def search(
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
     from compressor.budget import parse_tokens
+    from compressor.pipelines.plots import plot_pareto
     from compressor.pipelines.pruning import PruneConfig
     from compressor.pipelines.pruning import plan as candidates_plan
-    from compressor.pipelines.search import SearchConfig, load_search, resume_calibration, run_search
+    from compressor.pipelines.search import PLOT_FILE, SearchConfig, load_search, resume_calibration, run_search
     from compressor.pipelines.source import CalibrationConfig, calibrate
     from compressor.train import TrainConfig
 
@@ -1247,6 +1248,7 @@ def search(
         check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
     source = calibrate(calibration, say=say)
     record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
+    plot_pareto(record, out / PLOT_FILE)
     if json_output:
         print_json(record.to_dict())
         return

@@ -12,8 +12,16 @@ import cli
 from compressor.budget import Budget, parse_size
 from compressor.checkpoint import load_model
 from compressor.errors import CompressorError, OptionError
+from compressor.pipelines.plots import plot_pareto
 from compressor.pipelines.records import SearchRecord
-from compressor.pipelines.search import SearchConfig, load_search, materialize, resume_calibration, run_search
+from compressor.pipelines.search import (
+    PLOT_FILE,
+    SearchConfig,
+    load_search,
+    materialize,
+    resume_calibration,
+    run_search,
+)
 from compressor.pipelines.source import CalibrationConfig, calibrate
 from compressor.prune import Target
 from compressor.train import TrainConfig
@@ -55,7 +63,9 @@ def test_search_distills_finalists_ranks_them_and_resumes(workspace, tmp_path, m
     assert len(finalists) == 2 and all(c.distilled for c in finalists)
     kls = [record.candidate(i).distilled.val_kl for i in record.ranking]
     assert kls == sorted(kls)
-    assert (tmp_path / "s" / "pareto.png").stat().st_size > 1000
+    assert not (tmp_path / "s" / PLOT_FILE).exists()  # the figure is the command line's
+    plot_pareto(record, tmp_path / "s" / PLOT_FILE)
+    assert (tmp_path / "s" / PLOT_FILE).stat().st_size > 1000
     assert json.loads((tmp_path / "s" / "pareto.json").read_text())["memory"]
     budget, source = _budget(workspace), load_model(workspace / "model").config
     for c in record.candidates:
@@ -164,7 +174,8 @@ def test_search_with_retrieval_records_it_before_and_after_distillation(tmp_path
     again = source.retrieval.result(distilled)  # the run's last validation measured the saved weights
     assert finalist.distilled.retrieval["log_likelihood"] == pytest.approx(again.log_likelihood, abs=1e-6)
     assert finalist.distilled.retrieval["accuracy"] == again.accuracy
-    assert (out / "pareto.png").stat().st_size > 0
+    plot_pareto(record, out / PLOT_FILE)  # with the retrieval panel
+    assert (out / PLOT_FILE).stat().st_size > 0
     again = SearchConfig.from_record(load_search(out))
     assert (again.score, again.retrieval_weight) == ("kl+retrieval", 0.5)
     assert resume_calibration(out).retrieval == calibration.retrieval

@@ -7,7 +7,8 @@
 - `search.run_search(source, SearchConfig, out) -> SearchRecord` and `search.materialize`: `compress search`
   and `compress materialize`;
 - `ranking.rank`: the check / cost / score / sort loop every strategy's proposals go through;
-- `records`: the typed records these write (`compression.json`, `search.json`).
+- `records`: the typed records these write (`compression.json`, `search.json`);
+- `plots.plot_pareto`: a search's figure (`pareto.png`), drawn by the command line from the returned record.
 
 Dependencies run one way: pipelines -> strategies -> mechanics (`compressor.*`); nothing below imports
 this package or `strategies`.

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from compressor.budget import Budget
 from compressor.checkpoint import checkpoint_bytes
@@ -26,8 +26,9 @@ from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import BudgetError, OptionError
 from compressor.outputs import atomic_output, check_free_space, check_output
-from compressor.pipelines.ranking import SCORE_METRICS, ProxyScorer, rank
-from compressor.pipelines.records import Candidate, CompressionRecord, write_json
+from compressor.pipelines.ranking import SCORE_METRICS, proxy_scorer, rank, retrieval_record
+from compressor.pipelines.records import COMPRESSION_FILE, Candidate, CompressionRecord, write_json
+from compressor.pipelines.search import SearchConfig
 from compressor.pipelines.source import Source
 from compressor.prune import kept_attention_heads, write_pruned
 from strategies import Strategy, build_options, get_strategy
@@ -40,10 +41,6 @@ from strategies.export_config import (
     modelopt_problems,
 )
 
-if TYPE_CHECKING:
-    from compressor.pipelines.search import SearchConfig
-
-COMPRESSION_FILE = "compression.json"
 EXPORT_CONFIG_FILE = "export_config.json"
 EXPORT_LAYERS_FILE = "export_layers.json"  # the blocks kept, to rebuild the same model with Megatron
 
@@ -148,33 +145,6 @@ def modelopt_warning(candidates: list[Candidate], source: HybridConfig) -> str |
         f"(#{outside[0].index}: {first}): ModelOpt refuses their export_config; the minitron option "
         "modelopt_compatible=true keeps to its search space"
     )
-
-
-def proxy_scorer(source: Source, metric: str, retrieval_weight: float = 1.0) -> ProxyScorer:
-    """The candidates' proxy on the source's held-out batches and, with a probe, its retrieval task."""
-    return ProxyScorer(
-        source.model,
-        source.importance,
-        source.held_out,
-        metric,
-        world=source.world,
-        retrieval=source.retrieval,
-        retrieval_weight=retrieval_weight,
-    )
-
-
-def retrieval_record(scorer: ProxyScorer | None, weight: float) -> dict[str, Any] | None:
-    """What a record says of the retrieval probe: the task, its weight in the score, the source's result."""
-    if scorer is None or scorer.retrieval is None:
-        return None
-    examples = scorer.retrieval.examples
-    return {
-        "task": examples.task,
-        "context": examples.context,
-        "queries": examples.num_queries,
-        "weight": weight if "retrieval" in scorer.metric else 0.0,
-        "source": scorer.source_retrieval.to_dict(),
-    }
 
 
 @dataclass

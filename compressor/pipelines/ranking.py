@@ -4,7 +4,8 @@
 parameters, throughput), costs it, keeps the first `limit` that fit, scores them with a proxy when one is
 given and sorts them, lowest score first. `ProxyScorer` is the proxy: KL(source || pruned) or the pruned
 model's LM loss on the source's held-out batches; under several processes the source and each candidate
-are sharded and the batches split among them.
+are sharded and the batches split among them. `proxy_scorer` builds it on a calibrated `Source`;
+`retrieval_record` is what a record says of its retrieval probe.
 
 Retrieval in the score (`kl+retrieval`, `loss+retrieval`, `retrieval`): with the source's retrieval probe
 (`compressor.tasks`), a candidate's score gains `retrieval_weight` x the answer log-likelihood it loses
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +32,7 @@ from compressor.importance import Importance
 from compressor.losses import LossStats
 from compressor.model import HybridLM
 from compressor.pipelines.records import Candidate
+from compressor.pipelines.source import Source
 from compressor.prune import Target, prune
 from compressor.tasks import TaskResult, TaskScorer
 
@@ -107,6 +110,33 @@ class ProxyScorer:
             weight = self.retrieval_weight if self.text_metric else 1.0
             value += weight * max(0.0, self.source_retrieval.log_likelihood - retrieval.log_likelihood)
         return Score(value, retrieval)
+
+
+def proxy_scorer(source: Source, metric: str, retrieval_weight: float = 1.0) -> ProxyScorer:
+    """The candidates' proxy on the source's held-out batches and, with a probe, its retrieval task."""
+    return ProxyScorer(
+        source.model,
+        source.importance,
+        source.held_out,
+        metric,
+        world=source.world,
+        retrieval=source.retrieval,
+        retrieval_weight=retrieval_weight,
+    )
+
+
+def retrieval_record(scorer: ProxyScorer | None, weight: float) -> dict[str, Any] | None:
+    """What a record says of the retrieval probe: the task, its weight in the score, the source's result."""
+    if scorer is None or scorer.retrieval is None:
+        return None
+    examples = scorer.retrieval.examples
+    return {
+        "task": examples.task,
+        "context": examples.context,
+        "queries": examples.num_queries,
+        "weight": weight if "retrieval" in scorer.metric else 0.0,
+        "source": scorer.source_retrieval.to_dict(),
+    }
 
 
 def candidate(source: HybridConfig, target: Target, budget: Budget | None, index: int = 0) -> Candidate:

@@ -22,6 +22,8 @@ from compressor.budget import Budget
 from compressor.errors import CompressorError
 from compressor.prune import Target
 
+COMPRESSION_FILE = "compression.json"  # a CompressionRecord, next to the pruned checkpoint
+
 
 @dataclass
 class Distilled:

@@ -11,7 +11,8 @@
    retrieval) is written as it finishes;
 3. rank: finished finalists by validation KL, loss, or the retrieval probe's accuracy (`rank_by`; ties go
    to the lower KL), the Pareto fronts of quality against memory (and speedup when a GPU was given),
-   `pareto.json` and `pareto.png`.
+   `pareto.json`. The figure, `pareto.png` (`PLOT_FILE`), is the command line's: it draws it from the
+   returned record (`plots.plot_pareto`).
 
 Ranking by retrieval after distillation is the retrieval-aware choice that holds up: a zero-shot retrieval
 score ranks candidates while all of them answer at chance (pruning takes retrieval down whole), and that
@@ -40,9 +41,9 @@ from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.model import HybridLM
 from compressor.outputs import atomic_output, check_output, output_lock, staging, swap_in
-from compressor.pipelines.pruning import COMPRESSION_FILE, proxy_scorer, retrieval_record
-from compressor.pipelines.ranking import SCORE_METRICS, rank
+from compressor.pipelines.ranking import SCORE_METRICS, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import (
+    COMPRESSION_FILE,
     Candidate,
     CompressionRecord,
     Distilled,
@@ -171,7 +172,7 @@ def run_search(
 
 
 def _distill_finalists(source: Source, record: SearchRecord, work: Path, config: SearchConfig, say) -> None:
-    """Every finalist distilled (finished ones read back), then the ranking, the Pareto fronts and the plot."""
+    """Every finalist distilled (finished ones read back), then the ranking and the Pareto fronts."""
     teacher = _teacher(source.model, config.distill)
     for candidate in record.candidates:
         if candidate.finalist:  # its result.json says whether it is finished
@@ -183,9 +184,6 @@ def _distill_finalists(source: Source, record: SearchRecord, work: Path, config:
     record.pareto = pareto_front(record.candidates, record.rank_by)
     write_json(work / SEARCH_FILE, record.to_dict())
     write_json(work / PARETO_FILE, record.pareto)
-    from compressor.plots import plot_pareto
-
-    plot_pareto(record, work / PLOT_FILE)
 
 
 def _check_same_source(record: SearchRecord, source: Source) -> None:

@@ -1,4 +1,5 @@
-"""Figures of search results (matplotlib, imported only here and only when a figure is drawn)."""
+"""Figures of search results, drawn by the command line once a search has returned (matplotlib, imported only
+here and only when a figure is drawn)."""
 
 from __future__ import annotations
 
