@@ -477,17 +477,18 @@ def moe_configs(draw, *, scale: int = 1) -> HybridConfig:
     pattern = base.pattern + "E" + draw(st.text(alphabet="ME*-", max_size=3))
     n_group = draw(st.sampled_from([1, 2]))
     top_k = draw(st.integers(1, 2))
+    experts = n_group * draw(st.integers(2, 5))  # the global count is the largest (HybridConfig requires it)
     overrides = dict(base.block_overrides)
     for index, char in enumerate(pattern):
         if char == "E" and draw(st.booleans()):
             overrides[index] = {
-                "n_routed_experts": n_group * draw(st.integers(2, 5)),
+                "n_routed_experts": n_group * draw(st.integers(2, experts // n_group)),
                 "moe_intermediate_size": draw(st.integers(1, 40)) * scale,
                 "moe_shared_expert_intermediate_size": draw(st.integers(1, 40)) * scale,
             }
     return base.replace(
         hybrid_override_pattern=pattern,
-        n_routed_experts=n_group * draw(st.integers(2, 5)),
+        n_routed_experts=experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=draw(st.integers(1, 40)) * scale,
         moe_shared_expert_intermediate_size=draw(st.integers(1, 40)) * scale,
