@@ -10,9 +10,11 @@ Every `eval_every` steps it measures validation loss, KL to the teacher and top-
 `save_every` steps it writes a checkpoint. Metrics go to `OUT/metrics.jsonl`.
 
 Output folder `OUT`:
-- `model/`: the latest checkpoint, a standard checkpoint folder (loadable by `compress eval` and
-  transformers) plus `trainer_state.json` and `optimizer.safetensors` (optimizer moments, RNG state):
-  what `--resume` needs to continue exactly where the run stopped (same batches, same loss curve);
+- `model/`: the latest checkpoint, a standard checkpoint folder (loadable by `compress eval`, transformers
+  and vLLM) plus `trainer/trainer_state.json` and `trainer/optimizer.safetensors` (optimizer moments, RNG
+  state): what `--resume` needs to continue exactly where the run stopped (same batches, same loss curve).
+  They sit in a subfolder because engines read every `*.safetensors` of the folder itself as weights (vLLM
+  refuses a folder with the optimizer's tensors beside the model's); runs written before read from `model/`;
 - `metrics.jsonl`: one JSON object per logged step and per evaluation;
 - `teacher_cache/`: the teacher's top-k log-probs when the run distills from a cache.
 
@@ -54,6 +56,7 @@ from compressor.teacher_cache import TeacherCache, write_teacher_cache
 STATE_FILE = "trainer_state.json"
 QUANTIZED_DIR = "quantized"  # the quantized export of a quantization-aware run
 OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_DIR = "trainer"  # inside a checkpoint folder: STATE_FILE and OPTIMIZER_FILE
 # Options that define the run; a resumed run must not change them.
 RUN_DEFINING = (
     "student",
@@ -339,7 +342,7 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
         return (staging(out) if out.exists() else out), None
     work = staging(out) if _is_run(staging(out)) else out
     recover(work / "model")  # a kill during a checkpoint's swap
-    if not (work / "model" / STATE_FILE).is_file():
+    if not has_trainer_state(work / "model"):
         if _is_run(work):
             return work, None
         raise TrainingError(f"nothing to resume: no {STATE_FILE} in {work / 'model'} (start a run without --resume)")
@@ -347,7 +350,8 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
     try:
         saved = TrainConfig.from_dict(resumed["config"])
     except (KeyError, TypeError, CompressorError) as exc:
-        raise TrainingError(f"{work / 'model' / STATE_FILE} is damaged ({exc}): start again with --overwrite") from None
+        state_file = trainer_dir(work / "model") / STATE_FILE
+        raise TrainingError(f"{state_file} is damaged ({exc}): start again with --overwrite") from None
     _check_resume(config, saved)
     return work, resumed
 
@@ -815,8 +819,21 @@ def _save(run: Run) -> None:
             from compressor.quantize import write_quantizer_state
 
             write_quantizer_state(tmp, QuantRecipe(config.quantize, config.quantize_keep), quantizers)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / TRAINER_DIR).mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / TRAINER_DIR / OPTIMIZER_FILE)
+        (tmp / TRAINER_DIR / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def trainer_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint folder keeps its resume state: `trainer/`, or the folder itself in runs written
+    before it moved there."""
+    nested = Path(checkpoint) / TRAINER_DIR
+    return nested if nested.is_dir() or not (Path(checkpoint) / STATE_FILE).is_file() else Path(checkpoint)
+
+
+def has_trainer_state(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder holds what --resume needs to continue its run."""
+    return (trainer_dir(checkpoint) / STATE_FILE).is_file()
 
 
 def _tokenizer_folder(config: TrainConfig) -> Path:
@@ -826,7 +843,8 @@ def _tokenizer_folder(config: TrainConfig) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _read_trainer_state(folder: Path) -> dict[str, Any]:
+def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    folder = trainer_dir(checkpoint)
     path = folder / STATE_FILE
     if not path.is_file():
         raise TrainingError(f"nothing to resume: no {STATE_FILE} in {folder} (start a new run without --resume)")
@@ -849,9 +867,10 @@ def _check_resume(new: TrainConfig, saved: TrainConfig) -> None:
         raise TrainingError(f"--resume with different options: {detail}; resume with the run's options")
 
 
-def _load_optimizer(folder: Path, student, optimizer) -> None:
+def _load_optimizer(checkpoint: Path, student, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    folder = trainer_dir(checkpoint)
     state = json.loads((folder / STATE_FILE).read_text())
     try:
         tensors = load_file(folder / OPTIMIZER_FILE)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -87,14 +88,21 @@ def test_interrupted_run_resumes_exactly(workspace, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(_config(workspace, tmp_path / "split"), Interrupt())
-    state = json.loads((tmp_path / "split" / "model" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "split" / "model" / "trainer" / "trainer_state.json").read_text())
     assert state["step"] == 4
-    train(_config(workspace, tmp_path / "split", resume=True))
-    whole, split = _records(tmp_path / "whole"), _records(tmp_path / "split")
-    assert [r["step"] for r in split] == list(range(1, 9))
-    assert [r["loss"] for r in split] == [r["loss"] for r in whole]
-    for name, tensor in _weights(tmp_path / "whole" / "model").items():
-        assert torch.equal(tensor, _weights(tmp_path / "split" / "model")[name]), name
+    # engines read every *.safetensors of a checkpoint folder as weights: only the model's are there
+    assert [p.name for p in (tmp_path / "split" / "model").glob("*.safetensors")] == ["model.safetensors"]
+    shutil.copytree(tmp_path / "split", tmp_path / "earlier")  # a run written before trainer/ existed
+    for name in ("trainer_state.json", "optimizer.safetensors"):
+        (tmp_path / "earlier" / "model" / "trainer" / name).rename(tmp_path / "earlier" / "model" / name)
+    (tmp_path / "earlier" / "model" / "trainer").rmdir()
+    for run in ("split", "earlier"):
+        train(_config(workspace, tmp_path / run, resume=True))
+        whole, split = _records(tmp_path / "whole"), _records(tmp_path / run)
+        assert [r["step"] for r in split] == list(range(1, 9))
+        assert [r["loss"] for r in split] == [r["loss"] for r in whole]
+        for name, tensor in _weights(tmp_path / "whole" / "model").items():
+            assert torch.equal(tensor, _weights(tmp_path / run / "model")[name]), name
 
 
 def test_gradient_accumulation_equals_one_large_batch(workspace, tmp_path):
@@ -158,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(workspace, tmp_path
     monkeypatch.setattr(recipe, "head_loss", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at step 4 \(the checkpoint of step 2 is in"):
         train(_config(workspace, tmp_path / "run", eval_every=100))
-    assert json.loads((tmp_path / "run" / "model" / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "run" / "model" / "trainer" / "trainer_state.json").read_text())["step"] == 2
 
 
 def test_errors(workspace, tmp_path):

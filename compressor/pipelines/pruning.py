@@ -104,7 +104,7 @@ def prune_to_budget(
         smallest=strategy.smallest(arch),
         say=say,
     )
-    warning = modelopt_warning(candidates, arch)
+    warning = modelopt_warning(candidates, arch, strategy)
     if warning:
         say(warning)
     chosen = candidates[0].target.config(arch)
@@ -133,17 +133,19 @@ def prune_to_budget(
     return record
 
 
-def modelopt_warning(candidates: list[Candidate], source: HybridConfig) -> str | None:
+def modelopt_warning(candidates: list[Candidate], source: HybridConfig, strategy: Strategy) -> str | None:
     """A line naming the uniform candidates whose export_config ModelOpt's mcore_minitron would refuse, or None."""
     outside = [c for c in candidates if c.target.config(source).is_uniform]
     outside = [c for c in outside if modelopt_problems(source, c.target.config(source))]
     if not outside:
         return None
     first = modelopt_problems(source, outside[0].target.config(source))[0]
+    advice = ""
+    if hasattr(strategy.options, "modelopt_compatible"):
+        advice = f"; the {strategy.name} option modelopt_compatible=true keeps to its search space"
     return (
         f"{len(outside)} of {len(candidates)} candidates have shapes ModelOpt's mcore_minitron cannot express "
-        f"(#{outside[0].index}: {first}): ModelOpt refuses their export_config; the minitron option "
-        "modelopt_compatible=true keeps to its search space"
+        f"(#{outside[0].index}: {first}): ModelOpt refuses their export_config{advice}"
     )
 
 
@@ -175,5 +177,5 @@ def plan(source: HybridConfig, config: PruneConfig | SearchConfig) -> Plan:
     strategy = config.build_strategy()
     proposals = strategy.propose(source, None, config.budget)
     candidates = rank(proposals, source, config.budget, limit=strategy.top_k, smallest=strategy.smallest(source))
-    warnings = [w for w in [modelopt_warning(candidates, source)] if w]
+    warnings = [w for w in [modelopt_warning(candidates, source, strategy)] if w]
     return Plan(strategy.name, candidates, strategy.stats, time.perf_counter() - started, warnings)

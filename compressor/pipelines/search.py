@@ -53,7 +53,7 @@ from compressor.pipelines.records import (
 )
 from compressor.pipelines.source import CalibrationConfig, Source
 from compressor.prune import kept_attention_heads, write_pruned
-from compressor.train import STATE_FILE, TrainConfig, train
+from compressor.train import TrainConfig, has_trainer_state, train
 from strategies import build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
 from strategies.export_config import export_config
@@ -265,7 +265,7 @@ def _distill_finalist(
             write_pruned(source.model, source.importance, candidate.target, tmp, tokenizer_from=source.path)
             _write_compression_record(tmp, record, candidate, source.model.config, source.importance,
                                       source.config.importance_dir)  # fmt: skip
-    resume = (run_dir / "model" / STATE_FILE).is_file()
+    resume = has_trainer_state(run_dir / "model")
     calibration = source.config
     config = dataclasses.replace(
         template,
