@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import inspect
 import json
 import math
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from compressor.data import tokenizer_file
-from compressor.errors import CompressorError, OptionError, check_at_least
+from compressor.errors import CompressorError, OptionClash, OptionError, check_at_least
 
 app = typer.Typer(
     name="compress",
@@ -31,6 +32,25 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        try:
+            version = importlib.metadata.version("compressor")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed: pip install -e .)"
+        console.print(f"compressor {version}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass  # no docstring: the app's help stays Typer(help=...)
 
 
 # ----- errors, shared options, rendering helpers ------------------------------------------------------------
@@ -67,13 +87,16 @@ def friendly(command):
 
 def with_group(name: str, params: list[inspect.Parameter], build=None):
     """Add a group of options to a command; their values reach it as one argument `name`: build(values)
-    (default: the dict of the values given, None left out)."""
+    (default: the dict of the values given, None left out). An option the command already has is a bug
+    here (TypeError at import); strategies' options go through `with_strategy_options`."""
 
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name != name]
-        added = [p for p in params if p.name not in signature.parameters]
-        names = [p.name for p in added]
+        twice = [p.name for p in params if p.name in signature.parameters]
+        if twice:
+            raise TypeError(f"{command.__name__} already has the option {twice[0]} of the group {name}")
+        names = [p.name for p in params]
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
@@ -81,34 +104,88 @@ def with_group(name: str, params: list[inspect.Parameter], build=None):
             given = build(values) if build else {n: v for n, v in values.items() if v is not None}
             return command(*args, **{name: given}, **kwargs)
 
-        wrapper.__signature__ = signature.replace(parameters=own + added)
+        wrapper.__signature__ = signature.replace(parameters=own + params)
         return wrapper
 
     return decorate
 
 
-REQUIRED = inspect.Parameter.empty
-
-
-def option(name: str, kind, help: str | None = None, default=None) -> inspect.Parameter:
-    """A keyword option of an option group: `kind` is a type (with `help`) or an Annotated option type."""
-    annotation = Annotated[kind, typer.Option(help=help)] if help is not None else kind
+def option(name: str, kind, help: str | None = None, default=None, metavar: str | None = None) -> inspect.Parameter:
+    """A keyword option of an option group: `kind` is a type (with `help`, shown as written: a bracketed
+    `[default: ...]` is escaped, not Rich markup) or an Annotated option type."""
+    annotation = Annotated[kind, typer.Option(help=escape(help), metavar=metavar)] if help is not None else kind
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def strategy_options() -> list[inspect.Parameter]:
-    """One `--flag` per field of every registered strategy's Options (strategies.base): text the library
-    checks against the chosen strategy's fields."""
-    import strategies
+def command_flags(parameters: list[inspect.Parameter]) -> set[str]:
+    """The flags Typer makes of these command parameters: the declared ones (`--json`), else the name's
+    (`--seq-len`), `--no-...` of a bool, and `--help`."""
 
-    fields: dict[str, tuple[str, list[str]]] = {}
+    def probe() -> None: ...
+
+    probe.__signature__ = inspect.Signature(parameters)
+    probe_app = typer.Typer()
+    probe_app.command()(probe)
+    params = typer.main.get_command(probe_app).params
+    return {"--help"} | {flag for p in params for flag in (*p.opts, *p.secondary_opts) if flag.startswith("-")}
+
+
+def strategy_options(taken: set[str] = frozenset()) -> list[inspect.Parameter]:
+    """One `--flag` per field of every registered strategy's Options (strategies.base): text the library
+    checks against the chosen strategy's fields. The help ends with each strategy's default (a field
+    several strategies share: one per strategy; none when all are None), the metavar says how a value is
+    written (`<true|false>`, `<float,...>`). A field whose name or flag is in `taken` (the command's
+    parameter names and flags) raises OptionClash naming the strategy."""
+    import strategies
+    from strategies.base import value_syntax
+
+    helps: dict[str, str] = {}
+    users: dict[str, list[tuple[str, Any, Any]]] = {}  # option -> [(strategy, field type, default)]
     for name, strategy in strategies.available().items():
         defaults = strategy.Options()
-        for field_name, (_, field) in strategies.option_fields(strategy.Options).items():
-            value = getattr(defaults, field_name)
-            default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            fields.setdefault(field_name, (field.metadata.get("help", ""), []))[1].append(f"{name} {default}")
-    return [option(name, str | None, f"{text} [default: {'; '.join(users)}]") for name, (text, users) in fields.items()]
+        for field_name, (kind, field) in strategies.option_fields(strategy.Options).items():
+            flag = f"--{field_name.replace('_', '-')}"
+            if field_name in taken or flag in taken:
+                raise OptionClash(
+                    f"the strategy {name!r} declares the option {field_name}, whose flag {flag} this command "
+                    "already has: rename it in the strategy's Options"
+                )
+            helps.setdefault(field_name, field.metadata.get("help", ""))
+            users.setdefault(field_name, []).append((name, kind, getattr(defaults, field_name)))
+    params = []
+    for field_name, fields in users.items():
+        text = helps[field_name]
+        if any(default is not None for _, _, default in fields):
+            text += f" [default: {'; '.join(f'{name} {_option_text(default)}' for name, _, default in fields)}]"
+        syntaxes = {value_syntax(kind) for _, kind, _ in fields}  # strategies that disagree: plain text
+        metavar = f"<{syntaxes.pop()}>" if len(syntaxes) == 1 else "<str>"
+        params.append(option(field_name, str | None, text, metavar=metavar))
+    return params
+
+
+def _option_text(value: Any) -> str:
+    """A strategy option's value as its flag takes it: 1.0,0.75,0.5; true; none."""
+    if isinstance(value, tuple):
+        return ",".join(map(_option_text, value))
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def with_strategy_options(command):
+    """`with_group("strategy_options", strategy_options(...))` for prune and search; put it above the other
+    groups so it sees every flag. A strategy option the command already has (a plug-in's `seq_len`) would
+    lose one of the two: the command then refuses to run (OptionClash, one line). Refused when it runs, not
+    at import, so that --help and the other commands still work."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "strategy_options"]
+    try:
+        return with_group("strategy_options", strategy_options({p.name for p in own} | command_flags(own)))(command)
+    except OptionClash as exc:
+        clash = exc
+
+    @functools.wraps(command)
+    def refuse(*args, **kwargs):
+        raise clash
+
+    return with_group("strategy_options", [])(refuse)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]
@@ -950,8 +1027,8 @@ def _print_importance(scores, out: Path) -> None:
 # ----- prune --------------------------------------------------------------------------------------------
 @app.command("prune")
 @friendly
+@with_strategy_options
 @with_group("budget", BUDGET_OPTIONS, budget_from)
-@with_group("strategy_options", strategy_options())
 @with_group("plan", [NPROC_OPTION])
 @with_group("retrieval", RETRIEVAL_OPTIONS, dict)
 def prune_command(
@@ -1143,8 +1220,8 @@ def _print_plan(result, config, json_output: bool) -> None:
 # ----- search -------------------------------------------------------------------------------------------
 @app.command()
 @friendly
+@with_strategy_options
 @with_group("budget", BUDGET_OPTIONS, budget_from)
-@with_group("strategy_options", strategy_options())
 @with_group("plan", [NPROC_OPTION])
 @with_group("retrieval", RETRIEVAL_OPTIONS, dict)
 def search(

@@ -36,6 +36,11 @@ class OptionError(CompressorError):
         self.problem = problem
 
 
+class OptionClash(CompressorError):
+    """A strategy declares an option whose flag a command already has (`--seq-len`): one flag cannot carry
+    both, so the command refuses to run rather than lose one of them."""
+
+
 def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
     """Raise an OptionError for the first `name=(value, lowest allowed)` below its bound (None passes)."""
     for name, (value, low) in values.items():

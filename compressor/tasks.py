@@ -151,11 +151,6 @@ class TaskVocabulary:
             needle_end=encode(NEEDLE_END),
         )
 
-    @property
-    def largest_id(self) -> int:
-        parts = [self.words, self.digits, self.needle_prefix, self.needle_verb, self.needle_end]
-        return int(max(max(int(p.max()) for p in parts), self.colon, self.newline, self.eos))
-
 
 def _single_token(tokenizer: Tokenizer, text: str, what: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False).ids

@@ -121,6 +121,18 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
     return text
 
 
+def value_syntax(kind: Any) -> str:
+    """How `build_options` reads a value of this field type, for a flag's help: 'true|false', 'int',
+    'float,...' (a comma list); `X | None` reads as X (or 'none')."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is tuple:
+        return f"{value_syntax(typing.get_args(kind)[0])},..."
+    if kind is bool:
+        return "true|false"
+    return getattr(kind, "__name__", "str")
+
+
 def describe_stats(stats: dict[str, int | str]) -> str:
     """A strategy's `stats` for a progress line: '12 proposed, servable vllm'."""
     return ", ".join(

@@ -1,12 +1,20 @@
+import dataclasses
+import importlib
 import json
+from importlib.metadata import version
 
 import pytest
 import torch
+import typer
+from rich.text import Text
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
+import cli
+import strategies
 from cli import app
 from compressor.checkpoint import WEIGHTS_NAME
+from strategies.base import Strategy
 
 runner = CliRunner()
 TEXT = "To be, or not to be, that is the question. Whether tis nobler in the mind to suffer.\n" * 40
@@ -157,3 +165,104 @@ def test_init_lays_out_blocks_from_ratios_and_info_reports_them(tmp_path):
     assert result.exit_code == 1 and "give --layers too" in result.output
     result = _run("init", tmp_path / "x", "--layers", "8", "--attention-ratio", "0.7", "--mlp-ratio", "0.5")
     assert result.exit_code == 1 and "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
+# ----- --help, --version, strategy flags ------------------------------------------------------------------
+def _help(*command: str) -> str:
+    """`compress COMMAND --help` on a wide terminal, box lines dropped and whitespace collapsed (Rich wraps)."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def _help_row(flag: str, *command: str) -> str:
+    """The first line of FLAG's row in `compress COMMAND --help`."""
+    output = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+    return next(line for line in output.splitlines() if line.lstrip("│ ").startswith(f"{flag} "))
+
+
+def test_help_shows_bracketed_text_as_written():
+    written = "Tokens per probe sequence, e.g. 4k [default: the budget's --ctx; importance: 1k]."
+    for command in ("prune", "search", "importance"):
+        assert written in _help(command), command
+    assert "Candidates to score (the largest that fit). [default: minitron 10; minipuzzle 12]" in _help("prune")
+
+
+def test_no_option_help_is_read_as_rich_markup():
+    """Rich markup in help text would eat words (`[default: ...]`); every option's help, parsed as markup the
+    way `--help` renders it, reads as written (escaped brackets only)."""
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if getattr(param, "help", None):
+                assert Text.from_markup(param.help).plain == param.help.replace("\\[", "["), (name, param.name)
+
+
+def test_version_prints_the_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"compressor {version('compressor')}"
+
+
+def test_strategy_flags_show_each_strategys_default_and_how_a_value_is_written():
+    assert "[default: minitron 0.2; minipuzzle 0.3]" in _help_row("--max-depth-pruning", "prune")
+    assert "[default: minipuzzle 1.0,0.75,0.5]" in _help_row("--ffn-fractions", "prune")
+    assert "<true|false>" in _help_row("--modelopt-compatible", "prune")
+    assert "<float,...>" in _help_row("--ffn-fractions", "search") and "<int>" in _help_row("--top-k", "search")
+    # a default of None (the strategy decides, as the help says) is not shown as a value
+    assert "[default:" not in _help_row("--hidden-divisor", "prune")
+
+
+@pytest.fixture
+def plug_in(monkeypatch):
+    """Install a strategy plug-in (as tests/test_strategies.py does) and rebuild the CLI, whose strategy flags
+    are made at import; the CLI is rebuilt without it afterwards."""
+
+    def install(strategy):
+        class EntryPoint:
+            name = strategy.name
+
+            def load(self):
+                return strategy
+
+        monkeypatch.setattr(
+            strategies, "entry_points", lambda group: [EntryPoint()] if group == strategies.ENTRY_POINT_GROUP else []
+        )
+        return importlib.reload(cli).app
+
+    yield install
+    monkeypatch.undo()
+    importlib.reload(cli)
+
+
+def _plug_in_with_option(option_name: str):
+    Options = dataclasses.make_dataclass(
+        "Options", [(option_name, int, dataclasses.field(default=1, metadata={"help": "Mine."}))], frozen=True
+    )
+    return type("Mine", (Strategy,), {"name": "mine", "Options": Options, "propose": lambda self, *a: []})
+
+
+@pytest.mark.parametrize(
+    "option, flag",
+    [("seq_len", "--seq-len"), ("ctx", "--ctx"), ("importance", "--importance"), ("json_output", "--json-output")],
+)  # the command's own option, a budget option, a declared flag (importance_dir), a name with another flag
+def test_a_plug_in_option_with_a_command_flag_is_refused(plug_in, option, flag):
+    plugged = plug_in(_plug_in_with_option(option))
+    result = runner.invoke(plugged, ["prune", "tiny", "--dry-run", "--target-params", "1M"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"error: the strategy 'mine' declares the option {option}, whose flag {flag} this command already has: "
+        "rename it in the strategy's Options"
+    )
+    assert runner.invoke(plugged, ["info", "tiny"]).exit_code == 0  # the other commands still work
+
+
+def test_a_plug_in_option_gets_its_flag(plug_in):
+    plugged = plug_in(_plug_in_with_option("mine_width"))
+    result = runner.invoke(plugged, ["prune", "--help"], env={"COLUMNS": "200"})
+    assert "--mine-width" in result.output and "Mine. [default: mine 1]" in result.output
+
+
+def test_a_group_option_the_command_already_has_is_a_bug():
+    def command(seed: int = 0, run: dict | None = None) -> None: ...
+
+    with pytest.raises(TypeError, match="command already has the option seed of the group run"):
+        cli.with_group("run", [cli.option("seed", int, "Seed.", 0)])(command)

@@ -49,3 +49,11 @@ def test_export_config_names_moe_widths_with_modelopt_keys():
     assert "num_moe_experts" not in export_config(get_preset("9b-v2"))  # dense models keep the dense keys
     with pytest.raises(CompressorError, match="num_moe_experts names MoE blocks, but the model has none"):
         target_from_export_config(get_preset("9b-v2"), None, {"num_moe_experts": 4})
+
+
+def test_value_syntax_says_how_build_options_reads_a_field():
+    from strategies.base import value_syntax
+
+    assert [value_syntax(kind) for kind in (bool | None, int, float | None, tuple[float, ...], str)] == [
+        "true|false", "int", "float", "float,...", "str"
+    ]  # fmt: skip
