@@ -298,11 +298,6 @@ def load_config_or_preset(model: str):
 
 
 KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
-SERVED_BY = {  # by config.json's model_type (HybridConfig.served_format)
-    "nemotron_h": "every engine (uniform)",
-    "nemotron_h_puzzle": "compressor and vLLM (nemotron_h_puzzle, trust_remote_code)",
-    "nemotron_h_compressor": "compressor only (per-block Mamba widths)",
-}
 
 
 def print_json(data: Any) -> None:
@@ -1356,10 +1351,10 @@ def _print_search(record, out: Path) -> None:
         f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
         f"`compress materialize {out} K --out DIR` writes candidate K"
     )
-    served: dict[str, list[str]] = {}
+    served: dict[str, list[str]] = {}  # search folders written before it was recorded have no loads_in
     for c in record.candidates:
-        served.setdefault(c.architecture.get("format", "nemotron_h"), []).append(f"#{c.index}")
-    say("served by: " + "; ".join(f"{', '.join(ids)} {SERVED_BY[fmt]}" for fmt, ids in sorted(served.items())))
+        served.setdefault(", ".join(c.architecture.get("loads_in", ["compressor"])), []).append(f"#{c.index}")
+    say("loads in: " + "; ".join(f"{' '.join(ids)}: {engines}" for engines, ids in served.items()))
     if probe:
         say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
 

@@ -304,17 +304,23 @@ def compressor_logprobs(
     *,
     max_new_tokens: int = 0,
     dtype: str = "float32",
+    quantized_activations: bool = True,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> EngineRun:
-    """Our engine (`compressor.checkpoint.load_model`), in the project's venv: the reference."""
-    return _torch_logprobs("compressor", model_dir, prompts, max_new_tokens, dtype, False, timeout)
+    """Our engine (`compressor.checkpoint.load_model`), in the project's venv: the reference. A quantized
+    export runs as deployed (activations quantized at its input scales) unless `quantized_activations` is
+    False: its dequantized weights alone, what an engine that dequantizes the weights computes."""
+    extra = {"quantized_activations": quantized_activations}
+    return _torch_logprobs("compressor", model_dir, prompts, max_new_tokens, dtype, False, timeout, extra)
 
 
-def _torch_logprobs(engine, model_dir, prompts, max_new_tokens, dtype, trust_remote_code, timeout) -> EngineRun:
+def _torch_logprobs(
+    engine, model_dir, prompts, max_new_tokens, dtype, trust_remote_code, timeout, extra=None
+) -> EngineRun:
     model_dir = Path(model_dir).resolve()
     request = {
         "task": "logprobs", "engine": engine, "model_dir": str(model_dir), "prompts": prompts,
-        "max_new_tokens": max_new_tokens, "dtype": dtype, "trust_remote_code": trust_remote_code,
+        "max_new_tokens": max_new_tokens, "dtype": dtype, "trust_remote_code": trust_remote_code, **(extra or {}),
     }  # fmt: skip
     start = time.perf_counter()
     result = _run_script(project_python(), engine, "torch_run.py", request, timeout, _project_env())

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from compressor import distributed
-from compressor.checkpoint import empty_model, materialize, write_checkpoint
+from compressor.checkpoint import empty_model, loaders, materialize, write_checkpoint
 from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABLE, HybridConfig
 from compressor.errors import CompressorError
 from compressor.importance import Importance
@@ -167,7 +167,8 @@ class Target:
 
     def summary(self, source: HybridConfig) -> dict:
         """What the target keeps, in the terms of ModelOpt's export_config where they apply, the blocks kept
-        (indices in the source), whether the widths are uniform and the format its config.json is written in."""
+        (indices in the source), whether the widths are uniform, the format its config.json is written in and the
+        engines that run it."""
         config = self.config(source)
         moe = {}
         if config.has_moe:
@@ -187,7 +188,8 @@ class Target:
             "num_layers": config.num_blocks,
             "kept_blocks": [b.source for b in self.blocks],
             "uniform": config.is_uniform,
-            "format": config.served_format,  # config.json's model_type: which engines serve it
+            "format": config.served_format,  # config.json's model_type
+            "loads_in": loaders(config),  # the engines that run it as compressor does
         }
 
 

@@ -365,10 +365,18 @@ def test_loaders_say_where_a_checkpoint_loads(tmp_path):
     assert loaders(config) == ["compressor", "transformers", "vLLM", "llama.cpp"]
     assert loaders(config.replace(time_step_limit=(0.001, math.inf))) == ["compressor", "transformers"]
     quantized = config.replace(extra={"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}})
-    assert loaders(quantized) == ["compressor", "vLLM (trust_remote_code, bf16/fp16)"]
+    assert loaders(quantized) == [
+        "compressor",
+        "vLLM (trust_remote_code, bf16/fp16)",
+        "llama.cpp (weights dequantized)",
+    ]
     mlp = next(i for i, kind in enumerate(config.block_kinds) if kind == "mlp")
     per_block = config.replace(block_overrides={mlp: {"intermediate_size": config.intermediate_size // 2}})
-    assert loaders(per_block) == ["compressor", "vLLM (trust_remote_code)"]
+    assert loaders(per_block) == ["compressor", "vLLM (trust_remote_code)", "llama.cpp"]
+    moe = get_preset("tiny-moe")
+    last = len(moe.block_kinds) - 1 - moe.block_kinds[::-1].index("moe")
+    experts = moe.replace(block_overrides={last: {"n_routed_experts": moe.n_routed_experts // 2}})
+    assert loaders(experts) == ["compressor", "vLLM (trust_remote_code)"]  # llama.cpp: one expert count
     mamba = per_block.replace(block_overrides={0: {"mamba_num_heads": config.mamba_num_heads // 2}})
     assert loaders(mamba) == ["compressor"]
     torch.manual_seed(0)

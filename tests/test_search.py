@@ -142,7 +142,7 @@ def test_materialize_any_candidate(workspace, tmp_path):
     assert config.time_step_limit == (0.0, math.inf)  # as the source says
     where = {
         "nemotron_h": "compressor, transformers, vLLM, llama.cpp)",
-        "nemotron_h_puzzle": "compressor, vLLM (trust_remote_code))",
+        "nemotron_h_puzzle": "compressor, vLLM (trust_remote_code), llama.cpp)",
         "nemotron_h_compressor": "compressor)",
     }[config.served_format]
     assert f"(loads in: {where}" in " ".join(result.output.split())

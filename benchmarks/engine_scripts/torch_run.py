@@ -2,7 +2,7 @@
 
 Runs in the project's own venv: `python torch_run.py request.json result.json`.
 Request: {"task": "logprobs", "engine": "compressor" | "transformers", "model_dir", "prompts",
-"max_new_tokens", "dtype", "trust_remote_code"} or {"task": "tokenize", "model_dir", "texts"}.
+"max_new_tokens", "dtype", "trust_remote_code", "quantized_activations"} or {"task": "tokenize", "model_dir", "texts"}.
 Greedy ids are computed by re-running the whole sequence per new token (no cache): slow, but the reference.
 """
 
@@ -27,7 +27,9 @@ def load(request: dict[str, Any]) -> tuple[str, Callable]:
         from compressor.quantize import is_quantized_checkpoint, quantize_activations
 
         model = load_model(request["model_dir"], dtype=request["dtype"])
-        if is_quantized_checkpoint(request["model_dir"]):  # as deployed: W8A8 / W4A4, activations quantized too
+        # a quantized export as deployed (W8A8 / W4A4: activations quantized too), unless asked for its weights
+        # alone (what an engine that dequantizes the weights computes)
+        if is_quantized_checkpoint(request["model_dir"]) and request.get("quantized_activations", True):
             quantize_activations(model, request["model_dir"])
         return version("compressor"), model
     import transformers
