@@ -244,9 +244,10 @@ class HybridConfig:
 
     def block_configs(self) -> list[dict[str, Any]]:
         """One `block_configs` entry per block: its type and the widths of its kind (Mamba's are global)."""
+        mamba_per_block = self.served_format == COMPRESSOR_ONLY
         entries = []
         for spec in self.blocks:
-            names = OVERRIDABLE[spec.kind] if spec.kind != MAMBA or self.served_format == COMPRESSOR_ONLY else ()
+            names = OVERRIDABLE[spec.kind] if spec.kind != MAMBA or mamba_per_block else ()
             entries.append({"block_type": spec.kind, **{name: getattr(spec, name) for name in names}})
         return entries
 
