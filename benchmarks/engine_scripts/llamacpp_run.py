@@ -11,12 +11,11 @@ from the previous one's state.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
 import numpy as np
-from protocol import serve
+from protocol import serve, speed_result
 
 KV_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16, GGML_TYPE_F32; llama.cpp's default KV cache is f16
 
@@ -86,12 +85,7 @@ def speed(request: dict[str, Any]) -> dict[str, Any]:
         if repeat:
             prefill.append(len(prompt) / t_prefill)
             decode.append(new_tokens / t_decode)
-    return {
-        "prefill_tokens_per_s": statistics.median(prefill),
-        "decode_tokens_per_s": statistics.median(decode),
-        "prefill_runs": prefill,
-        "decode_runs": decode,
-    }
+    return speed_result(prefill, decode)
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Standard library only: each engine venv imports this beside its own packages.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,16 @@ def one_line(error: BaseException) -> str:
     if root is not error:
         text += " [cause: " + " ".join(f"{type(root).__name__}: {root}".split()) + "]"
     return text[:2000]
+
+
+def speed_result(prefill: list[float], decode: list[float]) -> dict[str, Any]:
+    """A speed task's result: the medians of the prefill and decode tokens/s of each run, and the runs."""
+    return {
+        "prefill_tokens_per_s": statistics.median(prefill),
+        "decode_tokens_per_s": statistics.median(decode),
+        "prefill_runs": prefill,
+        "decode_runs": decode,
+    }
 
 
 def serve(run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:

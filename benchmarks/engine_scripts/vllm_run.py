@@ -7,11 +7,10 @@ see benchmarks/engine_runners.py for each task's keys and the result's shape.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
-from protocol import serve
+from protocol import serve, speed_result
 
 
 def load(request: dict[str, Any]):
@@ -78,12 +77,7 @@ def speed(llm, request: dict[str, Any]) -> dict[str, Any]:
         t_total = timed(1 + new_tokens)
         prefill.append(context / t_prefill)
         decode.append(new_tokens / max(t_total - t_prefill, 1e-9))
-    return {
-        "prefill_tokens_per_s": statistics.median(prefill),
-        "decode_tokens_per_s": statistics.median(decode),
-        "prefill_runs": prefill,
-        "decode_runs": decode,
-    }
+    return speed_result(prefill, decode)
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
