@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import engine_runners as engines  # noqa: E402
 from compressor.budget import GPUSpec, Workload, estimate_throughput  # noqa: E402
 from compressor.checkpoint import load_model, save_model  # noqa: E402
-from compressor.config import MAMBA, MOE, HybridConfig  # noqa: E402
+from compressor.config import MAMBA, MOE, PUZZLE, HybridConfig  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
 from compressor.prune import BlockTarget, Target, prune  # noqa: E402
@@ -215,7 +215,7 @@ def lm_eval_cell(path: Path, tasks: Path, limit: int) -> Cell:
 
 def check_output(name: str, path: Path, prompts: list[list[int]], tasks: Path, limit: int) -> dict[str, Cell]:
     config = HybridConfig.from_file(path)
-    quantized, puzzle = config.is_quantized, config.served_format == "nemotron_h_puzzle"
+    quantized, puzzle = config.is_quantized, config.served_format == PUZZLE
     ours = engines.compressor_logprobs(path, prompts, max_new_tokens=8)
     if ours.error:
         sys.exit(f"interop: our engine failed on {name}: {ours.error}")
@@ -262,7 +262,7 @@ def speed_rows(outputs: dict[str, Path], contexts: list[int], new_tokens: int) -
         for context in contexts:
             measured = {
                 "vLLM bf16": engines.vllm_speed(path, context=context, new_tokens=new_tokens, dtype="bfloat16",
-                                                trust_remote_code=config.served_format == "nemotron_h_puzzle"),
+                                                trust_remote_code=config.served_format == PUZZLE),
                 "llama.cpp f16": engines.llamacpp_speed(path, context=context, new_tokens=new_tokens, outtype="f16"),
             }  # fmt: skip
             guess = predicted(config, context, new_tokens, dtype)

@@ -387,7 +387,7 @@ def export_qad_checkpoint(
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
     """Whether the checkpoint folder holds a quantized export (`quantization_config` in its config.json)."""
-    return bool(HybridConfig.from_file(path).extra.get("quantization_config"))
+    return HybridConfig.from_file(path).is_quantized
 
 
 def quantize_activations(model: HybridLM, path: str | Path) -> list[torch.utils.hooks.RemovableHandle]:
