@@ -15,15 +15,13 @@ of the Minitron grid. Each choice has
   neuron importance kept; the two are weighed by the parameters a token uses in each (top-k routed
   experts, the shared expert), and the damage is d_i times what is not kept.
 
-For each hidden size the cheapest-damage assignment within the budget is a multiple-choice knapsack,
-solved by Lagrangian relaxation (each block takes argmin damage + lambda * cost, the cost being the sum of
-the block's shares of each limit the budget sets: memory, parameters, active parameters; lambda is
-bisected to the smallest that fits) followed by a greedy fill of what budget remains; the depth limits are
-enforced by forbidding the most damaging surplus drops and solving again. Four variants per hidden size
-(free, widths only, depth only, attention kept) over the `hidden_choices` largest hidden sizes that admit
-a solution give a diverse set, which is checked exactly against the budget (throughput included) and
-scored zero-shot by the scorer. `compress search` then distills the best few briefly and ranks them again
-(Nemotron-H's 56B -> 47B MiniPuzzle step).
+For each hidden size the least-damage assignment within the budget is a multiple-choice knapsack with
+side constraints (the depth limits, the widths a servability mode shares, pinned blocks), solved exactly
+as a mixed-integer program (`strategies.solver`). Four variants per hidden size (free, widths only, depth
+only, attention kept), each giving its `solutions` best distinct choices, over the `hidden_choices`
+largest hidden sizes that admit a solution give a diverse set, which is checked exactly against the
+budget (throughput included) and scored zero-shot by the scorer. `compress search` then distills the best
+few briefly and ranks them again (Nemotron-H's 56B -> 47B MiniPuzzle step).
 """
 
 from __future__ import annotations
@@ -40,9 +38,11 @@ from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABL
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.prune import BlockTarget, Target
+from strategies import solver
 from strategies.base import Strategy
-from strategies.costs import BlockCosts
+from strategies.costs import BlockCost, BlockCosts
 from strategies.grid import DEPTH_KINDS, divisor_for, fewest_experts, width_choices
+from strategies.solver import BlockChoice
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,20 @@ class MiniPuzzleOptions:
         },
     )
 
+    solutions: int = field(
+        default=1,
+        metadata={"help": "MiniPuzzle: distinct choices per hidden size and variant (the solver's best first)."},
+    )
+    keep_blocks: tuple[int, ...] = field(
+        default=(), metadata={"help": "MiniPuzzle: blocks never dropped (e.g. those retrieval needs), e.g. 3,7."}
+    )
+
     def __post_init__(self) -> None:
         for name in ("ffn_fractions", "mamba_head_fractions", "expert_fractions"):
             values = getattr(self, name)
             if not values or not all(0 < f <= 1 for f in values):
                 raise OptionError(name, f"must be fractions in (0, 1], got {','.join(map(str, values)) or 'none'}")
-        for name in ("hidden_choices", "top_k"):
+        for name in ("hidden_choices", "top_k", "solutions"):
             if getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("max_width_pruning", "max_depth_pruning", "max_kind_pruning"):
@@ -97,27 +105,17 @@ class MiniPuzzleOptions:
         object.__setattr__(self, "servable", servable)  # true / false: the earlier yes-or-no spelling
 
 
+@dataclass
+class ChoiceTable:
+    """Every block's options (`options[b]`) at one hidden size, and the fixed part's cost there."""
+
+    hidden: int
+    options: list[list[BlockChoice]]
+    base: BlockCost
+
+
 # The block kinds whose kept blocks share one width, per servability mode: what each engine reads globally.
 SHARED_KINDS = {"uniform": frozenset((MAMBA, ATTENTION, MLP, MOE)), "vllm": frozenset((MAMBA,)), "any": frozenset()}
-
-
-@dataclass
-class _Option:
-    """One choice for one block: its widths (BlockTarget fields it changes; None when dropped), whether it
-    keeps the block whole, its costs and damage."""
-
-    kind: str
-    widths: dict[str, int] | None
-    whole: bool
-    params: int
-    active_params: int
-    nbytes: int
-    activations: int
-    damage: float
-
-    @property
-    def dropped(self) -> bool:
-        return self.widths is None
 
 
 class MiniPuzzleStrategy(Strategy):
@@ -154,35 +152,57 @@ class MiniPuzzleStrategy(Strategy):
                 surrogate = dataclasses.replace(budget, memory=int(share * full), min_speedup=None, gpu=None)
                 targets += [t for t in self._propose(source, importance, surrogate, mode) if t not in targets]
             return targets
+        return self.targets(source, self.tables(source, importance, budget, mode), budget, mode)
+
+    def tables(self, source: HybridConfig, importance, budget: Budget, mode: str) -> list[ChoiceTable]:
+        """Every block's options at each of the `hidden_choices` largest hidden sizes that admit a choice
+        within the budget (an additive one: memory, parameters or active parameters)."""
         o = self.options
         hidden_grid = width_choices(source.hidden_size, divisor_for(source.hidden_size, 256), o.max_width_pruning)
         costs = BlockCosts(source, budget)
         damage = _block_damage(source, importance, o.depth_scores)
         limits = self._drop_limits(source)
         moe = {s.index: _MoEScores(source, s, importance) for s in source.blocks if s.kind == MOE}
-        seen, targets, hidden_used = set(), [], 0
-        for hidden in hidden_grid:  # the largest hidden sizes that admit a solution
+        shared, pinned = SHARED_KINDS[mode], self._pinned(source)
+        tables: list[ChoiceTable] = []
+        for hidden in hidden_grid:
             options = [
                 self._options(source, importance, moe.get(i), costs, damage, i, hidden)
                 for i in range(source.num_blocks)
             ]
-            base = costs.base(hidden)
-            found = False
+            table = ChoiceTable(hidden, options, costs.base(hidden))
+            if solver.solve(options, budget, table.base, limits, shared=shared, pinned=pinned):
+                tables.append(table)
+                if len(tables) == o.hidden_choices:
+                    break
+        return tables
+
+    def targets(self, source: HybridConfig, tables: list[ChoiceTable], budget: Budget, mode: str) -> list[Target]:
+        """The distinct targets the solver picks from `tables` (whose damages may come from elsewhere, e.g.
+        a blockwise-distilled library): per hidden size and variant, the `solutions` least-damage ones."""
+        limits, pinned, shared = self._drop_limits(source), self._pinned(source), SHARED_KINDS[mode]
+        seen, targets = set(), []
+        for table in tables:
             for variant in VARIANTS:
-                allowed = [[x for x in opts if _allowed(x, variant)] for opts in options]
-                choice = _solve_shared(allowed, budget, base, limits, SHARED_KINDS[mode])
-                if choice is None:
+                allowed = [[x for x in opts if _allowed(x, variant)] for opts in table.options]
+                if not all(allowed):
                     continue
-                found = True
-                target = _target(source, hidden, choice)
-                key = (target.hidden_size, target.blocks)
-                if key not in seen:
-                    seen.add(key)
-                    targets.append(target)
-            hidden_used += found
-            if hidden_used == o.hidden_choices:
-                break
+                solutions = solver.solve(
+                    allowed, budget, table.base, limits, shared=shared, pinned=pinned, count=self.options.solutions
+                )
+                for choice in solutions:
+                    target = _target(source, table.hidden, choice)
+                    key = (target.hidden_size, target.blocks)
+                    if key not in seen:
+                        seen.add(key)
+                        targets.append(target)
         return targets
+
+    def _pinned(self, source: HybridConfig) -> frozenset[int]:
+        outside = [i for i in self.options.keep_blocks if not 0 <= i < source.num_blocks]
+        if outside:
+            raise OptionError("keep_blocks", f"block {outside[0]} is not in a model of {source.num_blocks} blocks")
+        return frozenset(self.options.keep_blocks)
 
     def _drop_limits(self, source: HybridConfig) -> dict[str, int]:
         total = math.floor(self.options.max_depth_pruning * source.num_blocks)
@@ -199,11 +219,11 @@ class MiniPuzzleStrategy(Strategy):
         damage: list[float],
         index: int,
         hidden: int,
-    ) -> list[_Option]:
+    ) -> list[BlockChoice]:
         """The choices of one block: dropped, then each width it may keep (whole first)."""
         spec = source.block(index)
         kind = spec.kind
-        options = [_Option(kind, None, False, 0, 0, 0, 0, damage[index])]
+        options = [BlockChoice(kind, None, False, 0, 0, 0, 0, damage[index])]
         if kind == MLP:
             scores = importance.ffn[index] if importance is not None else torch.ones(spec.intermediate_size)
             for width in _widths(spec.intermediate_size, self.options.ffn_fractions):
@@ -235,10 +255,10 @@ class MiniPuzzleStrategy(Strategy):
         return options
 
     @staticmethod
-    def _option(costs: BlockCosts, spec: BlockSpec, hidden: int, widths: dict[str, int], damage: float) -> _Option:
+    def _option(costs: BlockCosts, spec: BlockSpec, hidden: int, widths: dict[str, int], damage: float) -> BlockChoice:
         cost = costs.block(spec.kind, hidden, **{n: getattr(spec, n) for n in OVERRIDABLE[spec.kind]} | widths)
         whole = all(getattr(spec, name) == value for name, value in widths.items())
-        return _Option(spec.kind, widths, whole, *cost, damage)
+        return BlockChoice(spec.kind, widths, whole, *cost, damage)
 
 
 def _width(full: int, fraction: float) -> int:
@@ -315,7 +335,7 @@ def _kept_shares(scores: torch.Tensor) -> torch.Tensor:
 VARIANTS = ("free", "widths", "depth", "attention kept")
 
 
-def _allowed(option: _Option, variant: str) -> bool:
+def _allowed(option: BlockChoice, variant: str) -> bool:
     if variant == "widths":
         return not option.dropped
     if variant == "depth":
@@ -325,131 +345,7 @@ def _allowed(option: _Option, variant: str) -> bool:
     return True
 
 
-def _solve(options, budget: Budget, base, limits: dict[str, int]):
-    """The least-damage choice per block within the budget, or None. options[i]: the choices of block i;
-    `base`: the fixed part's cost (`BlockCosts.base`)."""
-    options = [list(o) for o in options]
-    for _ in range(len(options) + 1):
-        choice = _lagrangian(options, budget, base)
-        if choice is None:
-            return None
-        surplus = _surplus_drops(choice, limits)
-        if surplus is None:
-            return choice
-        options[surplus] = [x for x in options[surplus] if not x.dropped]  # keep this block, solve again
-    return None
-
-
-def _solve_shared(options, budget: Budget, base, limits: dict[str, int], shared: frozenset[str]):
-    """The least-damage choice within the budget whose kept blocks of each kind in `shared` share their
-    widths, or None: with every kind shared, what transformers' NemotronH loads (one width per kind in
-    config.json); with Mamba shared, what vLLM loads (it reads Mamba widths globally). Each combination of
-    one width per shared kind is solved as `_solve` does, with those blocks restricted to dropped or that
-    width; on a uniform source every block of a kind offers the same widths."""
-    if not shared:
-        return _solve(options, budget, base, limits)
-
-    def key(option: _Option) -> tuple:
-        return tuple(sorted(option.widths.items()))
-
-    widths: dict[str, list[tuple]] = {}  # shared kind -> its distinct width choices
-    for option in itertools.chain.from_iterable(options):
-        if option.kind in shared and not option.dropped and key(option) not in widths.setdefault(option.kind, []):
-            widths[option.kind].append(key(option))
-    best, best_damage = None, math.inf
-    for combination in itertools.product(*widths.values()):
-        chosen = dict(zip(widths, combination, strict=True))
-        restricted = [
-            [x for x in opts if x.dropped or x.kind not in chosen or key(x) == chosen[x.kind]] for opts in options
-        ]
-        choice = _solve(restricted, budget, base, limits) if all(restricted) else None
-        damage = sum(x.damage for x in choice) if choice is not None else math.inf
-        if damage < best_damage:
-            best, best_damage = choice, damage
-    return best
-
-
-# the budget's additive limits and the _Option cost each constrains
-_LIMITS = (("memory", "nbytes"), ("params", "params"), ("active_params", "active_params"))
-
-
-def _fits(totals: dict[str, int], activations: int, budget: Budget) -> bool:
-    """Whether additive totals (by _Option cost name) plus the activation allowance meet every limit."""
-    for limit_name, cost_name in _LIMITS:
-        limit = getattr(budget, limit_name)
-        used = totals[cost_name] + (activations if cost_name == "nbytes" else 0)
-        if limit is not None and used > limit:
-            return False
-    return True
-
-
-def _lagrangian(options, budget: Budget, base):
-    """Bisect lambda so that argmin(damage + lambda * cost) per block fits; then spend what is left greedily."""
-    limits = [(cost, getattr(budget, limit)) for limit, cost in _LIMITS if getattr(budget, limit) is not None]
-
-    def cost(x: _Option) -> float:  # additive part only; the activation allowance is a maximum, not a sum
-        return sum(getattr(x, name) / limit for name, limit in limits)
-
-    def totals(choice) -> dict[str, int]:
-        return {name: getattr(base, name) + sum(getattr(x, name) for x in choice) for _, name in _LIMITS}
-
-    def capacity(choice) -> bool:
-        return _fits(totals(choice), max((x.activations for x in choice), default=0), budget)
-
-    table = [[(x.damage, cost(x), x) for x in opts] for opts in options]
-
-    def pick(lam: float):
-        return [min(row, key=lambda r: (r[0] + lam * r[1], r[1]))[2] for row in table]
-
-    if not capacity([min(opts, key=cost) for opts in options]):
-        return None
-    low, high = 0.0, 1.0
-    while not capacity(pick(high)):
-        high *= 4
-        if high > 1e12:
-            return None
-    for _ in range(60):
-        middle = (low + high) / 2
-        if capacity(pick(middle)):
-            high = middle
-        else:
-            low = middle
-    choice = pick(high)
-    # greedy fill: the upgrade with the best damage saved per cost added, while anything still fits
-    used = totals(choice)
-    activations = max((x.activations for x in choice), default=0)
-    while True:
-        best, best_gain = None, 0.0
-        for i, opts in enumerate(options):
-            for x in opts:
-                saved = choice[i].damage - x.damage
-                added = cost(x) - cost(choice[i])
-                if saved <= 0 or added <= 0 or saved / added <= best_gain:
-                    continue
-                new = {name: value - getattr(choice[i], name) + getattr(x, name) for name, value in used.items()}
-                if _fits(new, max(activations, x.activations), budget):
-                    best, best_gain = (i, x), saved / added
-        if best is None:
-            return choice
-        i, x = best
-        used = {name: value - getattr(choice[i], name) + getattr(x, name) for name, value in used.items()}
-        activations = max(activations, x.activations)
-        choice[i] = x
-
-
-def _surplus_drops(choice, limits: dict[str, int]) -> int | None:
-    """A dropped block beyond the depth limits (the most damaging such drop), or None if within them."""
-    dropped = [i for i, x in enumerate(choice) if x.dropped]
-    by_kind = {kind: [i for i in dropped if choice[i].kind == kind] for kind in DEPTH_KINDS}
-    over = [i for kind, idx in by_kind.items() if len(idx) > limits[kind] for i in idx]
-    if not over and len(dropped) > limits["total"]:
-        over = dropped
-    if not over:
-        return None
-    return max(over, key=lambda i: choice[i].damage)
-
-
-def _target(source: HybridConfig, hidden: int, choice: list[_Option]) -> Target:
+def _target(source: HybridConfig, hidden: int, choice: list[BlockChoice]) -> Target:
     blocks = []
     for index, option in enumerate(choice):
         if option.dropped:
