@@ -9,7 +9,7 @@ config.json, bf16 weights and KV cache, 8k (8,192) input and 16k (16,384) output
 the largest batch each model fits in the GPU's memory. No model is built: this is arithmetic, it runs in
 well under a second on a CPU.
 
-    python benchmarks/baselines.py                          # the README table (H100 SXM and A10G)
+    python benchmarks/baselines.py                          # docs/budgets.md's table (H100 SXM, A10G)
     python benchmarks/baselines.py --baseline llama-3.1-8b  # another baseline (a name or a config.json)
 """
 

@@ -7,7 +7,7 @@
 2. Step overhead: one distillation step (teacher forward + student forward/backward through the KD loss)
    against the teacher forward and the student's forward/backward on a plain LM loss, timed separately.
 
-    python benchmarks/distill.py            # the README tables
+    python benchmarks/distill.py            # the tables in docs/distillation.md
     python benchmarks/distill.py --quick    # smaller, for a smoke run
 """
 

@@ -11,7 +11,7 @@ size at the reset; on CUDA the rise of the allocator's peak over what is allocat
 way it is what the pass itself allocates (activations and workspace, not the weights). Run it on an
 otherwise idle machine.
 
-    python benchmarks/engine.py                 # the README table
+    python benchmarks/engine.py                 # the table in docs/engine.md
     python benchmarks/engine.py --quick         # smaller, for a smoke run
     python benchmarks/engine.py --train         # forward + backward as well
     python benchmarks/engine.py --device cuda   # kernels vs torch path on a GPU

@@ -3,7 +3,7 @@ retraining, and compare the validation loss of keeping what our scores rank high
 random choice (mean of several seeds) and against weight magnitude. Then the cost of estimation against
 a plain forward pass over the same data.
 
-    python benchmarks/importance.py            # the README tables (about 10 minutes on 2 CPU cores)
+    python benchmarks/importance.py            # the tables in docs/importance.md (about 10 minutes on 2 CPU cores)
     python benchmarks/importance.py --quick    # fewer sequences and seeds
 
 Scores come from `examples/data/sample.txt` (training plays); losses from `examples/data/valid.txt` (held-

@@ -1,4 +1,4 @@
-"""The MoE example of the README: a tiny hybrid MoE, pruned to an active-parameter budget and distilled.
+"""The MoE example of docs/moe.md: a tiny hybrid MoE, pruned to an active-parameter budget and distilled.
 
 1. Upcycle the example model (`examples/model`, or whatever checkpoint `--model` names) into a hybrid MoE:
    each MLP block becomes an MoE block computing nearly the same function. Its most important FFN neurons
@@ -14,7 +14,7 @@
 Every step but the upcycling is a `compress` command, run as it would be by hand (the commands are
 printed). About 5 minutes on 2 CPU cores; `--quick` is a smoke run.
 
-    python benchmarks/moe_example.py                 # the README table
+    python benchmarks/moe_example.py                 # the table in docs/moe.md
     python benchmarks/moe_example.py --quick --out runs/moe_quick
 """
 

@@ -2,7 +2,7 @@
 chosen candidate's held-out validation loss (no retraining) with randomly drawn candidates that fit the
 same budget (each pruned with the same importance scores).
 
-    python benchmarks/prune.py                  # the README table
+    python benchmarks/prune.py                  # the table in docs/pruning.md
     python benchmarks/prune.py --random 4       # fewer random candidates
 
 Importance and the search's KL proxy use `examples/data/sample.txt` (training plays); the losses below

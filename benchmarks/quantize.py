@@ -3,7 +3,7 @@ INT8 SmoothQuant, INT4 AWQ), calibrated on `examples/data/sample.txt`, evaluated
 (`examples/data/valid.txt`): loss, KL to the bf16 model and top-1 agreement, with the stored weight bytes
 next to what `compressor.budget` predicts for fp8 / fp4.
 
-    python benchmarks/quantize.py                      # the README table
+    python benchmarks/quantize.py                      # the comparison of formats (docs/quantization.md)
     python benchmarks/quantize.py --formats fp8,nvfp4  # fewer formats
 
 Each format: load the bf16 checkpoint (its values exactly, in fp32), `quantize` it (calibration through

@@ -8,9 +8,9 @@ same model with every attention block skipped, and the 16k case's time and peak 
 Models are `LABEL=PATH` or a bare path. Phonebook (`compressor.tasks`): two-word names, four-digit
 numbers, 16 queries per sequence, teacher-forced exact match (every digit the argmax) and the answers'
 mean log-likelihood; the same sequences for every model (seed 0). With `--teacher`, each model's loss on
-`--data` (held-out plays) and its KL to the teacher sit beside, the table the README's retrieval-aware
-comparison needs: give the original, the candidate chosen by KL alone and the one chosen with retrieval
-in the score, before and after the same distillation, as LABEL=PATH.
+`--data` (held-out plays) and its KL to the teacher sit beside, the table docs/long-context.md's
+retrieval-aware comparison needs: give the original, the candidate chosen by KL alone and the one chosen
+with retrieval in the score, before and after the same distillation, as LABEL=PATH.
 
 The long case runs in a fresh process per model so its peak resident memory (ru_maxrss of that process,
 Python and torch included) is its own.

@@ -1,7 +1,7 @@
 """How the cost of each stage grows with the model: time and peak memory of init, load, importance, prune,
 save and one distillation step, for models from tiny to the 4B preset, on this machine.
 
-    python benchmarks/scale.py                          # tiny .. 4B (the README table)
+    python benchmarks/scale.py                          # tiny .. 4B (the table in docs/scale.md)
     python benchmarks/scale.py --models tiny,small,1/8  # a quick run
     python benchmarks/scale.py --tokens                 # importance of one model at growing token counts
     python benchmarks/scale.py --plans                  # plans against measured peaks; sharded importance

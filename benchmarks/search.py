@@ -2,7 +2,7 @@
 distillation tokens for both; each strategy's best finalist after the short distillation is evaluated on
 the held-out plays.
 
-    python benchmarks/search.py                        # the README table (about 15 minutes on 2 CPU cores)
+    python benchmarks/search.py                        # the table in docs/search.md (about 15 minutes on 2 CPU cores)
     python benchmarks/search.py --distill-tokens 100k  # shorter
 """
 
