@@ -356,9 +356,11 @@ def info(
 ) -> None:
     """Describe a model: blocks by type, widths, parameters by component (and active per token), dtype."""
     from compressor.budget import active_parameters, parameter_counts
-    from compressor.checkpoint import loaders, stored_dtypes
+    from compressor.checkpoint import check_weights, loaders, stored_dtypes
 
     config, folder = load_config_or_preset(model)
+    if folder is not None:
+        check_weights(folder, config)  # config.json describes these weights, or the counts below mean nothing
     counts = parameter_counts(config)
     total, active = sum(counts.values()), active_parameters(config)
     dtypes = stored_dtypes(folder) if folder is not None else []
@@ -642,7 +644,10 @@ def init(
     ] = None,
     layers: Annotated[
         int | None,
-        typer.Option(help="Blocks of a layout from --attention-ratio / --mlp-ratio, placed as Megatron-LM does."),
+        typer.Option(
+            help="Blocks of a layout from --attention-ratio / --mlp-ratio, placed as Megatron-LM does, with the "
+            "widths of --preset or --config (not for MoE models)."
+        ),
     ] = None,
     attention_ratio: Annotated[float, typer.Option(help="Share of attention blocks (with --layers).")] = 0.0,
     mlp_ratio: Annotated[float, typer.Option(help="Share of MLP blocks (with --layers); the rest are Mamba-2.")] = 0.0,
@@ -653,12 +658,19 @@ def init(
 ) -> None:
     """Write a randomly initialised model (a preset or a config.json) as a checkpoint."""
     from compressor.checkpoint import init_checkpoint
-    from compressor.config import HybridConfig
+    from compressor.config import HybridConfig, pattern_from_ratios
     from compressor.presets import get_preset
 
     if preset is not None and config is not None or (preset is None and config is None and layers is None):
-        raise CompressorError("give exactly one of --preset NAME or --config JSON (or --layers with ratios)")
-    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config) if config else HybridConfig()
+        raise CompressorError(
+            "give exactly one of --preset NAME or --config JSON (whose blocks --layers lays out anew)"
+        )
+    if preset is None and config is None:
+        pattern_from_ratios(layers, attention_ratio, mlp_ratio)  # the layout's own mistakes first
+        raise OptionError(
+            "layers", "lays out the blocks of a --preset or --config, which give their widths: add one of them"
+        )
+    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config)
     if layers is not None:
         arch = arch.with_layout(layers, attention_ratio, mlp_ratio)
     elif attention_ratio or mlp_ratio:
@@ -690,14 +702,22 @@ def eval_(
     task_sequences: Annotated[int, typer.Option(help="--task: sequences per context (16 queries each).")] = 8,
     lm_eval_tasks: Annotated[
         str | None,
-        typer.Option(help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated."),
+        typer.Option(
+            help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated. A task YAML "
+            "runs Python code: its !function tags import functions from .py files in its folder, as lm-eval "
+            "does; use task files you trust."
+        ),
     ] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="lm-eval tasks: few-shot examples per prompt.")] = None,
     limit: Annotated[
         float | None, typer.Option(help="lm-eval tasks: at most this many documents per task (below 1: a share).")
     ] = None,
     include_path: Annotated[
-        Path | None, typer.Option(help="lm-eval tasks: a folder of task YAML files to find the names in.")
+        Path | None,
+        typer.Option(
+            help="lm-eval tasks: a folder of task YAML files to find the names in (their !function tags run "
+            "Python code from the folder)."
+        ),
     ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
@@ -827,7 +847,7 @@ def _eval_task(models, task, ctx, sequences, data, batch_size, seed, device, dty
     from compressor.checkpoint import load_model
     from compressor.data import load_tokenizer
     from compressor.distributed import resolve_device
-    from compressor.tasks import TaskSpec, evaluate_task, parse_contexts
+    from compressor.tasks import TaskSpec, check_task_fits, evaluate_task, parse_contexts
 
     contexts = parse_contexts(ctx)
     check_at_least(task_sequences=(sequences, 1), batch_size=(batch_size, 1), seed=(seed, 0))
@@ -838,6 +858,7 @@ def _eval_task(models, task, ctx, sequences, data, batch_size, seed, device, dty
         for path in models:
             status.update(f"{task}: {path}")
             model = load_model(path, dtype=dtype, device=resolve_device(device))
+            check_task_fits(model, sequences, contexts, batch_size=batch_size, parameter="ctx")
             results[path] = evaluate_task(model, tokenizer, spec, contexts, batch_size=batch_size)
             del model
     if json_output:
@@ -945,8 +966,9 @@ def importance(
     blocks) from activations on calibration data; pruning and strategies reuse the folder. Under
     `torchrun --nproc-per-node N` the model is sharded across the processes, each scores its share."""
     from compressor import distributed
-    from compressor.importance import ImportanceOptions
-    from compressor.outputs import atomic_output, check_output
+    from compressor.config import HybridConfig
+    from compressor.importance import ImportanceOptions, scores_bytes
+    from compressor.outputs import atomic_output, check_free_space, check_output
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
     options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
@@ -968,6 +990,7 @@ def importance(
                                text_field=text_field, device=device, dtype=dtype, retrieval=probe)  # fmt: skip
     inputs = (model, data, tokenizer_file(tokenizer))
     check_output(out, overwrite=overwrite, inputs=inputs)
+    check_free_space(out, scores_bytes(HybridConfig.from_file(model)), "the importance scores")
     world = distributed.init(distributed.resolve_device(device))
     try:
         passes = 1 + (0 if drop_one in ("none", "retrieval") else max(1, iterative_rounds))
@@ -1066,12 +1089,15 @@ def prune_command(
     Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
     from compressor.pipelines.pruning import PruneConfig, prune_to_budget
     from compressor.pipelines.pruning import plan as candidates_plan
+    from compressor.pipelines.ranking import check_scoring
     from compressor.pipelines.source import CalibrationConfig, calibrate
 
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
     export = _read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
+    if export is None and data is not None and not dry_run:  # candidates are scored on held-out --data
+        check_scoring(score, retrieval_weight, score_samples)
     if dry_run:
         _dry_run_compression(model, config, plan, seq_len=seq_len, batch_size=batch_size, score_samples=score_samples,
                              importance=importance_dir is None, dtype=dtype, device=device,
@@ -1255,6 +1281,24 @@ def search(
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
+    bld: Annotated[
+        str | None,
+        typer.Option(
+            help="Build a library of blockwise-distilled block variants on this many tokens (e.g. 64k): each "
+            "variant trained to reproduce its parent block, scored by replacement, chosen by the exact solver, "
+            "finalists assembled from the trained blocks (minipuzzle).",
+            metavar="TOKENS",
+        ),
+    ] = None,
+    bld_epochs: Annotated[int, typer.Option(help="Passes of each variant's training over the library tokens.")] = 2,
+    bld_lr: Annotated[float, typer.Option(help="Peak learning rate of each variant's training.")] = 1e-3,
+    share_teacher: Annotated[
+        bool,
+        typer.Option(
+            help="The finalists distil from one teacher cache written once (top-k log-probs, --top-k 64), not "
+            "from K teacher passes; off with --attention-loss."
+        ),
+    ] = True,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -1270,10 +1314,12 @@ def search(
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
+    from compressor.bld import BLDConfig
     from compressor.budget import parse_tokens
     from compressor.pipelines.plots import plot_pareto
     from compressor.pipelines.pruning import PruneConfig
     from compressor.pipelines.pruning import plan as candidates_plan
+    from compressor.pipelines.ranking import check_scoring
     from compressor.pipelines.search import PLOT_FILE, SearchConfig, load_search, resume_calibration, run_search
     from compressor.pipelines.source import CalibrationConfig, calibrate
     from compressor.train import TrainConfig
@@ -1290,8 +1336,46 @@ def search(
         return
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
-    if resume:
-        config, calibration = SearchConfig.from_record(load_search(out, incoming=True)), resume_calibration(out)
+    if resume:  # the record says how; what is read is what this command line names (checked against it)
+        config = SearchConfig.from_record(load_search(out, incoming=True))
+        if data is None:
+            raise OptionError("data", "is needed to resume too: give the data the search started on")
+        calibration = resume_calibration(out, model=model, data=data, tokenizer=tokenizer)
+        probe = calibration.retrieval
+        _refuse_resume_changes({
+            "strategy": (strategy, config.strategy), "candidates": (candidates, config.finalists),
+            "rank_by": (rank_by, config.rank_by), "score": (score, config.score),
+            "retrieval_weight": (retrieval_weight, config.retrieval_weight),
+            "distill_tokens": (distill_tokens, config.distill.tokens, parse_tokens),
+            "seq_len": (seq_len, calibration.seq_len), "batch_size": (batch_size, config.distill.batch_size),
+            "micro_batch_size": (micro_batch_size, config.distill.micro_batch_size),
+            "activation_checkpointing": (activation_checkpointing, config.distill.activation_checkpointing),
+            "lr": (lr, config.distill.lr), "min_lr": (min_lr, config.distill.min_lr),
+            "seed": (seed, config.distill.seed),
+            "attention_loss": (attention_loss, config.distill.attention_loss),
+            "attention_queries": (attention_queries, config.distill.attention_queries),
+            "samples": (samples, calibration.samples), "score_samples": (score_samples, calibration.score_samples),
+            "importance_dir": (importance_dir, None), "text_field": (text_field, calibration.text_field),
+            "dtype": (dtype, calibration.dtype),
+            "retrieval_task": (retrieval["retrieval_task"], probe.task if probe else None),
+            "retrieval_ctx": (retrieval["retrieval_ctx"], probe.context if probe else None, _one_context),
+            "retrieval_sequences": (retrieval["retrieval_sequences"], probe.sequences if probe else None),
+            "bld": (bld, config.bld.tokens if config.bld else None, parse_tokens),
+            "bld_epochs": (bld_epochs, config.bld.epochs if config.bld else 2),
+            "bld_lr": (bld_lr, config.bld.lr if config.bld else 1e-3),
+            "share_teacher": (share_teacher, config.share_teacher),
+        })  # fmt: skip
+        if budget is not None and budget != config.budget:
+            raise CompressorError(
+                "the budget options differ from the budget the search in --out started with: --resume continues "
+                "it as it started (leave them out, or start a new search)"
+            )
+        if strategy_options:
+            from strategies import build_options, get_strategy
+
+            kind = get_strategy(config.strategy)
+            given, recorded = build_options(kind, strategy_options), build_options(kind, config.options)
+            _refuse_resume_changes({name: (getattr(given, name), getattr(recorded, name)) for name in strategy_options})
     else:
         if budget is None:
             raise CompressorError(
@@ -1304,8 +1388,10 @@ def search(
             activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
             attention_queries=attention_queries,
         )  # fmt: skip
+        library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
         config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by, score,
-                              retrieval_weight)  # fmt: skip
+                              retrieval_weight, bld=library, share_teacher=share_teacher)  # fmt: skip
+        check_scoring(score, retrieval_weight, score_samples)  # candidates are scored on held-out --data
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
         candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
@@ -1327,6 +1413,33 @@ def search(
     _print_search(record, out)
 
 
+def _refuse_resume_changes(values: dict[str, tuple]) -> None:
+    """`search --resume` continues a search as its record says: an option given on the command line with
+    another value than the search started with is refused, not ignored. `values`: option -> (value given,
+    value recorded[, a parse of the given text into the recorded form]); options left at their defaults
+    are not checked."""
+    import click
+    from click.core import ParameterSource
+
+    context = click.get_current_context(silent=True)
+    for name, (value, recorded, *parse) in values.items():
+        if value is None or (context is not None and context.get_parameter_source(name) == ParameterSource.DEFAULT):
+            continue
+        if (parse[0](value) if parse else value) != recorded:
+            used = "is not used by" if recorded is None else f"differs from the {recorded} of"
+            raise OptionError(
+                name,
+                f"{value} {used} the search in --out: --resume continues it as it started (leave it out, or "
+                "start a new search)",
+            )
+
+
+def _one_context(text: str) -> int:
+    from compressor.tasks import parse_contexts
+
+    return parse_contexts(text)[0]
+
+
 def _print_search(record, out: Path) -> None:
     """A search's candidates, ranked after distillation, and where its Pareto front and plot are."""
     shown = "loss" if record.rank_by == "loss" else "kl"  # ranked by retrieval: its column is beside the KL
@@ -1339,8 +1452,9 @@ def _print_search(record, out: Path) -> None:
                      fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}",
                      f"{c.distilled.metric(shown):.4f}" if c.distilled else "-",
                      *(retrieval_cells if probe else [])])  # fmt: skip
-    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup",
-               f"zero-shot {record.score_metric}", f"val_{shown}"]  # fmt: skip
+    picked_by = f"library {record.score_metric}" if record.bld else f"zero-shot {record.score_metric}"
+    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", picked_by,
+               f"val_{shown}"]  # fmt: skip
     if probe:
         columns += [_retrieval_column(probe), "after distillation"]
     out_table = table(f"{record.strategy} search ({out}), ranked by {record.rank_by} after distillation", columns,
@@ -1357,6 +1471,16 @@ def _print_search(record, out: Path) -> None:
     say("loads in: " + "; ".join(f"{' '.join(ids)}: {engines}" for engines, ids in served.items()))
     if probe:
         say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
+    if record.library:
+        lib = record.library
+        say(f"library: {lib['variants']} variants on {lib['tokens']:,} tokens, mean blockwise error "
+            f"{lib['mean_initial_error']:.3f} pruned -> {lib['mean_error']:.3f} trained")  # fmt: skip
+    if record.correlation:
+        r = record.correlation
+        say(f"{picked_by} against val_{r['after']} over {r['finalists']} finalists: Spearman {r['spearman']:.2f}, "
+            f"Kendall {r['kendall']:.2f}")  # fmt: skip
+    if record.seconds:
+        say("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record.seconds.items()))
 
 
 @app.command()

@@ -24,7 +24,6 @@ its gradient), per attention block. `queries` is `--attention-queries` positions
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +34,9 @@ import torch
 
 from compressor.checkpoint import fingerprint
 from compressor.config import ATTENTION, HybridConfig
-from compressor.errors import OptionError
+from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
+from compressor.outputs import read_json
 
 
 class Pair(NamedTuple):
@@ -85,13 +85,13 @@ def _pruned_from(student_dir: Path, teacher_dir: Path) -> tuple[list[int] | None
     """From compression.json when it records pruning this teacher: the source block of each student block,
     and the query heads kept in each attention block whose heads were pruned (source block -> heads)."""
     try:
-        record = json.loads((student_dir / "compression.json").read_text())
+        record = read_json(student_dir / "compression.json", "a compression record")
         if record["source"]["fingerprint"] != fingerprint(teacher_dir):
             return None, {}
         sources = [int(block["source"]) for block in record["chosen"]["target"]["blocks"]]
         kept = {int(block): tuple(int(h) for h in heads) for block, heads in record.get("attention_heads", {}).items()}
         return sources, kept
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (CompressorError, ValueError, KeyError, TypeError, AttributeError):
         return None, {}  # no record (or not one of ours): pair in order
 
 

@@ -24,7 +24,6 @@ built on it (lm-eval's HF backend, vLLM) know the special tokens.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -33,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from compressor import distributed
 from compressor.config import COMPRESSOR_ONLY, MOE, NEMOTRON_H, PUZZLE, PUZZLE_CONFIG_MODULE, HybridConfig
 from compressor.errors import CheckpointError, first_line
-from compressor.model import FP32_TENSORS, HybridLM
-from compressor.outputs import atomic_output
+from compressor.model import FP32_TENSORS, HybridLM, tensor_shapes
+from compressor.outputs import atomic_output, confined, open_tensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -66,6 +65,8 @@ DTYPES = {
     "fp16": torch.float16,
 }
 DEFAULT_SHARD_BYTES = 5 * 2**30
+# safetensors dtypes a model weight may be stored in (a quantized export's packed weights aside)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # safetensors' names of the dtypes a checkpoint may hold
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -102,12 +103,16 @@ def weight_files(path: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"{path} is not a folder: point at a checkpoint folder holding config.json")
     index = path / INDEX_NAME
     if index.is_file():
+        confined(index, path, what=INDEX_NAME)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+        for file in weight_map.values():
+            if not file or "\x00" in file:
+                raise CheckpointError(f"{index}: 'weight_map' names the shard {file[:40]!r}, which is not a file name")
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             confined(file, path, what=f"shard {file.name} listed in {INDEX_NAME}")
@@ -128,30 +133,9 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
-def confined(file: Path, folder: Path, *, what: str) -> Path:
-    """`file` resolved, refused unless it lies inside `folder` (links followed) or, for a snapshot of the
-    Hugging Face cache (`.../models--org--name/snapshots/REV/`), inside that repository's blob store."""
-    resolved, root = file.resolve(), folder.resolve()
-    allowed = [root]
-    if root.parent.name == "snapshots":
-        allowed.append(root.parent.parent / "blobs")
-    if not any(resolved == base or base in resolved.parents for base in allowed):
-        raise CheckpointError(
-            f"{what} resolves to {resolved}, outside {folder}: a checkpoint may only use its own files"
-        )
-    return resolved
-
-
-@contextlib.contextmanager
 def open_weights(file: Path, device: str = "cpu"):
     """`safe_open` of a weight file, with a damaged, truncated or unreadable file reported as one line."""
-    try:
-        with safe_open(file, framework="pt", device=device) as f:
-            yield f
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{file} cannot be read as safetensors ({first_line(exc)}): the file is damaged"
-        ) from None
+    return open_tensors(file, "safetensors", device=device, error=CheckpointError)
 
 
 def stored_dtypes(path: str | Path) -> list[str]:
@@ -211,19 +195,14 @@ def load_model(
     files = weight_files(path)
     dtype = parse_dtype(dtype) or parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
     quantized = QuantizedCheckpoint.read(path, config)
+    _check_architecture(path, config, files, quantized)  # before anything of config.json's size is built
     if quantized is not None:
         dtype = dtype or torch.bfloat16
         config.extra.pop("quantization_config")  # the loaded model holds plain weights
     model = empty_model(config, dtype or _first_stored_dtype(files))
     world = world or distributed.World(device=torch.device(device))
     distributed.shard(model, world, frozen=frozen)
-    stored = _stored_tensors(files, model, quantized, one_map_each=world.distributed)
-    loaded = materialize(model, stored, world)
-    expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
-    missing = sorted(expected - loaded)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
+    materialize(model, _stored_tensors(files, model, quantized, one_map_each=world.distributed), world)
     broken = nonfinite_tensors(model)
     if distributed.all_reduce_sum([len(broken)], world)[0]:  # every process stops, also those whose rows are fine
         where = f"{broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}" if broken else "elsewhere"
@@ -232,6 +211,83 @@ def load_model(
             "use an earlier checkpoint"
         )
     return model.eval()
+
+
+def check_weights(path: str | Path, config: HybridConfig | None = None) -> None:
+    """Refuse (one CheckpointError) a checkpoint folder whose config.json and weights disagree, from the
+    safetensors headers alone: what `compress info` reports and `load_model` checks before building."""
+    path = Path(path)
+    config = config or HybridConfig.from_file(path)
+    _check_architecture(path, config, weight_files(path), QuantizedCheckpoint.read(path, config))
+
+
+def _check_architecture(
+    path: Path, config: HybridConfig, files: dict[str, Path], quantized: QuantizedCheckpoint | None
+) -> None:
+    """config.json against the weights' headers. The counts that decide how much a model is first, each
+    compared with what the files hold: the blocks, then each MoE block's experts (so a config.json of
+    200,000 blocks or 10^9 experts over a small checkpoint is refused before a module is made); then every
+    tensor's name, shape and dtype (floating point, but for a quantized layer's packed weight and scales)."""
+    stored: dict[str, tuple[tuple[int, ...], str, str]] = {}  # name -> (shape, safetensors dtype, file name)
+    for file in sorted(set(files.values())):
+        with open_weights(file) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                view = f.get_slice(name)
+                stored[name] = (tuple(view.get_shape()), view.get_dtype(), file.name)
+    blocks, experts = set(), {}  # block indices; MoE block index -> experts held
+    for name in stored:
+        parts = name.split(".")
+        block = _index(parts[2]) if name.startswith("backbone.layers.") else None
+        if block is not None:
+            blocks.add(block)
+            expert = _index(parts[5]) if parts[3:5] == ["mixer", "experts"] and len(parts) > 5 else None
+            if expert is not None:
+                experts[block] = max(experts.get(block, 0), expert + 1)
+    held = max(blocks, default=-1) + 1
+    if held != config.num_blocks:
+        raise CheckpointError(
+            f"config.json of {path} describes {config.num_blocks:,} blocks, but its weights hold {held:,}: do the "
+            "config and the weights belong together?"
+        )
+    for spec in config.blocks:
+        if spec.kind == MOE and experts.get(spec.index, 0) != spec.n_routed_experts:
+            raise CheckpointError(
+                f"config.json of {path} gives block {spec.index} {spec.n_routed_experts:,} experts, but its weights "
+                f"hold {experts.get(spec.index, 0):,}: do the config and the weights belong together?"
+            )
+    expected = tensor_shapes(config)
+    tied = config.tie_word_embeddings
+    if tied:
+        del expected["lm_head.weight"]  # stored once, as the embeddings
+    for name, (shape, dtype, file) in stored.items():
+        if (tied and name == "lm_head.weight") or (quantized is not None and quantized.is_companion(name)):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"tensor {name} in {file} is not part of the architecture in config.json; "
+                "do the config and the weights belong together?"
+            )
+        layer = quantized.layer(name) if quantized is not None else None
+        if layer is not None:
+            shape = layer.logical_shape(shape)
+        elif dtype not in FLOAT_DTYPES:  # a cast would load other values than were saved
+            raise CheckpointError(
+                f"tensor {name} in {file} is stored as {dtype}, but a model's weights are floating point: the "
+                "checkpoint is damaged or holds something else"
+            )
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"tensor {name} has shape {list(shape)} in {file}, but config.json implies {list(expected[name])}"
+            )
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
+
+
+def _index(part: str) -> int | None:
+    """A block or expert index from a tensor name's part ('12'), None when it is not one."""
+    return int(part) if part.isascii() and part.isdigit() and len(part) <= 9 else None
 
 
 def empty_model(config: HybridConfig, dtype: torch.dtype) -> HybridLM:
@@ -277,31 +333,17 @@ def _stored_tensors(
     files: dict[str, Path], model: HybridLM, quantized: QuantizedCheckpoint | None = None, *, one_map_each: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, as stored (memory-mapped: read when used; quantized layers of
-    a `QuantizedCheckpoint` dequantized), each checked against the architecture of
-    `model` (an empty model of config.json). With `one_map_each` every tensor maps its file anew, so the
-    pages it read leave memory with it: what a sharded model, which copies a few rows of each, needs (one
-    map per file would keep every page read until the file is done)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    a `QuantizedCheckpoint` dequantized), for `model` (an empty model of config.json, which
+    `_check_architecture` has held against the files). With `one_map_each` every tensor maps its file anew,
+    so the pages it read leave memory with it: what a sharded model, which copies a few rows of each, needs
+    (one map per file would keep every page read until the file is done)."""
     tied = model.config.tie_word_embeddings
     for file in sorted(set(files.values())):
         with open_weights(file) as f:
             for name in list(f.keys()):
                 if (tied and name == "lm_head.weight") or (quantized is not None and quantized.is_companion(name)):
                     continue
-                if name not in expected:
-                    raise CheckpointError(
-                        f"tensor {name} in {file.name} is not part of the architecture in config.json; "
-                        "do the config and the weights belong together?"
-                    )
-                found = tuple(f.get_slice(name).get_shape())
                 layer = quantized.layer(name) if quantized is not None else None
-                if layer is not None:
-                    found = layer.logical_shape(found)
-                if found != expected[name]:
-                    raise CheckpointError(
-                        f"tensor {name} has shape {list(found)} in {file.name}, but config.json implies "
-                        f"{list(expected[name])}"
-                    )
                 if not one_map_each:
                     tensor = f.get_tensor(name)
                 else:

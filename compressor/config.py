@@ -19,9 +19,12 @@ MoE fields (`n_routed_experts`, `num_experts_per_tok`, ...) keep transformers' n
 validated and written only when the pattern has MoE blocks or a value differs from its default, so dense
 configs read and write exactly as before.
 
-Keys that compressor does not model are kept in `extra` and written back unchanged, so a round trip loses
-nothing. Legacy key spellings (`mamba_n_groups`, `mamba_d_conv`, `attention_head_dim`, ...) are read and
-written back in their canonical form.
+Keys that compressor does not model but transformers' NemotronHConfig or NVIDIA's published configs define
+(`PASSTHROUGH_KEYS`: `use_cache`, `time_step_rank`, `dtype`, `quantization_config`, ...) are kept in `extra`
+and written back unchanged. Any other key is dropped on reading, so an output never carries a setting whose
+meaning nobody checked: another tool's flag, or a code reference such as `auto_map`, whose module compressor
+does not copy (Puzzle-format outputs get their own). Legacy key spellings (`mamba_n_groups`, `mamba_d_conv`,
+`attention_head_dim`, ...) are read and written back in their canonical form.
 
 `pattern_from_ratios` lays out a pattern from a block count and attention / MLP shares exactly as
 Megatron-LM's hybrid allocation does (the Mamba-2-Hybrid models were specified that way).
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import ConfigError
+from compressor.outputs import confined, read_json, settle
 
 MAMBA, ATTENTION, MLP, MOE = "mamba", "attention", "mlp", "moe"
 PATTERN_CHARS = {"M": MAMBA, "*": ATTENTION, "-": MLP, "E": MOE}
@@ -84,6 +88,21 @@ OVERRIDABLE = {
     MLP: ("intermediate_size",),
     MOE: ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size"),
 }
+# config.json keys compressor does not model but writes back (in `extra`): transformers' NemotronHConfig and
+# PretrainedConfig fields, and those of NVIDIA's published Nemotron-H configs. Other keys are dropped.
+PASSTHROUGH_KEYS = frozenset(
+    {
+        "use_cache", "num_logits_to_keep", "attention_dropout", "hidden_dropout", "sliding_window",
+        "use_mamba_kernels", "expand", "mamba_proj_bias", "output_router_logits", "moe_shared_expert_overlap",
+        "num_nextn_predict_layers", "mtp_layers_block_type", "time_step_rank", "rms_norm_eps", "dtype",
+        "torch_dtype", "transformers_version", "quantization_config", "_name_or_path",
+    }
+)  # fmt: skip
+# Sane bounds, far above any published hybrid (Nemotron-H 56B: 118 blocks, hidden 8192; Nemotron 3: 512
+# experts): a config.json beyond them is damaged or hostile, refused before anything of its size is built.
+MAX_BLOCKS = 4096
+MAX_WIDTH = 2**22  # any one width, head count, state size or vocabulary
+MAX_EXPERTS = 4096
 # The MoE fields: checked and written only for models with MoE blocks (or values other than the default).
 MOE_FIELDS = (
     "n_routed_experts",
@@ -272,21 +291,33 @@ class HybridConfig:
 
     def with_layout(self, num_layers: int, attention_ratio: float, mlp_ratio: float) -> HybridConfig:
         """A copy whose blocks are laid out from ratios as Megatron-LM does (`pattern_from_ratios`), with
-        uniform widths."""
+        uniform widths. Ratios lay out Mamba-2, attention and MLP blocks only: a config with MoE blocks is
+        refused rather than turned dense."""
         pattern = pattern_from_ratios(num_layers, attention_ratio, mlp_ratio)
+        if self.has_moe:
+            raise ConfigError(
+                f"a layout from ratios has Mamba-2, attention and MLP blocks only, and would drop this config's "
+                f"{self.count(MOE)} MoE blocks: set its hybrid_override_pattern instead"
+            )
         return self.replace(hybrid_override_pattern=pattern, block_overrides={})
 
     def with_settings(self, settings: list[str]) -> HybridConfig:
         """A copy with `KEY=VALUE` settings applied (VALUE read as JSON, else as a string), validated."""
         raw = self.to_dict()
+        fields = {f.name for f in dataclasses.fields(self)} - {"extra", "pattern_key"}
+        settable = set(raw) | fields | PASSTHROUGH_KEYS | set(KEY_ALIASES) | {"layers_block_type"}
         for item in settings:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"setting {item!r} is not KEY=VALUE")
+            if key.strip() not in settable:
+                raise ConfigError(f"setting {key.strip()!r} is not a config.json field of nemotron_h")
             try:
                 raw[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
                 raw[key.strip()] = value
+            except RecursionError:
+                raise ConfigError(f"setting {key.strip()} holds a value nested too deeply for a config field") from None
         return HybridConfig.from_dict(raw)
 
     def _normalized_overrides(self) -> dict[int, dict[str, int]]:
@@ -303,10 +334,13 @@ class HybridConfig:
         pattern = self.hybrid_override_pattern
         if not pattern:
             raise ConfigError("the layer pattern is empty: a model needs at least one block")
+        if len(pattern) > MAX_BLOCKS:
+            raise ConfigError(f"the layer pattern has {len(pattern):,} blocks, more than the {MAX_BLOCKS:,} allowed")
         unknown = sorted(set(pattern) - set(PATTERN_CHARS))
         if unknown:
+            shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
             raise ConfigError(
-                f"unknown character(s) {''.join(unknown)!r} in the layer pattern {pattern!r}: "
+                f"unknown character(s) {''.join(unknown)[:20]!r} in the layer pattern {shown!r}: "
                 "use M (Mamba-2), * (attention), - (MLP) or E (MoE)"
             )
         for name in ("vocab_size", "hidden_size", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size"):
@@ -368,7 +402,10 @@ class HybridConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> HybridConfig:
         """Build from a parsed `config.json` (either pattern form, legacy key spellings accepted)."""
-        data = {k: _decode_floats(v) for k, v in raw.items()}
+        try:
+            data = {k: _decode_floats(v) for k, v in raw.items()}
+        except RecursionError:  # JSON deep enough to parse, too deep to walk
+            raise ConfigError("config.json holds values nested too deeply for a model config") from None
         model_type = data.pop("model_type", NEMOTRON_H)
         if model_type not in ARCHITECTURES:
             raise ConfigError(
@@ -404,7 +441,8 @@ class HybridConfig:
         if "time_step_limit" in known:
             known["time_step_limit"] = tuple(known["time_step_limit"])
         try:
-            config = cls(**known, extra=data, pattern_key=pattern_key)
+            extra = {key: value for key, value in data.items() if key in PASSTHROUGH_KEYS}
+            config = cls(**known, extra=extra, pattern_key=pattern_key)
         except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong shape
             raise ConfigError(f"config.json has a field of the wrong type: {exc}") from None
         if block_configs is None:
@@ -439,17 +477,13 @@ class HybridConfig:
     def from_file(cls, path: str | Path) -> HybridConfig:
         """Read a `config.json` file, or the one inside a checkpoint folder."""
         path = Path(path)
+        settle(path)  # an output whose swap is under way, or was interrupted, is read as its writer leaves it
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
+            confined(path, path.parent, what="config.json")  # its own file, never a link out of the folder
+        if not path.exists():
             raise ConfigError(f"no config.json at {path}: point at a checkpoint folder or a config.json file")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path, "a model config", error=ConfigError))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -613,9 +647,11 @@ def _read_block_configs(entries: list[Any], config: HybridConfig) -> list[dict[s
     return blocks
 
 
-def _require_positive(name: str, value: Any) -> None:
+def _require_positive(name: str, value: Any, most: int = MAX_WIDTH) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if value > most:
+        raise ConfigError(f"{name} must be at most {most:,}, got {value:,}: the config is damaged")
 
 
 def _validate_block(spec: BlockSpec, config: HybridConfig) -> None:
@@ -645,7 +681,7 @@ def _validate_block(spec: BlockSpec, config: HybridConfig) -> None:
 
 def _validate_moe_block(spec: BlockSpec, config: HybridConfig, where: str) -> None:
     experts, top_k, groups = spec.n_routed_experts, config.num_experts_per_tok, config.n_group
-    _require_positive(f"n_routed_experts of {where}", experts)
+    _require_positive(f"n_routed_experts of {where}", experts, MAX_EXPERTS)
     _require_positive(f"moe_intermediate_size of {where}", spec.moe_intermediate_size)
     _require_positive(f"moe_shared_expert_intermediate_size of {where}", spec.moe_shared_expert_intermediate_size)
     if top_k > experts:

@@ -34,6 +34,7 @@ fingerprint) is refused.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,12 +42,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from compressor import distributed
+from compressor.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from compressor.errors import CompressorError, OptionError
 from compressor.losses import LossSpec, LossStats, TeacherLogits, head_loss, next_token_labels
 from compressor.model import Attention, HybridLM, MambaMixer, MoE
+from compressor.outputs import check_record, open_tensors, read_json, save_tensors, settle
 
 if TYPE_CHECKING:
     from compressor.tasks import TaskScorer
@@ -300,35 +302,131 @@ class Importance:
             tensors["block_drop"] = self.block_drop
         for name in PER_BLOCK:
             tensors.update({f"{name}.{i}": t for i, t in getattr(self, name).items()})
-        save_file({k: v.contiguous().float() for k, v in tensors.items()}, folder / SCORES_FILE)
+        save_tensors({k: v.contiguous().float() for k, v in tensors.items()}, folder / SCORES_FILE)
         meta = {**self.meta, "removal_order": self.removal_order}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path, fingerprint: str | None = None) -> Importance:
-        """Read an importance folder; with `fingerprint`, refuse scores made for another model."""
+    def load(
+        cls, folder: str | Path, fingerprint: str | None = None, *, config: HybridConfig | None = None
+    ) -> Importance:
+        """Read an importance folder as untrusted input; with `fingerprint`, refuse scores made for another
+        model, and with `config`, scores whose tables do not have that model's shapes (`score_shapes`)."""
         folder = Path(folder)
-        if not (folder / SCORES_FILE).is_file() or not (folder / META_FILE).is_file():
+        settle(folder)
+        if not (folder / SCORES_FILE).exists() or not (folder / META_FILE).exists():
             raise CompressorError(f"{folder} is not an importance folder (no {SCORES_FILE} / {META_FILE})")
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = read_json(folder / META_FILE, "importance metadata")
         if fingerprint is not None and meta.get("fingerprint") != fingerprint:
             raise CompressorError(
                 f"the scores in {folder} were computed for another model (fingerprint {meta.get('fingerprint')}, "
                 f"this model's is {fingerprint}): recompute them with `compress importance`"
             )
-        tensors = load_file(folder / SCORES_FILE)
-        per_block = {name: {} for name in PER_BLOCK}
+        removal_order = meta.pop("removal_order", None)
+        check_record(_Meta, {"removal_order": removal_order}, str(folder / META_FILE))
+        per_block: dict[str, dict[int, torch.Tensor]] = {name: {} for name in PER_BLOCK}
+        with open_tensors(folder / SCORES_FILE, "importance scores") as f:
+            names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+            _check_scores(folder, shapes, removal_order, config)  # before any tensor is read
+            tensors = {name: f.get_tensor(name).float() for name in names}
         for key, value in tensors.items():
             name, _, index = key.partition(".")
             if name in per_block:
                 per_block[name][int(index)] = value
-        return cls(
+        scores = cls(
             hidden=tensors["hidden"],
             block_influence=tensors["block_influence"],
             block_drop=tensors.get("block_drop"),
-            removal_order=meta.pop("removal_order", None),
+            removal_order=removal_order,
             meta=meta,
             **per_block,
+        )
+        broken = scores.nonfinite()
+        if broken:
+            raise CompressorError(
+                f"the scores in {folder} hold NaN or infinity ({', '.join(broken[:3])}): recompute them"
+            )
+        return scores
+
+
+@dataclass
+class _Meta:
+    """What `Importance.load` reads of `importance.json` besides the fingerprint (kept as written)."""
+
+    removal_order: list[int] | None
+
+
+def score_shapes(config: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every score table an importance folder of a model with `config` may hold (the MoE
+    tables, `block_drop` and `expert_*`, may be absent: `optional_scores`)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "hidden": (config.hidden_size,),
+        "block_influence": (config.num_blocks,),
+        "block_drop": (config.num_blocks,),
+    }
+    for spec in config.blocks:
+        i = spec.index
+        if spec.kind == MLP:
+            shapes[f"ffn.{i}"] = (spec.intermediate_size,)
+        elif spec.kind == MAMBA:
+            shapes[f"mamba.{i}"] = (spec.mamba_num_heads, spec.mamba_head_dim)
+        elif spec.kind == ATTENTION:
+            shapes[f"attention.{i}"] = (spec.num_attention_heads, spec.head_dim)
+        elif spec.kind == MOE:
+            for name in ("expert_routing", "expert_tokens", "expert_norm"):
+                shapes[f"{name}.{i}"] = (spec.n_routed_experts,)
+            shapes[f"expert_ffn.{i}"] = (spec.n_routed_experts, spec.moe_intermediate_size)
+            shapes[f"shared_ffn.{i}"] = (spec.moe_shared_expert_intermediate_size,)
+    return shapes
+
+
+def optional_scores(name: str) -> bool:
+    """Whether a score table may be missing from an importance folder (measured only on request, or
+    absent in folders written before MoE statistics were kept)."""
+    return name == "block_drop" or name.partition(".")[0] in MOE_TABLES
+
+
+MOE_TABLES = ("expert_routing", "expert_tokens", "expert_norm", "expert_ffn", "shared_ffn")
+
+
+def scores_bytes(config: HybridConfig) -> int:
+    """About how many bytes `Importance.save` writes for a model with `config` (fp32 tables, the header
+    and the metadata): what `compress importance` checks the disk for before scoring."""
+    shapes = score_shapes(config)
+    return sum(4 * math.prod(shape) + 64 + len(name) for name, shape in shapes.items()) + 2**16
+
+
+def _check_scores(
+    folder: Path, shapes: dict[str, tuple[int, ...]], removal_order: list[int] | None, config: HybridConfig | None
+) -> None:
+    """Refuse score tables of unknown names, and with `config` any table missing or of another shape than
+    the model's (scores of another model, or a damaged folder), and a removal order naming no block."""
+    known = {"hidden", "block_influence", "block_drop"}
+    for name in shapes:
+        table, _, index = name.partition(".")
+        if name not in known and not (table in PER_BLOCK and index.isdigit() and index.isascii()):
+            raise CompressorError(f"{folder / SCORES_FILE} holds an unknown score table {name!r}: it is damaged")
+    if config is None:
+        return
+    wanted = score_shapes(config)
+    for name, shape in shapes.items():
+        if name not in wanted or wanted[name] != shape:
+            expected = f"shape {list(wanted[name])}" if name in wanted else "no such table"
+            raise CompressorError(
+                f"the scores in {folder} do not fit this model: {name} has shape {list(shape)}, the model needs "
+                f"{expected} (scores of another model?): recompute them with `compress importance`"
+            )
+    missing = [name for name in wanted if name not in shapes and not optional_scores(name)]
+    if missing:
+        raise CompressorError(
+            f"the scores in {folder} lack {', '.join(missing[:3])}: recompute them with `compress importance`"
+        )
+    if removal_order is not None and (
+        len(set(removal_order)) != len(removal_order) or not all(0 <= b < config.num_blocks for b in removal_order)
+    ):
+        raise CompressorError(
+            f"{folder / META_FILE}: removal_order must name distinct blocks of 0..{config.num_blocks - 1}"
         )
 
 

@@ -11,20 +11,36 @@
   ends and released by the OS if the process dies), so two runs writing the same output cannot both win.
 - Long jobs that replace an existing output (`--overwrite` of a training run or a search) work in
   `staging(path)` (`.NAME.incoming`) and `swap_in` the result when they finish; `--resume` continues there.
+
+Reading back what an output folder holds (a file this process did not just write) is reading untrusted
+input: a damaged, hostile or foreign file. Every such read goes through `read_json` / `open_tensors`
+(one-line errors, no hang on a FIFO, bounded size and nesting), records are checked field by field against
+their dataclass (`check_record`), and a folder we write into again (`--resume`) must hold only its own files
+(`refuse_links`). Readers first `settle` an output whose swap a kill interrupted (or wait the moment a live
+writer needs between its two renames), so `compress eval OUT` sees what the writer would see.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import tempfile
+import time
+import types
+import typing
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
-from compressor.errors import CompressorError
+from compressor.errors import CheckpointError, CompressorError, first_line
+
+JSON_MAX_BYTES = 64 * 2**20  # no record, index or config of ours comes near this
+SETTLE_SECONDS = 5.0  # how long a reader waits for a live writer to finish the two renames of a swap
 
 
 def check_output(path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
@@ -108,16 +124,16 @@ def swap_in(folder: Path, path: Path) -> None:
         os.replace(new, path)
 
 
-def recover(path: str | Path) -> None:
+def recover(path: str | Path) -> bool:
     """Finish a swap a kill interrupted (the complete `.NAME.new-*` goes in place, else the previous
-    `.NAME.old-*` comes back) and remove the temporary siblings left behind. Does nothing while another
-    process holds the output's lock (it is writing them)."""
+    `.NAME.old-*` comes back) and remove the temporary siblings left behind. Does nothing, and returns
+    False, while another process holds the output's lock (it is writing them)."""
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
-        return
+        return True
     if not any(parent.glob(f".{path.name}.*-*")):
-        return
+        return True
     try:
         with output_lock(path):
             siblings = {k: sorted(parent.glob(f".{path.name}.{k}-*"), key=_mtime) for k in ("tmp", "new", "old")}
@@ -129,7 +145,214 @@ def recover(path: str | Path) -> None:
             for folder in (*siblings["tmp"], *siblings["new"], *siblings["old"]):
                 shutil.rmtree(folder, ignore_errors=True)
     except CompressorError:  # locked: another run is writing this output
+        return False
+    return True
+
+
+def settle(path: str | Path, *, wait: float = SETTLE_SECONDS) -> None:
+    """A reader's `recover`: when `path` (or the folder holding it) is missing because a swap put it aside
+    (`.NAME.new-*` / `.NAME.old-*` beside it), wait for a live writer to make its second rename (it holds
+    the lock for that moment) or, once no writer holds the lock, finish the swap as the writer would. A
+    reader that cannot write there leaves it (and then reports the output missing)."""
+    path = Path(path).absolute()
+    if path.exists():
         return
+    top = path  # the outermost missing folder: a whole run can be swapped, not only its model/
+    while top.parent != top and not top.parent.exists():
+        top = top.parent
+    deadline = time.monotonic() + wait
+    while not top.exists() and _swap_under_way(top):
+        try:
+            if recover(top) or time.monotonic() > deadline:
+                return
+        except OSError:
+            return
+        time.sleep(0.02)
+
+
+def _swap_under_way(path: Path) -> bool:
+    """Whether a swap of `path` left its complete new or its previous output beside it."""
+    prefixes = (f".{path.name}.new-", f".{path.name}.old-")
+    try:
+        return any(name.startswith(prefixes) for name in os.listdir(path.parent))
+    except OSError:
+        return False
+
+
+# ----- reading back what an output folder holds ----------------------------------------------------------
+def read_json(
+    path: str | Path, what: str, *, error: type[CompressorError] = CompressorError, max_bytes: int = JSON_MAX_BYTES
+) -> dict[str, Any]:
+    """The JSON object in `path`, a file this process did not just write, or one `error` naming the file
+    and `what` it should be: missing, not a regular file (a FIFO would block the read), larger than
+    `max_bytes`, unreadable, not JSON, nested too deeply, or not an object."""
+    path = Path(path)
+    settle(path)
+    if not path.exists():
+        raise error(f"no {path.name} in {path.parent}: it is not {what}")
+    if not path.is_file():
+        raise error(f"{path} is not a regular file: it cannot be {what}")
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path} holds {size:,} bytes, more than {what} ever does: it is damaged")
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or first_line(exc)})") from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise error(f"{path} is not valid JSON ({first_line(exc)}): it is not {what}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} does not hold {what} (not a JSON object)")
+    return data
+
+
+@contextmanager
+def open_tensors(
+    path: str | Path, what: str = "safetensors", *, device: str = "cpu", error: type[CompressorError] = CompressorError
+) -> Iterator[Any]:
+    """`safe_open` of a safetensors file this process did not just write: a missing, non-regular, damaged
+    or truncated file (also one found so while its tensors are read) is one `error`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    settle(path)
+    if not path.is_file():
+        raise error(f"{path} is missing or not a regular file: it cannot be read as {what}")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise error(f"{path} cannot be read as {what} ({first_line(exc)}): the file is damaged") from None
+
+
+def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, with a write that fails (a full disk) reported as one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as exc:
+        raise CompressorError(
+            f"cannot write {path} ({first_line(exc)}): free some space or choose another folder"
+        ) from None
+
+
+def check_record(cls: type, raw: Any, where: str) -> None:
+    """Refuse a JSON value read back from a file unless it has the types of dataclass `cls`'s fields
+    (recursively: nested dataclasses, lists, tuples, dicts, unions, literals; integers fit in 64 bits), every
+    field without a default present. One CompressorError names the field (`where: candidates[2].index`).
+    Ranges and cross-field rules are the record's own; keys `cls` does not know are left to its `from_dict`."""
+    _check_value(raw, cls, f"{where}:")
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                _check_value(value, option, where)
+                return
+            except CompressorError:
+                continue
+        raise CompressorError(f"{where} must be {_describe(hint)}, got {_show(value)}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise CompressorError(f"{where} must be an object, got {_show(value)}")
+        hints = typing.get_type_hints(hint)
+        for f in dataclasses.fields(hint):
+            if f.name in value:
+                _check_value(value[f.name], hints[f.name], f"{where}{' ' if where.endswith(':') else '.'}{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise CompressorError(f"{where} lacks the field {f.name!r}")
+        return
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, list):
+            raise CompressorError(f"{where} must be a list, got {_show(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise CompressorError(f"{where} must hold {len(args)} values, got {len(value)}")
+            for i, (item, item_hint) in enumerate(zip(value, args, strict=True)):
+                _check_value(item, item_hint, f"{where}[{i}]")
+        elif args:
+            for i, item in enumerate(value):
+                _check_value(item, args[0], f"{where}[{i}]")
+        return
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise CompressorError(f"{where} must be an object, got {_show(value)}")
+        if args:
+            for key, item in value.items():
+                _check_value(item, args[1], f"{where}[{key!r}]")
+        return
+    if origin is Literal:
+        if value not in args:
+            raise CompressorError(f"{where} must be {_describe(hint)}, got {_show(value)}")
+        return
+    if hint is type(None) or hint is None:
+        if value is not None:
+            raise CompressorError(f"{where} must be null, got {_show(value)}")
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"check_record cannot check {hint!r} ({where})")  # a record field of a type JSON lacks: a bug
+    if not ok:
+        raise CompressorError(f"{where} must be {_describe(hint)}, got {_show(value)}")
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def refuse_links(folder: str | Path, what: str) -> None:
+    """Refuse `folder` when anything inside it is a symbolic link: an output folder we write into again
+    (or read back as ours) holds only files we wrote, so that no write or read through it leaves it."""
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            entry = Path(root) / name
+            if entry.is_symlink():
+                raise CompressorError(
+                    f"{entry} is a symbolic link (to {os.readlink(entry)}): {what} {folder} holds only its own "
+                    "files; remove the link or start a new one"
+                )
+
+
+def confined(file: Path, folder: Path, *, what: str) -> Path:
+    """`file` resolved, refused unless it lies inside `folder` (links followed) or, for a snapshot of the
+    Hugging Face cache (`.../models--org--name/snapshots/REV/`), inside that repository's blob store: every
+    file read from a checkpoint folder (config.json, weights, tokenizer files) is one of its own."""
+    try:
+        resolved, root = file.resolve(), folder.resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, a link loop
+        raise CheckpointError(f"{what} cannot be found in {folder} ({first_line(exc)})") from None
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(resolved == base or base in resolved.parents for base in allowed):
+        raise CheckpointError(
+            f"{what} resolves to {resolved}, outside {folder}: a checkpoint may only use its own files"
+        )
+    return resolved
 
 
 def _mtime(path: Path) -> float:

@@ -41,7 +41,7 @@ from compressor.checkpoint import empty_model, loaders, materialize, write_check
 from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABLE, HybridConfig
 from compressor.errors import CompressorError
 from compressor.importance import Importance
-from compressor.model import HybridLM
+from compressor.model import Block, HybridLM
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,29 @@ class Target:
     @classmethod
     def from_dict(cls, raw: dict) -> Target:
         return cls(hidden_size=raw["hidden_size"], blocks=tuple(BlockTarget(**b) for b in raw["blocks"]))
+
+    def check_fits(self, source: HybridConfig) -> None:
+        """Refuse a target (one read back from a record) that is no pruning of `source`: the kept blocks are
+        blocks of `source`, in order, each of its kind, and no width is above the source's or below 1."""
+        if not 1 <= self.hidden_size <= source.hidden_size:
+            raise CompressorError(f"target hidden_size {self.hidden_size} is not in 1..{source.hidden_size}")
+        previous = -1
+        for block in self.blocks:
+            if not previous < block.source < source.num_blocks:
+                raise CompressorError(
+                    f"target block {block.source} is not a block of the source after {previous} "
+                    f"(it has {source.num_blocks})"
+                )
+            spec = source.block(block.source)
+            if block.kind != spec.kind:
+                raise CompressorError(f"target block {block.source} is a {spec.kind} block, not {block.kind}")
+            for name in OVERRIDABLE[block.kind]:
+                if not 1 <= getattr(block, name) <= getattr(spec, name):
+                    raise CompressorError(
+                        f"target block {block.source}: {name} {getattr(block, name)} is not in 1..{getattr(spec, name)}"
+                    )
+            previous = block.source
+        self.config(source)  # and the widths make a valid architecture (ConfigError)
 
     def describe(self, source: HybridConfig) -> str:
         """What the target changes, in a few words: 'hidden 192, ffn 576, mamba 12x20, experts 96, -1M, -1*';
@@ -249,6 +272,28 @@ def pruned_tensors(model: HybridLM, importance: Importance, target: Target) -> I
                 yield prefix + "mixer." + name, tensor
     yield "backbone.norm_f.weight", full(model.backbone.norm_f.weight)[hidden]
     yield "lm_head.weight", full(model.lm_head.weight)[:, hidden]
+
+
+@torch.no_grad()
+def pruned_block(model: HybridLM, importance: Importance, block: BlockTarget, hidden_size: int) -> Block:
+    """One block of a target built alone, as blockwise distillation trains it: source block `block.source`
+    sliced to `block`'s widths and the `hidden_size` most important hidden channels (the slicing of
+    `pruned_tensors`), in the source's dtype and on its device."""
+    config = Target(hidden_size, (block,)).config(model.config)
+    src = model.backbone.layers[block.source]
+    if src.kind != block.kind:
+        raise CompressorError(f"block {block.source} is a {src.kind} block, not {block.kind}")
+    hidden = importance.keep_hidden(hidden_size)
+    slicer = {MAMBA: _slice_mamba, ATTENTION: _slice_attention, MLP: _slice_mlp, MOE: _slice_moe}[block.kind]
+    with distributed.gathered(src):
+        state = {"norm.weight": src.norm.weight[hidden]}
+        state |= {"mixer." + name: t for name, t in slicer(src.mixer, block, importance, hidden, model.config).items()}
+    weight = src.norm.weight
+    with torch.device("meta"):
+        built = Block(config, config.blocks[0])
+    built.load_state_dict({k: v.to(weight.device) for k, v in state.items()}, assign=True)
+    built.index = block.source
+    return built
 
 
 def _slice_mlp(mixer, block: BlockTarget, importance: Importance, hidden: torch.Tensor, source) -> dict:

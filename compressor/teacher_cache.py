@@ -15,21 +15,22 @@ Several processes each write their share; the output folder must be on a file sy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from compressor import distributed
 from compressor.data import TokenSequences
 from compressor.errors import CompressorError
 from compressor.losses import TeacherTopK
 from compressor.model import HybridLM
+from compressor.outputs import check_record, open_tensors, read_json, save_tensors
 
 META = "teacher_cache.json"
 PART_SEQUENCES = 256  # sequences per file
@@ -103,7 +104,7 @@ def _top_k(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: floa
 
 
 def _write_part(folder: Path, split: str, rank: int, part: int, parts) -> None:
-    save_file(
+    save_tensors(
         {
             "sequence": torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int64)),
             "indices": torch.cat([p[1] for p in parts]).contiguous(),
@@ -113,43 +114,64 @@ def _write_part(folder: Path, split: str, rank: int, part: int, parts) -> None:
     )
 
 
+@dataclass
+class CacheMeta:
+    """`teacher_cache.json` as `write_teacher_cache` writes it (checked when read back)."""
+
+    top_k: int
+    vocab_size: int
+    temperature: float
+    seq_len: int
+    sequences: dict[str, int]
+    complete: bool = False
+
+
 class TeacherCache:
-    """Reads a cache written by `write_teacher_cache`."""
+    """Reads a cache written by `write_teacher_cache`, as untrusted input: its metadata's types, and each
+    part's tensors (names, shapes) before the run reads them."""
 
     def __init__(self, folder: Path, top_k: int, temperature: float) -> None:
         folder = Path(folder)
         if not self.is_complete(folder):
             raise CompressorError(f"{folder} is not a complete teacher cache: rerun with --cache-teacher")
-        meta = json.loads((folder / META).read_text())
-        if meta["temperature"] != temperature:
+        meta = _read_meta(folder)
+        if meta.temperature != temperature:
             raise CompressorError(
-                f"the teacher cache in {folder} was written at temperature {meta['temperature']}, "
+                f"the teacher cache in {folder} was written at temperature {meta.temperature}, "
                 f"the run uses {temperature}: delete the cache to rebuild it"
             )
-        if meta["top_k"] < min(top_k, meta["vocab_size"]):
+        if meta.top_k < min(top_k, meta.vocab_size):
             raise CompressorError(
-                f"the teacher cache in {folder} holds top-{meta['top_k']}, fewer than --top-k {top_k}: "
+                f"the teacher cache in {folder} holds top-{meta.top_k}, fewer than --top-k {top_k}: "
                 "delete it to rebuild"
             )
         self.top_k = top_k
+        self.written = False  # set by whoever wrote it just now (a run reports the time it took)
         self.files: dict[str, list] = {}
         self.where: dict[str, dict[int, tuple[int, int]]] = {}
+        self._open = contextlib.ExitStack()  # the parts stay open (memory-mapped) for the run
         for path in sorted(folder.glob("*-r*-p*.safetensors")):
             split = path.name.split("-r")[0]
-            handle = safe_open(path, framework="pt")
+            handle = self._open.enter_context(open_tensors(path, "a teacher cache part"))
+            _check_part(path, handle, meta)
             files = self.files.setdefault(split, [])
             where = self.where.setdefault(split, {})
             for row, position in enumerate(handle.get_tensor("sequence").tolist()):
                 where[position] = (len(files), row)
             files.append(handle)
-        for split, count in meta["sequences"].items():
+        for split, count in meta.sequences.items():
             if len(self.where.get(split, {})) != count:
                 raise CompressorError(f"the teacher cache in {folder} is incomplete for {split}: delete it to rebuild")
 
     @staticmethod
     def is_complete(folder: Path) -> bool:
-        path = Path(folder) / META
-        return path.is_file() and json.loads(path.read_text()).get("complete", False)
+        """Whether `folder` holds a complete cache (a damaged one is not: it is written again)."""
+        if not (Path(folder) / META).exists():
+            return False
+        try:
+            return _read_meta(Path(folder)).complete
+        except CompressorError:
+            return False
 
     def get(self, split: str, positions: np.ndarray, device: torch.device) -> TeacherTopK:
         """The cached targets of the sequences at `positions` of `split`, flattened to (tokens, k)."""
@@ -162,4 +184,24 @@ class TeacherCache:
         return TeacherTopK(
             indices=torch.cat(indices).flatten(0, 1).to(device=device, dtype=torch.int64),
             log_probs=torch.cat(log_probs).flatten(0, 1).to(device=device, dtype=torch.float32),
+        )
+
+
+def _read_meta(folder: Path) -> CacheMeta:
+    raw = read_json(folder / META, "a teacher cache's metadata")
+    check_record(CacheMeta, raw, str(folder / META))
+    return CacheMeta(**{k: v for k, v in raw.items() if k in CacheMeta.__dataclass_fields__})
+
+
+def _check_part(path: Path, handle, meta: CacheMeta) -> None:
+    """A part holds `sequence` (s,), `indices` and `log_probs` (s, seq_len, top_k), as written."""
+    names = ("sequence", "indices", "log_probs")
+    if set(handle.keys()) != set(names):  # noqa: SIM118 (safe_open is not a dict)
+        raise CompressorError(f"{path} is not a part of a teacher cache: delete the cache to rebuild it")
+    shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+    rows = shapes["sequence"][0] if len(shapes["sequence"]) == 1 else -1
+    per_token = (rows, meta.seq_len, meta.top_k)
+    if shapes != {"sequence": (rows,), "indices": per_token, "log_probs": per_token}:
+        raise CompressorError(
+            f"{path} is not a part of this teacher cache (shapes {shapes}): delete the cache to rebuild it"
         )

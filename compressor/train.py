@@ -39,7 +39,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from compressor import distributed
 from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
@@ -49,7 +48,19 @@ from compressor.errors import CompressorError, OptionError, first_line
 from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
-from compressor.outputs import atomic_output, check_free_space, check_output, output_lock, recover, staging, swap_in
+from compressor.outputs import (
+    atomic_output,
+    check_free_space,
+    check_output,
+    check_record,
+    open_tensors,
+    output_lock,
+    read_json,
+    recover,
+    save_tensors,
+    staging,
+    swap_in,
+)
 from compressor.tasks import TASKS, RetrievalConfig, TaskScorer
 from compressor.teacher_cache import TeacherCache, write_teacher_cache
 
@@ -117,6 +128,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss: LossSpec = field(default_factory=LossSpec)
     cache_teacher: bool = False
+    teacher_cache_dir: str | None = None  # a cache shared by several runs (default: the run's teacher_cache/)
     top_k: int = 64
     attention_loss: float = 0.0  # weight of the attention-transfer KL (compressor.attention_transfer); 0: off
     attention_queries: int = 256  # query positions per micro-batch whose attention rows it matches
@@ -257,6 +269,7 @@ class TrainResult:
     tokens: int
     final_eval: dict[str, Any]
     out: Path
+    teacher_seconds: float = 0.0  # spent writing the teacher cache (0 when it was there already)
 
 
 @dataclass
@@ -281,6 +294,7 @@ class Run:
     data_fingerprint: str = ""  # of the sequences the run reads: a resumed run must read the same
     retrieval: TaskScorer | None = None  # the `eval_task` probe, generated once
     attention_pairs: tuple[Pair, ...] = ()  # (student, teacher, heads) attention blocks, with attention_loss
+    teacher_seconds: float = 0.0  # spent writing the teacher cache in this process
 
     @property
     def tokens_per_step(self) -> int:
@@ -337,15 +351,27 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
     complete. --resume continues a staged run if there is one, else the run in `out`; a run killed before
     its first checkpoint starts again in place (keeping a complete teacher cache)."""
     if not config.resume:
+        recover(out)
+        if not config.overwrite and _is_run(out):  # the same advice as --resume gives for it
+            recover(out / "model")
+            progress = has_trainer_state(out / "model")
+            held = "a run with a checkpoint" if progress else "no progress (a run stopped before its first checkpoint)"
+            raise TrainingError(
+                f"output {out} already exists and holds {held}: continue it with --resume, or pass --overwrite "
+                "to start it again"
+            )
         inputs = (config.student, config.teacher, config.data, tokenizer_file(config.tokenizer))
         check_output(out, overwrite=config.overwrite, inputs=inputs)
         return (staging(out) if out.exists() else out), None
     work = staging(out) if _is_run(staging(out)) else out
     recover(work / "model")  # a kill during a checkpoint's swap
     if not has_trainer_state(work / "model"):
-        if _is_run(work):
+        if _is_run(work):  # a run killed before its first checkpoint starts again in place
             return work, None
-        raise TrainingError(f"nothing to resume: no {STATE_FILE} in {work / 'model'} (start a run without --resume)")
+        raise TrainingError(
+            f"nothing to resume: {work} holds no run (no {STATE_FILE} in {work / 'model'}); start a run without "
+            "--resume"
+        )
     resumed = _read_trainer_state(work / "model")
     try:
         saved = TrainConfig.from_dict(resumed["config"])
@@ -356,9 +382,19 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
     return work, resumed
 
 
+RUN_ENTRIES = ("model", "metrics.jsonl", "teacher_cache")
+# what a run killed before any of them leaves: a checkpoint or a teacher cache being written
+RUN_SCRATCH = (".model.", ".teacher_cache.")
+
+
 def _is_run(folder: Path) -> bool:
-    """Whether `folder` is a run folder this recipe started (a checkpoint, metrics or a teacher cache)."""
-    return any((folder / name).exists() for name in ("model", "metrics.jsonl", "teacher_cache"))
+    """Whether `folder` is a run folder this recipe started: it holds a checkpoint, metrics or a teacher
+    cache, or only what a run killed before them leaves (nothing at all, when killed while loading the
+    models, or the checkpoint or teacher cache it was writing)."""
+    if not folder.is_dir():
+        return False
+    names = [entry.name for entry in folder.iterdir()]
+    return any(name in RUN_ENTRIES for name in names) or all(name.startswith(RUN_SCRATCH) for name in names)
 
 
 def setup(
@@ -411,10 +447,11 @@ def setup(
         _fake_quantize(student, config, train_set, out if resumed else None)
         distributed.shard(student, world)
 
-    cache = None
+    cache, teacher_started = None, time.monotonic()
     if config.cache_teacher:
         cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter)
         teacher = None  # train from the cache; the teacher leaves memory
+    teacher_seconds = time.monotonic() - teacher_started if cache is not None and cache.written else 0.0
     student.train()
     student.backbone.checkpointing = config.activation_checkpointing
 
@@ -427,6 +464,7 @@ def setup(
         foreach=True,
     )
     run = Run(config, world, out, student, teacher, cache, train_set, valid_set, optimizer, accum, total_steps)
+    run.teacher_seconds = teacher_seconds
     run.data_fingerprint = data_fingerprint
     run.retrieval = retrieval
     if config.attention_loss > 0:
@@ -435,7 +473,9 @@ def setup(
         if world.size > 1:
             raise OptionError("eval_task", "is measured in one process: run without torchrun")
         probe = RetrievalConfig(config.eval_task, config.eval_ctx, config.eval_task_sequences)
-        run.retrieval = probe.scorer(config.tokenizer or config.student, config.data)
+        run.retrieval = probe.scorer(
+            config.tokenizer or config.student, config.data, model=student, parameter="eval_ctx"
+        )
     if resumed is not None:
         run.step = run.last_saved = resumed["step"]
         run.tokens = resumed["tokens"]
@@ -481,7 +521,9 @@ def loop(run: Run, reporter: Reporter) -> TrainResult:
         reporter.note(f"writing the {config.quantize} export to {run.out / QUANTIZED_DIR}")
         export_qad_checkpoint(run.out / "model", run.out / QUANTIZED_DIR, overwrite=True)
     distributed.barrier(run.world)
-    return TrainResult(steps=run.total_steps, tokens=run.tokens, final_eval=last_eval, out=run.out)
+    return TrainResult(
+        steps=run.total_steps, tokens=run.tokens, final_eval=last_eval, out=run.out, teacher_seconds=run.teacher_seconds
+    )
 
 
 def step(run: Run, batches: Iterator[np.ndarray]) -> dict[str, Any]:
@@ -683,8 +725,9 @@ def _fake_quantize(student: HybridLM, config: TrainConfig, train_set: TokenSeque
 
 def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
     """The teacher's top-k log-probs over the sequences the run will see, written once and reused."""
-    cache_dir = out / "teacher_cache"
-    if not TeacherCache.is_complete(cache_dir):
+    cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else out / "teacher_cache"
+    written = not TeacherCache.is_complete(cache_dir)
+    if written:
         reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
         micro = config.micro_batch_size
         # only the training sequences the run will see (all of them once it passes an epoch)
@@ -693,7 +736,9 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
         used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
         splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
         write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world)
-    return TeacherCache(cache_dir, config.top_k, config.loss.temperature)
+    cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature)
+    cache.written = written
+    return cache
 
 
 def _micro_batches(train_set: TokenSequences, micro: int, seed: int, start: int) -> Iterator[np.ndarray]:
@@ -820,7 +865,7 @@ def _save(run: Run) -> None:
 
             write_quantizer_state(tmp, QuantRecipe(config.quantize, config.quantize_keep), quantizers)
         (tmp / TRAINER_DIR).mkdir()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / TRAINER_DIR / OPTIMIZER_FILE)
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / TRAINER_DIR / OPTIMIZER_FILE)
         (tmp / TRAINER_DIR / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -849,15 +894,31 @@ def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrainingError(f"nothing to resume: no {STATE_FILE} in {folder} (start a new run without --resume)")
     try:
-        state = json.loads(path.read_text())
-        int(state["step"]), int(state["tokens"]), list(state["param_groups"])  # noqa: B018 (checked, not used)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise TrainingError(f"{path} is damaged ({exc}): start the run again with --overwrite") from None
+        state = read_json(path, "a run's trainer state")
+        check_record(TrainerState, state, str(path))
+        check_record(TrainConfig, state["config"], f"{path}: config")
+        if state["step"] < 0 or state["tokens"] < 0:
+            raise CompressorError(f"{path}: step and tokens must be at least 0")
+    except CompressorError as exc:
+        raise TrainingError(f"{first_line(exc)}: start the run again with --overwrite") from None
     if not (folder / OPTIMIZER_FILE).is_file():
         raise TrainingError(
             f"{folder} lacks {OPTIMIZER_FILE}: the checkpoint is incomplete; start again with --overwrite"
         )
     return state
+
+
+@dataclass
+class TrainerState:
+    """`trainer_state.json` as `_save` writes it, what `_read_trainer_state` checks it against."""
+
+    step: int
+    tokens: int
+    param_groups: list[dict[str, Any]]
+    config: dict[str, Any]
+    format: int = 1
+    teacher_val_loss: float | None = None
+    data_fingerprint: str = ""  # none in runs written before it was recorded
 
 
 def _check_resume(new: TrainConfig, saved: TrainConfig) -> None:
@@ -871,9 +932,10 @@ def _load_optimizer(checkpoint: Path, student, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     folder = trainer_dir(checkpoint)
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = _read_trainer_state(checkpoint)
     try:
-        tensors = load_file(folder / OPTIMIZER_FILE)
+        with open_tensors(folder / OPTIMIZER_FILE, "an optimizer state") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         torch.set_rng_state(tensors.pop("rng.torch"))
         entries: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -885,7 +947,7 @@ def _load_optimizer(checkpoint: Path, student, optimizer) -> None:
             optim_state_dict={"state": entries, "param_groups": state["param_groups"]},
             options=StateDictOptions(full_state_dict=True),
         )
-    except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as exc:
+    except (OSError, SafetensorError, CompressorError, KeyError, RuntimeError, ValueError) as exc:
         raise TrainingError(
             f"{folder / OPTIMIZER_FILE} cannot be restored ({first_line(exc)}): start the run again with --overwrite"
         ) from None

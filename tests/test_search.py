@@ -52,7 +52,8 @@ def _calibration(workspace):
 
 
 def _search(workspace, out, *, resume=False, **kwargs):
-    calibration = resume_calibration(out) if resume else _calibration(workspace)
+    model, data = str(workspace / "model"), str(workspace / "tokens.npy")
+    calibration = resume_calibration(out, model=model, data=data) if resume else _calibration(workspace)
     return run_search(calibrate(calibration), _config(workspace, **kwargs), out, resume=resume, say=lambda t: None)
 
 
@@ -178,7 +179,7 @@ def test_search_with_retrieval_records_it_before_and_after_distillation(tmp_path
     assert (out / PLOT_FILE).stat().st_size > 0
     again = SearchConfig.from_record(load_search(out))
     assert (again.score, again.retrieval_weight) == ("kl+retrieval", 0.5)
-    assert resume_calibration(out).retrieval == calibration.retrieval
+    assert resume_calibration(out, model=calibration.model, data=calibration.data).retrieval == calibration.retrieval
 
 
 def test_search_ranks_by_retrieval_after_distillation_with_attention_transfer(tmp_path):
@@ -216,8 +217,9 @@ def test_search_ranks_by_retrieval_after_distillation_with_attention_transfer(tm
         result = {**json.loads((out / "candidates" / str(c.index) / "result.json").read_text()), "val_kl": 1.0 - rank}
         result["retrieval"] = {**result["retrieval"], "accuracy": rank / 4}
         (out / "candidates" / str(c.index) / "result.json").write_text(json.dumps(result))
-    again = run_search(calibrate(resume_calibration(out)), SearchConfig.from_record(load_search(out)), out,
-                       resume=True, say=lambda t: None)  # fmt: skip
+    resumed = resume_calibration(out, model=calibration.model, data=calibration.data)
+    again = run_search(calibrate(resumed), SearchConfig.from_record(load_search(out)), out, resume=True,
+                       say=lambda t: None)  # fmt: skip
     assert again.ranking == [c.index for c in reversed(finalists)]
     assert again.pareto["memory"]  # the front is taken on retrieval error
     materialize(out, again.ranking[0], tmp_path / "chosen")

@@ -156,6 +156,12 @@ class SearchRecord:
     retrieval: dict[str, Any] | None = None  # the probe, its weight and the source's result (`retrieval_record`)
     ranking: list[int] = field(default_factory=list)  # finished finalists, best first
     pareto: dict[str, list[int]] = field(default_factory=dict)
+    bld: dict[str, Any] | None = None  # the blockwise-distilled library's settings (`bld.BLDConfig`), if one
+    library: dict[str, Any] | None = None  # what the library holds: variants, errors, the assembled scores
+    share_teacher: bool = False  # the finalists distil from one teacher cache (written once)
+    # rank correlation of the score that picked the finalists with their result after distillation
+    correlation: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time by stage (library, scoring, teacher, ...)
 
     def candidate(self, index: int) -> Candidate:
         for candidate in self.candidates:
@@ -176,7 +182,23 @@ class SearchRecord:
         raw["source"] = SourceInfo(**raw["source"])
         raw["budget"] = Budget.from_dict(raw["budget"])
         raw["candidates"] = [Candidate.from_dict(c) for c in raw["candidates"]]
-        return cls(**raw)
+        record = cls(**raw)
+        record.check_indices()
+        return record
+
+    def check_indices(self) -> None:
+        """A candidate's index names its folder (`candidates/<index>`) and the ranking and the fronts name
+        candidates: each index a distinct whole number >= 0, each ranked or Pareto index a candidate's."""
+        indices = [c.index for c in self.candidates]
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise CompressorError(f"candidate index {index!r} is not a whole number >= 0")
+        if len(set(indices)) != len(indices):
+            raise CompressorError("two candidates have the same index")
+        known, named = set(indices), [*self.ranking, *(i for front in self.pareto.values() for i in front)]
+        unknown = sorted({i for i in named if i not in known}, key=repr)
+        if unknown:
+            raise CompressorError(f"the ranking or the Pareto fronts name no candidate's index {unknown[0]!r}")
 
 
 def retrieval_error(result: dict[str, Any] | None) -> float:
@@ -185,20 +207,10 @@ def retrieval_error(result: dict[str, Any] | None) -> float:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write a JSON file whole or not at all (a temporary sibling renamed over it)."""
+    """Write a JSON file whole or not at all (a temporary sibling renamed over it; a file or link already
+    at the temporary name is removed first, never written through)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "x") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from `path`, or a CompressorError naming the file and what it should be."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CompressorError(f"no {path.name} in {path.parent}: it is not {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CompressorError(f"{path} cannot be read as {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise CompressorError(f"{path} does not hold {what} (not a JSON object)")
-    return data

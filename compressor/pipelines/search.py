@@ -27,38 +27,57 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import shutil
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
+from compressor.bld import BLDConfig
 from compressor.budget import Budget
 from compressor.checkpoint import fingerprint, load_model, parse_dtype, write_checkpoint
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
-from compressor.errors import CompressorError, OptionError
+from compressor.errors import CompressorError, OptionError, first_line
 from compressor.importance import Importance
 from compressor.model import HybridLM
-from compressor.outputs import atomic_output, check_output, output_lock, staging, swap_in
-from compressor.pipelines.ranking import SCORE_METRICS, proxy_scorer, rank, retrieval_record
+from compressor.outputs import (
+    atomic_output,
+    check_output,
+    check_record,
+    output_lock,
+    read_json,
+    refuse_links,
+    settle,
+    staging,
+    swap_in,
+)
+from compressor.pipelines.library import Library, build_library, library_sequences, score_library
+from compressor.pipelines.ranking import Score, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import (
     COMPRESSION_FILE,
     Candidate,
     CompressionRecord,
     Distilled,
     SearchRecord,
-    read_json,
     write_json,
 )
 from compressor.pipelines.source import CalibrationConfig, Source
-from compressor.prune import kept_attention_heads, write_pruned
+from compressor.prune import Target, kept_attention_heads, write_pruned
 from compressor.train import TrainConfig, has_trainer_state, train
 from strategies import build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
 from strategies.export_config import export_config
 
 SEARCH_FILE = "search.json"
+LIBRARY_DIR = "library"
+TEACHER_CACHE_DIR = "teacher_cache"
 RESULT_FILE = "result.json"
 PARETO_FILE = "pareto.json"
 PLOT_FILE = "pareto.png"
@@ -80,16 +99,22 @@ class SearchConfig:
     rank_by: str = "kl"
     score: str = "kl"  # the zero-shot proxy
     retrieval_weight: float = 1.0
+    bld: BLDConfig | None = None  # a blockwise-distilled library chooses and initialises the candidates
+    share_teacher: bool = True  # the finalists distil from one teacher cache (not with attention transfer)
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_METRICS:
             raise OptionError("rank_by", f"{self.rank_by!r} is not one of {', '.join(RANK_METRICS)}")
-        if self.score not in SCORE_METRICS:
-            raise OptionError("score", f"{self.score!r} is not one of {', '.join(SCORE_METRICS)}")
+        check_scoring(self.score, self.retrieval_weight)  # before importance and scoring, not after them
         if self.finalists < 1:
             raise OptionError("candidates", f"must be at least 1, got {self.finalists}")
         self.distill.validate()
-        self.build_strategy()
+        strategy = self.build_strategy()
+        if self.bld is not None:
+            if not hasattr(strategy, "tables"):
+                raise OptionError("bld", f"needs per-block choices: the {strategy.name} strategy has none (minipuzzle)")
+            if self.budget.memory is None and self.budget.params is None and self.budget.active_params is None:
+                raise OptionError("bld", "needs a memory, parameter or active-parameter budget for the solver")
 
     def build_strategy(self):
         strategy = get_strategy(self.strategy)
@@ -109,18 +134,41 @@ class SearchConfig:
             rank_by=record.rank_by,
             score=record.score_metric,
             retrieval_weight=record.retrieval["weight"] if record.retrieval else 1.0,
+            bld=BLDConfig(**record.bld) if record.bld is not None else None,
+            share_teacher=record.share_teacher,
         )
+
+    @property
+    def shares_teacher(self) -> bool:
+        """Whether the finalists read one teacher cache: attention transfer needs the teacher in memory."""
+        return self.share_teacher and self.distill.attention_loss == 0
 
 
 def load_search(folder: str | Path, *, incoming: bool = False) -> SearchRecord:
-    """The record of a search folder (with `incoming`, of the search replacing it, if one is under way)."""
+    """The record of a search folder (with `incoming`, of the search replacing it, if one is under way),
+    read as untrusted input: every field's type, the candidates' indices (they name folders), and the
+    calibration and distillation settings a resume would use are checked."""
     folder = _active(Path(folder)) if incoming else Path(folder)
-    if not (folder / SEARCH_FILE).is_file():
+    path = folder / SEARCH_FILE
+    settle(folder)
+    if not path.exists():
+        if library_building(folder).is_dir():
+            raise CompressorError(
+                f"the search in {folder} stopped while building its library ({library_building(folder)}): run the "
+                "same command without --resume, which continues the library where it stopped"
+            )
         raise CompressorError(f"{folder} is not a search folder (no {SEARCH_FILE}): run `compress search` first")
+    raw = read_json(path, "a search record")
+    check_record(SearchRecord, raw, str(path))
+    check_record(CalibrationConfig, raw["calibration"], f"{path}: calibration")
+    check_record(TrainConfig, raw["distill"], f"{path}: distill")
     try:
-        return SearchRecord.from_dict(read_json(folder / SEARCH_FILE, "a search record"))
+        record = SearchRecord.from_dict(raw)
+        CalibrationConfig.from_dict(record.calibration)
+        SearchConfig.from_record(record)
     except (KeyError, TypeError, ValueError, CompressorError) as exc:
-        raise CompressorError(f"{folder / SEARCH_FILE} is not a search record of this version ({exc})") from None
+        raise CompressorError(f"{path} is not a search record of this version ({first_line(exc)})") from None
+    return record
 
 
 def _active(out: Path) -> Path:
@@ -128,11 +176,32 @@ def _active(out: Path) -> Path:
     return staging(out) if (staging(out) / SEARCH_FILE).is_file() else out
 
 
-def resume_calibration(folder: str | Path) -> CalibrationConfig:
-    """How the search in `folder` read its source and data, with its saved importance reused."""
+def resume_calibration(
+    folder: str | Path, *, model: str | Path, data: str, tokenizer: str | Path | None = None
+) -> CalibrationConfig:
+    """How the search in `folder` read its source and data, with its saved importance reused. What is read
+    is what the caller names (`model`, `data`, `tokenizer`), never a path the folder's record holds: the
+    record only says how (sample counts, sequence length, probe), and `run_search` refuses a model or data
+    whose fingerprint differs from the record's. A search tokenized with a tokenizer of its own needs it
+    named again; one that used the model's needs none."""
     work = _active(Path(folder))
     record = load_search(work)
-    return CalibrationConfig.from_dict({**record.calibration, "importance_dir": str(work / IMPORTANCE_DIR)})
+    refuse_links(work, "a search folder")  # its scores are read as its own
+    recorded = record.calibration.get("tokenizer")
+    if (recorded is None) != (tokenizer is None):
+        raise OptionError(
+            "tokenizer",
+            f"must be given again as the search started with it ({recorded})"
+            if tokenizer is None
+            else "was not used by this search (it read the model's own tokenizer): resume without it",
+        )
+    return CalibrationConfig.from_dict({
+        **record.calibration,
+        "model": str(model),
+        "data": str(data),
+        "tokenizer": None if tokenizer is None else str(tokenizer),
+        "importance_dir": str(work / IMPORTANCE_DIR),
+    })  # fmt: skip
 
 
 def run_search(
@@ -152,18 +221,23 @@ def run_search(
         if resume:
             work = _active(out)
             record = load_search(work)
+            refuse_links(work, "a search folder")  # what it writes and deletes stays inside it
             _check_same_source(record, source)
+            for candidate in record.candidates:
+                candidate.target.check_fits(source.model.config)
             say(f"resuming the search in {work}")
         else:
             calibration = source.config
             inputs = (source.path, calibration.data, calibration.importance_dir, tokenizer_file(calibration.tokenizer))
             check_output(out, overwrite=overwrite, inputs=inputs)
             work = staging(out) if out.exists() else out
-            record = _propose_and_score(source, config, say)
+            record = _propose_and_score(source, config, library_building(out), say)
             if work.exists():
                 shutil.rmtree(work)  # a stale staging folder of an earlier --overwrite attempt
             with atomic_output(work, overwrite=True) as tmp:
                 source.importance.save(_mkdir(tmp / IMPORTANCE_DIR))
+                if config.bld is not None:
+                    os.replace(library_building(out), tmp / LIBRARY_DIR)
                 write_json(tmp / SEARCH_FILE, record.to_dict())
         _distill_finalists(source, record, work, config, say)
         if work != out:
@@ -172,18 +246,60 @@ def run_search(
 
 
 def _distill_finalists(source: Source, record: SearchRecord, work: Path, config: SearchConfig, say) -> None:
-    """Every finalist distilled (finished ones read back), then the ranking and the Pareto fronts."""
+    """Every finalist distilled (finished ones read back), then the ranking, the Pareto fronts and how well
+    the score that picked the finalists predicted their result. With a shared teacher, the first finalist's
+    run writes the teacher cache (`TEACHER_CACHE_DIR`) and every later one reads it; it is deleted at the end."""
     teacher = _teacher(source.model, config.distill)
-    for candidate in record.candidates:
-        if candidate.finalist:  # its result.json says whether it is finished
-            candidate.distilled = _distill_finalist(source, teacher, record, candidate, work, config.distill, say)
-            write_json(work / SEARCH_FILE, record.to_dict())
+    template = config.distill
+    if config.shares_teacher:
+        template = dataclasses.replace(template, cache_teacher=True, teacher_cache_dir=str(work / TEACHER_CACHE_DIR))
+    library = Library.read(work / LIBRARY_DIR) if record.bld is not None else None
+    finalists = [c for c in record.candidates if c.finalist]
+    started = time.monotonic()
+    for done, candidate in enumerate(finalists, start=1):  # its result.json says whether it is finished
+        if candidate.distilled is None:
+            say(f"distilling finalist {done}/{len(finalists)}, candidate {candidate.index}: {candidate.label}")
+        distilled, teacher_seconds = _distill_finalist(source, teacher, record, candidate, work, template, library, say)
+        candidate.distilled = distilled
+        record.seconds["teacher"] = record.seconds.get("teacher", 0.0) + teacher_seconds
+        write_json(work / SEARCH_FILE, record.to_dict())
+        if done < len(finalists):
+            say(f"finalists: {done}/{len(finalists)} done, {_eta(time.monotonic() - started, done, len(finalists))}")
+    record.seconds["finalists"] = record.seconds.get("finalists", 0.0) + time.monotonic() - started
     finished = [c for c in record.candidates if c.distilled is not None]
     ranked = sorted(finished, key=lambda c: (c.distilled.metric(record.rank_by), c.distilled.val_kl))
     record.ranking = [c.index for c in ranked]
     record.pareto = pareto_front(record.candidates, record.rank_by)
+    record.correlation = rank_correlation(finished, record.rank_by)
     write_json(work / SEARCH_FILE, record.to_dict())
     write_json(work / PARETO_FILE, record.pareto)
+    shutil.rmtree(work / TEACHER_CACHE_DIR, ignore_errors=True)
+
+
+def rank_correlation(finished: list[Candidate], rank_by: str) -> dict[str, Any] | None:
+    """Spearman's and Kendall's rank correlation between the finalists' scores before distillation (the
+    zero-shot proxy, or the library-assembled model's) and their `rank_by` after it: 1 is a perfect
+    prediction of the order. None with fewer than 3 finalists."""
+    pairs = [(c.score, c.distilled.metric(rank_by)) for c in finished if c.score is not None]
+    pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return None
+    before, after = zip(*pairs, strict=True)
+    with warnings.catch_warnings():  # constant inputs: NaN, reported as such
+        warnings.simplefilter("ignore")
+        spearman = float(stats.spearmanr(before, after).statistic)
+        kendall = float(stats.kendalltau(before, after).statistic)
+    return {"finalists": len(pairs), "after": rank_by, "spearman": spearman, "kendall": kendall}
+
+
+def _eta(elapsed: float, done: int, total: int) -> str:
+    return f"{elapsed:.0f} s so far, about {elapsed / done * (total - done):.0f} s left"
+
+
+def library_building(out: Path) -> Path:
+    """Where a search's library is built before the search folder exists (beside it, hidden); it moves
+    into the folder (`LIBRARY_DIR`) with the first record. A killed build is continued by the next run."""
+    return out.with_name(f".{out.name}.library")
 
 
 def _check_same_source(record: SearchRecord, source: Source) -> None:
@@ -210,15 +326,30 @@ def _check_source_data(source: Source, config: SearchConfig) -> None:
         raise OptionError("rank_by", "retrieval needs the retrieval probe: calibrate with a RetrievalConfig")
 
 
-def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str], None]) -> SearchRecord:
+def _propose_and_score(
+    source: Source, config: SearchConfig, library_dir: Path, say: Callable[[str], None]
+) -> SearchRecord:
     strategy = config.build_strategy()
     arch = source.model.config
-    proposals = strategy.propose(arch, source.importance, config.budget)
-    say(f"{strategy.name}: " + (describe_stats(strategy.stats) or "done"))
     scorer = proxy_scorer(source, config.score, config.retrieval_weight)
+    seconds: dict[str, float] = {}
+    library_summary = None
+    if config.bld is None:
+        proposals = strategy.propose(arch, source.importance, config.budget)
+        score: Callable[[Target], Score] = scorer
+    else:
+        proposals, library, library_summary = _library_proposals(source, strategy, config, scorer, library_dir, say)
+        seconds.update(library_summary.pop("seconds"))
+
+        def score(target: Target) -> Score:
+            return scorer.score_model(library.assemble(source.model, source.importance, target))
+
+    say(f"{strategy.name}: " + (describe_stats(strategy.stats) or "done"))
+    started = time.monotonic()
     candidates = rank(
-        proposals, arch, config.budget, limit=strategy.top_k, scorer=scorer, smallest=strategy.smallest(arch), say=say
+        proposals, arch, config.budget, limit=strategy.top_k, scorer=score, smallest=strategy.smallest(arch), say=say
     )
+    seconds["candidates"] = time.monotonic() - started
     for c in candidates[: config.finalists]:
         c.finalist = True
     return SearchRecord(
@@ -233,7 +364,36 @@ def _propose_and_score(source: Source, config: SearchConfig, say: Callable[[str]
         candidates=candidates,
         score_metric=config.score,
         retrieval=retrieval_record(scorer, config.retrieval_weight),
+        bld=dataclasses.asdict(config.bld) if config.bld is not None else None,
+        library=library_summary,
+        share_teacher=config.shares_teacher,
+        seconds=seconds,
     )
+
+
+def _library_proposals(source: Source, strategy, config: SearchConfig, scorer, folder: Path, say):
+    """Build (or continue) the library over the strategy's per-block options, score every option by
+    replacement, and let the solver choose by those damages: (proposals, library, summary)."""
+    arch = source.model.config
+    mode, tables = strategy.servable_tables(arch, source.importance, config.budget)
+    started = time.monotonic()
+    library = build_library(source, tables, config.bld, folder, say)
+    built = time.monotonic()
+    scores = score_library(source, tables, library, lambda model: scorer.score_model(model).value, folder, say)
+    scored = time.monotonic()
+    proposals = strategy.targets(arch, tables, config.budget, mode, solutions=config.finalists)
+    errors = [v.error for v in library.variants.values()]
+    summary = {
+        "variants": len(library.variants),
+        "tokens": len(library_sequences(source, config.bld.tokens)) * source.config.seq_len,
+        "mean_error": sum(errors) / len(errors) if errors else 0.0,
+        "mean_initial_error": (
+            sum(v.initial_error for v in library.variants.values()) / len(errors) if errors else 0.0
+        ),
+        "assembled_whole": {hidden: value["base"] for hidden, value in scores.items()},
+        "seconds": {"library": built - started, "library_scores": scored - built},
+    }
+    return proposals, library, summary
 
 
 def _teacher(model: HybridLM, template: TrainConfig) -> HybridLM:
@@ -250,19 +410,24 @@ def _distill_finalist(
     candidate: Candidate,
     out: Path,
     template: TrainConfig,
+    library: Library | None,
     say,
-) -> Distilled:
-    """Prune the finalist from the in-memory source (once), distill it (resuming an interrupted run), and
-    record its validation result."""
-    folder = out / "candidates" / str(candidate.index)
+) -> tuple[Distilled, float]:
+    """Prune the finalist from the in-memory source (once; assembled from the library's trained blocks
+    when the search has one), distill it (resuming an interrupted run), and record its validation result:
+    (result, seconds its run spent writing the teacher cache)."""
+    folder = out / "candidates" / str(candidate.index)  # an index is a whole number >= 0 (`check_indices`)
     result_file = folder / RESULT_FILE
-    if result_file.is_file():
-        return Distilled(**read_json(result_file, "a finalist's result"))
-    say(f"distilling finalist {candidate.index}: {candidate.label}")
+    if result_file.exists():
+        return _read_result(result_file), 0.0
     pruned_dir, run_dir = folder / "pruned", folder / "distill"
     if not (pruned_dir / "config.json").is_file():
         with atomic_output(pruned_dir, overwrite=True) as tmp:
-            write_pruned(source.model, source.importance, candidate.target, tmp, tokenizer_from=source.path)
+            if library is None:
+                write_pruned(source.model, source.importance, candidate.target, tmp, tokenizer_from=source.path)
+            else:
+                model = library.assemble(source.model, source.importance, candidate.target)
+                write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=source.path)
             _write_compression_record(tmp, record, candidate, source.model.config, source.importance,
                                       source.config.importance_dir)  # fmt: skip
     resume = has_trainer_state(run_dir / "model")
@@ -279,7 +444,8 @@ def _distill_finalist(
         resume=resume,
         overwrite=not resume,
     )
-    final = train(config, teacher=teacher, sequences=source.sequences, retrieval=source.retrieval).final_eval
+    result = train(config, teacher=teacher, sequences=source.sequences, retrieval=source.retrieval)
+    final = result.final_eval
     retrieval = None
     if source.retrieval is not None:  # measured by the run's validation, on the source's probe
         examples = source.retrieval.examples
@@ -293,7 +459,17 @@ def _distill_finalist(
     distilled = Distilled(final["val_loss"], final["val_ppl"], final["val_kl"], final["val_top1_agreement"],
                           retrieval)  # fmt: skip
     write_json(result_file, dataclasses.asdict(distilled))  # a finished candidate is recorded whole or not at all
-    return distilled
+    return distilled, result.teacher_seconds
+
+
+def _read_result(path: Path) -> Distilled:
+    """A finished finalist's `result.json`, checked as untrusted input."""
+    raw = read_json(path, "a finalist's result")
+    check_record(Distilled, raw, str(path))
+    try:
+        return Distilled(**raw)
+    except TypeError as exc:  # a key Distilled does not know
+        raise CompressorError(f"{path} is not a finalist's result of this version ({first_line(exc)})") from None
 
 
 def pareto_front(candidates: list[Candidate], rank_by: str = "kl") -> dict[str, list[int]]:
@@ -329,6 +505,7 @@ def materialize(
     importance (default), or its short-distilled weights."""
     search_dir, out = Path(search_dir), Path(out)
     record = load_search(search_dir)
+    refuse_links(search_dir, "a search folder")  # its checkpoints and scores are read as its own
     candidate = record.candidate(index)
     check_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path))
     if distilled:
@@ -344,8 +521,9 @@ def materialize(
     source_path = record.source.path
     if fingerprint(source_path) != record.source.fingerprint:
         raise CompressorError(f"{source_path} changed since the search: its fingerprint no longer matches")
-    importance = Importance.load(search_dir / IMPORTANCE_DIR, record.source.fingerprint)
     source = load_model(source_path, dtype=dtype, device=device)
+    candidate.target.check_fits(source.config)
+    importance = Importance.load(search_dir / IMPORTANCE_DIR, record.source.fingerprint, config=source.config)
     with atomic_output(out, overwrite=overwrite, inputs=(search_dir, record.source.path)) as tmp:
         write_pruned(source, importance, candidate.target, tmp, tokenizer_from=source_path)
         _write_compression_record(tmp, record, candidate, source.config, importance, search_dir / IMPORTANCE_DIR)

@@ -102,7 +102,9 @@ def calibrate(
     world = world or distributed.World(device=distributed.resolve_device(config.device))
     model = load_model(config.model, dtype=config.dtype, world=world)
     source_fingerprint = fingerprint(config.model)
-    importance = Importance.load(config.importance_dir, source_fingerprint) if config.importance_dir else None
+    importance = None
+    if config.importance_dir:
+        importance = Importance.load(config.importance_dir, source_fingerprint, config=model.config)
     first_held_out = 0 if importance is not None else config.samples
     sequences = None
     if config.data is not None:
@@ -129,7 +131,7 @@ def calibrate(
     if config.retrieval is not None:
         if world.size > 1:
             raise OptionError("retrieval_task", "is measured in one process: run without torchrun")
-        retrieval = config.retrieval.scorer(config.tokenizer or config.model, config.data)
+        retrieval = config.retrieval.scorer(config.tokenizer or config.model, config.data, model=model)
     if importance is not None:
         say(f"importance from {config.importance_dir}")
     else:
