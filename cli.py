@@ -1246,6 +1246,7 @@ def _print_plan(result, config, json_output: bool) -> None:
 @with_group("plan", [NPROC_OPTION])
 @with_group("retrieval", RETRIEVAL_OPTIONS, dict)
 def search(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Search folder: search.json, pareto.json/.png, candidates/.")] = None,
     data: Annotated[str | None, typer.Option(help="Calibration and distillation data (text or tokens).")] = None,
@@ -1342,7 +1343,7 @@ def search(
             raise OptionError("data", "is needed to resume too: give the data the search started on")
         calibration = resume_calibration(out, model=model, data=data, tokenizer=tokenizer)
         probe = calibration.retrieval
-        _refuse_resume_changes({
+        _refuse_resume_changes(context, {
             "strategy": (strategy, config.strategy), "candidates": (candidates, config.finalists),
             "rank_by": (rank_by, config.rank_by), "score": (score, config.score),
             "retrieval_weight": (retrieval_weight, config.retrieval_weight),
@@ -1375,7 +1376,8 @@ def search(
 
             kind = get_strategy(config.strategy)
             given, recorded = build_options(kind, strategy_options), build_options(kind, config.options)
-            _refuse_resume_changes({name: (getattr(given, name), getattr(recorded, name)) for name in strategy_options})
+            changed = {name: (getattr(given, name), getattr(recorded, name)) for name in strategy_options}
+            _refuse_resume_changes(context, changed)
     else:
         if budget is None:
             raise CompressorError(
@@ -1413,17 +1415,14 @@ def search(
     _print_search(record, out)
 
 
-def _refuse_resume_changes(values: dict[str, tuple]) -> None:
+def _refuse_resume_changes(context: typer.Context, values: dict[str, tuple]) -> None:
     """`search --resume` continues a search as its record says: an option given on the command line with
     another value than the search started with is refused, not ignored. `values`: option -> (value given,
-    value recorded[, a parse of the given text into the recorded form]); options left at their defaults
-    are not checked."""
-    import click
-    from click.core import ParameterSource
-
-    context = click.get_current_context(silent=True)
+    value recorded[, a parse of the given text into the recorded form]); options not on the command line
+    (at their defaults) are not checked."""
     for name, (value, recorded, *parse) in values.items():
-        if value is None or (context is not None and context.get_parameter_source(name) == ParameterSource.DEFAULT):
+        source = context.get_parameter_source(name)
+        if value is None or source is None or source.name == "DEFAULT":
             continue
         if (parse[0](value) if parse else value) != recorded:
             used = "is not used by" if recorded is None else f"differs from the {recorded} of"

@@ -48,7 +48,7 @@ from compressor.budget import (
 from compressor.budget import estimate_throughput as estimate_hybrid_throughput
 from compressor.budget import num_parameters as num_hybrid_parameters
 from compressor.budget import speedup as hybrid_speedup
-from compressor.config import HybridConfig
+from compressor.config import MAX_BLOCKS, MAX_WIDTH, HybridConfig
 from compressor.errors import BudgetError, ConfigError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -115,6 +115,9 @@ class TransformerConfig:
             value = raw.get(key) if value is None else value
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"config.json's {key} must be a positive integer, got {value!r}")
+            most = MAX_BLOCKS if key == "num_hidden_layers" else MAX_WIDTH  # the bounds of our own configs
+            if value > most:
+                raise ConfigError(f"config.json's {key} must be at most {most:,}, got {value:,}: the config is damaged")
             return value
 
         heads = whole("num_attention_heads")
@@ -160,6 +163,8 @@ class TransformerConfig:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{path} holds values nested too deeply to be a config.json") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(raw)

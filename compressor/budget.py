@@ -1024,6 +1024,28 @@ def available_memory(device) -> int | None:
     return None
 
 
+def check_fits(needed: int, device, *, parameter: str, what: str, too: str = "many") -> None:
+    """Refuse (an OptionError naming `parameter`) what would take more than 80% of `device`'s free memory:
+    the one check of every context or length a user gives (`compress generate`'s prompt + max_new_tokens,
+    a retrieval task's contexts), run before anything of that size is built. `what` names the need in
+    the message ("the cache for 4,096 tokens")."""
+    free = available_memory(device)
+    if free is not None and needed > 0.8 * free:
+        raise OptionError(
+            parameter, f"is too {too}: {what} needs {format_bytes(needed)}, but {format_bytes(free)} is free"
+        )
+
+
+def check_cache_fits(
+    config: HybridConfig, tokens: int, device, *, parameter: str, batch: int = 1, weight_dtype: str = "bf16",
+    too: str = "many",
+) -> None:  # fmt: skip
+    """`check_fits` for the decoding cache (`HybridCache`) of `batch` sequences of `tokens` tokens."""
+    needed = estimate_memory(config, tokens, batch, weight_dtype=weight_dtype, prefill_chunk=0).cache
+    sequences = f" x {batch} sequences" if batch > 1 else ""
+    check_fits(needed, device, parameter=parameter, what=f"the cache for {tokens:,} tokens{sequences}", too=too)
+
+
 def measure(
     config: HybridConfig,
     context: int,

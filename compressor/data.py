@@ -36,8 +36,11 @@ Split and order conventions (all seeded; nothing reads global random state):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from compressor.errors import DataError, first_line
+from compressor.outputs import confined
 
 # Special tokens that end a document, in the order they are looked for.
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
@@ -56,6 +60,8 @@ TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 # Data files read from a folder; `.json` is left out, as folders often hold metadata in it.
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".safetensors")
+# Text every tokenizer must encode and decode when loaded: letters, digits, punctuation, accents, whitespace.
+PROBE_TEXT = "Hello, world! 0123456789 caf\u00e9 \u00c0 la carte\n\tend."
 # Documents per `encode_batch` call: enough to keep the tokenizer's threads busy, few enough that
 # `max_sequences` stops reading soon after it is reached.
 DOCUMENT_BATCH = 256
@@ -67,11 +73,15 @@ TokenizerLike = Tokenizer | str | Path
 
 
 def tokenizer_file(path: str | Path | None) -> Path | None:
-    """The tokenizer.json a tokenizer option names: the file itself, or the one in a folder."""
+    """The tokenizer.json a tokenizer option names: the file itself, or the one in a folder (which must be
+    the folder's own file, not a link out of it, as every file of a checkpoint folder)."""
     if path is None:
         return None
     path = Path(path).expanduser()
-    return path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    confined(path / "tokenizer.json", path, what="tokenizer.json")
+    return path / "tokenizer.json"
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -82,18 +92,53 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"no tokenizer at {file}: pass a checkpoint folder containing tokenizer.json, "
             "or the tokenizer.json file itself"
         )
+    with tokenizer_panics(file):
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            raise DataError(
+                f"cannot read tokenizer {file} ({first_line(err)}); it must be a Hugging Face tokenizers JSON file"
+            ) from None
+        # a broken normalizer or pre-tokenizer (e.g. a regex that splits inside a character) shows on the first
+        # text it sees: find it here, not inside a long run (Rust's report of a panic to stderr is held back)
+        with _quiet_stderr():
+            try:
+                tokenizer.decode(tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids)
+            except Exception as err:
+                raise DataError(f"the tokenizer {file} fails on plain text ({first_line(err)})") from None
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null for a moment (what native code writes there, too)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        return Tokenizer.from_file(str(file))
-    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
-        raise DataError(
-            f"cannot read tokenizer {file} ({err}); it must be a Hugging Face tokenizers JSON file"
-        ) from err
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def tokenizer_panics(file: str | Path) -> Iterator[None]:
+    """Report a panic inside tokenizers' Rust code (pyo3's PanicException, which derives from BaseException,
+    not Exception) of the tokenizer `file` as one DataError."""
+    try:
+        yield
+    except BaseException as err:
+        if type(err).__name__ != "PanicException":
+            raise
+        raise DataError(f"the tokenizer {file} failed ({first_line(err)}): its tokenizer.json is broken") from None
 
 
 def check_same_tokenizer(first: str | Path, second: str | Path) -> None:
     """Refuse two checkpoints (or tokenizer files) whose tokenizers map tokens to different ids; a side
     without a tokenizer.json is not checked. Equal sizes are not enough: the vocabularies are compared."""
-    files = [Path(p) / "tokenizer.json" if Path(p).is_dir() else Path(p) for p in (first, second)]
+    files = [tokenizer_file(p) for p in (first, second)]
     if not all(f.is_file() for f in files):
         return
     if files[0].read_bytes() == files[1].read_bytes():
@@ -542,7 +587,8 @@ def _encode(batches: Iterable[list[str]], tokenizer: Tokenizer, eos_id: int | No
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     for documents in batches:
         if documents:
-            encodings = encode_batch(documents, add_special_tokens=False)
+            with tokenizer_panics("in use"):
+                encodings = encode_batch(documents, add_special_tokens=False)
             yield _join_documents([encoding.ids for encoding in encodings], eos_id)
 
 

@@ -88,7 +88,7 @@ def generate_text(
 ) -> str:
     """Load a checkpoint with its tokenizer and continue `prompt` (the text after it, decoded)."""
     from compressor.checkpoint import load_model
-    from compressor.data import load_tokenizer
+    from compressor.data import load_tokenizer, tokenizer_panics
     from compressor.distributed import resolve_device
 
     if max_new_tokens < 1:
@@ -104,7 +104,8 @@ def generate_text(
     torch_device = resolve_device(device)
     model = load_model(model_dir, dtype=dtype, device=torch_device)
     tokenizer = load_tokenizer(model_dir)
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    with tokenizer_panics(model_dir):
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise OptionError("prompt", "is empty after tokenization")
     _check_cache_fits(model, len(ids) + max_new_tokens, torch_device)
@@ -124,14 +125,7 @@ def generate_text(
 
 def _check_cache_fits(model: HybridLM, tokens: int, device: torch.device) -> None:
     """Refuse a generation whose preallocated cache would not fit the device's free memory."""
-    from compressor.budget import available_memory, estimate_memory, format_bytes
+    from compressor.budget import check_cache_fits
 
     weight = {torch.float32: "fp32", torch.float16: "fp16"}.get(model.lm_head.weight.dtype, "bf16")
-    needed = estimate_memory(model.config, tokens, weight_dtype=weight, prefill_chunk=tokens).cache
-    free = available_memory(device)
-    if free is not None and needed > 0.8 * free:
-        raise OptionError(
-            "max_new_tokens",
-            f"is too many: the cache for {tokens:,} tokens needs {format_bytes(needed)}, but {format_bytes(free)} "
-            "is free",
-        )
+    check_cache_fits(model.config, tokens, device, parameter="max_new_tokens", weight_dtype=weight)

@@ -23,6 +23,7 @@ weighted and summed in fp32, then cast back to the input's dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection
 from typing import Any
@@ -200,9 +201,6 @@ class MLP(FeedForward):
     def __init__(self, config: HybridConfig, spec: BlockSpec) -> None:
         super().__init__(config.hidden_size, spec.intermediate_size, config.mlp_bias)
 
-    def forward(self, hidden: torch.Tensor, cache: HybridCache | None = None, index: int = 0) -> torch.Tensor:
-        return super().forward(hidden)
-
 
 class TopKRouter(nn.Module):
     """`mixer.gate`: picks num_experts_per_tok experts per token and their weights.
@@ -265,7 +263,7 @@ class MoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 
-    def forward(self, hidden: torch.Tensor, cache: HybridCache | None = None, index: int = 0) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])  # (n, hidden)
         weights, experts = self.gate(x)  # (n, k)
         if self.fc1_latent_proj is not None:
@@ -293,6 +291,10 @@ class MoE(nn.Module):
 
 
 MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, MLP_KIND: MLP, MOE: MoE}
+# Mixers that keep decoding state: called with (hidden, cache, block index). MLP and MoE hold none and take the
+# hidden states alone, as transformers' mixers do, so that wrappers written for those (ModelOpt's MoE
+# quantization wrapper) call them as they are.
+CACHED_KINDS = (MAMBA, ATTENTION)
 
 
 class Block(nn.Module):
@@ -305,7 +307,9 @@ class Block(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
         normed = self.norm(hidden.to(self.norm.weight.dtype))
-        return hidden + self.mixer(normed, cache, self.index)
+        if self.kind in CACHED_KINDS:
+            return hidden + self.mixer(normed, cache, self.index)
+        return hidden + self.mixer(normed)
 
 
 class Backbone(nn.Module):
@@ -437,3 +441,20 @@ class HybridLM(nn.Module):
                     bound = 1.0 / math.sqrt(mixer.out_proj.weight.shape[1])  # kaiming_uniform(a=sqrt(5))
                     mixer.out_proj.weight.uniform_(-bound, bound, generator=generator)
                     mixer.out_proj.weight.div_(math.sqrt(config.num_blocks))
+
+
+def tensor_shapes(config: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of `config`'s model (its state dict's names, lm_head.weight also when tied) and its
+    shape, without building the model: each distinct block is built once, on the meta device, so a model
+    of many equal blocks costs a few. What a checkpoint's weights are checked against before loading."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    shapes = {"backbone.embeddings.weight": (vocab, hidden)}
+    built: dict[BlockSpec, dict[str, tuple[int, ...]]] = {}  # by the block's widths (index 0)
+    for spec in config.blocks:
+        widths = dataclasses.replace(spec, index=0)
+        if widths not in built:
+            with torch.device("meta"):
+                block = Block(config, widths)
+            built[widths] = {name: tuple(tensor.shape) for name, tensor in block.state_dict().items()}
+        shapes.update({f"backbone.layers.{spec.index}.{name}": shape for name, shape in built[widths].items()})
+    return {**shapes, "backbone.norm_f.weight": (hidden,), "lm_head.weight": (vocab, hidden)}

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import io
 import json
 import warnings
@@ -83,7 +84,7 @@ from compressor.checkpoint import (
     write_checkpoint,
 )
 from compressor.config import ATTENTION, HybridConfig
-from compressor.errors import CheckpointError, CompressorError
+from compressor.errors import CheckpointError, CompressorError, OptionError
 from compressor.model import HybridLM
 from compressor.outputs import atomic_output, check_output
 
@@ -102,6 +103,7 @@ CUDA_ONLY_FORMATS = ("nvfp4",)  # ModelOpt's NVFP4 fake quantization runs only w
 # Inputs per scale along a row: NVFP4 blocks and AWQ groups (the exporter refuses partial blocks).
 BLOCK_SIZES = {"nvfp4": 16, "int4_awq": 128}
 HF_QUANT_CONFIG = "hf_quant_config.json"
+QUANTIZABLE = (nn.Linear, nn.Conv1d)  # the modules ModelOpt gives quantizers in HybridLM
 QUANTIZER_STATE_FILE = "quantizer_state.safetensors"
 INSTALL_HINT = 'pip install -e ".[modelopt]"'
 
@@ -182,6 +184,7 @@ def quantize(
     if is_quantized(model):
         raise CompressorError("the model is already quantized: start again from the unquantized checkpoint")
     _check_block_sizes(model, recipe.format)
+    _check_keep(model, recipe.keep)
     mtq = _modelopt()
     device = model.lm_head.weight.device
     batches = list(batches)
@@ -205,6 +208,20 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(m).__name__ == "TensorQuantizer" for m in model.modules())
 
 
+def _check_keep(model: HybridLM, keep: tuple[str, ...]) -> None:
+    """Refuse a `keep` pattern that names no quantizer ModelOpt would insert (a typo would keep nothing and
+    quantize what was meant to stay): each must match an `<module>.<input|weight|output>_quantizer` name."""
+    names = [f"{name}.{kind}_quantizer" for name, module in model.named_modules() if isinstance(module, QUANTIZABLE)
+             for kind in ("input", "weight", "output")]  # fmt: skip
+    for pattern in keep:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise OptionError(
+                "keep",
+                f"pattern {pattern!r} matches no quantizer of the model (their names look like "
+                f"{names[0]}): it would keep nothing",
+            )
+
+
 def _check_block_sizes(model: HybridLM, fmt: str) -> None:
     """Refuse widths the format cannot pack (before the calibration time is spent)."""
     block = BLOCK_SIZES.get(fmt)
@@ -213,7 +230,7 @@ def _check_block_sizes(model: HybridLM, fmt: str) -> None:
     for index, layer in enumerate(model.backbone.layers):
         if layer.kind == ATTENTION:
             continue
-        for name, linear in layer.mixer.named_children():
+        for name, linear in layer.mixer.named_modules():  # MoE experts' projections included
             if not isinstance(linear, nn.Linear):
                 continue
             if linear.in_features % block or (fmt == "int4_awq" and linear.out_features % 2):

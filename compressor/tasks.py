@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from compressor.budget import parse_context
+from compressor.budget import check_fits, estimate_memory, parse_context
 from compressor.data import find_eos_id, load_sequences
 from compressor.errors import CompressorError
 from compressor.model import HybridLM
@@ -226,8 +226,21 @@ class RetrievalConfig:
         _check_positive("retrieval context", self.context)
         _check_positive("retrieval sequences", self.sequences)
 
-    def scorer(self, tokenizer: Tokenizer | str | Path, data: str | None = None) -> TaskScorer:
-        """Its examples generated once, scored by answer log-likelihood (`data`: the needle's filler text)."""
+    def scorer(
+        self,
+        tokenizer: Tokenizer | str | Path,
+        data: str | None = None,
+        *,
+        model: HybridLM | None = None,
+        parameter: str = "retrieval_ctx",
+    ) -> TaskScorer:
+        """Its examples generated once, scored by answer log-likelihood (`data`: the needle's filler text).
+        With the `model` it will score, the context is first checked against the free memory
+        (`check_task_fits`, refusing with an OptionError naming `parameter`)."""
+        if model is not None:
+            check_task_fits(
+                model, self.sequences, [self.context], batch_size=TaskScorer.batch_size, parameter=parameter
+            )
         spec = TaskSpec(self.task, sequences=self.sequences, data=data, seed=self.seed)
         return TaskScorer.build(spec, tokenizer, self.context, "log_likelihood")
 
@@ -341,6 +354,33 @@ def _fill(tokens: np.ndarray, context: int, eos: int) -> np.ndarray:
     return np.concatenate([tokens, np.full(context - len(tokens), eos, dtype=np.int64)])
 
 
+# Host bytes per token of one generated sequence: its tokens and answer map (int64 each), plus the arrays
+# a generator builds it from (the book, its repeat, the filled row) while it runs.
+EXAMPLE_BYTES_PER_TOKEN = 2 * 8
+GENERATION_BYTES_PER_TOKEN = 4 * 8
+
+
+def check_task_fits(
+    model: HybridLM, sequences: int, contexts: Sequence[int], *, batch_size: int = 4, parameter: str = "contexts"
+) -> None:
+    """Refuse (an OptionError naming `parameter`) a context whose examples (`sequences` of it, on the host)
+    and scoring cache (`batch_size` of them, on the model's device) would not fit the free memory, before
+    anything of that size is generated: `compressor.budget.check_fits`, the check `compress generate`
+    runs for its tokens."""
+    device = model.lm_head.weight.device
+    weight = {torch.float32: "fp32", torch.float16: "fp16"}.get(model.lm_head.weight.dtype, "bf16")
+    batch = min(batch_size, sequences)
+    for context in contexts:
+        host = (EXAMPLE_BYTES_PER_TOKEN * sequences + GENERATION_BYTES_PER_TOKEN) * context
+        cache = estimate_memory(model.config, context, batch, weight_dtype=weight, prefill_chunk=0).cache
+        what = f"{sequences} sequences of {context:,} tokens"
+        if device.type == "cpu":  # examples and cache share the host's memory
+            host, what = host + cache, f"{what} and their cache"
+        else:
+            check_fits(cache, device, parameter=parameter, what=f"the cache for {what}", too="long")
+        check_fits(host, "cpu", parameter=parameter, what=what, too="long")
+
+
 def _check_room(spec: TaskSpec, context: int, entries: int, needed: int) -> None:
     if entries < spec.queries:
         raise CompressorError(
@@ -434,7 +474,9 @@ def evaluate_task(
     prefill_chunk: int = 1024,
     skip_blocks: Collection[int] = (),
 ) -> list[TaskResult]:
-    """`model` on `spec`'s task at each context (the same sequences for every model given the same spec)."""
+    """`model` on `spec`'s task at each context (the same sequences for every model given the same spec).
+    Every context is checked against the free memory first (`check_task_fits`)."""
+    check_task_fits(model, spec.sequences, contexts, batch_size=batch_size)
     vocab = TaskVocabulary.from_tokenizer(tokenizer)
     return [
         score(

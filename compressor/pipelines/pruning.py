@@ -26,7 +26,7 @@ from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import BudgetError, OptionError
 from compressor.outputs import atomic_output, check_free_space, check_output
-from compressor.pipelines.ranking import SCORE_METRICS, proxy_scorer, rank, retrieval_record
+from compressor.pipelines.ranking import check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import COMPRESSION_FILE, Candidate, CompressionRecord, write_json
 from compressor.pipelines.search import SearchConfig
 from compressor.pipelines.source import Source
@@ -58,8 +58,7 @@ class PruneConfig:
     retrieval_weight: float = 1.0  # of the retrieval term in `kl+retrieval` / `loss+retrieval`
 
     def __post_init__(self) -> None:
-        if self.score not in SCORE_METRICS:
-            raise OptionError("score", f"{self.score!r} is not one of {', '.join(SCORE_METRICS)}")
+        check_scoring(self.score, self.retrieval_weight)
         if self.budget is None and self.export is None:
             raise BudgetError(
                 "give a budget (--target-mem, --target-params, --target-active-params, or --min-speedup with --gpu) "

@@ -39,6 +39,23 @@ from compressor.tasks import TaskResult, TaskScorer
 SCORE_METRICS = ("kl", "loss", "retrieval", "kl+retrieval", "loss+retrieval")
 
 
+def check_scoring(metric: str, retrieval_weight: float = 1.0, score_samples: int | None = None) -> None:
+    """Refuse, before any work, a proxy score that cannot be measured as asked: an unknown `metric`, a
+    `retrieval_weight` that is not a finite number >= 0 or that the metric has no retrieval term to weigh
+    (kl+retrieval and loss+retrieval have one), or no held-out sequences (`score_samples`, when known) for a
+    metric measured on them."""
+    if metric not in SCORE_METRICS:
+        raise OptionError("score", f"{metric!r} is not one of {', '.join(SCORE_METRICS)}")
+    if not math.isfinite(retrieval_weight) or retrieval_weight < 0:
+        raise OptionError("retrieval_weight", f"must be a finite number >= 0, got {retrieval_weight}")
+    if retrieval_weight != 1.0 and not metric.endswith("+retrieval"):
+        raise OptionError(
+            "retrieval_weight", f"weighs the retrieval term of kl+retrieval or loss+retrieval; score {metric} has none"
+        )
+    if score_samples is not None and score_samples < 1 and metric != "retrieval":
+        raise OptionError("score_samples", f"must be at least 1: the {metric} score is measured on held-out sequences")
+
+
 @dataclass(frozen=True)
 class Score:
     """A candidate's proxy score (lower is better) and, when measured, its retrieval result."""
@@ -67,8 +84,7 @@ class ProxyScorer:
         retrieval: TaskScorer | None = None,
         retrieval_weight: float = 1.0,
     ):
-        if metric not in SCORE_METRICS:
-            raise OptionError("score", f"{metric!r} is not one of {', '.join(SCORE_METRICS)}")
+        check_scoring(metric, retrieval_weight)
         self.text_metric = metric.removesuffix("retrieval").removesuffix("+") or None  # kl | loss | None
         if self.text_metric and not batches:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
