@@ -90,8 +90,6 @@ class ProxyScorer:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
         if "retrieval" in metric and retrieval is None:
             raise OptionError("score", f"{metric} needs a retrieval task (--retrieval-task)")
-        if not math.isfinite(retrieval_weight) or retrieval_weight < 0:
-            raise OptionError("retrieval_weight", f"must be a finite number >= 0, got {retrieval_weight}")
         self.metric, self.model, self.importance = metric, model, importance
         self.retrieval, self.retrieval_weight = retrieval, retrieval_weight
         self.world = world or distributed.World(device=model.lm_head.weight.device)
