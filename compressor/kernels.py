@@ -13,7 +13,7 @@ Each library is optional on its own: one that is missing or fails to import leav
 path while the other still runs, and a warning says once what is off and why. Nothing is imported until
 a CUDA tensor asks, so CPU machines never touch either package. COMPRESSOR_DISABLE_KERNELS=1 forces the
 torch path everywhere. Install: `pip install --no-build-isolation -e ".[cuda]"` (both build against the
-installed torch; `benchmarks/gpu_check.sh` picks versions with prebuilt wheels).
+installed torch; on a machine without network, `benchmarks/gpu_check.sh` installs them as docs/gpu.md says).
 """
 
 from __future__ import annotations
