@@ -131,13 +131,29 @@ class MiniPuzzleStrategy(Strategy):
             )
         if not source.is_uniform:
             raise CompressorError("MiniPuzzle starts from a uniform model")
-        modes = ("vllm", "any") if self.options.servable == "auto" else (self.options.servable,)
-        for mode in modes:
+        for mode in self._modes():
             targets = self._propose(source, importance, budget, mode)
             if targets:
                 break
         self.stats = {"proposed": len(targets), "servable": mode}
         return targets
+
+    def servable_tables(
+        self, source: HybridConfig, importance: Importance | None, budget: Budget
+    ) -> tuple[str, list[ChoiceTable]]:
+        """The per-block options (`tables`) of the first servability mode that admits a choice, and the
+        mode: what a caller re-scores (a blockwise-distilled library) before `targets` solves again."""
+        if not source.is_uniform:
+            raise CompressorError("MiniPuzzle starts from a uniform model")
+        for mode in self._modes():
+            tables = self.tables(source, importance, budget, mode)
+            if tables:
+                break
+        self.stats = {"servable": mode, "hidden sizes": len(tables)}
+        return mode, tables
+
+    def _modes(self) -> tuple[str, ...]:
+        return ("vllm", "any") if self.options.servable == "auto" else (self.options.servable,)
 
     def _propose(self, source: HybridConfig, importance, budget: Budget, mode: str) -> list[Target]:
         """The targets of one servability mode (`SHARED_KINDS`).
@@ -177,20 +193,22 @@ class MiniPuzzleStrategy(Strategy):
                     break
         return tables
 
-    def targets(self, source: HybridConfig, tables: list[ChoiceTable], budget: Budget, mode: str) -> list[Target]:
+    def targets(
+        self, source: HybridConfig, tables: list[ChoiceTable], budget: Budget, mode: str, *, solutions: int = 0
+    ) -> list[Target]:
         """The distinct targets the solver picks from `tables` (whose damages may come from elsewhere, e.g.
-        a blockwise-distilled library): per hidden size and variant, the `solutions` least-damage ones."""
+        a blockwise-distilled library): per hidden size and variant, the `solutions` least-damage ones (at
+        least the options' `solutions`)."""
         limits, pinned, shared = self._drop_limits(source), self._pinned(source), SHARED_KINDS[mode]
+        count = max(solutions, self.options.solutions)
         seen, targets = set(), []
         for table in tables:
             for variant in VARIANTS:
                 allowed = [[x for x in opts if _allowed(x, variant)] for opts in table.options]
                 if not all(allowed):
                     continue
-                solutions = solver.solve(
-                    allowed, budget, table.base, limits, shared=shared, pinned=pinned, count=self.options.solutions
-                )
-                for choice in solutions:
+                choices = solver.solve(allowed, budget, table.base, limits, shared=shared, pinned=pinned, count=count)
+                for choice in choices:
                     target = _target(source, table.hidden, choice)
                     key = (target.hidden_size, target.blocks)
                     if key not in seen:

@@ -105,7 +105,10 @@ class ProxyScorer:
         return teacher_targets(self.model, ids)
 
     def __call__(self, target: Target) -> Score:
-        pruned = prune(self.model, self.importance, target, world=self.world).eval()
+        return self.score_model(prune(self.model, self.importance, target, world=self.world).eval())
+
+    def score_model(self, pruned: HybridLM) -> Score:
+        """The score of a model built otherwise (e.g. assembled from a blockwise-distilled library)."""
         value = 0.0
         if self.text_metric:
             stats = LossStats()

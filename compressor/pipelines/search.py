@@ -160,8 +160,8 @@ def load_search(folder: str | Path, *, incoming: bool = False) -> SearchRecord:
         raise CompressorError(f"{folder} is not a search folder (no {SEARCH_FILE}): run `compress search` first")
     raw = read_json(path, "a search record")
     check_record(SearchRecord, raw, str(path))
-    check_record(CalibrationConfig, raw["calibration"], f"{path}: calibration")
-    check_record(TrainConfig, raw["distill"], f"{path}: distill")
+    check_record(CalibrationConfig, raw["calibration"], str(path), "calibration")
+    check_record(TrainConfig, raw["distill"], str(path), "distill")
     try:
         record = SearchRecord.from_dict(raw)
         CalibrationConfig.from_dict(record.calibration)
@@ -186,7 +186,8 @@ def resume_calibration(
     named again; one that used the model's needs none."""
     work = _active(Path(folder))
     record = load_search(work)
-    refuse_links(work, "a search folder")  # its scores are read as its own
+    _check_resumable(work, record, HybridConfig.from_file(model))  # before anything is read for it
+    _check_same_model(record, model, fingerprint(model))
     recorded = record.calibration.get("tokenizer")
     if (recorded is None) != (tokenizer is None):
         raise OptionError(
@@ -221,10 +222,8 @@ def run_search(
         if resume:
             work = _active(out)
             record = load_search(work)
-            refuse_links(work, "a search folder")  # what it writes and deletes stays inside it
+            _check_resumable(work, record, source.model.config)
             _check_same_source(record, source)
-            for candidate in record.candidates:
-                candidate.target.check_fits(source.model.config)
             say(f"resuming the search in {work}")
         else:
             calibration = source.config
@@ -302,16 +301,32 @@ def library_building(out: Path) -> Path:
     return out.with_name(f".{out.name}.library")
 
 
+def _check_resumable(work: Path, record: SearchRecord, source: HybridConfig) -> None:
+    """What a resume would write into and read from the search folder `work` is its own and whole: no
+    link in it (what it writes and deletes stays inside), every candidate a pruning of `source`, every
+    finished finalist's result readable."""
+    refuse_links(work, "a search folder")
+    for candidate in record.candidates:
+        candidate.target.check_fits(source)
+        result_file = work / "candidates" / str(candidate.index) / RESULT_FILE
+        if candidate.finalist and result_file.exists():
+            _read_result(result_file)
+
+
 def _check_same_source(record: SearchRecord, source: Source) -> None:
-    if record.source.fingerprint != source.fingerprint:
-        raise CompressorError(
-            f"{source.path} is not the model this search started from (fingerprint {source.fingerprint}, "
-            f"recorded {record.source.fingerprint}): resume with the recorded source {record.source.path}"
-        )
+    _check_same_model(record, source.path, source.fingerprint)
     if record.data_fingerprint and record.data_fingerprint != source.sequences.fingerprint():
         raise CompressorError(
             f"{source.config.data} no longer holds the data this search started on (its content changed): resume "
             "with the same data, or start a new search"
+        )
+
+
+def _check_same_model(record: SearchRecord, path: str | Path, model_fingerprint: str) -> None:
+    if record.source.fingerprint != model_fingerprint:
+        raise CompressorError(
+            f"{path} is not the model this search started from (fingerprint {model_fingerprint}, "
+            f"recorded {record.source.fingerprint}): resume with the recorded source {record.source.path}"
         )
 
 

@@ -1,0 +1,311 @@
+"""A search's library of blockwise-distilled block variants (`compress search --bld TOKENS`): Puzzle's
+first two stages on one machine.
+
+1. activations: one pass of the source over `tokens` tokens of calibration sequences (those not held out
+   for scoring) stores its hidden states at every block boundary (`bld.write_activations`);
+2. variants: every option the strategy offers a block (`ChoiceTable`: narrower widths, at each hidden
+   size it considers) other than the parent block itself is pruned from the source
+   (`prune.pruned_block`) and trained by blockwise local distillation (`bld.train_variant`); dropping a
+   block needs no training. Each variant's weights go to `blocks/h{hidden}-b{block}-{n}.safetensors` and
+   its entry (widths, error before and after) is appended to `entries.jsonl` as it finishes, so a killed
+   build resumes at the next variant; the activations are deleted once every variant is trained;
+3. scores (`score_library`): per hidden size, the model assembled from the kept-whole variants, and each
+   option's damage: the proxy score (KL to the source on the held-out batches) of that model with the
+   block replaced by the option, less the assembled model's own (Puzzle's replacement score; a dropped
+   block is skipped). The solver then picks per block by these damages, and candidates are assembled
+   from the trained variants (`Library.assemble`), scored whole, and distilled from there.
+
+`library.json` records what the library was built from (source and data fingerprints, the BLD settings,
+the options): a build whose record differs starts again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from compressor.bld import Activations, BLDConfig, train_variant, write_activations
+from compressor.config import OVERRIDABLE
+from compressor.errors import CompressorError
+from compressor.importance import Importance
+from compressor.model import HybridLM
+from compressor.outputs import open_tensors, read_json
+from compressor.pipelines.records import write_json
+from compressor.pipelines.source import Source
+from compressor.prune import BlockTarget, Target, prune, pruned_block
+from strategies.minipuzzle import ChoiceTable
+from strategies.solver import BlockChoice
+
+LIBRARY_FILE = "library.json"
+ENTRIES_FILE = "entries.jsonl"
+SCORES_FILE = "scores.json"
+ACTIVATIONS_DIR = "activations"
+BLOCKS_DIR = "blocks"
+
+
+@dataclass
+class Variant:
+    """One trained block variant: where it sits (hidden size, source block), its widths, its normalised
+    error (`bld`) before and after training, and its weights file (relative to the library)."""
+
+    hidden: int
+    block: int
+    widths: dict[str, int]
+    initial_error: float
+    error: float
+    steps: int
+    file: str
+
+    @property
+    def key(self) -> tuple:
+        return (self.hidden, self.block, tuple(sorted(self.widths.items())))
+
+
+def variant_key(hidden: int, block: BlockTarget) -> tuple:
+    """What names a variant: the hidden size, the source block and every width of its kind."""
+    return (hidden, block.source, tuple(sorted(_kind_widths(block).items())))
+
+
+def _kind_widths(block: BlockTarget) -> dict[str, int]:
+    return {name: getattr(block, name) for name in OVERRIDABLE[block.kind]}
+
+
+class Library:
+    """The trained variants of a library folder, and the models assembled from them."""
+
+    def __init__(self, folder: Path, variants: dict[tuple, Variant]) -> None:
+        self.folder, self.variants = Path(folder), variants
+
+    @classmethod
+    def read(cls, folder: Path) -> Library:
+        """The finished entries of `folder` (a torn last line, from a kill while it was appended, is skipped)."""
+        variants: dict[tuple, Variant] = {}
+        path = Path(folder) / ENTRIES_FILE
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    variant = Variant(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                variants[variant.key] = variant
+        return cls(folder, variants)
+
+    def block(self, model: HybridLM, importance: Importance, block: BlockTarget, hidden: int) -> nn.Module:
+        """Source block `block.source` at `block`'s widths and hidden size `hidden`: the trained variant when
+        the library holds one, else the pruned parent block (the parent itself at full size)."""
+        built = pruned_block(model, importance, block, hidden)
+        variant = self.variants.get(variant_key(hidden, block))
+        if variant is not None:
+            self._load(built, variant)
+        return built
+
+    def _load(self, block: nn.Module, variant: Variant) -> None:
+        path = self.folder / variant.file
+        with open_tensors(path, "a library variant") as handle:
+            state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        reference = block.state_dict()
+        if set(state) != set(reference) or any(state[k].shape != reference[k].shape for k in reference):
+            raise CompressorError(f"{path} does not hold the variant its entry describes: delete the library")
+        block.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})
+
+    def assemble(self, model: HybridLM, importance: Importance, target: Target) -> HybridLM:
+        """The pruned model of `target` with every kept block replaced by its trained variant."""
+        pruned = prune(model, importance, target).eval()
+        for position, block in enumerate(target.blocks):
+            trained = self.block(model, importance, block, target.hidden_size)
+            with torch.no_grad():
+                layer = pruned.backbone.layers[position]
+                for name, tensor in trained.state_dict().items():
+                    layer.state_dict()[name].copy_(tensor)
+        return pruned
+
+
+def library_sequences(source: Source, tokens: int) -> np.ndarray:
+    """Positions of the calibration sequences the library trains on: `tokens` worth of whole sequences,
+    skipping those held out for scoring (the scores of the library's variants are measured on them)."""
+    calibration = source.config
+    count = max(1, tokens // calibration.seq_len)
+    first_held_out = 0 if calibration.importance_dir else calibration.samples
+    held = range(first_held_out, first_held_out + calibration.score_samples)
+    positions = [i for i in range(len(source.sequences)) if i not in held][:count]
+    if len(positions) < count:
+        raise CompressorError(
+            f"the library needs {count} sequences of {calibration.seq_len} tokens beside the "
+            f"{calibration.score_samples} held out for scoring; the data holds {len(positions)}: use more data "
+            "or fewer library tokens"
+        )
+    return np.asarray(positions)
+
+
+def build_library(
+    source: Source,
+    tables: list[ChoiceTable],
+    config: BLDConfig,
+    folder: Path,
+    say: Callable[[str], None] = print,
+) -> Library:
+    """Train every variant of `tables` not in `folder` yet (module docstring) and return the library."""
+    folder = Path(folder)
+    positions = library_sequences(source, config.tokens)
+    settings = {
+        "source": source.fingerprint,
+        "data": source.sequences.fingerprint(),
+        "bld": dataclasses.asdict(config),
+        "positions": positions.tolist(),
+        "options": [[table.hidden, [[o.key for o in opts] for opts in table.options]] for table in tables],
+    }
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+    if folder.exists() and _settings(folder) != settings:
+        say(f"{folder} was built for another source, data or settings: building it again")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / BLOCKS_DIR).mkdir(exist_ok=True)
+    if not (folder / LIBRARY_FILE).is_file():
+        write_json(folder / LIBRARY_FILE, settings)
+    library = Library.read(folder)
+    jobs = _jobs(source, tables)
+    todo = [(hidden, block) for hidden, block in jobs if variant_key(hidden, block) not in library.variants]
+    if not todo:
+        shutil.rmtree(folder / ACTIVATIONS_DIR, ignore_errors=True)
+        return library
+    activations_dir = folder / ACTIVATIONS_DIR
+    if not Activations.is_complete(activations_dir):
+        say(f"library: storing the source's activations on {len(positions)} sequences")
+        write_activations(source.model, source.sequences.take(positions), activations_dir)
+    activations = Activations(activations_dir)
+    started = time.monotonic()
+    for done, (hidden, block) in enumerate(todo, start=1):
+        index = block.source
+        variant = pruned_block(source.model, source.importance, block, hidden)
+        channels = source.importance.keep_hidden(hidden).cpu()
+        result = train_variant(variant, activations, index, channels, config)
+        name = f"{BLOCKS_DIR}/h{hidden}-b{index}-{len(library.variants)}.safetensors"
+        tmp = folder / f"{name}.tmp"
+        save_file({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
+        os.replace(tmp, folder / name)
+        entry = Variant(hidden, index, _kind_widths(block), result.initial_error, result.error, result.steps, name)
+        with open(folder / ENTRIES_FILE, "a") as f:
+            f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+        library.variants[entry.key] = entry
+        elapsed = time.monotonic() - started
+        say(
+            f"library {done}/{len(todo)}: block {index} ({block.kind}) {_describe(block)} at hidden {hidden}: "
+            f"error {result.initial_error:.3f} -> {result.error:.3f}, {_eta(elapsed, done, len(todo))}"
+        )
+    shutil.rmtree(activations_dir, ignore_errors=True)
+    return library
+
+
+def _settings(folder: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(folder / LIBRARY_FILE, "a library record")
+    except CompressorError:
+        return None
+
+
+def _jobs(source: Source, tables: list[ChoiceTable]) -> list[tuple[int, BlockTarget]]:
+    """(hidden, block) of every variant to train: kept options other than the parent block itself."""
+    model, jobs = source.model, []
+    for table in tables:
+        for index, options in enumerate(table.options):
+            for option in options:
+                if not option.dropped and not (option.whole and table.hidden == model.config.hidden_size):
+                    jobs.append((table.hidden, _block_target(model, index, option)))
+    return jobs
+
+
+def _describe(block: BlockTarget) -> str:
+    return ", ".join(f"{name} {value}" for name, value in _kind_widths(block).items()) or "whole"
+
+
+def _eta(elapsed: float, done: int, total: int) -> str:
+    left = elapsed / done * (total - done)
+    return f"{elapsed:.0f} s so far, about {left:.0f} s left"
+
+
+class _Skip(nn.Module):
+    """A dropped block in an assembled model: passes the residual stream through."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+        return hidden
+
+
+def score_library(
+    source: Source,
+    tables: list[ChoiceTable],
+    library: Library,
+    score: Callable[[HybridLM], float],
+    folder: Path,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Set every option's damage in `tables` to its replacement score (module docstring) and return what
+    was measured ({hidden: {"base": score, "damage": [[per option] per block]}}), reading it back from
+    `scores.json` when this library was scored already."""
+    path = Path(folder) / SCORES_FILE
+    scores = read_json(path, "library scores") if path.is_file() else {}
+    model, importance = source.model, source.importance
+    for table in tables:
+        key = str(table.hidden)
+        if key not in scores:
+            references = [_reference(options) for options in table.options]
+            whole = Target(table.hidden, tuple(_block_target(model, i, o) for i, o in enumerate(references)))
+            assembled = library.assemble(model, importance, whole)
+            base = score(assembled)
+            damage = []
+            for index, options in enumerate(table.options):
+                original = assembled.backbone.layers[index]
+                row = []
+                for option in options:
+                    if option is references[index]:
+                        row.append(0.0)
+                        continue
+                    if option.dropped:
+                        assembled.backbone.layers[index] = _Skip(index)
+                    else:
+                        block = _block_target(model, index, option)
+                        replacement = library.block(model, importance, block, table.hidden)
+                        assembled.backbone.layers[index] = replacement.to(original.norm.weight.dtype).eval()
+                    row.append(score(assembled) - base)
+                assembled.backbone.layers[index] = original
+                damage.append(row)
+            scores[key] = {"base": base, "damage": damage}
+            write_json(path, scores)
+            say(f"library scores at hidden {table.hidden}: assembled whole {base:.4f}")
+        measured = scores[key]["damage"]
+        if [len(row) for row in measured] != [len(opts) for opts in table.options]:
+            raise CompressorError(f"{path} does not match the library's options: delete it to score again")
+        for options, row in zip(table.options, measured, strict=True):
+            for option, value in zip(options, row, strict=True):
+                option.damage = float(value) if math.isfinite(value) else _UNUSABLE
+    return scores
+
+
+_UNUSABLE = 1e6  # the damage of an option whose model scored NaN or infinity (the solver needs finite costs)
+
+
+def _reference(options: list[BlockChoice]) -> BlockChoice:
+    """The option the assembled reference model takes for a block: whole, else its widest kept one."""
+    return next((o for o in options if o.whole), next(o for o in options if not o.dropped))
+
+
+def _block_target(model: HybridLM, index: int, option: BlockChoice) -> BlockTarget:
+    spec = model.config.block(index)
+    widths = {name: getattr(spec, name) for name in OVERRIDABLE[spec.kind]} | dict(option.widths)
+    return BlockTarget(index, spec.kind, **widths)

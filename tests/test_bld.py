@@ -1,0 +1,187 @@
+"""Blockwise local distillation (compressor/bld.py) and a search's library of trained block variants
+(compressor/pipelines/library.py): variants reproduce their parent block, the library resumes after a
+kill, its scores drive the solver, finalists start from the trained blocks and share one teacher pass."""
+
+import json
+
+import pytest
+import torch
+
+from compressor.bld import BLDConfig, block_error, train_variant, write_activations
+from compressor.errors import OptionError
+from compressor.importance import estimate
+from compressor.model import HybridLM
+from compressor.pipelines import search as search_pipeline
+from compressor.pipelines.library import ENTRIES_FILE, Library, build_library
+from compressor.pipelines.records import Candidate, Distilled
+from compressor.pipelines.search import LIBRARY_DIR, SearchConfig, rank_correlation, run_search
+from compressor.pipelines.source import calibrate
+from compressor.presets import get_preset
+from compressor.prune import BlockTarget, Target, pruned_block
+from tests.test_search import _budget, _calibration, _config
+
+
+@pytest.fixture(scope="module")
+def parent():
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny")).eval()
+    ids = torch.randint(0, 512, (16, 32), generator=torch.Generator().manual_seed(1))
+    return model, estimate(model, [ids[:8], ids[8:]]), ids
+
+
+@pytest.fixture(scope="module")
+def activations(parent, tmp_path_factory):
+    model, _, ids = parent
+    return write_activations(model, ids, tmp_path_factory.mktemp("bld") / "activations", batch_size=4)
+
+
+def _spec(model, kind):
+    return next(s for s in model.config.blocks if s.kind == kind)
+
+
+def _target(model, spec, **widths):
+    from compressor.config import OVERRIDABLE
+
+    return BlockTarget(spec.index, spec.kind, **({n: getattr(spec, n) for n in OVERRIDABLE[spec.kind]} | widths))
+
+
+def test_activations_are_the_residual_stream_at_every_block_boundary(parent, activations):
+    model, _, ids = parent
+    assert (activations.blocks, activations.sequences, activations.seq_len) == (model.config.num_blocks, 16, 32)
+    everything = torch.arange(model.config.hidden_size)
+    x, _ = next(activations.pairs(model.config.num_blocks - 1, everything, 16))
+    hidden = model.backbone.embeddings(ids)
+    for block in model.backbone.layers[:-1]:
+        hidden = block(hidden)
+    assert torch.allclose(x, hidden, atol=1e-6)
+    _, last = next(activations.pairs(model.config.num_blocks - 1, everything, 16))
+    assert torch.allclose(last, model.backbone.layers[-1](hidden), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mamba", "attention"])
+def test_the_parent_block_itself_has_no_error_and_a_perturbed_copy_is_trained_back(parent, activations, kind):
+    model, importance, _ = parent
+    spec, hidden = _spec(model, kind), model.config.hidden_size
+    channels = torch.arange(hidden)
+    block = pruned_block(model, importance, _target(model, spec), hidden)
+    assert block_error(block, activations, spec.index, channels, 8) < 1e-10
+    with torch.no_grad():
+        for parameter in block.mixer.parameters():
+            parameter.add_(0.3 * parameter.std().nan_to_num(0.1) * torch.randn_like(parameter))
+    result = train_variant(block, activations, spec.index, channels, BLDConfig(tokens=1, epochs=25, lr=3e-3))
+    assert result.initial_error > 0.05
+    assert result.error < result.initial_error / 5  # most of the way back to the parent
+
+
+def test_a_pruned_variant_improves_on_its_initialisation(parent, activations):
+    model, importance, _ = parent
+    spec = _spec(model, "mlp")
+    hidden = model.config.hidden_size * 3 // 4
+    block = pruned_block(model, importance, _target(model, spec, intermediate_size=spec.intermediate_size // 2), hidden)
+    channels = importance.keep_hidden(hidden)
+    result = train_variant(block, activations, spec.index, channels, BLDConfig(tokens=1, epochs=4))
+    assert 0 < result.error < result.initial_error
+    assert block_error(block, activations, spec.index, channels, 8) == pytest.approx(result.error)  # the kept weights
+
+
+def test_bld_options_are_checked():
+    with pytest.raises(OptionError, match="bld_epochs"):
+        BLDConfig(tokens=1000, epochs=0)
+    with pytest.raises(OptionError, match="bld_lr"):
+        BLDConfig(tokens=1000, lr=float("nan"))
+
+
+def _tables(source, workspace):
+    config = _config(workspace)
+    strategy = config.build_strategy()
+    return strategy.servable_tables(source.model.config, source.importance, _budget(workspace))[1]
+
+
+def test_library_resumes_after_a_kill_and_matches_an_uninterrupted_build(workspace, tmp_path):
+    source = calibrate(_calibration(workspace))
+    tables = _tables(source, workspace)
+    config = BLDConfig(tokens=8 * 32, epochs=1)
+    whole = build_library(source, tables, config, tmp_path / "whole", say=lambda t: None)
+    assert len(whole.variants) >= 3
+    assert not (tmp_path / "whole" / "activations").exists()  # deleted once every variant is trained
+
+    def kill_after_two(text, seen=[]):  # noqa: B006
+        if text.startswith("library "):
+            seen.append(text)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_library(source, tables, config, tmp_path / "killed", say=kill_after_two)
+    assert len(Library.read(tmp_path / "killed").variants) == 2
+    with open(tmp_path / "killed" / ENTRIES_FILE, "a") as f:
+        f.write('{"hidden": 96, "blo')  # a kill while an entry was appended
+    trained = []
+    resumed = build_library(source, tables, config, tmp_path / "killed", say=trained.append)
+    assert len([t for t in trained if t.startswith("library ")]) == len(whole.variants) - 2
+    assert set(resumed.variants) == set(whole.variants)
+    for key, variant in whole.variants.items():
+        assert resumed.variants[key].error == pytest.approx(variant.error, rel=1e-5)
+
+
+def test_bld_search_assembles_finalists_from_trained_blocks_and_shares_one_teacher_pass(
+    workspace, tmp_path, monkeypatch
+):
+    written = []
+    real = search_pipeline.train.__globals__["write_teacher_cache"]
+    monkeypatch.setitem(search_pipeline.train.__globals__, "write_teacher_cache",
+                        lambda *a, **k: written.append(1) or real(*a, **k))  # fmt: skip
+    source = calibrate(_calibration(workspace))
+    base = _config(workspace, finalists=3)
+    config = SearchConfig(
+        base.budget, base.distill, base.strategy, base.options, finalists=3, bld=BLDConfig(tokens=8 * 32, epochs=1)
+    )
+    out = tmp_path / "s"
+    record = run_search(source, config, out, say=lambda t: None)
+    finalists = [c for c in record.candidates if c.finalist]
+    assert len(finalists) == 3 and all(c.distilled is not None for c in finalists)
+    assert written == [1]  # three finalists, one teacher pass
+    assert record.share_teacher and record.seconds["teacher"] > 0 and not (out / "teacher_cache").exists()
+    assert record.library["variants"] == len(Library.read(out / LIBRARY_DIR).variants) > 0
+    assert set(record.correlation) == {"finalists", "after", "spearman", "kendall"}
+    # a finalist starts from the library's trained blocks, not from plain pruning
+    library = Library.read(out / LIBRARY_DIR)
+    best = finalists[0]
+    assembled = library.assemble(source.model, source.importance, best.target)
+    from compressor.checkpoint import load_model
+    from compressor.prune import prune
+
+    written_model = load_model(out / "candidates" / str(best.index) / "pruned")
+    plain = prune(source.model, source.importance, best.target)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(assembled.state_dict().values(), written_model.state_dict().values(), strict=True)
+    )
+    assert not all(
+        torch.equal(a, b) for a, b in zip(plain.state_dict().values(), written_model.state_dict().values(), strict=True)
+    )
+    assert json.loads((out / "search.json").read_text())["bld"]["tokens"] == 8 * 32
+
+
+def test_bld_needs_per_block_choices_and_an_additive_budget(workspace):
+    base = _config(workspace)
+    with pytest.raises(OptionError, match="bld"):
+        SearchConfig(base.budget, base.distill, "minitron", {}, bld=BLDConfig(tokens=256))
+    from compressor.budget import Budget, get_gpu
+
+    throughput = Budget(context=512, gpu=get_gpu("a10g"), min_speedup=1.2)
+    with pytest.raises(OptionError, match="bld"):
+        SearchConfig(throughput, base.distill, bld=BLDConfig(tokens=256))
+
+
+def test_rank_correlation():
+    def finalist(score, kl):
+        c = Candidate(Target(8, ()), "", "", 0, None, None, {}, score=score)
+        c.distilled = Distilled(1.0, 1.0, kl, 0.5)
+        return c
+
+    perfect = rank_correlation([finalist(s, s / 10) for s in (1, 2, 3, 4)], "kl")
+    assert perfect["spearman"] == pytest.approx(1) and perfect["kendall"] == pytest.approx(1)
+    reversed_ = rank_correlation([finalist(s, -s) for s in (1, 2, 3)], "kl")
+    assert reversed_["spearman"] == pytest.approx(-1) and reversed_["kendall"] == pytest.approx(-1)
+    assert rank_correlation([finalist(1, 1), finalist(2, 2)], "kl") is None  # too few to say
