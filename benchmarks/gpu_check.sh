@@ -47,7 +47,7 @@ export PYTHONUNBUFFERED=1
 PARTS=(setup conv kd_loss qad distill env parity engine estimate)
 # Default timeouts in seconds. conv's is kd_loss + qad + distill, which it overlaps, so the check takes at
 # most setup + kd_loss + qad + distill + env + parity + engine + estimate = 480 s.
-declare -A DEFAULT_TIMEOUT=([setup]=45 [kd_loss]=40 [qad]=130 [distill]=40 [env]=20 [parity]=125 [engine]=50
+declare -A DEFAULT_TIMEOUT=([setup]=40 [kd_loss]=35 [qad]=130 [distill]=35 [env]=20 [parity]=120 [engine]=70
     [estimate]=30)
 # What the GPU machine runs (/work/.library/device/KINDS.md): the wheels --prepare downloads for it
 DEVICE_PYTHON=3.12
@@ -110,7 +110,7 @@ prepare() {
 result() { printf '%s\n' "$*" >"$WORK/$PART.result"; }
 
 summarized() {  # COMMAND...: run it, its output shown and kept; its last line is the part's result
-    "$@" | tee "$WORK/$PART.out"
+    "$@" 2>&1 | tee "$WORK/$PART.out"
     local status=${PIPESTATUS[0]}
     result "$(tail -n 1 "$WORK/$PART.out")"
     return "$status"
@@ -202,7 +202,8 @@ part_env() {
 
 part_parity() {
     local log="$WORK/parity.pytest" status summary
-    "$PY" -m pytest tests/test_kernels.py -k cuda -v -rs -p no:cacheprovider 2>&1 | tee "$log"
+    # -o addopts=: the project's -q would cancel -v, which prints each test as it ends (read if it is stopped)
+    "$PY" -m pytest tests/test_kernels.py -k cuda -o addopts= -v -rs -p no:cacheprovider 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     summary="$(grep -E '(passed|failed|skipped|error)' "$log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')"
     result "${summary:-no pytest summary}"

@@ -45,6 +45,8 @@ def main() -> None:
     major, minor = torch.cuda.get_device_capability()
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # the present GPU only
     os.environ.setdefault("MAX_JOBS", str(len(SOURCES)))
+    # the ninja this interpreter's environment installed, if its bin folder is not on PATH
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with tarfile.open(sdist) as archive:
         top = archive.getnames()[0].split("/")[0]
         archive.extractall(build, filter="data")
