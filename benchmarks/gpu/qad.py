@@ -8,8 +8,8 @@ README's Commands' one, made here unless `--student` names it: `compress prune e
 20MiB --ctx 4k ...`, then `compress distill` of 40k tokens. Then, at once (all three only read it):
 - PTQ: `compress quantize DISTILLED --format nvfp4` (16 calibration sequences);
 - QAD: `compress distill examples/model DISTILLED --quantize nvfp4` for `--tokens`, exported to qad/quantized;
-- control: the same distillation without --quantize, which separates what QAD recovers of the quantization
-  from what the extra training itself gains.
+- control: the same distillation without --quantize. QAD also trains, so the quantization's cost after it
+  is its distance to the control: the share recovered is 1 - (KL(QAD) - KL(control)) / (KL(PTQ) - KL(distilled)).
 Last, `compress eval` of the four against examples/model on the held-out plays (128 x 256 tokens, fp32, the
 quantized ones as deployed: weights dequantized, activations fake-quantized). Prints their table and a
 one-line summary; the commands' output goes to WORK/*.log.
@@ -64,13 +64,16 @@ def distilled_model(work: Path, sample: str) -> Path:
 
 
 def summary(kl: dict[str, float], tokens: str) -> str:
-    """The KL increase PTQ causes and the share of it QAD takes back, with the unquantized control."""
+    """The KL increase PTQ causes and the share of it QAD recovers. QAD trains as well as it adapts to the
+    quantization, so its cost is measured against the same distillation unquantized (the control): the
+    share recovered is 1 - (KL(QAD) - KL(control)) / (KL(PTQ) - KL(distilled))."""
     increase = kl["ptq"] - kl["distilled"]
-    recovered = (kl["ptq"] - kl["qad"]) / increase if increase > 0 else float("nan")
+    remaining = kl["qad"] - kl["control"]
+    recovered = f"{1 - remaining / increase:.0%}" if increase > 0 else "n/a (PTQ raised nothing)"
     return (
-        f"NVFP4 PTQ: KL to the teacher {kl['distilled']:.4f} -> {kl['ptq']:.4f} (+{increase:.4f}); "
-        f"QAD {tokens} tokens: {kl['qad']:.4f}, {recovered:.0%} of the increase recovered; "
-        f"unquantized control {kl['control']:.4f} (QAD - control {kl['qad'] - kl['control']:+.4f})"
+        f"NVFP4 PTQ: KL to the teacher {kl['distilled']:.4f} -> {kl['ptq']:.4f} (+{increase:.4f}); after QAD "
+        f"of {tokens} tokens {kl['qad']:.4f}, {remaining:+.4f} from the same distillation unquantized "
+        f"({kl['control']:.4f}): {recovered} of the increase recovered"
     )
 
 
@@ -96,6 +99,8 @@ def main() -> None:
     for name, command in runs.items():
         command += ["--out", str(work / name), "--overwrite"]
     processes = {name: compress(command, work / f"{name}.log", wait=False) for name, command in runs.items()}
+    for process in processes.values():  # all three end before any failure is reported: none is left running
+        process.wait()
     for name, process in processes.items():
         finish(process, work / f"{name}.log")
     models = {"distilled": student, "ptq": work / "ptq", "qad": work / "qad" / "quantized",
