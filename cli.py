@@ -467,11 +467,14 @@ def estimate(
 ) -> None:
     """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
     from compressor import budget
+    from compressor.checkpoint import check_weights
     from compressor.distributed import resolve_device
     from compressor.estimate import report as estimate_report
     from compressor.quantize import is_quantized_checkpoint, stored_weight_bytes
 
     config, folder = load_config_or_preset(model)
+    if folder is not None:
+        check_weights(folder, config)  # the estimate is of these weights' architecture
     stored = None
     if folder is not None and is_quantized_checkpoint(folder):
         stored = stored_weight_bytes(folder)

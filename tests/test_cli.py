@@ -154,7 +154,8 @@ def test_init_lays_out_blocks_from_ratios_and_info_reports_them(tmp_path):
     small = ["--set", "hidden_size=64", "--set", "intermediate_size=64", "--set", "mamba_num_heads=8",
              "--set", "vocab_size=100", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2",
              "--set", "head_dim=16", "--set", "ssm_state_size=8"]  # fmt: skip
-    result = _run("init", tmp_path / "m", "--layers", "56", "--attention-ratio", "0.08", "--mlp-ratio", "0.5", *small)
+    layout = ["--layers", "56", "--attention-ratio", "0.08", "--mlp-ratio", "0.5"]
+    result = _run("init", tmp_path / "m", "--preset", "tiny", *layout, *small)
     assert result.exit_code == 0, result.output
     assert "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-" in result.output.replace("\n", "")
     data = json.loads(_run("info", tmp_path / "m", "--json").output)

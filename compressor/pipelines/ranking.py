@@ -84,7 +84,8 @@ class ProxyScorer:
         retrieval: TaskScorer | None = None,
         retrieval_weight: float = 1.0,
     ):
-        check_scoring(metric, retrieval_weight)
+        # a weight the metric has no term for is left to the configs to refuse (PruneConfig, SearchConfig)
+        check_scoring(metric, retrieval_weight if metric.endswith("+retrieval") else 1.0)
         self.text_metric = metric.removesuffix("retrieval").removesuffix("+") or None  # kl | loss | None
         if self.text_metric and not batches:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
