@@ -238,12 +238,13 @@ def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, 
         ) from None
 
 
-def check_record(cls: type, raw: Any, where: str) -> None:
+def check_record(cls: type, raw: Any, where: str, field: str = "") -> None:
     """Refuse a JSON value read back from a file unless it has the types of dataclass `cls`'s fields
     (recursively: nested dataclasses, lists, tuples, dicts, unions, literals; integers fit in 64 bits), every
     field without a default present. One CompressorError names the field (`where: candidates[2].index`).
-    Ranges and cross-field rules are the record's own; keys `cls` does not know are left to its `from_dict`."""
-    _check_value(raw, cls, f"{where}:")
+    Ranges and cross-field rules are the record's own; keys `cls` does not know are left to its `from_dict`.
+    `field` names where `raw` sits in the file (`calibration`), when it is not the whole of it."""
+    _check_value(raw, cls, f"{where}: {field}" if field else f"{where}:")
 
 
 def _check_value(value: Any, hint: Any, where: str) -> None:

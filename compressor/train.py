@@ -57,6 +57,7 @@ from compressor.outputs import (
     output_lock,
     read_json,
     recover,
+    refuse_links,
     save_tensors,
     staging,
     swap_in,
@@ -364,6 +365,8 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
         check_output(out, overwrite=config.overwrite, inputs=inputs)
         return (staging(out) if out.exists() else out), None
     work = staging(out) if _is_run(staging(out)) else out
+    if work.is_dir():
+        refuse_links(work, "a run folder")  # what the run writes and deletes stays inside it
     recover(work / "model")  # a kill during a checkpoint's swap
     if not has_trainer_state(work / "model"):
         if _is_run(work):  # a run killed before its first checkpoint starts again in place
@@ -805,7 +808,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a torn last line (or a damaged one): skipped
             continue
     return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -652,3 +654,329 @@ def test_two_writers_cannot_both_win(ws, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine"]
     with pytest.raises(CompressorError, match="already exists"), atomic_output(tmp_path / "out"):
         pass
+
+
+# ----- output folders read back: untrusted input -------------------------------------------------------------
+def _refused(result, message: str) -> None:
+    """A one-line error naming `message`, exit status 1, no traceback."""
+    output = result.output.strip()
+    assert isinstance(result.exception, SystemExit), f"{result.exception!r}: {output}"
+    assert result.exit_code == 1 and "Traceback" not in output and len(output.splitlines()) == 1, output
+    assert message in output, output
+
+
+def _edit_json(path: Path, change) -> None:
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.fixture(scope="module")
+def searched(ws, tmp_path_factory) -> Path:
+    """A finished search of the workspace's model: two candidates scored, one finalist distilled briefly."""
+    out = tmp_path_factory.mktemp("searched") / "search"
+    result = CliRunner().invoke(app, ["search", str(ws / "model"), "--data", str(ws / "tokens.npy"), "--samples", "8",
+                                      "--score-samples", "4", "--seq-len", "32", "--strategy", "minitron", "--top-k",
+                                      "2", "--candidates", "1", "--distill-tokens", "128", "--batch-size", "2",
+                                      "--micro-batch-size", "2", "--target-params", "160000", "--device", "cpu",
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _search_copy(searched: Path, tmp_path: Path) -> tuple[Path, int]:
+    """A copy of the finished search to damage, and the index of its finalist."""
+    folder = tmp_path / "search"
+    shutil.copytree(searched, folder)
+    raw = json.loads((folder / "search.json").read_text())
+    return folder, next(c["index"] for c in raw["candidates"] if c["finalist"])
+
+
+def _resume(ws: Path, folder: Path, *, model: Path | None = None, data: bool = True):
+    extra = ["--data", str(ws / "tokens.npy")] if data else []
+    args = ["search", str(model or ws / "model"), *extra, "--device", "cpu", "--out", str(folder), "--resume"]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("index", ["../../victim", "{abs}", -1, 0.5, True])
+def test_a_search_folder_cannot_send_resume_outside_it(ws, searched, tmp_path, index):
+    """A candidate's index names its folder: one that is no whole number >= 0 is refused before anything is
+    read, written or deleted (it used to write pruned/, distill/ and result.json at ../../victim)."""
+    folder, finalist = _search_copy(searched, tmp_path)
+    shutil.rmtree(folder / "candidates" / str(finalist))  # so that a resume would prune and distill it again
+    index = str(tmp_path / "abs_victim") if index == "{abs}" else index
+
+    def hostile(raw):
+        next(c for c in raw["candidates"] if c["index"] == finalist)["index"] = index
+
+    _edit_json(folder / "search.json", hostile)
+    before, inputs = _snapshot(folder), _snapshot(ws)
+    _refused(_resume(ws, folder), "index")
+    assert not (tmp_path / "victim").exists() and not (tmp_path / "abs_victim").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search"]
+    assert _snapshot(folder) == before and _snapshot(ws) == inputs
+
+
+def test_a_link_in_a_search_folder_is_refused_on_resume(ws, searched, tmp_path):
+    folder, finalist = _search_copy(searched, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(folder / "candidates" / str(finalist))
+    (folder / "candidates" / str(finalist)).symlink_to(outside)  # a resume would prune and distill into it
+    before = _snapshot(folder)
+    _refused(_resume(ws, folder), "is a symbolic link")
+    assert list(outside.iterdir()) == [] and _snapshot(folder) == before
+
+
+def test_search_resume_reads_the_model_and_data_the_command_line_names(ws, searched, tmp_path):
+    """search.json says how the search read its source; what is read is what the user names, checked
+    against the record's fingerprints (the paths in the record are never opened)."""
+    folder, _ = _search_copy(searched, tmp_path)
+
+    def elsewhere(raw):
+        raw["calibration"].update(model=str(tmp_path / "nowhere"), data=str(ws / "secret.txt"))
+
+    _edit_json(folder / "search.json", elsewhere)
+    result = _resume(ws, folder)
+    assert result.exit_code == 0, result.output
+    before = _snapshot(folder)
+    _refused(_resume(ws, folder, model=ws / "teacher"), "is not the model this search started from")
+    _refused(_resume(ws, folder, data=False), "--data is needed to resume too")
+    assert _snapshot(folder) == before
+
+
+DAMAGED_SEARCHES = {
+    "seq_len_text": ("search.json", lambda r: r["calibration"].update(seq_len="32"), "json: calibration.seq_len must"),
+    "samples_negative": ("search.json", lambda r: r["calibration"].update(samples=-3), "samples must be at least 1"),
+    "lr_null": ("search.json", lambda r: r["distill"].update(lr=None), "distill.lr must be a number"),
+    "candidates_text": ("search.json", lambda r: r.update(candidates="all"), "candidates must be a list"),
+    "ranking_unknown": ("search.json", lambda r: r.update(ranking=[7]), "no candidate's index 7"),
+    "hidden_wide": ("search.json", lambda r: r["candidates"][0]["target"].update(hidden_size=10**6),
+                    "target hidden_size 1000000"),
+    "block_missing": ("search.json", lambda r: r["candidates"][0]["target"]["blocks"][0].update(source=99),
+                      "target block 99"),
+    "result_text": ("result.json", lambda r: r.update(val_kl="low"), "val_kl must be a number"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DAMAGED_SEARCHES)
+def test_a_damaged_search_record_is_one_line(ws, searched, tmp_path, case):
+    name, damage, message = DAMAGED_SEARCHES[case]
+    folder, finalist = _search_copy(searched, tmp_path)
+    _edit_json(folder / name if name == "search.json" else folder / "candidates" / str(finalist) / name, damage)
+    before, inputs = _snapshot(folder), _snapshot(ws)
+    _refused(_resume(ws, folder), message)
+    assert _snapshot(folder) == before and _snapshot(ws) == inputs
+
+
+@pytest.mark.parametrize("content", ["fifo", "nested"])
+def test_a_hostile_search_json_neither_hangs_nor_crashes(ws, searched, tmp_path, content):
+    folder, _ = _search_copy(searched, tmp_path)
+    (folder / "search.json").unlink()
+    if content == "fifo":
+        os.mkfifo(folder / "search.json")  # reading it would wait for a writer forever
+    else:
+        (folder / "search.json").write_text("[" * 100_000 + "]" * 100_000)
+    start = time.monotonic()
+    for command in (["materialize", str(folder), "0", "--out", str(tmp_path / "out")], None):
+        result = CliRunner().invoke(app, command) if command else _resume(ws, folder)
+        _refused(result, "is not a regular file" if content == "fifo" else "is not valid JSON")
+    assert time.monotonic() - start < 10 and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def scored(ws, tmp_path_factory) -> Path:
+    """The workspace model's importance folder."""
+    out = tmp_path_factory.mktemp("scored") / "scores"
+    result = CliRunner().invoke(app, ["importance", str(ws / "model"), "--data", str(ws / "tokens.npy"), "--samples",
+                                      "8", "--seq-len", "32", "--device", "cpu", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _rewrite_scores(folder: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(folder / "importance.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "importance.safetensors")
+
+
+def _wider_hidden(tensors):  # the hidden scores of a model twice as wide
+    tensors["hidden"] = torch.rand(2 * tensors["hidden"].numel())
+
+
+DAMAGED_SCORES = {
+    "meta_not_json": (lambda f: (f / "importance.json").write_text("{not json"), "is not valid JSON"),
+    "meta_list": (lambda f: (f / "importance.json").write_text("[1]"), "not a JSON object"),
+    "meta_fifo": (lambda f: ((f / "importance.json").unlink(), os.mkfifo(f / "importance.json")),
+                  "is not a regular file"),
+    "order_text": (lambda f: _edit_json(f / "importance.json", lambda r: r.update(removal_order="last")),
+                   "removal_order must be"),
+    "order_range": (lambda f: _edit_json(f / "importance.json", lambda r: r.update(removal_order=[99])),
+                    "removal_order must name distinct blocks"),
+    "truncated": (lambda f: (f / "importance.safetensors").write_bytes(
+        (f / "importance.safetensors").read_bytes()[:300]), "cannot be read as importance scores"),
+    "another_model": (lambda f: _rewrite_scores(f, _wider_hidden), "do not fit this model: hidden has shape [128]"),
+    "table_missing": (lambda f: _rewrite_scores(f, lambda t: t.pop("ffn.1")), "lack ffn.1"),
+    "table_unknown": (lambda f: _rewrite_scores(f, lambda t: t.update({"ffn.x": torch.ones(3)})),
+                      "unknown score table 'ffn.x'"),
+    "table_nan": (lambda f: _rewrite_scores(f, lambda t: t["hidden"].fill_(float("nan"))), "hold NaN"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DAMAGED_SCORES)
+def test_a_damaged_importance_folder_is_one_line(ws, scored, tmp_path, case):
+    damage, message = DAMAGED_SCORES[case]
+    folder = tmp_path / "scores"
+    shutil.copytree(scored, folder)
+    damage(folder)
+    before, inputs = _snapshot(folder), _snapshot(ws)
+    start = time.monotonic()
+    shape = '{"hidden_size": 32}'
+    result = CliRunner().invoke(app, ["prune", str(ws / "model"), "--importance", str(folder), "--export-config",
+                                      shape, "--device", "cpu", "--out", str(tmp_path / "p")])  # fmt: skip
+    _refused(result, message)
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "p").exists() and _snapshot(folder) == before and _snapshot(ws) == inputs
+
+
+IMPORTANCE_RUN = ["importance", M, "--data", TOK, "--samples", "8", "--seq-len", "32", "--device", "cpu"]
+
+
+def test_importance_onto_a_full_disk_is_refused_before_scoring(ws, tmp_path, monkeypatch):
+    import compressor.pipelines.source as source_pipeline
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40, 1000))
+    monkeypatch.setattr(source_pipeline, "calibrate", lambda *a, **k: pytest.fail("scored onto a full disk"))
+    args = [a.replace("{root}", str(ws)) for a in IMPORTANCE_RUN]
+    _refused(CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s")]), "the importance scores needs about")
+    assert not (tmp_path / "s").exists()
+
+
+def test_importance_scores_that_fail_to_write_are_one_line(ws, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    args = [a.replace("{root}", str(ws)) for a in IMPORTANCE_RUN]
+    _refused(CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s")]), "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- a kill before the first checkpoint ------------------------------------------------------------------
+KILL_IN = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import {module} as module
+    from compressor.train import TrainConfig, train
+
+    real = module.{name}
+
+    def killed(*args, **kwargs):
+        if {after!r}:
+            real(*args, **kwargs)
+        os._exit(9)  # a kill: no cleanup, no finally
+
+    module.{name} = killed
+    train(TrainConfig(**{config!r}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "after", "changes"),
+    [
+        ("compressor.train", "load_model", False, {}),  # killed while loading the models
+        ("compressor.teacher_cache", "_write_part", True, {"cache_teacher": True, "top_k": 8}),  # writing the cache
+    ],
+    ids=["loading", "teacher_cache"],
+)
+def test_a_run_killed_before_any_progress_resumes_and_says_so(ws, whole, tmp_path, module, name, after, changes):
+    """The folder such a kill leaves holds no progress: --resume starts the run again in it, and a new run
+    into it says to --resume (or --overwrite), not only that it exists."""
+    config = _config(ws, tmp_path / "run", **changes)
+    script = KILL_IN.format(root=str(ROOT), module=module, name=name, after=after, config=config)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 9, done.stderr[-2000:]
+    assert not (tmp_path / "run" / "model").exists()
+    from compressor.errors import CompressorError
+
+    with pytest.raises(CompressorError, match="holds no progress.*continue it with --resume, or pass --overwrite"):
+        train(TrainConfig(**config))
+    result = train(TrainConfig(**{**config, "resume": True}))
+    assert result.steps == 6
+    if not changes:  # the same run, from the start: bit-identical to the uninterrupted one
+        resumed = _weights(tmp_path / "run" / "model")
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
+
+
+# ----- readers of an output whose swap is under way ----------------------------------------------------------
+def test_a_reader_finishes_a_swap_a_kill_interrupted(ws, tmp_path):
+    """Killed between the two renames of a swap: the old output aside, the complete new one beside it.
+    `compress eval OUT` puts the new one in place, as the writer's next run would, and reads it."""
+    shutil.copytree(ws / "teacher", tmp_path / ".out.old-0badcafe")
+    shutil.copytree(ws / "model", tmp_path / ".out.new-0c0ffee0")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "out"), "--data", str(ws / "tokens.npy"), "--seq-len",
+                                      "32", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert _snapshot(tmp_path / "out") == _snapshot(ws / "model")
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from compressor.outputs import output_lock
+
+    with output_lock({out!r}):
+        print("locked", flush=True)
+        time.sleep(1.5)  # between the two renames of its swap: the output is missing meanwhile
+        os.replace({new!r}, {out!r})
+    """
+)
+
+
+def test_a_reader_waits_for_a_live_writer_between_its_renames(ws, tmp_path):
+    new, out = tmp_path / ".out.new-0c0ffee0", tmp_path / "out"
+    shutil.copytree(ws / "model", new)
+    script = WRITER.format(root=str(ROOT), out=str(out), new=str(new))
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        result = CliRunner().invoke(app, ["eval", str(out), "--data", str(ws / "tokens.npy"), "--seq-len", "32",
+                                          "--device", "cpu"])  # fmt: skip
+        waited = time.monotonic() - start
+    finally:
+        writer.wait(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert waited < 10 and _snapshot(out) == _snapshot(ws / "model")
+
+
+def test_a_link_in_a_run_folder_is_refused_on_resume(ws, tmp_path):
+    """--resume appends to metrics.jsonl and replaces model/: a link among them would write outside the run."""
+    train(TrainConfig(**_config(ws, tmp_path / "run", steps=2)))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not a metrics file\n")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(victim)
+    from compressor.errors import CompressorError
+
+    with pytest.raises(CompressorError, match="metrics.jsonl is a symbolic link"):
+        train(TrainConfig(**_config(ws, tmp_path / "run", steps=4, resume=True)))
+    assert victim.read_text() == "not a metrics file\n"
+
+
+def test_a_damaged_teacher_cache_is_written_again(ws, tmp_path):
+    config = _config(ws, tmp_path / "run", steps=2, cache_teacher=True, top_k=8)
+    train(TrainConfig(**config))
+    (tmp_path / "run" / "teacher_cache" / "teacher_cache.json").write_text("{")
+    assert train(TrainConfig(**{**config, "resume": True})).steps == 2
+    assert json.loads((tmp_path / "run" / "teacher_cache" / "teacher_cache.json").read_text())["complete"]

@@ -19,8 +19,12 @@ score ranks candidates while all of them answer at chance (pruning takes retriev
 does not say which ones a distillation brings back (README, Long context).
 
 `resume=True` continues a search where it stopped: finished finalists are skipped, an interrupted
-distillation resumes from its checkpoint. The source checkpoint is loaded once (by `calibrate`) and the data
-tokenized once for the whole search. `materialize` writes any candidate as a checkpoint.
+distillation resumes from its checkpoint. The folder is read back as untrusted input (`load_search`,
+`resume_calibration`): the record says how the search read its source, never which files (the model, data
+and tokenizer are the caller's, checked against the record's fingerprints), a candidate's index is a whole
+number (it names its folder), every target a pruning of the source, and no link leads out of the folder.
+The source checkpoint is loaded once (by `calibrate`) and the data tokenized once for the whole search.
+`materialize` writes any candidate as a checkpoint.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def load_search(folder: str | Path, *, incoming: bool = False) -> SearchRecord:
     try:
         record = SearchRecord.from_dict(raw)
         CalibrationConfig.from_dict(record.calibration)
-        SearchConfig.from_record(record)
+        TrainConfig.from_dict(record.distill).validate()
     except (KeyError, TypeError, ValueError, CompressorError) as exc:
         raise CompressorError(f"{path} is not a search record of this version ({first_line(exc)})") from None
     return record
