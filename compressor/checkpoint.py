@@ -38,7 +38,7 @@ from compressor import distributed
 from compressor.config import COMPRESSOR_ONLY, MOE, NEMOTRON_H, PUZZLE, PUZZLE_CONFIG_MODULE, HybridConfig
 from compressor.errors import CheckpointError, first_line
 from compressor.model import FP32_TENSORS, HybridLM, tensor_shapes
-from compressor.outputs import atomic_output, confined, open_tensors
+from compressor.outputs import atomic_output, confined, open_tensors, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -104,10 +104,7 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     index = path / INDEX_NAME
     if index.is_file():
         confined(index, path, what=INDEX_NAME)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+        weight_map = read_json(index, "a valid safetensors index", error=CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
         for file in weight_map.values():
