@@ -1099,8 +1099,6 @@ def prune_command(
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
     export = _read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
-    if export is None and data is not None and not dry_run:  # candidates are scored on held-out --data
-        check_scoring(score, retrieval_weight, score_samples)
     if dry_run:
         _dry_run_compression(model, config, plan, seq_len=seq_len, batch_size=batch_size, score_samples=score_samples,
                              importance=importance_dir is None, dtype=dtype, device=device,
@@ -1115,6 +1113,8 @@ def prune_command(
         tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
         retrieval=retrieval_from("retrieval" in score, retrieval, budget.context if budget else 1024),
     )  # fmt: skip
+    if export is None and data is not None:  # candidates are scored on held-out --data
+        check_scoring(score, retrieval_weight, score_samples)
     from compressor import distributed
     from compressor.outputs import check_output
 
@@ -1396,7 +1396,6 @@ def search(
         library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
         config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by, score,
                               retrieval_weight, bld=library, share_teacher=share_teacher)  # fmt: skip
-        check_scoring(score, retrieval_weight, score_samples)  # candidates are scored on held-out --data
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
         candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
@@ -1413,6 +1412,7 @@ def search(
     record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
     plot_pareto(record, out / PLOT_FILE)
     if json_output:
+        check_scoring(score, retrieval_weight, score_samples)  # candidates are scored on held-out --data
         print_json(record.to_dict())
         return
     _print_search(record, out)

@@ -22,6 +22,11 @@ MLP blocks in BF16: the first and last two, or the Mamba block before each atten
 module patterns as `QuantRecipe.keep`.) The int8_sq and int4_awq configs get the same attention exclusion.
 `compressor.budget` sizes fp8 / fp4 weights with this recipe.
 
+MoE blocks: every routed expert's and the shared expert's up_proj / down_proj are quantized, the router
+(`mixer.gate`) is not. ModelOpt wraps the MoE mixer in its sparse-MoE module, which calls the mixer with the
+hidden states alone (as `HybridLM` calls MLP and MoE mixers) and gives every expert the input range of all
+of them, so an expert calibration routed no token to still gets an input scale.
+
 Checkpoint layout (ModelOpt's `export_hf_checkpoint`), per quantized Linear `X` with weight (out, in):
 - fp8: `X.weight` float8_e4m3fn (out, in); `X.weight_scale` fp32 scalar amax / 448; `X.input_scale` fp32
   scalar. Dequantized: weight * weight_scale.

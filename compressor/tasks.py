@@ -378,7 +378,7 @@ def check_task_fits(
             host, what = host + cache, f"{what} and their cache"
         else:
             check_fits(cache, device, parameter=parameter, what=f"the cache for {what}", too="long")
-        check_fits(host, "cpu", parameter=parameter, what=what, too="long")
+        check_fits(host, "cpu", parameter=parameter, what=f"memory for {what}", too="long")
 
 
 def _check_room(spec: TaskSpec, context: int, entries: int, needed: int) -> None:

@@ -271,7 +271,7 @@ def small_memory(monkeypatch):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["eval", EXAMPLE, "--task", "phonebook", "--ctx", "10M"], "--ctx is too long: 8 sequences of 10,485,760"),
+        (["eval", EXAMPLE, "--task", "phonebook", "--ctx", "10M"], "--ctx is too long: memory for 8 sequences"),
         (["eval", EXAMPLE, "--task", "mqar", "--ctx", "1k,10M"], "--ctx is too long"),
         (PROBE_10M, "--retrieval-ctx is too long"),
         (EVAL_TASK_10M, "--eval-ctx is too long"),
