@@ -1405,6 +1405,7 @@ def search(
             text_field=text_field, all_sequences=True, device=device, dtype=dtype,
             retrieval=retrieval_from("retrieval" in score or rank_by == "retrieval", retrieval, budget.context),
         )  # fmt: skip
+        check_scoring(score, retrieval_weight, score_samples)  # candidates are scored on held-out --data
         from compressor.outputs import check_output
 
         check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
@@ -1412,7 +1413,6 @@ def search(
     record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
     plot_pareto(record, out / PLOT_FILE)
     if json_output:
-        check_scoring(score, retrieval_weight, score_samples)  # candidates are scored on held-out --data
         print_json(record.to_dict())
         return
     _print_search(record, out)
