@@ -129,6 +129,8 @@ class SearchConfig:
 
     @classmethod
     def from_record(cls, record: SearchRecord) -> SearchConfig:
+        # a score without a retrieval term records its probe at weight 0 (`retrieval_record`): none to restore
+        weighed = record.retrieval is not None and record.score_metric.endswith("+retrieval")
         return cls(
             budget=record.budget,
             distill=TrainConfig.from_dict(record.distill),
@@ -137,7 +139,7 @@ class SearchConfig:
             finalists=sum(c.finalist for c in record.candidates),
             rank_by=record.rank_by,
             score=record.score_metric,
-            retrieval_weight=record.retrieval["weight"] if record.retrieval else 1.0,
+            retrieval_weight=record.retrieval["weight"] if weighed else 1.0,
             bld=BLDConfig(**record.bld) if record.bld is not None else None,
             share_teacher=record.share_teacher,
         )
@@ -398,7 +400,7 @@ def _library_proposals(source: Source, strategy, config: SearchConfig, scorer, f
     started = time.monotonic()
     library = build_library(source, tables, config.bld, folder, say)
     built = time.monotonic()
-    scores = score_library(source, tables, library, lambda model: scorer.score_model(model).value, folder, say)
+    scores = score_library(source, tables, library, scorer, folder, say)
     scored = time.monotonic()
     proposals = strategy.targets(arch, tables, config.budget, mode, solutions=config.finalists)
     errors = [v.error for v in library.variants.values()]
