@@ -1185,9 +1185,12 @@ def _dry_run_compression(model, config, plan, *, json_output, device, **stages) 
     _print_memory_plans(plans, plan, gpu, device)
 
 
-def _compression_plans(arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None):
-    """The memory plans of a compression on `arch`: importance (unless reused), scoring the candidates (the
-    largest of them) on the held-out batches, and a finalist's distillation (`distill`, a TrainConfig)."""
+def _compression_plans(
+    arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None, bld=None
+):
+    """The memory plans of a compression on `arch`: importance (unless reused), the blockwise-distilled
+    library (`bld`, a BLDConfig), scoring the candidates (the largest of them) on the held-out batches, and a
+    finalist's distillation (`distill`, a TrainConfig)."""
     from compressor import planning
 
     weights = _plan_dtype(arch, dtype)
@@ -1196,6 +1199,9 @@ def _compression_plans(arch, candidates, *, seq_len, batch_size, score_samples, 
     plans = (
         [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=weights)] if importance else []
     )
+    if bld is not None:
+        plans.append(planning.library_plan(arch, tokens=bld.tokens, seq_len=seq_len,
+                                           micro_batch_size=bld.micro_batch_size, dtype=weights))  # fmt: skip
     plans.append(planning.scoring_plan(arch, largest, seq_len=seq_len, batch_size=batch_size, batches=max(batches, 1),
                                        dtype=weights))  # fmt: skip
     if distill is not None:
@@ -1334,9 +1340,10 @@ def search(
         distill = TrainConfig(student="", out="", data="", teacher=str(model), seq_len=seq_len, batch_size=batch_size,
                               micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
                               attention_loss=attention_loss, attention_queries=attention_queries)  # fmt: skip
+        library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
         _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), plan, seq_len=seq_len,
                              batch_size=1, score_samples=score_samples, importance=importance_dir is None, dtype=dtype,
-                             device=device, json_output=json_output, distill=distill)  # fmt: skip
+                             device=device, json_output=json_output, distill=distill, bld=library)  # fmt: skip
         return
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")

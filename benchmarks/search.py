@@ -1,9 +1,27 @@
-"""MiniPuzzle against Minitron on the example model: the same budget, calibration data, finalists and
-distillation tokens for both; each strategy's best finalist after the short distillation is evaluated on
-the held-out plays.
+"""`compress search` on the example model: what each way of choosing the finalists gives after the same
+short distillation, and what the teacher costs as finalists are added.
 
-    python benchmarks/search.py                        # the table in docs/search.md (about 15 minutes on 2 CPU cores)
-    python benchmarks/search.py --distill-tokens 100k  # shorter
+Rows (`--rows`, each a full search at the same budget, calibration data and seed; the best finalist is
+evaluated on the held-out plays):
+- zero-shot: MiniPuzzle candidates scored by the KL of the freshly pruned model, `--finalists` distilled
+  for `--distill-tokens` each, each finalist running the teacher itself (the search before the library);
+- bld: a library of blockwise-distilled variants on `--bld` tokens (`--bld-epochs` passes each) scores
+  every block option by replacement, the exact solver picks, candidates are assembled from the trained
+  blocks, and the finalists share one teacher cache; their distillation tokens are cut so that library
+  plus finalists use the zero-shot row's total (`--bld` + finalists x tokens = finalists x
+  `--distill-tokens`);
+- minitron: Minitron's uniform candidates, as the zero-shot row otherwise.
+Each row reports the Spearman / Kendall rank correlation between the score that picked its finalists and
+their KL after distillation, and its wall time with the teacher's part (every teacher forward timed).
+
+`--teacher-share K1,K2`: zero-shot searches with K1 and K2 finalists (`--share-distill-tokens` each), with
+the shared teacher cache and without it: the teacher's seconds and share of the search.
+
+    python benchmarks/search.py                                  # the README tables (about 25 minutes on 2 cores)
+    python benchmarks/search.py --rows bld --bld 16k             # one row
+    python benchmarks/search.py --rows none --teacher-share 1,4  # the teacher's share only
+
+Run alone: other work on the machine changes the times (not the KL figures).
 """
 
 from __future__ import annotations
@@ -11,11 +29,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compressor.bld import BLDConfig  # noqa: E402
 from compressor.budget import Budget, parse_context, parse_size, parse_tokens  # noqa: E402
 from compressor.checkpoint import load_model  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
@@ -24,10 +44,28 @@ from compressor.pipelines.search import SearchConfig, run_search  # noqa: E402
 from compressor.pipelines.source import CalibrationConfig, calibrate  # noqa: E402
 from compressor.train import TrainConfig  # noqa: E402
 
-STRATEGIES = {
-    "minitron": {"axes": ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"), "top_k": 10},
-    "minipuzzle": {"mamba_head_fractions": (1.0, 0.75, 0.5), "top_k": 12},
-}
+MINIPUZZLE = {"mamba_head_fractions": (1.0, 0.75, 0.5), "top_k": 12}
+MINITRON = {"axes": ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"), "top_k": 10}
+
+
+class TeacherClock:
+    """Seconds spent in the source model's forward passes (teacher targets, cache writing, scoring)."""
+
+    def __init__(self, model) -> None:
+        self.seconds, self.model, forward = 0.0, model, model.forward
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        model.forward = timed
+
+    def lap(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def main() -> None:
@@ -37,39 +75,107 @@ def main() -> None:
     parser.add_argument("--ctx", default="4k")
     parser.add_argument("--finalists", type=int, default=3)
     parser.add_argument("--distill-tokens", default="200k")
+    parser.add_argument("--bld", default="32k", help="library tokens")
+    parser.add_argument("--bld-epochs", type=int, default=2)
+    parser.add_argument("--hidden-choices", type=int, default=2, help="MiniPuzzle's hidden sizes (both rows)")
+    parser.add_argument("--rows", default="zero-shot,bld", help="zero-shot, bld, minitron (comma-separated) or none")
+    parser.add_argument("--teacher-share", default="", help="finalist counts, e.g. 1,4")
+    parser.add_argument("--share-distill-tokens", default="50k")
     args = parser.parse_args()
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
-    template = TrainConfig(
-        student="", out="", data="", tokens=parse_tokens(args.distill_tokens), seq_len=256, batch_size=16,
-        micro_batch_size=8, lr=1e-3, min_lr=1e-4, eval_sequences=32, eval_every=10**9, save_every=10**9,
-    )  # fmt: skip
     calibration = CalibrationConfig(
         args.model, str(ROOT / "examples/data/sample.txt"), samples=64, score_samples=32, seq_len=256, batch_size=8,
-        all_sequences=True,
+        all_sequences=True, dtype="float32",  # bf16 matmuls are ~10x slower than fp32 on these CPUs
     )  # fmt: skip
+    started = time.perf_counter()
     source = calibrate(calibration)
-    teacher = load_model(args.model)
+    print(f"calibration (importance on 64 sequences): {time.perf_counter() - started:.0f} s", flush=True)
+    clock = TeacherClock(source.model)
     valid = load_sequences(ROOT / "examples/data/valid.txt", seq_len=256, tokenizer=args.model, max_sequences=128)
+    held_out_teacher = load_model(args.model, dtype="float32")
+    finalists, distill_tokens = args.finalists, parse_tokens(args.distill_tokens)
+    total = finalists * distill_tokens
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, options in STRATEGIES.items():
-            config = SearchConfig(budget, template, name, options, finalists=args.finalists)
-            record = run_search(
-                source, config, Path(tmp) / name, say=lambda text, n=name: print(f"[{n}] {text}", flush=True)
-            )
+        for row in [r for r in args.rows.split(",") if r and r != "none"]:
+            options = dict(MINITRON if row == "minitron" else MINIPUZZLE)
+            if row != "minitron":
+                options["hidden_choices"] = args.hidden_choices
+            bld, tokens = None, distill_tokens
+            if row == "bld":
+                bld = BLDConfig(parse_tokens(args.bld), epochs=args.bld_epochs, micro_batch_size=8)
+                tokens = (total - bld.tokens) // finalists
+            config = SearchConfig(
+                budget, _template(tokens), "minitron" if row == "minitron" else "minipuzzle", options,
+                finalists=finalists, bld=bld, share_teacher=row == "bld",
+            )  # fmt: skip
+            record, seconds, teacher = _search(source, config, Path(tmp) / row, clock, row)
             best = record.candidate(record.ranking[0])
-            model = load_model(Path(tmp) / name / "candidates" / str(best.index) / "distill" / "model")
-            result = evaluate(model, valid.batches(8, shuffle=False, drop_last=False), teacher=teacher)
-            rows.append((name, best, len(record.candidates), result))
-    print(f"\nbudget {budget.describe()}; {args.finalists} finalists each distilled for {template.tokens:,} tokens")
-    columns = ["strategy", "best finalist", "parameters", "memory", "zero-shot KL", "KL after distillation"]
-    print("\n| " + " | ".join([*columns, "held-out loss", "held-out KL"]) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for name, best, proposed, result in rows:
+            model = load_model(Path(tmp) / row / "candidates" / str(best.index) / "distill" / "model")
+            result = evaluate(model, valid.batches(8, shuffle=False, drop_last=False), teacher=held_out_teacher)
+            rows.append((row, record, best, result, seconds, teacher, tokens))
+        if rows:
+            _print_rows(rows, budget, finalists, total)
+        if args.teacher_share:
+            _teacher_share(source, budget, clock, args, Path(tmp))
+
+
+def _template(tokens: int) -> TrainConfig:
+    return TrainConfig(
+        student="", out="", data="", tokens=tokens, seq_len=256, batch_size=16, micro_batch_size=8, lr=1e-3,
+        min_lr=1e-4, eval_sequences=32, eval_every=10**9, save_every=10**9,
+    )  # fmt: skip
+
+
+def _search(source, config, out, clock, name):
+    clock.lap()
+    started = time.perf_counter()
+    record = run_search(source, config, out, say=lambda text: print(f"[{name}] {text}", flush=True))
+    return record, time.perf_counter() - started, clock.lap()
+
+
+def _print_rows(rows, budget, finalists, total) -> None:
+    print(f"\nbudget {budget.describe()}; {finalists} finalists; {total:,} tokens per row (library + distillation)")
+    print(
+        "\n| search | best finalist | parameters | memory | picked by | its score | KL after distillation "
+        "| held-out loss | held-out KL | Spearman | Kendall | wall time | teacher |"
+    )
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, record, best, result, seconds, teacher, tokens in rows:
+        picked = "library KL" if record.bld else "zero-shot KL"
+        if record.bld:
+            library = record.library
+            label = f"bld: {library['variants']} variants, {library['tokens'] // 1000}k + {tokens // 1000}k tokens"
+        else:
+            label = f"{name}: {tokens // 1000}k"
+        r = record.correlation or {"spearman": float("nan"), "kendall": float("nan")}
         print(
-            f"| {name} ({proposed} scored) | {best.label} | {best.params:,} | {best.memory_bytes / 2**20:.2f} MiB "
-            f"| {best.score:.4f} | {best.distilled.val_kl:.4f} | {result.loss:.4f} | {result.kl:.4f} |"
+            f"| {label} | {best.label} | {best.params:,} | {best.memory_bytes / 2**20:.2f} MiB | {picked} "
+            f"| {best.score:.4f} | {best.distilled.val_kl:.4f} | {result.loss:.4f} | {result.kl:.4f} "
+            f"| {r['spearman']:.2f} | {r['kendall']:.2f} | {seconds:.0f} s | {teacher:.0f} s |"
         )
+    for name, record, *_ in rows:
+        stages = ", ".join(f"{stage} {s:.0f} s" for stage, s in record.seconds.items())
+        print(f"{name}: {stages}; finalists {[c.index for c in record.candidates if c.finalist]}", end="")
+        print(f", KL after distillation {[round(record.candidate(i).distilled.val_kl, 4) for i in record.ranking]}")
+
+
+def _teacher_share(source, budget, clock, args, tmp: Path) -> None:
+    tokens = parse_tokens(args.share_distill_tokens)
+    options = dict(MINIPUZZLE, hidden_choices=args.hidden_choices)
+    print(f"\nthe teacher's share of a zero-shot search ({tokens // 1000}k distillation tokens per finalist)")
+    print("\n| finalists | teacher | teacher passes | teacher time | search time | teacher share |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for count in [int(k) for k in args.teacher_share.split(",")]:
+        for shared in (False, True):
+            config = SearchConfig(budget, _template(tokens), "minipuzzle", options, finalists=count,
+                                  share_teacher=shared)  # fmt: skip
+            name = f"k{count}-{'shared' if shared else 'own'}"
+            _, seconds, teacher = _search(source, config, tmp / name, clock, name)
+            passes = 1 if shared else count
+            kind = "one cache, read by all" if shared else "each finalist its own"
+            print(f"| {count} | {kind} | {passes} | {teacher:.0f} s | {seconds:.0f} s | {teacher / seconds:.0%} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

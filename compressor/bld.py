@@ -27,15 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
+from compressor.outputs import open_tensors, read_json, save_tensors
 
 META = "activations.json"
-PART_SEQUENCES = 64  # sequences per activations file
+PART_BYTES = 2**30  # an activations file holds about this much (at least one sequence)
+
+
+def part_sequences(seq_len: int, hidden_size: int, blocks: int) -> int:
+    """Sequences per activations file: every block boundary of a sequence in fp32, up to `PART_BYTES`."""
+    return max(1, PART_BYTES // (seq_len * hidden_size * (blocks + 1) * 4))
 
 
 @dataclass(frozen=True)
@@ -63,22 +67,25 @@ class BLDConfig:
 
 @torch.no_grad()
 def write_activations(model: HybridLM, sequences: torch.Tensor, folder: Path, *, batch_size: int = 8) -> Activations:
-    """Run the parent over `sequences` (n, t) and store h_0 ... h_L (float32) in parts of
-    `PART_SEQUENCES` sequences; written to a temporary sibling and renamed into place when complete, so a
-    folder that exists is whole."""
+    """Run the parent over `sequences` (n, t) and store h_0 ... h_L (float32) in parts of about
+    `PART_BYTES`; written to a temporary sibling and renamed into place when complete, so a folder that
+    exists is whole."""
     folder = Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     device = model.lm_head.weight.device
-    parts = 0
-    for start in range(0, len(sequences), PART_SEQUENCES):
-        chunk = sequences[start : start + PART_SEQUENCES]
+    parts, config = 0, model.config
+    step = part_sequences(sequences.shape[1], config.hidden_size, config.num_blocks)
+    for start in range(0, len(sequences), step):
+        chunk = sequences[start : start + step]
         states: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_blocks + 1)]
         for i in range(0, len(chunk), batch_size):
-            for level, hidden in enumerate(_boundaries(model, chunk[i : i + batch_size].to(device))):
+            for level, hidden in enumerate(boundaries(model, chunk[i : i + batch_size].to(device))):
                 states[level].append(hidden.float().cpu())
-        save_file({f"h{level}": torch.cat(s) for level, s in enumerate(states)}, partial / f"part-{parts}.safetensors")
+        save_tensors(
+            {f"h{level}": torch.cat(s) for level, s in enumerate(states)}, partial / f"part-{parts}.safetensors"
+        )
         parts += 1
     meta = {
         "blocks": model.config.num_blocks,
@@ -94,8 +101,9 @@ def write_activations(model: HybridLM, sequences: torch.Tensor, folder: Path, *,
     return Activations(folder)
 
 
-def _boundaries(model: HybridLM, ids: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The residual stream before each block and after the last (as `Backbone.forward` computes it)."""
+def boundaries(model: HybridLM, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The residual stream before each block and after the last (as `Backbone.forward` computes it), for a
+    model whose layers may be replaced (a pass-through in place of a dropped block)."""
     backbone = model.backbone
     hidden = backbone.embeddings(ids)
     if backbone.residual_in_fp32:
@@ -113,16 +121,17 @@ class Activations:
         self.folder = Path(folder)
         if not self.is_complete(self.folder):
             raise CompressorError(f"{self.folder} holds no complete activations: delete it to rebuild")
-        meta = json.loads((self.folder / META).read_text())
-        self.blocks, self.hidden_size = meta["blocks"], meta["hidden_size"]
-        self.sequences, self.seq_len, self.parts = meta["sequences"], meta["seq_len"], meta["parts"]
+        meta = read_json(self.folder / META, "a record of stored activations")
+        counts = [meta.get(name) for name in ("blocks", "hidden_size", "sequences", "seq_len", "parts")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise CompressorError(f"{self.folder / META} is damaged: delete {self.folder} to rebuild")
+        self.blocks, self.hidden_size, self.sequences, self.seq_len, self.parts = counts
 
     @staticmethod
     def is_complete(folder: Path) -> bool:
-        path = Path(folder) / META
         try:
-            return path.is_file() and json.loads(path.read_text()).get("complete", False) is True
-        except (OSError, ValueError):
+            return read_json(Path(folder) / META, "a record of stored activations").get("complete") is True
+        except CompressorError:
             return False
 
     def pairs(
@@ -132,7 +141,7 @@ class Activations:
         time, parts and sequences within a part shuffled by `generator` (in order without one)."""
         order = torch.randperm(self.parts, generator=generator) if generator is not None else range(self.parts)
         for part in order:
-            with safe_open(self.folder / f"part-{int(part)}.safetensors", framework="pt") as handle:
+            with open_tensors(self.folder / f"part-{int(part)}.safetensors", "stored activations") as handle:
                 inputs = handle.get_tensor(f"h{block}")[..., channels]
                 targets = handle.get_tensor(f"h{block + 1}")[..., channels]
             rows = torch.randperm(len(inputs), generator=generator) if generator is not None else range(len(inputs))

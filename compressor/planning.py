@@ -141,6 +141,35 @@ def scoring_plan(
     return plan
 
 
+def library_plan(
+    source: HybridConfig, *, tokens: int, seq_len: int, micro_batch_size: int, dtype: torch.dtype
+) -> MemoryPlan:
+    """`compress search --bld`: the source (its stored activations are written from a forward of it) and,
+    while a variant trains, the widest block in fp32 with its gradients and AdamW's two moments, one
+    micro-batch of its inputs and targets, and what autograd keeps through that one block. The parent
+    activations go to disk (a note gives their size), one part of them in host memory at a time."""
+    from compressor.bld import part_sequences
+
+    size = _size(dtype)
+    micro = micro_batch_size * seq_len
+    plan = MemoryPlan("library (blockwise distillation)")
+    _add_model(plan, "source", source, size)
+    _, _, block = _sizes(source)
+    plan.each["variant: weights, gradients, AdamW (fp32)"] = 16 * block
+    plan.each["variant: inputs and targets (one micro-batch)"] = 2 * micro * source.hidden_size * 4
+    widest = max(b + f for b, f in (_block_activations(source, s) for s in source.blocks))
+    plan.each["variant: activations (one block)"] = micro * widest * 4
+    plan.each["source: activations (one forward)"] = _forward_bytes(source, micro, size)
+    stored = tokens * source.hidden_size * (source.num_blocks + 1) * 4
+    part = part_sequences(seq_len, source.hidden_size, source.num_blocks)
+    part *= seq_len * source.hidden_size * (source.num_blocks + 1) * 4
+    plan.notes.append(
+        f"parent activations on disk: {format_bytes(stored)} for {tokens:,} tokens (fp32, every block boundary); "
+        f"host memory holds one part of {format_bytes(part)} at a time"
+    )
+    return plan
+
+
 def distill_plan(
     student: HybridConfig,
     teacher: HybridConfig | None,

@@ -185,3 +185,18 @@ def test_rank_correlation():
     reversed_ = rank_correlation([finalist(s, -s) for s in (1, 2, 3)], "kl")
     assert reversed_["spearman"] == pytest.approx(-1) and reversed_["kendall"] == pytest.approx(-1)
     assert rank_correlation([finalist(1, 1), finalist(2, 2)], "kl") is None  # too few to say
+
+
+def test_replacement_scores_resume_from_the_block_input_and_equal_whole_model_scores(workspace):
+    from compressor.pipelines.library import _Replacements, _Skip
+    from compressor.pipelines.ranking import proxy_scorer
+    from compressor.prune import prune
+
+    source = calibrate(_calibration(workspace))
+    scorer = proxy_scorer(source, "kl")
+    model = prune(source.model, source.importance, Target.uniform(source.model.config, hidden_size=96)).eval()
+    replacing = _Replacements(scorer, model)
+    assert replacing.score(0) == pytest.approx(scorer.score_model(model).value, rel=1e-5)
+    without_2 = Target.uniform(source.model.config, hidden_size=96, drop_blocks=(2,))
+    assert replacing.score(2, _Skip(2)) == pytest.approx(scorer(without_2).value, rel=1e-4)
+    assert replacing.score(0) == pytest.approx(scorer.score_model(model).value, rel=1e-5)  # the block is put back

@@ -34,15 +34,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from compressor.bld import Activations, BLDConfig, train_variant, write_activations
 from compressor.config import OVERRIDABLE
 from compressor.errors import CompressorError
 from compressor.importance import Importance
+from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
-from compressor.outputs import open_tensors, read_json
+from compressor.outputs import check_record, open_tensors, read_json, refuse_links, save_tensors
+from compressor.pipelines.ranking import ProxyScorer
 from compressor.pipelines.records import write_json
 from compressor.pipelines.source import Source
 from compressor.prune import BlockTarget, Target, prune, pruned_block
@@ -95,11 +96,18 @@ class Library:
         variants: dict[tuple, Variant] = {}
         path = Path(folder) / ENTRIES_FILE
         if path.is_file():
-            for line in path.read_text().splitlines():
+            lines = path.read_text().splitlines()
+            for number, line in enumerate(lines, start=1):
                 try:
-                    variant = Variant(**json.loads(line))
-                except (ValueError, TypeError):
-                    continue
+                    raw = json.loads(line)
+                except ValueError:
+                    if number == len(lines):
+                        break  # torn by a kill while it was appended
+                    raise CompressorError(f"{path} line {number} is not JSON: delete the library") from None
+                check_record(Variant, raw, f"{path} line {number}")
+                variant = Variant(**raw)
+                if not _inside(variant.file):
+                    raise CompressorError(f"{path} line {number} names a file outside {BLOCKS_DIR}/: {variant.file}")
                 variants[variant.key] = variant
         return cls(folder, variants)
 
@@ -131,6 +139,12 @@ class Library:
                 for name, tensor in trained.state_dict().items():
                     layer.state_dict()[name].copy_(tensor)
         return pruned
+
+
+def _inside(name: str) -> bool:
+    """Whether a variant's file name stays in the library's blocks folder (a record read back is untrusted)."""
+    parts = Path(name).parts
+    return len(parts) == 2 and parts[0] == BLOCKS_DIR and parts[1] not in ("..", ".") and not Path(name).is_absolute()
 
 
 def library_sequences(source: Source, tokens: int) -> np.ndarray:
@@ -168,6 +182,8 @@ def build_library(
         "options": [[table.hidden, [[o.key for o in opts] for opts in table.options]] for table in tables],
     }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+    if folder.exists():
+        refuse_links(folder, "a library folder")  # what it writes and deletes stays inside it
     if folder.exists() and _settings(folder) != settings:
         say(f"{folder} was built for another source, data or settings: building it again")
         shutil.rmtree(folder)
@@ -194,7 +210,7 @@ def build_library(
         result = train_variant(variant, activations, index, channels, config)
         name = f"{BLOCKS_DIR}/h{hidden}-b{index}-{len(library.variants)}.safetensors"
         tmp = folder / f"{name}.tmp"
-        save_file({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
+        save_tensors({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
         os.replace(tmp, folder / name)
         entry = Variant(hidden, index, _kind_widths(block), result.initial_error, result.error, result.steps, name)
         with open(folder / ENTRIES_FILE, "a") as f:
@@ -251,7 +267,7 @@ def score_library(
     source: Source,
     tables: list[ChoiceTable],
     library: Library,
-    score: Callable[[HybridLM], float],
+    scorer: ProxyScorer,
     folder: Path,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -264,30 +280,27 @@ def score_library(
     for table in tables:
         key = str(table.hidden)
         if key not in scores:
+            started = time.monotonic()
             references = [_reference(options) for options in table.options]
             whole = Target(table.hidden, tuple(_block_target(model, i, o) for i, o in enumerate(references)))
-            assembled = library.assemble(model, importance, whole)
-            base = score(assembled)
+            replacing = _Replacements(scorer, library.assemble(model, importance, whole))
+            base = replacing.score(0)
             damage = []
             for index, options in enumerate(table.options):
-                original = assembled.backbone.layers[index]
                 row = []
                 for option in options:
                     if option is references[index]:
                         row.append(0.0)
-                        continue
-                    if option.dropped:
-                        assembled.backbone.layers[index] = _Skip(index)
+                    elif option.dropped:
+                        row.append(replacing.score(index, _Skip(index)) - base)
                     else:
-                        block = _block_target(model, index, option)
-                        replacement = library.block(model, importance, block, table.hidden)
-                        assembled.backbone.layers[index] = replacement.to(original.norm.weight.dtype).eval()
-                    row.append(score(assembled) - base)
-                assembled.backbone.layers[index] = original
+                        block = library.block(model, importance, _block_target(model, index, option), table.hidden)
+                        row.append(replacing.score(index, block) - base)
                 damage.append(row)
             scores[key] = {"base": base, "damage": damage}
             write_json(path, scores)
-            say(f"library scores at hidden {table.hidden}: assembled whole {base:.4f}")
+            seconds = time.monotonic() - started
+            say(f"library scores at hidden {table.hidden}: assembled whole {base:.4f} ({seconds:.0f} s)")
         measured = scores[key]["damage"]
         if [len(row) for row in measured] != [len(opts) for opts in table.options]:
             raise CompressorError(f"{path} does not match the library's options: delete it to score again")
@@ -295,6 +308,50 @@ def score_library(
             for option, value in zip(options, row, strict=True):
                 option.damage = float(value) if math.isfinite(value) else _UNUSABLE
     return scores
+
+
+class _Replacements:
+    """The proxy score of a model with one block replaced, each block's input computed once: the model's
+    residual stream at every block boundary is kept for the scorer's held-out batches, and a replacement
+    of block i runs from its input on. Scores with a retrieval term run the whole model instead."""
+
+    def __init__(self, scorer: ProxyScorer, model: HybridLM) -> None:
+        self.scorer, self.model = scorer, model
+        self.resumable = scorer.text_metric is not None and "retrieval" not in scorer.metric
+        self.inputs: list[list[torch.Tensor]] = []
+        if self.resumable:
+            from compressor.bld import boundaries
+
+            with torch.no_grad():
+                self.inputs = [list(boundaries(model, ids))[:-1] for ids in scorer.batches]
+
+    def score(self, index: int, block: nn.Module | None = None) -> float:
+        layers = self.model.backbone.layers
+        original = layers[index]
+        if block is not None:
+            layers[index] = block.to(original.norm.weight.dtype).eval()
+        try:
+            if not self.resumable:
+                return self.scorer.score_model(self.model).value
+            return self._from(index)
+        finally:
+            layers[index] = original
+
+    @torch.no_grad()
+    def _from(self, index: int) -> float:
+        backbone, stats = self.model.backbone, LossStats()
+        spec = LossSpec()
+        for batch, (ids, inputs) in enumerate(zip(self.scorer.batches, self.inputs, strict=True)):
+            hidden = inputs[index]
+            for layer in backbone.layers[index:]:
+                hidden = layer(hidden)
+            final = backbone.norm_f(hidden.to(backbone.norm_f.weight.dtype))
+            teacher = self.scorer.references[batch] if self.scorer.references else None
+            head_loss(final.flatten(0, 1), self.model.lm_head.weight, spec, labels=next_token_labels(ids),
+                      teacher=teacher, stats=stats)  # fmt: skip
+        if self.scorer.text_metric == "kl":
+            return float(stats.divergence) / stats.tokens
+        return float(stats.cross_entropy) / stats.label_tokens
 
 
 _UNUSABLE = 1e6  # the damage of an option whose model scored NaN or infinity (the solver needs finite costs)
