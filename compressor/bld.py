@@ -31,7 +31,7 @@ from torch import nn
 
 from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
-from compressor.outputs import open_tensors, read_json, save_tensors
+from compressor.outputs import check_free_space, open_tensors, read_json, save_tensors
 
 META = "activations.json"
 PART_BYTES = 2**30  # an activations file holds about this much (at least one sequence)
@@ -74,8 +74,9 @@ def write_activations(model: HybridLM, sequences: torch.Tensor, folder: Path, *,
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    device = model.lm_head.weight.device
-    parts, config = 0, model.config
+    device, parts, config = model.lm_head.weight.device, 0, model.config
+    needed = sequences.numel() * config.hidden_size * (config.num_blocks + 1) * 4
+    check_free_space(partial, needed, "storing the parent's activations (fewer --bld tokens need less)")
     step = part_sequences(sequences.shape[1], config.hidden_size, config.num_blocks)
     for start in range(0, len(sequences), step):
         chunk = sequences[start : start + step]
