@@ -41,14 +41,14 @@ SCORE_METRICS = ("kl", "loss", "retrieval", "kl+retrieval", "loss+retrieval")
 
 def check_scoring(metric: str, retrieval_weight: float = 1.0, score_samples: int | None = None) -> None:
     """Refuse, before any work, a proxy score that cannot be measured as asked: an unknown `metric`, a
-    `retrieval_weight` that is not a finite number >= 0 or that the metric has no retrieval term to weigh
-    (kl+retrieval and loss+retrieval have one), or no held-out sequences (`score_samples`, when known) for a
-    metric measured on them."""
+    `retrieval_weight` that is not a finite number >= 0 or, other than the default 1 or 0 (none), that the
+    metric has no retrieval term to weigh (kl+retrieval and loss+retrieval have one), or no held-out
+    sequences (`score_samples`, when known) for a metric measured on them."""
     if metric not in SCORE_METRICS:
         raise OptionError("score", f"{metric!r} is not one of {', '.join(SCORE_METRICS)}")
     if not math.isfinite(retrieval_weight) or retrieval_weight < 0:
         raise OptionError("retrieval_weight", f"must be a finite number >= 0, got {retrieval_weight}")
-    if retrieval_weight != 1.0 and not metric.endswith("+retrieval"):
+    if retrieval_weight not in (0.0, 1.0) and not metric.endswith("+retrieval"):  # records write 0 for "none"
         raise OptionError(
             "retrieval_weight", f"weighs the retrieval term of kl+retrieval or loss+retrieval; score {metric} has none"
         )
