@@ -10,7 +10,7 @@ adds them to q, k, v, o and `mlp_bias` to gate, up, down; Qwen3's `attention_bia
 and it normalises q and k per head (two RMSNorms of head_dim). Refused with a `ConfigError` naming the key:
 other model types, MoE configs, sliding-window attention (the KV cache would be bounded by the window).
 
-The conventions are `compressor.budget`'s (read its module docstring), term by term:
+The conventions are `compressor.budget`'s (read the docstrings of its modules), term by term:
 - parameters: embeddings, lm_head (0 when tied), attention, mlp, norms (layer norms, final norm, q/k norms);
 - weights: fp32 4 bytes, bf16 / fp16 2; fp8 / fp4 quantize the weight matrices (q, k, v, o, gate, up,
   down) with budget's scales, everything else stays bf16;
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from compressor.budget import (
-    _BYTES,
     CACHE_DTYPES,
     DEFAULT_PREFILL_CHUNK,
     GPUSpec,
@@ -38,7 +37,6 @@ from compressor.budget import (
     RooflineTerms,
     ThroughputEstimate,
     Workload,
-    _matrix_bytes,
     compute_dtype,
     largest_fitting_batch,
     normalize_dtype,
@@ -48,6 +46,8 @@ from compressor.budget import (
 from compressor.budget import estimate_throughput as estimate_hybrid_throughput
 from compressor.budget import num_parameters as num_hybrid_parameters
 from compressor.budget import speedup as hybrid_speedup
+from compressor.budget.memory import _matrix_bytes
+from compressor.budget.units import _BYTES
 from compressor.config import MAX_BLOCKS, MAX_WIDTH, HybridConfig
 from compressor.errors import BudgetError, ConfigError
 
