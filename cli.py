@@ -4,22 +4,34 @@ instead); `--json` prints machine-readable results on stdout."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import inspect
 import json
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
+from cli_render import (
+    KIND_NAMES,
+    console,
+    err_console,
+    fmt_memory,
+    fmt_speedup,
+    print_json,
+    progress_bar,
+    render_eval,
+    retrieval_cell,
+    retrieval_column,
+    say,
+    table,
+)
 from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionClash, OptionError, check_at_least
 
@@ -30,8 +42,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _print_version(value: bool) -> None:
@@ -295,56 +305,6 @@ def load_config_or_preset(model: str):
         return get_preset(model), None
     except CompressorError:
         raise CompressorError(f"{model!r} is neither a checkpoint folder, a config.json nor a preset name") from None
-
-
-KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
-
-
-def print_json(data: Any) -> None:
-    """JSON on stdout, always valid: NaN and infinity (not JSON) are written as null."""
-    print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
-
-
-def _finite(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
-
-
-def say(text: str) -> None:
-    err_console.print(escape(text), highlight=False)
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} tokens"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
-
-
-def table(title: str | None, columns: list[str], rows: list[list[str]], *, left: int = 1, **kwargs) -> Table:
-    """A Rich table whose first `left` columns are left-aligned and the rest right-aligned."""
-    out = Table(title=title, title_justify="left", **kwargs)
-    for i, column in enumerate(columns):
-        out.add_column(column, justify="left" if i < left else "right")
-    for row in rows:
-        out.add_row(*row)
-    return out
-
-
-def fmt_memory(nbytes: int | None) -> str:
-    from compressor.budget import format_bytes
-
-    return format_bytes(nbytes) if nbytes is not None else "-"
 
 
 # ----- info ---------------------------------------------------------------------------------------------
@@ -744,167 +704,45 @@ def eval_(
     models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
     the models are sharded across the processes, each evaluates its share of the batches. With
     --lm-eval-tasks, lm-eval's task metrics instead (the `eval` extra), side by side per model."""
+    from compressor.pipelines.evaluating import LmEvalTasks, LossEval, RetrievalEval, evaluate_checkpoints
+
     if task is not None:
-        return _eval_task(models, task, ctx, task_sequences, data, batch_size, seed, device, dtype, json_output)
-    if lm_eval_tasks is not None:
-        _eval_lm_eval_tasks(models, lm_eval_tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
-                            batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only,
-                            json_output=json_output)  # fmt: skip
-        return
-    if data is None:
+        config = RetrievalEval(task, ctx, task_sequences, data, batch_size, seed, device, dtype)
+    elif lm_eval_tasks is not None:
+        config = LmEvalTasks(lm_eval_tasks, num_fewshot, limit, include_path, batch_size, device, dtype, weights_only)
+    elif data is None:
         raise OptionError(
             "data",
             "is needed: the text to measure loss on (or --task for a retrieval task, --lm-eval-tasks for lm-eval)",
         )
+    else:
+        config = LossEval(data, teacher, seq_len, batch_size, max_sequences, split, valid_fraction, seed, tokenizer,
+                          text_field, weights_only, device, dtype)  # fmt: skip
+    with _eval_display(config) as display:
+        record = evaluate_checkpoints(models, config, **display)
+    if record is None:  # another process of a torchrun
+        return
+    if json_output:
+        print_json(record.to_dict())
+        return
+    render_eval(record)
 
-    _eval_loss(models, data, teacher, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences, split=split,
-               valid_fraction=valid_fraction, seed=seed, tokenizer=tokenizer, text_field=text_field,
-               weights_only=weights_only, device=device, dtype=dtype, json_output=json_output)  # fmt: skip
 
+@contextlib.contextmanager
+def _eval_display(config):
+    """The live display of an eval mode, as the pipeline's progress callbacks: a bar over the tokens (loss),
+    the model being scored (retrieval), none (lm-eval, which reports its own)."""
+    from compressor.pipelines.evaluating import LossEval, RetrievalEval
 
-def _eval_loss(models, data, teacher, *, seq_len, batch_size, max_sequences, split, valid_fraction, seed, tokenizer,
-               text_field, weights_only, device, dtype, json_output) -> None:  # fmt: skip
-    """`compress eval`'s loss mode: every model on the same sequences (sharded under torchrun)."""
-    from compressor import distributed
-    from compressor.budget import num_parameters
-    from compressor.checkpoint import load_model
-    from compressor.data import model_sequences
-    from compressor.evaluate import evaluate
-    from compressor.quantize import is_quantized_checkpoint, quantize_activations, stored_weight_bytes
-
-    def load(path: Path):
-        """The model as deployed: a quantized checkpoint dequantized, its activations quantized (sharded
-        across the processes under torchrun)."""
-        model = load_model(path, dtype=dtype, world=world)
-        if not weights_only and is_quantized_checkpoint(path):
-            quantize_activations(model, path)
-        return model
-
-    if split not in ("all", "valid", "train"):
-        raise OptionError("split", f"{split!r} is not one of all, valid, train")
-    check_at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_sequences=(max_sequences, 1), seed=(seed, 0))
-    if not 0 < valid_fraction < 1:
-        raise OptionError("valid_fraction", f"must be between 0 and 1, got {valid_fraction}")
-    world = distributed.init(distributed.resolve_device(device))
-    try:
-        teacher_model = load_model(teacher, dtype=dtype, world=world) if teacher is not None else None
-        first = load(models[0])
-        limit = max_sequences if split == "all" else None
-        sequences = model_sequences(data, models[0], first.config.eos_id, seq_len=seq_len, tokenizer=tokenizer,
-                                    text_field=text_field, max_sequences=limit,
-                                    vocab_size=first.config.vocab_size)  # fmt: skip
-        if split != "all":
-            train, valid = sequences.split(valid_fraction, seed)
-            sequences = valid if split == "valid" else train
-            sequences = sequences.head(max_sequences) if max_sequences is not None else sequences
-        batches = distributed.share(list(sequences.batches(batch_size, shuffle=False, drop_last=False)), world)
-        results = []
+    if isinstance(config, LossEval):
         with progress_bar() as progress:
-            progress.disable = not world.is_main
-            task = progress.add_task("evaluating", total=sequences.num_tokens * len(models))
-            for path in models:
-                student = first if path == models[0] else load(path)
-                advance = lambda n: progress.advance(task, n * world.size)  # noqa: E731
-                result = evaluate(student, batches, teacher=teacher_model, on_batch=advance, world=world)
-                weights = stored_weight_bytes(path)
-                formats = weights.quant_algo or "/".join(weights.by_dtype)
-                results.append((path, num_parameters(student.config), result, formats))
-                del student
-    finally:
-        distributed.close(world)
-    if not world.is_main:
-        return
-    _print_eval(results, f"{Path(data).name}: {len(sequences)} x {seq_len} tokens", teacher, json_output)
-
-
-def _print_eval(results: list, title: str, teacher: Path | None, json_output: bool) -> None:
-    """The loss mode's table (one model: its metrics; several: a row each) or JSON."""
-    for path, _, result, _ in results:
-        if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
-            say(f"[yellow]warning:[/] {path}: the loss is not finite (an overflow: evaluate with --dtype float32)")
-    if json_output:
-        rows = [{"model": str(p), "params": n, "format": f, "teacher": str(teacher) if teacher else None,
-                 **r.to_dict()} for p, n, r, f in results]  # fmt: skip
-        print_json(rows[0] if len(rows) == 1 else rows)
-        return
-    if len(results) == 1:
-        result = results[0][2]
-        rows = [["loss (nats/token)", f"{result.loss:.4f}"], ["perplexity", f"{result.perplexity:.2f}"]]
-        if teacher is not None:
-            rows += [["teacher loss", f"{result.teacher_loss:.4f}"],
-                     ["teacher perplexity", f"{result.teacher_perplexity:.2f}"],
-                     ["KL(teacher || model)", f"{result.kl:.4f}"],
-                     ["top-1 agreement", f"{100 * result.top1_agreement:.1f}%"]]  # fmt: skip
-        console.print(table(title, ["metric", "value"], [*rows, ["tokens", f"{result.tokens:,}"]]))
-        return
-    columns = ["model", "parameters", "weights", "loss", "perplexity"] + (["KL to teacher", "top-1"] if teacher else [])
-    rows = []
-    for path, params, result, weights in results:
-        row = [str(path), f"{params:,}", weights, f"{result.loss:.4f}", f"{result.perplexity:.2f}"]
-        rows.append(row + ([f"{result.kl:.4f}", f"{100 * result.top1_agreement:.1f}%"] if teacher else []))
-    console.print(table(title, columns, rows))
-
-
-def _eval_task(models, task, ctx, sequences, data, batch_size, seed, device, dtype, json_output) -> None:
-    """`compress eval --task`: each model on the same generated sequences at each context, side by side."""
-    from compressor.checkpoint import load_model
-    from compressor.data import load_tokenizer
-    from compressor.distributed import resolve_device
-    from compressor.tasks import TaskSpec, check_task_fits, evaluate_task, parse_contexts
-
-    contexts = parse_contexts(ctx)
-    check_at_least(task_sequences=(sequences, 1), batch_size=(batch_size, 1), seed=(seed, 0))
-    spec = TaskSpec(task, sequences=sequences, data=data, seed=seed)
-    tokenizer = load_tokenizer(models[0])
-    results = {}
-    with err_console.status(f"{task}") as status:
-        for path in models:
-            status.update(f"{task}: {path}")
-            model = load_model(path, dtype=dtype, device=resolve_device(device))
-            check_task_fits(model, sequences, contexts, batch_size=batch_size, parameter="ctx")
-            results[path] = evaluate_task(model, tokenizer, spec, contexts, batch_size=batch_size)
-            del model
-    if json_output:
-        print_json({"task": task, "models": {str(p): [r.to_dict() for r in rs] for p, rs in results.items()}})
-        return
-    queries = results[models[0]][0].queries
-    rows = [[fmt_context(context), *(_retrieval_cell(rs[i].to_dict()) for rs in results.values())]
-            for i, context in enumerate(contexts)]  # fmt: skip
-    title = f"{task}: {queries} queries per context, exact match (answer log-likelihood)"
-    console.print(table(title, ["context", *map(str, models)], rows))
-
-
-def _eval_lm_eval_tasks(models: list[Path], tasks: str, *, num_fewshot, limit, include_path, batch_size, device,
-                        dtype, weights_only: bool, json_output: bool) -> None:  # fmt: skip
-    """`compress eval --lm-eval-tasks`: lm-eval on each model, one table with a column per model (rows: task
-    and metric, value +- standard error); --json: the list of `harness.ModelTaskResults` records."""
-    check_at_least(num_fewshot=(num_fewshot, 0), batch_size=(batch_size, 1))
-    if limit is not None and not (limit > 0 and (limit < 1 or limit == int(limit))):
-        raise OptionError("limit", f"must be a whole number of documents or a share below 1, got {limit:g}")
-    try:
-        from compressor.harness import evaluate_tasks
-    except CompressorError:
-        raise OptionError("lm_eval_tasks", 'needs lm-eval, which is not installed: pip install -e ".[eval]"') from None
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
-    documents = int(limit) if limit is not None and limit >= 1 else limit  # lm-eval: an int counts, a float is a share
-    results = evaluate_tasks(models, names, num_fewshot=num_fewshot, limit=documents, include_path=include_path,
-                             batch_size=batch_size, device=device, dtype=dtype, weights_only=weights_only)  # fmt: skip
-    if json_output:
-        print_json([result.to_dict() for result in results])
-        return
-    values: dict[tuple[str, str], dict[int, str]] = {}  # (task, metric) -> {model column: "value +- stderr"}
-    for column, result in enumerate(results):
-        for task in result.tasks:
-            for metric in task.metrics:
-                name = metric.name if metric.filter == "none" else f"{metric.name} ({metric.filter})"
-                error = f" ± {metric.stderr:.4f}" if metric.stderr is not None else ""
-                values.setdefault((task.task, name), {})[column] = f"{metric.value:.4f}{error}"
-    rows = [
-        [task, metric, *(cells.get(i, "-") for i in range(len(results)))] for (task, metric), cells in values.items()
-    ]
-    shots = f", {num_fewshot}-shot" if num_fewshot else ""
-    title = f"lm-eval{shots}{f', at most {limit:g} documents per task' if limit else ''}"
-    console.print(table(title, ["task", "metric", *(str(r.model) for r in results)], rows, left=2))
+            bar = progress.add_task("evaluating", total=0, visible=False)
+            yield {"on_tokens": lambda n, total: progress.update(bar, advance=n, total=total, visible=True)}
+    elif isinstance(config, RetrievalEval):
+        with err_console.status(config.task) as status:
+            yield {"on_model": lambda path: status.update(f"{config.task}: {path}")}
+    else:
+        yield {}
 
 
 # ----- generate -----------------------------------------------------------------------------------------
@@ -1141,31 +979,16 @@ def _print_candidates(record) -> None:
     moe = any(c.active_params not in (None, c.params) for c in record.candidates)  # MoE: show active parameters
     probe = record.retrieval
     columns = ["#", "candidate", "blocks", "parameters", *(["active"] if moe else []), "memory", "speedup",
-               f"score ({record.score_metric})", *([_retrieval_column(probe)] if probe else [])]  # fmt: skip
+               f"score ({record.score_metric})", *([retrieval_column(probe)] if probe else [])]  # fmt: skip
     rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", *([f"{c.active_params:,}"] if moe else []),
-             fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-",
-             *([_retrieval_cell(c.retrieval)] if probe else [])]
+             fmt_memory(c.memory_bytes), fmt_speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-",
+             *([retrieval_cell(c.retrieval)] if probe else [])]
             for i, c in enumerate(record.candidates, start=1)]  # fmt: skip
     out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
     out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
     console.print(out_table)
     if probe:
-        say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
-
-
-def _retrieval_column(probe: dict[str, Any]) -> str:
-    """'phonebook @4k (acc, ll)': the header of a retrieval column."""
-    return f"{probe['task']} @{fmt_context(probe['context'])} (acc, ll)"
-
-
-def _retrieval_cell(result: dict[str, Any] | None) -> str:
-    """'94% (-0.21)': exact-match accuracy and the answers' mean log-likelihood."""
-    return f"{100 * result['accuracy']:.0f}% ({result['log_likelihood']:.2f})" if result else "-"
-
-
-def fmt_context(tokens: int) -> str:
-    """4096 -> '4k'; other counts as they are."""
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+        say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
 
 
 def _dry_run_compression(model, config, plan, *, json_output, device, **stages) -> None:
@@ -1214,10 +1037,6 @@ def _read_export_config(text: str) -> dict:
         return json.loads(Path(text).read_text() if Path(text).is_file() else text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
-
-
-def _speedup(value: float | None) -> str:
-    return f"{value:.2f}x" if value is not None else "-"
 
 
 def _print_plan(result, config, json_output: bool) -> None:
@@ -1456,16 +1275,16 @@ def _print_search(record, out: Path) -> None:
     probe = record.retrieval
     rows = []
     for c in sorted(record.candidates, key=lambda c: (rank.get(c.index, 10**6), c.score)):
-        retrieval_cells = [_retrieval_cell(c.retrieval), _retrieval_cell(c.distilled and c.distilled.retrieval)]
+        retrieval_cells = [retrieval_cell(c.retrieval), retrieval_cell(c.distilled and c.distilled.retrieval)]
         rows.append([str(rank.get(c.index, "-")), str(c.index), c.label, str(len(c.pattern)), f"{c.params:,}",
-                     fmt_memory(c.memory_bytes), _speedup(c.speedup), f"{c.score:.4f}",
+                     fmt_memory(c.memory_bytes), fmt_speedup(c.speedup), f"{c.score:.4f}",
                      f"{c.distilled.metric(shown):.4f}" if c.distilled else "-",
                      *(retrieval_cells if probe else [])])  # fmt: skip
     picked_by = f"library {record.score_metric}" if record.bld else f"zero-shot {record.score_metric}"
     columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", picked_by,
                f"val_{shown}"]  # fmt: skip
     if probe:
-        columns += [_retrieval_column(probe), "after distillation"]
+        columns += [retrieval_column(probe), "after distillation"]
     out_table = table(f"{record.strategy} search ({out}), ranked by {record.rank_by} after distillation", columns,
                       rows, left=0)  # fmt: skip
     out_table.columns[2].justify = "left"
@@ -1479,7 +1298,7 @@ def _print_search(record, out: Path) -> None:
         served.setdefault(", ".join(c.architecture.get("loads_in", ["compressor"])), []).append(f"#{c.index}")
     say("loads in: " + "; ".join(f"{' '.join(ids)}: {engines}" for engines, ids in served.items()))
     if probe:
-        say(f"the original on {_retrieval_column(probe)}: {_retrieval_cell(probe['source'])}")
+        say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
     if record.library:
         lib = record.library
         say(f"library: {lib['variants']} variants on {lib['tokens']:,} tokens, mean blockwise error "

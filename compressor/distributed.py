@@ -183,3 +183,14 @@ def barrier(world: World) -> None:
 def close(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session(device: str | torch.device) -> Iterator[World]:
+    """The world of a command's work (`init` on `device`, a name resolved by `resolve_device`), its process
+    group closed when the work ends, also on an error."""
+    world = init(resolve_device(device) if isinstance(device, str) else device)
+    try:
+        yield world
+    finally:
+        close(world)

@@ -63,31 +63,38 @@ def test_vocab_mismatch_and_empty_data(models):
 
 
 def test_two_processes_equal_one(models, tmp_path):
-    # `compress eval` under torchrun: both models sharded over two gloo processes, the batches split (5 of 2
-    # sequences: one process pads its share with a pass whose results are dropped)
+    # the eval pipeline under torchrun: both models sharded over two gloo processes, the batches split (5 of
+    # 2 sequences: one process pads its share with a pass whose results are dropped)
     import json
+    import pathlib
     import subprocess
     import sys
 
     import numpy as np
-    from typer.testing import CliRunner
 
-    import cli
     from compressor.checkpoint import save_model
+    from compressor.pipelines.evaluating import LossEval, evaluate_checkpoints
 
     student, teacher = models
     save_model(student, tmp_path / "student")
     save_model(teacher, tmp_path / "teacher")
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 512, size=10 * 16).astype(np.int32))
-    args = ["eval", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data",
-            str(tmp_path / "tokens.npy"), "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
-            "--json"]  # fmt: skip
-    one = CliRunner().invoke(cli.app, args)
-    assert one.exit_code == 0, one.output
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
-    two = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300)
+    config = LossEval(str(tmp_path / "tokens.npy"), teacher=str(tmp_path / "teacher"), seq_len=16, batch_size=2,
+                      device="cpu")  # fmt: skip
+    want = evaluate_checkpoints([tmp_path / "student"], config).to_dict()
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, sys, pathlib\n"
+        f"sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parents[1])!r})\n"
+        "from compressor.pipelines.evaluating import LossEval, evaluate_checkpoints\n"
+        f"record = evaluate_checkpoints([{str(tmp_path / 'student')!r}], {config!r})\n"
+        "if record is not None:\n    print(json.dumps(record.to_dict()))\n"
+    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker)]
+    two = subprocess.run(launch, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    want, got = json.loads(one.output), json.loads(two.stdout)
+    (line,) = two.stdout.splitlines()  # the main process alone returns the record
+    got = json.loads(line)
     assert got["tokens"] == want["tokens"] == 160
     for key in ("loss", "kl", "teacher_loss", "top1_agreement"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5)

@@ -1,5 +1,4 @@
 import importlib.util
-import json
 import math
 
 import numpy as np
@@ -279,20 +278,19 @@ def test_retrieval_config_builds_a_log_likelihood_probe():
             call()
 
 
-def test_cli_eval_task_compares_models_by_context(tmp_path):
+def test_eval_task_compares_models_by_context(tmp_path):
     from typer.testing import CliRunner
 
     import cli
+    from compressor.pipelines.evaluating import RetrievalEval, evaluate_checkpoints
 
-    runner = CliRunner()
-    args = ["eval", "examples/model", "examples/model", "--task", "phonebook", "--ctx", "256,512",
-            "--task-sequences", "1"]  # fmt: skip
-    result = runner.invoke(cli.app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    config = RetrievalEval("phonebook", "256,512", task_sequences=1)
+    data = evaluate_checkpoints(["examples/model", "examples/model"], config).to_dict()
     assert data["task"] == "phonebook" and list(data["models"]) == ["examples/model"]  # the same folder twice
     runs = data["models"]["examples/model"]
     assert [r["context"] for r in runs] == [256, 512] and all(r["queries"] == 16 for r in runs)
+    runner = CliRunner()
+    args = ["eval", "examples/model", "--task", "phonebook", "--ctx", "256,512", "--task-sequences", "1"]
     table = runner.invoke(cli.app, args)
     assert table.exit_code == 0 and "phonebook: 16 queries per context" in " ".join(table.output.split())
     for bad, message in [
