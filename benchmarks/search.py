@@ -5,11 +5,11 @@ Rows (`--rows`, each a full search at the same budget, calibration data and seed
 evaluated on the held-out plays):
 - zero-shot: MiniPuzzle candidates scored by the KL of the freshly pruned model, `--finalists` distilled
   for `--distill-tokens` each, each finalist running the teacher itself (the search before the library);
-- bld: a library of blockwise-distilled variants on `--bld` tokens (`--bld-epochs` passes each) scores
-  every block option by replacement, the exact solver picks, candidates are assembled from the trained
-  blocks, and the finalists share one teacher cache; their distillation tokens are cut so that library
-  plus finalists use the zero-shot row's total (`--bld` + finalists x tokens = finalists x
-  `--distill-tokens`);
+- bld: a library of blockwise-distilled variants on `--bld` tokens (`--bld-epochs` passes each, over the
+  `--bld-hidden-choices` largest hidden sizes that fit) scores every block option by replacement, the
+  exact solver picks, candidates are assembled from the trained blocks, and the finalists share one
+  teacher cache; their distillation tokens are cut so that library plus finalists use the zero-shot
+  row's total (`--bld` + finalists x tokens = finalists x `--distill-tokens`);
 - minitron: Minitron's uniform candidates, as the zero-shot row otherwise.
 Each row reports the Spearman / Kendall rank correlation between the score that picked its finalists and
 their KL after distillation, and its wall time with the teacher's part (every teacher forward timed).
@@ -17,8 +17,8 @@ their KL after distillation, and its wall time with the teacher's part (every te
 `--teacher-share K1,K2`: zero-shot searches with K1 and K2 finalists (`--share-distill-tokens` each), with
 the shared teacher cache and without it: the teacher's seconds and share of the search.
 
-    python benchmarks/search.py                                  # the README tables (about 25 minutes on 2 cores)
-    python benchmarks/search.py --rows bld --bld 16k             # one row
+    python benchmarks/search.py --teacher-share 1,4              # the docs tables
+    python benchmarks/search.py --rows bld --bld 8k              # one row
     python benchmarks/search.py --rows none --teacher-share 1,4  # the teacher's share only
 
 Run alone: other work on the machine changes the times (not the KL figures).
@@ -44,7 +44,9 @@ from compressor.pipelines.search import SearchConfig, run_search  # noqa: E402
 from compressor.pipelines.source import CalibrationConfig, calibrate  # noqa: E402
 from compressor.train import TrainConfig  # noqa: E402
 
-MINIPUZZLE = {"mamba_head_fractions": (1.0, 0.75, 0.5), "top_k": 12}
+# two distinct choices per hidden size and variant: the exact solver's variants often coincide, and the
+# zero-shot row needs `--finalists` candidates
+MINIPUZZLE = {"mamba_head_fractions": (1.0, 0.75, 0.5), "top_k": 12, "solutions": 2}
 MINITRON = {"axes": ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "depth"), "top_k": 10}
 
 
@@ -75,12 +77,13 @@ def main() -> None:
     parser.add_argument("--ctx", default="4k")
     parser.add_argument("--finalists", type=int, default=3)
     parser.add_argument("--distill-tokens", default="200k")
-    parser.add_argument("--bld", default="32k", help="library tokens")
+    parser.add_argument("--bld", default="16k", help="library tokens")
     parser.add_argument("--bld-epochs", type=int, default=2)
-    parser.add_argument("--hidden-choices", type=int, default=2, help="MiniPuzzle's hidden sizes (both rows)")
+
+    parser.add_argument("--bld-hidden-choices", type=int, default=1, help="hidden sizes the library covers")
     parser.add_argument("--rows", default="zero-shot,bld", help="zero-shot, bld, minitron (comma-separated) or none")
     parser.add_argument("--teacher-share", default="", help="finalist counts, e.g. 1,4")
-    parser.add_argument("--share-distill-tokens", default="50k")
+    parser.add_argument("--share-distill-tokens", default="25k")
     args = parser.parse_args()
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
     calibration = CalibrationConfig(
@@ -99,10 +102,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for row in [r for r in args.rows.split(",") if r and r != "none"]:
             options = dict(MINITRON if row == "minitron" else MINIPUZZLE)
-            if row != "minitron":
-                options["hidden_choices"] = args.hidden_choices
             bld, tokens = None, distill_tokens
             if row == "bld":
+                options["hidden_choices"] = args.bld_hidden_choices
                 bld = BLDConfig(parse_tokens(args.bld), epochs=args.bld_epochs, micro_batch_size=8)
                 tokens = (total - bld.tokens) // finalists
             config = SearchConfig(
@@ -162,7 +164,7 @@ def _print_rows(rows, budget, finalists, total) -> None:
 
 def _teacher_share(source, budget, clock, args, tmp: Path) -> None:
     tokens = parse_tokens(args.share_distill_tokens)
-    options = dict(MINIPUZZLE, hidden_choices=args.hidden_choices)
+    options = dict(MINIPUZZLE)
     print(f"\nthe teacher's share of a zero-shot search ({tokens // 1000}k distillation tokens per finalist)")
     print("\n| finalists | teacher | teacher passes | teacher time | search time | teacher share |")
     print("|---:|---|---:|---:|---:|---:|")

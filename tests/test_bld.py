@@ -200,3 +200,26 @@ def test_replacement_scores_resume_from_the_block_input_and_equal_whole_model_sc
     without_2 = Target.uniform(source.model.config, hidden_size=96, drop_blocks=(2,))
     assert replacing.score(2, _Skip(2)) == pytest.approx(scorer(without_2).value, rel=1e-4)
     assert replacing.score(0) == pytest.approx(scorer.score_model(model).value, rel=1e-5)  # the block is put back
+
+
+def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    out, memory = tmp_path / "s", f"{_budget(workspace).memory / 2**20:.4f}MiB"
+    args = ["search", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
+            "--score-samples", "4", "--seq-len", "32", "--target-mem", memory, "--ctx", "512", "--candidates", "2",
+            "--distill-tokens", "512", "--batch-size", "4", "--micro-batch-size", "2", "--ffn-fractions",
+            "1,0.5", "--hidden-choices", "1", "--top-k", "4", "--bld", "256", "--bld-epochs", "1",
+            "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert "library:" in result.output and "time: library" in result.output
+    record = json.loads((out / "search.json").read_text())
+    assert record["bld"]["epochs"] == 1 and record["library"]["variants"] > 0
+    assert not (tmp_path / ".s.library").exists()  # moved into the folder with the first record
+    resumed = CliRunner().invoke(cli.app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    changed = CliRunner().invoke(cli.app, [*args[:-4], "--bld-epochs", "3", "--out", str(out), "--resume"])
+    assert changed.exit_code != 0 and "--bld-epochs" in changed.output
