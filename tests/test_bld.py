@@ -223,3 +223,22 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     changed = CliRunner().invoke(cli.app, [*args[:-4], "--bld-epochs", "3", "--out", str(out), "--resume"])
     assert changed.exit_code != 0 and "--bld-epochs" in changed.output
+
+
+@pytest.mark.parametrize("preset, memory", [("12b-v2", "19.66GiB"), ("56b", "88.83GiB")])
+def test_search_dry_run_plans_the_library_at_real_sizes(preset, memory):
+    from typer.testing import CliRunner
+
+    import cli
+
+    args = ["search", preset, "--dry-run", "--target-mem", memory, "--ctx", "8k", "--gpu", "h100", "--seq-len",
+            "8192", "--micro-batch-size", "1", "--top-k", "2", "--bld", "1M", "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    (library,) = [p for p in json.loads(result.output)["memory_plans"] if p["stage"].startswith("library")]
+    source = get_preset(preset)
+    assert library["terms"]["variant: weights, gradients, AdamW (fp32)"] > 0 and library["smallest_nproc"] >= 1
+    stored = 1_000_000 * source.hidden_size * (source.num_blocks + 1) * 4  # every block boundary, fp32
+    from compressor.budget import format_bytes
+
+    assert format_bytes(stored) in library["notes"][0]
