@@ -806,11 +806,9 @@ def importance(
     """Score every prunable axis (hidden channels, FFN neurons, Mamba heads and head_dim, attention heads,
     blocks) from activations on calibration data; pruning and strategies reuse the folder. Under
     `torchrun --nproc-per-node N` the model is sharded across the processes, each scores its share."""
-    from compressor import distributed
-    from compressor.config import HybridConfig
-    from compressor.importance import ImportanceOptions, scores_bytes
-    from compressor.outputs import atomic_output, check_free_space, check_output
-    from compressor.pipelines.source import CalibrationConfig, calibrate
+    from compressor.importance import ImportanceOptions
+    from compressor.pipelines.importance import write_importance
+    from compressor.pipelines.source import CalibrationConfig
 
     options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
     if dry_run:
@@ -829,26 +827,16 @@ def importance(
     config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
                                batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
                                text_field=text_field, device=device, dtype=dtype, retrieval=probe)  # fmt: skip
-    inputs = (model, data, tokenizer_file(tokenizer))
-    check_output(out, overwrite=overwrite, inputs=inputs)
-    check_free_space(out, scores_bytes(HybridConfig.from_file(model)), "the importance scores")
-    world = distributed.init(distributed.resolve_device(device))
-    try:
-        passes = 1 + (0 if drop_one in ("none", "retrieval") else max(1, iterative_rounds))
-        with progress_bar() as progress:
-            task = progress.add_task("scoring", total=samples * seq_len * passes)
-            source = calibrate(config, world=world, on_batch=lambda n: progress.advance(task, n * world.size))
-    finally:
-        distributed.close(world)
-    if not world.is_main:
+    with progress_bar() as progress:
+        bar = progress.add_task("scoring", total=0, visible=False)
+        on_tokens = lambda n, total: progress.update(bar, advance=n, total=total, visible=True)  # noqa: E731
+        record = write_importance(config, out, overwrite=overwrite, on_tokens=on_tokens)
+    if record is None:  # another process of a torchrun
         return
-    scores = source.importance
-    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
-        scores.save(tmp)
     if json_output:
-        print_json({"out": str(out), **scores.meta, "block_influence": scores.block_influence.tolist()})
+        print_json(record.to_dict())
         return
-    _print_importance(scores, out)
+    _print_importance(record.scores, out)
 
 
 def _print_importance(scores, out: Path) -> None:

@@ -1,7 +1,9 @@
 """Importance estimation: hook statistics, group-aware rankings, drop-one scores, files, processes."""
 
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,24 +225,38 @@ def checkpoint(tmp_path_factory, model):
     return root
 
 
-def test_cli_and_two_processes_equal_one(checkpoint, tmp_path):
-    args = ["importance", str(checkpoint / "model"), "--data", str(checkpoint / "tokens.npy"), "--samples", "8",
-            "--seq-len", "24", "--batch-size", "2", "--drop-one", "kl", "--device", "cpu"]  # fmt: skip
-    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
-    assert result.exit_code == 0, result.output
-    assert "least important first" in result.output and "Mamba heads" in result.output
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", cli.__file__]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+def test_write_importance_on_two_processes_equals_one(checkpoint, tmp_path):
+    from compressor.pipelines.importance import write_importance
+    from compressor.pipelines.source import CalibrationConfig
+
+    config = CalibrationConfig(str(checkpoint / "model"), str(checkpoint / "tokens.npy"), samples=8, seq_len=24,
+                               batch_size=2, importance=ImportanceOptions(drop_one="kl"), device="cpu")  # fmt: skip
+    progress = []
+    record = write_importance(config, tmp_path / "one", on_tokens=lambda n, total: progress.append((n, total)))
+    assert record.out == tmp_path / "one" and record.to_dict()["samples"] == 8
+    assert sum(n for n, _ in progress) == progress[0][1] == 8 * 24 * 2  # scoring, then one drop-one pass
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from compressor.importance import ImportanceOptions\n"
+        "from compressor.pipelines.importance import write_importance\n"
+        "from compressor.pipelines.source import CalibrationConfig\n"
+        f"record = write_importance({config!r}, {str(tmp_path / 'two')!r})\n"
+        "assert (record is None) == (int(__import__('os').environ['RANK']) > 0)\n"
+    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker)]
+    two = subprocess.run(launch, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one, other = Importance.load(tmp_path / "one"), Importance.load(tmp_path / "two")
     for a, b in ((one.hidden, other.hidden), (one.mamba[0], other.mamba[0]), (one.attention[3], other.attention[3])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(one.block_drop, other.block_drop, rtol=1e-4, atol=1e-7)
     assert one.meta["samples"] == 8 and one.meta["fingerprint"] == fingerprint(checkpoint / "model")
-    result = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
-    assert result.exit_code == 1 and "already exists" in result.output
-    result = runner.invoke(cli.app, [*args[:4], "--samples", "100", *args[6:], "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "fewer than --samples 100" in result.output and not (tmp_path / "x").exists()
+    with pytest.raises(CompressorError, match="already exists"):
+        write_importance(config, tmp_path / "one")
+    with pytest.raises(CompressorError, match="fewer than --samples 100"):
+        write_importance(dataclasses.replace(config, samples=100), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 # ----- MoE blocks ------------------------------------------------------------------------------------------
