@@ -345,6 +345,8 @@ def _check_source_data(source: Source, config: SearchConfig) -> None:
         )
     if config.rank_by == "retrieval" and source.retrieval is None:
         raise OptionError("rank_by", "retrieval needs the retrieval probe: calibrate with a RetrievalConfig")
+    if config.bld is not None and source.world.size > 1:
+        raise OptionError("bld", "builds its library in one process: run the search without torchrun")
 
 
 def _propose_and_score(
