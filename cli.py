@@ -32,6 +32,7 @@ from cli_render import (
     say,
     table,
 )
+from compressor.budget import TERMS
 from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionClash, OptionError, check_at_least
 
@@ -246,15 +247,12 @@ KvDtypeOption = Annotated[str | None, typer.Option(help="KV cache: bf16, fp16, f
 SsmDtypeOption = Annotated[str | None, typer.Option(help="SSM state: fp32, bf16 or fp16 (default: the config's).")]
 # budgets (prune, search): compressor.budget.Budget.from_options
 BUDGET_OPTIONS = [
-    option("target_mem", str | None, "Memory budget at --ctx, e.g. 22GiB or 19.66GiB."),
+    *(option(term.option, term.value_type | None, term.help) for term in TERMS.values()),  # --target-mem, ...
     option("ctx", str, "Context length of the memory budget, e.g. 128k.", "8k"),
     option("batch", int, "Sequences served at once.", 1),
-    option("target_params", str | None, "Parameter budget, e.g. 9B."),
-    option("target_active_params", str | None, "Active-parameter budget (what a token uses in MoE models), e.g. 3B."),
     option("gpu", GpuOption),
     option("gpu_bandwidth", GpuBandwidthOption),
     option("gpu_tflops", GpuTflopsOption),
-    option("min_speedup", float | None, "At least this many times the original tokens/s."),
     option("isl", str | None, "Prompt tokens of the throughput workload, e.g. 8k."),
     option("osl", str | None, "Generated tokens of the throughput workload, e.g. 16k."),
     option("weight_dtype", WeightDtypeOption, default="bf16"),

@@ -161,7 +161,7 @@ class MiniPuzzleStrategy(Strategy):
         A throughput-only budget has no additive cost to pack against; decode speed follows the bytes a
         step reads, so the knapsack is run against a ladder of memory targets (95% ... 50% of the
         original's) and the caller keeps what reaches the speedup."""
-        if budget.memory is None and budget.params is None and budget.active_params is None:
+        if not budget.additive_terms():
             full = budget.memory_of(source).total
             targets: list[Target] = []
             for share in (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
@@ -172,7 +172,7 @@ class MiniPuzzleStrategy(Strategy):
 
     def tables(self, source: HybridConfig, importance, budget: Budget, mode: str) -> list[ChoiceTable]:
         """Every block's options at each of the `hidden_choices` largest hidden sizes that admit a choice
-        within the budget (an additive one: memory, parameters or active parameters)."""
+        within the budget (its additive terms: memory, parameters, active parameters, ...)."""
         o = self.options
         hidden_grid = width_choices(source.hidden_size, divisor_for(source.hidden_size, 256), o.max_width_pruning)
         costs = BlockCosts(source, budget)
@@ -276,7 +276,8 @@ class MiniPuzzleStrategy(Strategy):
     def _option(costs: BlockCosts, spec: BlockSpec, hidden: int, widths: dict[str, int], damage: float) -> BlockChoice:
         cost = costs.block(spec.kind, hidden, **{n: getattr(spec, n) for n in OVERRIDABLE[spec.kind]} | widths)
         whole = all(getattr(spec, name) == value for name, value in widths.items())
-        return BlockChoice(spec.kind, widths, whole, *cost, damage)
+        *named, others = cost
+        return BlockChoice(spec.kind, widths, whole, *named, damage, dict(others))
 
 
 def _width(full: int, fraction: float) -> int:

@@ -42,7 +42,7 @@ from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance
 from compressor.prune import Target
 from strategies.base import Strategy
-from strategies.costs import BlockCosts
+from strategies.costs import BlockCosts, share
 from strategies.grid import DEPTH_KINDS, MODELOPT_DIVISORS, divisor_for, drop_order, expert_choices, width_choices
 
 AXES = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "moe_experts", "moe_ffn", "moe_shared_ffn", "depth")
@@ -117,24 +117,31 @@ class MinitronOptions:
 class GridCosts:
     """The analytic cost of every grid point: arrays of shape (width choices of each grid key, in
     `GRID_FIELDS` order, then depth combinations), equal to what `compressor.budget` says of the point's
-    config (`num_parameters`, `active_parameters`, `Budget.memory_of(...).total`)."""
+    config for each additive budget term (`Term.measure`: `num_parameters`, `active_parameters`,
+    `Budget.memory_of(...).total`, ...)."""
 
     widths: dict[str, list[int]]  # grid key -> choices, largest first
     depth: np.ndarray  # (depth combinations, 4): blocks removed of each of DEPTH_KINDS
-    params: np.ndarray
-    active_params: np.ndarray
-    memory: np.ndarray  # bytes: weights + caches + the activation allowance
+    totals: dict[str, np.ndarray]  # additive term name -> its measure at every point (memory: with activations)
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.totals["params"]
+
+    @property
+    def active_params(self) -> np.ndarray:
+        return self.totals["active_params"]
+
+    @property
+    def memory(self) -> np.ndarray:
+        """Bytes: weights + caches + the activation allowance."""
+        return self.totals["memory"]
 
     def fits(self, budget: Budget) -> np.ndarray:
-        """Where the point meets the budget's memory, parameter and active-parameter limits."""
+        """Where the point meets every additive term the budget sets (memory, parameters, ...)."""
         fits = np.ones(self.params.shape, dtype=bool)
-        for limit, values in (
-            (budget.memory, self.memory),
-            (budget.params, self.params),
-            (budget.active_params, self.active_params),
-        ):
-            if limit is not None:
-                fits &= values <= limit
+        for term, limit in budget.additive_terms():
+            fits &= term.met(self.totals[term.name], limit)
         return fits
 
     def target(self, source: HybridConfig, index: tuple[int, ...], order: dict[str, list[int]]) -> Target:
@@ -226,31 +233,35 @@ class MinitronStrategy(Strategy):
         keys = list(GRID_FIELDS)
         shape = tuple(len(grid[k]) for k in keys)
 
+        terms = costs.terms
+
         def table(kind: str | None) -> np.ndarray:
-            """(4 costs, *shape): the block's (or, for None, the fixed part's) cost over the grid keys it
-            depends on, size 1 along the others (they broadcast)."""
+            """(terms + 1, *shape): the block's (or, for None, the fixed part's) share of each additive term,
+            then its activation allowance, over the grid keys it depends on, size 1 along the others (they
+            broadcast)."""
             own = ("hidden", *KIND_KEYS[kind]) if kind is not None else ("hidden",)
-            out = np.zeros((4, *(len(grid[k]) if k in own else 1 for k in keys)))
+            out = np.zeros((len(terms) + 1, *(len(grid[k]) if k in own else 1 for k in keys)))
             for point in itertools.product(*(enumerate(grid[k]) if k in own else [(0, None)] for k in keys)):
                 position = tuple(p for p, _ in point)
                 values = {GRID_FIELDS[k]: v for k, (_, v) in zip(keys, point, strict=True) if v is not None}
                 hidden = values.pop("hidden_size")
                 cost = costs.base(hidden) if kind is None else costs.block(kind, hidden, **values)
-                out[(slice(None), *position)] = cost
+                out[(slice(None), *position)] = [*(share(cost, term) for term in terms), cost.activations]
             return out
 
-        totals = np.zeros((3, *shape, len(depth)))  # params, active params, weight + cache bytes
-        totals += table(None)[:3, ..., None]
+        totals = np.zeros((len(terms), *shape, len(depth)))
+        totals += table(None)[:-1, ..., None]
         activations = np.zeros((*shape, len(depth)))
         for i, kind in enumerate(DEPTH_KINDS):
             if not source.count(kind):
                 continue
             count = source.count(kind) - depth[:, i]  # (D,) blocks of this kind kept
             unit = table(kind)[..., None]
-            totals += unit[:3] * count
-            activations = np.maximum(activations, np.where(count > 0, unit[3], 0))
-        params, active, nbytes = totals
-        return GridCosts(grid, depth, params, active, nbytes + activations)
+            totals += unit[:-1] * count
+            activations = np.maximum(activations, np.where(count > 0, unit[-1], 0))
+        allowance = [activations if term.allowance else 0 for term in terms]
+        by_name = {term.name: total + extra for term, total, extra in zip(terms, totals, allowance, strict=True)}
+        return GridCosts(grid, depth, by_name)
 
     def propose(self, source: HybridConfig, importance: Importance | None, budget: Budget | None) -> list[Target]:
         """Targets of the grid that fit the memory, parameter and active-parameter budgets analytically, in

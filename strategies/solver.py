@@ -2,12 +2,12 @@
 
 Each block offers a few options (keep whole, narrow, drop), each with a damage (what it costs in quality:
 an importance estimate, or a measured KL increase from the blockwise-distilled library) and its costs
-(parameters, active parameters, weight + cache bytes, and its prefill activation allowance). With binary
-x[b, o] (block b takes option o) the program is
+(its share of each additive budget term, `compressor.budget.Term.share`, and its prefill activation
+allowance). With binary x[b, o] (block b takes option o) the program is
 
     minimise   sum damage[b, o] x[b, o]
     subject to sum_o x[b, o] = 1                                   one option per block
-               sum cost_t[b, o] x[b, o] (+ a for bytes) <= cap_t   each additive budget term t set
+               sum cost_t[b, o] x[b, o] (+ a for memory) <= cap_t  each additive budget term t set
                a >= sum_o activations[b, o] x[b, o]                a: the widest kept block's allowance
                sum_{b of kind k} x[b, drop] <= limit_k, and in all <= limit_total
                x[b, o] <= y[k, w(o)], sum_w y[k, w] <= 1            kinds whose kept blocks share widths
@@ -25,13 +25,14 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from compressor.budget import Budget
 from compressor.errors import CompressorError
+from strategies.costs import share
 from strategies.grid import DEPTH_KINDS
 
 # HiGHS accepts rows up to ~1e-7 over their bound (its primal feasibility tolerance), which at a 90 GiB cap
@@ -39,14 +40,12 @@ from strategies.grid import DEPTH_KINDS
 # this much (in units of their cap) tighter, then ten times that, ...
 _MARGINS = (0.0, 1e-7, 1e-6, 1e-5)
 
-# the budget's additive limits and the BlockChoice cost each constrains
-LIMITS = (("memory", "nbytes"), ("params", "params"), ("active_params", "active_params"))
-
 
 @dataclass
 class BlockChoice:
     """One option for one block: its widths (BlockTarget fields it changes; None when dropped), whether it
-    keeps the block whole, its costs and damage."""
+    keeps the block whole, its costs (`strategies.costs.BlockCost`'s: the named shares, the activation
+    allowance, the other additive terms' shares in `others`) and damage."""
 
     kind: str
     widths: dict[str, int] | None
@@ -56,6 +55,7 @@ class BlockChoice:
     nbytes: int
     activations: int
     damage: float
+    others: dict[str, int] = field(default_factory=dict)
 
     @property
     def dropped(self) -> bool:
@@ -68,14 +68,13 @@ class BlockChoice:
 
 
 def fits(choice: Sequence[BlockChoice], budget: Budget, base) -> bool:
-    """Whether the choice (one option per block) plus the fixed part `base` meets every additive limit,
-    the activation allowance of its widest block counted in memory."""
+    """Whether the choice (one option per block) plus the fixed part `base` meets every additive term the
+    budget sets, the activation allowance of its widest block counted where the term has one (memory)."""
     activations = max((x.activations for x in choice), default=0)
-    for limit_name, cost_name in LIMITS:
-        limit = getattr(budget, limit_name)
-        used = getattr(base, cost_name) + sum(getattr(x, cost_name) for x in choice)
-        used += activations if cost_name == "nbytes" else 0
-        if limit is not None and used > limit:
+    for term, limit in budget.additive_terms():
+        used = share(base, term) + sum(share(x, term) for x in choice)
+        used += activations if term.allowance else 0
+        if used > limit:
             return False
     return True
 
@@ -151,17 +150,14 @@ class _Program:
             r[[i for i, (bb, _) in enumerate(self.index) if bb == b]] = 1
             rows.append((r, 1, 1))
         allowance = n  # the variable a, in units of the memory cap (HiGHS drops coefficients below 1e-9)
-        for limit_name, cost_name in LIMITS:
-            cap = getattr(budget, limit_name)
-            if cap is None:
-                continue
-            room = cap - getattr(base, cost_name)
+        for term, cap in budget.additive_terms():  # one row per additive term set
+            room = cap - share(base, term)
             if room < 0:
                 self.infeasible = True
             scale = max(abs(cap), 1)  # rows in units of the cap keep HiGHS's tolerances meaningful
             r = row()
-            r[:n] = [getattr(x, cost_name) / scale for x in flat]
-            if cost_name == "nbytes":
+            r[:n] = [share(x, term) / scale for x in flat]
+            if term.allowance:
                 r[allowance] = 1
                 for b in range(self.blocks):  # a >= the block's allowance
                     ra = row()

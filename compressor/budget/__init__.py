@@ -48,7 +48,7 @@ from compressor.budget.roofline import (
     roofline_throughput,
     speedup,
 )
-from compressor.budget.terms import Budget
+from compressor.budget.terms import TERMS, Budget, Term, register
 from compressor.budget.units import (
     _TORCH_NAMES,
     CACHE_DTYPES,
@@ -58,6 +58,7 @@ from compressor.budget.units import (
     SSM_DTYPES,
     TIB,
     WEIGHT_DTYPES,
+    Precision,
     compute_dtype,
     format_bytes,
     normalize_dtype,
@@ -72,14 +73,15 @@ from compressor.config import HybridConfig
 from compressor.errors import BudgetError, OptionError
 
 __all__ = [
-    "CACHE_DTYPES", "DEFAULT_PREFILL_CHUNK", "GIB", "GPUS", "KIB", "MIB", "SSM_DTYPES", "TIB", "WEIGHT_DTYPES",
+    "CACHE_DTYPES", "DEFAULT_PREFILL_CHUNK", "GIB", "GPUS", "KIB", "MIB", "SSM_DTYPES", "TERMS", "TIB", "WEIGHT_DTYPES",
     "Budget", "BudgetError", "GPUSpec", "Measurement", "MemoryEstimate", "RooflineTerms", "ThroughputEstimate",
-    "Workload", "activation_bytes", "active_parameters", "available_memory", "check_cache_fits", "check_fits",
+    "Precision", "Term", "Workload", "activation_bytes", "active_parameters", "available_memory",
+    "check_cache_fits", "check_fits",
     "compute_dtype", "conv_state_bytes", "estimate_memory", "estimate_throughput", "experts_touched",
     "format_bytes", "get_gpu", "gpu_from_options", "kv_bytes_per_token", "largest_batch",
     "largest_fitting_batch", "measure", "normalize_dtype", "num_parameters", "parameter_counts",
     "parse_bandwidth", "parse_context", "parse_count", "parse_params", "parse_size", "parse_tokens",
-    "resolve_batch", "roofline_terms", "roofline_throughput", "speedup", "ssm_state_bytes", "weight_bytes",
+    "register", "resolve_batch", "roofline_terms", "roofline_throughput", "speedup", "ssm_state_bytes", "weight_bytes",
     "weight_bytes_by_component",
 ]  # fmt: skip
 

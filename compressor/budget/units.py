@@ -16,6 +16,7 @@ config's `mamba_ssm_cache_dtype` (fp32 in every published model).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 
 from compressor.errors import BudgetError
@@ -138,3 +139,34 @@ def compute_dtype(weight_dtype: str) -> str:
     """The dtype activations, the conv state and (by default) the KV cache use with these weights."""
     weight_dtype = normalize_dtype(weight_dtype)
     return weight_dtype if weight_dtype in ("fp32", "fp16") else "bf16"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a deployment stores its numbers: the weights, the KV cache (None: the compute dtype) and the SSM
+    state (None: the config's `mamba_ssm_cache_dtype`). Names are normalized ('bfloat16' -> 'bf16')."""
+
+    weight: str = "bf16"
+    kv: str | None = None
+    ssm: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", normalize_dtype(self.weight))
+        if self.kv is not None:
+            object.__setattr__(self, "kv", normalize_dtype(self.kv, CACHE_DTYPES, "KV cache dtype"))
+        if self.ssm is not None:
+            object.__setattr__(self, "ssm", normalize_dtype(self.ssm, SSM_DTYPES, "SSM state dtype"))
+
+    @classmethod
+    def from_options(cls, weight_dtype: str = "bf16", kv_dtype: str | None = None, ssm_dtype: str | None = None):
+        """The precision of the `--weight-dtype`, `--kv-dtype` and `--ssm-dtype` options (empty: default)."""
+        return cls(weight_dtype, kv_dtype or None, ssm_dtype or None)
+
+    @property
+    def compute(self) -> str:
+        """The dtype of the activations and the conv state (`compute_dtype`)."""
+        return compute_dtype(self.weight)
+
+    def keywords(self) -> dict[str, str | None]:
+        """The keyword arguments of `estimate_memory`, `estimate_throughput` and `speedup`."""
+        return {"weight_dtype": self.weight, "kv_dtype": self.kv, "ssm_dtype": self.ssm}
