@@ -26,7 +26,9 @@ from cli_render import (
     fmt_speedup,
     print_json,
     progress_bar,
+    render_compression_preview,
     render_eval,
+    render_memory_plans,
     retrieval_cell,
     retrieval_column,
     say,
@@ -35,6 +37,7 @@ from cli_render import (
 from compressor.budget import TERMS
 from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionClash, OptionError, check_at_least
+from compressor.presets import load_config_or_preset
 
 app = typer.Typer(
     name="compress",
@@ -291,20 +294,6 @@ def budget_from(values: dict[str, Any]):
     return Budget.from_options(**values)
 
 
-def load_config_or_preset(model: str):
-    """A checkpoint folder, a config.json, or a preset name -> (HybridConfig, folder or None)."""
-    from compressor.config import HybridConfig
-    from compressor.presets import get_preset
-
-    path = Path(model)
-    if path.exists():
-        return HybridConfig.from_file(path), (path if path.is_dir() else None)
-    try:
-        return get_preset(model), None
-    except CompressorError:
-        raise CompressorError(f"{model!r} is neither a checkpoint folder, a config.json nor a preset name") from None
-
-
 # ----- info ---------------------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -549,50 +538,6 @@ PLAN_OPTIONS = [
 ]
 
 
-def _print_memory_plans(plans: list, options: dict[str, Any], gpu, device: str) -> list[dict]:
-    """One table per stage: bytes per process at --nproc (default: the fewest that fit), the verdict, the
-    fewest processes that fit on `gpu` (a GPUSpec; else the local device's free memory); returns the JSON
-    form (and prints nothing with --json)."""
-    from compressor import planning
-    from compressor.distributed import resolve_device
-
-    if options.get("nproc") is not None and options["nproc"] < 1:
-        raise OptionError("nproc", f"must be at least 1, got {options['nproc']}")
-    memory = planning.device_memory(gpu, resolve_device(device) if gpu is None else "cpu")
-    label = gpu.name if gpu is not None else str(resolve_device(device))
-    out = []
-    for plan in plans:
-        nproc = options.get("nproc") or (plan.smallest_nproc(memory) if memory is not None else None) or 1
-        out.append({**plan.to_dict(nproc, memory), "device": label})
-        if options.get("json"):
-            continue
-        rows = [[name, fmt_memory(nbytes)] for name, nbytes in plan.terms(nproc).items()]
-        rows.append(["[bold]total", f"[bold]{fmt_memory(plan.total(nproc))}"])
-        console.print(table(f"memory plan: {plan.stage}, per process of {nproc}", ["term", "size"], rows))
-        for line in [*planning.describe(plan, nproc, memory, label), *plan.notes]:
-            console.print(line, highlight=False)
-    if gpu is not None and not options.get("json"):
-        reserve = fmt_memory(planning.GPU_RESERVE)
-        console.print(
-            f"usable: {gpu.name}'s {fmt_memory(gpu.memory)} less {reserve} for the CUDA context and the allocator; "
-            "activations as compressor's torch path keeps them"
-        )
-    return out
-
-
-def _plan_gpu(name: str | None):
-    from compressor.budget import get_gpu
-
-    return get_gpu(name) if name is not None else None
-
-
-def _plan_dtype(config, dtype: str | None):
-    """The weights' dtype a stage runs in: --dtype, else the checkpoint's, else bf16 (a preset)."""
-    from compressor.checkpoint import parse_dtype
-
-    return parse_dtype(dtype or config.extra.get("dtype") or config.extra.get("torch_dtype") or "bfloat16")
-
-
 # ----- init ---------------------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -810,14 +755,12 @@ def importance(
 
     options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
     if dry_run:
-        from compressor import planning
+        from compressor.pipelines.preview import preview_importance
 
-        arch, _ = load_config_or_preset(str(model))
-        plans = [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=_plan_dtype(arch, dtype),
-                                          drop_one=drop_one != "none")]  # fmt: skip
-        result = _print_memory_plans(plans, {**plan, "json": json_output}, _plan_gpu(plan.get("gpu")), device)
-        if json_output:
-            print_json(result[0])
+        preview = preview_importance(model, seq_len=seq_len, batch_size=batch_size, drop_one=drop_one != "none",
+                                     dtype=dtype, nproc=plan.get("nproc"), gpu=plan.get("gpu"),
+                                     device=device)  # fmt: skip
+        print_json(preview.to_dict()[0]) if json_output else render_memory_plans(preview)
         return
     if data is None or out is None:
         raise OptionError("data" if data is None else "out", "is needed (or --dry-run to only plan the memory)")
@@ -914,6 +857,7 @@ def prune_command(
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default).
     Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
+    from compressor.pipelines.preview import CompressionStages
     from compressor.pipelines.pruning import PruneConfig, prune_to_budget
     from compressor.pipelines.pruning import plan as candidates_plan
     from compressor.pipelines.ranking import check_scoring
@@ -924,9 +868,8 @@ def prune_command(
     export = _read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
     if dry_run:
-        _dry_run_compression(model, config, plan, seq_len=seq_len, batch_size=batch_size, score_samples=score_samples,
-                             importance=importance_dir is None, dtype=dtype, device=device,
-                             json_output=json_output)  # fmt: skip
+        stages = CompressionStages(seq_len, batch_size, score_samples, importance_dir is None, dtype)
+        _dry_run_compression(model, config, stages, plan, device, json_output)
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
@@ -977,45 +920,12 @@ def _print_candidates(record) -> None:
         say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
 
 
-def _dry_run_compression(model, config, plan, *, json_output, device, **stages) -> None:
-    """`--dry-run` of prune and search: the candidates that fit (`config`, a PruneConfig) and the memory plans
-    of the stages (`_compression_plans`: importance, scoring, a finalist's distillation)."""
-    from compressor.pipelines.pruning import plan as candidates_plan
+def _dry_run_compression(model, config, stages, plan: dict[str, Any], device: str, json_output: bool) -> None:
+    """`--dry-run` of prune and search: the candidates that fit (`config`) and the memory of the stages."""
+    from compressor.pipelines.preview import preview_compression
 
-    arch, _ = load_config_or_preset(str(model))
-    result = candidates_plan(arch, config)
-    plans = _compression_plans(arch, result.candidates, **stages)
-    gpu = config.budget.gpu if config.budget is not None else None
-    if json_output:
-        memory = _print_memory_plans(plans, {**plan, "json": True}, gpu, device)
-        print_json({**result.to_dict(), "memory_plans": memory})
-        return
-    _print_plan(result, config, json_output)
-    _print_memory_plans(plans, plan, gpu, device)
-
-
-def _compression_plans(
-    arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None, bld=None
-):
-    """The memory plans of a compression on `arch`: importance (unless reused), the blockwise-distilled
-    library (`bld`, a BLDConfig), scoring the candidates (the largest of them) on the held-out batches, and a
-    finalist's distillation (`distill`, a TrainConfig)."""
-    from compressor import planning
-
-    weights = _plan_dtype(arch, dtype)
-    largest = max(candidates, key=lambda c: c.params).target.config(arch)
-    batches = -(-score_samples // batch_size)
-    plans = (
-        [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=weights)] if importance else []
-    )
-    if bld is not None:
-        plans.append(planning.library_plan(arch, tokens=bld.tokens, seq_len=seq_len,
-                                           micro_batch_size=bld.micro_batch_size, dtype=weights))  # fmt: skip
-    plans.append(planning.scoring_plan(arch, largest, seq_len=seq_len, batch_size=batch_size, batches=max(batches, 1),
-                                       dtype=weights))  # fmt: skip
-    if distill is not None:
-        plans.append(planning.training_plan(distill, largest, arch, "cuda"))
-    return plans
+    preview = preview_compression(model, config, stages, nproc=plan.get("nproc"), device=device)
+    print_json(preview.to_dict()) if json_output else render_compression_preview(preview, config)
 
 
 def _read_export_config(text: str) -> dict:
@@ -1023,33 +933,6 @@ def _read_export_config(text: str) -> dict:
         return json.loads(Path(text).read_text() if Path(text).is_file() else text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
-
-
-def _print_plan(result, config, json_output: bool) -> None:
-    if json_output:
-        print_json(result.to_dict())
-        return
-    from strategies.base import describe_stats
-
-    stats = describe_stats(result.stats)
-    console.print(
-        f"{result.strategy}: {stats + '; ' if stats else ''}{len(result.candidates)} candidates meet the budget "
-        f"({config.budget.describe() if config.budget else 'export_config'}) in {result.seconds:.2f} s; "
-        "not scored (a config has no weights):",
-        highlight=False,
-    )
-    moe = any("num_moe_experts" in c.architecture for c in result.candidates)  # the label names MoE widths
-    chars = "M*-E" if moe else "M*-"
-    rows = []
-    for c in result.candidates:
-        blocks = "/".join(str(c.pattern.count(char)) for char in chars)
-        arch = c.architecture
-        widths = [f"{c.active_params:,}"] if moe else [str(arch["hidden_size"]), str(arch["ffn_hidden_size"])]
-        rows.append([c.label, blocks, *widths, f"{c.params:,}", fmt_memory(c.memory_bytes)])
-    widths = ["active"] if moe else ["hidden", "ffn"]
-    console.print(table(None, ["candidate", f"{'/'.join(chars)} blocks", *widths, "parameters", "memory"], rows))
-    for warning in result.warnings:
-        say(f"warning: {warning}")
 
 
 # ----- search -------------------------------------------------------------------------------------------
@@ -1132,6 +1015,7 @@ def search(
     from compressor.bld import BLDConfig
     from compressor.budget import parse_tokens
     from compressor.pipelines.plots import plot_pareto
+    from compressor.pipelines.preview import CompressionStages
     from compressor.pipelines.pruning import PruneConfig
     from compressor.pipelines.pruning import plan as candidates_plan
     from compressor.pipelines.ranking import check_scoring
@@ -1146,9 +1030,9 @@ def search(
                               micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
                               attention_loss=attention_loss, attention_queries=attention_queries)  # fmt: skip
         library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
-        _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), plan, seq_len=seq_len,
-                             batch_size=1, score_samples=score_samples, importance=importance_dir is None, dtype=dtype,
-                             device=device, json_output=json_output, distill=distill, bld=library)  # fmt: skip
+        stages = CompressionStages(seq_len, 1, score_samples, importance_dir is None, dtype, distill, library)
+        _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), stages, plan, device,
+                             json_output)  # fmt: skip
         return
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
@@ -1429,14 +1313,9 @@ def _run_training(options: dict[str, Any]) -> None:
     config = TrainConfig(tokens=parse_tokens(tokens) if tokens is not None else None, loss=loss, **options)
     config.validate()
     if dry_run:
-        from compressor import planning
-        from compressor.distributed import resolve_device
+        from compressor.pipelines.preview import preview_training
 
-        gpu = _plan_gpu(plan.get("gpu"))
-        device = "cuda" if gpu is not None else resolve_device(config.device)
-        student, _ = load_config_or_preset(config.student)
-        teacher = load_config_or_preset(config.teacher)[0] if config.teacher is not None else None
-        _print_memory_plans([planning.training_plan(config, student, teacher, device)], plan, gpu, config.device)
+        render_memory_plans(preview_training(config, nproc=plan.get("nproc"), gpu=plan.get("gpu")))
         return
     for name in ("data", "out"):
         if options[name] is None:

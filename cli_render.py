@@ -153,3 +153,52 @@ def _print_lm_eval(record) -> None:
     shots = f", {num_fewshot}-shot" if num_fewshot else ""
     title = f"lm-eval{shots}{f', at most {limit:g} documents per task' if limit else ''}"
     console.print(table(title, ["task", "metric", *(str(r.model) for r in record.results)], rows, left=2))
+
+
+# ----- dry runs -----------------------------------------------------------------------------------------
+def render_memory_plans(preview) -> None:
+    """One table per stage of a MemoryPreview (compressor.pipelines.preview): bytes per process, the verdict,
+    the fewest processes that fit."""
+    from compressor import planning
+
+    for stage in preview.stages:
+        plan, nproc = stage.plan, stage.nproc
+        rows = [[name, fmt_memory(nbytes)] for name, nbytes in plan.terms(nproc).items()]
+        rows.append(["[bold]total", f"[bold]{fmt_memory(plan.total(nproc))}"])
+        console.print(table(f"memory plan: {plan.stage}, per process of {nproc}", ["term", "size"], rows))
+        for line in [*planning.describe(plan, nproc, stage.memory, stage.device), *plan.notes]:
+            console.print(line, highlight=False)
+    gpu = preview.gpu
+    if gpu is not None:
+        reserve = fmt_memory(planning.GPU_RESERVE)
+        console.print(
+            f"usable: {gpu.name}'s {fmt_memory(gpu.memory)} less {reserve} for the CUDA context and the allocator; "
+            "activations as compressor's torch path keeps them"
+        )
+
+
+def render_compression_preview(preview, config) -> None:
+    """A prune's or search's dry run: the candidates that meet the budget, then the memory plans."""
+    from strategies.base import describe_stats
+
+    result = preview.candidates
+    stats = describe_stats(result.stats)
+    console.print(
+        f"{result.strategy}: {stats + '; ' if stats else ''}{len(result.candidates)} candidates meet the budget "
+        f"({config.budget.describe() if config.budget else 'export_config'}) in {result.seconds:.2f} s; "
+        "not scored (a config has no weights):",
+        highlight=False,
+    )
+    moe = any("num_moe_experts" in c.architecture for c in result.candidates)  # the label names MoE widths
+    chars = "M*-E" if moe else "M*-"
+    rows = []
+    for c in result.candidates:
+        blocks = "/".join(str(c.pattern.count(char)) for char in chars)
+        arch = c.architecture
+        widths = [f"{c.active_params:,}"] if moe else [str(arch["hidden_size"]), str(arch["ffn_hidden_size"])]
+        rows.append([c.label, blocks, *widths, f"{c.params:,}", fmt_memory(c.memory_bytes)])
+    widths = ["active"] if moe else ["hidden", "ffn"]
+    console.print(table(None, ["candidate", f"{'/'.join(chars)} blocks", *widths, "parameters", "memory"], rows))
+    for warning in result.warnings:
+        say(f"warning: {warning}")
+    render_memory_plans(preview.memory)

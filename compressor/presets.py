@@ -6,6 +6,8 @@ parameter counts are checked against the published numbers in tests/test_presets
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compressor.config import HybridConfig
 from compressor.errors import ConfigError
 
@@ -213,3 +215,14 @@ def get_preset(name: str) -> HybridConfig:
     if key in TINY:
         return HybridConfig(**TINY[key])
     raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+
+
+def load_config_or_preset(model: str | Path) -> tuple[HybridConfig, Path | None]:
+    """A checkpoint folder, a config.json, or a preset name -> (HybridConfig, folder or None)."""
+    path = Path(model)
+    if path.exists():
+        return HybridConfig.from_file(path), (path if path.is_dir() else None)
+    try:
+        return get_preset(str(model)), None
+    except ConfigError:
+        raise ConfigError(f"{model!r} is neither a checkpoint folder, a config.json nor a preset name") from None

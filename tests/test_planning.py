@@ -1,6 +1,6 @@
 """Memory plans before launch (compressor/planning.py) and the dry runs that print them."""
 
-import json
+import dataclasses
 
 import pytest
 import torch
@@ -8,8 +8,11 @@ from typer.testing import CliRunner
 
 import cli
 from compressor import planning
-from compressor.budget import GIB, get_gpu, num_parameters
+from compressor.budget import GIB, Budget, get_gpu, num_parameters
+from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
+from compressor.pipelines.preview import CompressionStages, preview_compression, preview_importance, preview_training
+from compressor.pipelines.pruning import PruneConfig
 from compressor.presets import get_preset
 from compressor.train import TrainConfig
 
@@ -67,27 +70,34 @@ def test_smallest_nproc_is_the_fewest_that_fit():
     assert plan.smallest_nproc(GIB) is None  # the per-process terms alone need more
 
 
-def _dry_run(*args):
-    result = runner.invoke(cli.app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
-
-
 def test_56b_plans_on_h100():
     """The README's plans: MiniPuzzle 56B -> 47B, 8k sequences, H100 80GB."""
-    importance = _dry_run("importance", "56b", "--dry-run", "--gpu", "h100", "--seq-len", "8192", "--drop-one", "kl")
+    (importance,) = preview_importance("56b", seq_len=8192, batch_size=1, drop_one=True, gpu="h100").to_dict()
     assert importance["smallest_nproc"] == 3 and importance["total"] <= importance["memory"]
-    search = _dry_run("search", "56b", "--dry-run", "--target-mem", "88.83GiB", "--ctx", "8k", "--gpu", "h100",
-                      "--seq-len", "8192", "--micro-batch-size", "1", "--top-k", "3")  # fmt: skip
-    stages = {plan["stage"]: plan for plan in search["memory_plans"]}
-    assert stages["importance"]["smallest_nproc"] == 2 and stages["scoring"]["smallest_nproc"] == 4
+    budget = Budget.from_options(target_mem="88.83GiB", ctx="8k", gpu="h100")
+    distill = TrainConfig(student="", out="", data="", teacher="56b", seq_len=8192, micro_batch_size=1)
+    stages = CompressionStages(seq_len=8192, batch_size=1, score_samples=64, importance=True, distill=distill)
+    search = preview_compression("56b", PruneConfig(budget, "minipuzzle", {"top_k": "3"}), stages).to_dict()
+    plans = {plan["stage"]: plan for plan in search["memory_plans"]}
+    assert plans["importance"]["smallest_nproc"] == 2 and plans["scoring"]["smallest_nproc"] == 4
     assert len(search["candidates"]) == 3
-    distill = ["distill", "56b", "47b", "--dry-run", "--gpu", "h100", "--seq-len", "8192", "--micro-batch-size", "1"]
-    result = runner.invoke(cli.app, [*distill, "--activation-checkpointing"])
-    assert result.exit_code == 0, result.output
-    assert "smallest number of H100 SXM that fits: 20" in result.output and "teacher weights" in result.output
-    result = runner.invoke(cli.app, distill)
-    assert result.exit_code == 0 and "no number of H100 SXM fits" in result.output
+    config = TrainConfig(student="47b", out=None, data=None, teacher="56b", seq_len=8192, micro_batch_size=1,
+                         activation_checkpointing=True)  # fmt: skip
+    (plan,) = preview_training(config, gpu="h100").to_dict()
+    assert plan["smallest_nproc"] == 20 and any("teacher weights" in term for term in plan["terms"])
+    (plan,) = preview_training(dataclasses.replace(config, activation_checkpointing=False), gpu="h100").to_dict()
+    assert plan["smallest_nproc"] is None
+
+
+def test_the_asked_process_count_and_errors():
+    for nproc in (1, 4):
+        (stage,) = preview_importance("12b-v2", seq_len=4096, batch_size=1, drop_one=False, gpu="a10g",
+                                      nproc=nproc).stages  # fmt: skip
+        assert stage.nproc == nproc and stage.plan.smallest_nproc(stage.memory) == 2 and stage.device == "A10G"
+    with pytest.raises(OptionError, match="nproc must be at least 1"):
+        preview_importance("tiny", seq_len=64, batch_size=1, drop_one=False, nproc=0)
+    with pytest.raises(CompressorError, match="neither a checkpoint folder, a config.json nor a preset name"):
+        preview_importance("no-such-model", seq_len=64, batch_size=1, drop_one=False)
 
 
 def test_dry_run_errors():
@@ -99,8 +109,11 @@ def test_dry_run_errors():
     assert result.exit_code == 1 and "--data is needed" in result.output
 
 
-@pytest.mark.parametrize("nproc", [1, 4])
-def test_the_table_shows_the_asked_process_count(nproc):
-    result = runner.invoke(cli.app, ["importance", "12b-v2", "--dry-run", "--gpu", "a10g", "--nproc", str(nproc)])
+def test_dry_run_tables():
+    result = runner.invoke(cli.app, ["importance", "12b-v2", "--dry-run", "--gpu", "a10g", "--nproc", "4"])
     assert result.exit_code == 0, result.output
-    assert f"per process of {nproc}" in result.output and "smallest number of A10G that fits: 2" in result.output
+    assert "per process of 4" in result.output and "smallest number of A10G that fits: 2" in result.output
+    result = runner.invoke(cli.app, ["distill", "56b", "47b", "--dry-run", "--gpu", "h100", "--seq-len", "8192",
+                                     "--micro-batch-size", "1", "--activation-checkpointing"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "smallest number of H100 SXM that fits: 20" in result.output and "teacher weights" in result.output

@@ -1,0 +1,179 @@
+"""The dry runs (`--dry-run` of importance, prune, search, distill and train): what a run would hold in
+memory per process, stage by stage, from a config alone (a checkpoint folder, a config.json or a preset:
+nothing is loaded but the config).
+
+Each stage's `planning.MemoryPlan` is taken at `nproc` processes (default: the fewest that fit the memory
+there is: a GPU's, less its reserve, or the local device's free memory). Prune and search also list the
+candidates that meet the budget (`pipelines.pruning.plan`) and plan the stages of the compression:
+importance (unless reused), the blockwise-distilled library (`bld`), scoring the largest candidate and a
+finalist's distillation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor import planning
+from compressor.budget import GPUSpec, get_gpu
+from compressor.config import HybridConfig
+from compressor.errors import OptionError
+from compressor.pipelines.pruning import Plan, PruneConfig
+from compressor.pipelines.pruning import plan as candidates_plan
+from compressor.pipelines.search import SearchConfig
+from compressor.presets import load_config_or_preset
+
+
+@dataclass(frozen=True)
+class CompressionStages:
+    """The sizes of a compression's stages: sequences, scoring batches, and which stages run."""
+
+    seq_len: int
+    batch_size: int
+    score_samples: int
+    importance: bool  # estimated (not reused from a folder)
+    dtype: str | None = None  # the weights' (default: the checkpoint's, else bf16)
+    distill: Any = None  # a finalist's distillation, a train.TrainConfig
+    bld: Any = None  # the blockwise-distilled library, a bld.BLDConfig
+
+
+@dataclass
+class StagePlan:
+    """One stage's plan at `nproc` processes, against `memory` bytes (None: unknown) of `device`."""
+
+    plan: planning.MemoryPlan
+    nproc: int
+    memory: int | None
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.plan.to_dict(self.nproc, self.memory), "device": self.device}
+
+
+@dataclass
+class MemoryPreview:
+    """Every stage's plan, and the GPU they are planned for (None: the local device)."""
+
+    stages: list[StagePlan]
+    gpu: GPUSpec | None
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [stage.to_dict() for stage in self.stages]
+
+
+@dataclass
+class CompressionPreview:
+    """A prune's or search's dry run: the candidates that fit and the memory of each stage."""
+
+    candidates: Plan
+    memory: MemoryPreview
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.candidates.to_dict(), "memory_plans": self.memory.to_dict()}
+
+
+def plan_gpu(name: str | None) -> GPUSpec | None:
+    """The GPU a dry run plans for, by name (None: the local device)."""
+    return get_gpu(name) if name is not None else None
+
+
+def plan_dtype(config: HybridConfig, dtype: str | None) -> torch.dtype:
+    """The weights' dtype a stage runs in: `dtype`, else the checkpoint's, else bf16 (a preset)."""
+    from compressor.checkpoint import parse_dtype
+
+    return parse_dtype(dtype or config.extra.get("dtype") or config.extra.get("torch_dtype") or "bfloat16")
+
+
+def plan_memory(
+    plans: list[planning.MemoryPlan], *, nproc: int | None = None, gpu: GPUSpec | None = None, device: str = "auto"
+) -> MemoryPreview:
+    """Each plan at `nproc` processes (default: the fewest that fit `gpu`'s memory, else the local device's
+    free memory; 1 when that is unknown or nothing fits)."""
+    from compressor.distributed import resolve_device
+
+    if nproc is not None and nproc < 1:
+        raise OptionError("nproc", f"must be at least 1, got {nproc}")
+    memory = planning.device_memory(gpu, resolve_device(device) if gpu is None else "cpu")
+    label = gpu.name if gpu is not None else str(resolve_device(device))
+    stages = []
+    for plan in plans:
+        count = nproc or (plan.smallest_nproc(memory) if memory is not None else None) or 1
+        stages.append(StagePlan(plan, count, memory, label))
+    return MemoryPreview(stages, gpu)
+
+
+def preview_importance(
+    model: str | Path,
+    *,
+    seq_len: int,
+    batch_size: int,
+    drop_one: bool,
+    dtype: str | None = None,
+    nproc: int | None = None,
+    gpu: str | None = None,
+    device: str = "auto",
+) -> MemoryPreview:
+    """`compress importance --dry-run`: the memory of scoring `model` (with a drop-one pass)."""
+    arch, _ = load_config_or_preset(model)
+    plan = planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=plan_dtype(arch, dtype),
+                                    drop_one=drop_one)  # fmt: skip
+    return plan_memory([plan], nproc=nproc, gpu=plan_gpu(gpu), device=device)
+
+
+def preview_training(config, *, nproc: int | None = None, gpu: str | None = None) -> MemoryPreview:
+    """`compress distill/train --dry-run`: the memory of training `config` (a train.TrainConfig) on `gpu`
+    (else on its device)."""
+    from compressor.distributed import resolve_device
+
+    spec = plan_gpu(gpu)
+    device = "cuda" if spec is not None else resolve_device(config.device)
+    student, _ = load_config_or_preset(config.student)
+    teacher = load_config_or_preset(config.teacher)[0] if config.teacher is not None else None
+    plan = planning.training_plan(config, student, teacher, device)
+    return plan_memory([plan], nproc=nproc, gpu=spec, device=config.device)
+
+
+def preview_compression(
+    model: str | Path,
+    config: PruneConfig | SearchConfig,
+    stages: CompressionStages,
+    *,
+    nproc: int | None = None,
+    device: str = "auto",
+) -> CompressionPreview:
+    """`compress prune/search --dry-run`: the candidates that meet `config`'s budget and the memory of each
+    stage, planned for the budget's GPU."""
+    arch, _ = load_config_or_preset(model)
+    result = candidates_plan(arch, config)
+    plans = compression_plans(
+        arch, result.candidates, seq_len=stages.seq_len, batch_size=stages.batch_size,
+        score_samples=stages.score_samples, importance=stages.importance, dtype=stages.dtype,
+        distill=stages.distill, bld=stages.bld,
+    )  # fmt: skip
+    gpu = config.budget.gpu if config.budget is not None else None
+    return CompressionPreview(result, plan_memory(plans, nproc=nproc, gpu=gpu, device=device))
+
+
+def compression_plans(
+    arch, candidates, *, seq_len, batch_size, score_samples, importance, dtype, distill=None, bld=None
+) -> list[planning.MemoryPlan]:
+    """The memory plans of a compression on `arch`: importance (unless reused), the blockwise-distilled
+    library (`bld`, a BLDConfig), scoring the candidates (the largest of them) on the held-out batches, and a
+    finalist's distillation (`distill`, a TrainConfig)."""
+    weights = plan_dtype(arch, dtype)
+    largest = max(candidates, key=lambda c: c.params).target.config(arch)
+    batches = -(-score_samples // batch_size)
+    plans = (
+        [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=weights)] if importance else []
+    )
+    if bld is not None:
+        plans.append(planning.library_plan(arch, tokens=bld.tokens, seq_len=seq_len,
+                                           micro_batch_size=bld.micro_batch_size, dtype=weights))  # fmt: skip
+    plans.append(planning.scoring_plan(arch, largest, seq_len=seq_len, batch_size=batch_size, batches=max(batches, 1),
+                                       dtype=weights))  # fmt: skip
+    if distill is not None:
+        plans.append(planning.training_plan(distill, largest, arch, "cuda"))
+    return plans
