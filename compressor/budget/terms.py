@@ -38,6 +38,7 @@ class Term:
     option: ClassVar[str]  # Budget.from_options keyword, the flag's name: "target_mem" (--target-mem)
     help: ClassVar[str]  # the flag's help
     value_type: ClassVar[type] = str  # what the flag takes (the written form, or a number)
+    example: ClassVar[str | float]  # a value the flag takes, as its help shows it
     what: ClassVar[str]  # the measure in words, for `missed`: "parameters"
     floor: ClassVar[bool] = False  # a floor (value >= limit) rather than a cap (value <= limit)
     additive: ClassVar[bool] = False  # `share` sums over the blocks (plus a fixed part)
@@ -94,7 +95,7 @@ class Memory(Term):
     """Inference memory (weights, caches, activation allowance) at the budget's context and batch."""
 
     name, option, what = "memory", "target_mem", "memory"
-    help = "Memory budget at --ctx, e.g. 22GiB or 19.66GiB."
+    help, example = "Memory budget at --ctx, e.g. 22GiB or 19.66GiB.", "19.66GiB"
     additive = allowance = True
 
     def parse(self, written) -> int:
@@ -117,7 +118,7 @@ class Memory(Term):
 @register
 class Params(Term):
     name, option, what = "params", "target_params", "parameters"
-    help = "Parameter budget, e.g. 9B."
+    help, example = "Parameter budget, e.g. 9B.", "9B"
     additive = True
 
     def parse(self, written) -> int:
@@ -135,7 +136,7 @@ class ActiveParams(Term):
     """Parameters a token uses (`active_parameters`; less than all of them in MoE models)."""
 
     name, option, what = "active_params", "target_active_params", "active parameters"
-    help = "Active-parameter budget (what a token uses in MoE models), e.g. 3B."
+    help, example = "Active-parameter budget (what a token uses in MoE models), e.g. 3B.", "3B"
     additive = True
 
     def parse(self, written) -> int:
@@ -153,7 +154,7 @@ class MinSpeedup(Term):
     """Tokens/s of the candidate over tokens/s of the original model, on the budget's workload and GPU."""
 
     name, option, what = "min_speedup", "min_speedup", "speedup"
-    help = "At least this many times the original tokens/s."
+    help, example = "At least this many times the original tokens/s, e.g. 1.5.", 1.5
     value_type = float
     floor = True
 
@@ -334,6 +335,10 @@ class Budget:
         unknown = sorted(set(raw) - set(TERMS) - set(_SETTINGS))
         if unknown:
             raise BudgetError(f"a budget record has an unknown key {unknown[0]!r}")
+        for name in TERMS:  # the settings' types are checked with the record (outputs.check_record)
+            value = raw.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise BudgetError(f"a budget record's {name} must be a positive number, got {value!r}")
         if raw.get("gpu") is not None:
             raw["gpu"] = GPUSpec(**raw["gpu"])
         if raw.get("workload") is not None:
