@@ -2,13 +2,29 @@
 deployment Precision, records written before terms were values, and the strategies' loops over the terms."""
 
 import dataclasses
+import json
 
 import pytest
+from typer.testing import CliRunner
 
 import cli
-from compressor.budget import TERMS, Budget, BudgetError, GPUSpec, Precision, get_gpu, num_parameters, parse_size
+from compressor.budget import (
+    TERMS,
+    Budget,
+    BudgetError,
+    GPUSpec,
+    Precision,
+    estimate_memory,
+    format_bytes,
+    get_gpu,
+    num_parameters,
+    parse_size,
+)
+from compressor.config import ATTENTION
 from compressor.presets import get_preset
 from strategies.costs import BlockCosts, share
+from strategies.minipuzzle import MiniPuzzleOptions, MiniPuzzleStrategy
+from strategies.minitron import MinitronOptions, MinitronStrategy
 
 # A record's budget as `Budget.to_dict` wrote it before terms were values (a search with a speedup floor).
 OLD_RECORD = {
@@ -94,3 +110,42 @@ def test_block_shares_of_every_additive_term_add_up_to_its_measure(preset):
         parts = [costs.block(spec.kind, source.hidden_size) for spec in source.blocks]
         total = share(costs.base(source.hidden_size), term) + sum(share(part, term) for part in parts)
         assert total == term.share(budget, source)
+
+
+# ----- the KV-cache term (--target-kv): a term added as one class ---------------------------------------------
+def test_kv_cache_term_is_the_attention_blocks_cache_at_the_context():
+    config = get_preset("9b-v2")
+    budget = Budget(kv_cache=parse_size("1GiB"), context=131072, batch=2, kv_dtype="fp8")
+    kv = TERMS["kv_cache"].measure(budget, config)
+    attention = [spec for spec in config.blocks if spec.kind == ATTENTION]
+    assert kv == sum(2 * s.num_key_value_heads * s.head_dim for s in attention) * 131072 * 2  # fp8: 1 byte
+    assert kv == estimate_memory(config, 131072, 2, kv_dtype="fp8").kv_cache
+    assert budget.violations(config, config) == [f"KV cache {format_bytes(kv)} > 1.00 GiB"]
+    assert budget.describe() == "KV cache <= 1.00 GiB at 131,072 tokens x 2"
+    assert Budget.from_dict(budget.to_dict()) == budget and budget.to_dict()["kv_cache"] == 2**30
+    without_attention = config.replace(hybrid_override_pattern=config.pattern.replace("*", "-"))
+    assert Budget(kv_cache=1).violations(without_attention, config) == []
+
+
+def test_the_strategies_meet_a_kv_cache_budget():
+    source = get_preset("8b")  # 4 attention blocks: 128 MiB of bf16 KV cache at 8k
+    budget = Budget(kv_cache=parse_size("100MiB"), context=8192)
+    proposals = MinitronStrategy(MinitronOptions(top_k=5)).propose(source, None, budget)
+    assert proposals and all(not budget.violations(t.config(source), source) for t in proposals[:50])
+    assert max(t.config(source).count(ATTENTION) for t in proposals[:50]) == 3
+    tiny = get_preset("tiny")
+    tight = Budget(kv_cache=TERMS["kv_cache"].measure(Budget(kv_cache=1, context=512), tiny) - 1, context=512)
+    chosen = MiniPuzzleStrategy(MiniPuzzleOptions()).propose(tiny, None, tight)
+    assert chosen and all(t.config(tiny).count(ATTENTION) < tiny.count(ATTENTION) for t in chosen)
+
+
+def test_prune_dry_run_with_target_kv():
+    runner = CliRunner()
+    assert "--target-kv" in runner.invoke(cli.app, ["prune", "--help"], env={"COLUMNS": "200"}).output
+    result = runner.invoke(cli.app, ["prune", "8b", "--dry-run", "--target-kv", "100MiB", "--ctx", "8k", "--json"])
+    assert result.exit_code == 0, result.output
+    candidates = json.loads(result.output)["candidates"]
+    kinds = [[block["kind"] for block in c["target"]["blocks"]] for c in candidates]
+    assert kinds and all(blocks.count(ATTENTION) <= 3 for blocks in kinds)
+    refused = runner.invoke(cli.app, ["prune", "8b", "--dry-run", "--target-kv", "100"])
+    assert refused.exit_code == 1 and "memory size '100' has no unit" in refused.output

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from compressor.budget.counts import active_parameters, num_parameters
-from compressor.budget.memory import DEFAULT_PREFILL_CHUNK, MemoryEstimate, estimate_memory
+from compressor.budget.memory import DEFAULT_PREFILL_CHUNK, MemoryEstimate, estimate_memory, kv_bytes_per_token
 from compressor.budget.roofline import GPUSpec, Workload, gpu_from_options, speedup
 from compressor.budget.units import Precision, format_bytes, parse_context, parse_count, parse_params, parse_size
 from compressor.config import HybridConfig
@@ -147,6 +147,29 @@ class ActiveParams(Term):
 
     def describe(self, budget, limit) -> str:
         return f"<= {limit:,} active parameters"
+
+
+@register
+class KVCache(Term):
+    """KV cache bytes at the budget's context and batch in its KV dtype: the attention blocks' (the Mamba
+    blocks' states do not grow with the context; --target-mem counts them)."""
+
+    name, option, what = "kv_cache", "target_kv", "KV cache"
+    help, example = "KV cache budget at --ctx and --batch (attention blocks only), e.g. 2GiB.", "2GiB"
+    additive = True
+
+    def parse(self, written) -> int:
+        return parse_size(written)
+
+    def measure(self, budget, config, reference=None) -> int:
+        kv_dtype = budget.precision.kv or budget.precision.compute
+        return kv_bytes_per_token(config, kv_dtype) * budget.context * budget.batch
+
+    def describe(self, budget, limit) -> str:
+        return f"KV cache <= {format_bytes(limit)} at {budget.context:,} tokens x {budget.batch}"
+
+    def format(self, value) -> str:
+        return format_bytes(value)
 
 
 @register
