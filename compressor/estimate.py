@@ -13,6 +13,7 @@ from compressor.budget import (
     DEFAULT_PREFILL_CHUNK,
     GPUSpec,
     MemoryEstimate,
+    Precision,
     ThroughputEstimate,
     Workload,
     active_parameters,
@@ -96,7 +97,7 @@ def report(
     chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
     if chunk < 0:
         raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {chunk}")
-    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=chunk)
+    dtypes = dict(**Precision.from_options(weight_dtype, kv_dtype, ssm_dtype).keywords(), prefill_chunk=chunk)
     largest = str(batch).strip().lower() == "max"
     if largest:
         fill = limit if limit is not None else spec.memory if spec is not None else None

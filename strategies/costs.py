@@ -7,7 +7,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
 
-from compressor.budget import TERMS, Budget, Term, activation_bytes, compute_dtype
+from compressor.budget import TERMS, Budget, Term, activation_bytes
 from compressor.config import KIND_CHARS, MLP, OVERRIDABLE, HybridConfig
 
 # The additive terms whose per-block shares `BlockCost` and `solver.BlockChoice` name as fields (strategies
@@ -73,9 +73,7 @@ class BlockCosts:
         two = self._totals(self._config("-" + char, hidden, widths))
         b = self.budget
         alone = self._config(char, hidden, widths)
-        act = activation_bytes(
-            alone, b.context, b.batch, dtype=compute_dtype(b.weight_dtype), prefill_chunk=b.prefill_chunk
-        )
+        act = activation_bytes(alone, b.context, b.batch, dtype=b.precision.compute, prefill_chunk=b.prefill_chunk)
         return self._cost({name: two[name] - one[name] for name in one}, act)
 
     def block(self, kind: str, hidden: int, **widths: int) -> BlockCost:
