@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import importlib.metadata
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +34,6 @@ from cli_render import (
     table,
 )
 from compressor.budget import TERMS
-from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionClash, OptionError, check_at_least
 from compressor.presets import load_config_or_preset
 
@@ -858,14 +856,12 @@ def prune_command(
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default).
     Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
     from compressor.pipelines.preview import CompressionStages
-    from compressor.pipelines.pruning import PruneConfig, prune_to_budget
-    from compressor.pipelines.pruning import plan as candidates_plan
-    from compressor.pipelines.ranking import check_scoring
-    from compressor.pipelines.source import CalibrationConfig, calibrate
+    from compressor.pipelines.pruning import PruneConfig, prune_checkpoint, read_export_config
+    from compressor.pipelines.source import CalibrationConfig
 
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
-    export = _read_export_config(export_config) if export_config is not None else None
+    export = read_export_config(export_config) if export_config is not None else None
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
     if dry_run:
         stages = CompressionStages(seq_len, batch_size, score_samples, importance_dir is None, dtype)
@@ -873,28 +869,16 @@ def prune_command(
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
-    candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now, not later
     calibration = CalibrationConfig(
         str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
         tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
         retrieval=retrieval_from("retrieval" in score, retrieval, budget.context if budget else 1024),
     )  # fmt: skip
-    if export is None and data is not None:  # candidates are scored on held-out --data
-        check_scoring(score, retrieval_weight, score_samples)
-    from compressor import distributed
-    from compressor.outputs import check_output
-
-    check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
-    world = distributed.init(distributed.resolve_device(device))  # torchrun: the source is sharded
-    try:
-        with err_console.status("pruning") as status:
-            progress = lambda text: (status.update(text), say(text)) if world.is_main else None  # noqa: E731
-            source = calibrate(calibration, world=world, say=progress)
-            record = prune_to_budget(source, config, out, overwrite=overwrite, say=progress)
-    finally:
-        distributed.close(world)
-    if not world.is_main:
+    with err_console.status("pruning") as status:
+        progress = lambda text: (status.update(text), say(text))  # noqa: E731
+        record = prune_checkpoint(calibration, config, out, overwrite=overwrite, say=progress)
+    if record is None:  # another process of a torchrun
         return
     if json_output:
         print_json(record.to_dict())
@@ -926,13 +910,6 @@ def _dry_run_compression(model, config, stages, plan: dict[str, Any], device: st
 
     preview = preview_compression(model, config, stages, nproc=plan.get("nproc"), device=device)
     print_json(preview.to_dict()) if json_output else render_compression_preview(preview, config)
-
-
-def _read_export_config(text: str) -> dict:
-    try:
-        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
 
 
 # ----- search -------------------------------------------------------------------------------------------
@@ -1017,18 +994,22 @@ def search(
     from compressor.pipelines.plots import plot_pareto
     from compressor.pipelines.preview import CompressionStages
     from compressor.pipelines.pruning import PruneConfig
-    from compressor.pipelines.pruning import plan as candidates_plan
-    from compressor.pipelines.ranking import check_scoring
-    from compressor.pipelines.search import PLOT_FILE, SearchConfig, load_search, resume_calibration, run_search
-    from compressor.pipelines.source import CalibrationConfig, calibrate
-    from compressor.train import TrainConfig
+    from compressor.pipelines.search import (
+        PLOT_FILE,
+        SearchConfig,
+        finalist_training,
+        load_search,
+        resume_calibration,
+        search_architectures,
+    )
+    from compressor.pipelines.source import CalibrationConfig
 
     if dry_run:
         if budget is None:
             raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
-        distill = TrainConfig(student="", out="", data="", teacher=str(model), seq_len=seq_len, batch_size=batch_size,
-                              micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
-                              attention_loss=attention_loss, attention_queries=attention_queries)  # fmt: skip
+        distill = finalist_training(model, seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                                    activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
+                                    attention_queries=attention_queries)  # fmt: skip
         library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
         stages = CompressionStages(seq_len, 1, score_samples, importance_dir is None, dtype, distill, library)
         _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), stages, plan, device,
@@ -1082,10 +1063,9 @@ def search(
             raise CompressorError(
                 "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
             )
-        template = TrainConfig(
-            student="", out="", data="", teacher=str(model), tokens=parse_tokens(distill_tokens), seq_len=seq_len,
-            batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9,
-            eval_sequences=64, save_every=50, seed=seed, device=device,
+        template = finalist_training(
+            model, tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, seed=seed, device=device,
             activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
             attention_queries=attention_queries,
         )  # fmt: skip
@@ -1094,19 +1074,13 @@ def search(
                               retrieval_weight, bld=library, share_teacher=share_teacher)  # fmt: skip
         if data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
-        candidates_plan(load_config_or_preset(str(model))[0], config)  # a budget nothing meets fails now
         calibration = CalibrationConfig(
             str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
             score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
             text_field=text_field, all_sequences=True, device=device, dtype=dtype,
             retrieval=retrieval_from("retrieval" in score or rank_by == "retrieval", retrieval, budget.context),
         )  # fmt: skip
-        check_scoring(score, retrieval_weight, score_samples)  # candidates are scored on held-out --data
-        from compressor.outputs import check_output
-
-        check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir, tokenizer_file(tokenizer)))
-    source = calibrate(calibration, say=say)
-    record = run_search(source, config, out, resume=resume, overwrite=overwrite, say=say)
+    record = search_architectures(calibration, config, out, resume=resume, overwrite=overwrite, say=say)
     plot_pareto(record, out / PLOT_FILE)
     if json_output:
         print_json(record.to_dict())

@@ -14,12 +14,14 @@ was chosen.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from compressor import distributed
 from compressor.budget import Budget
 from compressor.checkpoint import checkpoint_bytes
 from compressor.config import HybridConfig
@@ -28,8 +30,8 @@ from compressor.errors import BudgetError, OptionError
 from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.ranking import check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import COMPRESSION_FILE, Candidate, CompressionRecord, write_json
-from compressor.pipelines.search import SearchConfig
-from compressor.pipelines.source import Source
+from compressor.pipelines.source import CalibrationConfig, Source, calibrate
+from compressor.presets import load_config_or_preset
 from compressor.prune import kept_attention_heads, write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
@@ -71,6 +73,46 @@ class PruneConfig:
             return ExportConfigStrategy(ExportConfigOptions(shape=self.export))
         strategy = get_strategy(self.strategy)
         return strategy(build_options(strategy, self.options))
+
+
+class Choosing(Protocol):
+    """What `plan` needs of a PruneConfig or a search's SearchConfig: the budget and the strategy."""
+
+    budget: Budget | None
+
+    def build_strategy(self) -> Strategy: ...
+
+
+def read_export_config(text: str) -> dict[str, Any]:
+    """ModelOpt's export_config, written as a JSON object or the path of a JSON file."""
+    try:
+        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
+
+
+def prune_checkpoint(
+    calibration: CalibrationConfig,
+    config: PruneConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    say: Callable[[str], None] = print,
+) -> CompressionRecord | None:
+    """`compress prune` from paths, in its order: a budget some candidate meets (on the config alone, before
+    anything is loaded), the held-out score's settings, the output folder; then one session (the source
+    sharded under torchrun): calibrate, choose, prune and write. Returns None on the other processes of a
+    torchrun, and `say`s only on the main one."""
+    plan(load_config_or_preset(calibration.model)[0], config)
+    if config.export is None and calibration.data is not None:  # candidates are scored on held-out data
+        check_scoring(config.score, config.retrieval_weight, calibration.score_samples)
+    inputs = (calibration.model, calibration.data, calibration.importance_dir, tokenizer_file(calibration.tokenizer))
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    with distributed.session(calibration.device) as world:
+        tell = say if world.is_main else lambda text: None
+        source = calibrate(calibration, world=world, say=tell)
+        record = prune_to_budget(source, config, out, overwrite=overwrite, say=tell)
+    return record if world.is_main else None
 
 
 def prune_to_budget(
@@ -168,7 +210,7 @@ class Plan:
         }
 
 
-def plan(source: HybridConfig, config: PruneConfig | SearchConfig) -> Plan:
+def plan(source: HybridConfig, config: Choosing) -> Plan:
     """What `prune_to_budget` (or a search) would consider for an architecture with no weights (the
     importance prior: the last blocks of each kind go first), limited to the strategy's `top_k`. Raises
     when nothing meets the budget, before anything is loaded."""

@@ -63,6 +63,7 @@ from compressor.outputs import (
     swap_in,
 )
 from compressor.pipelines.library import Library, build_library, library_sequences, score_library
+from compressor.pipelines.pruning import plan as candidates_plan
 from compressor.pipelines.ranking import Score, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import (
     COMPRESSION_FILE,
@@ -72,7 +73,8 @@ from compressor.pipelines.records import (
     SearchRecord,
     write_json,
 )
-from compressor.pipelines.source import CalibrationConfig, Source
+from compressor.pipelines.source import CalibrationConfig, Source, calibrate
+from compressor.presets import load_config_or_preset
 from compressor.prune import Target, kept_attention_heads, write_pruned
 from compressor.train import TrainConfig, has_trainer_state, train
 from strategies import build_options, get_strategy
@@ -578,3 +580,50 @@ def _write_compression_record(
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
+
+
+def finalist_training(
+    teacher: str | Path,
+    *,
+    tokens: int | None = None,
+    seq_len: int = 4096,
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    lr: float = 1e-4,
+    min_lr: float = 1e-5,
+    seed: int = 0,
+    device: str = "auto",
+    activation_checkpointing: bool = False,
+    attention_loss: float = 0.0,
+    attention_queries: int = 256,
+) -> TrainConfig:
+    """The template of every finalist's short distillation (`SearchConfig.distill`): its student, out and data
+    are filled in per finalist; it validates once, at its end (on 64 held-out sequences), and keeps a
+    checkpoint every 50 steps to resume from."""
+    return TrainConfig(
+        student="", out="", data="", teacher=str(teacher), tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9, eval_sequences=64, save_every=50,
+        seed=seed, device=device, activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
+        attention_queries=attention_queries,
+    )  # fmt: skip
+
+
+def search_architectures(
+    calibration: CalibrationConfig,
+    config: SearchConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    say: Callable[[str], None] = print,
+) -> SearchRecord:
+    """`compress search` from paths, in its order: a new search first checks that some candidate meets the
+    budget (on the config alone, before anything is loaded), the held-out score's settings and the output
+    folder (a resumed one: `run_search` checks its record); then it calibrates once and runs the search."""
+    if not resume:
+        candidates_plan(load_config_or_preset(calibration.model)[0], config)
+        check_scoring(config.score, config.retrieval_weight, calibration.score_samples)
+        inputs = (calibration.model, calibration.data, calibration.importance_dir)
+        check_output(out, overwrite=overwrite, inputs=(*inputs, tokenizer_file(calibration.tokenizer)))
+    source = calibrate(calibration, say=say)
+    return run_search(source, config, Path(out), resume=resume, overwrite=overwrite, say=say)
