@@ -3,6 +3,7 @@ deployment Precision, records written before terms were values, and the strategi
 
 import dataclasses
 import json
+import pickle
 
 import pytest
 from typer.testing import CliRunner
@@ -76,6 +77,7 @@ def test_replace_sets_and_clears_terms_and_keeps_the_setting():
     assert surrogate.context == 4096 and surrogate.precision == budget.precision
     assert dataclasses.replace(budget, prefill_chunk=0).limits == budget.limits
     assert hash(budget) == hash(dataclasses.replace(budget))
+    assert pickle.loads(pickle.dumps(budget)) == budget  # torchrun processes receive it pickled
 
 
 def test_violations_and_words_come_from_each_term_in_order():
