@@ -119,8 +119,8 @@ class SearchConfig:
         if self.bld is not None:
             if not hasattr(strategy, "tables"):
                 raise OptionError("bld", f"needs per-block choices: the {strategy.name} strategy has none (minipuzzle)")
-            if self.budget.memory is None and self.budget.params is None and self.budget.active_params is None:
-                raise OptionError("bld", "needs a memory, parameter or active-parameter budget for the solver")
+            if not self.budget.additive_terms():
+                raise OptionError("bld", "needs a budget the solver packs per block (memory, parameters, KV cache ...)")
 
     def build_strategy(self):
         strategy = get_strategy(self.strategy)
