@@ -6,35 +6,69 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.metadata
-import inspect
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cli_options import (
+    HF_EXACT_RETIRED,
+    NPROC_OPTION,
+    PLAN_OPTIONS,
+    RETRIEVAL_OPTIONS,
+    AttentionLossOption,
+    AttentionQueriesOption,
+    DeviceOption,
+    DtypeOption,
+    GpuBandwidthOption,
+    GpuOption,
+    GpuTflopsOption,
+    HfExactOption,
+    ImportanceDirOption,
+    JsonOption,
+    KvDtypeOption,
+    OverwriteOption,
+    RetrievalWeightOption,
+    SamplesOption,
+    ScoreOption,
+    ScoreSamplesOption,
+    SsmDtypeOption,
+    TextFieldOption,
+    TokenizerOption,
+    WeightDtypeOption,
+    friendly,
+    option,
+    retrieval_from,
+    training_options,
+    with_group,
+    with_strategy_options,
+)
 from cli_render import (
     KIND_NAMES,
+    RichReporter,
     console,
     err_console,
     fmt_memory,
-    fmt_speedup,
+    loads_in,
     print_json,
     progress_bar,
+    render_candidates,
     render_compression_preview,
     render_eval,
+    render_importance,
+    render_info,
+    render_measured,
     render_memory_plans,
-    retrieval_cell,
-    retrieval_column,
+    render_report,
+    render_search,
+    render_versus,
     say,
-    table,
 )
 from compressor.budget import TERMS
-from compressor.errors import CompressorError, OptionClash, OptionError, check_at_least
+from compressor.errors import CompressorError, OptionError, check_at_least
 from compressor.presets import load_config_or_preset
 
 app = typer.Typer(
@@ -66,186 +100,6 @@ def _app_options(
 
 
 # ----- errors, shared options, rendering helpers ------------------------------------------------------------
-def friendly(command):
-    """Turn compressor's user-facing errors into one red line and exit status 1; an option named by the
-    library (`temperature`) is shown as the command's flag (`--temperature`)."""
-    flags = set(inspect.signature(command).parameters)
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except CompressorError as exc:
-            if os.environ.get("COMPRESSOR_DEBUG") == "1":
-                raise
-            message = str(exc)
-            if isinstance(exc, OptionError) and exc.parameter in flags:
-                message = f"--{exc.parameter.replace('_', '-')} {exc.problem}"
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
-            if os.environ.get("COMPRESSOR_DEBUG") == "1":
-                raise
-            where = f": {exc.filename}" if exc.filename else ""
-            message = escape(f"{exc.strerror or exc}{where}")
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def with_group(name: str, params: list[inspect.Parameter], build=None):
-    """Add a group of options to a command; their values reach it as one argument `name`: build(values)
-    (default: the dict of the values given, None left out). An option the command already has is a bug
-    here (TypeError at import); strategies' options go through `with_strategy_options`."""
-
-    def decorate(command):
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != name]
-        twice = [p.name for p in params if p.name in signature.parameters]
-        if twice:
-            raise TypeError(f"{command.__name__} already has the option {twice[0]} of the group {name}")
-        names = [p.name for p in params]
-
-        @functools.wraps(command)
-        def wrapper(*args, **kwargs):
-            values = {n: kwargs.pop(n) for n in names}
-            given = build(values) if build else {n: v for n, v in values.items() if v is not None}
-            return command(*args, **{name: given}, **kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=own + params)
-        return wrapper
-
-    return decorate
-
-
-def option(name: str, kind, help: str | None = None, default=None, metavar: str | None = None) -> inspect.Parameter:
-    """A keyword option of an option group: `kind` is a type (with `help`, shown as written: a bracketed
-    `[default: ...]` is escaped, not Rich markup) or an Annotated option type."""
-    annotation = Annotated[kind, typer.Option(help=escape(help), metavar=metavar)] if help is not None else kind
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-
-def command_flags(parameters: list[inspect.Parameter]) -> set[str]:
-    """The flags Typer makes of these command parameters: the declared ones (`--json`), else the name's
-    (`--seq-len`), `--no-...` of a bool, and `--help`."""
-
-    def probe() -> None: ...
-
-    probe.__signature__ = inspect.Signature(parameters)
-    probe_app = typer.Typer()
-    probe_app.command()(probe)
-    params = typer.main.get_command(probe_app).params
-    return {"--help"} | {flag for p in params for flag in (*p.opts, *p.secondary_opts) if flag.startswith("-")}
-
-
-def strategy_options(taken: set[str] = frozenset()) -> list[inspect.Parameter]:
-    """One `--flag` per field of every registered strategy's Options (strategies.base): text the library
-    checks against the chosen strategy's fields. The help ends with each strategy's default (a field
-    several strategies share: one per strategy; none when all are None), the metavar says how a value is
-    written (`<true|false>`, `<float,...>`). A field whose name or flag is in `taken` (the command's
-    parameter names and flags) raises OptionClash naming the strategy."""
-    import strategies
-    from strategies.base import value_syntax
-
-    helps: dict[str, str] = {}
-    users: dict[str, list[tuple[str, Any, Any]]] = {}  # option -> [(strategy, field type, default)]
-    for name, strategy in strategies.available().items():
-        defaults = strategy.Options()
-        for field_name, (kind, field) in strategies.option_fields(strategy.Options).items():
-            flag = f"--{field_name.replace('_', '-')}"
-            if field_name in taken or flag in taken:
-                raise OptionClash(
-                    f"the strategy {name!r} declares the option {field_name}, whose flag {flag} this command "
-                    "already has: rename it in the strategy's Options"
-                )
-            helps.setdefault(field_name, field.metadata.get("help", ""))
-            users.setdefault(field_name, []).append((name, kind, getattr(defaults, field_name)))
-    params = []
-    for field_name, fields in users.items():
-        text = helps[field_name]
-        if any(default is not None for _, _, default in fields):
-            text += f" [default: {'; '.join(f'{name} {_option_text(default)}' for name, _, default in fields)}]"
-        syntaxes = {value_syntax(kind) for _, kind, _ in fields}  # strategies that disagree: plain text
-        metavar = f"<{syntaxes.pop()}>" if len(syntaxes) == 1 else "<str>"
-        params.append(option(field_name, str | None, text, metavar=metavar))
-    return params
-
-
-def _option_text(value: Any) -> str:
-    """A strategy option's value as its flag takes it: 1.0,0.75,0.5; true; none."""
-    if isinstance(value, tuple):
-        return ",".join(map(_option_text, value))
-    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
-
-
-def with_strategy_options(command):
-    """`with_group("strategy_options", strategy_options(...))` for prune and search; put it above the other
-    groups so it sees every flag. A strategy option the command already has (a plug-in's `seq_len`) would
-    lose one of the two: the command then refuses to run (OptionClash, one line). Refused when it runs, not
-    at import, so that --help and the other commands still work."""
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "strategy_options"]
-    try:
-        return with_group("strategy_options", strategy_options({p.name for p in own} | command_flags(own)))(command)
-    except OptionClash as exc:
-        clash = exc
-
-    @functools.wraps(command)
-    def refuse(*args, **kwargs):
-        raise clash
-
-    return with_group("strategy_options", [])(refuse)
-
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
-OverwriteOption = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
-HfExactOption = Annotated[bool, typer.Option(hidden=True, help="Retired (HF_EXACT_RETIRED).")]
-HF_EXACT_RETIRED = (
-    "is retired: transformers 5.25 and newer apply config.json's time_step_limit, so outputs agree with it as "
-    "written; only transformers 5.6-5.24 floored dt at time_step_min, and a checkpoint whose time_step_limit is "
-    "raised to that floor is another model to vLLM and llama.cpp, which ignore the key. Leave the flag out "
-    "(compare logits with transformers >= 5.25)"
-)
-TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
-TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
-SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
-ScoreOption = Annotated[
-    str,
-    typer.Option(
-        help="Candidate score (zero-shot, lower is better): kl (to the original), loss, retrieval (answer "
-        "log-likelihood lost on --retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x "
-        "--retrieval-weight)."
-    ),
-]
-RetrievalWeightOption = Annotated[float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")]
-ScoreSamplesOption = Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")]
-AttentionLossOption = Annotated[
-    float,
-    typer.Option(
-        help="Weight of attention transfer: KL from each teacher attention block's weights to its student "
-        "block's, added to the distillation loss (0: off). Restores retrieval that pruning broke."
-    ),
-]
-AttentionQueriesOption = Annotated[
-    int, typer.Option(help="--attention-loss: query positions per micro-batch whose attention rows it matches.")
-]
-ImportanceDirOption = Annotated[
-    Path | None, typer.Option("--importance", help="Importance folder to reuse (`compress importance`).")
-]
-GpuOption = Annotated[
-    str | None,
-    typer.Option(help="GPU for throughput: a10g, l4, l40s, a100-40gb, a100-80gb, h100-sxm, h200, b200, rtx-5090."),
-]
-GpuBandwidthOption = Annotated[str | None, typer.Option(help="Your GPU's memory bandwidth, e.g. 600GB/s.")]
-GpuTflopsOption = Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")]
-WeightDtypeOption = Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (NVFP4).")]
-KvDtypeOption = Annotated[str | None, typer.Option(help="KV cache: bf16, fp16, fp32 or fp8 (default: compute).")]
-SsmDtypeOption = Annotated[str | None, typer.Option(help="SSM state: fp32, bf16 or fp16 (default: the config's).")]
 # budgets (prune, search): compressor.budget.Budget.from_options
 BUDGET_OPTIONS = [
     *(option(term.option, term.value_type | None, term.help) for term in TERMS.values()),  # --target-mem, ...
@@ -260,29 +114,6 @@ BUDGET_OPTIONS = [
     option("kv_dtype", KvDtypeOption),
     option("ssm_dtype", SsmDtypeOption),
 ]  # fmt: skip
-
-
-RETRIEVAL_OPTIONS = [
-    option("retrieval_task", str, "Retrieval probe of --drop-one retrieval and --score ...retrieval: phonebook, "
-           "mqar or needle (needle hides its sentence in --data).", "phonebook"),
-    option("retrieval_ctx", str | None, "Tokens per probe sequence, e.g. 4k [default: the budget's --ctx; "
-           "importance: 1k]."),
-    option("retrieval_sequences", int, "Probe sequences (16 queries each).", 8),
-]  # fmt: skip
-
-
-def retrieval_from(needed: bool, values: dict[str, Any], context: int):
-    """The RetrievalConfig the retrieval flags describe, when a decision uses it (`needed`), else None."""
-    from compressor.tasks import RetrievalConfig, parse_contexts
-
-    if not needed:
-        return None
-    if values["retrieval_ctx"] is not None:
-        contexts = parse_contexts(values["retrieval_ctx"])
-        if len(contexts) != 1:
-            raise OptionError("retrieval_ctx", f"takes one context length, got {values['retrieval_ctx']!r}")
-        context = contexts[0]
-    return RetrievalConfig(values["retrieval_task"], context, values["retrieval_sequences"])
 
 
 def budget_from(values: dict[str, Any]):
@@ -318,49 +149,7 @@ def info(
              "loads_in": loaders(config)}
         )  # fmt: skip
         return
-    pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
-    rows = [
-        ["pattern", pattern],
-        ["blocks", f"{summary['blocks']} ({_block_counts(config)})"],
-        ["hidden", str(config.hidden_size)],
-        ["MLP ffn", str(config.intermediate_size)],
-        ["attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
-                      f"head_dim {config.head_dim}"],
-        ["Mamba-2", f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
-                    f"state {config.ssm_state_size}, conv {config.conv_kernel}"],
-        *([["MoE", _moe_widths(config)]] if config.has_moe else []),
-        ["vocab", str(config.vocab_size)],
-        ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
-        ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
-        ["loads in", ", ".join(loaders(config))],
-    ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
-    console.print(table(model, ["", ""], rows, left=2, show_header=False))
-    rows = [
-        [name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items() if count or name != "moe"
-    ]
-    rows.append(["[bold]total", f"[bold]{total:,}", "100%"])
-    if config.has_moe:
-        rows.append(["active per token", f"{active:,}", f"{100 * active / total:.1f}%"])
-    console.print(table("parameters", ["component", "parameters", "share"], rows))
-
-
-def _block_counts(config) -> str:
-    """'23 Mamba-2, 6 attention, 0 MLP, 23 MoE' (MoE only for models that have MoE blocks)."""
-    from compressor.config import ATTENTION, MAMBA, MLP, MOE
-
-    counts = f"{config.count(MAMBA)} Mamba-2, {config.count(ATTENTION)} attention, {config.count(MLP)} MLP"
-    return counts + (f", {config.count(MOE)} MoE" if config.has_moe else "")
-
-
-def _moe_widths(config) -> str:
-    """The MoE row of `compress info`: experts, top-k, expert and shared-expert FFN, groups, scaling."""
-    groups = f"{config.n_group} group{'s' if config.n_group > 1 else ''} (top {config.topk_group})"
-    latent = f", latent {config.moe_latent_size}" if config.moe_latent_size else ""
-    return (
-        f"{config.n_routed_experts} experts, top-{config.num_experts_per_tok}, expert FFN "
-        f"{config.moe_intermediate_size}, shared FFN {config.moe_shared_expert_intermediate_size}, {groups}, "
-        f"scaling {config.routed_scaling_factor:g}{latent}"
-    )
+    render_info(model, config, counts, dtypes)
 
 
 # ----- estimate -----------------------------------------------------------------------------------------
@@ -437,103 +226,14 @@ def estimate(
     if json_output:
         print_json({"model": model, **report.to_dict(), "measured": measured.to_dict() if measured else None})
         return
-    _print_report(model, config, report)
+    render_report(model, config, report)
     if stored is not None:
         dtypes = ", ".join(f"{name} {fmt_memory(n)}" for name, n in sorted(stored.by_dtype.items()))
         console.print(f"stored weights ({stored.quant_algo}): {fmt_memory(stored.total)} ({dtypes})", highlight=False)
     if report.versus is not None:
-        _print_versus(model, vs, report.versus)
+        render_versus(model, vs, report.versus)
     if measured is not None:
-        rows = [
-            ["cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}"],
-            ["decode latency", f"{1000 * measured.decode_latency_s:,.2f} ms/token", ""],
-            ["decode tokens/s", f"{measured.decode_tokens_per_s:,.1f}", ""],
-        ]
-        console.print(
-            table(f"measured on {measured.device} ({weight_dtype})", ["metric", "measured", "estimated"], rows)
-        )
-
-
-def _print_report(model: str, config, report) -> None:
-    from compressor.budget import GIB
-    from compressor.config import ATTENTION, MAMBA
-
-    memory = report.memory
-    active = f", {report.active_parameters:,} active per token" if config.has_moe else ""
-    console.print(
-        f"[bold]{model}[/]: {report.total_parameters:,} parameters{active} ({config.num_blocks} blocks: "
-        f"{_block_counts(config)})",
-        highlight=False,
-    )
-    if config.has_moe:
-        console.print(f"MoE: {_moe_widths(config)}", highlight=False)
-    quantized = " (matrices; the rest bf16)" if memory.weight_dtype in ("fp8", "fp4") else ""
-    activations = f"prefill chunk {memory.prefill_chunk:,} tokens" if memory.prefill_chunk else "left out"
-    terms = [
-        ("weights", f"{memory.weight_dtype}{quantized}", memory.weights),
-        ("KV cache", f"{config.count(ATTENTION)} attention blocks, {memory.kv_dtype}", memory.kv_cache),
-        ("SSM state", f"{config.count(MAMBA)} Mamba blocks, {memory.ssm_dtype}", memory.ssm_state),
-        ("conv state", f"K-1 = {config.conv_kernel - 1} columns, {memory.compute_dtype}", memory.conv_state),
-        ("activations", f"{activations}, {memory.compute_dtype}", memory.activations),
-    ]
-    rows = [[term, detail, f"{nbytes / GIB:,.2f}", f"{nbytes:,}"] for term, detail, nbytes in terms]
-    rows.append(["[bold]total", "", f"[bold]{memory.total / GIB:,.2f}", f"[bold]{memory.total:,}"])
-    title = f"memory at {memory.context:,} tokens x batch {memory.batch}"
-    console.print(table(title, ["term", "detail", "GiB", "bytes"], rows, left=2))
-    if report.limit is not None:
-        spare, limit = report.headroom, f"{report.limit / GIB:,.2f} GiB"
-        at = f" at batch {memory.batch} (the largest that fits)" if report.largest_batch and spare >= 0 else ""
-        if spare >= 0:
-            console.print(f"[green]fits[/] in {limit} with {spare / GIB:,.2f} GiB to spare{at}", highlight=False)
-        else:
-            console.print(f"[red]does not fit[/] in {limit}: over by {-spare / GIB:,.2f} GiB", highlight=False)
-    throughput, spec = report.throughput, report.gpu
-    if throughput is not None:
-        title = (
-            f"throughput on {spec.name}: {throughput.input_tokens:,} in / {throughput.output_tokens:,} out x "
-            f"batch {throughput.batch}"
-        )
-        caption = (
-            f"roofline at {spec.memory_bandwidth / 1e9:,.0f} GB/s and {spec.bf16_flops / 1e12:,.1f} TFLOP/s bf16 "
-            "(datasheet peaks)"
-        )
-        rows = [
-            ["time to first token", f"{throughput.time_to_first_token_s:,.2f} s", f"{throughput.prefill_bound} bound"],
-            ["decode latency", f"{1000 * throughput.decode_latency_s:,.2f} ms/token",
-             f"{throughput.decode_bound} bound, mean over the output"],
-            ["decode tokens/s", f"{throughput.decode_tokens_per_s:,.1f}", "batch together"],
-            ["tokens/s overall", f"{throughput.tokens_per_s:,.1f}", "output / (prefill + decode)"],
-        ]  # fmt: skip
-        out = table(title, ["metric", "value", "note"], rows, caption=caption, caption_justify="left")
-        out.columns[2].justify = "left"
-        console.print(out)
-
-
-def _print_versus(model: str, baseline: str, versus) -> None:
-    ours, theirs = versus.hybrid, versus.baseline
-    rows = [
-        ["parameters", f"{versus.hybrid_parameters:,}", f"{versus.baseline_parameters:,}", ""],
-        ["batch", str(ours.batch), str(theirs.batch), f"{ours.batch / theirs.batch:.2f}x"],
-        ["memory", fmt_memory(ours.memory.total), fmt_memory(theirs.memory.total), ""],
-        ["time to first token", f"{ours.time_to_first_token_s:,.2f} s", f"{theirs.time_to_first_token_s:,.2f} s",
-         f"{theirs.time_to_first_token_s / ours.time_to_first_token_s:.2f}x"],
-        ["decode tokens/s", f"{ours.decode_tokens_per_s:,.1f}", f"{theirs.decode_tokens_per_s:,.1f}",
-         f"{versus.decode_speedup:.2f}x"],
-        ["tokens/s overall", f"{ours.tokens_per_s:,.1f}", f"{theirs.tokens_per_s:,.1f}", f"{versus.speedup:.2f}x"],
-    ]  # fmt: skip
-    title = f"{model} vs {baseline}: {ours.input_tokens:,} in / {ours.output_tokens:,} out on {ours.gpu}"
-    caption = "ratio: the hybrid's advantage (rates: hybrid / baseline; times: baseline / hybrid)"
-    console.print(table(title, ["", model, baseline, "ratio"], rows, caption=caption, caption_justify="left"))
-    console.print(f"speedup: {versus.speedup:.2f}x tokens/s (decode {versus.decode_speedup:.2f}x)", highlight=False)
-
-
-# ----- memory plans (dry runs) --------------------------------------------------------------------------
-NPROC_OPTION = option("nproc", int | None, "Dry run: processes (GPUs) to plan for (default: the fewest that fit).")
-# importance, distill, train: the GPU to plan for (prune and search plan for their budget's --gpu)
-PLAN_OPTIONS = [
-    NPROC_OPTION,
-    option("gpu", str | None, "Dry run: plan for this GPU's memory (a10g, l4, l40s, a100-80gb, h100-sxm, h200, b200)."),
-]
+        render_measured(measured, weight_dtype)
 
 
 # ----- init ---------------------------------------------------------------------------------------------
@@ -775,39 +475,7 @@ def importance(
     if json_output:
         print_json(record.to_dict())
         return
-    _print_importance(record.scores, out)
-
-
-def _print_importance(scores, out: Path) -> None:
-    import torch
-
-    from compressor.config import PATTERN_CHARS
-
-    pattern, has_drop = scores.meta["pattern"], scores.block_drop is not None
-    order = scores.block_scores().argsort().tolist()
-    shown = order if len(order) <= 12 else order[:6] + [None] + order[-6:]
-    rows = []
-    for i in shown:
-        if i is None:
-            rows.append(["...", "", "", *([""] if has_drop else [])])
-            continue
-        row = [str(i), PATTERN_CHARS[pattern[i]], f"{scores.block_influence[i]:.4f}"]
-        rows.append(row + ([f"{scores.block_drop[i]:.4f}"] if has_drop else []))
-    columns = ["block", "kind", "influence"] + (["drop-one"] if has_drop else [])
-    blocks = table(f"blocks, least important first ({out})", columns, rows, left=0)
-    blocks.columns[1].justify = "left"
-    console.print(blocks)
-    axes = [("hidden channels", scores.hidden)]
-    if scores.ffn:
-        axes.append(("FFN neurons (all blocks)", torch.cat(list(scores.ffn.values()))))
-    if scores.mamba:
-        axes.append(("Mamba heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.mamba.values()])))
-        axes.append(("Mamba head_dim (all blocks)", torch.cat([s.norm(dim=0) for s in scores.mamba.values()])))
-    if scores.attention:
-        axes.append(("attention heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.attention.values()])))
-    rows = [[name, str(v.numel()), f"{v.min():.3g}", f"{v.median():.3g}", f"{v.max():.3g}"]
-            for name, v in ((n, values.flatten()) for n, values in axes)]  # fmt: skip
-    console.print(table("score distributions (min / median / max)", ["axis", "count", "min", "median", "max"], rows))
+    render_importance(record.scores, out)
 
 
 # ----- prune --------------------------------------------------------------------------------------------
@@ -883,25 +551,8 @@ def prune_command(
     if json_output:
         print_json(record.to_dict())
         return
-    _print_candidates(record)
-    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({_loads_in(out)})")
-
-
-def _print_candidates(record) -> None:
-    """The scored candidates of a prune, best first (active parameters for MoE, retrieval with a probe)."""
-    moe = any(c.active_params not in (None, c.params) for c in record.candidates)  # MoE: show active parameters
-    probe = record.retrieval
-    columns = ["#", "candidate", "blocks", "parameters", *(["active"] if moe else []), "memory", "speedup",
-               f"score ({record.score_metric})", *([retrieval_column(probe)] if probe else [])]  # fmt: skip
-    rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", *([f"{c.active_params:,}"] if moe else []),
-             fmt_memory(c.memory_bytes), fmt_speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-",
-             *([retrieval_cell(c.retrieval)] if probe else [])]
-            for i, c in enumerate(record.candidates, start=1)]  # fmt: skip
-    out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
-    out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
-    console.print(out_table)
-    if probe:
-        say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
+    render_candidates(record)
+    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({loads_in(out)})")
 
 
 def _dry_run_compression(model, config, stages, plan: dict[str, Any], device: str, json_output: bool) -> None:
@@ -1085,7 +736,7 @@ def search(
     if json_output:
         print_json(record.to_dict())
         return
-    _print_search(record, out)
+    render_search(record, out)
 
 
 def _refuse_resume_changes(context: typer.Context, values: dict[str, tuple]) -> None:
@@ -1112,49 +763,6 @@ def _one_context(text: str) -> int:
     return parse_contexts(text)[0]
 
 
-def _print_search(record, out: Path) -> None:
-    """A search's candidates, ranked after distillation, and where its Pareto front and plot are."""
-    shown = "loss" if record.rank_by == "loss" else "kl"  # ranked by retrieval: its column is beside the KL
-    rank = {index: position for position, index in enumerate(record.ranking, start=1)}
-    probe = record.retrieval
-    rows = []
-    for c in sorted(record.candidates, key=lambda c: (rank.get(c.index, 10**6), c.score)):
-        retrieval_cells = [retrieval_cell(c.retrieval), retrieval_cell(c.distilled and c.distilled.retrieval)]
-        rows.append([str(rank.get(c.index, "-")), str(c.index), c.label, str(len(c.pattern)), f"{c.params:,}",
-                     fmt_memory(c.memory_bytes), fmt_speedup(c.speedup), f"{c.score:.4f}",
-                     f"{c.distilled.metric(shown):.4f}" if c.distilled else "-",
-                     *(retrieval_cells if probe else [])])  # fmt: skip
-    picked_by = f"library {record.score_metric}" if record.bld else f"zero-shot {record.score_metric}"
-    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", picked_by,
-               f"val_{shown}"]  # fmt: skip
-    if probe:
-        columns += [retrieval_column(probe), "after distillation"]
-    out_table = table(f"{record.strategy} search ({out}), ranked by {record.rank_by} after distillation", columns,
-                      rows, left=0)  # fmt: skip
-    out_table.columns[2].justify = "left"
-    console.print(out_table)
-    console.print(
-        f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
-        f"`compress materialize {out} K --out DIR` writes candidate K"
-    )
-    served: dict[str, list[str]] = {}  # search folders written before it was recorded have no loads_in
-    for c in record.candidates:
-        served.setdefault(", ".join(c.architecture.get("loads_in", ["compressor"])), []).append(f"#{c.index}")
-    say("loads in: " + "; ".join(f"{' '.join(ids)}: {engines}" for engines, ids in served.items()))
-    if probe:
-        say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
-    if record.library:
-        lib = record.library
-        say(f"library: {lib['variants']} variants on {lib['tokens']:,} tokens, mean blockwise error "
-            f"{lib['mean_initial_error']:.3f} pruned -> {lib['mean_error']:.3f} trained")  # fmt: skip
-    if record.correlation:
-        r = record.correlation
-        say(f"{picked_by} against val_{r['after']} over {r['finalists']} finalists: Spearman {r['spearman']:.2f}, "
-            f"Kendall {r['kendall']:.2f}")  # fmt: skip
-    if record.seconds:
-        say("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record.seconds.items()))
-
-
 @app.command()
 @friendly
 def materialize(
@@ -1174,15 +782,7 @@ def materialize(
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
     write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
-    console.print(f"wrote candidate {index} to [bold]{out}[/] ({_loads_in(out)})")
-
-
-def _loads_in(path: Path) -> str:
-    """'loads in: compressor, transformers, vLLM' for a written checkpoint (per-block ones: compressor only)."""
-    from compressor.checkpoint import loaders
-    from compressor.config import HybridConfig
-
-    return f"loads in: {', '.join(loaders(HybridConfig.from_file(path)))}"
+    console.print(f"wrote candidate {index} to [bold]{out}[/] ({loads_in(out)})")
 
 
 # ----- quantize -----------------------------------------------------------------------------------------
@@ -1228,50 +828,6 @@ def quantize_command(
 
 
 # ----- train / distill ----------------------------------------------------------------------------------
-class RichReporter:
-    """Live progress of a training run: a bar over steps with loss, KL, tokens/s and ETA; eval lines above."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[line]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console, disable=quiet,
-        )  # fmt: skip
-        self.task = None
-
-    def start(self, total_steps: int, first_step: int, tokens_per_step: int) -> None:
-        if first_step:
-            self.note(f"resuming at step {first_step}")
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total_steps, completed=first_step, line="")
-
-    def step(self, record: dict) -> None:
-        line = f"loss {record['loss']:.4f}"
-        if "kl" in record:
-            line += f"  KL {record['kl']:.4f}  top-1 {100 * record['top1_agreement']:.1f}%"
-        if "attention_kl" in record:
-            line += f"  attention KL {record['attention_kl']:.4f}"
-        line += f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-        self.progress.update(self.task, completed=record["step"], line=line)
-
-    def evaluated(self, record: dict) -> None:
-        line = f"step {record['step']:>6}  val loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}"
-        if record.get("val_kl") is not None:
-            line += f"  KL {record['val_kl']:.4f}  top-1 {100 * record['val_top1_agreement']:.1f}%"
-        if record.get("teacher_val_loss") is not None:
-            line += f"  (teacher loss {record['teacher_val_loss']:.4f})"
-        if record.get("val_retrieval_accuracy") is not None:
-            line += f"  retrieval {100 * record['val_retrieval_accuracy']:.0f}% ({record['val_retrieval_ll']:.2f})"
-        self.note(line)
-
-    def note(self, text: str) -> None:
-        if not self.quiet:
-            self.progress.console.print(text, highlight=False)
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
 def _run_training(options: dict[str, Any]) -> None:
     """Build the TrainConfig from a command's options, then plan (--dry-run) or train."""
     from compressor.budget import parse_context, parse_tokens
@@ -1305,49 +861,6 @@ def _run_training(options: dict[str, Any]) -> None:
         summary += f"; val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f})"
     if not quiet:
         console.print(summary)
-
-
-def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
-    """The options `compress distill` and `compress train` share (compressor.train.TrainConfig)."""
-    return [
-        option("data", str | None, "Training text or tokens (as for `compress eval`)."),
-        option("out", Path | None, "Run folder: model/ (latest checkpoint), metrics.jsonl."),
-        option("tokens", str | None, "Token budget, e.g. 50M or 2B (sets the steps)."),
-        option("steps", int | None, "Optimizer steps (default: one epoch)."),
-        option("seq_len", int, "Tokens per sequence.", 512),
-        option("batch_size", int, "Sequences per optimizer step, all processes together.", 16),
-        option("micro_batch_size", int, "Sequences per forward pass of one process.", 4),
-        option("lr", float, "Peak learning rate.", lr),
-        option("min_lr", float, "Final learning rate.", min_lr),
-        option("warmup_steps", int | None, "Linear warmup steps (default 5%)."),
-        option("schedule", str, "cosine, wsd (warmup-stable-decay) or constant.", "cosine"),
-        option("decay_fraction", float, "WSD: share of steps spent decaying.", 0.2),
-        option("weight_decay", float, "AdamW weight decay (matrices only).", 0.1),
-        option("grad_clip", float, "Gradient-norm clipping (0: off).", 1.0),
-        option("chunk_tokens", int | None, "Tokens per logits chunk in the loss (default: 128 MiB of logits)."),
-        option("eval_every", int, "Validate every N steps.", 50),
-        option("eval_sequences", int, "Validation sequences.", 64),
-        option("eval_task", str | None, "Also measure a retrieval task at each validation: phonebook, mqar or needle."),
-        option("eval_ctx", str, "--eval-task: tokens per sequence, e.g. 4k.", "1k"),
-        option("eval_task_sequences", int, "--eval-task: sequences (16 queries each).", 8),
-        option("save_every", int, "Checkpoint every N steps.", 100),
-        option("log_every", int, "Log training metrics every N steps.", 10),
-        option("valid_fraction", float, "Share of the data held out for validation.", 0.05),
-        option("max_sequences", int | None, "Read at most this many sequences."),
-        option("seed", int, "Seed of data order, split and initialisation.", 0),
-        option("dtype", str, "Master-weight dtype of the trained model.", "float32"),
-        option("autocast", str, "auto (bf16 on CUDA), bf16 or off.", "auto"),
-        option("activation_checkpointing", bool, "Recompute each block in backward: less memory, ~1/3 more compute.",
-               False),
-        option("tokenizer", Path | None, "Tokenizer (default: the trained model's)."),
-        option("text_field", TextFieldOption, default="text"),
-        option("device", DeviceOption, default="auto"),
-        option("overwrite", bool, "Replace an existing run folder.", False),
-        option("resume", bool, "Continue the run in --out from its checkpoint.", False),
-        option("dry_run", bool, "Print the memory plan per process (--nproc, --gpu) and what fits; train nothing.",
-               False),
-        option("quiet", bool, "No live display.", False),
-    ]  # fmt: skip
 
 
 @app.command()

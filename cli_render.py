@@ -202,3 +202,283 @@ def render_compression_preview(preview, config) -> None:
     for warning in result.warnings:
         say(f"warning: {warning}")
     render_memory_plans(preview.memory)
+
+
+# ----- info, estimate, importance, prune, search, train --------------------------------------------------
+def render_info(model: str, config, counts: dict[str, int], dtypes: list[str]) -> None:
+    """`compress info`: the architecture's table and the parameters by component."""
+    from compressor.budget import active_parameters
+    from compressor.checkpoint import loaders
+
+    summary = config.summary()
+    total, active = sum(counts.values()), active_parameters(config)
+    pattern = config.pattern if len(config.pattern) <= 80 else config.pattern[:77] + "..."
+    rows = [
+        ["pattern", pattern],
+        ["blocks", f"{summary['blocks']} ({block_counts(config)})"],
+        ["hidden", str(config.hidden_size)],
+        ["MLP ffn", str(config.intermediate_size)],
+        ["attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
+                      f"head_dim {config.head_dim}"],
+        ["Mamba-2", f"{config.mamba_num_heads} heads x head_dim {config.mamba_head_dim}, {config.n_groups} groups, "
+                    f"state {config.ssm_state_size}, conv {config.conv_kernel}"],
+        *([["MoE", moe_widths(config)]] if config.has_moe else []),
+        ["vocab", str(config.vocab_size)],
+        ["ratios", " / ".join(f"{100 * share:.0f}% {KIND_NAMES[kind]}" for kind, share in config.ratios().items())],
+        ["widths", "uniform" if config.is_uniform else f"per block ({len(config.block_overrides)} differ)"],
+        ["loads in", ", ".join(loaders(config))],
+    ] + ([["dtype", ", ".join(dtypes)]] if dtypes else [])  # fmt: skip
+    console.print(table(model, ["", ""], rows, left=2, show_header=False))
+    rows = [
+        [name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items() if count or name != "moe"
+    ]
+    rows.append(["[bold]total", f"[bold]{total:,}", "100%"])
+    if config.has_moe:
+        rows.append(["active per token", f"{active:,}", f"{100 * active / total:.1f}%"])
+    console.print(table("parameters", ["component", "parameters", "share"], rows))
+
+
+def block_counts(config) -> str:
+    """'23 Mamba-2, 6 attention, 0 MLP, 23 MoE' (MoE only for models that have MoE blocks)."""
+    from compressor.config import ATTENTION, MAMBA, MLP, MOE
+
+    counts = f"{config.count(MAMBA)} Mamba-2, {config.count(ATTENTION)} attention, {config.count(MLP)} MLP"
+    return counts + (f", {config.count(MOE)} MoE" if config.has_moe else "")
+
+
+def moe_widths(config) -> str:
+    """The MoE row of `compress info`: experts, top-k, expert and shared-expert FFN, groups, scaling."""
+    groups = f"{config.n_group} group{'s' if config.n_group > 1 else ''} (top {config.topk_group})"
+    latent = f", latent {config.moe_latent_size}" if config.moe_latent_size else ""
+    return (
+        f"{config.n_routed_experts} experts, top-{config.num_experts_per_tok}, expert FFN "
+        f"{config.moe_intermediate_size}, shared FFN {config.moe_shared_expert_intermediate_size}, {groups}, "
+        f"scaling {config.routed_scaling_factor:g}{latent}"
+    )
+
+
+def render_report(model: str, config, report) -> None:
+    from compressor.budget import GIB
+    from compressor.config import ATTENTION, MAMBA
+
+    memory = report.memory
+    active = f", {report.active_parameters:,} active per token" if config.has_moe else ""
+    console.print(
+        f"[bold]{model}[/]: {report.total_parameters:,} parameters{active} ({config.num_blocks} blocks: "
+        f"{block_counts(config)})",
+        highlight=False,
+    )
+    if config.has_moe:
+        console.print(f"MoE: {moe_widths(config)}", highlight=False)
+    quantized = " (matrices; the rest bf16)" if memory.weight_dtype in ("fp8", "fp4") else ""
+    activations = f"prefill chunk {memory.prefill_chunk:,} tokens" if memory.prefill_chunk else "left out"
+    terms = [
+        ("weights", f"{memory.weight_dtype}{quantized}", memory.weights),
+        ("KV cache", f"{config.count(ATTENTION)} attention blocks, {memory.kv_dtype}", memory.kv_cache),
+        ("SSM state", f"{config.count(MAMBA)} Mamba blocks, {memory.ssm_dtype}", memory.ssm_state),
+        ("conv state", f"K-1 = {config.conv_kernel - 1} columns, {memory.compute_dtype}", memory.conv_state),
+        ("activations", f"{activations}, {memory.compute_dtype}", memory.activations),
+    ]
+    rows = [[term, detail, f"{nbytes / GIB:,.2f}", f"{nbytes:,}"] for term, detail, nbytes in terms]
+    rows.append(["[bold]total", "", f"[bold]{memory.total / GIB:,.2f}", f"[bold]{memory.total:,}"])
+    title = f"memory at {memory.context:,} tokens x batch {memory.batch}"
+    console.print(table(title, ["term", "detail", "GiB", "bytes"], rows, left=2))
+    if report.limit is not None:
+        spare, limit = report.headroom, f"{report.limit / GIB:,.2f} GiB"
+        at = f" at batch {memory.batch} (the largest that fits)" if report.largest_batch and spare >= 0 else ""
+        if spare >= 0:
+            console.print(f"[green]fits[/] in {limit} with {spare / GIB:,.2f} GiB to spare{at}", highlight=False)
+        else:
+            console.print(f"[red]does not fit[/] in {limit}: over by {-spare / GIB:,.2f} GiB", highlight=False)
+    throughput, spec = report.throughput, report.gpu
+    if throughput is not None:
+        title = (
+            f"throughput on {spec.name}: {throughput.input_tokens:,} in / {throughput.output_tokens:,} out x "
+            f"batch {throughput.batch}"
+        )
+        caption = (
+            f"roofline at {spec.memory_bandwidth / 1e9:,.0f} GB/s and {spec.bf16_flops / 1e12:,.1f} TFLOP/s bf16 "
+            "(datasheet peaks)"
+        )
+        rows = [
+            ["time to first token", f"{throughput.time_to_first_token_s:,.2f} s", f"{throughput.prefill_bound} bound"],
+            ["decode latency", f"{1000 * throughput.decode_latency_s:,.2f} ms/token",
+             f"{throughput.decode_bound} bound, mean over the output"],
+            ["decode tokens/s", f"{throughput.decode_tokens_per_s:,.1f}", "batch together"],
+            ["tokens/s overall", f"{throughput.tokens_per_s:,.1f}", "output / (prefill + decode)"],
+        ]  # fmt: skip
+        out = table(title, ["metric", "value", "note"], rows, caption=caption, caption_justify="left")
+        out.columns[2].justify = "left"
+        console.print(out)
+
+
+def render_versus(model: str, baseline: str, versus) -> None:
+    ours, theirs = versus.hybrid, versus.baseline
+    rows = [
+        ["parameters", f"{versus.hybrid_parameters:,}", f"{versus.baseline_parameters:,}", ""],
+        ["batch", str(ours.batch), str(theirs.batch), f"{ours.batch / theirs.batch:.2f}x"],
+        ["memory", fmt_memory(ours.memory.total), fmt_memory(theirs.memory.total), ""],
+        ["time to first token", f"{ours.time_to_first_token_s:,.2f} s", f"{theirs.time_to_first_token_s:,.2f} s",
+         f"{theirs.time_to_first_token_s / ours.time_to_first_token_s:.2f}x"],
+        ["decode tokens/s", f"{ours.decode_tokens_per_s:,.1f}", f"{theirs.decode_tokens_per_s:,.1f}",
+         f"{versus.decode_speedup:.2f}x"],
+        ["tokens/s overall", f"{ours.tokens_per_s:,.1f}", f"{theirs.tokens_per_s:,.1f}", f"{versus.speedup:.2f}x"],
+    ]  # fmt: skip
+    title = f"{model} vs {baseline}: {ours.input_tokens:,} in / {ours.output_tokens:,} out on {ours.gpu}"
+    caption = "ratio: the hybrid's advantage (rates: hybrid / baseline; times: baseline / hybrid)"
+    console.print(table(title, ["", model, baseline, "ratio"], rows, caption=caption, caption_justify="left"))
+    console.print(f"speedup: {versus.speedup:.2f}x tokens/s (decode {versus.decode_speedup:.2f}x)", highlight=False)
+
+
+def render_importance(scores, out: Path) -> None:
+    import torch
+
+    from compressor.config import PATTERN_CHARS
+
+    pattern, has_drop = scores.meta["pattern"], scores.block_drop is not None
+    order = scores.block_scores().argsort().tolist()
+    shown = order if len(order) <= 12 else order[:6] + [None] + order[-6:]
+    rows = []
+    for i in shown:
+        if i is None:
+            rows.append(["...", "", "", *([""] if has_drop else [])])
+            continue
+        row = [str(i), PATTERN_CHARS[pattern[i]], f"{scores.block_influence[i]:.4f}"]
+        rows.append(row + ([f"{scores.block_drop[i]:.4f}"] if has_drop else []))
+    columns = ["block", "kind", "influence"] + (["drop-one"] if has_drop else [])
+    blocks = table(f"blocks, least important first ({out})", columns, rows, left=0)
+    blocks.columns[1].justify = "left"
+    console.print(blocks)
+    axes = [("hidden channels", scores.hidden)]
+    if scores.ffn:
+        axes.append(("FFN neurons (all blocks)", torch.cat(list(scores.ffn.values()))))
+    if scores.mamba:
+        axes.append(("Mamba heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.mamba.values()])))
+        axes.append(("Mamba head_dim (all blocks)", torch.cat([s.norm(dim=0) for s in scores.mamba.values()])))
+    if scores.attention:
+        axes.append(("attention heads (all blocks)", torch.cat([s.norm(dim=1) for s in scores.attention.values()])))
+    rows = [[name, str(v.numel()), f"{v.min():.3g}", f"{v.median():.3g}", f"{v.max():.3g}"]
+            for name, v in ((n, values.flatten()) for n, values in axes)]  # fmt: skip
+    console.print(table("score distributions (min / median / max)", ["axis", "count", "min", "median", "max"], rows))
+
+
+def render_candidates(record) -> None:
+    """The scored candidates of a prune, best first (active parameters for MoE, retrieval with a probe)."""
+    moe = any(c.active_params not in (None, c.params) for c in record.candidates)  # MoE: show active parameters
+    probe = record.retrieval
+    columns = ["#", "candidate", "blocks", "parameters", *(["active"] if moe else []), "memory", "speedup",
+               f"score ({record.score_metric})", *([retrieval_column(probe)] if probe else [])]  # fmt: skip
+    rows = [[str(i), c.label, str(len(c.pattern)), f"{c.params:,}", *([f"{c.active_params:,}"] if moe else []),
+             fmt_memory(c.memory_bytes), fmt_speedup(c.speedup), f"{c.score:.4f}" if c.score is not None else "-",
+             *([retrieval_cell(c.retrieval)] if probe else [])]
+            for i, c in enumerate(record.candidates, start=1)]  # fmt: skip
+    out_table = table(f"candidates ({record.strategy}), best first", columns, rows)
+    out_table.columns[0].justify, out_table.columns[1].justify = "right", "left"
+    console.print(out_table)
+    if probe:
+        say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
+
+
+def render_search(record, out: Path) -> None:
+    """A search's candidates, ranked after distillation, and where its Pareto front and plot are."""
+    shown = "loss" if record.rank_by == "loss" else "kl"  # ranked by retrieval: its column is beside the KL
+    rank = {index: position for position, index in enumerate(record.ranking, start=1)}
+    probe = record.retrieval
+    rows = []
+    for c in sorted(record.candidates, key=lambda c: (rank.get(c.index, 10**6), c.score)):
+        retrieval_cells = [retrieval_cell(c.retrieval), retrieval_cell(c.distilled and c.distilled.retrieval)]
+        rows.append([str(rank.get(c.index, "-")), str(c.index), c.label, str(len(c.pattern)), f"{c.params:,}",
+                     fmt_memory(c.memory_bytes), fmt_speedup(c.speedup), f"{c.score:.4f}",
+                     f"{c.distilled.metric(shown):.4f}" if c.distilled else "-",
+                     *(retrieval_cells if probe else [])])  # fmt: skip
+    picked_by = f"library {record.score_metric}" if record.bld else f"zero-shot {record.score_metric}"
+    columns = ["rank", "#", "candidate", "blocks", "parameters", "memory", "speedup", picked_by,
+               f"val_{shown}"]  # fmt: skip
+    if probe:
+        columns += [retrieval_column(probe), "after distillation"]
+    out_table = table(f"{record.strategy} search ({out}), ranked by {record.rank_by} after distillation", columns,
+                      rows, left=0)  # fmt: skip
+    out_table.columns[2].justify = "left"
+    console.print(out_table)
+    console.print(
+        f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
+        f"`compress materialize {out} K --out DIR` writes candidate K"
+    )
+    served: dict[str, list[str]] = {}  # search folders written before it was recorded have no loads_in
+    for c in record.candidates:
+        served.setdefault(", ".join(c.architecture.get("loads_in", ["compressor"])), []).append(f"#{c.index}")
+    say("loads in: " + "; ".join(f"{' '.join(ids)}: {engines}" for engines, ids in served.items()))
+    if probe:
+        say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
+    if record.library:
+        lib = record.library
+        say(f"library: {lib['variants']} variants on {lib['tokens']:,} tokens, mean blockwise error "
+            f"{lib['mean_initial_error']:.3f} pruned -> {lib['mean_error']:.3f} trained")  # fmt: skip
+    if record.correlation:
+        r = record.correlation
+        say(f"{picked_by} against val_{r['after']} over {r['finalists']} finalists: Spearman {r['spearman']:.2f}, "
+            f"Kendall {r['kendall']:.2f}")  # fmt: skip
+    if record.seconds:
+        say("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record.seconds.items()))
+
+
+def loads_in(path: Path) -> str:
+    """'loads in: compressor, transformers, vLLM' for a written checkpoint (per-block ones: compressor only)."""
+    from compressor.checkpoint import loaders
+    from compressor.config import HybridConfig
+
+    return f"loads in: {', '.join(loaders(HybridConfig.from_file(path)))}"
+
+
+class RichReporter:
+    """Live progress of a training run: a bar over steps with loss, KL, tokens/s and ETA; eval lines above."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[line]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console, disable=quiet,
+        )  # fmt: skip
+        self.task = None
+
+    def start(self, total_steps: int, first_step: int, tokens_per_step: int) -> None:
+        if first_step:
+            self.note(f"resuming at step {first_step}")
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=first_step, line="")
+
+    def step(self, record: dict) -> None:
+        line = f"loss {record['loss']:.4f}"
+        if "kl" in record:
+            line += f"  KL {record['kl']:.4f}  top-1 {100 * record['top1_agreement']:.1f}%"
+        if "attention_kl" in record:
+            line += f"  attention KL {record['attention_kl']:.4f}"
+        line += f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        self.progress.update(self.task, completed=record["step"], line=line)
+
+    def evaluated(self, record: dict) -> None:
+        line = f"step {record['step']:>6}  val loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}"
+        if record.get("val_kl") is not None:
+            line += f"  KL {record['val_kl']:.4f}  top-1 {100 * record['val_top1_agreement']:.1f}%"
+        if record.get("teacher_val_loss") is not None:
+            line += f"  (teacher loss {record['teacher_val_loss']:.4f})"
+        if record.get("val_retrieval_accuracy") is not None:
+            line += f"  retrieval {100 * record['val_retrieval_accuracy']:.0f}% ({record['val_retrieval_ll']:.2f})"
+        self.note(line)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(text, highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def render_measured(measured, weight_dtype: str) -> None:
+    """`estimate --measure`: what the built model took and how fast it decoded, beside the estimate."""
+    rows = [
+        ["cache bytes", f"{measured.cache_bytes:,}", f"{measured.estimated_cache_bytes:,}"],
+        ["decode latency", f"{1000 * measured.decode_latency_s:,.2f} ms/token", ""],
+        ["decode tokens/s", f"{measured.decode_tokens_per_s:,.1f}", ""],
+    ]
+    console.print(table(f"measured on {measured.device} ({weight_dtype})", ["metric", "measured", "estimated"], rows))

@@ -1,0 +1,272 @@
+"""The option groups of `compress` and how they reach a command: the shared flags (`--json`, `--device`,
+...), groups that arrive as one argument (`with_group`: the retrieval probe, the dry-run plan, training),
+the strategies' own options (`with_strategy_options`) and the error boundary (`friendly`)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from cli_render import err_console
+from compressor.errors import CompressorError, OptionClash, OptionError
+
+
+def friendly(command):
+    """Turn compressor's user-facing errors into one red line and exit status 1; an option named by the
+    library (`temperature`) is shown as the command's flag (`--temperature`)."""
+    flags = set(inspect.signature(command).parameters)
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CompressorError as exc:
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                raise
+            message = str(exc)
+            if isinstance(exc, OptionError) and exc.parameter in flags:
+                message = f"--{exc.parameter.replace('_', '-')} {exc.problem}"
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            message = escape(f"{exc.strerror or exc}{where}")
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def with_group(name: str, params: list[inspect.Parameter], build=None):
+    """Add a group of options to a command; their values reach it as one argument `name`: build(values)
+    (default: the dict of the values given, None left out). An option the command already has is a bug
+    here (TypeError at import); strategies' options go through `with_strategy_options`."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != name]
+        twice = [p.name for p in params if p.name in signature.parameters]
+        if twice:
+            raise TypeError(f"{command.__name__} already has the option {twice[0]} of the group {name}")
+        names = [p.name for p in params]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            given = build(values) if build else {n: v for n, v in values.items() if v is not None}
+            return command(*args, **{name: given}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + params)
+        return wrapper
+
+    return decorate
+
+
+def option(name: str, kind, help: str | None = None, default=None, metavar: str | None = None) -> inspect.Parameter:
+    """A keyword option of an option group: `kind` is a type (with `help`, shown as written: a bracketed
+    `[default: ...]` is escaped, not Rich markup) or an Annotated option type."""
+    annotation = Annotated[kind, typer.Option(help=escape(help), metavar=metavar)] if help is not None else kind
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def command_flags(parameters: list[inspect.Parameter]) -> set[str]:
+    """The flags Typer makes of these command parameters: the declared ones (`--json`), else the name's
+    (`--seq-len`), `--no-...` of a bool, and `--help`."""
+
+    def probe() -> None: ...
+
+    probe.__signature__ = inspect.Signature(parameters)
+    probe_app = typer.Typer()
+    probe_app.command()(probe)
+    params = typer.main.get_command(probe_app).params
+    return {"--help"} | {flag for p in params for flag in (*p.opts, *p.secondary_opts) if flag.startswith("-")}
+
+
+def strategy_options(taken: set[str] = frozenset()) -> list[inspect.Parameter]:
+    """One `--flag` per field of every registered strategy's Options (strategies.base): text the library
+    checks against the chosen strategy's fields. The help ends with each strategy's default (a field
+    several strategies share: one per strategy; none when all are None), the metavar says how a value is
+    written (`<true|false>`, `<float,...>`). A field whose name or flag is in `taken` (the command's
+    parameter names and flags) raises OptionClash naming the strategy."""
+    import strategies
+    from strategies.base import value_syntax
+
+    helps: dict[str, str] = {}
+    users: dict[str, list[tuple[str, Any, Any]]] = {}  # option -> [(strategy, field type, default)]
+    for name, strategy in strategies.available().items():
+        defaults = strategy.Options()
+        for field_name, (kind, field) in strategies.option_fields(strategy.Options).items():
+            flag = f"--{field_name.replace('_', '-')}"
+            if field_name in taken or flag in taken:
+                raise OptionClash(
+                    f"the strategy {name!r} declares the option {field_name}, whose flag {flag} this command "
+                    "already has: rename it in the strategy's Options"
+                )
+            helps.setdefault(field_name, field.metadata.get("help", ""))
+            users.setdefault(field_name, []).append((name, kind, getattr(defaults, field_name)))
+    params = []
+    for field_name, fields in users.items():
+        text = helps[field_name]
+        if any(default is not None for _, _, default in fields):
+            text += f" [default: {'; '.join(f'{name} {_option_text(default)}' for name, _, default in fields)}]"
+        syntaxes = {value_syntax(kind) for _, kind, _ in fields}  # strategies that disagree: plain text
+        metavar = f"<{syntaxes.pop()}>" if len(syntaxes) == 1 else "<str>"
+        params.append(option(field_name, str | None, text, metavar=metavar))
+    return params
+
+
+def _option_text(value: Any) -> str:
+    """A strategy option's value as its flag takes it: 1.0,0.75,0.5; true; none."""
+    if isinstance(value, tuple):
+        return ",".join(map(_option_text, value))
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def with_strategy_options(command):
+    """`with_group("strategy_options", strategy_options(...))` for prune and search; put it above the other
+    groups so it sees every flag. A strategy option the command already has (a plug-in's `seq_len`) would
+    lose one of the two: the command then refuses to run (OptionClash, one line). Refused when it runs, not
+    at import, so that --help and the other commands still work."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "strategy_options"]
+    try:
+        return with_group("strategy_options", strategy_options({p.name for p in own} | command_flags(own)))(command)
+    except OptionClash as exc:
+        clash = exc
+
+    @functools.wraps(command)
+    def refuse(*args, **kwargs):
+        raise clash
+
+    return with_group("strategy_options", [])(refuse)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
+HfExactOption = Annotated[bool, typer.Option(hidden=True, help="Retired (HF_EXACT_RETIRED).")]
+HF_EXACT_RETIRED = (
+    "is retired: transformers 5.25 and newer apply config.json's time_step_limit, so outputs agree with it as "
+    "written; only transformers 5.6-5.24 floored dt at time_step_min, and a checkpoint whose time_step_limit is "
+    "raised to that floor is another model to vLLM and llama.cpp, which ignore the key. Leave the flag out "
+    "(compare logits with transformers >= 5.25)"
+)
+TokenizerOption = Annotated[Path | None, typer.Option(help="Tokenizer (default: the model's tokenizer.json).")]
+TextFieldOption = Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets data.")]
+SamplesOption = Annotated[int, typer.Option(help="Calibration sequences for importance.")]
+ScoreOption = Annotated[
+    str,
+    typer.Option(
+        help="Candidate score (zero-shot, lower is better): kl (to the original), loss, retrieval (answer "
+        "log-likelihood lost on --retrieval-task), or kl+retrieval / loss+retrieval (the sum, retrieval x "
+        "--retrieval-weight)."
+    ),
+]
+RetrievalWeightOption = Annotated[float, typer.Option(help="Weight of retrieval in kl+retrieval / loss+retrieval.")]
+ScoreSamplesOption = Annotated[int, typer.Option(help="Held-out sequences to score candidates on.")]
+AttentionLossOption = Annotated[
+    float,
+    typer.Option(
+        help="Weight of attention transfer: KL from each teacher attention block's weights to its student "
+        "block's, added to the distillation loss (0: off). Restores retrieval that pruning broke."
+    ),
+]
+AttentionQueriesOption = Annotated[
+    int, typer.Option(help="--attention-loss: query positions per micro-batch whose attention rows it matches.")
+]
+ImportanceDirOption = Annotated[
+    Path | None, typer.Option("--importance", help="Importance folder to reuse (`compress importance`).")
+]
+GpuOption = Annotated[
+    str | None,
+    typer.Option(help="GPU for throughput: a10g, l4, l40s, a100-40gb, a100-80gb, h100-sxm, h200, b200, rtx-5090."),
+]
+GpuBandwidthOption = Annotated[str | None, typer.Option(help="Your GPU's memory bandwidth, e.g. 600GB/s.")]
+GpuTflopsOption = Annotated[float | None, typer.Option(help="Your GPU's dense bf16 TFLOP/s.")]
+WeightDtypeOption = Annotated[str, typer.Option(help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (NVFP4).")]
+KvDtypeOption = Annotated[str | None, typer.Option(help="KV cache: bf16, fp16, fp32 or fp8 (default: compute).")]
+SsmDtypeOption = Annotated[str | None, typer.Option(help="SSM state: fp32, bf16 or fp16 (default: the config's).")]
+
+RETRIEVAL_OPTIONS = [
+    option("retrieval_task", str, "Retrieval probe of --drop-one retrieval and --score ...retrieval: phonebook, "
+           "mqar or needle (needle hides its sentence in --data).", "phonebook"),
+    option("retrieval_ctx", str | None, "Tokens per probe sequence, e.g. 4k [default: the budget's --ctx; "
+           "importance: 1k]."),
+    option("retrieval_sequences", int, "Probe sequences (16 queries each).", 8),
+]  # fmt: skip
+
+
+def retrieval_from(needed: bool, values: dict[str, Any], context: int):
+    """The RetrievalConfig the retrieval flags describe, when a decision uses it (`needed`), else None."""
+    from compressor.tasks import RetrievalConfig, parse_contexts
+
+    if not needed:
+        return None
+    if values["retrieval_ctx"] is not None:
+        contexts = parse_contexts(values["retrieval_ctx"])
+        if len(contexts) != 1:
+            raise OptionError("retrieval_ctx", f"takes one context length, got {values['retrieval_ctx']!r}")
+        context = contexts[0]
+    return RetrievalConfig(values["retrieval_task"], context, values["retrieval_sequences"])
+
+
+NPROC_OPTION = option("nproc", int | None, "Dry run: processes (GPUs) to plan for (default: the fewest that fit).")
+# importance, distill, train: the GPU to plan for (prune and search plan for their budget's --gpu)
+PLAN_OPTIONS = [
+    NPROC_OPTION,
+    option("gpu", str | None, "Dry run: plan for this GPU's memory (a10g, l4, l40s, a100-80gb, h100-sxm, h200, b200)."),
+]
+
+
+def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
+    """The options `compress distill` and `compress train` share (compressor.train.TrainConfig)."""
+    return [
+        option("data", str | None, "Training text or tokens (as for `compress eval`)."),
+        option("out", Path | None, "Run folder: model/ (latest checkpoint), metrics.jsonl."),
+        option("tokens", str | None, "Token budget, e.g. 50M or 2B (sets the steps)."),
+        option("steps", int | None, "Optimizer steps (default: one epoch)."),
+        option("seq_len", int, "Tokens per sequence.", 512),
+        option("batch_size", int, "Sequences per optimizer step, all processes together.", 16),
+        option("micro_batch_size", int, "Sequences per forward pass of one process.", 4),
+        option("lr", float, "Peak learning rate.", lr),
+        option("min_lr", float, "Final learning rate.", min_lr),
+        option("warmup_steps", int | None, "Linear warmup steps (default 5%)."),
+        option("schedule", str, "cosine, wsd (warmup-stable-decay) or constant.", "cosine"),
+        option("decay_fraction", float, "WSD: share of steps spent decaying.", 0.2),
+        option("weight_decay", float, "AdamW weight decay (matrices only).", 0.1),
+        option("grad_clip", float, "Gradient-norm clipping (0: off).", 1.0),
+        option("chunk_tokens", int | None, "Tokens per logits chunk in the loss (default: 128 MiB of logits)."),
+        option("eval_every", int, "Validate every N steps.", 50),
+        option("eval_sequences", int, "Validation sequences.", 64),
+        option("eval_task", str | None, "Also measure a retrieval task at each validation: phonebook, mqar or needle."),
+        option("eval_ctx", str, "--eval-task: tokens per sequence, e.g. 4k.", "1k"),
+        option("eval_task_sequences", int, "--eval-task: sequences (16 queries each).", 8),
+        option("save_every", int, "Checkpoint every N steps.", 100),
+        option("log_every", int, "Log training metrics every N steps.", 10),
+        option("valid_fraction", float, "Share of the data held out for validation.", 0.05),
+        option("max_sequences", int | None, "Read at most this many sequences."),
+        option("seed", int, "Seed of data order, split and initialisation.", 0),
+        option("dtype", str, "Master-weight dtype of the trained model.", "float32"),
+        option("autocast", str, "auto (bf16 on CUDA), bf16 or off.", "auto"),
+        option("activation_checkpointing", bool, "Recompute each block in backward: less memory, ~1/3 more compute.",
+               False),
+        option("tokenizer", Path | None, "Tokenizer (default: the trained model's)."),
+        option("text_field", TextFieldOption, default="text"),
+        option("device", DeviceOption, default="auto"),
+        option("overwrite", bool, "Replace an existing run folder.", False),
+        option("resume", bool, "Continue the run in --out from its checkpoint.", False),
+        option("dry_run", bool, "Print the memory plan per process (--nproc, --gpu) and what fits; train nothing.",
+               False),
+        option("quiet", bool, "No live display.", False),
+    ]  # fmt: skip
