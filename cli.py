@@ -57,14 +57,12 @@ from cli_render import (
     progress_bar,
     render_candidates,
     render_compression_preview,
+    render_estimate,
     render_eval,
     render_importance,
     render_info,
-    render_measured,
     render_memory_plans,
-    render_report,
     render_search,
-    render_versus,
     say,
 )
 from compressor.budget import TERMS
@@ -200,40 +198,12 @@ def estimate(
     json_output: JsonOption = False,
 ) -> None:
     """Parameters, inference memory at a context length (with a verdict for --target-mem), and throughput."""
-    from compressor import budget
-    from compressor.checkpoint import check_weights
-    from compressor.distributed import resolve_device
-    from compressor.estimate import report as estimate_report
-    from compressor.quantize import is_quantized_checkpoint, stored_weight_bytes
+    from compressor.pipelines.estimating import EstimateConfig, estimate_model
 
-    config, folder = load_config_or_preset(model)
-    if folder is not None:
-        check_weights(folder, config)  # the estimate is of these weights' architecture
-    stored = None
-    if folder is not None and is_quantized_checkpoint(folder):
-        stored = stored_weight_bytes(folder)
-    weight_dtype = weight_dtype or (stored.budget_dtype if stored else None) or "bf16"
-    report = estimate_report(
-        config, ctx=ctx, batch=batch, target_mem=target_mem, gpu=gpu, gpu_bandwidth=gpu_bandwidth,
-        gpu_tflops=gpu_tflops, isl=isl, osl=osl, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
-        prefill_chunk=prefill_chunk, vs=vs,
-    )  # fmt: skip
-    measured = None
-    if measure:
-        memory = report.memory
-        measured = budget.measure(config, memory.context, memory.batch, device=resolve_device(device),
-                                  weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype)  # fmt: skip
-    if json_output:
-        print_json({"model": model, **report.to_dict(), "measured": measured.to_dict() if measured else None})
-        return
-    render_report(model, config, report)
-    if stored is not None:
-        dtypes = ", ".join(f"{name} {fmt_memory(n)}" for name, n in sorted(stored.by_dtype.items()))
-        console.print(f"stored weights ({stored.quant_algo}): {fmt_memory(stored.total)} ({dtypes})", highlight=False)
-    if report.versus is not None:
-        render_versus(model, vs, report.versus)
-    if measured is not None:
-        render_measured(measured, weight_dtype)
+    config = EstimateConfig(ctx, batch, target_mem, gpu, gpu_bandwidth, gpu_tflops, isl, osl, weight_dtype, kv_dtype,
+                            ssm_dtype, prefill_chunk, vs, measure, device)  # fmt: skip
+    record = estimate_model(model, config)
+    print_json(record.to_dict()) if json_output else render_estimate(record, vs)
 
 
 # ----- init ---------------------------------------------------------------------------------------------

@@ -257,6 +257,20 @@ def moe_widths(config) -> str:
     )
 
 
+def render_estimate(record, vs: str | None) -> None:
+    """`compress estimate`: the report, a quantized checkpoint's stored weights, the comparison with `vs` and
+    the measurement."""
+    render_report(record.model, record.config, record.report)
+    stored = record.stored
+    if stored is not None:
+        dtypes = ", ".join(f"{name} {fmt_memory(n)}" for name, n in sorted(stored.by_dtype.items()))
+        console.print(f"stored weights ({stored.quant_algo}): {fmt_memory(stored.total)} ({dtypes})", highlight=False)
+    if record.report.versus is not None:
+        render_versus(record.model, vs, record.report.versus)
+    if record.measured is not None:
+        render_measured(record.measured, record.weight_dtype)
+
+
 def render_report(model: str, config, report) -> None:
     from compressor.budget import GIB
     from compressor.config import ATTENTION, MAMBA
