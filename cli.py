@@ -4,9 +4,6 @@ instead); `--json` prints machine-readable results on stdout."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,25 +19,56 @@ from cli_options import (
     AttentionLossOption,
     AttentionQueriesOption,
     DeviceOption,
+    DistillQuantizeKeepOption,
+    DistillQuantizeOption,
     DtypeOption,
+    EstimateCtxOption,
+    EstimateIslOption,
+    EstimateMeasureOption,
+    EstimatePrefillChunkOption,
+    EstimateTargetMemOption,
+    EstimateVsOption,
+    EstimateWeightDtypeOption,
+    EvalDataOption,
+    EvalIncludePathOption,
+    EvalLimitOption,
+    EvalLmEvalTasksOption,
+    EvalTaskOption,
+    EvalTeacherOption,
+    EvalWeightsOnlyOption,
     GpuBandwidthOption,
     GpuOption,
     GpuTflopsOption,
     HfExactOption,
     ImportanceDirOption,
+    ImportanceDropOneOption,
+    ImportanceDryRunOption,
+    InitLayersOption,
+    InitSetOption,
     JsonOption,
     KvDtypeOption,
     OverwriteOption,
+    PruneDryRunOption,
+    PruneExportConfigOption,
+    PruneStrategyOption,
+    QuantizeKeepOption,
     RetrievalWeightOption,
     SamplesOption,
     ScoreOption,
     ScoreSamplesOption,
+    SearchActivationCheckpointingOption,
+    SearchBldOption,
+    SearchDryRunOption,
+    SearchRankByOption,
+    SearchShareTeacherOption,
     SsmDtypeOption,
     TextFieldOption,
     TokenizerOption,
     WeightDtypeOption,
     friendly,
     option,
+    print_version,
+    refuse_resume_changes,
     retrieval_from,
     training_options,
     with_group,
@@ -51,6 +79,7 @@ from cli_render import (
     RichReporter,
     console,
     err_console,
+    eval_display,
     fmt_memory,
     loads_in,
     print_json,
@@ -63,11 +92,11 @@ from cli_render import (
     render_info,
     render_memory_plans,
     render_search,
+    render_training,
     say,
 )
 from compressor.budget import TERMS
-from compressor.errors import CompressorError, OptionError, check_at_least
-from compressor.presets import load_config_or_preset
+from compressor.errors import CompressorError, OptionError
 
 app = typer.Typer(
     name="compress",
@@ -78,20 +107,10 @@ app = typer.Typer(
 )
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        try:
-            version = importlib.metadata.version("compressor")
-        except importlib.metadata.PackageNotFoundError:
-            version = "(not installed: pip install -e .)"
-        console.print(f"compressor {version}", highlight=False)
-        raise typer.Exit()
-
-
 @app.callback()
 def _app_options(
     version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+        bool, typer.Option("--version", is_eager=True, callback=print_version, help="Print the version and exit.")
     ] = False,
 ) -> None:
     pass  # no docstring: the app's help stays Typer(help=...)
@@ -129,25 +148,10 @@ def info(
     json_output: JsonOption = False,
 ) -> None:
     """Describe a model: blocks by type, widths, parameters by component (and active per token), dtype."""
-    from compressor.budget import active_parameters, parameter_counts
-    from compressor.checkpoint import check_weights, loaders, stored_dtypes
+    from compressor.pipelines.describing import describe_model
 
-    config, folder = load_config_or_preset(model)
-    if folder is not None:
-        check_weights(folder, config)  # config.json describes these weights, or the counts below mean nothing
-    counts = parameter_counts(config)
-    total, active = sum(counts.values()), active_parameters(config)
-    dtypes = stored_dtypes(folder) if folder is not None else []
-    summary = config.summary()
-    if json_output:
-        print_json(
-            {"model": model, "pattern": config.pattern, "architecture": summary,
-             "block_overrides": config.block_overrides, "ratios": config.ratios(),
-             "parameters": {**counts, "total": total, "active": active}, "dtypes": dtypes,
-             "loads_in": loaders(config)}
-        )  # fmt: skip
-        return
-    render_info(model, config, counts, dtypes)
+    record = describe_model(model)
+    print_json(record.to_dict()) if json_output else render_info(model, record.config, record.counts, record.dtypes)
 
 
 # ----- estimate -----------------------------------------------------------------------------------------
@@ -155,45 +159,20 @@ def info(
 @friendly
 def estimate(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, config.json or preset name.")],
-    ctx: Annotated[
-        str | None,
-        typer.Option(
-            help="Context length, e.g. 128k (k = 1024). Default: --isl + --osl when both are given, else "
-            "max_position_embeddings."
-        ),
-    ] = None,
+    ctx: EstimateCtxOption = None,
     batch: Annotated[str, typer.Option(help="Sequences at once, or 'max': the most that fit the memory.")] = "1",
     gpu: GpuOption = None,
     gpu_bandwidth: GpuBandwidthOption = None,
     gpu_tflops: GpuTflopsOption = None,
-    target_mem: Annotated[
-        str | None, typer.Option(help="Memory budget, e.g. 22GiB, 19.66GiB, 20GB (= 10^9 bytes); G alone = GiB.")
-    ] = None,
-    isl: Annotated[
-        str | None, typer.Option(help="Prompt tokens of the throughput workload (default: ctx - osl).")
-    ] = None,
+    target_mem: EstimateTargetMemOption = None,
+    isl: EstimateIslOption = None,
     osl: Annotated[str | None, typer.Option(help="Generated tokens (default: 1024, at most half the ctx).")] = None,
-    weight_dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (default: a quantized checkpoint's, else bf16)."
-        ),
-    ] = None,
+    weight_dtype: EstimateWeightDtypeOption = None,
     kv_dtype: KvDtypeOption = None,
     ssm_dtype: SsmDtypeOption = None,
-    prefill_chunk: Annotated[
-        int | None, typer.Option(help="Prefill chunk of the activation allowance (default 2048); 0 leaves it out.")
-    ] = None,
-    vs: Annotated[
-        str | None,
-        typer.Option(
-            help="A transformer to compare throughput with: qwen3-8b, llama-3.1-8b, or a Llama / Mistral / "
-            "Qwen2 / Qwen3 config.json or folder (needs --gpu)."
-        ),
-    ] = None,
-    measure: Annotated[
-        bool, typer.Option(help="Also build the model, allocate its cache on --device and time decoding.")
-    ] = False,
+    prefill_chunk: EstimatePrefillChunkOption = None,
+    vs: EstimateVsOption = None,
+    measure: EstimateMeasureOption = False,
     device: DeviceOption = "auto",
     json_output: JsonOption = False,
 ) -> None:
@@ -213,16 +192,8 @@ def init(
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint to.")],
     preset: Annotated[str | None, typer.Option(help="A preset name, e.g. tiny, small, 8b, 12b-v2.")] = None,
     config: Annotated[Path | None, typer.Option(help="A config.json to build instead of a preset.")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE (JSON value); repeatable.")
-    ] = None,
-    layers: Annotated[
-        int | None,
-        typer.Option(
-            help="Blocks of a layout from --attention-ratio / --mlp-ratio, placed as Megatron-LM does, with the "
-            "widths of --preset or --config (not for MoE models)."
-        ),
-    ] = None,
+    set_: InitSetOption = None,
+    layers: InitLayersOption = None,
     attention_ratio: Annotated[float, typer.Option(help="Share of attention blocks (with --layers).")] = 0.0,
     mlp_ratio: Annotated[float, typer.Option(help="Share of MLP blocks (with --layers); the rest are Mamba-2.")] = 0.0,
     tokenizer: Annotated[Path | None, typer.Option(help="Folder or tokenizer.json to ship with the model.")] = None,
@@ -231,29 +202,15 @@ def init(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Write a randomly initialised model (a preset or a config.json) as a checkpoint."""
-    from compressor.checkpoint import init_checkpoint
-    from compressor.config import HybridConfig, pattern_from_ratios
-    from compressor.presets import get_preset
+    from compressor.pipelines.initializing import InitConfig, init_model
 
-    if preset is not None and config is not None or (preset is None and config is None and layers is None):
-        raise CompressorError(
-            "give exactly one of --preset NAME or --config JSON (whose blocks --layers lays out anew)"
-        )
-    if preset is None and config is None:
-        pattern_from_ratios(layers, attention_ratio, mlp_ratio)  # the layout's own mistakes first
-        raise OptionError(
-            "layers", "lays out the blocks of a --preset or --config, which give their widths: add one of them"
-        )
-    arch = get_preset(preset) if preset is not None else HybridConfig.from_file(config)
-    if layers is not None:
-        arch = arch.with_layout(layers, attention_ratio, mlp_ratio)
-    elif attention_ratio or mlp_ratio:
-        raise OptionError("attention_ratio", "and --mlp-ratio lay out --layers blocks: give --layers too")
-    arch = arch.with_settings(set_ or [])
-    check_at_least(seed=(seed, 0))
-    params = init_checkpoint(out, arch, tokenizer=tokenizer, dtype=dtype, seed=seed, overwrite=overwrite)
+    spec = InitConfig(preset, config, layers, attention_ratio, mlp_ratio, tuple(set_ or ()), tokenizer, dtype, seed)
+    record = init_model(out, spec, overwrite=overwrite)
+    arch = record.config
     blocks = ", ".join(f"{arch.count(kind)} {KIND_NAMES[kind]}" for kind in arch.ratios())
-    console.print(f"wrote a random {params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to [bold]{out}[/]")
+    console.print(
+        f"wrote a random {record.params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to [bold]{out}[/]"
+    )
 
 
 # ----- eval ---------------------------------------------------------------------------------------------
@@ -261,41 +218,15 @@ def init(
 @friendly
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folder(s) to evaluate (several: a comparison).")],
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name (with --task "
-            "needle: the filler text)."
-        ),
-    ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(help="A retrieval task instead of loss: phonebook, mqar or needle (accuracy by --ctx)."),
-    ] = None,
+    data: EvalDataOption = None,
+    task: EvalTaskOption = None,
     ctx: Annotated[str, typer.Option(help="--task: context lengths, e.g. 1k,4k,16k.")] = "1k",
     task_sequences: Annotated[int, typer.Option(help="--task: sequences per context (16 queries each).")] = 8,
-    lm_eval_tasks: Annotated[
-        str | None,
-        typer.Option(
-            help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated. A task YAML "
-            "runs Python code: its !function tags import functions from .py files in its folder, as lm-eval "
-            "does; use task files you trust."
-        ),
-    ] = None,
+    lm_eval_tasks: EvalLmEvalTasksOption = None,
     num_fewshot: Annotated[int | None, typer.Option(help="lm-eval tasks: few-shot examples per prompt.")] = None,
-    limit: Annotated[
-        float | None, typer.Option(help="lm-eval tasks: at most this many documents per task (below 1: a share).")
-    ] = None,
-    include_path: Annotated[
-        Path | None,
-        typer.Option(
-            help="lm-eval tasks: a folder of task YAML files to find the names in (their !function tags run "
-            "Python code from the folder)."
-        ),
-    ] = None,
-    teacher: Annotated[
-        Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
-    ] = None,
+    limit: EvalLimitOption = None,
+    include_path: EvalIncludePathOption = None,
+    teacher: EvalTeacherOption = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
     max_sequences: Annotated[int | None, typer.Option(help="Evaluate at most this many sequences.")] = None,
@@ -304,9 +235,7 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of the train/valid split.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
-    weights_only: Annotated[
-        bool, typer.Option(help="Quantized checkpoints: dequantized weights only, no activation quantization.")
-    ] = False,
+    weights_only: EvalWeightsOnlyOption = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     json_output: JsonOption = False,
@@ -329,7 +258,7 @@ def eval_(
     else:
         config = LossEval(data, teacher, seq_len, batch_size, max_sequences, split, valid_fraction, seed, tokenizer,
                           text_field, weights_only, device, dtype)  # fmt: skip
-    with _eval_display(config) as display:
+    with eval_display(config) as display:
         record = evaluate_checkpoints(models, config, **display)
     if record is None:  # another process of a torchrun
         return
@@ -337,23 +266,6 @@ def eval_(
         print_json(record.to_dict())
         return
     render_eval(record)
-
-
-@contextlib.contextmanager
-def _eval_display(config):
-    """The live display of an eval mode, as the pipeline's progress callbacks: a bar over the tokens (loss),
-    the model being scored (retrieval), none (lm-eval, which reports its own)."""
-    from compressor.pipelines.evaluating import LossEval, RetrievalEval
-
-    if isinstance(config, LossEval):
-        with progress_bar() as progress:
-            bar = progress.add_task("evaluating", total=0, visible=False)
-            yield {"on_tokens": lambda n, total: progress.update(bar, advance=n, total=total, visible=True)}
-    elif isinstance(config, RetrievalEval):
-        with err_console.status(config.task) as status:
-            yield {"on_model": lambda path: status.update(f"{config.task}: {path}")}
-    else:
-        yield {}
 
 
 # ----- generate -----------------------------------------------------------------------------------------
@@ -394,22 +306,14 @@ def importance(
     seq_reduce: Annotated[str, typer.Option(help="Over the sequence: mean, l2 or max (of |a|).")] = "mean",
     batch_reduce: Annotated[str, typer.Option(help="Over samples: l2, mean or max.")] = "l2",
     mamba_signal: Annotated[str, typer.Option(help="x (in_proj's x) or ssm_out (out_proj's input).")] = "x",
-    drop_one: Annotated[
-        str,
-        typer.Option(
-            help="Drop-one-block effect: none, kl, loss, or retrieval (the answer log-likelihood lost on "
-            "--retrieval-task without the block)."
-        ),
-    ] = "none",
+    drop_one: ImportanceDropOneOption = "none",
     iterative_rounds: Annotated[int, typer.Option(help="Remove the least important block and re-score, N times.")] = 0,
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
-    dry_run: Annotated[
-        bool, typer.Option(help="Print the memory plan per process (--nproc, --gpu); score nothing.")
-    ] = False,
+    dry_run: ImportanceDryRunOption = False,
     json_output: JsonOption = False,
     plan: dict[str, Any] | None = None,
     retrieval: dict[str, Any] | None = None,
@@ -458,9 +362,7 @@ def importance(
 def prune_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (--dry-run: also a preset or config).")],
     out: Annotated[Path | None, typer.Option(help="Folder for the pruned checkpoint (+ compression.json).")] = None,
-    export_config: Annotated[
-        str | None, typer.Option(help="Prune to this ModelOpt export_config (JSON or file) instead of searching.")
-    ] = None,
+    export_config: PruneExportConfigOption = None,
     importance_dir: ImportanceDirOption = None,
     data: Annotated[str | None, typer.Option(help="Calibration data (importance, then held-out scoring).")] = None,
     samples: SamplesOption = 1024,
@@ -469,22 +371,14 @@ def prune_command(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 1,
     score: ScoreOption = "kl",
     retrieval_weight: RetrievalWeightOption = 1.0,
-    strategy: Annotated[
-        str, typer.Option(help="Search strategy: minitron, minipuzzle or a plugged-in one.")
-    ] = "minitron",
+    strategy: PruneStrategyOption = "minitron",
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
     hf_exact: HfExactOption = False,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            help="Only list the candidates that fit and plan the memory per process (--nproc; the budget's "
-            "--gpu); works on presets and config.json too."
-        ),
-    ] = False,
+    dry_run: PruneDryRunOption = False,
     json_output: JsonOption = False,
     budget=None,
     strategy_options: dict[str, str] | None = None,
@@ -551,21 +445,13 @@ def search(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (importance, scoring, distillation).")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Distillation sequences per step.")] = 16,
     micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
-    activation_checkpointing: Annotated[
-        bool, typer.Option(help="Distillations recompute each block in backward: less memory, ~1/3 more compute.")
-    ] = False,
+    activation_checkpointing: SearchActivationCheckpointingOption = False,
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 1e-4,
     min_lr: Annotated[float, typer.Option(help="Distillation final learning rate.")] = 1e-5,
     samples: SamplesOption = 1024,
     score_samples: ScoreSamplesOption = 64,
     importance_dir: ImportanceDirOption = None,
-    rank_by: Annotated[
-        str,
-        typer.Option(
-            help="Rank finalists after distillation by kl (to the original), loss, or retrieval (the probe's "
-            "accuracy: --retrieval-task at --retrieval-ctx)."
-        ),
-    ] = "kl",
+    rank_by: SearchRankByOption = "kl",
     score: ScoreOption = "kl",
     retrieval_weight: RetrievalWeightOption = 1.0,
     attention_loss: AttentionLossOption = 0.0,
@@ -577,31 +463,11 @@ def search(
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
-    bld: Annotated[
-        str | None,
-        typer.Option(
-            help="Build a library of blockwise-distilled block variants on this many tokens (e.g. 64k): each "
-            "variant trained to reproduce its parent block, scored by replacement, chosen by the exact solver, "
-            "finalists assembled from the trained blocks (minipuzzle).",
-            metavar="TOKENS",
-        ),
-    ] = None,
+    bld: SearchBldOption = None,
     bld_epochs: Annotated[int, typer.Option(help="Passes of each variant's training over the library tokens.")] = 2,
     bld_lr: Annotated[float, typer.Option(help="Peak learning rate of each variant's training.")] = 1e-3,
-    share_teacher: Annotated[
-        bool,
-        typer.Option(
-            help="The finalists distil from one teacher cache written once (top-k log-probs, --top-k 64), not "
-            "from K teacher passes; off with --attention-loss."
-        ),
-    ] = True,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            help="List the candidates that fit and plan the memory per process of importance, scoring "
-            "and a finalist's distillation (--nproc; the budget's --gpu); search nothing."
-        ),
-    ] = False,
+    share_teacher: SearchShareTeacherOption = True,
+    dry_run: SearchDryRunOption = False,
     json_output: JsonOption = False,
     budget=None,
     strategy_options: dict[str, str] | None = None,
@@ -643,42 +509,7 @@ def search(
         if data is None:
             raise OptionError("data", "is needed to resume too: give the data the search started on")
         calibration = resume_calibration(out, model=model, data=data, tokenizer=tokenizer)
-        probe = calibration.retrieval
-        _refuse_resume_changes(context, {
-            "strategy": (strategy, config.strategy), "candidates": (candidates, config.finalists),
-            "rank_by": (rank_by, config.rank_by), "score": (score, config.score),
-            "retrieval_weight": (retrieval_weight, config.retrieval_weight),
-            "distill_tokens": (distill_tokens, config.distill.tokens, parse_tokens),
-            "seq_len": (seq_len, calibration.seq_len), "batch_size": (batch_size, config.distill.batch_size),
-            "micro_batch_size": (micro_batch_size, config.distill.micro_batch_size),
-            "activation_checkpointing": (activation_checkpointing, config.distill.activation_checkpointing),
-            "lr": (lr, config.distill.lr), "min_lr": (min_lr, config.distill.min_lr),
-            "seed": (seed, config.distill.seed),
-            "attention_loss": (attention_loss, config.distill.attention_loss),
-            "attention_queries": (attention_queries, config.distill.attention_queries),
-            "samples": (samples, calibration.samples), "score_samples": (score_samples, calibration.score_samples),
-            "importance_dir": (importance_dir, None), "text_field": (text_field, calibration.text_field),
-            "dtype": (dtype, calibration.dtype),
-            "retrieval_task": (retrieval["retrieval_task"], probe.task if probe else None),
-            "retrieval_ctx": (retrieval["retrieval_ctx"], probe.context if probe else None, _one_context),
-            "retrieval_sequences": (retrieval["retrieval_sequences"], probe.sequences if probe else None),
-            "bld": (bld, config.bld.tokens if config.bld else None, parse_tokens),
-            "bld_epochs": (bld_epochs, config.bld.epochs if config.bld else 2),
-            "bld_lr": (bld_lr, config.bld.lr if config.bld else 1e-3),
-            "share_teacher": (share_teacher, config.share_teacher),
-        })  # fmt: skip
-        if budget is not None and budget != config.budget:
-            raise CompressorError(
-                "the budget options differ from the budget the search in --out started with: --resume continues "
-                "it as it started (leave them out, or start a new search)"
-            )
-        if strategy_options:
-            from strategies import build_options, get_strategy
-
-            kind = get_strategy(config.strategy)
-            given, recorded = build_options(kind, strategy_options), build_options(kind, config.options)
-            changed = {name: (getattr(given, name), getattr(recorded, name)) for name in strategy_options}
-            _refuse_resume_changes(context, changed)
+        refuse_resume_changes(context, config, calibration, budget, strategy_options)
     else:
         if budget is None:
             raise CompressorError(
@@ -707,30 +538,6 @@ def search(
         print_json(record.to_dict())
         return
     render_search(record, out)
-
-
-def _refuse_resume_changes(context: typer.Context, values: dict[str, tuple]) -> None:
-    """`search --resume` continues a search as its record says: an option given on the command line with
-    another value than the search started with is refused, not ignored. `values`: option -> (value given,
-    value recorded[, a parse of the given text into the recorded form]); options not on the command line
-    (at their defaults) are not checked."""
-    for name, (value, recorded, *parse) in values.items():
-        source = context.get_parameter_source(name)
-        if value is None or source is None or source.name == "DEFAULT":
-            continue
-        if (parse[0](value) if parse else value) != recorded:
-            used = "is not used by" if recorded is None else f"differs from the {recorded} of"
-            raise OptionError(
-                name,
-                f"{value} {used} the search in --out: --resume continues it as it started (leave it out, or "
-                "start a new search)",
-            )
-
-
-def _one_context(text: str) -> int:
-    from compressor.tasks import parse_contexts
-
-    return parse_contexts(text)[0]
 
 
 @app.command()
@@ -766,10 +573,7 @@ def quantize_command(
     samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 512,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Sequences per calibration forward pass.")] = 1,
-    keep: Annotated[
-        list[str] | None,
-        typer.Option(help="ModelOpt quantizer-name pattern kept in high precision, e.g. '*layers.0.*'; repeatable."),
-    ] = None,
+    keep: QuantizeKeepOption = None,
     dtype: Annotated[str, typer.Option(help="dtype of the tensors left unquantized.")] = "bfloat16",
     tokenizer: TokenizerOption = None,
     text_field: TextFieldOption = "text",
@@ -800,18 +604,10 @@ def quantize_command(
 # ----- train / distill ----------------------------------------------------------------------------------
 def _run_training(options: dict[str, Any]) -> None:
     """Build the TrainConfig from a command's options, then plan (--dry-run) or train."""
-    from compressor.budget import parse_context, parse_tokens
-    from compressor.losses import LossSpec
     from compressor.train import TrainConfig, train
 
     dry_run, quiet, plan = options.pop("dry_run"), options.pop("quiet"), options.pop("plan")
-    loss_fields = [f.name for f in dataclasses.fields(LossSpec)]
-    loss = LossSpec(**{name: options.pop(name) for name in loss_fields})
-    tokens = options.pop("tokens")
-    options["eval_ctx"] = parse_context(options["eval_ctx"])
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    config = TrainConfig(tokens=parse_tokens(tokens) if tokens is not None else None, loss=loss, **options)
-    config.validate()
+    config = TrainConfig.from_options(**options)
     if dry_run:
         from compressor.pipelines.preview import preview_training
 
@@ -825,12 +621,8 @@ def _run_training(options: dict[str, Any]) -> None:
         result = train(config, reporter)
     finally:
         reporter.stop()
-    final = result.final_eval
-    summary = f"done: {result.steps} steps, {result.tokens:,} tokens; checkpoint in {result.out / 'model'}"
-    if final:
-        summary += f"; val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f})"
     if not quiet:
-        console.print(summary)
+        render_training(result)
 
 
 @app.command()
@@ -849,13 +641,8 @@ def distill(
     attention_loss: AttentionLossOption = 0.0,
     attention_queries: AttentionQueriesOption = 256,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default bf16 on CUDA).")] = None,
-    quantize: Annotated[
-        str | None,
-        typer.Option(help="Quantization-aware distillation: fp8 or nvfp4 (CUDA); writes OUT/quantized/ at the end."),
-    ] = None,
-    quantize_keep: Annotated[
-        list[str] | None, typer.Option(help="ModelOpt quantizer-name pattern kept in high precision; repeatable.")
-    ] = None,
+    quantize: DistillQuantizeOption = None,
+    quantize_keep: DistillQuantizeKeepOption = None,
     calib_sequences: Annotated[int, typer.Option(help="Training sequences that calibrate --quantize.")] = 128,
     run: dict[str, Any] | None = None,
     plan: dict[str, Any] | None = None,

@@ -5,6 +5,7 @@ the strategies' own options (`with_strategy_options`) and the error boundary (`f
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import inspect
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from cli_render import err_console
+from cli_render import console, err_console
 from compressor.errors import CompressorError, OptionClash, OptionError
 
 
@@ -46,6 +47,17 @@ def friendly(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def print_version(value: bool) -> None:
+    """`--version`: the installed package's version, then exit."""
+    if value:
+        try:
+            version = importlib.metadata.version("compressor")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed: pip install -e .)"
+        console.print(f"compressor {version}", highlight=False)
+        raise typer.Exit()
 
 
 def with_group(name: str, params: list[inspect.Parameter], build=None):
@@ -270,3 +282,215 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
                False),
         option("quiet", bool, "No live display.", False),
     ]  # fmt: skip
+
+
+# ----- search --resume ---------------------------------------------------------------------------------
+def refuse_resume_changes(context: typer.Context, config, calibration, budget, strategy_options) -> None:
+    """`search --resume` continues a search as its record says (`config`, a SearchConfig, and `calibration`):
+    an option given on the command line with another value than the search started with is refused, not
+    ignored; options not on the command line (at their defaults) are not checked."""
+    from compressor.budget import parse_tokens
+
+    given, probe, library = context.params, calibration.retrieval, config.bld
+    _refuse_changes(context, {
+        "strategy": (given["strategy"], config.strategy), "candidates": (given["candidates"], config.finalists),
+        "rank_by": (given["rank_by"], config.rank_by), "score": (given["score"], config.score),
+        "retrieval_weight": (given["retrieval_weight"], config.retrieval_weight),
+        "distill_tokens": (given["distill_tokens"], config.distill.tokens, parse_tokens),
+        "seq_len": (given["seq_len"], calibration.seq_len),
+        "batch_size": (given["batch_size"], config.distill.batch_size),
+        "micro_batch_size": (given["micro_batch_size"], config.distill.micro_batch_size),
+        "activation_checkpointing": (given["activation_checkpointing"], config.distill.activation_checkpointing),
+        "lr": (given["lr"], config.distill.lr), "min_lr": (given["min_lr"], config.distill.min_lr),
+        "seed": (given["seed"], config.distill.seed),
+        "attention_loss": (given["attention_loss"], config.distill.attention_loss),
+        "attention_queries": (given["attention_queries"], config.distill.attention_queries),
+        "samples": (given["samples"], calibration.samples),
+        "score_samples": (given["score_samples"], calibration.score_samples),
+        "importance_dir": (given["importance_dir"], None), "text_field": (given["text_field"], calibration.text_field),
+        "dtype": (given["dtype"], calibration.dtype),
+        "retrieval_task": (given["retrieval_task"], probe.task if probe else None),
+        "retrieval_ctx": (given["retrieval_ctx"], probe.context if probe else None, _one_context),
+        "retrieval_sequences": (given["retrieval_sequences"], probe.sequences if probe else None),
+        "bld": (given["bld"], library.tokens if library else None, parse_tokens),
+        "bld_epochs": (given["bld_epochs"], library.epochs if library else 2),
+        "bld_lr": (given["bld_lr"], library.lr if library else 1e-3),
+        "share_teacher": (given["share_teacher"], config.share_teacher),
+    })  # fmt: skip
+    if budget is not None and budget != config.budget:
+        raise CompressorError(
+            "the budget options differ from the budget the search in --out started with: --resume continues "
+            "it as it started (leave them out, or start a new search)"
+        )
+    if strategy_options:
+        from strategies import build_options, get_strategy
+
+        kind = get_strategy(config.strategy)
+        typed, recorded = build_options(kind, strategy_options), build_options(kind, config.options)
+        _refuse_changes(context, {name: (getattr(typed, name), getattr(recorded, name)) for name in strategy_options})
+
+
+def _refuse_changes(context: typer.Context, values: dict[str, tuple]) -> None:
+    """`values`: option -> (value given, value recorded[, a parse of the given text into the recorded form])."""
+    for name, (value, recorded, *parse) in values.items():
+        source = context.get_parameter_source(name)
+        if value is None or source is None or source.name == "DEFAULT":
+            continue
+        if (parse[0](value) if parse else value) != recorded:
+            used = "is not used by" if recorded is None else f"differs from the {recorded} of"
+            raise OptionError(
+                name,
+                f"{value} {used} the search in --out: --resume continues it as it started (leave it out, or "
+                "start a new search)",
+            )
+
+
+def _one_context(text: str) -> int:
+    from compressor.tasks import parse_contexts
+
+    return parse_contexts(text)[0]
+
+
+# ----- the commands' options whose help takes several lines -----------------------------------------------
+EstimateCtxOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Context length, e.g. 128k (k = 1024). Default: --isl + --osl when both are given, else "
+        "max_position_embeddings."
+    ),
+]
+EstimateTargetMemOption = Annotated[
+    str | None, typer.Option(help="Memory budget, e.g. 22GiB, 19.66GiB, 20GB (= 10^9 bytes); G alone = GiB.")
+]
+EstimateIslOption = Annotated[
+    str | None, typer.Option(help="Prompt tokens of the throughput workload (default: ctx - osl).")
+]
+EstimateWeightDtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Deployment weights: bf16, fp16, fp32, fp8 or fp4 (default: a quantized checkpoint's, else bf16)."
+    ),
+]
+EstimatePrefillChunkOption = Annotated[
+    int | None, typer.Option(help="Prefill chunk of the activation allowance (default 2048); 0 leaves it out.")
+]
+EstimateVsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A transformer to compare throughput with: qwen3-8b, llama-3.1-8b, or a Llama / Mistral / "
+        "Qwen2 / Qwen3 config.json or folder (needs --gpu)."
+    ),
+]
+EstimateMeasureOption = Annotated[
+    bool, typer.Option(help="Also build the model, allocate its cache on --device and time decoding.")
+]
+InitSetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE (JSON value); repeatable.")
+]
+InitLayersOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Blocks of a layout from --attention-ratio / --mlp-ratio, placed as Megatron-LM does, with the "
+        "widths of --preset or --config (not for MoE models)."
+    ),
+]
+EvalDataOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Text (.txt/.jsonl/.parquet/folder), tokens (.npy/.safetensors) or dataset name (with --task "
+        "needle: the filler text)."
+    ),
+]
+EvalTaskOption = Annotated[
+    str | None,
+    typer.Option(help="A retrieval task instead of loss: phonebook, mqar or needle (accuracy by --ctx)."),
+]
+EvalLmEvalTasksOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Run lm-eval tasks instead of the loss: names or task YAML files, comma-separated. A task YAML "
+        "runs Python code: its !function tags import functions from .py files in its folder, as lm-eval "
+        "does; use task files you trust."
+    ),
+]
+EvalLimitOption = Annotated[
+    float | None, typer.Option(help="lm-eval tasks: at most this many documents per task (below 1: a share).")
+]
+EvalIncludePathOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="lm-eval tasks: a folder of task YAML files to find the names in (their !function tags run "
+        "Python code from the folder)."
+    ),
+]
+EvalTeacherOption = Annotated[
+    Path | None, typer.Option(help="A teacher checkpoint: adds KL(teacher||model) and top-1 agreement.")
+]
+EvalWeightsOnlyOption = Annotated[
+    bool, typer.Option(help="Quantized checkpoints: dequantized weights only, no activation quantization.")
+]
+ImportanceDropOneOption = Annotated[
+    str,
+    typer.Option(
+        help="Drop-one-block effect: none, kl, loss, or retrieval (the answer log-likelihood lost on "
+        "--retrieval-task without the block)."
+    ),
+]
+ImportanceDryRunOption = Annotated[
+    bool, typer.Option(help="Print the memory plan per process (--nproc, --gpu); score nothing.")
+]
+PruneExportConfigOption = Annotated[
+    str | None, typer.Option(help="Prune to this ModelOpt export_config (JSON or file) instead of searching.")
+]
+PruneStrategyOption = Annotated[str, typer.Option(help="Search strategy: minitron, minipuzzle or a plugged-in one.")]
+PruneDryRunOption = Annotated[
+    bool,
+    typer.Option(
+        help="Only list the candidates that fit and plan the memory per process (--nproc; the budget's "
+        "--gpu); works on presets and config.json too."
+    ),
+]
+SearchActivationCheckpointingOption = Annotated[
+    bool, typer.Option(help="Distillations recompute each block in backward: less memory, ~1/3 more compute.")
+]
+SearchRankByOption = Annotated[
+    str,
+    typer.Option(
+        help="Rank finalists after distillation by kl (to the original), loss, or retrieval (the probe's "
+        "accuracy: --retrieval-task at --retrieval-ctx)."
+    ),
+]
+SearchBldOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Build a library of blockwise-distilled block variants on this many tokens (e.g. 64k): each "
+        "variant trained to reproduce its parent block, scored by replacement, chosen by the exact solver, "
+        "finalists assembled from the trained blocks (minipuzzle).",
+        metavar="TOKENS",
+    ),
+]
+SearchShareTeacherOption = Annotated[
+    bool,
+    typer.Option(
+        help="The finalists distil from one teacher cache written once (top-k log-probs, --top-k 64), not "
+        "from K teacher passes; off with --attention-loss."
+    ),
+]
+SearchDryRunOption = Annotated[
+    bool,
+    typer.Option(
+        help="List the candidates that fit and plan the memory per process of importance, scoring "
+        "and a finalist's distillation (--nproc; the budget's --gpu); search nothing."
+    ),
+]
+QuantizeKeepOption = Annotated[
+    list[str] | None,
+    typer.Option(help="ModelOpt quantizer-name pattern kept in high precision, e.g. '*layers.0.*'; repeatable."),
+]
+DistillQuantizeOption = Annotated[
+    str | None,
+    typer.Option(help="Quantization-aware distillation: fp8 or nvfp4 (CUDA); writes OUT/quantized/ at the end."),
+]
+DistillQuantizeKeepOption = Annotated[
+    list[str] | None, typer.Option(help="ModelOpt quantizer-name pattern kept in high precision; repeatable.")
+]

@@ -3,6 +3,7 @@ parses and calls the pipelines; this module only renders)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -87,6 +88,23 @@ def fmt_speedup(value: float | None) -> str:
 
 
 # ----- eval ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eval_display(config):
+    """The live display of an eval mode, as the pipeline's progress callbacks: a bar over the tokens (loss),
+    the model being scored (retrieval), none (lm-eval, which reports its own)."""
+    from compressor.pipelines.evaluating import LossEval, RetrievalEval
+
+    if isinstance(config, LossEval):
+        with progress_bar() as progress:
+            bar = progress.add_task("evaluating", total=0, visible=False)
+            yield {"on_tokens": lambda n, total: progress.update(bar, advance=n, total=total, visible=True)}
+    elif isinstance(config, RetrievalEval):
+        with err_console.status(config.task) as status:
+            yield {"on_model": lambda path: status.update(f"{config.task}: {path}")}
+    else:
+        yield {}
+
+
 def render_eval(record) -> None:
     """The table of an eval record (compressor.pipelines.evaluating), by its mode."""
     from compressor.pipelines.evaluating import LossRecord, RetrievalRecord
@@ -496,3 +514,12 @@ def render_measured(measured, weight_dtype: str) -> None:
         ["decode tokens/s", f"{measured.decode_tokens_per_s:,.1f}", ""],
     ]
     console.print(table(f"measured on {measured.device} ({weight_dtype})", ["metric", "measured", "estimated"], rows))
+
+
+def render_training(result) -> None:
+    """The line a finished run ends with: steps, tokens, where the checkpoint is, the last validation."""
+    final = result.final_eval
+    summary = f"done: {result.steps} steps, {result.tokens:,} tokens; checkpoint in {result.out / 'model'}"
+    if final:
+        summary += f"; val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f})"
+    console.print(summary)

@@ -167,6 +167,19 @@ class TrainConfig:
         raw["quantize_keep"] = tuple(raw.get("quantize_keep", ()))
         return cls(**raw)
 
+    @classmethod
+    def from_options(cls, *, tokens: str | None = None, eval_ctx: str = "1k", **options: Any) -> TrainConfig:
+        """A run from its written form: `tokens` ('50M'), `eval_ctx` ('4k'), paths as str or Path, the
+        LossSpec's fields (divergence, temperature, ...) among the others; checked (`validate`)."""
+        from compressor.budget import parse_context, parse_tokens
+
+        loss = LossSpec(**{f.name: options.pop(f.name) for f in dataclasses.fields(LossSpec) if f.name in options})
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+        budget = parse_tokens(tokens) if tokens is not None else None
+        config = cls(tokens=budget, eval_ctx=parse_context(eval_ctx), loss=loss, **options)
+        config.validate()
+        return config
+
     def resolved_teacher_dtype(self, device: torch.device) -> str:
         """The teacher's dtype: as asked, else bf16 on CUDA and the student's dtype elsewhere."""
         return self.teacher_dtype or ("bfloat16" if device.type == "cuda" else self.dtype)
