@@ -466,7 +466,7 @@ def search(
     bld: SearchBldOption = None,
     bld_epochs: Annotated[int, typer.Option(help="Passes of each variant's training over the library tokens.")] = 2,
     bld_lr: Annotated[float, typer.Option(help="Peak learning rate of each variant's training.")] = 1e-3,
-    share_teacher: SearchShareTeacherOption = True,
+    share_teacher: SearchShareTeacherOption = False,
     dry_run: SearchDryRunOption = False,
     json_output: JsonOption = False,
     budget=None,

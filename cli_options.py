@@ -472,8 +472,8 @@ SearchBldOption = Annotated[
 SearchShareTeacherOption = Annotated[
     bool,
     typer.Option(
-        help="The finalists distil from one teacher cache written once (top-k log-probs, --top-k 64), not "
-        "from K teacher passes; off with --attention-loss."
+        help="The finalists distil from one teacher cache written once (top-64 log-probs), not from K teacher "
+        "passes: faster, but less exact than the full logits (docs/search.md); not with --attention-loss."
     ),
 ]
 SearchDryRunOption = Annotated[

@@ -134,8 +134,9 @@ def test_bld_search_assembles_finalists_from_trained_blocks_and_shares_one_teach
     source = calibrate(_calibration(workspace))
     base = _config(workspace, finalists=3)
     config = SearchConfig(
-        base.budget, base.distill, base.strategy, base.options, finalists=3, bld=BLDConfig(tokens=8 * 32, epochs=1)
-    )
+        base.budget, base.distill, base.strategy, base.options, finalists=3, bld=BLDConfig(tokens=8 * 32, epochs=1),
+        share_teacher=True,
+    )  # fmt: skip
     out = tmp_path / "s"
     record = run_search(source, config, out, say=lambda t: None)
     finalists = [c for c in record.candidates if c.finalist]

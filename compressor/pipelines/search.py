@@ -106,7 +106,9 @@ class SearchConfig:
     score: str = "kl"  # the zero-shot proxy
     retrieval_weight: float = 1.0
     bld: BLDConfig | None = None  # a blockwise-distilled library chooses and initialises the candidates
-    share_teacher: bool = True  # the finalists distil from one teacher cache (not with attention transfer)
+    # the finalists distil from one teacher cache (top-64 log-probs; not with attention transfer): one teacher
+    # pass for all of them, but at the example's scale it distils less well than the full logits (docs/search.md)
+    share_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_METRICS:
