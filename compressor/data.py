@@ -39,8 +39,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +49,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from compressor.errors import DataError, first_line
-from compressor.outputs import confined
+from compressor.outputs import confined, silenced
 
 # Special tokens that end a document, in the order they are looked for.
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
@@ -101,26 +99,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             ) from None
         # a broken normalizer or pre-tokenizer (e.g. a regex that splits inside a character) shows on the first
         # text it sees: find it here, not inside a long run (Rust's report of a panic to stderr is held back)
-        with _quiet_stderr():
+        with silenced(2):
             try:
                 tokenizer.decode(tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids)
             except Exception as err:
                 raise DataError(f"the tokenizer {file} fails on plain text ({first_line(err)})") from None
     return tokenizer
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """File descriptor 2 sent to /dev/null for a moment (what native code writes there, too)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import types
@@ -336,6 +337,21 @@ def refuse_links(folder: str | Path, what: str) -> None:
                     f"{entry} is a symbolic link (to {os.readlink(entry)}): {what} {folder} holds only its own "
                     "files; remove the link or start a new one"
                 )
+
+
+@contextmanager
+def silenced(fd: int) -> Iterator[None]:
+    """File descriptor `fd` (1: stdout, 2: stderr) pointed at /dev/null for a moment: what native code writes
+    there too (a solver's debugging lines, a Rust panic's message)."""
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def confined(file: Path, folder: Path, *, what: str) -> Path:

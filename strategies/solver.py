@@ -20,11 +20,8 @@ choices, best first; every one is checked again in integers against the budget.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +29,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from compressor.budget import Budget
 from compressor.errors import CompressorError
+from compressor.outputs import silenced
 from strategies.costs import share
 from strategies.grid import DEPTH_KINDS
 
@@ -207,7 +205,7 @@ class _Program:
         upper = np.array([hi for _, _, hi in self.rows])
         upper[self.budget_rows] -= margin
         constraint = LinearConstraint(matrix, [lo for _, lo, _ in self.rows], upper)
-        with _quiet_stdout():
+        with silenced(1):  # HiGHS prints debugging lines to fd 1, into --json output
             result = milp(
                 self.cost,
                 integrality=self.integrality,
@@ -221,18 +219,3 @@ class _Program:
         if len(chosen) != self.blocks or not all(math.isfinite(v) for v in result.x):
             return None
         return chosen
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """HiGHS prints debugging lines straight to the process's stdout (file descriptor 1), where they would
-    mix into `--json` output: point it at /dev/null while the solver runs."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)

@@ -133,11 +133,9 @@ class Library:
         """The pruned model of `target` with every kept block replaced by its trained variant."""
         pruned = prune(model, importance, target).eval()
         for position, block in enumerate(target.blocks):
-            trained = self.block(model, importance, block, target.hidden_size)
-            with torch.no_grad():
-                layer = pruned.backbone.layers[position]
-                for name, tensor in trained.state_dict().items():
-                    layer.state_dict()[name].copy_(tensor)
+            variant = self.variants.get(variant_key(target.hidden_size, block))
+            if variant is not None:  # else the pruned block is the parent's, as `block` would build it
+                self._load(pruned.backbone.layers[position], variant)
         return pruned
 
 
