@@ -1,5 +1,9 @@
 """Token data: read text or token files, tokenize, pack into fixed-length sequences, batch.
 
+Every step that runs a model on data (calibration, quantization, training, evaluation) names it with one
+`DataSpec` (path, tokenizer, text field, sequence length, limits) and reads it with `read_sequences`, which
+also refuses token ids the model cannot take and fewer sequences than the step needs.
+
 Sources (`load_sequences` and `stream_sequences` pick the reader from the source):
 
 - Text, read through the `datasets` library and tokenized with a `tokenizers.Tokenizer`:
@@ -40,6 +44,7 @@ import contextlib
 import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -351,6 +356,82 @@ def load_sequences(
     return TokenSequences.from_stream(blocks, max_sequences)
 
 
+Split = Literal["all", "train", "valid"]
+
+
+@dataclass(frozen=True)
+class Need:
+    """The fewest sequences a step runs on, and how its refusal names them: `words`, what they are for
+    ('--samples 8'), and `fewer`, what to ask less of ('--samples')."""
+
+    count: int
+    words: str
+    fewer: str
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data a step reads, and how much of it.
+
+    `path` is a text source or a token file (module docstring); text is tokenized with `tokenizer` (default:
+    the model folder's tokenizer.json) from the field `text_field`. Sequences are `seq_len` tokens. Limits:
+    at most `max_sequences` of `split` ("train" / "valid": that part of `TokenSequences.split(valid_fraction,
+    seed)` of the whole source; "all": the first ones, read no further) and at least `need.count` of them.
+    """
+
+    path: str | Path
+    seq_len: int
+    tokenizer: str | Path | None = None
+    text_field: str = "text"
+    max_sequences: int | None = None
+    split: Split = "all"
+    valid_fraction: float = 0.1
+    seed: int = 0
+    need: Need | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in ("all", "train", "valid"):
+            raise DataError(f"split must be 'all', 'train' or 'valid', got {self.split!r}")
+
+
+def read_sequences(
+    spec: DataSpec, model_dir: str | Path, *, eos_id: int | None, vocab_size: int | None = None
+) -> TokenSequences:
+    """The sequences of `spec` as the checkpoint in `model_dir` sees them: text tokenized with
+    `spec.tokenizer` (default: the folder's tokenizer.json) with the model's `eos_id` after each document,
+    token files as they are. With `vocab_size`, ids the model's embedding cannot take are refused; fewer
+    sequences than `spec.need` are refused."""
+    path = _local_path(spec.path)
+    token_file = path is not None and path.suffix.lower() in TOKEN_SUFFIXES
+    tokenizer = spec.tokenizer
+    if not token_file and tokenizer is None:
+        if not (Path(model_dir) / "tokenizer.json").is_file():
+            raise DataError(f"{model_dir} has no tokenizer.json: pass --tokenizer, or give tokenized data (.npy)")
+        tokenizer = model_dir
+    sequences = load_sequences(
+        spec.path,
+        seq_len=spec.seq_len,
+        tokenizer=None if token_file else tokenizer,
+        text_field=spec.text_field,
+        max_sequences=spec.max_sequences if spec.split == "all" else None,  # a split is drawn from all of it
+        eos_id=eos_id,
+    )
+    if vocab_size is not None:
+        sequences.check_ids(vocab_size, spec.path)
+    if spec.split != "all":
+        train, valid = sequences.split(spec.valid_fraction, spec.seed)
+        sequences = valid if spec.split == "valid" else train
+        if spec.max_sequences is not None:
+            sequences = sequences.head(spec.max_sequences)
+    need = spec.need
+    if need is not None and len(sequences) < need.count:
+        raise DataError(
+            f"{spec.path} holds {len(sequences)} sequences of {spec.seq_len} tokens, fewer than {need.words}: "
+            f"use more data, a smaller --seq-len or fewer {need.fewer}"
+        )
+    return sequences
+
+
 def model_sequences(
     source: str | Path,
     model_dir: str | Path,
@@ -362,26 +443,9 @@ def model_sequences(
     max_sequences: int | None = None,
     vocab_size: int | None = None,
 ) -> TokenSequences:
-    """`source` read as a checkpoint's model sees it: text tokenized with `tokenizer` (default: the
-    checkpoint folder's tokenizer.json) with the model's EOS id after each document; token files as they are.
-    With `vocab_size`, ids the model's embedding cannot take are refused."""
-    path = _local_path(source)
-    token_file = path is not None and path.suffix.lower() in TOKEN_SUFFIXES
-    if not token_file and tokenizer is None:
-        if not (Path(model_dir) / "tokenizer.json").is_file():
-            raise DataError(f"{model_dir} has no tokenizer.json: pass --tokenizer, or give tokenized data (.npy)")
-        tokenizer = model_dir
-    sequences = load_sequences(
-        source,
-        seq_len=seq_len,
-        tokenizer=None if token_file else tokenizer,
-        text_field=text_field,
-        max_sequences=max_sequences,
-        eos_id=eos_id,
-    )
-    if vocab_size is not None:
-        sequences.check_ids(vocab_size, source)
-    return sequences
+    """`read_sequences` with the spec written out as keywords."""
+    spec = DataSpec(source, seq_len, tokenizer, text_field, max_sequences)
+    return read_sequences(spec, model_dir, eos_id=eos_id, vocab_size=vocab_size)
 
 
 def stream_sequences(

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from compressor import distributed
 from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
-from compressor.data import TokenSequences, check_same_tokenizer, model_sequences, tokenizer_file
+from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, first_line
 from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
@@ -179,6 +179,11 @@ class TrainConfig:
         config = cls(tokens=budget, eval_ctx=parse_context(eval_ctx), loss=loss, **options)
         config.validate()
         return config
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The run's data: the first `max_sequences` sequences, split into training and validation by `_data`."""
+        return DataSpec(self.data, self.seq_len, self.tokenizer, self.text_field, self.max_sequences)
 
     def resolved_teacher_dtype(self, device: torch.device) -> str:
         """The teacher's dtype: as asked, else bf16 on CUDA and the student's dtype elsewhere."""
@@ -672,16 +677,8 @@ def _data(
     """(training split, validation split, micro-batches per process per step, total steps, the data's
     fingerprint)."""
     if sequences is None:
-        sequences = model_sequences(
-            config.data,
-            config.student,
-            student.config.eos_id,
-            seq_len=config.seq_len,
-            tokenizer=config.tokenizer,
-            text_field=config.text_field,
-            max_sequences=config.max_sequences,
-            vocab_size=student.config.vocab_size,
-        )
+        arch = student.config
+        sequences = read_sequences(config.data_spec, config.student, eos_id=arch.eos_id, vocab_size=arch.vocab_size)
     elif config.max_sequences is not None:
         sequences = sequences.head(config.max_sequences)
     micro = config.micro_batch_size

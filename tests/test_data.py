@@ -18,11 +18,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from compressor import data
 from compressor.data import (
+    DataSpec,
+    Need,
     TokenSequences,
     find_eos_id,
     load_sequences,
     load_tokenizer,
     pack_documents,
+    read_sequences,
     stream_sequences,
 )
 from compressor.errors import DataError
@@ -532,3 +535,48 @@ def test_head_takes_the_first_sequences_of_a_selection():
     assert len(rows.head(50)) == 10
     with pytest.raises(DataError, match="count"):
         rows.head(0)
+
+
+# The one reader of a model's data.
+
+
+def test_read_sequences_reads_text_with_the_models_tokenizer_and_eos(tokenizer, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    tokenizer.save(str(model / "tokenizer.json"))
+    text = write_jsonl_file(tmp_path, DOCS)
+    sequences = read_sequences(DataSpec(text, SEQ_LEN, max_sequences=3), model, eos_id=EOS)
+    np.testing.assert_array_equal(sequences.to_numpy(), reference_rows(tokenizer, DOCS, SEQ_LEN)[:3])
+    assert "has no tokenizer.json: pass --tokenizer" in error_message(
+        lambda: read_sequences(DataSpec(text, SEQ_LEN), tmp_path / "elsewhere", eos_id=EOS)
+    )
+    # a token file needs no tokenizer; ids past the model's vocabulary are refused
+    tokens = TokenSequences(np.arange(40, dtype=np.int32).reshape(10, 4)).save(tmp_path / "tokens.npy")
+    assert len(read_sequences(DataSpec(tokens, 4), tmp_path / "elsewhere", eos_id=None, vocab_size=40)) == 10
+    assert "holds token id 39, outside the model's vocabulary of 39" in error_message(
+        lambda: read_sequences(DataSpec(tokens, 4), model, eos_id=None, vocab_size=39)
+    )
+
+
+def test_read_sequences_takes_a_split_then_its_first_sequences(tmp_path):
+    rows = TokenSequences(np.arange(80, dtype=np.int32).reshape(20, 4))
+    tokens = rows.save(tmp_path / "tokens.npy")
+    train, valid = rows.split(0.25, seed=3)
+    for split, part in (("train", train), ("valid", valid)):
+        spec = DataSpec(tokens, 4, max_sequences=2, split=split, valid_fraction=0.25, seed=3)
+        np.testing.assert_array_equal(read_sequences(spec, tmp_path, eos_id=None).to_numpy(), part.to_numpy()[:2])
+    whole = read_sequences(DataSpec(tokens, 4, max_sequences=2), tmp_path, eos_id=None)
+    np.testing.assert_array_equal(whole.to_numpy(), rows.to_numpy()[:2])
+    with pytest.raises(DataError, match="split must be 'all', 'train' or 'valid'"):
+        DataSpec(tokens, 4, split="test")
+
+
+def test_read_sequences_refuses_fewer_than_the_step_needs(tmp_path):
+    tokens = TokenSequences(np.arange(40, dtype=np.int32).reshape(10, 4)).save(tmp_path / "tokens.npy")
+    need = Need(12, "--samples 12", "--samples")
+    message = error_message(lambda: read_sequences(DataSpec(tokens, 4, need=need), tmp_path, eos_id=None))
+    assert message == (
+        f"{tokens} holds 10 sequences of 4 tokens, fewer than --samples 12: use more data, a smaller --seq-len "
+        "or fewer --samples"
+    )
+    assert len(read_sequences(DataSpec(tokens, 4, need=Need(10, "", "")), tmp_path, eos_id=None)) == 10

@@ -91,6 +91,7 @@ def test_the_source_is_loaded_and_tokenized_once(workspace, tmp_path, monkeypatc
     import compressor.pipelines.search as search_pipeline
     import compressor.pipelines.source as source_pipeline
     import compressor.train as recipe
+    from compressor import data
 
     loads, reads = [], []
     for module in (source_pipeline, recipe, search_pipeline):
@@ -98,9 +99,8 @@ def test_the_source_is_loaded_and_tokenized_once(workspace, tmp_path, monkeypatc
         monkeypatch.setattr(
             module, "load_model", lambda path, *a, r=real, **k: loads.append(str(path)) or r(path, *a, **k)
         )
-    for module in (source_pipeline, recipe):
-        real = module.model_sequences
-        monkeypatch.setattr(module, "model_sequences", lambda *a, r=real, **k: reads.append(a[0]) or r(*a, **k))
+    real = data.load_sequences  # what every reader of a model's data (`data.read_sequences`) reads through
+    monkeypatch.setattr(data, "load_sequences", lambda *a, r=real, **k: reads.append(a[0]) or r(*a, **k))
     record = _search(workspace, tmp_path / "s", strategy="minitron", options={"top_k": 4}, finalists=4)
     finalists = sum(c.finalist for c in record.candidates)
     assert finalists == len(record.ranking) >= 3

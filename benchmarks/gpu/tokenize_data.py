@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from compressor.config import HybridConfig  # noqa: E402
-from compressor.data import model_sequences  # noqa: E402
+from compressor.data import DataSpec, read_sequences  # noqa: E402
 
 MODEL = ROOT / "examples" / "model"
 TEXTS = ("sample", "valid")
@@ -27,7 +27,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     eos_id = HybridConfig.from_file(MODEL).eos_id
     for name in TEXTS:
-        sequences = model_sequences(ROOT / "examples" / "data" / f"{name}.txt", MODEL, eos_id, seq_len=SEQ_LEN)
+        spec = DataSpec(ROOT / "examples" / "data" / f"{name}.txt", SEQ_LEN)
+        sequences = read_sequences(spec, MODEL, eos_id=eos_id)
         path = sequences.save(out / f"{name}-{SEQ_LEN}.npy")
         print(f"{path.name}: {len(sequences)} x {SEQ_LEN} tokens")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compressor.data import DataSpec, read_sequences
 from compressor.errors import CompressorError, OptionError, check_at_least
 from compressor.evaluate import EvalResult
 from compressor.tasks import TaskResult, TaskSpec, parse_contexts
@@ -53,6 +54,12 @@ class LossEval:
         )
         if not 0 < self.valid_fraction < 1:
             raise OptionError("valid_fraction", f"must be between 0 and 1, got {self.valid_fraction}")
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The sequences every model is evaluated on: at most `max_sequences` of the split."""
+        return DataSpec(self.data, self.seq_len, self.tokenizer, self.text_field, self.max_sequences, self.split,
+                        self.valid_fraction, self.seed)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,8 @@ def _loss(models: list[Path], config: LossEval, on_tokens: Callable[[int, int], 
     with distributed.session(config.device) as world:
         teacher = load_model(config.teacher, dtype=config.dtype, world=world) if config.teacher is not None else None
         first = _deployed(models[0], config, world)
-        sequences = _sequences(models[0], first.config, config)
+        arch = first.config
+        sequences = read_sequences(config.data_spec, models[0], eos_id=arch.eos_id, vocab_size=arch.vocab_size)
         batches = distributed.share(list(sequences.batches(config.batch_size, shuffle=False, drop_last=False)), world)
         total = sequences.num_tokens * len(models)
         advance = (lambda n: on_tokens(n * world.size, total)) if on_tokens and world.is_main else None
@@ -230,22 +238,6 @@ def _deployed(path: Path, config: LossEval, world):
     if not config.weights_only and is_quantized_checkpoint(path):
         quantize_activations(model, path)
     return model
-
-
-def _sequences(model: Path, arch, config: LossEval):
-    """The sequences of the data to evaluate on: the split's share, at most `max_sequences`."""
-    from compressor.data import model_sequences
-
-    limit = config.max_sequences if config.split == "all" else None
-    tokenizer = str(config.tokenizer) if config.tokenizer is not None else None
-    sequences = model_sequences(config.data, model, arch.eos_id, seq_len=config.seq_len, tokenizer=tokenizer,
-                                text_field=config.text_field, max_sequences=limit,
-                                vocab_size=arch.vocab_size)  # fmt: skip
-    if config.split != "all":
-        train, valid = sequences.split(config.valid_fraction, config.seed)
-        sequences = valid if config.split == "valid" else train
-        sequences = sequences.head(config.max_sequences) if config.max_sequences is not None else sequences
-    return sequences
 
 
 def _retrieval(models: list[Path], config: RetrievalEval, on_model: Callable[[Path], None] | None) -> RetrievalRecord:

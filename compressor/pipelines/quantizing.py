@@ -15,9 +15,9 @@ from typing import Any
 
 from compressor.budget import weight_bytes
 from compressor.checkpoint import checkpoint_bytes, load_model
-from compressor.data import model_sequences, tokenizer_file
+from compressor.data import DataSpec, Need, read_sequences, tokenizer_file
 from compressor.distributed import resolve_device
-from compressor.errors import CompressorError, OptionError
+from compressor.errors import OptionError
 from compressor.outputs import check_free_space, check_output
 from compressor.quantize import HF_QUANT_CONFIG, QuantRecipe, export_quantized, quantize, stored_weight_bytes
 
@@ -42,6 +42,12 @@ class QuantizeConfig:
         for name, low in (("samples", 1), ("seq_len", 2), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise OptionError(name, f"must be at least {low}, got {getattr(self, name)}")
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The calibration data: the first `samples` sequences, all of them needed."""
+        need = Need(self.samples, f"--samples {self.samples}", "--samples")
+        return DataSpec(self.data, self.seq_len, self.tokenizer, self.text_field, self.samples, need=need)
 
 
 @dataclass
@@ -71,22 +77,8 @@ def quantize_checkpoint(
     check_output(out, overwrite=overwrite, inputs=(model_path, config.data, tokenizer_file(config.tokenizer)))
     check_free_space(out, checkpoint_bytes(model_path), "the quantized checkpoint")  # never larger than the source
     model = load_model(model_path, device=resolve_device(config.device))
-    sequences = model_sequences(
-        config.data,
-        model_path,
-        model.config.eos_id,
-        seq_len=config.seq_len,
-        tokenizer=config.tokenizer,
-        text_field=config.text_field,
-        max_sequences=config.samples,
-        vocab_size=model.config.vocab_size,
-    )
-    if len(sequences) < config.samples:
-        raise CompressorError(
-            f"{config.data} holds {len(sequences)} sequences of {config.seq_len} tokens, fewer than --samples "
-            f"{config.samples}: use more data, a smaller --seq-len or fewer --samples"
-        )
     arch = model.config
+    sequences = read_sequences(config.data_spec, model_path, eos_id=arch.eos_id, vocab_size=arch.vocab_size)
     batches = sequences.batches(config.batch_size, shuffle=False, drop_last=False)
     quantize(model, config.recipe, batches, on_batch=on_batch)
     export_quantized(model, out, dtype=config.dtype, tokenizer_from=model_path, overwrite=overwrite)
