@@ -102,10 +102,19 @@ def reduce_stats(stats: LossStats, world: distributed.World) -> LossStats:
     return LossStats(divergence, cross_entropy, agreement, int(tokens), int(label_tokens))
 
 
+@dataclass
+class CachedBatch:
+    """A batch of token ids (batch, seq_len) with the teacher's targets for it read from a teacher cache
+    (`TeacherCache.get`): the model is compared with a teacher that is not in memory."""
+
+    ids: torch.Tensor
+    teacher: TeacherTopK
+
+
 @torch.no_grad()
 def evaluate(
     model: HybridLM,
-    batches: Iterable[torch.Tensor | None],
+    batches: Iterable[torch.Tensor | CachedBatch | None],
     *,
     teacher: HybridLM | None = None,
     chunk_tokens: int | None = None,
@@ -114,22 +123,28 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `model` (and its agreement with `teacher`) on batches of token ids (batch, seq_len).
 
-    `on_batch(tokens)` is called after each batch (progress display). Under several processes (models
-    sharded across `world`), give each its share of the batches from `distributed.share` (None: a padding
-    pass): the sums are reduced over all processes and every one returns the whole result.
+    The one evaluation loop: `compress eval` and training's validation both run it. A `CachedBatch` brings
+    the teacher's cached targets instead of `teacher` (KL and agreement are measured, the teacher's own loss
+    is not). `on_batch(tokens)` is called after each batch (progress display). Under several processes
+    (models sharded across `world`), give each its share of the batches from `distributed.share` (None: a
+    padding pass): the sums are reduced over all processes and every one returns the whole result. The
+    model's mode (eval / train) and autocast are the caller's.
     """
     world = world or distributed.World(device=model.lm_head.weight.device)
     if teacher is not None:
         check_same_vocab(teacher, model)
     stats, teacher_stats = LossStats(), (LossStats() if teacher is not None else None)
+    cached = False
     for batch in batches:
         if batch is None:
             for each in (teacher, model):
                 if each is not None:
                     distributed.idle_pass(each, world)
             continue
-        ids = batch.to(world.device)
         targets = None
+        if isinstance(batch, CachedBatch):
+            batch, targets, cached = batch.ids, batch.teacher, True
+        ids = batch.to(world.device)
         if teacher is not None:
             targets = teacher_targets(teacher, ids)
             spec = LossSpec(chunk_tokens=chunk_tokens)
@@ -139,4 +154,4 @@ def evaluate(
             on_batch(ids.numel())
     if teacher_stats is not None:
         teacher_stats = reduce_stats(teacher_stats, world)
-    return EvalResult.from_stats(reduce_stats(stats, world), teacher_stats)
+    return EvalResult.from_stats(reduce_stats(stats, world), teacher_stats, with_teacher=cached)

@@ -6,8 +6,9 @@ of the global batch in micro-batches (the loss of each is divided by the global 
 accumulated gradient is that of one large batch), clip, set the learning rate from the schedule, step.
 With `attention_loss` > 0 each micro-batch's loss also holds the attention transfer
 (`compressor.attention_transfer`): the KL from the teacher's attention weights to the student's.
-Every `eval_every` steps it measures validation loss, KL to the teacher and top-1 agreement; every
-`save_every` steps it writes a checkpoint. Metrics go to `OUT/metrics.jsonl`.
+Every `eval_every` steps it measures validation loss, KL to the teacher and top-1 agreement (by the loop
+of `compress eval`, `compressor.evaluate.evaluate`); every `save_every` steps it writes a checkpoint.
+Metrics go to `OUT/metrics.jsonl`.
 
 Output folder `OUT`:
 - `model/`: the latest checkpoint, a standard checkpoint folder (loadable by `compress eval`, transformers
@@ -45,7 +46,8 @@ from compressor.attention_transfer import Pair, attention_kl, attention_pairs, r
 from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
 from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, first_line
-from compressor.evaluate import EvalResult, check_same_vocab, teacher_targets
+from compressor.evaluate import CachedBatch, check_same_vocab, teacher_targets
+from compressor.evaluate import evaluate as evaluate_batches
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
 from compressor.outputs import (
@@ -627,14 +629,17 @@ def _attention_maps(run: Run, micro_batch: int, seq_len: int):
 
 
 def evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:
-    """Validation loss and perplexity (and KL / top-1 agreement to the teacher), logged and reported."""
-    autocast = _autocast(run.config.autocast, run.world.device)
-    result, teacher_loss = _evaluate(
-        run.student, run.teacher, run.cache, run.valid_set, run.config.micro_batch_size,
-        run.config.loss.chunk_tokens, run.world, autocast,
-    )  # fmt: skip
-    if teacher_loss is not None:
-        run.teacher_val_loss = teacher_loss
+    """Validation loss and perplexity (and KL / top-1 agreement to the teacher) by the one evaluation loop,
+    `compressor.evaluate.evaluate`, with the retrieval probe's result; logged and reported."""
+    run.student.eval()
+    with _autocast(run.config.autocast, run.world.device):
+        result = evaluate_batches(
+            run.student, _valid_batches(run), teacher=run.teacher, chunk_tokens=run.config.loss.chunk_tokens,
+            world=run.world,
+        )  # fmt: skip
+    run.student.train()
+    if result.teacher_loss is not None:
+        run.teacher_val_loss = result.teacher_loss
     record = {
         "kind": "eval",
         "step": run.step,
@@ -654,6 +659,19 @@ def evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:
     _append(run.metrics, record, run.world)
     reporter.evaluated(record)
     return record
+
+
+def _valid_batches(run: Run) -> Iterator[torch.Tensor | CachedBatch | None]:
+    """This process's share of the validation micro-batches, in order; each with the teacher's cached targets
+    when the run trains from a teacher cache."""
+    every = run.valid_set.batch_indices(run.config.micro_batch_size, shuffle=False, drop_last=False)
+    for indices in distributed.share(list(every), run.world):
+        if indices is None:
+            yield None
+        elif run.cache is not None:
+            yield CachedBatch(run.valid_set.take(indices), run.cache.get("valid", indices, run.world.device))
+        else:
+            yield run.valid_set.take(indices)
 
 
 def save(run: Run) -> None:
@@ -761,41 +779,6 @@ def _micro_batches(train_set: TokenSequences, micro: int, seed: int, start: int)
     while True:
         yield from train_set.batch_indices(micro, seed=seed, epoch=epoch, start=offset)
         epoch, offset = epoch + 1, 0
-
-
-def _evaluate(student, teacher, cache, valid_set, micro, chunk_tokens, world, autocast):
-    """Validation statistics summed over all processes; also the teacher's loss when it is in memory."""
-    student.eval()
-    stats, teacher_stats = LossStats(), LossStats()
-    spec = LossSpec(chunk_tokens=chunk_tokens)
-    with torch.no_grad(), autocast:
-        for j, indices in enumerate(valid_set.batch_indices(micro, shuffle=False, drop_last=False)):
-            if j % world.size != world.rank:
-                continue
-            ids = valid_set.take(indices).to(world.device)
-            labels = next_token_labels(ids)
-            target = None
-            if teacher is not None:
-                target = teacher_targets(teacher, ids)
-                head_loss(target.hidden, target.weight, spec, labels=labels, stats=teacher_stats)
-            elif cache is not None:
-                target = cache.get("valid", indices, world.device)
-            student(
-                ids,
-                head=lambda h, w, t=target, y=labels: head_loss(
-                    h.flatten(0, 1), w, spec, labels=y, teacher=t, stats=stats
-                ),
-            )
-    student.train()
-    fields = ("divergence", "cross_entropy", "agreement", "tokens", "label_tokens")
-    summed = distributed.all_reduce_sum([float(getattr(s, f)) for s in (stats, teacher_stats) for f in fields], world)
-    stats = LossStats(*summed[:5])
-    stats.tokens, stats.label_tokens = int(stats.tokens), int(stats.label_tokens)
-    teacher_loss = None
-    if teacher is not None:
-        teacher_loss = summed[6] / summed[9]
-    result = EvalResult.from_stats(stats, with_teacher=teacher is not None or cache is not None)
-    return result, teacher_loss
 
 
 def _autocast(mode: str, device: torch.device):

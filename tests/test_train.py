@@ -151,6 +151,37 @@ def test_cached_teacher_matches_the_teacher_in_memory(workspace, tmp_path):
     assert _records(tmp_path / "small", "eval")[0]["val_kl"] <= _records(tmp_path / "online", "eval")[0]["val_kl"]
 
 
+def test_validation_is_the_evaluation_loop_on_the_validation_batches(workspace, tmp_path):
+    """Training's validation numbers are `compressor.evaluate.evaluate`'s on the run's validation micro-batches
+    (the same numbers, not close ones), with the teacher in memory and from its cache."""
+    from compressor.data import read_sequences
+    from compressor.evaluate import CachedBatch, evaluate
+    from compressor.teacher_cache import TeacherCache
+
+    teacher = load_model(workspace / "teacher")
+    for cached in (False, True):
+        out = tmp_path / ("cached" if cached else "online")
+        config = _config(workspace, out, teacher=str(workspace / "teacher"), steps=2, eval_every=2, top_k=8)
+        config.cache_teacher = cached
+        final = train(config).final_eval
+        student = load_model(out / "model")
+        sequences = read_sequences(config.data_spec, config.student, eos_id=None, vocab_size=VOCAB)
+        _, valid = sequences.split(config.valid_fraction, config.seed)
+        micro = config.micro_batch_size
+        valid = valid.head(min(len(valid), config.eval_sequences) // micro * micro)
+        positions = list(valid.batch_indices(micro, shuffle=False, drop_last=False))
+        if cached:
+            cache = TeacherCache(out / "teacher_cache", config.top_k, config.loss.temperature)
+            batches = [CachedBatch(valid.take(p), cache.get("valid", p, torch.device("cpu"))) for p in positions]
+            result = evaluate(student, batches)
+            assert "teacher_val_loss" not in final and result.teacher_loss is None
+        else:
+            result = evaluate(student, [valid.take(p) for p in positions], teacher=teacher)
+            assert final["teacher_val_loss"] == result.teacher_loss
+        assert (final["val_loss"], final["val_ppl"]) == (result.loss, result.perplexity)
+        assert (final["val_kl"], final["val_top1_agreement"]) == (result.kl, result.top1_agreement)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(workspace, tmp_path, monkeypatch):
     import compressor.train as recipe
 
@@ -160,8 +191,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(workspace, tmp_path
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        # the first evaluation (2 micro-batches) and steps 1-3 (2 micro-batches each) are fine
-        return loss * math.nan if calls["n"] > 8 else loss
+        # steps 1-3 (2 micro-batches each) are fine (validation computes its loss in compressor.evaluate)
+        return loss * math.nan if calls["n"] > 6 else loss
 
     monkeypatch.setattr(recipe, "head_loss", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at step 4 \(the checkpoint of step 2 is in"):
