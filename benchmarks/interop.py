@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import engine_runners as engines  # noqa: E402
-from compressor.budget import GPUSpec, Workload, estimate_throughput  # noqa: E402
+from compressor.budget import GPUSpec, Precision, Workload, estimate_throughput  # noqa: E402
 from compressor.checkpoint import load_model, save_model  # noqa: E402
 from compressor.config import MAMBA, MOE, PUZZLE, HybridConfig  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
@@ -248,7 +248,7 @@ def check_output(name: str, path: Path, prompts: list[list[int]], tasks: Path, l
 # ----- speed --------------------------------------------------------------------------------------------
 def predicted(config: HybridConfig, context: int, new_tokens: int, weight_dtype: str) -> tuple[float, float]:
     """compress estimate's roofline on `CPU`: (prefill tokens/s, decode tokens/s) of one sequence."""
-    t = estimate_throughput(config, Workload(context, new_tokens, 1), CPU, weight_dtype=weight_dtype)
+    t = estimate_throughput(config, Workload(context, new_tokens, 1), CPU, precision=Precision(weight_dtype))
     return context / t.prefill_s, new_tokens / t.decode_s
 
 

@@ -31,13 +31,14 @@ from typing import Any
 
 from compressor.budget import (
     CACHE_DTYPES,
+    DEFAULT_PRECISION,
     DEFAULT_PREFILL_CHUNK,
     GPUSpec,
     MemoryEstimate,
+    Precision,
     RooflineTerms,
     ThroughputEstimate,
     Workload,
-    compute_dtype,
     largest_fitting_batch,
     normalize_dtype,
     resolve_batch,
@@ -306,26 +307,24 @@ def estimate_memory(
     context: int,
     batch: int = 1,
     *,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
+    precision: Precision = DEFAULT_PRECISION,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> MemoryEstimate:
-    """Inference memory for `batch` sequences of `context` tokens: weights, KV cache, activations (the SSM
-    and conv state terms are 0, their dtype 'none')."""
+    """Inference memory for `batch` sequences of `context` tokens in the deployment's `precision`: weights,
+    KV cache, activations (the SSM and conv state terms are 0, their dtype 'none'; `precision.ssm` is unused)."""
     if context < 1 or batch < 1:
         raise BudgetError(f"context ({context}) and batch ({batch}) must be at least 1")
-    weight_dtype = normalize_dtype(weight_dtype)
-    act = compute_dtype(weight_dtype)
-    kv_dtype = normalize_dtype(kv_dtype or act, CACHE_DTYPES, "KV cache dtype")
+    act = precision.compute
+    kv_dtype = precision.kv or act
     return MemoryEstimate(
-        weights=weight_bytes(config, weight_dtype),
+        weights=weight_bytes(config, precision.weight),
         kv_cache=kv_bytes_per_token(config, kv_dtype) * context * batch,
         ssm_state=0,
         conv_state=0,
         activations=activation_bytes(config, context, batch, dtype=act, prefill_chunk=prefill_chunk),
         context=context,
         batch=batch,
-        weight_dtype=weight_dtype,
+        weight_dtype=precision.weight,
         kv_dtype=kv_dtype,
         ssm_dtype="none",
         compute_dtype=act,
@@ -333,10 +332,19 @@ def estimate_memory(
     )
 
 
-def largest_batch(config: TransformerConfig, context: int, memory_limit: int, **dtypes) -> int:
-    """The most sequences of `context` tokens that fit in `memory_limit` bytes (0 if not even one).
-    Keyword arguments as `estimate_memory` (weight_dtype, kv_dtype, prefill_chunk)."""
-    return largest_fitting_batch(lambda batch: estimate_memory(config, context, batch, **dtypes), memory_limit)
+def largest_batch(
+    config: TransformerConfig,
+    context: int,
+    memory_limit: int,
+    *,
+    precision: Precision = DEFAULT_PRECISION,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> int:
+    """The most sequences of `context` tokens that fit in `memory_limit` bytes (0 if not even one)."""
+    return largest_fitting_batch(
+        lambda batch: estimate_memory(config, context, batch, precision=precision, prefill_chunk=prefill_chunk),
+        memory_limit,
+    )
 
 
 # ----- throughput --------------------------------------------------------------------------------------
@@ -364,19 +372,17 @@ def estimate_throughput(
     workload: Workload,
     gpu: GPUSpec,
     *,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
+    precision: Precision = DEFAULT_PRECISION,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     memory_limit: int | None = None,
 ) -> ThroughputEstimate:
-    """Time to first token, decode latency and tokens/s of `workload` on `gpu`, the roofline of
-    `budget.estimate_throughput`; batch 'max' takes the largest batch whose memory at input + output tokens
-    fits `memory_limit` (default: the GPU's memory)."""
-    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk)
+    """Time to first token, decode latency and tokens/s of `workload` on `gpu` in `precision`, the roofline
+    of `budget.estimate_throughput`; batch 'max' takes the largest batch whose memory at input + output
+    tokens fits `memory_limit` (default: the GPU's memory)."""
     context = workload.input_tokens + workload.output_tokens
 
     def memory_at(batch: int) -> MemoryEstimate:
-        return estimate_memory(config, context, batch, **dtypes)
+        return estimate_memory(config, context, batch, precision=precision, prefill_chunk=prefill_chunk)
 
     memory = memory_at(resolve_batch(workload, gpu, memory_at, memory_limit))
     return roofline_throughput(roofline_terms(config, memory), memory, workload, gpu)
@@ -419,19 +425,17 @@ def compare(
     workload: Workload,
     gpu: GPUSpec,
     *,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
+    precision: Precision = DEFAULT_PRECISION,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     memory_limit: int | None = None,
 ) -> Comparison:
-    """Estimate both on `workload` and `gpu` with the same dtypes (`ssm_dtype` is the hybrid's alone); with
-    batch 'max' each gets the largest batch that fits."""
-    options = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, memory_limit=memory_limit)
+    """Estimate both on `workload` and `gpu` in the same `precision` (its SSM state dtype is the hybrid's
+    alone); with batch 'max' each gets the largest batch that fits."""
+    options = dict(precision=precision, prefill_chunk=prefill_chunk, memory_limit=memory_limit)
     return Comparison(
         hybrid_parameters=num_hybrid_parameters(hybrid),
         baseline_parameters=num_parameters(baseline),
-        hybrid=estimate_hybrid_throughput(hybrid, workload, gpu, ssm_dtype=ssm_dtype, **options),
+        hybrid=estimate_hybrid_throughput(hybrid, workload, gpu, **options),
         baseline=estimate_throughput(baseline, workload, gpu, **options),
     )
 
@@ -441,8 +445,8 @@ def speedup(
 ) -> float:
     """How many times the tokens/s of `reference` `hybrid` reaches on the same workload and GPU (> 1: faster):
     `budget.speedup` when `reference` is another hybrid, `compare(...).speedup` when it is a plain
-    transformer (which has no SSM state: `ssm_dtype` applies to `hybrid` only). Keyword arguments as
-    `compare`; with batch 'max' each architecture gets its own batch."""
+    transformer (which has no SSM state: the precision's SSM dtype applies to `hybrid` only). Keyword
+    arguments as `compare`; with batch 'max' each architecture gets its own batch."""
     if isinstance(reference, HybridConfig):
         return hybrid_speedup(hybrid, reference, workload, gpu, **options)
     return compare(hybrid, reference, workload, gpu, **options).speedup

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from compressor import baselines
 from compressor.baselines import Comparison
 from compressor.budget import (
+    DEFAULT_PRECISION,
     DEFAULT_PREFILL_CHUNK,
     GPUSpec,
     MemoryEstimate,
@@ -75,13 +76,12 @@ def report(
     gpu_tflops: float | None = None,
     isl: str | None = None,
     osl: str | None = None,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
+    precision: Precision = DEFAULT_PRECISION,
     prefill_chunk: int | None = None,
     vs: str | None = None,
 ) -> Report:
-    """Everything `compress estimate` shows, from the written form of its options. `ctx` defaults to the
+    """Everything `compress estimate` shows, from the written form of its options and the deployment's
+    `precision` (`Precision.from_options` reads the dtype options). `ctx` defaults to the
     config's max_position_embeddings; `batch` is a number or 'max' (the most that fit --target-mem or the
     GPU's memory); `vs` names a transformer baseline (`compressor.baselines.load_baseline`) to compare the
     throughput with, each at its own batch. Without `ctx`, a workload of `isl` + `osl` tokens is sized at
@@ -97,7 +97,7 @@ def report(
     chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
     if chunk < 0:
         raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {chunk}")
-    dtypes = dict(**Precision.from_options(weight_dtype, kv_dtype, ssm_dtype).keywords(), prefill_chunk=chunk)
+    dtypes = dict(precision=precision, prefill_chunk=chunk)
     largest = str(batch).strip().lower() == "max"
     if largest:
         fill = limit if limit is not None else spec.memory if spec is not None else None

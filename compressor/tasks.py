@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from compressor.budget import check_fits, estimate_memory, parse_context
+from compressor.budget import Precision, check_fits, estimate_memory, parse_context
 from compressor.data import find_eos_id, load_sequences
 from compressor.errors import CompressorError
 from compressor.model import HybridLM
@@ -372,7 +372,7 @@ def check_task_fits(
     batch = min(batch_size, sequences)
     for context in contexts:
         host = (EXAMPLE_BYTES_PER_TOKEN * sequences + GENERATION_BYTES_PER_TOKEN) * context
-        cache = estimate_memory(model.config, context, batch, weight_dtype=weight, prefill_chunk=0).cache
+        cache = estimate_memory(model.config, context, batch, precision=Precision(weight), prefill_chunk=0).cache
         what = f"{sequences} sequences of {context:,} tokens"
         if device.type == "cpu":  # examples and cache share the host's memory
             host, what = host + cache, f"{what} and their cache"

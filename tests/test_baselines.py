@@ -8,6 +8,7 @@ from compressor.baselines import PUBLISHED, TransformerConfig, compare, load_bas
 from compressor.budget import (
     GIB,
     GPUS,
+    Precision,
     Workload,
     estimate_throughput,
     get_gpu,
@@ -222,9 +223,11 @@ def test_kv_cache_per_token_and_memory_terms():
     assert memory.activations == (3 * 2048 * 12288 + 3 * 2048 * 4096) * 2 + 3 * 151936 * 4
     assert memory.total == memory.weights + memory.kv_cache + memory.activations
     assert baselines.estimate_memory(qwen3, 24_576, 3, prefill_chunk=0).activations == 0
-    fp8 = baselines.estimate_memory(qwen3, 24_576, 3, weight_dtype="fp8")
+    fp8 = baselines.estimate_memory(qwen3, 24_576, 3, precision=Precision("fp8"))
     assert memory.weights / 2 < fp8.weights < 0.6 * memory.weights  # embeddings and head stay bf16
-    assert fp8.kv_dtype == "bf16" and baselines.estimate_memory(qwen3, 8, weight_dtype="fp32").kv_dtype == "fp32"
+    assert (
+        fp8.kv_dtype == "bf16" and baselines.estimate_memory(qwen3, 8, precision=Precision("fp32")).kv_dtype == "fp32"
+    )
     with pytest.raises(BudgetError, match="context"):
         baselines.estimate_memory(qwen3, 0)
 
@@ -254,7 +257,7 @@ def test_a_transformer_and_the_same_layers_written_as_a_hybrid_estimate_alike():
     )
     assert baselines.num_parameters(llama) == num_parameters(hybrid)
     for workload in (Workload(8192, 16384, "max"), Workload(1000, 100, 3)):
-        for options in ({}, {"weight_dtype": "fp32", "kv_dtype": "fp8"}, {"prefill_chunk": 0}):
+        for options in ({}, {"precision": Precision("fp32", "fp8")}, {"prefill_chunk": 0}):
             ours = baselines.estimate_throughput(llama, workload, GPUS["h100-sxm"], **options).to_dict()
             theirs = estimate_throughput(hybrid, workload, GPUS["h100-sxm"], **options).to_dict()
             assert ours["memory"].pop("ssm_dtype") == "none"
@@ -286,8 +289,9 @@ def test_the_hybrid_beats_qwen3_at_8k_in_16k_out_and_more_so_at_the_largest_batc
 def test_speedup_takes_a_transformer_reference():
     hybrid, qwen3, gpu = get_preset("9b-v2"), load_baseline("qwen3-8b"), get_gpu("h100")
     workload = Workload(*NANO_V2_WORKLOAD, "max")
-    ratio = speedup(hybrid, qwen3, workload, gpu, ssm_dtype="bf16", kv_dtype="fp8")
-    assert ratio == compare(hybrid, qwen3, workload, gpu, ssm_dtype="bf16", kv_dtype="fp8").speedup
+    precision = Precision(kv="fp8", ssm="bf16")
+    ratio = speedup(hybrid, qwen3, workload, gpu, precision=precision)
+    assert ratio == compare(hybrid, qwen3, workload, gpu, precision=precision).speedup
     assert ratio != speedup(hybrid, qwen3, workload, gpu)  # the options reach the estimates
     assert speedup(hybrid, hybrid, workload, gpu) == pytest.approx(1.0)
 

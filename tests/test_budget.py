@@ -14,6 +14,7 @@ from compressor.budget import (
     GPUS,
     Budget,
     GPUSpec,
+    Precision,
     Workload,
     activation_bytes,
     active_parameters,
@@ -131,9 +132,7 @@ def test_biases_and_tied_embeddings_change_the_count_as_the_model_does():
     st.sampled_from([None, "fp32", "bf16", "fp16"]),
 )
 def test_cache_bytes_equal_what_hybrid_cache_allocates(config, context, batch, weight_dtype, kv_dtype, ssm_dtype):
-    estimate = estimate_memory(
-        config, context, batch, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype
-    )
+    estimate = estimate_memory(config, context, batch, precision=Precision(weight_dtype, kv_dtype, ssm_dtype))
     cache = HybridCache(
         config,
         batch,
@@ -190,8 +189,8 @@ def test_published_cache_values():
 
 def test_nano_v2_decision_12b_does_not_fit_an_a10g_at_128k_and_9b_does():
     context = parse_context("128k")
-    twelve = estimate_memory(get_preset("12b-v2"), context, weight_dtype="bf16")
-    nine = estimate_memory(get_preset("9b-v2"), context, weight_dtype="bf16")
+    twelve = estimate_memory(get_preset("12b-v2"), context, precision=Precision("bf16"))
+    nine = estimate_memory(get_preset("9b-v2"), context, precision=Precision("bf16"))
     assert twelve.prefill_chunk == nine.prefill_chunk == DEFAULT_PREFILL_CHUNK and nine.activations > 0
     assert twelve.headroom(A10G_BUDGET) < 0 < nine.headroom(A10G_BUDGET)
     assert 18.5 * GIB < nine.total < 19.66 * GIB  # the reference's "about 18.7 GiB" + the activation allowance
@@ -231,9 +230,9 @@ def test_largest_batch_is_the_boundary():
 def test_bad_dtypes_raise_budget_errors():
     config = get_preset("tiny")
     with pytest.raises(BudgetError, match="unknown weight dtype 'int3': use bf16, fp16, fp32, fp8, fp4"):
-        estimate_memory(config, 128, weight_dtype="int3")
+        estimate_memory(config, 128, precision=Precision("int3"))
     with pytest.raises(BudgetError, match="unknown SSM state dtype 'fp8'"):
-        estimate_memory(config, 128, ssm_dtype="fp8")
+        estimate_memory(config, 128, precision=Precision(ssm="fp8"))
 
 
 # ----- throughput ---------------------------------------------------------------------------------------
@@ -380,11 +379,10 @@ def test_parse_params_and_bandwidth():
 # ----- measured -----------------------------------------------------------------------------------------
 def test_measure_allocates_the_estimated_cache_and_times_decoding():
     config = get_preset("tiny")
-    result = measure(config, 512, 2, weight_dtype="fp32", ssm_dtype="bf16", steps=4)
+    precision = Precision("fp32", ssm="bf16")
+    result = measure(config, 512, 2, precision=precision, steps=4)
     assert (
-        result.cache_bytes
-        == result.estimated_cache_bytes
-        == estimate_memory(config, 512, 2, weight_dtype="fp32", ssm_dtype="bf16").cache
+        result.cache_bytes == result.estimated_cache_bytes == estimate_memory(config, 512, 2, precision=precision).cache
     )
     assert result.decode_steps == 4 and result.decode_tokens_per_s == pytest.approx(2 / result.decode_latency_s)
     assert math.isfinite(result.decode_latency_s) and result.decode_latency_s > 0
@@ -394,9 +392,9 @@ def test_measure_refuses_what_cannot_run():
     with pytest.raises(BudgetError, match="GiB is available: measure a smaller architecture or context"):
         measure(get_preset("56b"), 4096)
     with pytest.raises(BudgetError, match="KV cache in the weight dtype"):
-        measure(get_preset("tiny"), 64, kv_dtype="fp8")
+        measure(get_preset("tiny"), 64, precision=Precision("fp32", "fp8"))
     with pytest.raises(BudgetError, match="unknown weight dtype for --measure 'fp4'"):
-        measure(get_preset("tiny"), 64, weight_dtype="fp4")
+        measure(get_preset("tiny"), 64, precision=Precision("fp4"))
 
 
 # ----- CLI ----------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_kv_cache_term_is_the_attention_blocks_cache_at_the_context():
     kv = TERMS["kv_cache"].measure(budget, config)
     attention = [spec for spec in config.blocks if spec.kind == ATTENTION]
     assert kv == sum(2 * s.num_key_value_heads * s.head_dim for s in attention) * 131072 * 2  # fp8: 1 byte
-    assert kv == estimate_memory(config, 131072, 2, kv_dtype="fp8").kv_cache
+    assert kv == estimate_memory(config, 131072, 2, precision=Precision(kv="fp8")).kv_cache
     assert budget.violations(config, config) == [f"KV cache {format_bytes(kv)} > 1.00 GiB"]
     assert budget.describe() == "KV cache <= 1.00 GiB at 131,072 tokens x 2"
     assert Budget.from_dict(budget.to_dict()) == budget and budget.to_dict()["kv_cache"] == 2**30

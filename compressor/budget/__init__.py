@@ -52,6 +52,7 @@ from compressor.budget.terms import TERMS, Budget, Term, register
 from compressor.budget.units import (
     _TORCH_NAMES,
     CACHE_DTYPES,
+    DEFAULT_PRECISION,
     GIB,
     KIB,
     MIB,
@@ -73,7 +74,8 @@ from compressor.config import HybridConfig
 from compressor.errors import BudgetError, OptionError
 
 __all__ = [
-    "CACHE_DTYPES", "DEFAULT_PREFILL_CHUNK", "GIB", "GPUS", "KIB", "MIB", "SSM_DTYPES", "TERMS", "TIB", "WEIGHT_DTYPES",
+    "CACHE_DTYPES", "DEFAULT_PRECISION", "DEFAULT_PREFILL_CHUNK", "GIB", "GPUS", "KIB", "MIB", "SSM_DTYPES", "TERMS",
+    "TIB", "WEIGHT_DTYPES",
     "Budget", "BudgetError", "GPUSpec", "Measurement", "MemoryEstimate", "RooflineTerms", "ThroughputEstimate",
     "Precision", "Term", "Workload", "activation_bytes", "active_parameters", "available_memory",
     "check_cache_fits", "check_fits",
@@ -137,7 +139,7 @@ def check_cache_fits(
     too: str = "many",
 ) -> None:  # fmt: skip
     """`check_fits` for the decoding cache (`HybridCache`) of `batch` sequences of `tokens` tokens."""
-    needed = estimate_memory(config, tokens, batch, weight_dtype=weight_dtype, prefill_chunk=0).cache
+    needed = estimate_memory(config, tokens, batch, precision=Precision(weight_dtype), prefill_chunk=0).cache
     sequences = f" x {batch} sequences" if batch > 1 else ""
     check_fits(needed, device, parameter=parameter, what=f"the cache for {tokens:,} tokens{sequences}", too=too)
 
@@ -148,9 +150,7 @@ def measure(
     batch: int = 1,
     *,
     device="cpu",
-    weight_dtype: str = "fp32",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
+    precision: Precision | None = None,
     steps: int = 8,
     seed: int = 0,
 ) -> Measurement:
@@ -159,13 +159,15 @@ def measure(
 
     The cache holds zeros, not a real prefill: the steps read the whole KV cache as a decode at that
     length does, without spending the prefill's time. Refuses when the model and cache would not fit in
-    the device's available memory."""
+    the device's available memory. The model is built in `precision`'s weight dtype (default fp32), which
+    must be one compressor computes in (fp32, bf16, fp16)."""
     import torch
 
     from compressor.model import HybridLM
 
-    weight_dtype = normalize_dtype(weight_dtype, ("fp32", "bf16", "fp16"), "weight dtype for --measure")
-    kv_dtype = normalize_dtype(kv_dtype or weight_dtype, CACHE_DTYPES, "KV cache dtype")
+    precision = precision or Precision("fp32")
+    weight_dtype = normalize_dtype(precision.weight, ("fp32", "bf16", "fp16"), "weight dtype for --measure")
+    kv_dtype = precision.kv or weight_dtype
     if kv_dtype != weight_dtype:
         raise BudgetError(
             f"measuring runs compressor's engine, whose attention needs the KV cache in the weight dtype "
@@ -174,9 +176,7 @@ def measure(
     if context < 3:
         raise BudgetError(f"measuring decode needs a context of at least 3 tokens, got {context}")
     steps = max(1, min(steps, context - 2))
-    estimate = estimate_memory(
-        config, context, batch, weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=0
-    )
+    estimate = estimate_memory(config, context, batch, precision=precision, prefill_chunk=0)
     device = torch.device(device)
     needed = num_parameters(config) * 4 + estimate.cache  # built in fp32, then cast
     free = available_memory(device)

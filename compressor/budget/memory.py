@@ -55,7 +55,7 @@ from compressor.budget.counts import (
     _vectors,
     parameter_counts,
 )
-from compressor.budget.units import _BYTES, CACHE_DTYPES, SSM_DTYPES, compute_dtype, normalize_dtype
+from compressor.budget.units import _BYTES, CACHE_DTYPES, DEFAULT_PRECISION, SSM_DTYPES, Precision, normalize_dtype
 from compressor.config import ATTENTION, MAMBA, MLP, MOE, BlockSpec, HybridConfig
 from compressor.errors import BudgetError
 
@@ -212,27 +212,25 @@ def estimate_memory(
     context: int,
     batch: int = 1,
     *,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
+    precision: Precision = DEFAULT_PRECISION,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> MemoryEstimate:
-    """Inference memory for `batch` sequences of `context` tokens: weights, KV, SSM, conv, activations."""
+    """Inference memory for `batch` sequences of `context` tokens: weights, KV, SSM, conv, activations, in
+    the deployment's `precision`."""
     if context < 1 or batch < 1:
         raise BudgetError(f"context ({context}) and batch ({batch}) must be at least 1")
-    weight_dtype = normalize_dtype(weight_dtype)
-    act = compute_dtype(weight_dtype)
-    kv_dtype = normalize_dtype(kv_dtype or act, CACHE_DTYPES, "KV cache dtype")
-    ssm_dtype = normalize_dtype(ssm_dtype or config.mamba_ssm_cache_dtype, SSM_DTYPES, "SSM state dtype")
+    act = precision.compute
+    kv_dtype = precision.kv or act
+    ssm_dtype = precision.ssm or normalize_dtype(config.mamba_ssm_cache_dtype, SSM_DTYPES, "SSM state dtype")
     return MemoryEstimate(
-        weights=weight_bytes(config, weight_dtype),
+        weights=weight_bytes(config, precision.weight),
         kv_cache=kv_bytes_per_token(config, kv_dtype) * context * batch,
         ssm_state=ssm_state_bytes(config, ssm_dtype) * batch,
         conv_state=conv_state_bytes(config, act) * batch,
         activations=activation_bytes(config, context, batch, dtype=act, prefill_chunk=prefill_chunk),
         context=context,
         batch=batch,
-        weight_dtype=weight_dtype,
+        weight_dtype=precision.weight,
         kv_dtype=kv_dtype,
         ssm_dtype=ssm_dtype,
         compute_dtype=act,
@@ -240,11 +238,19 @@ def estimate_memory(
     )
 
 
-def largest_batch(config: HybridConfig, context: int, memory_limit: int, **dtypes) -> int:
-    """The most sequences of `context` tokens that fit in `memory_limit` bytes (0 if not even one).
-
-    Keyword arguments as `estimate_memory` (weight_dtype, kv_dtype, ssm_dtype, prefill_chunk)."""
-    return largest_fitting_batch(lambda batch: estimate_memory(config, context, batch, **dtypes), memory_limit)
+def largest_batch(
+    config: HybridConfig,
+    context: int,
+    memory_limit: int,
+    *,
+    precision: Precision = DEFAULT_PRECISION,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> int:
+    """The most sequences of `context` tokens that fit in `memory_limit` bytes (0 if not even one)."""
+    return largest_fitting_batch(
+        lambda batch: estimate_memory(config, context, batch, precision=precision, prefill_chunk=prefill_chunk),
+        memory_limit,
+    )
 
 
 def largest_fitting_batch(memory_at: Callable[[int], MemoryEstimate], memory_limit: int) -> int:

@@ -44,7 +44,7 @@ from compressor.budget.memory import (
     ssm_state_bytes,
     weight_bytes_by_component,
 )
-from compressor.budget.units import GIB, parse_bandwidth
+from compressor.budget.units import DEFAULT_PRECISION, GIB, Precision, parse_bandwidth
 from compressor.config import ATTENTION, MAMBA, MOE, HybridConfig
 from compressor.errors import BudgetError, OptionError
 
@@ -299,21 +299,19 @@ def estimate_throughput(
     workload: Workload,
     gpu: GPUSpec,
     *,
-    weight_dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    ssm_dtype: str | None = None,
+    precision: Precision = DEFAULT_PRECISION,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     memory_limit: int | None = None,
 ) -> ThroughputEstimate:
-    """Time to first token, decode latency and tokens/s of `workload` on `gpu` (roofline, module docstring).
+    """Time to first token, decode latency and tokens/s of `workload` on `gpu` in the deployment's `precision`
+    (roofline, module docstring).
 
     `batch='max'` takes the largest batch whose memory at input + output tokens fits `memory_limit`
     (default: the GPU's memory)."""
-    dtypes = dict(weight_dtype=weight_dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype, prefill_chunk=prefill_chunk)
     context = workload.input_tokens + workload.output_tokens
 
     def memory_at(batch: int) -> MemoryEstimate:
-        return estimate_memory(config, context, batch, **dtypes)
+        return estimate_memory(config, context, batch, precision=precision, prefill_chunk=prefill_chunk)
 
     memory = memory_at(resolve_batch(workload, gpu, memory_at, memory_limit))
     return roofline_throughput(roofline_terms(config, memory), memory, workload, gpu)

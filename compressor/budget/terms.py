@@ -105,7 +105,7 @@ class Memory(Term):
         return budget.memory_of(config).total
 
     def share(self, budget, config) -> int:
-        memory = estimate_memory(config, budget.context, budget.batch, prefill_chunk=0, **budget.precision.keywords())
+        memory = estimate_memory(config, budget.context, budget.batch, precision=budget.precision, prefill_chunk=0)
         return memory.weights + memory.cache  # the activation allowance is the widest block's, not a sum
 
     def describe(self, budget, limit) -> str:
@@ -285,7 +285,7 @@ class Budget:
 
     def memory_of(self, config: HybridConfig) -> MemoryEstimate:
         return estimate_memory(
-            config, self.context, self.batch, prefill_chunk=self.prefill_chunk, **self.precision.keywords()
+            config, self.context, self.batch, precision=self.precision, prefill_chunk=self.prefill_chunk
         )
 
     @classmethod
@@ -374,7 +374,7 @@ class Budget:
     def speedup_of(self, config: HybridConfig, reference: HybridConfig) -> float | None:
         if self.gpu is None:
             return None
-        return speedup(config, reference, self.throughput_workload(), self.gpu, **self.precision.keywords())
+        return speedup(config, reference, self.throughput_workload(), self.gpu, precision=self.precision)
 
     def violations(self, config: HybridConfig, reference: HybridConfig) -> list[str]:
         """What `config` misses, in words (empty when it meets the budget)."""

@@ -168,5 +168,8 @@ class Precision:
         return compute_dtype(self.weight)
 
     def keywords(self) -> dict[str, str | None]:
-        """The keyword arguments of `estimate_memory`, `estimate_throughput` and `speedup`."""
+        """The written form, as the options and a budget record name the dtypes."""
         return {"weight_dtype": self.weight, "kv_dtype": self.kv, "ssm_dtype": self.ssm}
+
+
+DEFAULT_PRECISION = Precision()  # bf16 weights, the KV cache in the compute dtype, the config's SSM state dtype

@@ -67,16 +67,15 @@ def estimate_model(model: str, config: EstimateConfig) -> EstimateRecord:
         check_weights(folder, arch)  # the estimate is of these weights' architecture
     stored = stored_weight_bytes(folder) if folder is not None and is_quantized_checkpoint(folder) else None
     weight_dtype = config.weight_dtype or (stored.budget_dtype if stored else None) or "bf16"
+    precision = budget.Precision.from_options(weight_dtype, config.kv_dtype, config.ssm_dtype)
     report = estimate_report(
         arch, ctx=config.ctx, batch=config.batch, target_mem=config.target_mem, gpu=config.gpu,
         gpu_bandwidth=config.gpu_bandwidth, gpu_tflops=config.gpu_tflops, isl=config.isl, osl=config.osl,
-        weight_dtype=weight_dtype, kv_dtype=config.kv_dtype, ssm_dtype=config.ssm_dtype,
-        prefill_chunk=config.prefill_chunk, vs=config.vs,
+        precision=precision, prefill_chunk=config.prefill_chunk, vs=config.vs,
     )  # fmt: skip
     measured = None
     if config.measure:
         memory = report.memory
-        measured = budget.measure(arch, memory.context, memory.batch, device=resolve_device(config.device),
-                                  weight_dtype=weight_dtype, kv_dtype=config.kv_dtype,
-                                  ssm_dtype=config.ssm_dtype)  # fmt: skip
+        device = resolve_device(config.device)
+        measured = budget.measure(arch, memory.context, memory.batch, device=device, precision=precision)
     return EstimateRecord(str(model), arch, weight_dtype, report, stored, measured)
