@@ -46,7 +46,9 @@ from compressor.model import Block, HybridLM
 
 @dataclass(frozen=True)
 class BlockTarget:
-    """One kept block: its index in the source model and the widths it keeps (only its kind's matter)."""
+    """One kept block: its index in the source model and the widths it keeps. A block carries only its own
+    kind's widths (`OVERRIDABLE[kind]`): the other kinds' are 0 however it was built, so equal blocks compare
+    equal and its JSON form (`to_dict`) names its kind's widths alone."""
 
     source: int
     kind: str
@@ -58,6 +60,24 @@ class BlockTarget:
     n_routed_experts: int = 0
     moe_intermediate_size: int = 0
     moe_shared_expert_intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        own = OVERRIDABLE.get(self.kind, ())
+        for name in WIDTHS:
+            if name not in own:
+                object.__setattr__(self, name, 0)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Its kind's widths by name."""
+        return {name: getattr(self, name) for name in OVERRIDABLE[self.kind]}
+
+    def to_dict(self) -> dict:
+        """The source index, the kind and that kind's widths."""
+        return {"source": self.source, "kind": self.kind, **self.widths}
+
+
+WIDTHS = tuple(f.name for f in dataclasses.fields(BlockTarget) if f.name not in ("source", "kind"))
 
 
 @dataclass(frozen=True)
@@ -130,10 +150,11 @@ class Target:
 
     def to_dict(self) -> dict:
         """A JSON form (search results record their candidates with it)."""
-        return {"hidden_size": self.hidden_size, "blocks": [dataclasses.asdict(b) for b in self.blocks]}
+        return {"hidden_size": self.hidden_size, "blocks": [b.to_dict() for b in self.blocks]}
 
     @classmethod
     def from_dict(cls, raw: dict) -> Target:
+        """Read `to_dict`'s form back (and the earlier one, which listed every kind's widths in every block)."""
         return cls(hidden_size=raw["hidden_size"], blocks=tuple(BlockTarget(**b) for b in raw["blocks"]))
 
     def check_fits(self, source: HybridConfig) -> None:
@@ -191,22 +212,29 @@ class Target:
     def summary(self, source: HybridConfig) -> dict:
         """What the target keeps, in the terms of ModelOpt's export_config where they apply, the blocks kept
         (indices in the source), whether the widths are uniform, the format its config.json is written in and the
-        engines that run it."""
+        engines that run it. A width that differs from block to block is the list of its kind's kept blocks'
+        widths, in order; the MoE widths appear only where the model has MoE blocks."""
         config = self.config(source)
+
+        def width(name: str, kind: str) -> int | list[int]:
+            widths = [getattr(b, name) for b in self.blocks if b.kind == kind]
+            return widths if len(set(widths)) > 1 else getattr(config, name)
+
         moe = {}
         if config.has_moe:
             moe = {
-                "num_moe_experts": config.n_routed_experts,
-                "moe_ffn_hidden_size": config.moe_intermediate_size,
-                "moe_shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
+                "num_moe_experts": width("n_routed_experts", MOE),
+                "moe_ffn_hidden_size": width("moe_intermediate_size", MOE),
+                "moe_shared_expert_intermediate_size": width("moe_shared_expert_intermediate_size", MOE),
             }
         return {
             "hidden_size": config.hidden_size,
-            "ffn_hidden_size": config.intermediate_size,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,  # not a ModelOpt key: it no longer prunes them
-            "mamba_num_heads": config.mamba_num_heads,
-            "mamba_head_dim": config.mamba_head_dim,
+            "ffn_hidden_size": width("intermediate_size", MLP),
+            "num_attention_heads": width("num_attention_heads", ATTENTION),
+            # not a ModelOpt key: it no longer prunes them
+            "num_key_value_heads": width("num_key_value_heads", ATTENTION),
+            "mamba_num_heads": width("mamba_num_heads", MAMBA),
+            "mamba_head_dim": width("mamba_head_dim", MAMBA),
             **moe,
             "num_layers": config.num_blocks,
             "kept_blocks": [b.source for b in self.blocks],

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compressor.checkpoint import load_model, save_model
+from compressor.config import MOE
 from compressor.errors import CompressorError
 from compressor.importance import estimate
 from compressor.model import HybridLM
@@ -213,7 +214,7 @@ def test_heterogeneous_moe_targets_round_trip(moe_model, moe_scores, tmp_path):
         pruned.config.block(7).moe_intermediate_size == 16 and pruned.config.moe_shared_expert_intermediate_size == 48
     )
     assert Target.from_dict(target.to_dict()) == target
-    assert target.summary(config)["num_moe_experts"] in (4, 6, 8)
+    assert target.summary(config)["num_moe_experts"] == [b.n_routed_experts for b in target.blocks if b.kind == MOE]
     save_model(pruned, tmp_path / "hetero")
     loaded = load_model(tmp_path / "hetero")
     assert loaded.config.blocks == pruned.config.blocks
