@@ -15,12 +15,18 @@ evaluated on the held-out plays):
 Each row reports the Spearman / Kendall rank correlation between the score that picked its finalists and
 their KL after distillation, and its wall time with the teacher's part (every teacher forward timed).
 
+`--correlation N`: how well each score predicts, on more than the best few: a zero-shot search and a
+library search (`--bld` tokens, each finalist its own teacher) each distill N of their candidates spread
+evenly over their score order (the best, the worst and between, `--correlation-tokens` each), and report the
+Spearman / Kendall rank correlation between the score and the KL after distillation.
+
 `--teacher-share K1,K2`: zero-shot searches with K1 and K2 finalists (`--share-distill-tokens` each), with
 the shared teacher cache and without it: the teacher's seconds and share of the search.
 
     python benchmarks/search.py --teacher-share 1,4              # the docs tables
     python benchmarks/search.py --rows bld --bld 8k              # one row
     python benchmarks/search.py --rows none --teacher-share 1,4  # the teacher's share only
+    python benchmarks/search.py --rows none --correlation 6      # the scores' rank correlation
 
 Run alone: other work on the machine changes the times (not the KL figures).
 """
@@ -28,6 +34,7 @@ Run alone: other work on the machine changes the times (not the KL figures).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -87,6 +94,8 @@ def main() -> None:
     )
     parser.add_argument("--teacher-share", default="", help="finalist counts, e.g. 1,4")
     parser.add_argument("--share-distill-tokens", default="25k")
+    parser.add_argument("--correlation", type=int, default=0, help="candidates distilled per score, e.g. 6")
+    parser.add_argument("--correlation-tokens", default="50k", help="distillation tokens per candidate")
     args = parser.parse_args()
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
     calibration = CalibrationConfig(
@@ -123,6 +132,8 @@ def main() -> None:
             _print_rows(rows, budget, finalists, total)
         if args.teacher_share:
             _teacher_share(source, budget, clock, args, Path(tmp))
+        if args.correlation:
+            _correlation(source, budget, clock, args, Path(tmp))
 
 
 def _template(tokens: int) -> TrainConfig:
@@ -132,10 +143,10 @@ def _template(tokens: int) -> TrainConfig:
     )  # fmt: skip
 
 
-def _search(source, config, out, clock, name):
+def _search(source, config, out, clock, name, resume=False):
     clock.lap()
     started = time.perf_counter()
-    record = run_search(source, config, out, say=lambda text: print(f"[{name}] {text}", flush=True))
+    record = run_search(source, config, out, resume=resume, say=lambda text: print(f"[{name}] {text}", flush=True))
     return record, time.perf_counter() - started, clock.lap()
 
 
@@ -185,6 +196,50 @@ def _teacher_share(source, budget, clock, args, tmp: Path) -> None:
             kind = "one cache, read by all" if shared else "each finalist its own"
             print(f"| {count} | {kind} | {passes} | {teacher:.0f} s | {seconds:.0f} s | {teacher / seconds:.0%} |",
                   flush=True)  # fmt: skip
+
+
+def _correlation(source, budget, clock, args, tmp: Path) -> None:
+    """Each score against the KL after distillation, over `args.correlation` candidates spread over its order:
+    the search distills its best one, the others are then marked finalists in its record and the search
+    resumed, which distills exactly the marked ones."""
+    count, tokens = args.correlation, parse_tokens(args.correlation_tokens)
+    results = []
+    for row in ("zero-shot", "bld"):
+        # the same pool for both scores: the library's hidden sizes, `count` distinct choices per variant
+        options = dict(MINIPUZZLE, hidden_choices=args.bld_hidden_choices, solutions=count)
+        bld = None
+        if row == "bld":
+            bld = BLDConfig(parse_tokens(args.bld), epochs=args.bld_epochs, micro_batch_size=8)
+        config = SearchConfig(budget, _template(tokens), "minipuzzle", options, finalists=1, bld=bld)
+        out = tmp / f"correlation-{row}"
+        _search(source, config, out, clock, row)
+        record_file = out / "search.json"
+        raw = json.loads(record_file.read_text())
+        order = sorted(raw["candidates"], key=lambda c: c["score"])
+        if len(order) < 3:
+            print(f"{row}: only {len(order)} candidates fit, no correlation")
+            continue
+        picks = {round(i * (len(order) - 1) / (min(count, len(order)) - 1)) for i in range(min(count, len(order)))}
+        for position in picks:
+            order[position]["finalist"] = True
+        record_file.write_text(json.dumps(raw))
+        record, *_ = _search(source, config, out, clock, row, resume=True)
+        results.append((row, record))
+    print(f"\nhow well each score predicts: candidates spread over its order, {tokens // 1000}k distillation "
+          f"tokens each, budget {budget.describe()}")  # fmt: skip
+    print("\n| score | candidates | score range | KL after distillation | Spearman | Kendall |")
+    print("|---|---:|---|---|---:|---:|")
+    for row, record in results:
+        done = sorted((c for c in record.candidates if c.distilled is not None), key=lambda c: c.score)
+        r = record.correlation or {"spearman": float("nan"), "kendall": float("nan")}
+        name = "zero-shot KL (freshly pruned)" if row == "zero-shot" else "library KL (assembled from BLD blocks)"
+        print(f"| {name} | {len(done)} | {done[0].score:.3f} to {done[-1].score:.3f} "
+              f"| {done[0].distilled.val_kl:.4f} to {done[-1].distilled.val_kl:.4f} "
+              f"| {r['spearman']:.2f} | {r['kendall']:.2f} |")  # fmt: skip
+    for row, record in results:
+        done = sorted((c for c in record.candidates if c.distilled is not None), key=lambda c: c.score)
+        pairs = ", ".join(f"{c.score:.3f}->{c.distilled.val_kl:.4f}" for c in done)
+        print(f"{row} (score -> KL after): {pairs}")
 
 
 if __name__ == "__main__":

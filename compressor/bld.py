@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.distributed import World, barrier
 from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
 from compressor.outputs import check_free_space, open_tensors, read_json, save_tensors
@@ -66,17 +67,22 @@ class BLDConfig:
 
 
 @torch.no_grad()
-def write_activations(model: HybridLM, sequences: torch.Tensor, folder: Path, *, batch_size: int = 8) -> Activations:
+def write_activations(
+    model: HybridLM, sequences: torch.Tensor, folder: Path, *, batch_size: int = 8, world: World | None = None
+) -> Activations:
     """Run the parent over `sequences` (n, t) and store h_0 ... h_L (float32) in parts of about
     `PART_BYTES`; written to a temporary sibling and renamed into place when complete, so a folder that
-    exists is whole."""
+    exists is whole. A sharded parent (`world` of several processes) runs on every process, each block
+    gathered in turn, and the main process writes."""
+    world = world or World()
     folder = Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     device, parts, config = model.lm_head.weight.device, 0, model.config
-    needed = sequences.numel() * config.hidden_size * (config.num_blocks + 1) * 4
-    check_free_space(partial, needed, "storing the parent's activations (fewer --bld tokens need less)")
+    if world.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        needed = sequences.numel() * config.hidden_size * (config.num_blocks + 1) * 4
+        check_free_space(partial, needed, "storing the parent's activations (fewer --bld tokens need less)")
     step = part_sequences(sequences.shape[1], config.hidden_size, config.num_blocks)
     for start in range(0, len(sequences), step):
         chunk = sequences[start : start + step]
@@ -84,10 +90,13 @@ def write_activations(model: HybridLM, sequences: torch.Tensor, folder: Path, *,
         for i in range(0, len(chunk), batch_size):
             for level, hidden in enumerate(boundaries(model, chunk[i : i + batch_size].to(device))):
                 states[level].append(hidden.float().cpu())
-        save_tensors(
-            {f"h{level}": torch.cat(s) for level, s in enumerate(states)}, partial / f"part-{parts}.safetensors"
-        )
+        if world.is_main:
+            tensors = {f"h{level}": torch.cat(s) for level, s in enumerate(states)}
+            save_tensors(tensors, partial / f"part-{parts}.safetensors")
         parts += 1
+    if not world.is_main:
+        barrier(world)
+        return Activations(folder)
     meta = {
         "blocks": model.config.num_blocks,
         "hidden_size": model.config.hidden_size,
@@ -99,6 +108,7 @@ def write_activations(model: HybridLM, sequences: torch.Tensor, folder: Path, *,
     (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
+    barrier(world)
     return Activations(folder)
 
 

@@ -66,8 +66,14 @@ class World:
         return self.size > 1
 
 
+_joined = 0  # the `init`s not yet closed in this process: the process group ends with the outermost `close`
+
+
 def init(device: torch.device) -> World:
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); else a world of one."""
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); else a world of one.
+    Nested joins (a search's session, then each finalist's training) share the group; `close` ends it
+    with the outermost one."""
+    global _joined
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(device=device)
@@ -75,6 +81,8 @@ def init(device: torch.device) -> World:
         if device.type == "cpu":
             _return_freed_memory()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _joined = 0
+    _joined += 1
     rank = dist.get_rank()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -175,14 +183,28 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     return tensor.tolist()
 
 
+def gather_objects(value: T, world: World) -> list[T]:
+    """Every process's `value` (picklable, built by this program: never data read from a user's files),
+    in rank order, on every process; `[value]` for a single process."""
+    if not world.distributed:
+        return [value]
+    values: list = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
 
 
 def close(world: World) -> None:
+    """Leave the process group `init` joined; the outermost close ends it."""
+    global _joined
     if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        _joined -= 1
+        if _joined <= 0:
+            dist.destroy_process_group()
 
 
 @contextmanager

@@ -226,6 +226,43 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
     assert changed.exit_code != 0 and "--bld-epochs" in changed.output
 
 
+def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_path):
+    # under torchrun the source is sharded, the variants are shared out one per process a round, and the
+    # main process writes: the same variants, scores, candidates and finalists as one process
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import cli
+
+    memory = f"{_budget(workspace).memory / 2**20:.4f}MiB"
+    args = ["search", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
+            "--score-samples", "4", "--seq-len", "32", "--target-mem", memory, "--ctx", "512", "--candidates", "2",
+            "--distill-tokens", "256", "--batch-size", "4", "--micro-batch-size", "1", "--ffn-fractions",
+            "1,0.5", "--hidden-choices", "1", "--top-k", "4", "--bld", "256", "--bld-epochs", "1", "--device",
+            "cpu", "--json"]  # fmt: skip
+    records = {}
+    for name, processes in (("one", 1), ("two", 2)):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+        run = subprocess.run([*launch, cli.__file__, *args, "--out", str(tmp_path / name)], capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        records[name] = json.loads((tmp_path / name / "search.json").read_text())
+    one, two = records["one"], records["two"]
+    assert [c["label"] for c in one["candidates"]] == [c["label"] for c in two["candidates"]]
+    assert one["library"]["variants"] == two["library"]["variants"] > 0
+    np.testing.assert_allclose([c["score"] for c in two["candidates"]], [c["score"] for c in one["candidates"]],
+                               rtol=1e-4)  # fmt: skip
+    distilled = [[c["distilled"]["val_kl"] for c in record["candidates"] if c["finalist"]] for record in (two, one)]
+    np.testing.assert_allclose(*distilled, rtol=1e-3)
+    libraries = [Library.read(tmp_path / name / LIBRARY_DIR) for name in ("one", "two")]
+    assert libraries[0].variants.keys() == libraries[1].variants.keys()
+    for key, variant in libraries[0].variants.items():
+        assert libraries[1].variants[key].error == pytest.approx(variant.error, rel=1e-4)
+    assert not (tmp_path / "two" / LIBRARY_DIR / "activations").exists()
+
+
 @pytest.mark.parametrize("preset, memory", [("12b-v2", "19.66GiB"), ("56b", "88.83GiB")])
 def test_search_dry_run_plans_the_library_at_real_sizes(preset, memory):
     from typer.testing import CliRunner

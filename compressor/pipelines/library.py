@@ -17,6 +17,10 @@ first two stages on one machine.
 
 `library.json` records what the library was built from (source and data fingerprints, the BLD settings,
 the options): a build whose record differs starts again.
+
+Under torchrun (a sharded source) every process takes part in the source's passes (activations, scores)
+and the variants are shared out: each round prunes one variant per process from the gathered parent blocks
+and each process trains its own; the main process writes the records (`entries.jsonl`, `scores.json`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor import distributed
 from compressor.bld import Activations, BLDConfig, train_variant, write_activations
+from compressor.checkpoint import empty_model, materialize
 from compressor.config import OVERRIDABLE
 from compressor.errors import CompressorError
 from compressor.importance import Importance
@@ -46,7 +52,7 @@ from compressor.outputs import check_record, open_tensors, read_json, refuse_lin
 from compressor.pipelines.ranking import ProxyScorer
 from compressor.pipelines.records import write_json
 from compressor.pipelines.source import Source
-from compressor.prune import BlockTarget, Target, prune, pruned_block
+from compressor.prune import BlockTarget, Target, pruned_block, pruned_tensors
 from strategies.minipuzzle import ChoiceTable
 from strategies.solver import BlockChoice
 
@@ -121,22 +127,62 @@ class Library:
         return built
 
     def _load(self, block: nn.Module, variant: Variant) -> None:
+        reference = block.state_dict()
+        state = self._state(variant, {k: v.shape for k, v in reference.items()})
+        block.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})
+
+    def _state(self, variant: Variant, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """A variant's weights, checked against the block they replace (tensor names and `shapes`)."""
         path = self.folder / variant.file
         with open_tensors(path, "a library variant") as handle:
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        reference = block.state_dict()
-        if set(state) != set(reference) or any(state[k].shape != reference[k].shape for k in reference):
+        if set(state) != set(shapes) or any(state[k].shape != shapes[k] for k in shapes):
             raise CompressorError(f"{path} does not hold the variant its entry describes: delete the library")
-        block.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})
+        return state
 
-    def assemble(self, model: HybridLM, importance: Importance, target: Target) -> HybridLM:
-        """The pruned model of `target` with every kept block replaced by its trained variant."""
-        pruned = prune(model, importance, target).eval()
-        for position, block in enumerate(target.blocks):
-            variant = self.variants.get(variant_key(target.hidden_size, block))
-            if variant is not None:  # else the pruned block is the parent's, as `block` would build it
-                self._load(pruned.backbone.layers[position], variant)
-        return pruned
+    def tensors(self, model: HybridLM, importance: Importance, target: Target) -> Iterator[tuple[str, torch.Tensor]]:
+        """The assembled model's tensors as (name, tensor), one block at a time: `prune.pruned_tensors`
+        with every kept block that has a trained variant given the variant's weights (every process of a
+        sharded source walks the whole stream: its blocks are gathered as they are sliced)."""
+        for position, names in _by_block(pruned_tensors(model, importance, target)):
+            variant = None
+            if position is not None:
+                variant = self.variants.get(variant_key(target.hidden_size, target.blocks[position]))
+            if variant is None:  # else the pruned block is the parent's, as `block` would build it
+                yield from names
+                continue
+            prefix = f"backbone.layers.{position}."
+            state = self._state(variant, {name[len(prefix) :]: tensor.shape for name, tensor in names})
+            yield from ((prefix + name, tensor) for name, tensor in state.items())
+
+    def assemble(
+        self, model: HybridLM, importance: Importance, target: Target, *, world: distributed.World | None = None
+    ) -> HybridLM:
+        """The pruned model of `target` with every kept block replaced by its trained variant, in the
+        source's dtype (sharded across `world`'s processes when it has several, as `prune.prune` does)."""
+        world = world or distributed.World(device=model.lm_head.weight.device)
+        assembled = empty_model(target.config(model.config), model.backbone.embeddings.weight.dtype)
+        distributed.shard(assembled, world, frozen=True)
+        materialize(assembled, self.tensors(model, importance, target), world)
+        return assembled.eval()
+
+
+def _by_block(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[int | None, list]]:
+    """(block position, its tensors) in stream order; the tensors outside the blocks one by one with None."""
+    position, names = None, []
+    for name, tensor in tensors:
+        parts = name.split(".")
+        here = int(parts[2]) if name.startswith("backbone.layers.") else None
+        if names and (here is None or here != position):
+            yield position, names
+            names = []
+        if here is None:
+            yield None, [(name, tensor)]
+        else:
+            position = here
+            names.append((name, tensor))
+    if names:
+        yield position, names
 
 
 def _inside(name: str) -> bool:
@@ -170,7 +216,7 @@ def build_library(
     say: Callable[[str], None] = print,
 ) -> Library:
     """Train every variant of `tables` not in `folder` yet (module docstring) and return the library."""
-    folder = Path(folder)
+    folder, world = Path(folder), source.world
     positions = library_sequences(source, config.tokens)
     settings = {
         "source": source.fingerprint,
@@ -180,6 +226,43 @@ def build_library(
         "options": [[table.hidden, [[o.key for o in opts] for opts in table.options]] for table in tables],
     }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+    if world.is_main:
+        _prepare(folder, settings, say)
+    distributed.barrier(world)
+    library = Library.read(folder)
+    jobs = enumerate(_jobs(source, tables))
+    todo = [(n, hidden, block) for n, (hidden, block) in jobs if variant_key(hidden, block) not in library.variants]
+    activations_dir = folder / ACTIVATIONS_DIR
+    if todo and not Activations.is_complete(activations_dir):
+        say(f"library: storing the source's activations on {len(positions)} sequences")
+        write_activations(source.model, source.sequences.take(positions), activations_dir, world=world)
+    started, done = time.monotonic(), 0
+    for first in range(0, len(todo), world.size):  # a round: one variant per process
+        mine = None
+        for offset, (number, hidden, block) in enumerate(todo[first : first + world.size]):
+            variant = pruned_block(source.model, source.importance, block, hidden)  # gathers: every process
+            if offset == world.rank:
+                mine = (number, hidden, block, variant)
+        entries = distributed.gather_objects(_train(mine, source, config, folder) if mine else None, world)
+        for entry, result in (e for e in entries if e is not None):
+            if world.is_main:
+                with open(folder / ENTRIES_FILE, "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+            library.variants[entry.key] = entry
+            done += 1
+            say(
+                f"library {done}/{len(todo)}: block {entry.block} ({source.model.config.block(entry.block).kind}) "
+                f"{_describe_widths(entry.widths)} at hidden {entry.hidden}: error {result[0]:.3f} -> "
+                f"{result[1]:.3f}, {_eta(time.monotonic() - started, done, len(todo))}"
+            )
+    if world.is_main:
+        shutil.rmtree(activations_dir, ignore_errors=True)
+    distributed.barrier(world)
+    return library
+
+
+def _prepare(folder: Path, settings: dict[str, Any], say: Callable[[str], None]) -> None:
+    """The library folder, started again when it was built for another source, data or settings."""
     if folder.exists():
         refuse_links(folder, "a library folder")  # what it writes and deletes stays inside it
     if folder.exists() and _settings(folder) != settings:
@@ -189,38 +272,20 @@ def build_library(
     (folder / BLOCKS_DIR).mkdir(exist_ok=True)
     if not (folder / LIBRARY_FILE).is_file():
         write_json(folder / LIBRARY_FILE, settings)
-    library = Library.read(folder)
-    jobs = _jobs(source, tables)
-    todo = [(hidden, block) for hidden, block in jobs if variant_key(hidden, block) not in library.variants]
-    if not todo:
-        shutil.rmtree(folder / ACTIVATIONS_DIR, ignore_errors=True)
-        return library
-    activations_dir = folder / ACTIVATIONS_DIR
-    if not Activations.is_complete(activations_dir):
-        say(f"library: storing the source's activations on {len(positions)} sequences")
-        write_activations(source.model, source.sequences.take(positions), activations_dir)
-    activations = Activations(activations_dir)
-    started = time.monotonic()
-    for done, (hidden, block) in enumerate(todo, start=1):
-        index = block.source
-        variant = pruned_block(source.model, source.importance, block, hidden)
-        channels = source.importance.keep_hidden(hidden).cpu()
-        result = train_variant(variant, activations, index, channels, config)
-        name = f"{BLOCKS_DIR}/h{hidden}-b{index}-{len(library.variants)}.safetensors"
-        tmp = folder / f"{name}.tmp"
-        save_tensors({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
-        os.replace(tmp, folder / name)
-        entry = Variant(hidden, index, _kind_widths(block), result.initial_error, result.error, result.steps, name)
-        with open(folder / ENTRIES_FILE, "a") as f:
-            f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
-        library.variants[entry.key] = entry
-        elapsed = time.monotonic() - started
-        say(
-            f"library {done}/{len(todo)}: block {index} ({block.kind}) {_describe(block)} at hidden {hidden}: "
-            f"error {result.initial_error:.3f} -> {result.error:.3f}, {_eta(elapsed, done, len(todo))}"
-        )
-    shutil.rmtree(activations_dir, ignore_errors=True)
-    return library
+
+
+def _train(job: tuple, source: Source, config: BLDConfig, folder: Path) -> tuple[Variant, tuple[float, float]]:
+    """Train job `(number, hidden, block, variant)`'s variant and save its weights: (entry, errors)."""
+    number, hidden, block, variant = job
+    index = block.source
+    channels = source.importance.keep_hidden(hidden).cpu()
+    result = train_variant(variant, Activations(folder / ACTIVATIONS_DIR), index, channels, config)
+    name = f"{BLOCKS_DIR}/h{hidden}-b{index}-{number}.safetensors"
+    tmp = folder / f"{name}.tmp"
+    save_tensors({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
+    os.replace(tmp, folder / name)
+    entry = Variant(hidden, index, _kind_widths(block), result.initial_error, result.error, result.steps, name)
+    return entry, (result.initial_error, result.error)
 
 
 def _settings(folder: Path) -> dict[str, Any] | None:
@@ -241,8 +306,8 @@ def _jobs(source: Source, tables: list[ChoiceTable]) -> list[tuple[int, BlockTar
     return jobs
 
 
-def _describe(block: BlockTarget) -> str:
-    return ", ".join(f"{name} {value}" for name, value in _kind_widths(block).items()) or "whole"
+def _describe_widths(widths: dict[str, int]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in widths.items()) or "whole"
 
 
 def _eta(elapsed: float, done: int, total: int) -> str:
@@ -281,7 +346,7 @@ def score_library(
             started = time.monotonic()
             references = [_reference(options) for options in table.options]
             whole = Target(table.hidden, tuple(_block_target(model, i, o) for i, o in enumerate(references)))
-            replacing = _Replacements(scorer, library.assemble(model, importance, whole))
+            replacing = _Replacements(scorer, library.assemble(model, importance, whole, world=source.world))
             base = replacing.score(0)
             damage = []
             for index, options in enumerate(table.options):
@@ -295,8 +360,9 @@ def score_library(
                         block = library.block(model, importance, _block_target(model, index, option), table.hidden)
                         row.append(replacing.score(index, block) - base)
                 damage.append(row)
-            scores[key] = {"base": base, "damage": damage}
-            write_json(path, scores)
+            scores[key] = {"base": base, "damage": damage}  # the same on every process (summed over them)
+            if source.world.is_main:
+                write_json(path, scores)
             seconds = time.monotonic() - started
             say(f"library scores at hidden {table.hidden}: assembled whole {base:.4f} ({seconds:.0f} s)")
         measured = scores[key]["damage"]
@@ -311,11 +377,13 @@ def score_library(
 class _Replacements:
     """The proxy score of a model with one block replaced, each block's input computed once: the model's
     residual stream at every block boundary is kept for the scorer's held-out batches, and a replacement
-    of block i runs from its input on. Scores with a retrieval term run the whole model instead."""
+    of block i runs from its input on. Scores with a retrieval term, and a sharded model (its processes'
+    passes are collectives), run the whole model instead."""
 
     def __init__(self, scorer: ProxyScorer, model: HybridLM) -> None:
         self.scorer, self.model = scorer, model
-        self.resumable = scorer.text_metric is not None and "retrieval" not in scorer.metric
+        text_only = scorer.text_metric is not None and "retrieval" not in scorer.metric
+        self.resumable = text_only and not scorer.world.distributed
         self.inputs: list[list[torch.Tensor]] = []
         if self.resumable:
             from compressor.bld import boundaries
