@@ -84,6 +84,29 @@ def test_a_pruned_variant_improves_on_its_initialisation(parent, activations):
     assert block_error(block, activations, spec.index, channels, 8) == pytest.approx(result.error)  # the kept weights
 
 
+def test_moe_variants_reproduce_the_parent_and_fewer_experts_train_towards_it(tmp_path):
+    # an MoE block kept whole is its parent (the router in fp32 included); with half its routed experts and
+    # narrower experts it starts worse and training brings it closer
+    from tests.conftest import randomize_routers
+
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("tiny-moe")).eval()
+    with torch.no_grad():
+        randomize_routers(model)
+    ids = torch.randint(0, 512, (16, 32), generator=torch.Generator().manual_seed(1))
+    importance = estimate(model, [ids[:8], ids[8:]])
+    stored = write_activations(model, ids, tmp_path / "activations", batch_size=4)
+    spec, hidden = _spec(model, "moe"), model.config.hidden_size
+    channels = torch.arange(hidden)
+    whole = pruned_block(model, importance, _target(model, spec), hidden)
+    assert block_error(whole, stored, spec.index, channels, 8) < 1e-10
+    narrow = _target(model, spec, n_routed_experts=4, moe_intermediate_size=16)
+    block = pruned_block(model, importance, narrow, hidden)
+    assert block.mixer.gate.weight.dtype == torch.float32 and block.mixer.gate.weight.shape[0] == 4
+    result = train_variant(block, stored, spec.index, channels, BLDConfig(tokens=1, epochs=6, lr=3e-3))
+    assert 0 < result.error < result.initial_error
+
+
 def test_bld_options_are_checked():
     with pytest.raises(OptionError, match="bld_epochs"):
         BLDConfig(tokens=1000, epochs=0)
