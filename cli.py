@@ -66,10 +66,9 @@ from cli_options import (
     TokenizerOption,
     WeightDtypeOption,
     friendly,
+    given_options,
     option,
     print_version,
-    refuse_resume_changes,
-    retrieval_from,
     training_options,
     with_group,
     with_strategy_options,
@@ -88,6 +87,7 @@ from cli_render import (
     render_compression_preview,
     render_estimate,
     render_eval,
+    render_generation,
     render_importance,
     render_info,
     render_memory_plans,
@@ -283,12 +283,10 @@ def generate(
     dtype: DtypeOption = None,
 ) -> None:
     """Continue a prompt with the model (cached decoding)."""
-    from compressor.generate import generate_text
+    from compressor.pipelines.generating import GenerateConfig, generate_text
 
-    text = generate_text(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=seed, device=device, dtype=dtype)  # fmt: skip
-    console.print(prompt, style="bold", end="", highlight=False)
-    console.print(text, highlight=False)
+    config = GenerateConfig(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype)
+    render_generation(generate_text(model, config))
 
 
 # ----- importance ---------------------------------------------------------------------------------------
@@ -323,7 +321,7 @@ def importance(
     `torchrun --nproc-per-node N` the model is sharded across the processes, each scores its share."""
     from compressor.importance import ImportanceOptions
     from compressor.pipelines.importance import write_importance
-    from compressor.pipelines.source import CalibrationConfig
+    from compressor.pipelines.source import CalibrationConfig, retrieval_probe
 
     options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
     if dry_run:
@@ -336,10 +334,10 @@ def importance(
         return
     if data is None or out is None:
         raise OptionError("data" if data is None else "out", "is needed (or --dry-run to only plan the memory)")
-    probe = retrieval_from(drop_one == "retrieval", retrieval, 1024)
-    config = CalibrationConfig(str(model), data, importance=options, samples=samples, seq_len=seq_len,
-                               batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None,
-                               text_field=text_field, device=device, dtype=dtype, retrieval=probe)  # fmt: skip
+    probe = retrieval_probe(**retrieval, context=1024) if drop_one == "retrieval" else None
+    config = CalibrationConfig.from_options(model, data, importance=options, samples=samples, seq_len=seq_len,
+                                            batch_size=batch_size, tokenizer=tokenizer, text_field=text_field,
+                                            device=device, dtype=dtype, retrieval=probe)  # fmt: skip
     with progress_bar() as progress:
         bar = progress.add_task("scoring", total=0, visible=False)
         on_tokens = lambda n, total: progress.update(bar, advance=n, total=total, visible=True)  # noqa: E731
@@ -387,9 +385,9 @@ def prune_command(
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default).
     Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
-    from compressor.pipelines.preview import CompressionStages
+    from compressor.pipelines.preview import CompressionStages, preview_compression
     from compressor.pipelines.pruning import PruneConfig, prune_checkpoint, read_export_config
-    from compressor.pipelines.source import CalibrationConfig
+    from compressor.pipelines.source import CalibrationConfig, retrieval_probe
 
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
@@ -397,15 +395,16 @@ def prune_command(
     config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
     if dry_run:
         stages = CompressionStages(seq_len, batch_size, score_samples, importance_dir is None, dtype)
-        _dry_run_compression(model, config, stages, plan, device, json_output)
+        preview = preview_compression(model, config, stages, nproc=plan.get("nproc"), device=device)
+        print_json(preview.to_dict()) if json_output else render_compression_preview(preview, budget)
         return
     if out is None:
         raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
-    calibration = CalibrationConfig(
-        str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
+    probe = retrieval_probe(**retrieval, context=budget.context if budget else 1024) if "retrieval" in score else None
+    calibration = CalibrationConfig.from_options(
+        model, data, importance_dir=importance_dir, samples=samples,
         score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
-        tokenizer=str(tokenizer) if tokenizer else None, text_field=text_field, device=device, dtype=dtype,
-        retrieval=retrieval_from("retrieval" in score, retrieval, budget.context if budget else 1024),
+        tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype, retrieval=probe,
     )  # fmt: skip
     with err_console.status("pruning") as status:
         progress = lambda text: (status.update(text), say(text))  # noqa: E731
@@ -417,14 +416,6 @@ def prune_command(
         return
     render_candidates(record)
     console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({loads_in(out)})")
-
-
-def _dry_run_compression(model, config, stages, plan: dict[str, Any], device: str, json_output: bool) -> None:
-    """`--dry-run` of prune and search: the candidates that fit (`config`) and the memory of the stages."""
-    from compressor.pipelines.preview import preview_compression
-
-    preview = preview_compression(model, config, stages, nproc=plan.get("nproc"), device=device)
-    print_json(preview.to_dict()) if json_output else render_compression_preview(preview, config)
 
 
 # ----- search -------------------------------------------------------------------------------------------
@@ -476,68 +467,23 @@ def search(
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
-    from compressor.bld import BLDConfig
-    from compressor.budget import parse_tokens
-    from compressor.pipelines.plots import plot_pareto
-    from compressor.pipelines.preview import CompressionStages
-    from compressor.pipelines.pruning import PruneConfig
-    from compressor.pipelines.search import (
-        PLOT_FILE,
-        SearchConfig,
-        finalist_training,
-        load_search,
-        resume_calibration,
-        search_architectures,
-    )
-    from compressor.pipelines.source import CalibrationConfig
+    from compressor.pipelines.search import SearchOptions, search_or_preview
 
+    options = SearchOptions(
+        data=data, budget=budget, strategy=strategy, strategy_options=strategy_options or {}, candidates=candidates,
+        distill_tokens=distill_tokens, seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size,
+        activation_checkpointing=activation_checkpointing, lr=lr, min_lr=min_lr, samples=samples,
+        score_samples=score_samples, importance_dir=importance_dir, rank_by=rank_by, score=score,
+        retrieval_weight=retrieval_weight, attention_loss=attention_loss, attention_queries=attention_queries,
+        seed=seed, tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype, bld=bld,
+        bld_epochs=bld_epochs, bld_lr=bld_lr, share_teacher=share_teacher, nproc=plan.get("nproc"), **retrieval,
+    )  # fmt: skip
+    result = search_or_preview(model, out, options, dry_run=dry_run, resume=resume, overwrite=overwrite,
+                               given=given_options(context), say=say)  # fmt: skip
     if dry_run:
-        if budget is None:
-            raise CompressorError("give a budget: --target-mem, --target-params or --gpu with --min-speedup")
-        distill = finalist_training(model, seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                                    activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
-                                    attention_queries=attention_queries)  # fmt: skip
-        library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
-        stages = CompressionStages(seq_len, 1, score_samples, importance_dir is None, dtype, distill, library)
-        _dry_run_compression(model, PruneConfig(budget, strategy, strategy_options or {}), stages, plan, device,
-                             json_output)  # fmt: skip
-        return
-    if out is None:
-        raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
-    if resume:  # the record says how; what is read is what this command line names (checked against it)
-        config = SearchConfig.from_record(load_search(out, incoming=True))
-        if data is None:
-            raise OptionError("data", "is needed to resume too: give the data the search started on")
-        calibration = resume_calibration(out, model=model, data=data, tokenizer=tokenizer)
-        refuse_resume_changes(context, config, calibration, budget, strategy_options)
+        print_json(result.to_dict()) if json_output else render_compression_preview(result, budget)
     else:
-        if budget is None:
-            raise CompressorError(
-                "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
-            )
-        template = finalist_training(
-            model, tokens=parse_tokens(distill_tokens), seq_len=seq_len, batch_size=batch_size,
-            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, seed=seed, device=device,
-            activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
-            attention_queries=attention_queries,
-        )  # fmt: skip
-        library = BLDConfig(parse_tokens(bld), bld_epochs, bld_lr, micro_batch_size, seed) if bld else None
-        config = SearchConfig(budget, template, strategy, strategy_options or {}, candidates, rank_by, score,
-                              retrieval_weight, bld=library, share_teacher=share_teacher)  # fmt: skip
-        if data is None:
-            raise OptionError("data", "is needed: the calibration and distillation data")
-        calibration = CalibrationConfig(
-            str(model), data, str(importance_dir) if importance_dir else None, samples=samples,
-            score_samples=score_samples, seq_len=seq_len, batch_size=1, tokenizer=str(tokenizer) if tokenizer else None,
-            text_field=text_field, all_sequences=True, device=device, dtype=dtype,
-            retrieval=retrieval_from("retrieval" in score or rank_by == "retrieval", retrieval, budget.context),
-        )  # fmt: skip
-    record = search_architectures(calibration, config, out, resume=resume, overwrite=overwrite, say=say)
-    plot_pareto(record, out / PLOT_FILE)
-    if json_output:
-        print_json(record.to_dict())
-        return
-    render_search(record, out)
+        render_search(result, out, json_output)
 
 
 @app.command()
@@ -602,26 +548,23 @@ def quantize_command(
 
 
 # ----- train / distill ----------------------------------------------------------------------------------
-def _run_training(options: dict[str, Any]) -> None:
-    """Build the TrainConfig from a command's options, then plan (--dry-run) or train."""
-    from compressor.train import TrainConfig, train
+def _train(options: dict[str, Any], plan: dict[str, Any]) -> None:
+    """distill and train: the run their options describe (TrainConfig.from_options), planned (--dry-run) or
+    trained with a live display (unless --quiet)."""
+    from compressor.pipelines.training import train_or_preview
+    from compressor.train import TrainConfig
 
-    dry_run, quiet, plan = options.pop("dry_run"), options.pop("quiet"), options.pop("plan")
+    dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
     config = TrainConfig.from_options(**options)
-    if dry_run:
-        from compressor.pipelines.preview import preview_training
-
-        render_memory_plans(preview_training(config, nproc=plan.get("nproc"), gpu=plan.get("gpu")))
-        return
-    for name in ("data", "out"):
-        if options[name] is None:
-            raise OptionError(name, "is needed (or --dry-run to only plan the memory)")
     reporter = RichReporter(quiet)
     try:
-        result = train(config, reporter)
+        result = train_or_preview(config, dry_run=dry_run, nproc=plan.get("nproc"), gpu=plan.get("gpu"),
+                                  reporter=reporter)  # fmt: skip
     finally:
         reporter.stop()
-    if not quiet:
+    if dry_run:
+        render_memory_plans(result)
+    elif not quiet:
         render_training(result)
 
 
@@ -651,7 +594,7 @@ def distill(
     `torchrun --nproc-per-node N` it trains data-parallel with both models sharded (FSDP2)."""
     options = {k: v for k, v in locals().items() if k not in ("run", "plan")}
     options["quantize_keep"] = tuple(quantize_keep or ())
-    _run_training({**options, **run, "plan": plan})
+    _train({**options, **run}, plan)
 
 
 @app.command("train")
@@ -665,7 +608,7 @@ def train_command(
 ) -> None:
     """Plain language-model training of MODEL (the distillation loop without a teacher)."""
     options = dict(student=model, divergence="forward_kl", temperature=1.0, jsd_beta=0.5, lm_weight=1.0)
-    _run_training({**options, **run, "plan": plan})
+    _train({**options, **run}, plan)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -219,20 +219,6 @@ RETRIEVAL_OPTIONS = [
 ]  # fmt: skip
 
 
-def retrieval_from(needed: bool, values: dict[str, Any], context: int):
-    """The RetrievalConfig the retrieval flags describe, when a decision uses it (`needed`), else None."""
-    from compressor.tasks import RetrievalConfig, parse_contexts
-
-    if not needed:
-        return None
-    if values["retrieval_ctx"] is not None:
-        contexts = parse_contexts(values["retrieval_ctx"])
-        if len(contexts) != 1:
-            raise OptionError("retrieval_ctx", f"takes one context length, got {values['retrieval_ctx']!r}")
-        context = contexts[0]
-    return RetrievalConfig(values["retrieval_task"], context, values["retrieval_sequences"])
-
-
 NPROC_OPTION = option("nproc", int | None, "Dry run: processes (GPUs) to plan for (default: the fewest that fit).")
 # importance, distill, train: the GPU to plan for (prune and search plan for their budget's --gpu)
 PLAN_OPTIONS = [
@@ -284,71 +270,11 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
     ]  # fmt: skip
 
 
-# ----- search --resume ---------------------------------------------------------------------------------
-def refuse_resume_changes(context: typer.Context, config, calibration, budget, strategy_options) -> None:
-    """`search --resume` continues a search as its record says (`config`, a SearchConfig, and `calibration`):
-    an option given on the command line with another value than the search started with is refused, not
-    ignored; options not on the command line (at their defaults) are not checked."""
-    from compressor.budget import parse_tokens
-
-    given, probe, library = context.params, calibration.retrieval, config.bld
-    _refuse_changes(context, {
-        "strategy": (given["strategy"], config.strategy), "candidates": (given["candidates"], config.finalists),
-        "rank_by": (given["rank_by"], config.rank_by), "score": (given["score"], config.score),
-        "retrieval_weight": (given["retrieval_weight"], config.retrieval_weight),
-        "distill_tokens": (given["distill_tokens"], config.distill.tokens, parse_tokens),
-        "seq_len": (given["seq_len"], calibration.seq_len),
-        "batch_size": (given["batch_size"], config.distill.batch_size),
-        "micro_batch_size": (given["micro_batch_size"], config.distill.micro_batch_size),
-        "activation_checkpointing": (given["activation_checkpointing"], config.distill.activation_checkpointing),
-        "lr": (given["lr"], config.distill.lr), "min_lr": (given["min_lr"], config.distill.min_lr),
-        "seed": (given["seed"], config.distill.seed),
-        "attention_loss": (given["attention_loss"], config.distill.attention_loss),
-        "attention_queries": (given["attention_queries"], config.distill.attention_queries),
-        "samples": (given["samples"], calibration.samples),
-        "score_samples": (given["score_samples"], calibration.score_samples),
-        "importance_dir": (given["importance_dir"], None), "text_field": (given["text_field"], calibration.text_field),
-        "dtype": (given["dtype"], calibration.dtype),
-        "retrieval_task": (given["retrieval_task"], probe.task if probe else None),
-        "retrieval_ctx": (given["retrieval_ctx"], probe.context if probe else None, _one_context),
-        "retrieval_sequences": (given["retrieval_sequences"], probe.sequences if probe else None),
-        "bld": (given["bld"], library.tokens if library else None, parse_tokens),
-        "bld_epochs": (given["bld_epochs"], library.epochs if library else 2),
-        "bld_lr": (given["bld_lr"], library.lr if library else 1e-3),
-        "share_teacher": (given["share_teacher"], config.share_teacher),
-    })  # fmt: skip
-    if budget is not None and budget != config.budget:
-        raise CompressorError(
-            "the budget options differ from the budget the search in --out started with: --resume continues "
-            "it as it started (leave them out, or start a new search)"
-        )
-    if strategy_options:
-        from strategies import build_options, get_strategy
-
-        kind = get_strategy(config.strategy)
-        typed, recorded = build_options(kind, strategy_options), build_options(kind, config.options)
-        _refuse_changes(context, {name: (getattr(typed, name), getattr(recorded, name)) for name in strategy_options})
-
-
-def _refuse_changes(context: typer.Context, values: dict[str, tuple]) -> None:
-    """`values`: option -> (value given, value recorded[, a parse of the given text into the recorded form])."""
-    for name, (value, recorded, *parse) in values.items():
-        source = context.get_parameter_source(name)
-        if value is None or source is None or source.name == "DEFAULT":
-            continue
-        if (parse[0](value) if parse else value) != recorded:
-            used = "is not used by" if recorded is None else f"differs from the {recorded} of"
-            raise OptionError(
-                name,
-                f"{value} {used} the search in --out: --resume continues it as it started (leave it out, or "
-                "start a new search)",
-            )
-
-
-def _one_context(text: str) -> int:
-    from compressor.tasks import parse_contexts
-
-    return parse_contexts(text)[0]
+def given_options(context: typer.Context) -> frozenset[str]:
+    """The options written on the command line, not left at their defaults (what `search --resume` checks
+    against the search's record)."""
+    sources = {name: context.get_parameter_source(name) for name in context.params}
+    return frozenset(name for name, source in sources.items() if source is not None and source.name != "DEFAULT")
 
 
 # ----- the commands' options whose help takes several lines -----------------------------------------------

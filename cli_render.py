@@ -195,7 +195,7 @@ def render_memory_plans(preview) -> None:
         )
 
 
-def render_compression_preview(preview, config) -> None:
+def render_compression_preview(preview, budget) -> None:
     """A prune's or search's dry run: the candidates that meet the budget, then the memory plans."""
     from strategies.base import describe_stats
 
@@ -203,7 +203,7 @@ def render_compression_preview(preview, config) -> None:
     stats = describe_stats(result.stats)
     console.print(
         f"{result.strategy}: {stats + '; ' if stats else ''}{len(result.candidates)} candidates meet the budget "
-        f"({config.budget.describe() if config.budget else 'export_config'}) in {result.seconds:.2f} s; "
+        f"({budget.describe() if budget else 'export_config'}) in {result.seconds:.2f} s; "
         "not scored (a config has no weights):",
         highlight=False,
     )
@@ -411,8 +411,16 @@ def render_candidates(record) -> None:
         say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
 
 
-def render_search(record, out: Path) -> None:
-    """A search's candidates, ranked after distillation, and where its Pareto front and plot are."""
+def render_search(record, out: Path, json_output: bool = False) -> None:
+    """A search's figure, its Pareto fronts (`pareto.png` in `out`, drawn from the record, with --json too),
+    then the record as JSON, or its candidates ranked after distillation and where its front and plot are."""
+    from compressor.pipelines.plots import plot_pareto
+    from compressor.pipelines.search import PLOT_FILE
+
+    plot_pareto(record, out / PLOT_FILE)
+    if json_output:
+        print_json(record.to_dict())
+        return
     shown = "loss" if record.rank_by == "loss" else "kl"  # ranked by retrieval: its column is beside the KL
     rank = {index: position for position, index in enumerate(record.ranking, start=1)}
     probe = record.retrieval
@@ -433,7 +441,7 @@ def render_search(record, out: Path) -> None:
     out_table.columns[2].justify = "left"
     console.print(out_table)
     console.print(
-        f"Pareto front (memory): {record.pareto['memory']}; plot in {out / 'pareto.png'}; "
+        f"Pareto front (memory): {record.pareto['memory']}; plot in {out / PLOT_FILE}; "
         f"`compress materialize {out} K --out DIR` writes candidate K"
     )
     served: dict[str, list[str]] = {}  # search folders written before it was recorded have no loads_in
@@ -452,6 +460,12 @@ def render_search(record, out: Path) -> None:
             f"Kendall {r['kendall']:.2f}")  # fmt: skip
     if record.seconds:
         say("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record.seconds.items()))
+
+
+def render_generation(generation) -> None:
+    """`compress generate`: the prompt in bold, then the model's continuation."""
+    console.print(generation.prompt, style="bold", end="", highlight=False)
+    console.print(generation.text, highlight=False)
 
 
 def loads_in(path: Path) -> str:

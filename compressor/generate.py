@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from compressor.errors import OptionError
 from compressor.model import HybridLM
 
 
@@ -72,60 +69,3 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def generate_text(
-    model_dir: str | Path,
-    prompt: str,
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    dtype: str | None = None,
-) -> str:
-    """Load a checkpoint with its tokenizer and continue `prompt` (the text after it, decoded)."""
-    from compressor.checkpoint import load_model
-    from compressor.data import load_tokenizer, tokenizer_panics
-    from compressor.distributed import resolve_device
-
-    if max_new_tokens < 1:
-        raise OptionError("max_new_tokens", f"must be at least 1, got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise OptionError("temperature", f"must be 0 (greedy) or a positive number, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise OptionError("top_k", f"must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise OptionError("top_p", f"must be in (0, 1], got {top_p}")
-    if seed < 0:
-        raise OptionError("seed", f"must be at least 0, got {seed}")
-    torch_device = resolve_device(device)
-    model = load_model(model_dir, dtype=dtype, device=torch_device)
-    tokenizer = load_tokenizer(model_dir)
-    with tokenizer_panics(model_dir):
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    if not ids:
-        raise OptionError("prompt", "is empty after tokenization")
-    _check_cache_fits(model, len(ids) + max_new_tokens, torch_device)
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
-    out = generate(
-        model,
-        torch.tensor([ids], device=torch_device),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=model.config.eos_id,
-        generator=generator,
-    )
-    return tokenizer.decode(out[0, len(ids) :].tolist())
-
-
-def _check_cache_fits(model: HybridLM, tokens: int, device: torch.device) -> None:
-    """Refuse a generation whose preallocated cache would not fit the device's free memory."""
-    from compressor.budget import check_cache_fits
-
-    weight = {torch.float32: "fp32", torch.float16: "fp16"}.get(model.lm_head.weight.dtype, "bf16")
-    check_cache_fits(model.config, tokens, device, parameter="max_new_tokens", weight_dtype=weight)

@@ -21,9 +21,8 @@ from compressor import planning
 from compressor.budget import GPUSpec, get_gpu
 from compressor.config import HybridConfig
 from compressor.errors import OptionError
-from compressor.pipelines.pruning import Plan, PruneConfig
+from compressor.pipelines.pruning import Choosing, Plan
 from compressor.pipelines.pruning import plan as candidates_plan
-from compressor.pipelines.search import SearchConfig
 from compressor.presets import load_config_or_preset
 
 
@@ -138,7 +137,7 @@ def preview_training(config, *, nproc: int | None = None, gpu: str | None = None
 
 def preview_compression(
     model: str | Path,
-    config: PruneConfig | SearchConfig,
+    config: Choosing,  # a PruneConfig, or a search's
     stages: CompressionStages,
     *,
     nproc: int | None = None,

@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from typing import Any
 from scipy import stats
 
 from compressor.bld import BLDConfig
-from compressor.budget import Budget
+from compressor.budget import Budget, parse_tokens
 from compressor.checkpoint import fingerprint, load_model, parse_dtype, write_checkpoint
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
@@ -63,6 +63,8 @@ from compressor.outputs import (
     swap_in,
 )
 from compressor.pipelines.library import Library, build_library, library_sequences, score_library
+from compressor.pipelines.preview import CompressionPreview, CompressionStages, preview_compression
+from compressor.pipelines.pruning import PruneConfig
 from compressor.pipelines.pruning import plan as candidates_plan
 from compressor.pipelines.ranking import Score, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import (
@@ -73,9 +75,10 @@ from compressor.pipelines.records import (
     SearchRecord,
     write_json,
 )
-from compressor.pipelines.source import CalibrationConfig, Source, calibrate
+from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
 from compressor.prune import Target, kept_attention_heads, write_pruned
+from compressor.tasks import parse_contexts
 from compressor.train import TrainConfig, has_trainer_state, train
 from strategies import build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
@@ -132,6 +135,18 @@ class SearchConfig:
         return strategy(build_options(strategy, options))
 
     @classmethod
+    def from_options(cls, model: str | Path, options: SearchOptions) -> SearchConfig:
+        """A new search from `compress search`'s options: the budget (required), the finalists' distillation
+        (`SearchOptions.distillation`) and the library; checked before anything is loaded."""
+        if options.budget is None:
+            raise CompressorError(
+                "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
+            )
+        return cls(options.budget, options.distillation(model), options.strategy, dict(options.strategy_options),
+                   options.candidates, options.rank_by, options.score, options.retrieval_weight,
+                   bld=options.library(), share_teacher=options.share_teacher)  # fmt: skip
+
+    @classmethod
     def from_record(cls, record: SearchRecord) -> SearchConfig:
         # a score without a retrieval term records its probe at weight 0 (`retrieval_record`): none to restore
         weighed = record.retrieval is not None and record.score_metric.endswith("+retrieval")
@@ -152,6 +167,77 @@ class SearchConfig:
     def shares_teacher(self) -> bool:
         """Whether the finalists read one teacher cache: attention transfer needs the teacher in memory."""
         return self.share_teacher and self.distill.attention_loss == 0
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """`compress search`'s options as written (token counts such as '50M', paths; the defaults are the
+    command's): a new search's SearchConfig (`SearchConfig.from_options`) and CalibrationConfig are built
+    from them, a resumed search is checked against them, a dry run plans with them (`search_or_preview`)."""
+
+    data: str | None = None
+    budget: Budget | None = None
+    strategy: str = "minipuzzle"
+    strategy_options: dict[str, str] = field(default_factory=dict)  # the strategy's own, as written
+    candidates: int = 8  # finalists
+    distill_tokens: str = "50M"
+    seq_len: int = 4096
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    activation_checkpointing: bool = False
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    samples: int = 1024
+    score_samples: int = 64
+    importance_dir: str | Path | None = None
+    rank_by: str = "kl"
+    score: str = "kl"
+    retrieval_weight: float = 1.0
+    attention_loss: float = 0.0
+    attention_queries: int = 256
+    seed: int = 0
+    tokenizer: str | Path | None = None
+    text_field: str = "text"
+    device: str = "auto"
+    dtype: str | None = None
+    bld: str | None = None  # the library's tokens, e.g. '64k' (None: no library)
+    bld_epochs: int = 2
+    bld_lr: float = 1e-3
+    share_teacher: bool = False
+    retrieval_task: str = "phonebook"
+    retrieval_ctx: str | None = None  # one length, e.g. '4k' (default: the budget's context)
+    retrieval_sequences: int = 8
+    nproc: int | None = None  # a dry run's processes (default: the fewest that fit)
+
+    def distillation(self, teacher: str | Path) -> TrainConfig:
+        """Every finalist's distillation (`finalist_training`) from `teacher`, the searched model."""
+        return finalist_training(
+            teacher, tokens=parse_tokens(self.distill_tokens), seq_len=self.seq_len, batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size, lr=self.lr, min_lr=self.min_lr, seed=self.seed, device=self.device,
+            activation_checkpointing=self.activation_checkpointing, attention_loss=self.attention_loss,
+            attention_queries=self.attention_queries,
+        )  # fmt: skip
+
+    def library(self) -> BLDConfig | None:
+        """The blockwise-distilled library (None without `bld`)."""
+        if self.bld is None:
+            return None
+        return BLDConfig(parse_tokens(self.bld), self.bld_epochs, self.bld_lr, self.micro_batch_size, self.seed)
+
+    def calibration(self, model: str | Path, budget: Budget) -> CalibrationConfig:
+        """How a new search reads `model` and the data: every sequence kept for the finalists' distillations,
+        the retrieval probe (at the budget's context unless `retrieval_ctx`) when the score or ranking uses it."""
+        if self.data is None:
+            raise OptionError("data", "is needed: the calibration and distillation data")
+        probe = None
+        if "retrieval" in self.score or self.rank_by == "retrieval":
+            probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
+                                    retrieval_sequences=self.retrieval_sequences, context=budget.context)  # fmt: skip
+        return CalibrationConfig.from_options(
+            model, self.data, importance_dir=self.importance_dir, samples=self.samples,
+            score_samples=self.score_samples, seq_len=self.seq_len, batch_size=1, tokenizer=self.tokenizer,
+            text_field=self.text_field, all_sequences=True, device=self.device, dtype=self.dtype, retrieval=probe,
+        )  # fmt: skip
 
 
 def load_search(folder: str | Path, *, incoming: bool = False) -> SearchRecord:
@@ -629,3 +715,97 @@ def search_architectures(
         check_output(out, overwrite=overwrite, inputs=(*inputs, tokenizer_file(calibration.tokenizer)))
     source = calibrate(calibration, say=say)
     return run_search(source, config, Path(out), resume=resume, overwrite=overwrite, say=say)
+
+
+def search_or_preview(
+    model: str | Path,
+    out: str | Path | None,
+    options: SearchOptions,
+    *,
+    dry_run: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    given: Collection[str] = (),
+    say: Callable[[str], None] = print,
+) -> SearchRecord | CompressionPreview:
+    """`compress search` from its options: with `dry_run`, the preview (the candidates that meet the budget
+    and the memory of each stage; `model` may be a preset or a config.json); else a new search into `out`
+    (`search_architectures`), or with `resume` the one in `out`, continued as its record says: an option
+    written on the command line (`given`, by name) with another value than the record's is refused."""
+    if dry_run:
+        return _preview(model, options)
+    if out is None:
+        raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
+    if resume:  # the record says how; what is read is what the options name (checked against it)
+        config = SearchConfig.from_record(load_search(out, incoming=True))
+        if options.data is None:
+            raise OptionError("data", "is needed to resume too: give the data the search started on")
+        calibration = resume_calibration(out, model=model, data=options.data, tokenizer=options.tokenizer)
+        _refuse_resume_changes(options, given, config, calibration)
+    else:
+        config = SearchConfig.from_options(model, options)
+        calibration = options.calibration(model, config.budget)
+    return search_architectures(calibration, config, out, resume=resume, overwrite=overwrite, say=say)
+
+
+def _preview(model: str | Path, options: SearchOptions) -> CompressionPreview:
+    """The dry run: the strategy's candidates (as `compress prune` would list them) and the memory of
+    importance (unless reused), the library, scoring and a finalist's distillation."""
+    if options.budget is None:
+        raise CompressorError(
+            "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
+        )
+    choosing = PruneConfig(options.budget, options.strategy, dict(options.strategy_options))
+    stages = CompressionStages(options.seq_len, 1, options.score_samples, options.importance_dir is None,
+                               options.dtype, options.distillation(model), options.library())  # fmt: skip
+    return preview_compression(model, choosing, stages, nproc=options.nproc, device=options.device)
+
+
+def _refuse_resume_changes(
+    options: SearchOptions, given: Collection[str], config: SearchConfig, calibration: CalibrationConfig
+) -> None:
+    """A resumed search continues as its record says (`config`, `calibration`): an option in `given` with
+    another value than the search started with is refused, not ignored; options not given are not checked."""
+    probe, library, distill = calibration.retrieval, config.bld, config.distill
+    recorded = {  # option -> (its value in the record[, a parse of the written option into that form])
+        "strategy": (config.strategy,), "candidates": (config.finalists,), "rank_by": (config.rank_by,),
+        "score": (config.score,), "retrieval_weight": (config.retrieval_weight,),
+        "distill_tokens": (distill.tokens, parse_tokens), "seq_len": (calibration.seq_len,),
+        "batch_size": (distill.batch_size,), "micro_batch_size": (distill.micro_batch_size,),
+        "activation_checkpointing": (distill.activation_checkpointing,), "lr": (distill.lr,),
+        "min_lr": (distill.min_lr,), "seed": (distill.seed,), "attention_loss": (distill.attention_loss,),
+        "attention_queries": (distill.attention_queries,), "samples": (calibration.samples,),
+        "score_samples": (calibration.score_samples,), "importance_dir": (None,),
+        "text_field": (calibration.text_field,), "dtype": (calibration.dtype,),
+        "retrieval_task": (probe.task if probe else None,),
+        "retrieval_ctx": (probe.context if probe else None, lambda text: parse_contexts(text)[0]),
+        "retrieval_sequences": (probe.sequences if probe else None,),
+        "bld": (library.tokens if library else None, parse_tokens),
+        "bld_epochs": (library.epochs if library else 2,), "bld_lr": (library.lr if library else 1e-3,),
+        "share_teacher": (config.share_teacher,),
+    }  # fmt: skip
+    _refuse_changes(given, {name: (getattr(options, name), *record) for name, record in recorded.items()})
+    if options.budget is not None and options.budget != config.budget:
+        raise CompressorError(
+            "the budget options differ from the budget the search in --out started with: --resume continues "
+            "it as it started (leave them out, or start a new search)"
+        )
+    if options.strategy_options:
+        kind = get_strategy(config.strategy)
+        typed, started = build_options(kind, options.strategy_options), build_options(kind, config.options)
+        written = options.strategy_options
+        _refuse_changes(given, {name: (getattr(typed, name), getattr(started, name)) for name in written})
+
+
+def _refuse_changes(given: Collection[str], values: dict[str, tuple]) -> None:
+    """`values`: option -> (value given, value recorded[, a parse of the given text into the recorded form])."""
+    for name, (value, recorded, *parse) in values.items():
+        if value is None or name not in given:
+            continue
+        if (parse[0](value) if parse else value) != recorded:
+            used = "is not used by" if recorded is None else f"differs from the {recorded} of"
+            raise OptionError(
+                name,
+                f"{value} {used} the search in --out: --resume continues it as it started (leave it out, or "
+                "start a new search)",
+            )

@@ -24,13 +24,13 @@ import torch
 
 from compressor import distributed
 from compressor.budget import num_parameters
-from compressor.checkpoint import fingerprint, load_model
+from compressor.checkpoint import fingerprint, load_model, parse_dtype
 from compressor.data import TokenSequences, model_sequences
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
 from compressor.pipelines.records import SourceInfo
-from compressor.tasks import RetrievalConfig, TaskScorer
+from compressor.tasks import RetrievalConfig, TaskScorer, parse_contexts
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,24 @@ class CalibrationConfig:
         if self.importance_dir is None and self.data is None:
             raise OptionError("data", "is needed to estimate importance: give data or an importance folder")
 
+    @classmethod
+    def from_options(
+        cls,
+        model: str | Path,
+        data: str | None = None,
+        *,
+        importance_dir: str | Path | None = None,
+        tokenizer: str | Path | None = None,
+        **fields: Any,
+    ) -> CalibrationConfig:
+        """A calibration from a command's option values: paths as str or Path (kept as text, as records hold
+        them), the other fields by name (samples, seq_len, dtype, retrieval, ...); checked, the dtype's name
+        too, before anything is loaded."""
+        text = lambda path: None if path is None else str(path)  # noqa: E731
+        config = cls(str(model), data, text(importance_dir), tokenizer=text(tokenizer), **fields)
+        parse_dtype(config.dtype)
+        return config
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -69,6 +87,19 @@ class CalibrationConfig:
         if raw.get("retrieval") is not None:
             raw["retrieval"] = RetrievalConfig(**raw["retrieval"])
         return cls(**raw)
+
+
+def retrieval_probe(
+    *, retrieval_task: str = "phonebook", retrieval_ctx: str | None = None, retrieval_sequences: int = 8, context: int
+) -> RetrievalConfig:
+    """The retrieval probe the `--retrieval-*` options describe: `retrieval_sequences` sequences of
+    `retrieval_task` at `retrieval_ctx` tokens (one length, e.g. '4k'), else at `context`."""
+    if retrieval_ctx is not None:
+        contexts = parse_contexts(retrieval_ctx)
+        if len(contexts) != 1:
+            raise OptionError("retrieval_ctx", f"takes one context length, got {retrieval_ctx!r}")
+        context = contexts[0]
+    return RetrievalConfig(retrieval_task, context, retrieval_sequences)
 
 
 @dataclass

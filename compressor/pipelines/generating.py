@@ -1,0 +1,93 @@
+"""`compress generate`: a checkpoint and a prompt in, the continuation out.
+
+The sampling settings are checked first (`GenerateConfig`), then the checkpoint and its tokenizer load, the
+prompt is tokenized, the cache is checked against the device's free memory, and `compressor.generate`
+decodes: one prefill pass over the prompt, then one token per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.budget import check_cache_fits
+from compressor.checkpoint import load_model
+from compressor.data import load_tokenizer, tokenizer_panics
+from compressor.distributed import resolve_device
+from compressor.errors import OptionError
+from compressor.generate import generate
+from compressor.model import HybridLM
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The prompt and how to continue it: temperature 0 is greedy decoding; otherwise sampling, limited to the
+    `top_k` most likely tokens and/or the smallest set holding `top_p` of the probability."""
+
+    prompt: str
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None  # default: the checkpoint's
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise OptionError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise OptionError("temperature", f"must be 0 (greedy) or a positive number, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise OptionError("top_k", f"must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise OptionError("seed", f"must be at least 0, got {self.seed}")
+
+
+@dataclass
+class Generation:
+    """The prompt, its continuation (decoded text) and how many tokens each took."""
+
+    prompt: str
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def generate_text(model_dir: str | Path, config: GenerateConfig) -> Generation:
+    """Load the checkpoint in `model_dir` with its tokenizer and continue `config.prompt` (module docstring)."""
+    device = resolve_device(config.device)
+    model = load_model(model_dir, dtype=config.dtype, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    with tokenizer_panics(model_dir):
+        ids = tokenizer.encode(config.prompt, add_special_tokens=False).ids
+    if not ids:
+        raise OptionError("prompt", "is empty after tokenization")
+    _check_cache_fits(model, len(ids) + config.max_new_tokens, device)
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_token_id=model.config.eos_id,
+        generator=torch.Generator(device=device).manual_seed(config.seed),
+    )
+    new = out[0, len(ids) :].tolist()
+    return Generation(config.prompt, tokenizer.decode(new), len(ids), len(new))
+
+
+def _check_cache_fits(model: HybridLM, tokens: int, device: torch.device) -> None:
+    """Refuse a generation whose preallocated cache would not fit the device's free memory."""
+    weight = {torch.float32: "fp32", torch.float16: "fp16"}.get(model.lm_head.weight.dtype, "bf16")
+    check_cache_fits(model.config, tokens, device, parameter="max_new_tokens", weight_dtype=weight)
