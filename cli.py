@@ -482,7 +482,7 @@ def search(
                                given=given_options(context), say=say)  # fmt: skip
     if dry_run:
         print_json(result.to_dict()) if json_output else render_compression_preview(result, budget)
-    else:
+    elif result is not None:  # None: another process of a torchrun, the main one reports
         render_search(result, out, json_output)
 
 

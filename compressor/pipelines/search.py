@@ -29,6 +29,8 @@ The source checkpoint is loaded once (by `calibrate`) and the data tokenized onc
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
 import math
@@ -43,9 +45,10 @@ from typing import Any
 
 from scipy import stats
 
+from compressor import distributed
 from compressor.bld import BLDConfig
 from compressor.budget import Budget, parse_tokens
-from compressor.checkpoint import fingerprint, load_model, parse_dtype, write_checkpoint
+from compressor.checkpoint import empty_model, fingerprint, load_model, parse_dtype, write_checkpoint
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionError, first_line
@@ -311,10 +314,11 @@ def run_search(
     say: Callable[[str], None] = print,
 ) -> SearchRecord:
     """Propose, score, distill the finalists, rank (module docstring). A search replacing an existing one
-    (`overwrite`) works in `staging(out)` and takes its place only when it is complete."""
-    out = Path(out)
+    (`overwrite`) works in `staging(out)` and takes its place only when it is complete. Under torchrun
+    (a sharded source) every process runs every step and the main one writes the folder."""
+    out, world = Path(out), source.world
     _check_source_data(source, config)
-    with output_lock(out):
+    with output_lock(out) if world.is_main else contextlib.nullcontext():
         if resume:
             work = _active(out)
             record = load_search(work)
@@ -324,27 +328,36 @@ def run_search(
         else:
             calibration = source.config
             inputs = (source.path, calibration.data, calibration.importance_dir, tokenizer_file(calibration.tokenizer))
-            check_output(out, overwrite=overwrite, inputs=inputs)
+            if world.is_main:
+                check_output(out, overwrite=overwrite, inputs=inputs)
             work = staging(out) if out.exists() else out
+            distributed.barrier(world)  # every process has seen `out` as it was
             record = _propose_and_score(source, config, library_building(out), say)
-            if work.exists():
-                shutil.rmtree(work)  # a stale staging folder of an earlier --overwrite attempt
-            with atomic_output(work, overwrite=True) as tmp:
-                source.importance.save(_mkdir(tmp / IMPORTANCE_DIR))
-                if config.bld is not None:
-                    os.replace(library_building(out), tmp / LIBRARY_DIR)
-                write_json(tmp / SEARCH_FILE, record.to_dict())
+            if world.is_main:
+                _write_search(work, source, record, library_building(out) if config.bld is not None else None)
+            distributed.barrier(world)
         _distill_finalists(source, record, work, config, say)
-        if work != out:
+        if work != out and world.is_main:
             swap_in(work, out)
     return record
+
+
+def _write_search(work: Path, source: Source, record: SearchRecord, library: Path | None) -> None:
+    """The search folder as the finalists' distillation starts from it: importance, library, record."""
+    if work.exists():
+        shutil.rmtree(work)  # a stale staging folder of an earlier --overwrite attempt
+    with atomic_output(work, overwrite=True) as tmp:
+        source.importance.save(_mkdir(tmp / IMPORTANCE_DIR))
+        if library is not None:
+            os.replace(library, tmp / LIBRARY_DIR)
+        write_json(tmp / SEARCH_FILE, record.to_dict())
 
 
 def _distill_finalists(source: Source, record: SearchRecord, work: Path, config: SearchConfig, say) -> None:
     """Every finalist distilled (finished ones read back), then the ranking, the Pareto fronts and how well
     the score that picked the finalists predicted their result. With a shared teacher, the first finalist's
     run writes the teacher cache (`TEACHER_CACHE_DIR`) and every later one reads it; it is deleted at the end."""
-    teacher = _teacher(source.model, config.distill)
+    teacher = _teacher(source, config.distill)
     template = config.distill
     if config.shares_teacher:
         template = dataclasses.replace(template, cache_teacher=True, teacher_cache_dir=str(work / TEACHER_CACHE_DIR))
@@ -357,7 +370,8 @@ def _distill_finalists(source: Source, record: SearchRecord, work: Path, config:
         distilled, teacher_seconds = _distill_finalist(source, teacher, record, candidate, work, template, library, say)
         candidate.distilled = distilled
         record.seconds["teacher"] = record.seconds.get("teacher", 0.0) + teacher_seconds
-        write_json(work / SEARCH_FILE, record.to_dict())
+        if source.world.is_main:
+            write_json(work / SEARCH_FILE, record.to_dict())
         if done < len(finalists):
             say(f"finalists: {done}/{len(finalists)} done, {_eta(time.monotonic() - started, done, len(finalists))}")
     record.seconds["finalists"] = record.seconds.get("finalists", 0.0) + time.monotonic() - started
@@ -366,9 +380,10 @@ def _distill_finalists(source: Source, record: SearchRecord, work: Path, config:
     record.ranking = [c.index for c in ranked]
     record.pareto = pareto_front(record.candidates, record.rank_by)
     record.correlation = rank_correlation(finished, record.rank_by)
-    write_json(work / SEARCH_FILE, record.to_dict())
-    write_json(work / PARETO_FILE, record.pareto)
-    shutil.rmtree(work / TEACHER_CACHE_DIR, ignore_errors=True)
+    if source.world.is_main:
+        write_json(work / SEARCH_FILE, record.to_dict())
+        write_json(work / PARETO_FILE, record.pareto)
+        shutil.rmtree(work / TEACHER_CACHE_DIR, ignore_errors=True)
 
 
 def rank_correlation(finished: list[Candidate], rank_by: str) -> dict[str, Any] | None:
@@ -435,8 +450,6 @@ def _check_source_data(source: Source, config: SearchConfig) -> None:
         )
     if config.rank_by == "retrieval" and source.retrieval is None:
         raise OptionError("rank_by", "retrieval needs the retrieval probe: calibrate with a RetrievalConfig")
-    if config.bld is not None and source.world.size > 1:
-        raise OptionError("bld", "builds its library in one process: run the search without torchrun")
 
 
 def _propose_and_score(
@@ -455,7 +468,7 @@ def _propose_and_score(
         seconds.update(library_summary.pop("seconds"))
 
         def score(target: Target) -> Score:
-            return scorer.score_model(library.assemble(source.model, source.importance, target))
+            return scorer.score_model(library.assemble(source.model, source.importance, target, world=source.world))
 
     say(f"{strategy.name}: " + (describe_stats(strategy.stats) or "done"))
     started = time.monotonic()
@@ -509,11 +522,16 @@ def _library_proposals(source: Source, strategy, config: SearchConfig, scorer, f
     return proposals, library, summary
 
 
-def _teacher(model: HybridLM, template: TrainConfig) -> HybridLM:
-    """The source model in the dtype the distillation wants for its teacher (a copy only when it differs)."""
-    device = model.lm_head.weight.device
-    dtype = parse_dtype(template.resolved_teacher_dtype(device))
-    return model if model.lm_head.weight.dtype == dtype else copy.deepcopy(model).to(dtype)
+def _teacher(source: Source, template: TrainConfig) -> HybridLM:
+    """The source model in the dtype the distillation wants for its teacher (a copy only when it differs;
+    a sharded source is loaded again in that dtype, sharded alike)."""
+    model, world = source.model, source.world
+    dtype = parse_dtype(template.resolved_teacher_dtype(world.device))
+    if model.lm_head.weight.dtype == dtype:
+        return model
+    if world.distributed:
+        return load_model(source.path, dtype=dtype, world=world)
+    return copy.deepcopy(model).to(dtype)
 
 
 def _distill_finalist(
@@ -535,14 +553,8 @@ def _distill_finalist(
         return _read_result(result_file), 0.0
     pruned_dir, run_dir = folder / "pruned", folder / "distill"
     if not (pruned_dir / "config.json").is_file():
-        with atomic_output(pruned_dir, overwrite=True) as tmp:
-            if library is None:
-                write_pruned(source.model, source.importance, candidate.target, tmp, tokenizer_from=source.path)
-            else:
-                model = library.assemble(source.model, source.importance, candidate.target)
-                write_checkpoint(tmp, model.config, model.state_dict(), tokenizer_from=source.path)
-            _write_compression_record(tmp, record, candidate, source.model.config, source.importance,
-                                      source.config.importance_dir)  # fmt: skip
+        distributed.barrier(source.world)  # every process has looked before the main one writes
+        _write_finalist(source, record, candidate, library, pruned_dir)
     resume = has_trainer_state(run_dir / "model")
     calibration = source.config
     config = dataclasses.replace(
@@ -571,8 +583,33 @@ def _distill_finalist(
         }
     distilled = Distilled(final["val_loss"], final["val_ppl"], final["val_kl"], final["val_top1_agreement"],
                           retrieval)  # fmt: skip
-    write_json(result_file, dataclasses.asdict(distilled))  # a finished candidate is recorded whole or not at all
+    if source.world.is_main:  # a finished candidate is recorded whole or not at all
+        write_json(result_file, dataclasses.asdict(distilled))
     return distilled, result.teacher_seconds
+
+
+def _write_finalist(
+    source: Source, record: SearchRecord, candidate: Candidate, library: Library | None, folder: Path
+) -> None:
+    """The finalist's starting checkpoint: pruned from the source, or assembled from the library's trained
+    blocks. Every process of a sharded source slices (its blocks are gathered as they are); the main one
+    writes."""
+    model, importance, target, world = source.model, source.importance, candidate.target, source.world
+    tensors = None if library is None else library.tensors(model, importance, target)
+    if not world.is_main:
+        if tensors is None:
+            write_pruned(model, importance, target, folder, world=world)
+        else:
+            collections.deque(tensors, maxlen=0)
+        return
+    with atomic_output(folder, overwrite=True) as tmp:
+        if tensors is None:
+            write_pruned(model, importance, target, tmp, tokenizer_from=source.path)
+        else:
+            config = target.config(model.config)
+            layout = empty_model(config, model.backbone.embeddings.weight.dtype).state_dict()
+            write_checkpoint(tmp, config, layout, tensors=tensors, tokenizer_from=source.path)
+        _write_compression_record(tmp, record, candidate, model.config, importance, source.config.importance_dir)
 
 
 def _read_result(path: Path) -> Distilled:
@@ -704,17 +741,22 @@ def search_architectures(
     resume: bool = False,
     overwrite: bool = False,
     say: Callable[[str], None] = print,
-) -> SearchRecord:
+) -> SearchRecord | None:
     """`compress search` from paths, in its order: a new search first checks that some candidate meets the
     budget (on the config alone, before anything is loaded), the held-out score's settings and the output
-    folder (a resumed one: `run_search` checks its record); then it calibrates once and runs the search."""
+    folder (a resumed one: `run_search` checks its record); then one session (the source sharded under
+    torchrun): calibrate once and run the search. Returns None on the other processes of a torchrun, and
+    `say`s only on the main one."""
     if not resume:
         candidates_plan(load_config_or_preset(calibration.model)[0], config)
         check_scoring(config.score, config.retrieval_weight, calibration.score_samples)
         inputs = (calibration.model, calibration.data, calibration.importance_dir)
         check_output(out, overwrite=overwrite, inputs=(*inputs, tokenizer_file(calibration.tokenizer)))
-    source = calibrate(calibration, say=say)
-    return run_search(source, config, Path(out), resume=resume, overwrite=overwrite, say=say)
+    with distributed.session(calibration.device) as world:
+        tell = say if world.is_main else lambda text: None
+        source = calibrate(calibration, world=world, say=tell)
+        record = run_search(source, config, Path(out), resume=resume, overwrite=overwrite, say=tell)
+    return record if world.is_main else None
 
 
 def search_or_preview(
@@ -727,7 +769,7 @@ def search_or_preview(
     overwrite: bool = False,
     given: Collection[str] = (),
     say: Callable[[str], None] = print,
-) -> SearchRecord | CompressionPreview:
+) -> SearchRecord | CompressionPreview | None:
     """`compress search` from its options: with `dry_run`, the preview (the candidates that meet the budget
     and the memory of each stage; `model` may be a preset or a config.json); else a new search into `out`
     (`search_architectures`), or with `resume` the one in `out`, continued as its record says: an option
