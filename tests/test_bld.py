@@ -249,9 +249,11 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
     assert changed.exit_code != 0 and "--bld-epochs" in changed.output
 
 
-def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_path):
+@pytest.mark.parametrize("library", [True, False])
+def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_path, library):
     # under torchrun the source is sharded, the variants are shared out one per process a round, and the
-    # main process writes: the same variants, scores, candidates and finalists as one process
+    # main process writes: the same variants, scores, candidates and finalists as one process (and without
+    # a library, the same zero-shot search)
     import subprocess
     import sys
 
@@ -263,8 +265,9 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
     args = ["search", str(workspace / "model"), "--data", str(workspace / "tokens.npy"), "--samples", "16",
             "--score-samples", "4", "--seq-len", "32", "--target-mem", memory, "--ctx", "512", "--candidates", "2",
             "--distill-tokens", "256", "--batch-size", "4", "--micro-batch-size", "1", "--ffn-fractions",
-            "1,0.5", "--hidden-choices", "1", "--top-k", "4", "--bld", "256", "--bld-epochs", "1", "--device",
-            "cpu", "--json"]  # fmt: skip
+            "1,0.5", "--hidden-choices", "1", "--top-k", "4", "--device", "cpu", "--json"]  # fmt: skip
+    if library:
+        args += ["--bld", "256", "--bld-epochs", "1"]
     records = {}
     for name, processes in (("one", 1), ("two", 2)):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
@@ -274,11 +277,13 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
         records[name] = json.loads((tmp_path / name / "search.json").read_text())
     one, two = records["one"], records["two"]
     assert [c["label"] for c in one["candidates"]] == [c["label"] for c in two["candidates"]]
-    assert one["library"]["variants"] == two["library"]["variants"] > 0
     np.testing.assert_allclose([c["score"] for c in two["candidates"]], [c["score"] for c in one["candidates"]],
                                rtol=1e-4)  # fmt: skip
     distilled = [[c["distilled"]["val_kl"] for c in record["candidates"] if c["finalist"]] for record in (two, one)]
     np.testing.assert_allclose(*distilled, rtol=1e-3)
+    if not library:
+        return
+    assert one["library"]["variants"] == two["library"]["variants"] > 0
     libraries = [Library.read(tmp_path / name / LIBRARY_DIR) for name in ("one", "two")]
     assert libraries[0].variants.keys() == libraries[1].variants.keys()
     for key, variant in libraries[0].variants.items():
