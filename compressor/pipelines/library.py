@@ -83,11 +83,7 @@ class Variant:
 
 def variant_key(hidden: int, block: BlockTarget) -> tuple:
     """What names a variant: the hidden size, the source block and every width of its kind."""
-    return (hidden, block.source, tuple(sorted(_kind_widths(block).items())))
-
-
-def _kind_widths(block: BlockTarget) -> dict[str, int]:
-    return {name: getattr(block, name) for name in OVERRIDABLE[block.kind]}
+    return (hidden, block.source, tuple(sorted(block.widths.items())))
 
 
 class Library:
@@ -284,7 +280,7 @@ def _train(job: tuple, source: Source, config: BLDConfig, folder: Path) -> tuple
     tmp = folder / f"{name}.tmp"
     save_tensors({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
     os.replace(tmp, folder / name)
-    entry = Variant(hidden, index, _kind_widths(block), result.initial_error, result.error, result.steps, name)
+    entry = Variant(hidden, index, block.widths, result.initial_error, result.error, result.steps, name)
     return entry, (result.initial_error, result.error)
 
 
