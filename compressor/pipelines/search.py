@@ -141,13 +141,9 @@ class SearchConfig:
     def from_options(cls, model: str | Path, options: SearchOptions) -> SearchConfig:
         """A new search from `compress search`'s options: the budget (required), the finalists' distillation
         (`SearchOptions.distillation`) and the library; checked before anything is loaded."""
-        if options.budget is None:
-            raise CompressorError(
-                "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
-            )
-        return cls(options.budget, options.distillation(model), options.strategy, dict(options.strategy_options),
-                   options.candidates, options.rank_by, options.score, options.retrieval_weight,
-                   bld=options.library(), share_teacher=options.share_teacher)  # fmt: skip
+        return cls(options.required_budget(), options.distillation(model), options.strategy,
+                   dict(options.strategy_options), options.candidates, options.rank_by, options.score,
+                   options.retrieval_weight, bld=options.library(), share_teacher=options.share_teacher)  # fmt: skip
 
     @classmethod
     def from_record(cls, record: SearchRecord) -> SearchConfig:
@@ -211,6 +207,14 @@ class SearchOptions:
     retrieval_ctx: str | None = None  # one length, e.g. '4k' (default: the budget's context)
     retrieval_sequences: int = 8
     nproc: int | None = None  # a dry run's processes (default: the fewest that fit)
+
+    def required_budget(self) -> Budget:
+        """The budget: a search, and its dry run, need one."""
+        if self.budget is None:
+            raise CompressorError(
+                "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
+            )
+        return self.budget
 
     def distillation(self, teacher: str | Path) -> TrainConfig:
         """Every finalist's distillation (`finalist_training`) from `teacher`, the searched model."""
@@ -793,11 +797,7 @@ def search_or_preview(
 def _preview(model: str | Path, options: SearchOptions) -> CompressionPreview:
     """The dry run: the strategy's candidates (as `compress prune` would list them) and the memory of
     importance (unless reused), the library, scoring and a finalist's distillation."""
-    if options.budget is None:
-        raise CompressorError(
-            "give a budget: --target-mem, --target-params, --target-active-params or --gpu with --min-speedup"
-        )
-    choosing = PruneConfig(options.budget, options.strategy, dict(options.strategy_options))
+    choosing = PruneConfig(options.required_budget(), options.strategy, dict(options.strategy_options))
     stages = CompressionStages(options.seq_len, 1, options.score_samples, options.importance_dir is None,
                                options.dtype, options.distillation(model), options.library())  # fmt: skip
     return preview_compression(model, choosing, stages, nproc=options.nproc, device=options.device)
