@@ -432,22 +432,6 @@ def read_sequences(
     return sequences
 
 
-def model_sequences(
-    source: str | Path,
-    model_dir: str | Path,
-    eos_id: int | None,
-    *,
-    seq_len: int,
-    tokenizer: TokenizerLike | None = None,
-    text_field: str = "text",
-    max_sequences: int | None = None,
-    vocab_size: int | None = None,
-) -> TokenSequences:
-    """`read_sequences` with the spec written out as keywords."""
-    spec = DataSpec(source, seq_len, tokenizer, text_field, max_sequences)
-    return read_sequences(spec, model_dir, eos_id=eos_id, vocab_size=vocab_size)
-
-
 def stream_sequences(
     source: str | Path,
     *,

@@ -25,7 +25,7 @@ import torch
 from compressor import distributed
 from compressor.budget import num_parameters
 from compressor.checkpoint import fingerprint, load_model, parse_dtype
-from compressor.data import TokenSequences, model_sequences
+from compressor.data import DataSpec, Need, TokenSequences, read_sequences
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
@@ -139,25 +139,16 @@ def calibrate(
     first_held_out = 0 if importance is not None else config.samples
     sequences = None
     if config.data is not None:
-        wanted = None if config.all_sequences else first_held_out + config.score_samples
-        sequences = model_sequences(
-            config.data,
-            config.model,
-            model.config.eos_id,
-            seq_len=config.seq_len,
-            tokenizer=config.tokenizer,
-            text_field=config.text_field,
-            max_sequences=wanted,
-            vocab_size=model.config.vocab_size,
-        )
         needed = first_held_out + config.score_samples
-        if len(sequences) < needed:
-            raise CompressorError(f"{config.data} holds {len(sequences)} sequences of {config.seq_len} tokens, " + (
-                f"fewer than --samples {config.samples}: use more data, a smaller --seq-len or fewer --samples"
-                if not config.score_samples
-                else f"fewer than the {first_held_out} for importance (--samples) plus the {config.score_samples} held "
-                "out for scoring (--score-samples): use more data, a smaller --seq-len or fewer samples"
-            ))  # fmt: skip
+        if config.score_samples:
+            words = (f"the {first_held_out} for importance (--samples) plus the {config.score_samples} held out for "
+                     "scoring (--score-samples)")  # fmt: skip
+            need = Need(needed, words, "samples")
+        else:
+            need = Need(needed, f"--samples {config.samples}", "--samples")
+        spec = DataSpec(config.data, config.seq_len, config.tokenizer, config.text_field,
+                        None if config.all_sequences else needed, need=need)  # fmt: skip
+        sequences = read_sequences(spec, config.model, eos_id=model.config.eos_id, vocab_size=model.config.vocab_size)
     retrieval = None
     if config.retrieval is not None:
         if world.size > 1:
