@@ -213,13 +213,20 @@ def render_compression_preview(preview, budget) -> None:
     for c in result.candidates:
         blocks = "/".join(str(c.pattern.count(char)) for char in chars)
         arch = c.architecture
-        widths = [f"{c.active_params:,}"] if moe else [str(arch["hidden_size"]), str(arch["ffn_hidden_size"])]
+        widths = [f"{c.active_params:,}"] if moe else [str(arch["hidden_size"]), _width(arch["ffn_hidden_size"])]
         rows.append([c.label, blocks, *widths, f"{c.params:,}", fmt_memory(c.memory_bytes)])
     widths = ["active"] if moe else ["hidden", "ffn"]
     console.print(table(None, ["candidate", f"{'/'.join(chars)} blocks", *widths, "parameters", "memory"], rows))
     for warning in result.warnings:
         say(f"warning: {warning}")
     render_memory_plans(preview.memory)
+
+
+def _width(value: int | list[int]) -> str:
+    """A width, or the range of one that differs from block to block (`Target.summary` lists those)."""
+    if isinstance(value, list):
+        return f"{min(value)}-{max(value)}" if value and min(value) != max(value) else str(value[0] if value else "-")
+    return str(value)
 
 
 # ----- info, estimate, importance, prune, search, train --------------------------------------------------
