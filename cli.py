@@ -5,6 +5,7 @@ instead); `--json` prints machine-readable results on stdout."""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -320,34 +321,25 @@ def importance(
     blocks) from activations on calibration data; pruning and strategies reuse the folder. Under
     `torchrun --nproc-per-node N` the model is sharded across the processes, each scores its share."""
     from compressor.importance import ImportanceOptions
-    from compressor.pipelines.importance import write_importance
-    from compressor.pipelines.source import CalibrationConfig, retrieval_probe
+    from compressor.pipelines.importance import ImportanceRunOptions, importance_or_preview
 
-    options = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
-    if dry_run:
-        from compressor.pipelines.preview import preview_importance
-
-        preview = preview_importance(model, seq_len=seq_len, batch_size=batch_size, drop_one=drop_one != "none",
-                                     dtype=dtype, nproc=plan.get("nproc"), gpu=plan.get("gpu"),
-                                     device=device)  # fmt: skip
-        print_json(preview.to_dict()[0]) if json_output else render_memory_plans(preview)
-        return
-    if data is None or out is None:
-        raise OptionError("data" if data is None else "out", "is needed (or --dry-run to only plan the memory)")
-    probe = retrieval_probe(**retrieval, context=1024) if drop_one == "retrieval" else None
-    config = CalibrationConfig.from_options(model, data, importance=options, samples=samples, seq_len=seq_len,
-                                            batch_size=batch_size, tokenizer=tokenizer, text_field=text_field,
-                                            device=device, dtype=dtype, retrieval=probe)  # fmt: skip
-    with progress_bar() as progress:
+    scoring = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
+    options = ImportanceRunOptions(
+        data=data, scoring=scoring, samples=samples, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
+        text_field=text_field, device=device, dtype=dtype, nproc=plan.get("nproc"), gpu=plan.get("gpu"), **retrieval,
+    )  # fmt: skip
+    with progress_bar() as progress:  # shown once scoring starts (never in a dry run)
         bar = progress.add_task("scoring", total=0, visible=False)
         on_tokens = lambda n, total: progress.update(bar, advance=n, total=total, visible=True)  # noqa: E731
-        record = write_importance(config, out, overwrite=overwrite, on_tokens=on_tokens)
-    if record is None:  # another process of a torchrun
+        result = importance_or_preview(model, out, options, dry_run=dry_run, overwrite=overwrite, on_tokens=on_tokens)
+    if dry_run:
+        print_json(result.to_dict()[0]) if json_output else render_memory_plans(result)
+    elif result is None:  # another process of a torchrun
         return
-    if json_output:
-        print_json(record.to_dict())
-        return
-    render_importance(record.scores, out)
+    elif json_output:
+        print_json(result.to_dict())
+    else:
+        render_importance(result.scores, out)
 
 
 # ----- prune --------------------------------------------------------------------------------------------
@@ -385,37 +377,29 @@ def prune_command(
 ) -> None:
     """Pick the best architecture that meets a budget and write the pruned checkpoint (Minitron by default).
     Under `torchrun --nproc-per-node N` the source and every candidate are sharded across the processes."""
-    from compressor.pipelines.preview import CompressionStages, preview_compression
-    from compressor.pipelines.pruning import PruneConfig, prune_checkpoint, read_export_config
-    from compressor.pipelines.source import CalibrationConfig, retrieval_probe
+    from compressor.pipelines.pruning import PruneOptions, prune_or_preview
 
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
-    export = read_export_config(export_config) if export_config is not None else None
-    config = PruneConfig(budget, strategy, strategy_options or {}, export, score, retrieval_weight)
-    if dry_run:
-        stages = CompressionStages(seq_len, batch_size, score_samples, importance_dir is None, dtype)
-        preview = preview_compression(model, config, stages, nproc=plan.get("nproc"), device=device)
-        print_json(preview.to_dict()) if json_output else render_compression_preview(preview, budget)
-        return
-    if out is None:
-        raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
-    probe = retrieval_probe(**retrieval, context=budget.context if budget else 1024) if "retrieval" in score else None
-    calibration = CalibrationConfig.from_options(
-        model, data, importance_dir=importance_dir, samples=samples,
-        score_samples=score_samples if data is not None else 0, seq_len=seq_len, batch_size=batch_size,
-        tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype, retrieval=probe,
+    options = PruneOptions(
+        data=data, budget=budget, strategy=strategy, strategy_options=strategy_options or {},
+        export_config=export_config, importance_dir=importance_dir, samples=samples, score_samples=score_samples,
+        seq_len=seq_len, batch_size=batch_size, score=score, retrieval_weight=retrieval_weight, tokenizer=tokenizer,
+        text_field=text_field, device=device, dtype=dtype, nproc=plan.get("nproc"), **retrieval,
     )  # fmt: skip
-    with err_console.status("pruning") as status:
+    with nullcontext() if dry_run else err_console.status("pruning") as status:
         progress = lambda text: (status.update(text), say(text))  # noqa: E731
-        record = prune_checkpoint(calibration, config, out, overwrite=overwrite, say=progress)
-    if record is None:  # another process of a torchrun
+        result = prune_or_preview(model, out, options, dry_run=dry_run, overwrite=overwrite, say=progress)
+    if dry_run:
+        print_json(result.to_dict()) if json_output else render_compression_preview(result, budget)
+    elif result is None:  # another process of a torchrun
         return
-    if json_output:
-        print_json(record.to_dict())
-        return
-    render_candidates(record)
-    console.print(f"wrote the pruned model ({record.chosen.params:,} parameters) to [bold]{out}[/] ({loads_in(out)})")
+    elif json_output:
+        print_json(result.to_dict())
+    else:
+        render_candidates(result)
+        params = result.chosen.params
+        console.print(f"wrote the pruned model ({params:,} parameters) to [bold]{out}[/] ({loads_in(out)})")
 
 
 # ----- search -------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ import cli
 from compressor import planning
 from compressor.budget import GIB, Budget, get_gpu, num_parameters
 from compressor.errors import CompressorError, OptionError
+from compressor.importance import ImportanceOptions
 from compressor.model import HybridLM
+from compressor.pipelines.importance import ImportanceRunOptions, importance_or_preview
 from compressor.pipelines.preview import CompressionStages, preview_compression, preview_importance, preview_training
-from compressor.pipelines.pruning import PruneConfig
+from compressor.pipelines.pruning import PruneConfig, PruneOptions, prune_or_preview
 from compressor.presets import get_preset
 from compressor.train import TrainConfig
 
@@ -98,6 +100,32 @@ def test_the_asked_process_count_and_errors():
         preview_importance("tiny", seq_len=64, batch_size=1, drop_one=False, nproc=0)
     with pytest.raises(CompressorError, match="neither a checkpoint folder, a config.json nor a preset name"):
         preview_importance("no-such-model", seq_len=64, batch_size=1, drop_one=False)
+
+
+def test_importance_and_prune_dry_runs_through_their_pipelines(tmp_path):
+    """`importance_or_preview` and `prune_or_preview` plan what `compress importance/prune --dry-run` print, and
+    a run without its data or folder is refused before anything loads."""
+    scoring = ImportanceOptions(drop_one="kl")
+    options = ImportanceRunOptions(scoring=scoring, seq_len=8192, gpu="h100")
+    preview = importance_or_preview("56b", None, options, dry_run=True).to_dict()
+    assert preview == preview_importance("56b", seq_len=8192, batch_size=1, drop_one=True, gpu="h100").to_dict()
+    with pytest.raises(OptionError, match="data is needed"):
+        importance_or_preview("56b", tmp_path / "scores", ImportanceRunOptions())
+    with pytest.raises(OptionError, match="out is needed"):
+        importance_or_preview("56b", None, ImportanceRunOptions(data="text.txt"))
+
+    budget = Budget.from_options(target_mem="88.83GiB", ctx="8k", gpu="h100")
+    options = PruneOptions(budget=budget, strategy="minipuzzle", strategy_options={"top_k": "3"}, seq_len=8192)
+    preview = prune_or_preview("56b", None, options, dry_run=True).to_dict()
+    stages = CompressionStages(seq_len=8192, batch_size=1, score_samples=64, importance=True)
+    assert preview == {**preview_compression("56b", options.config(), stages).to_dict(), "seconds": preview["seconds"]}
+    assert [plan["stage"] for plan in preview["memory_plans"]] == ["importance", "scoring"]
+    reused = prune_or_preview("56b", None, dataclasses.replace(options, importance_dir="scores"), dry_run=True)
+    assert [plan.plan.stage for plan in reused.memory.stages] == ["scoring"]  # importance reused, not planned
+    with pytest.raises(OptionError, match="out is needed"):
+        prune_or_preview("56b", None, options)
+    with pytest.raises(OptionError, match="export_config is neither"):
+        prune_or_preview("56b", tmp_path / "pruned", dataclasses.replace(options, export_config="{not json"))
 
 
 def test_dry_run_errors():

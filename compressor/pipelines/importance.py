@@ -6,13 +6,14 @@
    sharded across the processes, each scores its share;
 3. the scores written aside and renamed into `out` (the main process).
 
-Pruning, searches and strategies reuse the folder (`--importance`).
+Pruning, searches and strategies reuse the folder (`--importance`). A dry run (`importance_or_preview`)
+plans the memory of the scoring instead (`preview.preview_importance`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from compressor import distributed
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import OptionError
-from compressor.importance import Importance, scores_bytes
+from compressor.importance import Importance, ImportanceOptions, scores_bytes
 from compressor.outputs import atomic_output, check_free_space, check_output
-from compressor.pipelines.source import CalibrationConfig, calibrate
+from compressor.pipelines.preview import MemoryPreview, preview_importance
+from compressor.pipelines.source import CalibrationConfig, calibrate, retrieval_probe
 
 
 @dataclass
@@ -34,6 +36,39 @@ class ImportanceRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), **self.scores.meta, "block_influence": self.scores.block_influence.tolist()}
+
+
+@dataclass(frozen=True)
+class ImportanceRunOptions:
+    """`compress importance`'s options as written (the defaults are the command's): a run's CalibrationConfig
+    (`calibration`) is built from them, a dry run plans with them (`importance_or_preview`)."""
+
+    data: str | None = None
+    scoring: ImportanceOptions = field(default_factory=ImportanceOptions)  # reductions, signal, drop-one
+    samples: int = 1024
+    seq_len: int = 4096
+    batch_size: int = 1
+    tokenizer: str | Path | None = None
+    text_field: str = "text"
+    device: str = "auto"
+    dtype: str | None = None
+    retrieval_task: str = "phonebook"  # the probe of a drop-one by retrieval
+    retrieval_ctx: str | None = None  # one length, e.g. '4k' (default: 1k)
+    retrieval_sequences: int = 8
+    nproc: int | None = None  # a dry run's processes (default: the fewest that fit)
+    gpu: str | None = None  # a dry run's GPU (default: the local device)
+
+    def calibration(self, model: str | Path) -> CalibrationConfig:
+        """How a run reads `model` and the data, with the retrieval probe of a drop-one by retrieval."""
+        probe = None
+        if self.scoring.drop_one == "retrieval":
+            probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
+                                    retrieval_sequences=self.retrieval_sequences, context=1024)  # fmt: skip
+        return CalibrationConfig.from_options(
+            model, self.data, importance=self.scoring, samples=self.samples, seq_len=self.seq_len,
+            batch_size=self.batch_size, tokenizer=self.tokenizer, text_field=self.text_field, device=self.device,
+            dtype=self.dtype, retrieval=probe,
+        )  # fmt: skip
 
 
 def scoring_tokens(config: CalibrationConfig) -> int:
@@ -69,3 +104,24 @@ def write_importance(
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         source.importance.save(tmp)
     return ImportanceRecord(out, source.importance)
+
+
+def importance_or_preview(
+    model: str | Path,
+    out: str | Path | None,
+    options: ImportanceRunOptions,
+    *,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    on_tokens: Callable[[int, int], None] | None = None,
+) -> ImportanceRecord | MemoryPreview | None:
+    """`compress importance` from its options: with `dry_run`, the memory plan of the scoring (`model` may be
+    a preset or a config.json); else the folder `out` written (`write_importance`; None on the other
+    processes of a torchrun)."""
+    if dry_run:
+        return preview_importance(model, seq_len=options.seq_len, batch_size=options.batch_size,
+                                  drop_one=options.scoring.drop_one != "none", dtype=options.dtype,
+                                  nproc=options.nproc, gpu=options.gpu, device=options.device)  # fmt: skip
+    if options.data is None or out is None:
+        raise OptionError("data" if options.data is None else "out", "is needed (or --dry-run to only plan the memory)")
+    return write_importance(options.calibration(model), out, overwrite=overwrite, on_tokens=on_tokens)

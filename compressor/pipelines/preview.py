@@ -4,26 +4,85 @@ nothing is loaded but the config).
 
 Each stage's `planning.MemoryPlan` is taken at `nproc` processes (default: the fewest that fit the memory
 there is: a GPU's, less its reserve, or the local device's free memory). Prune and search also list the
-candidates that meet the budget (`pipelines.pruning.plan`) and plan the stages of the compression:
-importance (unless reused), the blockwise-distilled library (`bld`), scoring the largest candidate and a
-finalist's distillation.
+candidates that meet the budget (`plan`: the strategy's search on a config alone, no weights, no scores) and
+plan the stages of the compression: importance (unless reused), the blockwise-distilled library (`bld`),
+scoring the largest candidate and a finalist's distillation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from compressor import planning
-from compressor.budget import GPUSpec, get_gpu
+from compressor.budget import Budget, GPUSpec, get_gpu
 from compressor.config import HybridConfig
 from compressor.errors import OptionError
-from compressor.pipelines.pruning import Choosing, Plan
-from compressor.pipelines.pruning import plan as candidates_plan
+from compressor.pipelines.ranking import rank
+from compressor.pipelines.records import Candidate
 from compressor.presets import load_config_or_preset
+from strategies import Strategy
+from strategies.export_config import modelopt_problems
+
+
+class Choosing(Protocol):
+    """What `plan` needs of a PruneConfig or a search's SearchConfig: the budget and the strategy."""
+
+    budget: Budget | None
+
+    def build_strategy(self) -> Strategy: ...
+
+
+def modelopt_warning(candidates: list[Candidate], source: HybridConfig, strategy: Strategy) -> str | None:
+    """A line naming the uniform candidates whose export_config ModelOpt's mcore_minitron would refuse, or None."""
+    outside = [c for c in candidates if c.target.config(source).is_uniform]
+    outside = [c for c in outside if modelopt_problems(source, c.target.config(source))]
+    if not outside:
+        return None
+    first = modelopt_problems(source, outside[0].target.config(source))[0]
+    advice = ""
+    if hasattr(strategy.options, "modelopt_compatible"):
+        advice = f"; the {strategy.name} option modelopt_compatible=true keeps to its search space"
+    return (
+        f"{len(outside)} of {len(candidates)} candidates have shapes ModelOpt's mcore_minitron cannot express "
+        f"(#{outside[0].index}: {first}): ModelOpt refuses their export_config{advice}"
+    )
+
+
+@dataclass
+class Plan:
+    """A dry run: the candidates a strategy would consider on a config alone, costed, not scored."""
+
+    strategy: str
+    candidates: list[Candidate]
+    stats: dict[str, int]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "stats": self.stats,
+            "seconds": self.seconds,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "warnings": self.warnings,
+        }
+
+
+def plan(source: HybridConfig, config: Choosing) -> Plan:
+    """What `pruning.prune_to_budget` (or a search) would consider for an architecture with no weights (the
+    importance prior: the last blocks of each kind go first), limited to the strategy's `top_k`. Raises
+    when nothing meets the budget, before anything is loaded."""
+    started = time.perf_counter()
+    strategy = config.build_strategy()
+    proposals = strategy.propose(source, None, config.budget)
+    candidates = rank(proposals, source, config.budget, limit=strategy.top_k, smallest=strategy.smallest(source))
+    warnings = [w for w in [modelopt_warning(candidates, source, strategy)] if w]
+    return Plan(strategy.name, candidates, strategy.stats, time.perf_counter() - started, warnings)
 
 
 @dataclass(frozen=True)
@@ -146,7 +205,7 @@ def preview_compression(
     """`compress prune/search --dry-run`: the candidates that meet `config`'s budget and the memory of each
     stage, planned for the budget's GPU."""
     arch, _ = load_config_or_preset(model)
-    result = candidates_plan(arch, config)
+    result = plan(arch, config)
     plans = compression_plans(
         arch, result.candidates, seq_len=stages.seq_len, batch_size=stages.batch_size,
         score_samples=stages.score_samples, importance=stages.importance, dtype=stages.dtype,

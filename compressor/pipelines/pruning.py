@@ -9,7 +9,8 @@ was chosen.
    uniform results, `export_config.json` (the shape in ModelOpt / Megatron-Bridge terms, to reproduce it at
    scale).
 
-`plan` is the same search on a config alone (no weights, no scores): what a dry run lists.
+A dry run (`prune_or_preview`) lists what `preview.plan`, the same search on a config alone (no weights, no
+scores), finds and plans the memory of each stage.
 """
 
 from __future__ import annotations
@@ -19,29 +20,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from compressor import distributed
 from compressor.budget import Budget
 from compressor.checkpoint import checkpoint_bytes
-from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import BudgetError, OptionError
 from compressor.outputs import atomic_output, check_free_space, check_output
+from compressor.pipelines.preview import (
+    CompressionPreview,
+    CompressionStages,
+    modelopt_warning,
+    plan,
+    preview_compression,
+)
 from compressor.pipelines.ranking import check_scoring, proxy_scorer, rank, retrieval_record
-from compressor.pipelines.records import COMPRESSION_FILE, Candidate, CompressionRecord, write_json
-from compressor.pipelines.source import CalibrationConfig, Source, calibrate
+from compressor.pipelines.records import COMPRESSION_FILE, CompressionRecord, write_json
+from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
 from compressor.prune import kept_attention_heads, write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
-from strategies.export_config import (
-    ExportConfigOptions,
-    ExportConfigStrategy,
-    export_config,
-    export_layers,
-    modelopt_problems,
-)
+from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
 
 EXPORT_CONFIG_FILE = "export_config.json"
 EXPORT_LAYERS_FILE = "export_layers.json"  # the blocks kept, to rebuild the same model with Megatron
@@ -75,20 +76,83 @@ class PruneConfig:
         return strategy(build_options(strategy, self.options))
 
 
-class Choosing(Protocol):
-    """What `plan` needs of a PruneConfig or a search's SearchConfig: the budget and the strategy."""
-
-    budget: Budget | None
-
-    def build_strategy(self) -> Strategy: ...
-
-
 def read_export_config(text: str) -> dict[str, Any]:
     """ModelOpt's export_config, written as a JSON object or the path of a JSON file."""
     try:
         return json.loads(Path(text).read_text() if Path(text).is_file() else text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """`compress prune`'s options as written (`export_config` as JSON text or a file's path; the defaults are
+    the command's): the PruneConfig (`config`) and a run's CalibrationConfig (`calibration`) are built from
+    them, a dry run plans with them (`prune_or_preview`)."""
+
+    data: str | None = None
+    budget: Budget | None = None
+    strategy: str = "minitron"
+    strategy_options: dict[str, str] = field(default_factory=dict)  # the strategy's own, as written
+    export_config: str | None = None
+    importance_dir: str | Path | None = None
+    samples: int = 1024
+    score_samples: int = 64
+    seq_len: int = 4096
+    batch_size: int = 1
+    score: str = "kl"
+    retrieval_weight: float = 1.0
+    tokenizer: str | Path | None = None
+    text_field: str = "text"
+    device: str = "auto"
+    dtype: str | None = None
+    retrieval_task: str = "phonebook"
+    retrieval_ctx: str | None = None  # one length, e.g. '4k' (default: the budget's context, else 1k)
+    retrieval_sequences: int = 8
+    nproc: int | None = None  # a dry run's processes (default: the fewest that fit)
+
+    def config(self) -> PruneConfig:
+        """What to prune to and how to choose, checked (the strategy's options too)."""
+        export = read_export_config(self.export_config) if self.export_config is not None else None
+        return PruneConfig(self.budget, self.strategy, dict(self.strategy_options), export, self.score,
+                           self.retrieval_weight)  # fmt: skip
+
+    def calibration(self, model: str | Path) -> CalibrationConfig:
+        """How a run reads `model` and the data: held-out scoring only with data, the retrieval probe (at the
+        budget's context unless `retrieval_ctx`) when the score uses it."""
+        probe = None
+        if "retrieval" in self.score:
+            probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
+                                    retrieval_sequences=self.retrieval_sequences,
+                                    context=self.budget.context if self.budget else 1024)  # fmt: skip
+        return CalibrationConfig.from_options(
+            model, self.data, importance_dir=self.importance_dir, samples=self.samples,
+            score_samples=self.score_samples if self.data is not None else 0, seq_len=self.seq_len,
+            batch_size=self.batch_size, tokenizer=self.tokenizer, text_field=self.text_field, device=self.device,
+            dtype=self.dtype, retrieval=probe,
+        )  # fmt: skip
+
+
+def prune_or_preview(
+    model: str | Path,
+    out: str | Path | None,
+    options: PruneOptions,
+    *,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    say: Callable[[str], None] = print,
+) -> CompressionRecord | CompressionPreview | None:
+    """`compress prune` from its options: with `dry_run`, the preview (the candidates that meet the budget and
+    the memory of each stage; `model` may be a preset or a config.json); else the pruned checkpoint written
+    to `out` (`prune_checkpoint`; None on the other processes of a torchrun)."""
+    config = options.config()
+    if dry_run:
+        stages = CompressionStages(options.seq_len, options.batch_size, options.score_samples,
+                                   options.importance_dir is None, options.dtype)  # fmt: skip
+        return preview_compression(model, config, stages, nproc=options.nproc, device=options.device)
+    if out is None:
+        raise OptionError("out", "is needed for the pruned checkpoint (or --dry-run to only list candidates)")
+    return prune_checkpoint(options.calibration(model), config, out, overwrite=overwrite, say=say)
 
 
 def prune_checkpoint(
@@ -172,51 +236,3 @@ def prune_to_budget(
             write_json(tmp / EXPORT_CONFIG_FILE, record.export_config)
             write_json(tmp / EXPORT_LAYERS_FILE, export_layers(source.model.config, record.chosen.target))
     return record
-
-
-def modelopt_warning(candidates: list[Candidate], source: HybridConfig, strategy: Strategy) -> str | None:
-    """A line naming the uniform candidates whose export_config ModelOpt's mcore_minitron would refuse, or None."""
-    outside = [c for c in candidates if c.target.config(source).is_uniform]
-    outside = [c for c in outside if modelopt_problems(source, c.target.config(source))]
-    if not outside:
-        return None
-    first = modelopt_problems(source, outside[0].target.config(source))[0]
-    advice = ""
-    if hasattr(strategy.options, "modelopt_compatible"):
-        advice = f"; the {strategy.name} option modelopt_compatible=true keeps to its search space"
-    return (
-        f"{len(outside)} of {len(candidates)} candidates have shapes ModelOpt's mcore_minitron cannot express "
-        f"(#{outside[0].index}: {first}): ModelOpt refuses their export_config{advice}"
-    )
-
-
-@dataclass
-class Plan:
-    """A dry run: the candidates a strategy would consider on a config alone, costed, not scored."""
-
-    strategy: str
-    candidates: list[Candidate]
-    stats: dict[str, int]
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy,
-            "stats": self.stats,
-            "seconds": self.seconds,
-            "candidates": [c.to_dict() for c in self.candidates],
-            "warnings": self.warnings,
-        }
-
-
-def plan(source: HybridConfig, config: Choosing) -> Plan:
-    """What `prune_to_budget` (or a search) would consider for an architecture with no weights (the
-    importance prior: the last blocks of each kind go first), limited to the strategy's `top_k`. Raises
-    when nothing meets the budget, before anything is loaded."""
-    started = time.perf_counter()
-    strategy = config.build_strategy()
-    proposals = strategy.propose(source, None, config.budget)
-    candidates = rank(proposals, source, config.budget, limit=strategy.top_k, smallest=strategy.smallest(source))
-    warnings = [w for w in [modelopt_warning(candidates, source, strategy)] if w]
-    return Plan(strategy.name, candidates, strategy.stats, time.perf_counter() - started, warnings)
