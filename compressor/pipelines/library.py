@@ -378,7 +378,7 @@ class _Replacements:
 
     def __init__(self, scorer: ProxyScorer, model: HybridLM) -> None:
         self.scorer, self.model = scorer, model
-        text_only = scorer.text_metric is not None and "retrieval" not in scorer.metric
+        text_only = scorer.text_metric is not None and not scorer.spec.retrieval
         self.resumable = text_only and not scorer.world.distributed
         self.inputs: list[list[torch.Tensor]] = []
         if self.resumable:

@@ -35,7 +35,7 @@ from compressor.pipelines.preview import (
     plan,
     preview_compression,
 )
-from compressor.pipelines.ranking import check_scoring, proxy_scorer, rank, retrieval_record
+from compressor.pipelines.ranking import ScoreSpec, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import COMPRESSION_FILE, CompressionRecord, write_json
 from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
@@ -121,7 +121,7 @@ class PruneOptions:
         """How a run reads `model` and the data: held-out scoring only with data, the retrieval probe (at the
         budget's context unless `retrieval_ctx`) when the score uses it."""
         probe = None
-        if "retrieval" in self.score:
+        if ScoreSpec(self.score, self.retrieval_weight).retrieval:
             probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
                                     retrieval_sequences=self.retrieval_sequences,
                                     context=self.budget.context if self.budget else 1024)  # fmt: skip
@@ -198,7 +198,7 @@ def prune_to_budget(
         if missed:
             raise OptionError("export_config", f"names a shape that misses the budget: {'; '.join(missed)}")
     scorer = None
-    if source.held_out or "retrieval" in config.score:
+    if source.held_out or ScoreSpec(config.score, config.retrieval_weight).retrieval:
         scorer = proxy_scorer(source, config.score, config.retrieval_weight)
     candidates = rank(
         proposals,

@@ -57,6 +57,34 @@ def check_scoring(metric: str, retrieval_weight: float = 1.0, score_samples: int
 
 
 @dataclass(frozen=True)
+class ScoreSpec:
+    """A proxy score as `--score` names it, checked (`check_scoring`) and taken apart once: its text term
+    (`text`: "kl" or "loss" on the held-out sequences, or None) and whether the retrieval probe's term is in
+    it (`retrieval`), counted `weight` times (`retrieval_weight` beside a text term, 1 alone)."""
+
+    metric: str = "kl"
+    retrieval_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_scoring(self.metric, self.retrieval_weight)
+
+    @property
+    def text(self) -> str | None:
+        return self.metric.removesuffix("retrieval").removesuffix("+") or None
+
+    @property
+    def retrieval(self) -> bool:
+        return self.metric.endswith("retrieval")
+
+    @property
+    def weight(self) -> float:
+        """The retrieval term's weight in the score (0 when the score has none)."""
+        if not self.retrieval:
+            return 0.0
+        return self.retrieval_weight if self.text else 1.0
+
+
+@dataclass(frozen=True)
 class Score:
     """A candidate's proxy score (lower is better) and, when measured, its retrieval result."""
 
@@ -85,11 +113,11 @@ class ProxyScorer:
         retrieval_weight: float = 1.0,
     ):
         # a weight the metric has no term for is left to the configs to refuse (PruneConfig, SearchConfig)
-        check_scoring(metric, retrieval_weight if metric.endswith("+retrieval") else 1.0)
-        self.text_metric = metric.removesuffix("retrieval").removesuffix("+") or None  # kl | loss | None
+        self.spec = ScoreSpec(metric, retrieval_weight if metric.endswith("+retrieval") else 1.0)
+        self.text_metric = self.spec.text  # kl | loss | None
         if self.text_metric and not batches:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
-        if "retrieval" in metric and retrieval is None:
+        if self.spec.retrieval and retrieval is None:
             raise OptionError("score", f"{metric} needs a retrieval task (--retrieval-task)")
         self.metric, self.model, self.importance = metric, model, importance
         self.retrieval, self.retrieval_weight = retrieval, retrieval_weight
@@ -124,9 +152,9 @@ class ProxyScorer:
             else:
                 value = float(stats.cross_entropy) / stats.label_tokens
         retrieval = self.retrieval.result(pruned) if self.retrieval is not None else None
-        if "retrieval" in self.metric:
-            weight = self.retrieval_weight if self.text_metric else 1.0
-            value += weight * max(0.0, self.source_retrieval.log_likelihood - retrieval.log_likelihood)
+        if self.spec.retrieval:
+            loss = max(0.0, self.source_retrieval.log_likelihood - retrieval.log_likelihood)
+            value += self.spec.weight * loss
         return Score(value, retrieval)
 
 
@@ -152,7 +180,7 @@ def retrieval_record(scorer: ProxyScorer | None, weight: float) -> dict[str, Any
         "task": examples.task,
         "context": examples.context,
         "queries": examples.num_queries,
-        "weight": weight if "retrieval" in scorer.metric else 0.0,
+        "weight": weight if scorer.spec.retrieval else 0.0,
         "source": scorer.source_retrieval.to_dict(),
     }
 

@@ -67,9 +67,9 @@ from compressor.outputs import (
 )
 from compressor.pipelines.library import Library, build_library, library_sequences, score_library
 from compressor.pipelines.preview import CompressionPreview, CompressionStages, preview_compression
+from compressor.pipelines.preview import plan as candidates_plan
 from compressor.pipelines.pruning import PruneConfig
-from compressor.pipelines.pruning import plan as candidates_plan
-from compressor.pipelines.ranking import Score, check_scoring, proxy_scorer, rank, retrieval_record
+from compressor.pipelines.ranking import Score, ScoreSpec, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import (
     COMPRESSION_FILE,
     Candidate,
@@ -237,7 +237,7 @@ class SearchOptions:
         if self.data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
         probe = None
-        if "retrieval" in self.score or self.rank_by == "retrieval":
+        if ScoreSpec(self.score, self.retrieval_weight).retrieval or self.rank_by == "retrieval":
             probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
                                     retrieval_sequences=self.retrieval_sequences, context=budget.context)  # fmt: skip
         return CalibrationConfig.from_options(
