@@ -115,7 +115,7 @@ def test_importance_and_prune_dry_runs_through_their_pipelines(tmp_path):
         importance_or_preview("56b", None, ImportanceRunOptions(data="text.txt"))
 
     budget = Budget.from_options(target_mem="88.83GiB", ctx="8k", gpu="h100")
-    options = PruneOptions(budget=budget, strategy="minipuzzle", strategy_options={"top_k": "3"}, seq_len=8192)
+    options = PruneOptions(budget=budget, strategy="minitron", strategy_options={"top_k": "3"}, seq_len=8192)
     preview = prune_or_preview("56b", None, options, dry_run=True).to_dict()
     stages = CompressionStages(seq_len=8192, batch_size=1, score_samples=64, importance=True)
     assert preview == {**preview_compression("56b", options.config(), stages).to_dict(), "seconds": preview["seconds"]}

@@ -39,10 +39,10 @@ from compressor.pipelines.ranking import ScoreSpec, check_scoring, proxy_scorer,
 from compressor.pipelines.records import COMPRESSION_FILE, CompressionRecord, write_json
 from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
-from compressor.prune import kept_attention_heads, write_pruned
+from compressor.prune import write_pruned
 from strategies import Strategy, build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
-from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_config, export_layers
+from strategies.export_config import ExportConfigOptions, ExportConfigStrategy, export_layers
 
 EXPORT_CONFIG_FILE = "export_config.json"
 EXPORT_LAYERS_FILE = "export_layers.json"  # the blocks kept, to rebuild the same model with Megatron
@@ -212,20 +212,12 @@ def prune_to_budget(
     warning = modelopt_warning(candidates, arch, strategy)
     if warning:
         say(warning)
-    chosen = candidates[0].target.config(arch)
-    record = CompressionRecord(
-        source=source.info,
-        budget=config.budget,
-        strategy=strategy.name,
-        strategy_options=options_to_dict(strategy.options),
-        score_metric=scorer.metric if scorer else None,
-        importance={"folder": source.config.importance_dir, **source.importance.meta},
-        candidates=candidates,
-        export_config=export_config(chosen) if chosen.is_uniform else None,
+    record = CompressionRecord.of(
+        source.info, arch, source.importance, source.config.importance_dir, candidates, budget=config.budget,
+        strategy=strategy.name, strategy_options=options_to_dict(strategy.options),
+        score_metric=scorer.metric if scorer else None, retrieval=retrieval_record(scorer, config.retrieval_weight),
         seconds=round(time.perf_counter() - started, 2),
-        retrieval=retrieval_record(scorer, config.retrieval_weight),
-        attention_heads=kept_attention_heads(source.importance, candidates[0].target, arch),
-    )
+    )  # fmt: skip
     if not source.world.is_main:  # the others slice their share of a sharded source for the main one
         write_pruned(source.model, source.importance, candidates[0].target, out, world=source.world)
         return record

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from compressor.budget import Budget
+from compressor.config import HybridConfig
 from compressor.errors import CompressorError
-from compressor.prune import Target
+from compressor.importance import Importance
+from compressor.prune import Target, kept_attention_heads
+from strategies.export_config import export_config
 
 COMPRESSION_FILE = "compression.json"  # a CompressionRecord, next to the pruned checkpoint
 
@@ -108,6 +111,31 @@ class CompressionRecord:
     seconds: float = 0.0
     retrieval: dict[str, Any] | None = None  # the probe, its weight in the score and the source's result
     attention_heads: dict[str, list[int]] = field(default_factory=dict)  # `prune.kept_attention_heads`
+
+    @classmethod
+    def of(
+        cls,
+        source: SourceInfo,
+        architecture: HybridConfig,
+        importance: Importance,
+        importance_dir: str | Path | None,
+        candidates: list[Candidate],
+        **fields: Any,
+    ) -> CompressionRecord:
+        """The record of `candidates` (best first) pruned from a source of `architecture` with `importance`
+        (read from `importance_dir`, or computed: None): the chosen shape in ModelOpt's keys when it is
+        uniform, and the heads each kept attention block keeps. `fields`: budget, strategy,
+        strategy_options, score_metric, retrieval, seconds."""
+        target = candidates[0].target
+        chosen = target.config(architecture)
+        return cls(
+            source=source,
+            importance={"folder": str(importance_dir) if importance_dir else None, **importance.meta},
+            candidates=candidates,
+            export_config=export_config(chosen) if chosen.is_uniform else None,
+            attention_heads=kept_attention_heads(importance, target, architecture),
+            **fields,
+        )
 
     @property
     def chosen(self) -> Candidate:

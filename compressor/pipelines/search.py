@@ -80,12 +80,11 @@ from compressor.pipelines.records import (
 )
 from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
-from compressor.prune import Target, kept_attention_heads, write_pruned
+from compressor.prune import Target, write_pruned
 from compressor.tasks import parse_contexts
 from compressor.train import TrainConfig, has_trainer_state, train
 from strategies import build_options, get_strategy
 from strategies.base import describe_stats, options_to_dict
-from strategies.export_config import export_config
 
 SEARCH_FILE = "search.json"
 LIBRARY_DIR = "library"
@@ -690,19 +689,11 @@ def _write_compression_record(
 ) -> None:  # fmt: skip
     """The `compression.json` `compress prune` writes, for a candidate pruned by a search: its source, budget,
     strategy and target (whose block sources pair its attention blocks for `--attention-loss`)."""
-    chosen = candidate.target.config(source)
-    compression = CompressionRecord(
-        source=record.source,
-        budget=record.budget,
-        strategy=record.strategy,
-        strategy_options=record.strategy_options,
-        score_metric=record.score_metric,
-        importance={"folder": str(importance_dir) if importance_dir else None, **importance.meta},
-        candidates=[candidate],
-        export_config=export_config(chosen) if chosen.is_uniform else None,
+    compression = CompressionRecord.of(
+        record.source, source, importance, importance_dir, [candidate], budget=record.budget,
+        strategy=record.strategy, strategy_options=record.strategy_options, score_metric=record.score_metric,
         retrieval=record.retrieval,
-        attention_heads=kept_attention_heads(importance, candidate.target, source),
-    )
+    )  # fmt: skip
     write_json(folder / COMPRESSION_FILE, compression.to_dict())
 
 
