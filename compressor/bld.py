@@ -89,7 +89,8 @@ def write_activations(
         states: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_blocks + 1)]
         for i in range(0, len(chunk), batch_size):
             for level, hidden in enumerate(boundaries(model, chunk[i : i + batch_size].to(device))):
-                states[level].append(hidden.float().cpu())
+                if world.is_main:  # the others run the pass only for its collectives
+                    states[level].append(hidden.float().cpu())
         if world.is_main:
             tensors = {f"h{level}": torch.cat(s) for level, s in enumerate(states)}
             save_tensors(tensors, partial / f"part-{parts}.safetensors")

@@ -378,7 +378,7 @@ class _Replacements:
 
     def __init__(self, scorer: ProxyScorer, model: HybridLM) -> None:
         self.scorer, self.model = scorer, model
-        text_only = scorer.text_metric is not None and not scorer.spec.retrieval
+        text_only = scorer.spec.text is not None and not scorer.spec.retrieval
         self.resumable = text_only and not scorer.world.distributed
         self.inputs: list[list[torch.Tensor]] = []
         if self.resumable:
@@ -411,7 +411,7 @@ class _Replacements:
             teacher = self.scorer.references[batch] if self.scorer.references else None
             head_loss(final.flatten(0, 1), self.model.lm_head.weight, spec, labels=next_token_labels(ids),
                       teacher=teacher, stats=stats)  # fmt: skip
-        if self.scorer.text_metric == "kl":
+        if self.scorer.spec.text == "kl":
             return float(stats.divergence) / stats.tokens
         return float(stats.cross_entropy) / stats.label_tokens
 

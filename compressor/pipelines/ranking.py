@@ -114,17 +114,16 @@ class ProxyScorer:
     ):
         # a weight the metric has no term for is left to the configs to refuse (PruneConfig, SearchConfig)
         self.spec = ScoreSpec(metric, retrieval_weight if metric.endswith("+retrieval") else 1.0)
-        self.text_metric = self.spec.text  # kl | loss | None
-        if self.text_metric and not batches:
+        if self.spec.text and not batches:
             raise OptionError("score_samples", "must be at least 1 to score candidates on held-out sequences")
         if self.spec.retrieval and retrieval is None:
             raise OptionError("score", f"{metric} needs a retrieval task (--retrieval-task)")
         self.metric, self.model, self.importance = metric, model, importance
         self.retrieval, self.retrieval_weight = retrieval, retrieval_weight
         self.world = world or distributed.World(device=model.lm_head.weight.device)
-        self.batches = distributed.share(batches, self.world) if self.text_metric else []
+        self.batches = distributed.share(batches, self.world) if self.spec.text else []
         self.references = None
-        if self.text_metric == "kl":
+        if self.spec.text == "kl":
             self.references = [self._reference(ids) for ids in self.batches]
         self.source_retrieval = retrieval.result(model) if retrieval is not None else None
 
@@ -139,7 +138,7 @@ class ProxyScorer:
     def score_model(self, pruned: HybridLM) -> Score:
         """The score of a model built otherwise (e.g. assembled from a blockwise-distilled library)."""
         value = 0.0
-        if self.text_metric:
+        if self.spec.text:
             stats = LossStats()
             for i, ids in enumerate(self.batches):
                 if ids is None:
@@ -147,7 +146,7 @@ class ProxyScorer:
                     continue
                 batch_stats(pruned, ids, stats, teacher=self.references[i] if self.references else None)
             stats = reduce_stats(stats, self.world)
-            if self.text_metric == "kl":
+            if self.spec.text == "kl":
                 value = float(stats.divergence) / stats.tokens
             else:
                 value = float(stats.cross_entropy) / stats.label_tokens

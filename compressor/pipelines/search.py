@@ -29,7 +29,6 @@ The source checkpoint is loaded once (by `calibrate`) and the data tokenized onc
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -598,19 +597,16 @@ def _write_finalist(
     blocks. Every process of a sharded source slices (its blocks are gathered as they are); the main one
     writes."""
     model, importance, target, world = source.model, source.importance, candidate.target, source.world
-    tensors = None if library is None else library.tensors(model, importance, target)
-    if not world.is_main:
-        if tensors is None:
-            write_pruned(model, importance, target, folder, world=world)
-        else:
-            collections.deque(tensors, maxlen=0)
+    if not world.is_main:  # the same gathers as the main one's slicing, nothing read or written
+        write_pruned(model, importance, target, folder, world=world)
         return
     with atomic_output(folder, overwrite=True) as tmp:
-        if tensors is None:
+        if library is None:
             write_pruned(model, importance, target, tmp, tokenizer_from=source.path)
         else:
             config = target.config(model.config)
             layout = empty_model(config, model.backbone.embeddings.weight.dtype).state_dict()
+            tensors = library.tensors(model, importance, target)
             write_checkpoint(tmp, config, layout, tensors=tensors, tokenizer_from=source.path)
         _write_compression_record(tmp, record, candidate, model.config, importance, source.config.importance_dir)
 
