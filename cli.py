@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from cli_options import (
     HF_EXACT_RETIRED,
+    LIBRARY_OPTIONS,
     NPROC_OPTION,
     PLAN_OPTIONS,
     RETRIEVAL_OPTIONS,
@@ -58,7 +59,6 @@ from cli_options import (
     ScoreOption,
     ScoreSamplesOption,
     SearchActivationCheckpointingOption,
-    SearchBldOption,
     SearchDryRunOption,
     SearchRankByOption,
     SearchShareTeacherOption,
@@ -409,6 +409,7 @@ def prune_command(
 @with_group("budget", BUDGET_OPTIONS, budget_from)
 @with_group("plan", [NPROC_OPTION])
 @with_group("retrieval", RETRIEVAL_OPTIONS, dict)
+@with_group("library", LIBRARY_OPTIONS, dict)
 def search(
     context: typer.Context,
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to compress (--dry-run: also a preset or config).")],
@@ -438,9 +439,6 @@ def search(
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT, skipping finished candidates.")] = False,
-    bld: SearchBldOption = None,
-    bld_epochs: Annotated[int, typer.Option(help="Passes of each variant's training over the library tokens.")] = 2,
-    bld_lr: Annotated[float, typer.Option(help="Peak learning rate of each variant's training.")] = 1e-3,
     share_teacher: SearchShareTeacherOption = False,
     dry_run: SearchDryRunOption = False,
     json_output: JsonOption = False,
@@ -448,6 +446,7 @@ def search(
     strategy_options: dict[str, str] | None = None,
     plan: dict[str, Any] | None = None,
     retrieval: dict[str, Any] | None = None,
+    library: dict[str, Any] | None = None,
 ) -> None:
     """Search architectures under a budget: candidates scored zero-shot, the best few distilled briefly and
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
@@ -459,8 +458,8 @@ def search(
         activation_checkpointing=activation_checkpointing, lr=lr, min_lr=min_lr, samples=samples,
         score_samples=score_samples, importance_dir=importance_dir, rank_by=rank_by, score=score,
         retrieval_weight=retrieval_weight, attention_loss=attention_loss, attention_queries=attention_queries,
-        seed=seed, tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype, bld=bld,
-        bld_epochs=bld_epochs, bld_lr=bld_lr, share_teacher=share_teacher, nproc=plan.get("nproc"), **retrieval,
+        seed=seed, tokenizer=tokenizer, text_field=text_field, device=device, dtype=dtype,
+        share_teacher=share_teacher, nproc=plan.get("nproc"), **library, **retrieval,
     )  # fmt: skip
     result = search_or_preview(model, out, options, dry_run=dry_run, resume=resume, overwrite=overwrite,
                                given=given_options(context), say=say)  # fmt: skip

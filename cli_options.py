@@ -395,6 +395,20 @@ SearchBldOption = Annotated[
         metavar="TOKENS",
     ),
 ]
+SearchBldStreamOption = Annotated[
+    bool,
+    typer.Option(
+        help="Train the library's variants together from the model's forward passes instead of stored "
+        "activations: no disk for them, 1 + 2 x --bld-epochs passes per round of variants that fit in memory."
+    ),
+]
+# search: the blockwise-distilled library
+LIBRARY_OPTIONS = [
+    option("bld", SearchBldOption),
+    option("bld_epochs", int, "Passes of each variant's training over the library tokens.", 2),
+    option("bld_lr", float, "Peak learning rate of each variant's training.", 1e-3),
+    option("bld_stream", SearchBldStreamOption, default=False),
+]
 SearchShareTeacherOption = Annotated[
     bool,
     typer.Option(

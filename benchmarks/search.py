@@ -20,6 +20,10 @@ library search (`--bld` tokens, each finalist its own teacher) each distill N of
 evenly over their score order (the best, the worst and between, `--correlation-tokens` each), and report the
 Spearman / Kendall rank correlation between the score and the KL after distillation.
 
+`--library-paths`: the library alone (`--bld` tokens, `--bld-epochs`), built from stored activations and
+streamed (`--bld-stream`): its wall time, the disk its activations take, and the variants' mean error
+before and after training.
+
 `--teacher-share K1,K2`: zero-shot searches with K1 and K2 finalists (`--share-distill-tokens` each), with
 the shared teacher cache and without it: the teacher's seconds and share of the search.
 
@@ -27,6 +31,7 @@ the shared teacher cache and without it: the teacher's seconds and share of the 
     python benchmarks/search.py --rows bld --bld 8k              # one row
     python benchmarks/search.py --rows none --teacher-share 1,4  # the teacher's share only
     python benchmarks/search.py --rows none --correlation 6      # the scores' rank correlation
+    python benchmarks/search.py --rows none --library-paths      # stored against streamed library
 
 Run alone: other work on the machine changes the times (not the KL figures).
 """
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--share-distill-tokens", default="25k")
     parser.add_argument("--correlation", type=int, default=0, help="candidates distilled per score, e.g. 6")
     parser.add_argument("--correlation-tokens", default="50k", help="distillation tokens per candidate")
+    parser.add_argument("--library-paths", action="store_true", help="the library stored and streamed")
     args = parser.parse_args()
     budget = Budget(memory=parse_size(args.target_mem), context=parse_context(args.ctx))
     calibration = CalibrationConfig(
@@ -134,6 +140,8 @@ def main() -> None:
             _teacher_share(source, budget, clock, args, Path(tmp))
         if args.correlation:
             _correlation(source, budget, clock, args, Path(tmp))
+        if args.library_paths:
+            _library_paths(source, budget, args, Path(tmp))
 
 
 def _template(tokens: int) -> TrainConfig:
@@ -178,6 +186,40 @@ def _print_rows(rows, budget, finalists, total) -> None:
         stages = ", ".join(f"{stage} {s:.0f} s" for stage, s in record.seconds.items())
         print(f"{name}: {stages}; finalists {[c.index for c in record.candidates if c.finalist]}", end="")
         print(f", KL after distillation {[round(record.candidate(i).distilled.val_kl, 4) for i in record.ranking]}")
+
+
+def _library_paths(source, budget, args, tmp: Path) -> None:
+    """The same library from stored activations and streamed: wall time, activations on disk (measured
+    when the first variant is done, before they are deleted), mean error before and after training."""
+    from compressor.pipelines.library import ACTIVATIONS_DIR, build_library
+
+    options = MINIPUZZLE | {"hidden_choices": args.bld_hidden_choices}
+    config = SearchConfig(budget, _template(1000), "minipuzzle", options)
+    tables = config.build_strategy().servable_tables(source.model.config, source.importance, budget)[1]
+    rows = []
+    for stream in (False, True):
+        folder, disk = tmp / f"library-{'streamed' if stream else 'stored'}", []
+
+        def say(text: str, folder=folder, disk=disk) -> None:
+            print(f"[library] {text}", flush=True)
+            if text.startswith("library 1/"):
+                files = (folder / ACTIVATIONS_DIR).glob("*")
+                disk.append(sum(f.stat().st_size for f in files))
+
+        bld = BLDConfig(parse_tokens(args.bld), epochs=args.bld_epochs, micro_batch_size=8, stream=stream)
+        started = time.perf_counter()
+        library = build_library(source, tables, bld, folder, say)
+        seconds = time.perf_counter() - started
+        variants = list(library.variants.values())
+        before = sum(v.initial_error for v in variants) / len(variants)
+        after = sum(v.error for v in variants) / len(variants)
+        path = "streamed (`--bld-stream`)" if stream else "stored activations"
+        stored = f"{disk[0] / 2**20:.1f} MiB"
+        rows.append(f"| {path} | {len(variants)} | {seconds:.0f} s | {stored} | {before:.4f} | {after:.4f} |")
+    print(f"\nlibrary of the example at {budget.describe()}: {args.bld} tokens, {args.bld_epochs} epochs")
+    print("\n| path | variants | wall time | activations on disk | mean error before | mean error after |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
 
 
 def _teacher_share(source, budget, clock, args, tmp: Path) -> None:

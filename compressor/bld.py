@@ -14,7 +14,15 @@ it with AdamW to the normalised error
 the share of the parent block's contribution to the residual stream the variant fails to reproduce: 0
 is the parent block itself, 1 is what dropping the block does. Only one block, its optimiser state and
 one micro-batch of activations are in memory; variants are independent, so they can be trained in any
-order, resumed one at a time, and shared among processes.
+order, resumed one at a time, and shared among processes. The states are stored in the dtype the parent
+computes its residual stream in (bf16 for a bf16 parent without `residual_in_fp32`), so storing loses
+nothing; training reads them as fp32.
+
+Without the disk for them, `train_streamed` trains a group of variants together from the parent's own
+forward passes instead: every micro-batch of the parent's boundaries feeds one step of every variant of
+the group, so 1 + 2 x epochs passes of the parent (the first error, then per epoch a training pass and an
+error pass) replace the stored activations. Its batches come in one order for all variants (the stored
+path shuffles per variant), and the grouping does not change any variant's result.
 """
 
 from __future__ import annotations
@@ -38,9 +46,16 @@ META = "activations.json"
 PART_BYTES = 2**30  # an activations file holds about this much (at least one sequence)
 
 
-def part_sequences(seq_len: int, hidden_size: int, blocks: int) -> int:
-    """Sequences per activations file: every block boundary of a sequence in fp32, up to `PART_BYTES`."""
-    return max(1, PART_BYTES // (seq_len * hidden_size * (blocks + 1) * 4))
+def part_sequences(seq_len: int, hidden_size: int, blocks: int, itemsize: int = 4) -> int:
+    """Sequences per activations file: every block boundary of a sequence (`itemsize` bytes a value), up to
+    `PART_BYTES`."""
+    return max(1, PART_BYTES // (seq_len * hidden_size * (blocks + 1) * itemsize))
+
+
+def stored_itemsize(residual_in_fp32: bool, dtype: torch.dtype) -> int:
+    """Bytes per stored activation value: the residual stream's dtype, fp32 with `residual_in_fp32`, else
+    the parent's `dtype`."""
+    return 4 if residual_in_fp32 else torch.finfo(dtype).bits // 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class BLDConfig:
     lr: float = 1e-3
     micro_batch_size: int = 8
     seed: int = 0
+    stream: bool = False  # train from the parent's forward passes (`train_streamed`), nothing stored
 
     def __post_init__(self) -> None:
         checks = [
@@ -70,27 +86,29 @@ class BLDConfig:
 def write_activations(
     model: HybridLM, sequences: torch.Tensor, folder: Path, *, batch_size: int = 8, world: World | None = None
 ) -> Activations:
-    """Run the parent over `sequences` (n, t) and store h_0 ... h_L (float32) in parts of about
-    `PART_BYTES`; written to a temporary sibling and renamed into place when complete, so a folder that
+    """Run the parent over `sequences` (n, t) and store h_0 ... h_L (in the residual stream's dtype) in parts
+    of about `PART_BYTES`; written to a temporary sibling and renamed into place when complete, so a folder that
     exists is whole. A sharded parent (`world` of several processes) runs on every process, each block
     gathered in turn, and the main process writes."""
     world = world or World()
     folder = Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
     device, parts, config = model.lm_head.weight.device, 0, model.config
+    itemsize = stored_itemsize(config.residual_in_fp32, model.lm_head.weight.dtype)
     if world.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        needed = sequences.numel() * config.hidden_size * (config.num_blocks + 1) * 4
-        check_free_space(partial, needed, "storing the parent's activations (fewer --bld tokens need less)")
-    step = part_sequences(sequences.shape[1], config.hidden_size, config.num_blocks)
+        needed = sequences.numel() * config.hidden_size * (config.num_blocks + 1) * itemsize
+        what = "storing the parent's activations (fewer --bld tokens need less, --bld-stream none)"
+        check_free_space(partial, needed, what)
+    step = part_sequences(sequences.shape[1], config.hidden_size, config.num_blocks, itemsize)
     for start in range(0, len(sequences), step):
         chunk = sequences[start : start + step]
         states: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_blocks + 1)]
         for i in range(0, len(chunk), batch_size):
             for level, hidden in enumerate(boundaries(model, chunk[i : i + batch_size].to(device))):
                 if world.is_main:  # the others run the pass only for its collectives
-                    states[level].append(hidden.float().cpu())
+                    states[level].append(hidden.cpu())
         if world.is_main:
             tensors = {f"h{level}": torch.cat(s) for level, s in enumerate(states)}
             save_tensors(tensors, partial / f"part-{parts}.safetensors")
@@ -149,13 +167,13 @@ class Activations:
     def pairs(
         self, block: int, channels: torch.Tensor, micro_batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(input, target) micro-batches of block `block`, on the kept `channels`: one part in memory at a
-        time, parts and sequences within a part shuffled by `generator` (in order without one)."""
+        """(input, target) micro-batches of block `block`, on the kept `channels`, in fp32: one part in memory
+        at a time, parts and sequences within a part shuffled by `generator` (in order without one)."""
         order = torch.randperm(self.parts, generator=generator) if generator is not None else range(self.parts)
         for part in order:
             with open_tensors(self.folder / f"part-{int(part)}.safetensors", "stored activations") as handle:
-                inputs = handle.get_tensor(f"h{block}")[..., channels]
-                targets = handle.get_tensor(f"h{block + 1}")[..., channels]
+                inputs = handle.get_tensor(f"h{block}")[..., channels].float()
+                targets = handle.get_tensor(f"h{block + 1}")[..., channels].float()
             rows = torch.randperm(len(inputs), generator=generator) if generator is not None else range(len(inputs))
             rows = torch.as_tensor(rows)
             for i in range(0, len(rows), micro_batch_size):
@@ -172,51 +190,149 @@ class VariantResult:
     steps: int
 
 
+class _Error:
+    """The normalised error (module docstring) of a block, summed over micro-batches."""
+
+    def __init__(self) -> None:
+        self.missed = self.contribution = 0.0
+
+    @torch.no_grad()
+    def add(self, block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.missed += float((block(x).float() - y).square().sum())
+        self.contribution += float((y - x).square().sum())
+
+    def take(self) -> float:
+        """The error of what was added, and a fresh start."""
+        error = self.missed / max(self.contribution, 1e-30)
+        self.missed = self.contribution = 0.0
+        return error
+
+
+class _Fit:
+    """One variant's training, fed (input, target) micro-batches from outside: stored activations
+    (`train_variant`) or the parent's forward passes (`train_streamed`). Errors accumulate over a pass of
+    `measure` calls; `keep` after each pass holds on to the weights of the lowest error so far."""
+
+    def __init__(self, block: nn.Module, index: int, channels: torch.Tensor, config: BLDConfig, steps: int) -> None:
+        self.block, self.index, self.config, self.total = block.float().train(), index, config, steps
+        self.device = next(block.parameters()).device
+        self.channels = channels.to(self.device)
+        self.trainable = [p for p in block.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=0.0)
+        self.steps, self.errors = 0, _Error()
+        self.initial: float | None = None
+        self.best, self.best_state = math.inf, None
+        self.stopped = False  # a non-finite loss ends the epoch
+
+    def pair(self, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This variant's (input, target) on its kept channels, in fp32, from one batch of the parent's
+        boundaries."""
+        x, y = states[self.index], states[self.index + 1]
+        return x[..., self.channels].float(), y[..., self.channels].float()
+
+    def measure(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.errors.add(self.block, x.to(self.device), y.to(self.device))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One AdamW step, the learning rate on a cosine from lr to lr / 10 over all epochs."""
+        if self.stopped:
+            return
+        x, y = x.to(self.device), y.to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * (0.55 + 0.45 * math.cos(math.pi * self.steps / max(self.total, 1)))
+        loss = (self.block(x).float() - y).square().sum() / (y - x).square().sum().clamp(min=1e-30)
+        if not torch.isfinite(loss):
+            self.stopped = True
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.steps += 1
+
+    def keep(self) -> None:
+        """End a measuring pass: its error, the first one the initial; the weights if it is the lowest."""
+        error = self.errors.take()
+        if self.initial is None:
+            self.initial = error
+        if error < self.best:
+            self.best, self.best_state = error, {k: v.clone() for k, v in self.block.state_dict().items()}
+        self.stopped = False
+
+    def result(self) -> VariantResult:
+        """The kept weights loaded, the block in eval mode."""
+        self.block.load_state_dict(self.best_state)
+        self.block.eval()
+        return VariantResult(self.initial, self.best, self.steps)
+
+
 def block_error(block: nn.Module, activations: Activations, index: int, channels: torch.Tensor, micro: int) -> float:
     """The normalised error (module docstring) of `block` in place of parent block `index`, over all
     stored sequences."""
-    device = next(block.parameters()).device
-    missed = contribution = 0.0
-    with torch.no_grad():
-        for x, y in activations.pairs(index, channels, micro):
-            x, y = x.to(device), y.to(device)
-            missed += float((block(x).float() - y).square().sum())
-            contribution += float((y - x).square().sum())
-    return missed / max(contribution, 1e-30)
+    device, errors = next(block.parameters()).device, _Error()
+    for x, y in activations.pairs(index, channels, micro):
+        errors.add(block, x.to(device), y.to(device))
+    return errors.take()
 
 
 def train_variant(
     block: nn.Module, activations: Activations, index: int, channels: torch.Tensor, config: BLDConfig
 ) -> VariantResult:
     """Fit `block` (float32, in place) to parent block `index`'s output on the kept `channels` (module
-    docstring); the weights after the epoch with the lowest error are kept, its initial ones if no epoch
-    improves on them."""
+    docstring) from stored activations; the weights after the epoch with the lowest error are kept, its
+    initial ones if no epoch improves on them."""
     micro = config.micro_batch_size
-    block.float().train()
-    initial = best = block_error(block, activations, index, channels, micro)
-    best_state = {k: v.clone() for k, v in block.state_dict().items()}
-    trainable = [p for p in block.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     per_epoch = math.ceil(activations.sequences / micro) if activations.parts else 0
-    total, step = per_epoch * config.epochs, 0
+    fit = _Fit(block, index, channels, config, per_epoch * config.epochs)
+
+    def measured() -> None:
+        for x, y in activations.pairs(index, fit.channels.cpu(), micro):
+            fit.measure(x, y)
+        fit.keep()
+
+    measured()
     generator = torch.Generator().manual_seed(config.seed + index)
-    device = next(block.parameters()).device
     for _ in range(config.epochs):
-        for x, y in activations.pairs(index, channels, micro, generator):
-            x, y = x.to(device), y.to(device)
-            for group in optimizer.param_groups:  # cosine from lr to lr / 10
-                group["lr"] = config.lr * (0.55 + 0.45 * math.cos(math.pi * step / max(total, 1)))
-            loss = (block(x).float() - y).square().sum() / (y - x).square().sum().clamp(min=1e-30)
-            if not torch.isfinite(loss):
+        for x, y in activations.pairs(index, fit.channels.cpu(), micro, generator):
+            fit.step(x, y)
+            if fit.stopped:
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            step += 1
-        error = block_error(block, activations, index, channels, micro)
-        if error < best:
-            best, best_state = error, {k: v.clone() for k, v in block.state_dict().items()}
-    block.load_state_dict(best_state)
-    block.eval()
-    return VariantResult(initial, best, step)
+        measured()
+    return fit.result()
+
+
+def train_streamed(
+    model: HybridLM,
+    sequences: torch.Tensor,
+    variants: list[tuple[nn.Module, int, torch.Tensor]],
+    config: BLDConfig,
+) -> list[VariantResult]:
+    """Fit every `(block, parent block index, kept channels)` of `variants` together (float32, in place)
+    from the parent's forward passes over `sequences` (n, t), as `train_variant` does from stored
+    activations (module docstring): `config.micro_batch_size` sequences a pass step, one shuffled order for
+    all variants. A sharded parent runs its passes on every process: call it on each, also on one with no
+    variants of its own."""
+    micro, device = config.micro_batch_size, model.lm_head.weight.device
+    fits = [_Fit(b, i, c, config, math.ceil(len(sequences) / micro) * config.epochs) for b, i, c in variants]
+
+    def passes(order: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+        for start in range(0, len(order), micro):
+            with torch.no_grad():
+                states = list(boundaries(model, sequences[order[start : start + micro]].to(device)))
+            yield states  # outside no_grad: the variants' steps need autograd
+
+    def measured() -> None:
+        for states in passes(torch.arange(len(sequences))):
+            for fit in fits:
+                fit.measure(*fit.pair(states))
+        for fit in fits:
+            fit.keep()
+
+    measured()
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.epochs):
+        for states in passes(torch.randperm(len(sequences), generator=generator)):
+            for fit in fits:
+                fit.step(*fit.pair(states))
+        measured()
+    return [fit.result() for fit in fits]

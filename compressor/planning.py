@@ -142,16 +142,26 @@ def scoring_plan(
 
 
 def library_plan(
-    source: HybridConfig, *, tokens: int, seq_len: int, micro_batch_size: int, dtype: torch.dtype
+    source: HybridConfig,
+    *,
+    tokens: int,
+    seq_len: int,
+    micro_batch_size: int,
+    dtype: torch.dtype,
+    stream: bool = False,
+    epochs: int = 2,
 ) -> MemoryPlan:
     """`compress search --bld`: the source (its stored activations are written from a forward of it) and,
     while a variant trains, the widest block in fp32 with its gradients and AdamW's two moments, one
     micro-batch of its inputs and targets, and what autograd keeps through that one block. The parent
-    activations go to disk (a note gives their size), one part of them in host memory at a time."""
-    from compressor.bld import part_sequences
+    activations go to disk (a note gives their size), one part of them in host memory at a time; with
+    `stream` nothing goes to disk: one micro-batch of every block boundary is in memory, and each round of
+    variants trained together fills half the memory left (a note gives the source passes)."""
+    from compressor.bld import part_sequences, stored_itemsize
 
     size = _size(dtype)
     micro = micro_batch_size * seq_len
+    itemsize = stored_itemsize(source.residual_in_fp32, dtype)
     plan = MemoryPlan("library (blockwise distillation)")
     _add_model(plan, "source", source, size)
     _, _, block = _sizes(source)
@@ -160,12 +170,20 @@ def library_plan(
     widest = max(b + f for b, f in (_block_activations(source, s) for s in source.blocks))
     plan.each["variant: activations (one block)"] = micro * widest * 4
     plan.each["source: activations (one forward)"] = _forward_bytes(source, micro, size)
-    stored = tokens * source.hidden_size * (source.num_blocks + 1) * 4
-    part = part_sequences(seq_len, source.hidden_size, source.num_blocks)
-    part *= seq_len * source.hidden_size * (source.num_blocks + 1) * 4
+    boundaries = source.hidden_size * (source.num_blocks + 1) * itemsize
+    if stream:
+        plan.each["source: every block boundary (one micro-batch)"] = micro * boundaries
+        plan.notes.append(
+            f"streamed: no activations on disk; each round trains as many variants together as fit in half the "
+            f"free memory (20 bytes a parameter each, about {format_bytes(20 * block)} for the widest block) "
+            f"and runs {1 + 2 * epochs} passes of the source over {tokens:,} tokens"
+        )
+        return plan
+    part = part_sequences(seq_len, source.hidden_size, source.num_blocks, itemsize) * seq_len * boundaries
     plan.notes.append(
-        f"parent activations on disk: {format_bytes(stored)} for {tokens:,} tokens (fp32, every block boundary); "
-        f"host memory holds one part of {format_bytes(part)} at a time"
+        f"parent activations on disk: {format_bytes(tokens * boundaries)} for {tokens:,} tokens (every block "
+        f"boundary, {itemsize} bytes a value); host memory holds one part of {format_bytes(part)} at a time; "
+        "--bld-stream stores none"
     )
     return plan
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from compressor.bld import BLDConfig, block_error, train_variant, write_activations
+from compressor.bld import BLDConfig, block_error, boundaries, train_streamed, train_variant, write_activations
 from compressor.errors import OptionError
 from compressor.importance import estimate
 from compressor.model import HybridLM
@@ -107,6 +107,57 @@ def test_moe_variants_reproduce_the_parent_and_fewer_experts_train_towards_it(tm
     assert 0 < result.error < result.initial_error
 
 
+def test_a_bf16_parent_stores_its_activations_in_bf16_and_they_read_back_exactly(parent, tmp_path):
+    from safetensors import safe_open
+
+    model, _, ids = parent
+    half = HybridLM(model.config).to(torch.bfloat16).eval()
+    half.load_state_dict(model.state_dict())
+    stored = write_activations(half, ids, tmp_path / "activations", batch_size=16)
+    with safe_open(str(tmp_path / "activations" / "part-0.safetensors"), "pt") as handle:
+        assert handle.get_tensor("h1").dtype == torch.bfloat16  # half the disk of fp32, nothing lost
+    everything = torch.arange(model.config.hidden_size)
+    x, y = next(stored.pairs(2, everything, 16))
+    with torch.no_grad():
+        states = list(boundaries(half, ids))
+    assert x.dtype == torch.float32 and torch.equal(x, states[2].float()) and torch.equal(y, states[3].float())
+
+
+def _variants(model, importance):
+    """Three variants to train: a perturbed whole MLP block, a narrower MLP block at 3/4 of the hidden
+    size and a perturbed Mamba block, each (block, parent index, kept channels)."""
+    hidden = model.config.hidden_size
+    out = []
+    for kind, widths, size in (("mlp", {}, hidden), ("mlp", {"half": True}, hidden * 3 // 4), ("mamba", {}, hidden)):
+        spec = _spec(model, kind)
+        narrow = {"intermediate_size": spec.intermediate_size // 2} if widths else {}
+        block = pruned_block(model, importance, _target(model, spec, **narrow), size)
+        if size == hidden:
+            torch.manual_seed(spec.index)
+            with torch.no_grad():
+                for parameter in block.mixer.parameters():
+                    parameter.add_(0.3 * parameter.std().nan_to_num(0.1) * torch.randn_like(parameter))
+        out.append((block, spec.index, importance.keep_hidden(size)))
+    return out
+
+
+def test_streamed_variants_train_from_the_parents_passes_alike_alone_or_together(parent, activations):
+    # no stored activations: the same errors to start with as the stored path, trained more than half the
+    # way back, and a variant's result does not depend on the others trained beside it
+    model, importance, ids = parent
+    config = BLDConfig(tokens=1, epochs=3, lr=3e-3, micro_batch_size=4)
+    together = train_streamed(model, ids, _variants(model, importance), config)
+    alone = [train_streamed(model, ids, [variant], config)[0] for variant in _variants(model, importance)]
+    assert together == alone
+    stored = [train_variant(b, activations, i, c, config) for b, i, c in _variants(model, importance)]
+    for streamed, from_disk in zip(together, stored, strict=True):
+        assert streamed.initial_error == pytest.approx(from_disk.initial_error, rel=1e-4)
+        assert streamed.error < streamed.initial_error / 2 and streamed.steps == from_disk.steps
+    whole = pruned_block(model, importance, _target(model, _spec(model, "mlp")), model.config.hidden_size)
+    (result,) = train_streamed(model, ids, [(whole, _spec(model, "mlp").index, torch.arange(64))], config)
+    assert result.initial_error < 1e-10  # the parent block itself
+
+
 def test_bld_options_are_checked():
     with pytest.raises(OptionError, match="bld_epochs"):
         BLDConfig(tokens=1000, epochs=0)
@@ -145,6 +196,27 @@ def test_library_resumes_after_a_kill_and_matches_an_uninterrupted_build(workspa
     assert set(resumed.variants) == set(whole.variants)
     for key, variant in whole.variants.items():
         assert resumed.variants[key].error == pytest.approx(variant.error, rel=1e-5)
+
+
+def test_a_streamed_library_stores_nothing_and_is_the_same_in_one_round_or_many(workspace, tmp_path, monkeypatch):
+    from compressor.pipelines import library as library_module
+
+    source = calibrate(_calibration(workspace))
+    tables = _tables(source, workspace)
+    config = BLDConfig(tokens=8 * 32, epochs=1, stream=True)
+    seen = []
+    spy = library_module.write_activations
+    monkeypatch.setattr(library_module, "write_activations", lambda *a, **k: seen.append(1) or spy(*a, **k))
+    said = []
+    one = build_library(source, tables, config, tmp_path / "one", say=said.append)
+    assert not seen and not (tmp_path / "one" / "activations").exists()
+    monkeypatch.setattr(library_module, "available_memory", lambda device: 1)  # a variant a round
+    many = build_library(source, tables, config, tmp_path / "many", say=lambda t: None)
+    assert len(one.variants) >= 3 and set(one.variants) == set(many.variants)
+    for key, variant in one.variants.items():
+        assert (many.variants[key].initial_error, many.variants[key].error) == (variant.initial_error, variant.error)
+    assert any(v.error < v.initial_error for v in one.variants.values())
+    assert any(text.startswith(f"library {len(one.variants)}/") for text in said)
 
 
 def test_bld_search_assembles_finalists_from_trained_blocks_and_shares_one_teacher_pass(
@@ -247,9 +319,11 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     changed = CliRunner().invoke(cli.app, [*args[:-4], "--bld-epochs", "3", "--out", str(out), "--resume"])
     assert changed.exit_code != 0 and "--bld-epochs" in changed.output
+    streamed = CliRunner().invoke(cli.app, [*args, "--bld-stream", "--resume"])
+    assert streamed.exit_code != 0 and "--bld-stream" in streamed.output
 
 
-@pytest.mark.parametrize("library", [True, False])
+@pytest.mark.parametrize("library", ["stored", "streamed", None])
 def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_path, library):
     # under torchrun the source is sharded, the variants are shared out one per process a round, and the
     # main process writes: the same variants, scores, candidates and finalists as one process (and without
@@ -267,7 +341,7 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
             "--distill-tokens", "256", "--batch-size", "4", "--micro-batch-size", "1", "--ffn-fractions",
             "1,0.5", "--hidden-choices", "1", "--top-k", "4", "--device", "cpu", "--json"]  # fmt: skip
     if library:
-        args += ["--bld", "256", "--bld-epochs", "1"]
+        args += ["--bld", "256", "--bld-epochs", "1"] + (["--bld-stream"] if library == "streamed" else [])
     records = {}
     for name, processes in (("one", 1), ("two", 2)):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
@@ -304,7 +378,14 @@ def test_search_dry_run_plans_the_library_at_real_sizes(preset, memory):
     (library,) = [p for p in json.loads(result.output)["memory_plans"] if p["stage"].startswith("library")]
     source = get_preset(preset)
     assert library["terms"]["variant: weights, gradients, AdamW (fp32)"] > 0 and library["smallest_nproc"] >= 1
-    stored = 1_000_000 * source.hidden_size * (source.num_blocks + 1) * 4  # every block boundary, fp32
+    stored = 1_000_000 * source.hidden_size * (source.num_blocks + 1) * 2  # every block boundary, bf16
     from compressor.budget import format_bytes
 
     assert format_bytes(stored) in library["notes"][0]
+    if preset != "12b-v2":
+        return
+    streamed = CliRunner().invoke(cli.app, [*args, "--bld-stream"])
+    (library,) = [p for p in json.loads(streamed.output)["memory_plans"] if p["stage"].startswith("library")]
+    assert "no activations on disk" in library["notes"][0] and "5 passes of the source" in library["notes"][0]
+    alone = CliRunner().invoke(cli.app, [a for a in args if a not in ("--bld", "1M")] + ["--bld-stream"])
+    assert alone.exit_code != 0 and "--bld-stream needs --bld TOKENS" in alone.output

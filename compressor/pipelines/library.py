@@ -8,7 +8,9 @@ first two stages on one machine.
    (`prune.pruned_block`) and trained by blockwise local distillation (`bld.train_variant`); dropping a
    block needs no training. Each variant's weights go to `blocks/h{hidden}-b{block}-{n}.safetensors` and
    its entry (widths, error before and after) is appended to `entries.jsonl` as it finishes, so a killed
-   build resumes at the next variant; the activations are deleted once every variant is trained;
+   build resumes at the next variant; the activations are deleted once every variant is trained. With
+   `stream` (`--bld-stream`) nothing is stored: rounds of as many variants as fit in memory train together
+   from the source's own passes (`bld.train_streamed`), and a killed build resumes at the next round;
 3. scores (`score_library`): per hidden size, the model assembled from the kept-whole variants, and each
    option's damage: the proxy score (KL to the source on the held-out batches) of that model with the
    block replaced by the option, less the assembled model's own (Puzzle's replacement score; a dropped
@@ -19,8 +21,9 @@ first two stages on one machine.
 the options): a build whose record differs starts again.
 
 Under torchrun (a sharded source) every process takes part in the source's passes (activations, scores)
-and the variants are shared out: each round prunes one variant per process from the gathered parent blocks
-and each process trains its own; the main process writes the records (`entries.jsonl`, `scores.json`).
+and the variants are shared out: each round prunes its variants (one per process, or a streamed round's
+many, dealt out in turn) from the gathered parent blocks and each process trains its own; the main process
+writes the records (`entries.jsonl`, `scores.json`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ import torch
 from torch import nn
 
 from compressor import distributed
-from compressor.bld import Activations, BLDConfig, train_variant, write_activations
+from compressor.bld import Activations, BLDConfig, train_streamed, train_variant, write_activations
+from compressor.budget import available_memory
+from compressor.budget.counts import parameter_counts
 from compressor.checkpoint import empty_model, materialize
 from compressor.config import OVERRIDABLE
 from compressor.errors import CompressorError
@@ -229,18 +234,22 @@ def build_library(
     jobs = enumerate(_jobs(source, tables))
     todo = [(n, hidden, block) for n, (hidden, block) in jobs if variant_key(hidden, block) not in library.variants]
     activations_dir = folder / ACTIVATIONS_DIR
-    if todo and not Activations.is_complete(activations_dir):
+    if todo and not config.stream and not Activations.is_complete(activations_dir):
         say(f"library: storing the source's activations on {len(positions)} sequences")
         write_activations(source.model, source.sequences.take(positions), activations_dir, world=world)
     started, done = time.monotonic(), 0
-    for first in range(0, len(todo), world.size):  # a round: one variant per process
-        mine = None
-        for offset, (number, hidden, block) in enumerate(todo[first : first + world.size]):
-            variant = pruned_block(source.model, source.importance, block, hidden)  # gathers: every process
-            if offset == world.rank:
-                mine = (number, hidden, block, variant)
-        entries = distributed.gather_objects(_train(mine, source, config, folder) if mine else None, world)
-        for entry, result in (e for e in entries if e is not None):
+    rounds = _stream_rounds(source, todo) if config.stream else _rounds(todo, world.size)
+    for count, jobs in enumerate(rounds, 1):
+        if config.stream:
+            say(f"library: round {count}/{len(rounds)}, {len(jobs)} variants trained together over "
+                f"{1 + 2 * config.epochs} passes of the source on {len(positions)} sequences")  # fmt: skip
+        mine = []  # a variant each process in turn; every process prunes every one (the gathers)
+        for offset, (number, hidden, block) in enumerate(jobs):
+            variant = pruned_block(source.model, source.importance, block, hidden)
+            if offset % world.size == world.rank:
+                mine.append((number, hidden, block, variant))
+        gathered = distributed.gather_objects(_train(mine, source, config, folder, positions), world)
+        for _, entry, result in sorted((e for part in gathered for e in part), key=lambda e: e[0]):
             if world.is_main:
                 with open(folder / ENTRIES_FILE, "a") as f:
                     f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
@@ -257,6 +266,32 @@ def build_library(
     return library
 
 
+def _rounds(todo: list[tuple], size: int) -> list[list[tuple]]:
+    """The stored-activations rounds: one variant per process."""
+    return [todo[first : first + size] for first in range(0, len(todo), size)]
+
+
+def _stream_rounds(source: Source, todo: list[tuple]) -> list[list[tuple]]:
+    """The streamed rounds: as many variants as fit on each process in half the memory free beside the
+    source (the least of any process), each variant's fp32 weights, gradients, AdamW's two moments and best
+    weights' copy taking 20 bytes a parameter; at least one variant a process."""
+    model, world = source.model, source.world
+    known = [free for free in distributed.gather_objects(available_memory(world.device), world) if free is not None]
+    room = min(known) / 2 if known else math.inf
+    rounds: list[list[tuple]] = []
+    loads = [0] * world.size
+    for job in todo:
+        _, hidden, block = job
+        cost = 20 * (parameter_counts(Target(hidden, (block,)).config(model.config))[block.kind] + hidden)
+        rank = len(rounds[-1]) % world.size if rounds else 0
+        if not rounds or (loads[rank] + cost > room and len(rounds[-1]) >= world.size):
+            rounds.append([])
+            loads, rank = [0] * world.size, 0
+        rounds[-1].append(job)
+        loads[rank] += cost
+    return rounds
+
+
 def _prepare(folder: Path, settings: dict[str, Any], say: Callable[[str], None]) -> None:
     """The library folder, started again when it was built for another source, data or settings."""
     if folder.exists():
@@ -270,18 +305,31 @@ def _prepare(folder: Path, settings: dict[str, Any], say: Callable[[str], None])
         write_json(folder / LIBRARY_FILE, settings)
 
 
-def _train(job: tuple, source: Source, config: BLDConfig, folder: Path) -> tuple[Variant, tuple[float, float]]:
-    """Train job `(number, hidden, block, variant)`'s variant and save its weights: (entry, errors)."""
-    number, hidden, block, variant = job
-    index = block.source
-    channels = source.importance.keep_hidden(hidden).cpu()
-    result = train_variant(variant, Activations(folder / ACTIVATIONS_DIR), index, channels, config)
-    name = f"{BLOCKS_DIR}/h{hidden}-b{index}-{number}.safetensors"
-    tmp = folder / f"{name}.tmp"
-    save_tensors({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
-    os.replace(tmp, folder / name)
-    entry = Variant(hidden, index, block.widths, result.initial_error, result.error, result.steps, name)
-    return entry, (result.initial_error, result.error)
+def _train(
+    jobs: list[tuple], source: Source, config: BLDConfig, folder: Path, positions: np.ndarray
+) -> list[tuple[int, Variant, tuple[float, float]]]:
+    """Train this process's `(number, hidden, block, variant)` jobs (from the stored activations, or together
+    from the source's passes over the library's `positions` with `config.stream`; a streamed round runs
+    those passes also with no jobs) and save their weights: (job number, entry, errors) each."""
+    channels = [source.importance.keep_hidden(hidden).cpu() for _, hidden, _, _ in jobs]
+    if config.stream:
+        fits = [(variant, block.source, kept) for (_, _, block, variant), kept in zip(jobs, channels, strict=True)]
+        results = train_streamed(source.model, source.sequences.take(positions), fits, config)
+    else:
+        activations = Activations(folder / ACTIVATIONS_DIR) if jobs else None
+        results = [
+            train_variant(variant, activations, block.source, kept, config)
+            for (_, _, block, variant), kept in zip(jobs, channels, strict=True)
+        ]
+    done = []
+    for (number, hidden, block, variant), result in zip(jobs, results, strict=True):
+        name = f"{BLOCKS_DIR}/h{hidden}-b{block.source}-{number}.safetensors"
+        tmp = folder / f"{name}.tmp"
+        save_tensors({k: v.contiguous() for k, v in variant.state_dict().items()}, tmp)
+        os.replace(tmp, folder / name)
+        entry = Variant(hidden, block.source, block.widths, result.initial_error, result.error, result.steps, name)
+        done.append((number, entry, (result.initial_error, result.error)))
+    return done
 
 
 def _settings(folder: Path) -> dict[str, Any] | None:

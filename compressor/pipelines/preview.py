@@ -228,8 +228,8 @@ def compression_plans(
         [planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=weights)] if importance else []
     )
     if bld is not None:
-        plans.append(planning.library_plan(arch, tokens=bld.tokens, seq_len=seq_len,
-                                           micro_batch_size=bld.micro_batch_size, dtype=weights))  # fmt: skip
+        plans.append(planning.library_plan(arch, tokens=bld.tokens, seq_len=seq_len, dtype=weights, stream=bld.stream,
+                                           micro_batch_size=bld.micro_batch_size, epochs=bld.epochs))  # fmt: skip
     plans.append(planning.scoring_plan(arch, largest, seq_len=seq_len, batch_size=batch_size, batches=max(batches, 1),
                                        dtype=weights))  # fmt: skip
     if distill is not None:

@@ -200,6 +200,7 @@ class SearchOptions:
     bld: str | None = None  # the library's tokens, e.g. '64k' (None: no library)
     bld_epochs: int = 2
     bld_lr: float = 1e-3
+    bld_stream: bool = False  # train the library from the source's passes, no stored activations
     share_teacher: bool = False
     retrieval_task: str = "phonebook"
     retrieval_ctx: str | None = None  # one length, e.g. '4k' (default: the budget's context)
@@ -226,8 +227,12 @@ class SearchOptions:
     def library(self) -> BLDConfig | None:
         """The blockwise-distilled library (None without `bld`)."""
         if self.bld is None:
+            if self.bld_stream:
+                raise OptionError("bld_stream", "needs --bld TOKENS: it says how the library is trained")
             return None
-        return BLDConfig(parse_tokens(self.bld), self.bld_epochs, self.bld_lr, self.micro_batch_size, self.seed)
+        return BLDConfig(
+            parse_tokens(self.bld), self.bld_epochs, self.bld_lr, self.micro_batch_size, self.seed, self.bld_stream
+        )
 
     def calibration(self, model: str | Path, budget: Budget) -> CalibrationConfig:
         """How a new search reads `model` and the data: every sequence kept for the finalists' distillations,
@@ -811,6 +816,7 @@ def _refuse_resume_changes(
         "retrieval_sequences": (probe.sequences if probe else None,),
         "bld": (library.tokens if library else None, parse_tokens),
         "bld_epochs": (library.epochs if library else 2,), "bld_lr": (library.lr if library else 1e-3,),
+        "bld_stream": (library.stream if library else False,),
         "share_teacher": (config.share_teacher,),
     }  # fmt: skip
     _refuse_changes(given, {name: (getattr(options, name), *record) for name, record in recorded.items()})
