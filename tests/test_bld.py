@@ -363,6 +363,12 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
     for key, variant in libraries[0].variants.items():
         assert libraries[1].variants[key].error == pytest.approx(variant.error, rel=1e-4)
     assert not (tmp_path / "two" / LIBRARY_DIR / "activations").exists()
+    scores = [json.loads((tmp_path / name / LIBRARY_DIR / "scores.json").read_text()) for name in ("one", "two")]
+    assert scores[0].keys() == scores[1].keys()
+    for hidden, measured in scores[0].items():  # each block's input kept per process, the sums reduced
+        np.testing.assert_allclose(scores[1][hidden]["base"], measured["base"], rtol=1e-4)
+        for row, other in zip(measured["damage"], scores[1][hidden]["damage"], strict=True):
+            np.testing.assert_allclose(other, row, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset, memory", [("12b-v2", "19.66GiB"), ("56b", "88.83GiB")])

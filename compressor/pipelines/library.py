@@ -50,6 +50,7 @@ from compressor.budget.counts import parameter_counts
 from compressor.checkpoint import empty_model, materialize
 from compressor.config import OVERRIDABLE
 from compressor.errors import CompressorError
+from compressor.evaluate import reduce_stats
 from compressor.importance import Importance
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
@@ -249,7 +250,9 @@ def build_library(
             if offset % world.size == world.rank:
                 mine.append((number, hidden, block, variant))
         gathered = distributed.gather_objects(_train(mine, source, config, folder, positions), world)
-        for _, entry, result in sorted((e for part in gathered for e in part), key=lambda e: e[0]):
+        finished = sorted((e for part in gathered for e in part), key=lambda e: e[0])
+        eta = _eta(time.monotonic() - started, done + len(finished), len(todo))  # a round's variants end together
+        for _, entry, result in finished:
             if world.is_main:
                 with open(folder / ENTRIES_FILE, "a") as f:
                     f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
@@ -258,7 +261,7 @@ def build_library(
             say(
                 f"library {done}/{len(todo)}: block {entry.block} ({source.model.config.block(entry.block).kind}) "
                 f"{_describe_widths(entry.widths)} at hidden {entry.hidden}: error {result[0]:.3f} -> "
-                f"{result[1]:.3f}, {_eta(time.monotonic() - started, done, len(todo))}"
+                f"{result[1]:.3f}, {eta}"
             )
     if world.is_main:
         shutil.rmtree(activations_dir, ignore_errors=True)
@@ -421,19 +424,20 @@ def score_library(
 class _Replacements:
     """The proxy score of a model with one block replaced, each block's input computed once: the model's
     residual stream at every block boundary is kept for the scorer's held-out batches, and a replacement
-    of block i runs from its input on. Scores with a retrieval term, and a sharded model (its processes'
-    passes are collectives), run the whole model instead."""
+    of block i runs from its input on. A sharded model's processes each keep their share of the batches
+    (an idle batch where a share is short, so that every process runs the same blocks' collectives) and
+    the sums are reduced. Scores with a retrieval term run the whole model instead."""
 
     def __init__(self, scorer: ProxyScorer, model: HybridLM) -> None:
         self.scorer, self.model = scorer, model
-        text_only = scorer.spec.text is not None and not scorer.spec.retrieval
-        self.resumable = text_only and not scorer.world.distributed
+        self.resumable = scorer.spec.text is not None and not scorer.spec.retrieval
         self.inputs: list[list[torch.Tensor]] = []
         if self.resumable:
             from compressor.bld import boundaries
 
+            idle = distributed.IDLE_IDS.to(scorer.world.device)
             with torch.no_grad():
-                self.inputs = [list(boundaries(model, ids))[:-1] for ids in scorer.batches]
+                self.inputs = [list(boundaries(model, idle if ids is None else ids))[:-1] for ids in scorer.batches]
 
     def score(self, index: int, block: nn.Module | None = None) -> float:
         layers = self.model.backbone.layers
@@ -455,10 +459,13 @@ class _Replacements:
             hidden = inputs[index]
             for layer in backbone.layers[index:]:
                 hidden = layer(hidden)
+            if ids is None:  # an idle batch: only the blocks' collectives
+                continue
             final = backbone.norm_f(hidden.to(backbone.norm_f.weight.dtype))
             teacher = self.scorer.references[batch] if self.scorer.references else None
             head_loss(final.flatten(0, 1), self.model.lm_head.weight, spec, labels=next_token_labels(ids),
                       teacher=teacher, stats=stats)  # fmt: skip
+        stats = reduce_stats(stats, self.scorer.world)
         if self.scorer.spec.text == "kl":
             return float(stats.divergence) / stats.tokens
         return float(stats.cross_entropy) / stats.label_tokens
