@@ -198,7 +198,7 @@ def test_library_resumes_after_a_kill_and_matches_an_uninterrupted_build(workspa
         assert resumed.variants[key].error == pytest.approx(variant.error, rel=1e-5)
 
 
-def test_a_streamed_library_stores_nothing_and_is_the_same_in_one_round_or_many(workspace, tmp_path, monkeypatch):
+def test_a_streamed_library_stores_nothing_resumes_by_round_and_rounds_change_nothing(workspace, tmp_path, monkeypatch):
     from compressor.pipelines import library as library_module
 
     source = calibrate(_calibration(workspace))
@@ -211,6 +211,14 @@ def test_a_streamed_library_stores_nothing_and_is_the_same_in_one_round_or_many(
     one = build_library(source, tables, config, tmp_path / "one", say=said.append)
     assert not seen and not (tmp_path / "one" / "activations").exists()
     monkeypatch.setattr(library_module, "available_memory", lambda device: 1)  # a variant a round
+
+    def kill_in_round_three(text):
+        if text.startswith("library: round 3/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_library(source, tables, config, tmp_path / "many", say=kill_in_round_three)
+    assert len(Library.read(tmp_path / "many").variants) == 2  # the finished rounds are kept
     many = build_library(source, tables, config, tmp_path / "many", say=lambda t: None)
     assert len(one.variants) >= 3 and set(one.variants) == set(many.variants)
     for key, variant in one.variants.items():
