@@ -199,3 +199,53 @@ def test_prepared_check_runs_offline_to_its_table_with_every_gpu_part_skipped(tm
     site = tmp_path / "cache" / "site"
     assert (site / "mamba_ssm" / "ops" / "triton" / "ssd_combined.py").is_file()
     assert not re.search(r"^\s*(import|from) ", (site / "mamba_ssm" / "__init__.py").read_text(), re.M)
+
+
+def _compress_commands_of_the_script() -> dict[str, list[str]]:
+    """The `cli.py` commands the GPU parts of gpu_check.sh run, continuations joined and the shell's values
+    put in (a path for a variable, 8 for an arithmetic expansion): part_distill's init and distill,
+    part_estimate's arguments with a --gpu."""
+    import shlex
+
+    def words(shell: str) -> list[str]:
+        return shlex.split(re.sub(r"\$\{?\w+\}?", "x", re.sub(r"\$\(\([^)]*\)\)", "8", shell)))
+
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    commands = {}
+    for line in text.splitlines():
+        if " cli.py " in line and "${args[@]}" not in line:
+            args = words(line.split(" cli.py ", 1)[1].split("||")[0])
+            commands[args[0]] = args
+    (estimate,) = re.findall(r"local args=\((.*)\)", text)
+    commands["estimate"] = ["estimate", *words(estimate), "--gpu", "h100-sxm"]
+    return commands
+
+
+def test_every_compress_command_of_the_gpu_parts_parses():
+    # the GPU parts never run on a CPU machine: a flag renamed since they were written would fail only on
+    # the first (scarce) GPU; every command they give compress is parsed here as the CLI parses it
+    import importlib.util
+
+    import typer
+
+    spec = importlib.util.spec_from_file_location("qad", ROOT / "benchmarks" / "gpu" / "qad.py")
+    qad = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qad)
+
+    from cli import app
+
+    group = typer.main.get_command(app)
+    work, student = Path("/work"), Path("/work/distilled/model")
+    commands = {
+        **_compress_commands_of_the_script(),
+        **{f"qad {name}": c for name, c in qad.student_commands(work, "sample-256.npy").items()},
+        **{f"qad {name}": c for name, c in qad.run_commands(student, work, "sample-256.npy", "40k").items()},
+        "qad eval": qad.eval_command([student, work / "ptq"], "valid-256.npy"),
+    }
+    assert {"init", "distill", "estimate", "qad prune", "qad qad", "qad eval"} <= commands.keys()
+    for name, (subcommand, *args) in commands.items():
+        command = group.commands[subcommand]
+        try:
+            command.make_context(subcommand, list(args))
+        except Exception as error:  # a click usage error: an unknown option, a bad value
+            pytest.fail(f"{name}: compress {subcommand} {' '.join(args)}: {error}")

@@ -51,16 +51,35 @@ def finish(process: subprocess.Popen, log: Path) -> None:
         raise SystemExit(f"{log.stem} failed (exit {process.returncode}); see {log}")
 
 
-def distilled_model(work: Path, sample: str) -> Path:
-    """The README Commands' distilled model: the Minitron prune to 20 MiB at 4k, then 40k tokens of distillation."""
-    compress(["prune", TEACHER, "--target-mem", "20MiB", "--ctx", "4k",
-              "--axes", "hidden,ffn,mamba_heads,mamba_head_dim,depth", "--data", sample, "--samples", "64",
-              "--score-samples", "16", *SEQ, "--batch-size", "8", "--out", str(work / "pruned"), "--overwrite"],
-             work / "prune.log")  # fmt: skip
-    compress(["distill", TEACHER, str(work / "pruned"), "--data", sample, "--tokens", "40k", *SEQ,
-              "--batch-size", "8", "--eval-sequences", "8", "--out", str(work / "distilled"), "--overwrite"],
-             work / "distill.log")  # fmt: skip
-    return work / "distilled" / "model"
+def student_commands(work: Path, sample: str) -> dict[str, list[str]]:
+    """The README Commands' distilled model: the Minitron prune to 20 MiB at 4k, then 40k tokens of
+    distillation (into WORK/distilled/model)."""
+    return {
+        "prune": ["prune", TEACHER, "--target-mem", "20MiB", "--ctx", "4k",
+                  "--axes", "hidden,ffn,mamba_heads,mamba_head_dim,depth", "--data", sample, "--samples", "64",
+                  "--score-samples", "16", *SEQ, "--batch-size", "8", "--out", str(work / "pruned"), "--overwrite"],
+        "distill": ["distill", TEACHER, str(work / "pruned"), "--data", sample, "--tokens", "40k", *SEQ,
+                    "--batch-size", "8", "--eval-sequences", "8", "--out", str(work / "distilled"), "--overwrite"],
+    }  # fmt: skip
+
+
+def run_commands(student: Path, work: Path, sample: str, tokens: str) -> dict[str, list[str]]:
+    """The three runs from `student`, each into WORK/name: NVFP4 PTQ, QAD and the unquantized control."""
+    train = ["--data", sample, "--tokens", tokens, *SEQ, "--batch-size", "8", "--eval-sequences", "8"]
+    ptq = ["--format", "nvfp4", "--data", sample, "--samples", "16", *SEQ]
+    qad = ["--quantize", "nvfp4", "--calib-sequences", "16", *train]
+    runs = {
+        "ptq": ["quantize", str(student), *ptq],
+        "qad": ["distill", TEACHER, str(student), *qad],
+        "control": ["distill", TEACHER, str(student), *train],
+    }
+    return {name: [*command, "--out", str(work / name), "--overwrite"] for name, command in runs.items()}
+
+
+def eval_command(models: list[Path], valid: str) -> list[str]:
+    """`compress eval` of `models` against the teacher on the held-out plays, in fp32, as JSON."""
+    return ["eval", *map(str, models), "--teacher", TEACHER, "--data", valid, *SEQ, "--max-sequences", "128",
+            "--dtype", "float32", "--json"]  # fmt: skip
 
 
 def summary(kl: dict[str, float], tokens: str) -> str:
@@ -87,17 +106,12 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     sample, valid = str(args.data.resolve() / "sample-256.npy"), str(args.data.resolve() / "valid-256.npy")
-    student = args.student.resolve() if args.student else distilled_model(work, sample)
-    train = ["--data", sample, "--tokens", args.tokens, *SEQ, "--batch-size", "8", "--eval-sequences", "8"]
-    ptq = ["--format", "nvfp4", "--data", sample, "--samples", "16", *SEQ]
-    qad = ["--quantize", "nvfp4", "--calib-sequences", "16", *train]
-    runs = {  # name: the command, whose output goes to WORK/name
-        "ptq": ["quantize", str(student), *ptq],
-        "qad": ["distill", TEACHER, str(student), *qad],
-        "control": ["distill", TEACHER, str(student), *train],
-    }
-    for name, command in runs.items():
-        command += ["--out", str(work / name), "--overwrite"]
+    student = args.student.resolve() if args.student else None
+    if student is None:
+        for name, command in student_commands(work, sample).items():
+            compress(command, work / f"{name}.log")
+        student = work / "distilled" / "model"
+    runs = run_commands(student, work, sample, args.tokens)
     processes = {name: compress(command, work / f"{name}.log", wait=False) for name, command in runs.items()}
     for process in processes.values():  # all three end before any failure is reported: none is left running
         process.wait()
@@ -105,9 +119,7 @@ def main() -> None:
         finish(process, work / f"{name}.log")
     models = {"distilled": student, "ptq": work / "ptq", "qad": work / "qad" / "quantized",
               "control": work / "control" / "model"}  # fmt: skip
-    evaluation = ["eval", *map(str, models.values()), "--teacher", TEACHER, "--data", valid, *SEQ,
-                  "--max-sequences", "128", "--dtype", "float32", "--json"]  # fmt: skip
-    compress(evaluation, work / "eval.log", stdout=work / "eval.json")
+    compress(eval_command(list(models.values()), valid), work / "eval.log", stdout=work / "eval.json")
     rows = json.loads((work / "eval.json").read_text())
     print("\n| model | weights | loss | perplexity | KL to teacher | top-1 agreement |\n|---|---|---:|---:|---:|---:|")
     kl = {}
