@@ -221,7 +221,7 @@ class _Fit:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=0.0)
         self.steps, self.errors = 0, _Error()
         self.initial: float | None = None
-        self.best, self.best_state = math.inf, None
+        self.best, self.best_state = math.inf, {}
         self.stopped = False  # a non-finite loss ends the epoch
 
     def pair(self, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,10 +253,10 @@ class _Fit:
     def keep(self) -> None:
         """End a measuring pass: its error, the first one the initial; the weights if it is the lowest."""
         error = self.errors.take()
+        if self.initial is None or error < self.best:  # the initial weights are kept whatever their error
+            self.best, self.best_state = error, {k: v.clone() for k, v in self.block.state_dict().items()}
         if self.initial is None:
             self.initial = error
-        if error < self.best:
-            self.best, self.best_state = error, {k: v.clone() for k, v in self.block.state_dict().items()}
         self.stopped = False
 
     def result(self) -> VariantResult:
