@@ -22,7 +22,8 @@ Without the disk for them, `train_streamed` trains a group of variants together 
 forward passes instead: every micro-batch of the parent's boundaries feeds one step of every variant of
 the group, so 1 + 2 x epochs passes of the parent (the first error, then per epoch a training pass and an
 error pass) replace the stored activations. Its batches come in one order for all variants (the stored
-path shuffles per variant), and the grouping does not change any variant's result.
+path shuffles per variant), and the grouping does not change any variant's result. With a checkpoint it
+saves its state as it goes and continues from the last save after a kill.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from compressor.distributed import World, barrier
-from compressor.errors import CompressorError, OptionError
+from compressor.errors import CompressorError, OptionError, first_line
 from compressor.model import HybridLM
 from compressor.outputs import check_free_space, open_tensors, read_json, save_tensors
 
@@ -259,6 +261,38 @@ class _Fit:
             self.initial = error
         self.stopped = False
 
+    SCALARS = ("steps", "initial", "best", "stopped")
+
+    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resumed fit needs (tensors named under `prefix`, and scalars): the weights, the best
+        weights so far, AdamW's moments, and the step, errors and partial sums of the pass."""
+        tensors = {f"{prefix}block.{k}": v for k, v in self.block.state_dict().items()}
+        tensors |= {f"{prefix}best.{k}": v for k, v in self.best_state.items()}
+        for i, entry in self.optimizer.state_dict()["state"].items():
+            tensors |= {f"{prefix}adam.{i}.{field}": value for field, value in entry.items()}
+        scalars = {name: getattr(self, name) for name in self.SCALARS}
+        scalars |= {"missed": self.errors.missed, "contribution": self.errors.contribution}
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, scalars
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], prefix: str) -> None:
+        """Take back what `state` saved."""
+
+        def part(name: str) -> dict[str, torch.Tensor]:
+            start = prefix + name
+            return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
+
+        self.block.load_state_dict(part("block."))
+        self.best_state = {k: v.to(self.device) for k, v in part("best.").items()}
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in part("adam.").items():
+            index, field = key.split(".", 1)
+            moments.setdefault(int(index), {})[field] = value
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        for name in self.SCALARS:
+            setattr(self, name, scalars[name])
+        self.errors.missed, self.errors.contribution = scalars["missed"], scalars["contribution"]
+
     def result(self) -> VariantResult:
         """The kept weights loaded, the block in eval mode."""
         self.block.load_state_dict(self.best_state)
@@ -301,38 +335,69 @@ def train_variant(
     return fit.result()
 
 
+class StreamCheckpoint(Protocol):
+    """Where `train_streamed` keeps a round's progress (`pipelines.library.RoundCheckpoint`)."""
+
+    folder: Path  # named in the message when a saved state does not fit
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None: ...  # (tensors, meta) or None
+
+    def due(self) -> bool: ...  # whether to save now (the same answer on every process)
+
+    def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None: ...
+
+
 def train_streamed(
     model: HybridLM,
     sequences: torch.Tensor,
     variants: list[tuple[nn.Module, int, torch.Tensor]],
     config: BLDConfig,
+    checkpoint: StreamCheckpoint | None = None,
 ) -> list[VariantResult]:
     """Fit every `(block, parent block index, kept channels)` of `variants` together (float32, in place)
     from the parent's forward passes over `sequences` (n, t), as `train_variant` does from stored
     activations (module docstring): `config.micro_batch_size` sequences a pass step, one shuffled order for
     all variants. A sharded parent runs its passes on every process: call it on each, also on one with no
-    variants of its own."""
-    micro, device = config.micro_batch_size, model.lm_head.weight.device
-    fits = [_Fit(b, i, c, config, math.ceil(len(sequences) / micro) * config.epochs) for b, i, c in variants]
-
-    def passes(order: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-        for start in range(0, len(order), micro):
-            with torch.no_grad():
-                states = list(boundaries(model, sequences[order[start : start + micro]].to(device)))
-            yield states  # outside no_grad: the variants' steps need autograd
-
-    def measured() -> None:
-        for states in passes(torch.arange(len(sequences))):
-            for fit in fits:
-                fit.measure(*fit.pair(states))
-        for fit in fits:
-            fit.keep()
-
-    measured()
+    variants of its own. With a `checkpoint`, every variant's state and the position in the passes are
+    saved whenever it is due, and a run that finds a saved state continues from it: a kill loses only the
+    micro-batches since the last save, and the result is the one of an uninterrupted run."""
+    micro, device, n = config.micro_batch_size, model.lm_head.weight.device, len(sequences)
+    fits = [_Fit(b, i, c, config, math.ceil(n / micro) * config.epochs) for b, i, c in variants]
     generator = torch.Generator().manual_seed(config.seed)
+    in_order = torch.arange(n)
+    plan = [("measure", in_order)]  # the passes: the first errors, then per epoch a training and an error pass
     for _ in range(config.epochs):
-        for states in passes(torch.randperm(len(sequences), generator=generator)):
+        plan += [("train", torch.randperm(n, generator=generator)), ("measure", in_order)]
+    start = (0, 0)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        tensors, meta = saved
+        try:
+            if len(meta["fits"]) != len(fits):
+                raise ValueError(f"{len(meta['fits'])} variants saved, {len(fits)} to train")
+            for k, fit in enumerate(fits):
+                fit.restore(tensors, meta["fits"][k], f"{k}.")
+            start = (int(meta["position"][0]), int(meta["position"][1]))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CompressorError(
+                f"the streamed round saved in {checkpoint.folder} does not fit its variants ({first_line(exc)}): "
+                "delete that folder to train the round from its start"
+            ) from None
+    for number, (kind, order) in enumerate(plan):
+        if number < start[0]:
+            continue
+        for batch, first in enumerate(range(0, n, micro)):
+            if (number, batch) < start:
+                continue
+            with torch.no_grad():
+                states = list(boundaries(model, sequences[order[first : first + micro]].to(device)))
+            for fit in fits:  # outside no_grad: the training steps need autograd
+                (fit.measure if kind == "measure" else fit.step)(*fit.pair(states))
+            if checkpoint is not None and checkpoint.due():
+                kept = [fit.state(f"{k}.") for k, fit in enumerate(fits)]
+                tensors = {name: t for own, _ in kept for name, t in own.items()}
+                checkpoint.save(tensors, {"position": [number, batch + 1], "fits": [scalars for _, scalars in kept]})
+        if kind == "measure":
             for fit in fits:
-                fit.step(*fit.pair(states))
-        measured()
+                fit.keep()
     return [fit.result() for fit in fits]

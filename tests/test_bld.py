@@ -3,6 +3,7 @@
 kill, its scores drive the solver, finalists start from the trained blocks and share one teacher pass."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -227,6 +228,42 @@ def test_a_streamed_library_stores_nothing_resumes_by_round_and_rounds_change_no
     assert any(text.startswith(f"library {len(one.variants)}/") for text in said)
 
 
+def test_a_streamed_round_killed_mid_pass_continues_from_its_last_save(workspace, tmp_path, monkeypatch):
+    # saving after every micro-batch, a kill in the second pass (of 3 x 4 micro-batches): the resumed build
+    # runs only the 6 micro-batches left and ends with the variants of an uninterrupted build, bit for bit
+    from compressor import bld
+    from compressor.pipelines import library as library_module
+
+    source = calibrate(_calibration(workspace))
+    tables = _tables(source, workspace)
+    config = BLDConfig(tokens=8 * 32, epochs=1, micro_batch_size=2, stream=True)
+    whole = build_library(source, tables, config, tmp_path / "whole", say=lambda t: None)
+    passes, saves = [], []
+    counted = bld.boundaries
+    monkeypatch.setattr(bld, "boundaries", lambda *a: passes.append(1) or counted(*a))
+    monkeypatch.setattr(library_module, "ROUND_SAVE_SECONDS", 0.0)
+    save = library_module.RoundCheckpoint.save
+
+    def killed_after_six(self, tensors, meta):
+        save(self, tensors, meta)
+        saves.append(meta["position"])
+        if len(saves) == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(library_module.RoundCheckpoint, "save", killed_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(source, tables, config, tmp_path / "killed", say=lambda t: None)
+    assert saves[-1] == [1, 2] and (tmp_path / "killed" / "round" / "round.json").is_file()
+    monkeypatch.setattr(library_module.RoundCheckpoint, "save", save)
+    passes.clear()
+    resumed = build_library(source, tables, config, tmp_path / "killed", say=lambda t: None)
+    assert len(passes) == 6 and not (tmp_path / "killed" / "round").exists()
+    assert set(resumed.variants) == set(whole.variants)
+    for key, variant in whole.variants.items():
+        again = resumed.variants[key]
+        assert (again.initial_error, again.error, again.steps) == (variant.initial_error, variant.error, variant.steps)
+
+
 def test_bld_search_assembles_finalists_from_trained_blocks_and_shares_one_teacher_pass(
     workspace, tmp_path, monkeypatch
 ):
@@ -351,10 +388,11 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
     if library:
         args += ["--bld", "256", "--bld-epochs", "1"] + (["--bld-stream"] if library == "streamed" else [])
     records = {}
+    environment = {**os.environ, "COMPRESSOR_BLD_SAVE_SECONDS": "0"}  # a streamed round saves every micro-batch
     for name, processes in (("one", 1), ("two", 2)):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
         run = subprocess.run([*launch, cli.__file__, *args, "--out", str(tmp_path / name)], capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+                             text=True, timeout=600, env=environment)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
         records[name] = json.loads((tmp_path / name / "search.json").read_text())
     one, two = records["one"], records["two"]

@@ -10,7 +10,8 @@ first two stages on one machine.
    its entry (widths, error before and after) is appended to `entries.jsonl` as it finishes, so a killed
    build resumes at the next variant; the activations are deleted once every variant is trained. With
    `stream` (`--bld-stream`) nothing is stored: rounds of as many variants as fit in memory train together
-   from the source's own passes (`bld.train_streamed`), and a killed build resumes at the next round;
+   from the source's own passes (`bld.train_streamed`), each round saving its state every
+   `ROUND_SAVE_SECONDS` (`RoundCheckpoint`), so a killed build continues its round from the last save;
 3. scores (`score_library`): per hidden size, the model assembled from the kept-whole variants, and each
    option's damage: the proxy score (KL to the source on the held-out batches) of that model with the
    block replaced by the option, less the assembled model's own (Puzzle's replacement score; a dropped
@@ -67,6 +68,9 @@ ENTRIES_FILE = "entries.jsonl"
 SCORES_FILE = "scores.json"
 ACTIVATIONS_DIR = "activations"
 BLOCKS_DIR = "blocks"
+ROUND_DIR = "round"  # a streamed round's last saved state
+ROUND_FILE = "round.json"
+ROUND_SAVE_SECONDS = 600.0  # how often a streamed round saves; COMPRESSOR_BLD_SAVE_SECONDS overrides it
 
 
 @dataclass
@@ -239,7 +243,7 @@ def build_library(
         say(f"library: storing the source's activations on {len(positions)} sequences")
         write_activations(source.model, source.sequences.take(positions), activations_dir, world=world)
     started, done = time.monotonic(), 0
-    rounds = _stream_rounds(source, todo) if config.stream else _rounds(todo, world.size)
+    rounds = _stream_rounds(source, todo, folder) if config.stream else _rounds(todo, world.size)
     for count, jobs in enumerate(rounds, 1):
         if config.stream:
             say(f"library: round {count}/{len(rounds)}, {len(jobs)} variants trained together over "
@@ -249,7 +253,8 @@ def build_library(
             variant = pruned_block(source.model, source.importance, block, hidden)
             if offset % world.size == world.rank:
                 mine.append((number, hidden, block, variant))
-        gathered = distributed.gather_objects(_train(mine, source, config, folder, positions), world)
+        saving = RoundCheckpoint(folder, [job[0] for job in jobs], world) if config.stream else None
+        gathered = distributed.gather_objects(_train(mine, source, config, folder, positions, saving), world)
         finished = sorted((e for part in gathered for e in part), key=lambda e: e[0])
         eta = _eta(time.monotonic() - started, done + len(finished), len(todo))  # a round's variants end together
         for _, entry, result in finished:
@@ -263,6 +268,8 @@ def build_library(
                 f"{_describe_widths(entry.widths)} at hidden {entry.hidden}: error {result[0]:.3f} -> "
                 f"{result[1]:.3f}, {eta}"
             )
+        if saving is not None:
+            saving.clear()  # after the entries: a kill between leaves a save of finished variants, ignored
     if world.is_main:
         shutil.rmtree(activations_dir, ignore_errors=True)
     distributed.barrier(world)
@@ -274,11 +281,20 @@ def _rounds(todo: list[tuple], size: int) -> list[list[tuple]]:
     return [todo[first : first + size] for first in range(0, len(todo), size)]
 
 
-def _stream_rounds(source: Source, todo: list[tuple]) -> list[list[tuple]]:
-    """The streamed rounds: as many variants as fit on each process in half the memory free beside the
-    source (the least of any process), each variant's fp32 weights, gradients, AdamW's two moments and best
-    weights' copy taking 20 bytes a parameter; at least one variant a process."""
+def _stream_rounds(source: Source, todo: list[tuple], folder: Path) -> list[list[tuple]]:
+    """The streamed rounds: first the round a killed build saved (when its variants are all still to train
+    and as many processes run), then as many variants as fit on each process in half the memory free
+    beside the source (the least of any process), each variant's fp32 weights, gradients, AdamW's two
+    moments and best weights' copy taking 20 bytes a parameter; at least one variant a process."""
     model, world = source.model, source.world
+    saved = RoundCheckpoint.saved_jobs(folder, world)
+    numbers = {job[0] for job in todo}
+    if saved is not None and not set(saved) <= numbers:
+        saved = None
+        if world.is_main:  # its variants were finished after the save
+            shutil.rmtree(folder / ROUND_DIR, ignore_errors=True)
+    first = [job for job in todo if job[0] in set(saved or ())]
+    todo = [job for job in todo if job not in first]
     known = [free for free in distributed.gather_objects(available_memory(world.device), world) if free is not None]
     room = min(known) / 2 if known else math.inf
     rounds: list[list[tuple]] = []
@@ -292,7 +308,80 @@ def _stream_rounds(source: Source, todo: list[tuple]) -> list[list[tuple]]:
             loads, rank = [0] * world.size, 0
         rounds[-1].append(job)
         loads[rank] += cost
-    return rounds
+    return [first, *rounds] if first else rounds
+
+
+class RoundCheckpoint:
+    """A streamed round's progress in `library/round/` (`bld.train_streamed`'s checkpoint): every process
+    writes the state of its own variants (`rank{r}-{save}.safetensors` and `.json`), then the main process
+    names that save in `round.json` with the round's job numbers and processes, and each process deletes
+    its older saves: a kill at any point leaves the last named save whole. A save is due every `every`
+    seconds of the main process's clock (all processes save together)."""
+
+    def __init__(self, folder: Path, jobs: list[int], world: distributed.World, every: float | None = None) -> None:
+        self.folder, self.jobs, self.world = Path(folder) / ROUND_DIR, jobs, world
+        if every is None:
+            every = float(os.environ.get("COMPRESSOR_BLD_SAVE_SECONDS", ROUND_SAVE_SECONDS))
+        self.every = every
+        self.last, self.number = time.monotonic(), 0
+
+    @staticmethod
+    def saved_jobs(folder: Path, world: distributed.World) -> list[int] | None:
+        """The job numbers of the round saved in `folder`, when as many processes saved it."""
+        try:
+            record = read_json(Path(folder) / ROUND_DIR / ROUND_FILE, "a streamed round's record")
+        except CompressorError:
+            return None
+        jobs, processes, number = (record.get(k) for k in ("jobs", "processes", "save"))
+        if not (isinstance(jobs, list) and all(type(j) is int for j in jobs) and type(number) is int):
+            return None
+        return jobs if processes == world.size else None
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """This process's part of the last save of this round; None (on every process) when there is none or
+        any process cannot read its part."""
+        state = None
+        if self.saved_jobs(self.folder.parent, self.world) == self.jobs:
+            number = read_json(self.folder / ROUND_FILE, "a streamed round's record")["save"]
+            name = f"rank{self.world.rank}-{number}"
+            try:
+                with open_tensors(self.folder / f"{name}.safetensors", "a streamed round's saved state") as f:
+                    tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+                meta = read_json(self.folder / f"{name}.json", "a streamed round's saved state")
+                state, self.number = (tensors, meta), number
+            except CompressorError:
+                state = None
+        whole = distributed.all_reduce_sum([float(state is None)], self.world)[0] == 0
+        return state if whole else None
+
+    def due(self) -> bool:
+        due = self.world.is_main and time.monotonic() - self.last >= self.every
+        return distributed.all_reduce_sum([float(due)], self.world)[0] > 0 if self.world.distributed else due
+
+    def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.number += 1
+        name = f"rank{self.world.rank}-{self.number}"
+        if self.world.is_main:
+            self.folder.mkdir(exist_ok=True)
+        distributed.barrier(self.world)
+        save_tensors(tensors, self.folder / f"{name}.safetensors.tmp")
+        os.replace(self.folder / f"{name}.safetensors.tmp", self.folder / f"{name}.safetensors")
+        write_json(self.folder / f"{name}.json", meta)
+        distributed.barrier(self.world)
+        if self.world.is_main:
+            record = {"jobs": self.jobs, "processes": self.world.size, "save": self.number}
+            write_json(self.folder / ROUND_FILE, record)
+        distributed.barrier(self.world)
+        for old in self.folder.glob(f"rank{self.world.rank}-*"):
+            if old.name.split(".")[0] != name:
+                old.unlink(missing_ok=True)
+        self.last = time.monotonic()
+
+    def clear(self) -> None:
+        """The round is done: its saves go."""
+        if self.world.is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        distributed.barrier(self.world)
 
 
 def _prepare(folder: Path, settings: dict[str, Any], say: Callable[[str], None]) -> None:
@@ -309,15 +398,21 @@ def _prepare(folder: Path, settings: dict[str, Any], say: Callable[[str], None])
 
 
 def _train(
-    jobs: list[tuple], source: Source, config: BLDConfig, folder: Path, positions: np.ndarray
+    jobs: list[tuple],
+    source: Source,
+    config: BLDConfig,
+    folder: Path,
+    positions: np.ndarray,
+    saving: RoundCheckpoint | None = None,
 ) -> list[tuple[int, Variant, tuple[float, float]]]:
     """Train this process's `(number, hidden, block, variant)` jobs (from the stored activations, or together
-    from the source's passes over the library's `positions` with `config.stream`; a streamed round runs
-    those passes also with no jobs) and save their weights: (job number, entry, errors) each."""
+    from the source's passes over the library's `positions` with `config.stream`, saved by `saving`; a
+    streamed round runs those passes also with no jobs) and save their weights: (job number, entry, errors)
+    each."""
     channels = [source.importance.keep_hidden(hidden).cpu() for _, hidden, _, _ in jobs]
     if config.stream:
         fits = [(variant, block.source, kept) for (_, _, block, variant), kept in zip(jobs, channels, strict=True)]
-        results = train_streamed(source.model, source.sequences.take(positions), fits, config)
+        results = train_streamed(source.model, source.sequences.take(positions), fits, config, saving)
     else:
         activations = Activations(folder / ACTIVATIONS_DIR) if jobs else None
         results = [
