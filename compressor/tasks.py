@@ -69,6 +69,7 @@ MIN_WORDS = 64
 NEEDLE_PREFIX = " The secret number of"
 NEEDLE_VERB = " is"
 NEEDLE_END = "."
+FILLER_ROWS = 256  # the needle's filler is drawn from the first of these (at least 4 per sequence) of the data
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,8 @@ def _needle(spec: TaskSpec, tokenizer: Tokenizer, vocab: TaskVocabulary, context
         raise CompressorError(
             f"context {context} is too short for the needle task: use at least {2 * sentence_len + 2} tokens"
         )
-    filler = load_sequences(spec.data, seq_len=filler_len, tokenizer=tokenizer).to_numpy()
+    rows = max(FILLER_ROWS, 4 * spec.sequences)  # read no further into the data than the picks need
+    filler = load_sequences(spec.data, seq_len=filler_len, tokenizer=tokenizer, max_sequences=rows).to_numpy()
     picked = rng.integers(0, len(filler), size=spec.sequences)
     rows, answers = [], []
     for i in range(spec.sequences):

@@ -164,6 +164,25 @@ def test_needle_sits_at_its_depth_and_is_asked_at_the_end(tokenizer):
         assert all(row[p] in vocab.digits for p in answer)
 
 
+def test_needle_filler_reads_no_further_into_the_data_than_its_picks_need(tokenizer, tmp_path):
+    # a long data source is not packed whole for a few sequences: its filler comes from the first
+    # FILLER_ROWS rows, so twice the data gives the same needle rows (a whole read would pick among twice
+    # as many rows)
+    from pathlib import Path
+
+    from compressor import tasks
+
+    vocab = TaskVocabulary.from_tokenizer(tokenizer)
+    text = Path(VALID_TEXT).read_text()
+    rows = []
+    for copies in (3, 6):
+        data = tmp_path / f"x{copies}.txt"
+        data.write_text(text * copies)
+        rows.append(make_examples(TaskSpec("needle", sequences=2, data=str(data)), tokenizer, 128, vocab).tokens)
+    assert torch.equal(rows[0], rows[1])
+    assert len(tokenizer.encode(text).ids) * 3 > tasks.FILLER_ROWS * 128  # the data is longer than that
+
+
 def test_copier_answers_every_query_and_without_attention_none():
     model = copier()
     for task, context in (("phonebook", 256), ("mqar", 128)):
