@@ -210,12 +210,14 @@ def load_model(
     return model.eval()
 
 
-def check_weights(path: str | Path, config: HybridConfig | None = None) -> None:
+def check_weights(path: str | Path, config: HybridConfig | None = None) -> HybridConfig:
     """Refuse (one CheckpointError) a checkpoint folder whose config.json and weights disagree, from the
-    safetensors headers alone: what `compress info` reports and `load_model` checks before building."""
+    safetensors headers alone: what `compress info` reports and `load_model` checks before building. Returns
+    the config, which may then be sized (a memory plan) before the model is loaded."""
     path = Path(path)
     config = config or HybridConfig.from_file(path)
     _check_architecture(path, config, weight_files(path), QuantizedCheckpoint.read(path, config))
+    return config
 
 
 def _check_architecture(

@@ -42,6 +42,7 @@ import torch
 
 from compressor.budget import GIB, GPUSpec, format_bytes
 from compressor.config import ATTENTION, MAMBA, MOE, BlockSpec, HybridConfig
+from compressor.errors import CompressorError
 from compressor.losses import LossSpec
 from compressor.model import HybridLM
 
@@ -92,6 +93,13 @@ class MemoryPlan:
         return {**out, "notes": self.notes}
 
 
+def plan_dtype(config: HybridConfig, dtype: str | None) -> torch.dtype:
+    """The weights' dtype a stage runs in: `dtype`, else the checkpoint's, else bf16 (a preset)."""
+    from compressor.checkpoint import parse_dtype
+
+    return parse_dtype(dtype or config.extra.get("dtype") or config.extra.get("torch_dtype") or "bfloat16")
+
+
 def device_memory(gpu: GPUSpec | None, device: torch.device | str = "cpu") -> int | None:
     """What a plan must fit in: the GPU's memory less `GPU_RESERVE`, else the local device's free memory."""
     if gpu is not None:
@@ -139,6 +147,45 @@ def scoring_plan(
     plan.each["activations (one forward)"] = _forward_bytes(source, tokens, size)
     plan.each["loss chunk"] = _loss_chunk(source, tokens, copies=4)
     return plan
+
+
+def eval_plan(
+    models: list[HybridConfig], teacher: HybridConfig | None, *, seq_len: int, batch_size: int, dtype: torch.dtype
+) -> MemoryPlan:
+    """`compress eval`'s loss mode: the first model and the largest other one (the first stays loaded while
+    the others are evaluated), the teacher, one forward's activations (the widest of them) and a loss chunk
+    (with the teacher's log-probs)."""
+    size, tokens = _size(dtype), batch_size * seq_len
+    plan = MemoryPlan("evaluation")
+    _add_model(plan, "model", models[0], size)
+    others = sorted(models[1:], key=lambda config: _sizes(config)[0])
+    if others:
+        _add_model(plan, "largest other model", others[-1], size)
+    if teacher is not None:
+        _add_model(plan, "teacher", teacher, size)
+    forwards = [_forward_bytes(config, tokens, size) for config in [*models, *([teacher] if teacher else [])]]
+    plan.each["activations (one forward)"] = max(forwards)
+    plan.each["loss chunk"] = _loss_chunk(models[0], tokens, copies=4 if teacher is not None else 2)
+    return plan
+
+
+def check_plan_fits(
+    plan: MemoryPlan, nproc: int, device: torch.device | str, *, shape: str, levers: str, dry_run: bool = True
+) -> None:
+    """Refuse (one CompressorError) a stage whose plan at `nproc` processes needs more than the device's free
+    memory, before anything of that size is loaded or built: one line instead of an out-of-memory kill.
+    `shape` says what the run's options make ("8 x 4,096 tokens a batch"), `levers` which options lower it;
+    `dry_run`: the command has a --dry-run that shows the plan."""
+    from compressor.budget import available_memory
+
+    free, needed = available_memory(device), plan.total(nproc)
+    if free is not None and needed > free:
+        processes = plan.smallest_nproc(free)
+        more = f", or {processes} processes under torchrun" if processes is not None else ""
+        raise CompressorError(
+            f"{plan.stage} needs about {format_bytes(needed)} per process ({shape}), but {format_bytes(free)} is "
+            f"free on {device}: use a smaller {levers}{more}{' (--dry-run shows the plan)' if dry_run else ''}"
+        )
 
 
 def library_plan(

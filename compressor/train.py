@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 
 from compressor import distributed
 from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
-from compressor.checkpoint import load_model, parse_dtype, write_checkpoint
+from compressor.checkpoint import check_weights, load_model, parse_dtype, write_checkpoint
 from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, first_line
 from compressor.evaluate import CachedBatch, check_same_vocab, teacher_targets
@@ -420,6 +420,20 @@ def _is_run(folder: Path) -> bool:
     return any(name in RUN_ENTRIES for name in names) or all(name.startswith(RUN_SCRATCH) for name in names)
 
 
+def _check_fits(config: TrainConfig, world: distributed.World, student: Path) -> None:
+    """Refuse, before anything is loaded, a run its device cannot hold at its processes (the dry run's plan:
+    weights, gradients, AdamW, the teacher, one micro-batch's activations and loss chunk); `student` is the
+    checkpoint the run starts from (a resumed run's own)."""
+    from compressor import planning
+
+    teacher = check_weights(config.teacher) if config.teacher is not None else None
+    plan = planning.training_plan(config, check_weights(student), teacher, world.device)
+    planning.check_plan_fits(
+        plan, world.size, world.device, shape=f"{config.micro_batch_size} x {config.seq_len:,} tokens a micro-batch",
+        levers="--seq-len or --micro-batch-size (or --activation-checkpointing)",
+    )  # fmt: skip
+
+
 def setup(
     config: TrainConfig,
     world: distributed.World,
@@ -446,6 +460,8 @@ def setup(
 
     # sharded as they load (each process reads its rows), a resumed run continuing from its own checkpoint; a
     # quantization-aware run shards after ModelOpt has replaced the student's linear layers
+    if teacher is None:  # a teacher given loaded is already in the device's memory
+        _check_fits(config, world, out / "model" if resumed else Path(config.student))
     qad = config.quantize is not None
     student = load_model(
         out / "model" if resumed else config.student,

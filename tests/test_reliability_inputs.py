@@ -282,6 +282,26 @@ def test_a_context_beyond_memory_is_refused_before_it_is_built(ws, small_memory,
     _refused(ws, args, message)
 
 
+LONG = "10000000"  # a --seq-len of 10M tokens
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", M, "--data", TOK, "--seq-len", LONG], "evaluation needs about"),
+        (["importance", M, "--data", TOK, "--seq-len", LONG, "--out", "{root}/out_i"], "importance needs about"),
+        ([LONG if a == "32" else a for a in PRUNE], "importance needs about"),
+        ([LONG if a == "32" else a for a in SEARCH], "importance needs about"),
+        (["distill", M, M, "--data", TOK, "--seq-len", LONG, "--out", "{root}/out_d"], "distillation needs about"),
+    ],
+)
+def test_a_sequence_length_beyond_memory_is_refused_before_anything_is_loaded(ws, small_memory, args, message):
+    # the memory plan of the stage (as --dry-run shows it) against the free memory, in one line naming the
+    # options that lower it, instead of an out-of-memory kill
+    line = _refused(ws, args, message)
+    assert "per process" in line and "is free" in line and "--seq-len" in line
+
+
 def test_a_context_that_fits_is_scored(small_memory):
     result = CliRunner().invoke(app, ["eval", EXAMPLE, "--task", "phonebook", "--ctx", "512", "--json"])
     assert result.exit_code == 0, result.output

@@ -208,6 +208,7 @@ def _loss(models: list[Path], config: LossEval, on_tokens: Callable[[int, int], 
 
     results = []
     with distributed.session(config.device) as world:
+        _check_fits(models, config, world)
         teacher = load_model(config.teacher, dtype=config.dtype, world=world) if config.teacher is not None else None
         first = _deployed(models[0], config, world)
         arch = first.config
@@ -226,6 +227,19 @@ def _loss(models: list[Path], config: LossEval, on_tokens: Callable[[int, int], 
         return None
     teacher_path = Path(config.teacher) if config.teacher is not None else None
     return LossRecord(config.data, len(sequences), config.seq_len, teacher_path, results)
+
+
+def _check_fits(models: list[Path], config: LossEval, world) -> None:
+    """Refuse, before anything is loaded, an evaluation its device cannot hold (`planning.eval_plan`)."""
+    from compressor import planning
+    from compressor.checkpoint import check_weights
+
+    archs = [check_weights(path) for path in models]  # contradicted by its weights: refused before it is sized
+    teacher = check_weights(config.teacher) if config.teacher is not None else None
+    plan = planning.eval_plan(archs, teacher, seq_len=config.seq_len, batch_size=config.batch_size,
+                              dtype=planning.plan_dtype(archs[0], config.dtype))  # fmt: skip
+    planning.check_plan_fits(plan, world.size, world.device, levers="--seq-len or --batch-size", dry_run=False,
+                             shape=f"{config.batch_size} x {config.seq_len:,} tokens a batch")  # fmt: skip
 
 
 def _deployed(path: Path, config: LossEval, world):

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from compressor import planning
 from compressor.budget import Budget, GPUSpec, get_gpu
 from compressor.config import HybridConfig
@@ -138,13 +136,6 @@ def plan_gpu(name: str | None) -> GPUSpec | None:
     return get_gpu(name) if name is not None else None
 
 
-def plan_dtype(config: HybridConfig, dtype: str | None) -> torch.dtype:
-    """The weights' dtype a stage runs in: `dtype`, else the checkpoint's, else bf16 (a preset)."""
-    from compressor.checkpoint import parse_dtype
-
-    return parse_dtype(dtype or config.extra.get("dtype") or config.extra.get("torch_dtype") or "bfloat16")
-
-
 def plan_memory(
     plans: list[planning.MemoryPlan], *, nproc: int | None = None, gpu: GPUSpec | None = None, device: str = "auto"
 ) -> MemoryPreview:
@@ -176,8 +167,8 @@ def preview_importance(
 ) -> MemoryPreview:
     """`compress importance --dry-run`: the memory of scoring `model` (with a drop-one pass)."""
     arch, _ = load_config_or_preset(model)
-    plan = planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=plan_dtype(arch, dtype),
-                                    drop_one=drop_one)  # fmt: skip
+    weights = planning.plan_dtype(arch, dtype)
+    plan = planning.importance_plan(arch, seq_len=seq_len, batch_size=batch_size, dtype=weights, drop_one=drop_one)
     return plan_memory([plan], nproc=nproc, gpu=plan_gpu(gpu), device=device)
 
 
@@ -221,7 +212,7 @@ def compression_plans(
     """The memory plans of a compression on `arch`: importance (unless reused), the blockwise-distilled
     library (`bld`, a BLDConfig), scoring the candidates (the largest of them) on the held-out batches, and a
     finalist's distillation (`distill`, a TrainConfig)."""
-    weights = plan_dtype(arch, dtype)
+    weights = planning.plan_dtype(arch, dtype)
     largest = max(candidates, key=lambda c: c.params).target.config(arch)
     batches = -(-score_samples // batch_size)
     plans = (

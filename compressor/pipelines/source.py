@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from compressor import distributed
+from compressor import distributed, planning
 from compressor.budget import num_parameters
-from compressor.checkpoint import fingerprint, load_model, parse_dtype
+from compressor.checkpoint import check_weights, fingerprint, load_model, parse_dtype
 from compressor.data import DataSpec, Need, TokenSequences, read_sequences
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import Importance, ImportanceOptions, estimate
@@ -121,6 +121,25 @@ class Source:
         return SourceInfo(str(self.path), self.fingerprint, num_parameters(self.model.config))
 
 
+def _check_fits(config: CalibrationConfig, world: distributed.World) -> None:
+    """Refuse, before the model is loaded, a calibration its device cannot hold: importance's passes (unless
+    reused) and the held-out scoring, at `batch_size` x `seq_len` tokens a batch."""
+    arch = check_weights(config.model)  # a config.json its weights contradict is refused before it is sized
+    dtype, tokens = planning.plan_dtype(arch, config.dtype), (config.seq_len, config.batch_size)
+    plans = []
+    if config.importance_dir is None:
+        drop_one = config.importance.drop_one != "none"
+        plans.append(planning.importance_plan(arch, seq_len=tokens[0], batch_size=tokens[1], dtype=dtype,
+                                              drop_one=drop_one))  # fmt: skip
+    if config.score_samples:
+        batches = -(-config.score_samples // config.batch_size)
+        plans.append(planning.scoring_plan(arch, arch, seq_len=tokens[0], batch_size=tokens[1], batches=batches,
+                                           dtype=dtype))  # fmt: skip
+    for plan in plans:
+        planning.check_plan_fits(plan, world.size, world.device, shape=f"{tokens[1]} x {tokens[0]:,} tokens a batch",
+                                 levers="--seq-len or --batch-size")  # fmt: skip
+
+
 def calibrate(
     config: CalibrationConfig,
     *,
@@ -131,6 +150,7 @@ def calibrate(
     """Load the checkpoint and the data once; read or estimate importance; hold out scoring batches."""
     say = say or (lambda text: None)
     world = world or distributed.World(device=distributed.resolve_device(config.device))
+    _check_fits(config, world)
     model = load_model(config.model, dtype=config.dtype, world=world)
     source_fingerprint = fingerprint(config.model)
     importance = None
