@@ -109,15 +109,23 @@ def device_memory(gpu: GPUSpec | None, device: torch.device | str = "cpu") -> in
     return available_memory(device)
 
 
+def forward_plan(stage: str, config: HybridConfig, *, seq_len: int, batch_size: int, dtype: torch.dtype) -> MemoryPlan:
+    """A stage that runs the model forward without gradients (a quantization's calibration): its weights and
+    one forward's activations."""
+    size = _size(dtype)
+    plan = MemoryPlan(stage)
+    _add_model(plan, "model", config, size)
+    plan.each["activations (one forward)"] = _forward_bytes(config, batch_size * seq_len, size)
+    return plan
+
+
 def importance_plan(
     config: HybridConfig, *, seq_len: int, batch_size: int = 1, dtype: torch.dtype, drop_one: bool = False
 ) -> MemoryPlan:
     """`compress importance` (module docstring)."""
     size = _size(dtype)
     tokens = batch_size * seq_len
-    plan = MemoryPlan("importance")
-    _add_model(plan, "model", config, size)
-    plan.each["activations (one forward)"] = _forward_bytes(config, tokens, size)
+    plan = forward_plan("importance", config, seq_len=seq_len, batch_size=batch_size, dtype=dtype)
     plan.each["statistics (fp32 copy)"] = tokens * _widest_hooked(config) * 4
     if drop_one:
         stream = 4 if config.residual_in_fp32 else size
@@ -170,17 +178,24 @@ def eval_plan(
 
 
 def check_plan_fits(
-    plan: MemoryPlan, nproc: int, device: torch.device | str, *, shape: str, levers: str, dry_run: bool = True
+    plan: MemoryPlan,
+    nproc: int,
+    device: torch.device | str,
+    *,
+    shape: str,
+    levers: str,
+    dry_run: bool = True,
+    torchrun: bool = True,
 ) -> None:
     """Refuse (one CompressorError) a stage whose plan at `nproc` processes needs more than the device's free
     memory, before anything of that size is loaded or built: one line instead of an out-of-memory kill.
     `shape` says what the run's options make ("8 x 4,096 tokens a batch"), `levers` which options lower it;
-    `dry_run`: the command has a --dry-run that shows the plan."""
+    `dry_run`: the command has a --dry-run that shows the plan; `torchrun`: it shards across processes."""
     from compressor.budget import available_memory
 
     free, needed = available_memory(device), plan.total(nproc)
     if free is not None and needed > free:
-        processes = plan.smallest_nproc(free)
+        processes = plan.smallest_nproc(free) if torchrun else None
         more = f", or {processes} processes under torchrun" if processes is not None else ""
         raise CompressorError(
             f"{plan.stage} needs about {format_bytes(needed)} per process ({shape}), but {format_bytes(free)} is "

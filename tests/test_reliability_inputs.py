@@ -293,6 +293,7 @@ LONG = "10000000"  # a --seq-len of 10M tokens
         ([LONG if a == "32" else a for a in PRUNE], "importance needs about"),
         ([LONG if a == "32" else a for a in SEARCH], "importance needs about"),
         (["distill", M, M, "--data", TOK, "--seq-len", LONG, "--out", "{root}/out_d"], "distillation needs about"),
+        ([LONG if a == "32" else a for a in QUANTIZE], "quantization's calibration needs about"),
     ],
 )
 def test_a_sequence_length_beyond_memory_is_refused_before_anything_is_loaded(ws, small_memory, args, message):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compressor import planning
 from compressor.budget import weight_bytes
-from compressor.checkpoint import checkpoint_bytes, load_model
+from compressor.checkpoint import check_weights, checkpoint_bytes, load_model
 from compressor.data import DataSpec, Need, read_sequences, tokenizer_file
 from compressor.distributed import resolve_device
 from compressor.errors import OptionError
@@ -76,7 +77,13 @@ def quantize_checkpoint(
     """Quantize, calibrate and export `model_path` into `out` (module docstring)."""
     check_output(out, overwrite=overwrite, inputs=(model_path, config.data, tokenizer_file(config.tokenizer)))
     check_free_space(out, checkpoint_bytes(model_path), "the quantized checkpoint")  # never larger than the source
-    model = load_model(model_path, device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    stored = check_weights(model_path)  # a config.json its weights contradict is refused before it is sized
+    plan = planning.forward_plan("quantization's calibration", stored, seq_len=config.seq_len,
+                                 batch_size=config.batch_size, dtype=planning.plan_dtype(stored, None))  # fmt: skip
+    planning.check_plan_fits(plan, 1, device, shape=f"{config.batch_size} x {config.seq_len:,} tokens a batch",
+                             levers="--seq-len or --batch-size", dry_run=False, torchrun=False)  # fmt: skip
+    model = load_model(model_path, device=device)
     arch = model.config
     sequences = read_sequences(config.data_spec, model_path, eos_id=arch.eos_id, vocab_size=arch.vocab_size)
     batches = sequences.batches(config.batch_size, shuffle=False, drop_last=False)
