@@ -187,7 +187,7 @@ class MiniPuzzleStrategy(Strategy):
                 for i in range(source.num_blocks)
             ]
             table = ChoiceTable(hidden, options, costs.base(hidden))
-            if solver.solve(options, budget, table.base, limits, shared=shared, pinned=pinned):
+            if solver.feasible(options, budget, table.base, limits, shared=shared, pinned=pinned):
                 tables.append(table)
                 if len(tables) == o.hidden_choices:
                     break

@@ -99,13 +99,17 @@ def solve(
     count: int = 1,
     distance: int = 1,
     time_limit: float = 30.0,
+    objective: bool = True,
 ) -> list[list[BlockChoice]]:
     """The `count` least-damage choices (one option per block, module docstring), best first, each at
     least `distance` blocks different from the others; fewer when fewer exist ([] when none fits).
     options[b]: the options of block b; `base`: the fixed part's cost (`BlockCosts.base`); `limits`: the
     most blocks dropped per kind (`DEPTH_KINDS`) and in all ("total"); `shared`: kinds whose kept blocks
-    must share their widths; `pinned`: blocks that may not be dropped."""
+    must share their widths; `pinned`: blocks that may not be dropped. Without `objective` any choice that
+    fits will do (`feasible`)."""
     program = _Program(options, budget, base, limits, shared, pinned)
+    if not objective:
+        program.cost = np.zeros_like(program.cost)
     solutions: list[list[BlockChoice]] = []
     while len(solutions) < count:
         for margin in _MARGINS:
@@ -122,6 +126,20 @@ def solve(
         solutions.append(choice)
         program.exclude(picked, distance)
     return solutions
+
+
+def feasible(
+    options: Sequence[Sequence[BlockChoice]],
+    budget: Budget,
+    base,
+    limits: dict[str, int],
+    *,
+    shared: frozenset[str] = frozenset(),
+    pinned: frozenset[int] = frozenset(),
+) -> bool:
+    """Whether any choice (`solve`'s arguments) fits: the program without its objective, so the first
+    feasible point ends the search instead of a proof of the least damage."""
+    return bool(solve(options, budget, base, limits, shared=shared, pinned=pinned, objective=False))
 
 
 class _Program:

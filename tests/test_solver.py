@@ -63,6 +63,7 @@ def test_solver_equals_brute_force(seed):
         assert solver.fits(choice, budget, base) and solver.within_depth_limits(choice, limits)
         assert solver.shares_widths(choice, shared) and not any(choice[b].dropped for b in pinned)
     assert len({tuple(id(x) for x in c) for c in got}) == len(got)  # distinct
+    assert solver.feasible(options, budget, base, limits, shared=shared, pinned=pinned) == bool(expected)
 
 
 def test_activation_allowance_is_the_widest_kept_block():
@@ -90,3 +91,5 @@ def test_nothing_fits():
     limits = {"mamba": 0, "attention": 0, "mlp": 0, "moe": 0, "total": 0}
     assert solver.solve(options, Budget(params=5), BlockCost(0, 0, 0, 0), limits) == []
     assert solver.solve(options, Budget(params=50), BlockCost(60, 0, 0, 0), limits) == []  # the fixed part alone
+    assert not solver.feasible(options, Budget(params=5), BlockCost(0, 0, 0, 0), limits)
+    assert solver.feasible(options, Budget(params=10), BlockCost(0, 0, 0, 0), limits)
