@@ -459,7 +459,8 @@ def render_search(record, out: Path, json_output: bool = False) -> None:
         say(f"the original on {retrieval_column(probe)}: {retrieval_cell(probe['source'])}")
     if record.library:
         lib = record.library
-        say(f"library: {lib['variants']} variants on {lib['tokens']:,} tokens, mean blockwise error "
+        how = " (streamed)" if (record.bld or {}).get("stream") else ""
+        say(f"library: {lib['variants']} variants on {lib['tokens']:,} tokens{how}, mean blockwise error "
             f"{lib['mean_initial_error']:.3f} pruned -> {lib['mean_error']:.3f} trained")  # fmt: skip
     if record.correlation:
         r = record.correlation

@@ -356,7 +356,7 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
             "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
-    assert "library:" in result.output and "time: library" in result.output
+    assert "library:" in result.output and "time: library" in result.output and "(streamed)" not in result.output
     record = json.loads((out / "search.json").read_text())
     assert record["bld"]["epochs"] == 1 and record["library"]["variants"] > 0
     assert not (tmp_path / ".s.library").exists()  # moved into the folder with the first record
@@ -366,6 +366,9 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
     assert changed.exit_code != 0 and "--bld-epochs" in changed.output
     streamed = CliRunner().invoke(cli.app, [*args, "--bld-stream", "--resume"])
     assert streamed.exit_code != 0 and "--bld-stream" in streamed.output
+    streamed = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "streamed"), "--bld-stream"])
+    assert streamed.exit_code == 0, streamed.output
+    assert "tokens (streamed)" in streamed.output and not (tmp_path / "streamed" / LIBRARY_DIR / "activations").exists()
 
 
 @pytest.mark.parametrize("library", ["stored", "streamed", None])
