@@ -11,6 +11,7 @@ evaluated on the held-out plays):
   teacher cache; their distillation tokens are cut so that library plus finalists use the zero-shot
   row's total (`--bld` + finalists x tokens = finalists x `--distill-tokens`);
 - bld-own: the bld row with each finalist running the teacher itself (full logits, as the zero-shot row);
+- bld-stream: the bld-own row with the library streamed (`--bld-stream`: no stored activations);
 - minitron: Minitron's uniform candidates, as the zero-shot row otherwise.
 Each row reports the Spearman / Kendall rank correlation between the score that picked its finalists and
 their KL after distillation, and its wall time with the teacher's part (every teacher forward timed).
@@ -95,7 +96,9 @@ def main() -> None:
 
     parser.add_argument("--bld-hidden-choices", type=int, default=1, help="hidden sizes the library covers")
     parser.add_argument(
-        "--rows", default="zero-shot,bld,bld-own", help="zero-shot, bld, bld-own, minitron (comma-separated) or none"
+        "--rows",
+        default="zero-shot,bld,bld-own",
+        help="zero-shot, bld, bld-own, bld-stream, minitron (comma-separated) or none",
     )
     parser.add_argument("--teacher-share", default="", help="finalist counts, e.g. 1,4")
     parser.add_argument("--share-distill-tokens", default="25k")
@@ -123,7 +126,8 @@ def main() -> None:
             bld, tokens = None, distill_tokens
             if row.startswith("bld"):
                 options["hidden_choices"] = args.bld_hidden_choices
-                bld = BLDConfig(parse_tokens(args.bld), epochs=args.bld_epochs, micro_batch_size=8)
+                bld = BLDConfig(parse_tokens(args.bld), epochs=args.bld_epochs, micro_batch_size=8,
+                                stream=row == "bld-stream")  # fmt: skip
                 tokens = (total - bld.tokens) // finalists
             config = SearchConfig(
                 budget, _template(tokens), "minitron" if row == "minitron" else "minipuzzle", options,
@@ -169,7 +173,7 @@ def _print_rows(rows, budget, finalists, total) -> None:
         picked = "library KL" if record.bld else "zero-shot KL"
         if record.bld:
             library = record.library
-            label = f"bld: {library['variants']} variants, {library['tokens'] // 1000}k + {tokens // 1000}k tokens"
+            label = f"{name}: {library['variants']} variants, {library['tokens'] // 1000}k + {tokens // 1000}k tokens"
         else:
             label = f"{name}: {tokens // 1000}k"
         r = record.correlation or {"spearman": float("nan"), "kendall": float("nan")}
