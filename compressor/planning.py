@@ -42,6 +42,7 @@ import torch
 
 from compressor.budget import GIB, GPUSpec, format_bytes
 from compressor.config import ATTENTION, MAMBA, MOE, BlockSpec, HybridConfig
+from compressor.distributed import World
 from compressor.errors import CompressorError
 from compressor.losses import LossSpec
 from compressor.model import HybridLM
@@ -179,21 +180,23 @@ def eval_plan(
 
 def check_plan_fits(
     plan: MemoryPlan,
-    nproc: int,
-    device: torch.device | str,
+    world: World,
     *,
     shape: str,
     levers: str,
     dry_run: bool = True,
     torchrun: bool = True,
 ) -> None:
-    """Refuse (one CompressorError) a stage whose plan at `nproc` processes needs more than the device's free
-    memory, before anything of that size is loaded or built: one line instead of an out-of-memory kill.
-    `shape` says what the run's options make ("8 x 4,096 tokens a batch"), `levers` which options lower it;
-    `dry_run`: the command has a --dry-run that shows the plan; `torchrun`: it shards across processes."""
+    """Refuse (one CompressorError, on every process alike) a stage whose plan at the `world`'s processes
+    needs more than the device's free memory (the least of any process's), before anything of that size is
+    loaded or built: one line instead of an out-of-memory kill. `shape` says what the run's options make
+    ("8 x 4,096 tokens a batch"), `levers` which options lower it; `dry_run`: the command has a --dry-run
+    that shows the plan; `torchrun`: it shards across processes."""
     from compressor.budget import available_memory
+    from compressor.distributed import gather_objects
 
-    free, needed = available_memory(device), plan.total(nproc)
+    known = [free for free in gather_objects(available_memory(world.device), world) if free is not None]
+    free, needed, device = (min(known) if known else None), plan.total(world.size), world.device
     if free is not None and needed > free:
         processes = plan.smallest_nproc(free) if torchrun else None
         more = f", or {processes} processes under torchrun" if processes is not None else ""

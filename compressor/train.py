@@ -429,7 +429,7 @@ def _check_fits(config: TrainConfig, world: distributed.World, student: Path) ->
     teacher = check_weights(config.teacher) if config.teacher is not None else None
     plan = planning.training_plan(config, check_weights(student), teacher, world.device)
     planning.check_plan_fits(
-        plan, world.size, world.device, shape=f"{config.micro_batch_size} x {config.seq_len:,} tokens a micro-batch",
+        plan, world, shape=f"{config.micro_batch_size} x {config.seq_len:,} tokens a micro-batch",
         levers="--seq-len or --micro-batch-size (or --activation-checkpointing)",
     )  # fmt: skip
 

@@ -238,7 +238,7 @@ def _check_fits(models: list[Path], config: LossEval, world) -> None:
     teacher = check_weights(config.teacher) if config.teacher is not None else None
     plan = planning.eval_plan(archs, teacher, seq_len=config.seq_len, batch_size=config.batch_size,
                               dtype=planning.plan_dtype(archs[0], config.dtype))  # fmt: skip
-    planning.check_plan_fits(plan, world.size, world.device, levers="--seq-len or --batch-size", dry_run=False,
+    planning.check_plan_fits(plan, world, levers="--seq-len or --batch-size", dry_run=False,
                              shape=f"{config.batch_size} x {config.seq_len:,} tokens a batch")  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from compressor import planning
 from compressor.budget import weight_bytes
 from compressor.checkpoint import check_weights, checkpoint_bytes, load_model
 from compressor.data import DataSpec, Need, read_sequences, tokenizer_file
-from compressor.distributed import resolve_device
+from compressor.distributed import World, resolve_device
 from compressor.errors import OptionError
 from compressor.outputs import check_free_space, check_output
 from compressor.quantize import HF_QUANT_CONFIG, QuantRecipe, export_quantized, quantize, stored_weight_bytes
@@ -81,8 +81,9 @@ def quantize_checkpoint(
     stored = check_weights(model_path)  # a config.json its weights contradict is refused before it is sized
     plan = planning.forward_plan("quantization's calibration", stored, seq_len=config.seq_len,
                                  batch_size=config.batch_size, dtype=planning.plan_dtype(stored, None))  # fmt: skip
-    planning.check_plan_fits(plan, 1, device, shape=f"{config.batch_size} x {config.seq_len:,} tokens a batch",
-                             levers="--seq-len or --batch-size", dry_run=False, torchrun=False)  # fmt: skip
+    shape = f"{config.batch_size} x {config.seq_len:,} tokens a batch"
+    planning.check_plan_fits(plan, World(device=device), shape=shape, levers="--seq-len or --batch-size",
+                             dry_run=False, torchrun=False)  # fmt: skip
     model = load_model(model_path, device=device)
     arch = model.config
     sequences = read_sequences(config.data_spec, model_path, eos_id=arch.eos_id, vocab_size=arch.vocab_size)

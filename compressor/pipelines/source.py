@@ -136,7 +136,7 @@ def _check_fits(config: CalibrationConfig, world: distributed.World) -> None:
         plans.append(planning.scoring_plan(arch, arch, seq_len=tokens[0], batch_size=tokens[1], batches=batches,
                                            dtype=dtype))  # fmt: skip
     for plan in plans:
-        planning.check_plan_fits(plan, world.size, world.device, shape=f"{tokens[1]} x {tokens[0]:,} tokens a batch",
+        planning.check_plan_fits(plan, world, shape=f"{tokens[1]} x {tokens[0]:,} tokens a batch",
                                  levers="--seq-len or --batch-size")  # fmt: skip
 
 
