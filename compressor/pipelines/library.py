@@ -293,7 +293,8 @@ def _stream_rounds(source: Source, todo: list[tuple], folder: Path) -> list[list
         saved = None
         if world.is_main:  # its variants were finished after the save
             shutil.rmtree(folder / ROUND_DIR, ignore_errors=True)
-    first = [job for job in todo if job[0] in set(saved or ())]
+    resumed = set(saved or ())
+    first = [job for job in todo if job[0] in resumed]
     todo = [job for job in todo if job not in first]
     known = [free for free in distributed.gather_objects(available_memory(world.device), world) if free is not None]
     room = min(known) / 2 if known else math.inf
@@ -328,21 +329,27 @@ class RoundCheckpoint:
     @staticmethod
     def saved_jobs(folder: Path, world: distributed.World) -> list[int] | None:
         """The job numbers of the round saved in `folder`, when as many processes saved it."""
+        saved = RoundCheckpoint._saved(Path(folder) / ROUND_DIR, world)
+        return saved[0] if saved is not None else None
+
+    @staticmethod
+    def _saved(folder: Path, world: distributed.World) -> tuple[list[int], int] | None:
+        """(job numbers, save number) that `round.json` in `folder` names, when as many processes saved it."""
         try:
-            record = read_json(Path(folder) / ROUND_DIR / ROUND_FILE, "a streamed round's record")
+            record = read_json(folder / ROUND_FILE, "a streamed round's record")
         except CompressorError:
             return None
         jobs, processes, number = (record.get(k) for k in ("jobs", "processes", "save"))
         if not (isinstance(jobs, list) and all(type(j) is int for j in jobs) and type(number) is int):
             return None
-        return jobs if processes == world.size else None
+        return (jobs, number) if processes == world.size else None
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """This process's part of the last save of this round; None (on every process) when there is none or
         any process cannot read its part."""
-        state = None
-        if self.saved_jobs(self.folder.parent, self.world) == self.jobs:
-            number = read_json(self.folder / ROUND_FILE, "a streamed round's record")["save"]
+        state, saved = None, self._saved(self.folder, self.world)
+        if saved is not None and saved[0] == self.jobs:
+            number = saved[1]
             name = f"rank{self.world.rank}-{number}"
             try:
                 with open_tensors(self.folder / f"{name}.safetensors", "a streamed round's saved state") as f:
