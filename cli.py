@@ -274,7 +274,9 @@ def eval_(
 @friendly
 def generate(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder (with tokenizer.json).")],
-    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    prompt: Annotated[
+        list[str], typer.Option(help="Text to continue; repeat it for several prompts, each continued on its own.")
+    ],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
@@ -283,10 +285,10 @@ def generate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
 ) -> None:
-    """Continue a prompt with the model (cached decoding)."""
+    """Continue prompts with the model (cached decoding)."""
     from compressor.pipelines.generating import GenerateConfig, generate_text
 
-    config = GenerateConfig(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype)
+    config = GenerateConfig(tuple(prompt), max_new_tokens, temperature, top_k, top_p, seed, device, dtype)
     render_generation(generate_text(model, config))
 
 

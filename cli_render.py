@@ -470,10 +470,13 @@ def render_search(record, out: Path, json_output: bool = False) -> None:
         say("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record.seconds.items()))
 
 
-def render_generation(generation) -> None:
-    """`compress generate`: the prompt in bold, then the model's continuation."""
-    console.print(generation.prompt, style="bold", end="", highlight=False)
-    console.print(generation.text, highlight=False)
+def render_generation(generations) -> None:
+    """`compress generate`: each prompt in bold, then the model's continuation; a blank line between them."""
+    for number, generation in enumerate(generations):
+        if number:
+            console.print()
+        console.print(generation.prompt, style="bold", end="", highlight=False)
+        console.print(generation.text, highlight=False)
 
 
 def loads_in(path: Path) -> str:

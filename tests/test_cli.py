@@ -140,6 +140,16 @@ def test_generate(workspace):
     assert result.output.startswith("To be")
 
 
+def test_generate_continues_each_prompt_as_if_alone(workspace):
+    sampling = ["--max-new-tokens", "6", "--temperature", "0.9", "--seed", "3"]
+    alone = [_run("generate", workspace / "model", "--prompt", p, *sampling).output for p in ("To be", "Or not")]
+    both = _run("generate", workspace / "model", "--prompt", "To be", "--prompt", "Or not", *sampling)
+    assert both.exit_code == 0, both.output
+    assert both.output == alone[0] + "\n" + alone[1]
+    empty = _run("generate", workspace / "model", "--prompt", "To be", "--prompt", "", *sampling)
+    assert empty.exit_code == 1 and "--prompt 2 of 2 is empty after tokenization" in empty.output
+
+
 def test_eval_compares_several_models_on_the_same_sequences(workspace):
     args = ["eval", workspace / "model", workspace / "teacher", "--data", workspace / "text.txt", "--seq-len", "32"]
     rows = json.loads(_run(*args, "--json").output)

@@ -1,8 +1,9 @@
-"""`compress generate`: a checkpoint and a prompt in, the continuation out.
+"""`compress generate`: a checkpoint and prompts in, their continuations out.
 
-The sampling settings are checked first (`GenerateConfig`), then the checkpoint and its tokenizer load, the
-prompt is tokenized, the cache is checked against the device's free memory, and `compressor.generate`
-decodes: one prefill pass over the prompt, then one token per step.
+The sampling settings are checked first (`GenerateConfig`), then the checkpoint and its tokenizer load, every
+prompt is tokenized, the cache of the longest is checked against the device's free memory, and
+`compressor.generate` decodes each prompt on its own: one prefill pass over it, then one token per step, with
+the sampler seeded afresh, so a prompt's continuation does not depend on the prompts given with it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from compressor.model import HybridLM
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """The prompt and how to continue it: temperature 0 is greedy decoding; otherwise sampling, limited to the
-    `top_k` most likely tokens and/or the smallest set holding `top_p` of the probability."""
+    """The prompts and how to continue them: temperature 0 is greedy decoding; otherwise sampling, limited to
+    the `top_k` most likely tokens and/or the smallest set holding `top_p` of the probability."""
 
-    prompt: str
+    prompts: tuple[str, ...]
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int | None = None
@@ -38,6 +39,8 @@ class GenerateConfig:
     dtype: str | None = None  # default: the checkpoint's
 
     def __post_init__(self) -> None:
+        if not self.prompts:
+            raise OptionError("prompt", "is missing: give at least one --prompt")
         if self.max_new_tokens < 1:
             raise OptionError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -63,28 +66,34 @@ class Generation:
         return dict(vars(self))
 
 
-def generate_text(model_dir: str | Path, config: GenerateConfig) -> Generation:
-    """Load the checkpoint in `model_dir` with its tokenizer and continue `config.prompt` (module docstring)."""
+def generate_text(model_dir: str | Path, config: GenerateConfig) -> list[Generation]:
+    """Load the checkpoint in `model_dir` with its tokenizer and continue each of `config.prompts`, in order
+    (module docstring)."""
     device = resolve_device(config.device)
     model = load_model(model_dir, dtype=config.dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
     with tokenizer_panics(model_dir):
-        ids = tokenizer.encode(config.prompt, add_special_tokens=False).ids
-    if not ids:
-        raise OptionError("prompt", "is empty after tokenization")
-    _check_cache_fits(model, len(ids) + config.max_new_tokens, device)
-    out = generate(
-        model,
-        torch.tensor([ids], device=device),
-        config.max_new_tokens,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        eos_token_id=model.config.eos_id,
-        generator=torch.Generator(device=device).manual_seed(config.seed),
-    )
-    new = out[0, len(ids) :].tolist()
-    return Generation(config.prompt, tokenizer.decode(new), len(ids), len(new))
+        encoded = [tokenizer.encode(prompt, add_special_tokens=False).ids for prompt in config.prompts]
+    for number, ids in enumerate(encoded, 1):
+        if not ids:
+            which = f"{number} of {len(encoded)} " if len(encoded) > 1 else ""
+            raise OptionError("prompt", f"{which}is empty after tokenization")
+    _check_cache_fits(model, max(map(len, encoded)) + config.max_new_tokens, device)
+    generations = []
+    for prompt, ids in zip(config.prompts, encoded, strict=True):
+        out = generate(
+            model,
+            torch.tensor([ids], device=device),
+            config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            eos_token_id=model.config.eos_id,
+            generator=torch.Generator(device=device).manual_seed(config.seed),
+        )
+        new = out[0, len(ids) :].tolist()
+        generations.append(Generation(prompt, tokenizer.decode(new), len(ids), len(new)))
+    return generations
 
 
 def _check_cache_fits(model: HybridLM, tokens: int, device: torch.device) -> None:
