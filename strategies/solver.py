@@ -12,14 +12,20 @@ allowance). With binary x[b, o] (block b takes option o) the program is
                sum_{b of kind k} x[b, drop] <= limit_k, and in all <= limit_total
                x[b, o] <= y[k, w(o)], sum_w y[k, w] <= 1            kinds whose kept blocks share widths
                x[b, drop] = 0                                      pinned blocks
+               sum_o o x[b, o] <= sum_o o x[b', o]                 b before b', interchangeable
                sum_{(b, o) in S} x[b, o] <= blocks - distance      each earlier solution S (diversity)
 
-a multiple-choice knapsack with side constraints, solved exactly. `solve` returns the best `count` distinct
+a multiple-choice knapsack with side constraints, solved exactly. Interchangeable blocks (the same options
+at the same costs and damages, both pinned or neither: blocks of a kind when a config alone is searched)
+take their options in order, so the solver weighs one choice per permutation of them instead of ruling out
+each: the same least damage, found in a fraction of the time, and distinct choices that differ in more than
+which of equal blocks changes. `solve` returns the best `count` distinct
 choices, best first; every one is checked again in integers against the budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,6 +148,20 @@ def feasible(
     return bool(solve(options, budget, base, limits, shared=shared, pinned=pinned, objective=False))
 
 
+def _interchangeable(options: Sequence[Sequence[BlockChoice]], pinned: frozenset[int]) -> list[list[int]]:
+    """The groups of two or more blocks that any choice may swap without changing its damage or costs: the
+    same options (widths, costs and damage, in the same order), all pinned or none."""
+    groups: dict[tuple, list[int]] = {}
+    for b, opts in enumerate(options):
+        signature = tuple(
+            (x.kind, x.key, x.whole, x.params, x.active_params, x.nbytes, x.activations, x.damage,
+             tuple(sorted(x.others.items())))
+            for x in opts
+        )  # fmt: skip
+        groups.setdefault((b in pinned, signature), []).append(b)
+    return [blocks for blocks in groups.values() if len(blocks) > 1]
+
+
 class _Program:
     """The program's matrices, built once; `exclude` adds a diversity row after each solution."""
 
@@ -200,6 +220,13 @@ class _Program:
             r[[var for (k, _), var in self.width_var.items() if k == kind]] = 1
             if r.any():
                 rows.append((r, -np.inf, 1))
+        position = {p: i for i, p in enumerate(self.index)}
+        for blocks in _interchangeable(options, pinned):
+            for b, later in itertools.pairwise(blocks):  # option numbers in order along the blocks
+                r = row()
+                for o in range(len(options[b])):
+                    r[position[b, o]], r[position[later, o]] = o, -o
+                rows.append((r, -np.inf, 0))
         self.rows = rows
         self.cost = np.zeros(size)
         self.cost[:n] = [x.damage for x in flat]

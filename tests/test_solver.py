@@ -66,6 +66,38 @@ def test_solver_equals_brute_force(seed):
     assert solver.feasible(options, budget, base, limits, shared=shared, pinned=pinned) == bool(expected)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_interchangeable_blocks_give_one_choice_per_permutation(seed):
+    """Blocks with the same options (a config alone: a block's damage is its share) are searched once per
+    permutation: the least damage is brute force's, and the next choices are the next-best multisets of
+    options per group of equal blocks, not the best one moved to other equal blocks."""
+    rng = random.Random(seed)
+    kinds = [rng.choice(KINDS[:2]) for _ in range(7)]
+    template = {kind: _library(seed + 10 * i, 3)[KINDS.index(kind)] for i, kind in enumerate(KINDS[:2])}
+    options = [list(template[kind]) for kind in kinds]
+    pinned = frozenset({rng.randrange(7)})  # a pinned block is not interchangeable with the others
+    base = BlockCost(500, 500, 1000, 0)
+    full = sum(max(x.nbytes for x in o) for o in options)
+    budget = Budget(memory=1000 + int(full * rng.uniform(0.5, 0.8)))
+    limits = {"mamba": 2, "attention": 2, "mlp": 0, "moe": 0, "total": 3}
+    got = solver.solve(options, budget, base, limits, pinned=pinned, count=4)
+
+    def permutation(combo):  # the options each group of equal blocks takes, whatever the order
+        return tuple(sorted((kinds[b], b in pinned, o) for b, o in enumerate(combo)))
+
+    best: dict[tuple, float] = {}
+    for combo in itertools.product(*(range(len(o)) for o in options)):
+        choice = [options[b][o] for b, o in enumerate(combo)]
+        if any(choice[b].dropped for b in pinned) or not solver.within_depth_limits(choice, limits):
+            continue
+        if solver.fits(choice, budget, base):
+            best[permutation(combo)] = sum(x.damage for x in choice)
+    expected = sorted(best.values())[:4]
+    assert [sum(x.damage for x in c) for c in got] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    picked = [permutation([options[b].index(x) for b, x in enumerate(c)]) for c in got]
+    assert len(set(picked)) == len(got)
+
+
 def test_activation_allowance_is_the_widest_kept_block():
     """Memory counts the largest kept block's prefill allowance once: a choice whose blocks are small
     enough fits where the sum of allowances would not, and keeping the widest block costs its allowance."""
