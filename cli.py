@@ -20,6 +20,7 @@ from cli_options import (
     RETRIEVAL_OPTIONS,
     AttentionLossOption,
     AttentionQueriesOption,
+    CompressGroup,
     DeviceOption,
     DistillQuantizeKeepOption,
     DistillQuantizeOption,
@@ -105,6 +106,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CompressGroup,
 )
 
 

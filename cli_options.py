@@ -8,11 +8,13 @@ import functools
 import importlib.metadata
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from cli_render import console, err_console
 from compressor.errors import CompressorError, OptionClash, OptionError
@@ -47,6 +49,81 @@ def friendly(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+# The exceptions of the Click that Typer parses with (its own copy in Typer 0.29, the click package before).
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
+class CompressGroup(TyperGroup):
+    """`compress`'s command group: a command line the parser cannot read (an unknown option, a value of the
+    wrong type, a missing argument, an option given twice with different values) is one line on stderr and
+    exit status 2, Click's usage status, instead of a usage box."""
+
+    def resolve_command(self, ctx, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            refuse_repeats(command, rest, f"{ctx.command_path} {name}")
+        return name, command, rest
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_errors.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `compress` alone: the help (Rich's is printed)
+                if exc.format_message().strip():
+                    typer.echo(exc.format_message())
+                sys.exit(exc.exit_code)
+            err_console.print(f"[bold red]error:[/] {escape(usage_line(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err_console.print("[yellow]aborted[/]")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(exc) -> str:
+    """A parser error (a ClickException) as one line, with where the command's options are listed."""
+    message = " ".join(exc.format_message().split())
+    context = getattr(exc, "ctx", None)
+    return message if context is None else f"{message.rstrip('.')} (see '{context.command_path} --help')"
+
+
+def refuse_repeats(command, args: list[str], path: str) -> None:
+    """Raise a UsageError for an option that takes one value and is given twice with different values (the
+    parser would keep the last one without a word). Options that collect values (`--prompt`, `--set`) and a
+    flag given twice alike pass."""
+    options = {
+        name: param
+        for param in command.params
+        if param.param_type_name == "option"
+        for name in (*param.opts, *param.secondary_opts)
+    }
+    seen: dict[str, tuple[str, str]] = {}  # parameter -> (flag, value) as first written
+    position = 0
+    while position < len(args) and args[position] != "--":
+        flag, has_value, value = args[position].partition("=")
+        param = options.get(flag) if flag.startswith("--") else None
+        position += 1
+        if param is None:
+            continue
+        if param.is_flag:
+            value = flag
+        elif not has_value:
+            value = args[position] if position < len(args) else ""
+            position += 1
+        if param.multiple or param.count:
+            continue
+        if param.name in seen and seen[param.name][1] != value:
+            first, before = seen[param.name]
+            if param.is_flag:  # --dry-run and --no-dry-run
+                problem = f"{first} and {flag} are both given: give one of them"
+            else:
+                problem = f"{first} {before} and {flag} {value} are both given: give {flag} once"
+            raise _click_errors.UsageError(f"{problem} (see '{path} --help')")
+        seen[param.name] = (flag, value)
 
 
 def print_version(value: bool) -> None:

@@ -306,12 +306,15 @@ class HybridConfig:
         raw = self.to_dict()
         fields = {f.name for f in dataclasses.fields(self)} - {"extra", "pattern_key"}
         settable = set(raw) | fields | PASSTHROUGH_KEYS | set(KEY_ALIASES) | {"layers_block_type"}
+        given: dict[str, str] = {}
         for item in settings:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"setting {item!r} is not KEY=VALUE")
             if key.strip() not in settable:
                 raise ConfigError(f"setting {key.strip()!r} is not a config.json field of nemotron_h")
+            if given.setdefault(key.strip(), item) != item:
+                raise ConfigError(f"settings {given[key.strip()]!r} and {item!r} set one field: give one of them")
             try:
                 raw[key.strip()] = json.loads(value)
             except json.JSONDecodeError:

@@ -87,6 +87,8 @@ def test_init_errors(workspace, tmp_path):
     assert result.exit_code == 1 and "exactly one of --preset NAME or --config JSON" in result.output
     result = _run("init", tmp_path / "x", "--preset", "tiny", "--set", "mamba_num_heads=7")
     assert result.exit_code == 1 and "not divisible by n_groups" in result.output
+    result = _run("init", tmp_path / "x", "--preset", "tiny", "--set", "hidden_size=64", "--set", "hidden_size=128")
+    assert result.exit_code == 1 and "'hidden_size=64' and 'hidden_size=128' set one field" in result.output
     result = _run("init", tmp_path / "x", "--preset", "tiny", "--set", "vocab_size=10", "--tokenizer", workspace)
     assert result.exit_code == 1 and "add --set vocab_size=" in result.output
     result = _run("init", tmp_path / "x", "--preset", "56b")
@@ -138,6 +140,31 @@ def test_generate(workspace):
     result = _run("generate", workspace / "model", "--prompt", "To be", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("To be")
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["estimate", "{model}", "--prefill-chunk", "abc"], "Invalid value for '--prefill-chunk'"),
+        (["prun", "{model}"], "No such command 'prun'. Did you mean 'prune'?"),
+        (["generate", "{model}"], "Missing option '--prompt' (see 'compress generate --help')"),
+        (["eval", "{model}", "--dat", "x"], "No such option: --dat"),
+        (["estimate", "{model}", "--ctx", "1k", "--ctx=2k"], "--ctx 1k and --ctx 2k are both given: give --ctx once"),
+        (["prune", "{model}", "--axes", "hidden", "--axes", "ffn"], "--axes hidden and --axes ffn are both given"),
+        (["prune", "{model}", "--dry-run", "--no-dry-run"], "--dry-run and --no-dry-run are both given: give one"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(workspace, args, line):
+    """What the parser refuses (a bad value, an unknown command or option, a missing one, an option given
+    twice with different values: the parser would keep the last) is one line and status 2, no usage box."""
+    result = _run(*(a.format(model=workspace / "model") for a in args))
+    assert result.exit_code == 2 and line in result.output, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+
+
+def test_an_option_repeated_alike_or_collecting_values_passes(workspace):
+    assert _run("estimate", workspace / "model", "--ctx", "1k", "--ctx=1k", "--json").exit_code == 0
+    assert _run("estimate", workspace / "model", "--json", "--json").exit_code == 0
 
 
 def test_generate_continues_each_prompt_as_if_alone(workspace):

@@ -267,6 +267,7 @@ CASES = [
     ([*GENERATE, "--max-new-tokens", "100000000000"], "--max-new-tokens is too many"),
     ([*GENERATE, "--seed", "-1"], "--seed must be at least 0"),
     (["generate", M, "--prompt", ""], "--prompt is empty after tokenization"),
+    ([*GENERATE, "--top-k", "5"], "--top-k samples, but temperature 0 decodes greedily"),
     (["generate", "{root}/nan_weights", "--prompt", "To be"], "NaN or infinite weights"),
     (["generate", "{root}/empty", "--prompt", "To be"], "no config.json"),
     # importance
@@ -525,10 +526,26 @@ def test_the_battery_covers_every_command():
     assert len(CASES) >= 150
 
 
+def _last_wins(args: list[str]) -> list[str]:
+    """A case changes an option of its base command line (IMPORTANCE, PRUNE, ...) by giving it again: the later
+    value replaces the earlier one (the command line itself refuses an option given twice)."""
+    segments: dict[str, list[str]] = {}
+    position = 0
+    while position < len(args):
+        token = args[position]
+        takes_value = token.startswith("--") and position + 1 < len(args) and not args[position + 1].startswith("--")
+        segment = args[position : position + 1 + takes_value]
+        key = token if token.startswith("--") else f"{position}"
+        segments.pop(key, None)
+        segments[key] = segment
+        position += len(segment)
+    return [token for segment in segments.values() for token in segment]
+
+
 @pytest.mark.parametrize(("args", "message"), CASES, ids=[f"{i}-{c[0][0]}" for i, c in enumerate(CASES)])
 def test_a_user_mistake_is_one_line_and_loses_nothing(ws, args, message):
     before = _snapshot(ws)
-    formatted = [a.replace("{root}", str(ws)) for a in args]
+    formatted = _last_wins([a.replace("{root}", str(ws)) for a in args])
     result = CliRunner().invoke(app, formatted)
     output = result.output.strip()
     assert isinstance(result.exception, SystemExit), f"{formatted}: {result.exception!r}"

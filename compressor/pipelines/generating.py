@@ -51,6 +51,9 @@ class GenerateConfig:
             raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.seed < 0:
             raise OptionError("seed", f"must be at least 0, got {self.seed}")
+        for name in ("top_k", "top_p"):
+            if self.temperature == 0 and getattr(self, name) is not None:
+                raise OptionError(name, "samples, but temperature 0 decodes greedily: set --temperature above 0")
 
 
 @dataclass
