@@ -707,8 +707,10 @@ def _as_int32(rows: np.ndarray, path: Path) -> np.ndarray:
     """`rows` as int32, checking that the ids fit."""
     if rows.dtype == np.int32:
         return rows
-    if rows.size and (rows.min() < 0 or rows.max() > INT32_MAX):
-        raise DataError(f"{path} has token ids outside 0..{INT32_MAX}; token ids must fit in int32")
+    if rows.size and rows.min() < 0:
+        raise DataError(f"{path} has negative token ids (the least is {rows.min()}); token ids count from 0")
+    if rows.size and rows.max() > INT32_MAX:
+        raise DataError(f"{path} has token ids above {INT32_MAX} (the largest is {rows.max()}); they must fit int32")
     return rows.astype(np.int32)
 
 

@@ -57,6 +57,7 @@ def ws(tmp_path_factory):
     np.save(root / "tokens.npy", rng.integers(0, 300, size=64 * 32).astype(np.int32))
     np.save(root / "too_large.npy", np.full(64 * 32, 300, dtype=np.int32))
     np.save(root / "negative.npy", np.full(64 * 32, -1, dtype=np.int32))
+    np.save(root / "negative64.npy", np.full(64 * 32, -5, dtype=np.int64))
     # a student whose tokenizer has the teacher's size but other tokens
     other = Tokenizer(models.BPE(unk_token=None))
     other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -243,6 +244,7 @@ CASES = [
     (["eval", "{root}/index_escape", "--data", TOK], "outside"),
     (["eval", M, "--data", "{root}/too_large.npy"], "token id 300, outside the model's vocabulary of 300"),
     (["eval", M, "--data", "{root}/negative.npy"], "token id -1"),
+    (["eval", M, "--data", "{root}/negative64.npy"], "has negative token ids (the least is -5)"),
     (["eval", M, "--data", "{root}/missing.txt"], "missing.txt"),
     (["eval", M, "--data", "/dev/null"], "/dev/null"),
     ([*EVAL, "--seq-len", "1"], "--seq-len must be at least 2"),
@@ -355,7 +357,8 @@ CASES = [
         [*PRUNE, "--target-mem", "1GiB", "--depth-scores", "best", "--out", "{root}/out_p"],
         "--depth-scores 'best' is not one of",
     ),
-    ([*PRUNE, "--export-config", "{not json", "--out", "{root}/out_p"], "--export-config is neither a JSON object"),
+    ([*PRUNE, "--export-config", "{not json", "--out", "{root}/out_p"], "--export-config is not a valid JSON object"),
+    ([*PRUNE, "--export-config", "{root}/no.json", "--out", "{root}/out_p"], "no file {root}/no.json exists"),
     ([*PRUNE, "--export-config", '{"layers": 3}', "--out", "{root}/out_p"], "has unknown key(s) ['layers']"),
     (
         [*PRUNE, "--export-config", '{"hidden_size": 0}', "--out", "{root}/out_p"],

@@ -26,8 +26,8 @@ from compressor import distributed
 from compressor.budget import Budget
 from compressor.checkpoint import checkpoint_bytes
 from compressor.data import tokenizer_file
-from compressor.errors import BudgetError, OptionError
-from compressor.outputs import atomic_output, check_free_space, check_output
+from compressor.errors import BudgetError, CompressorError, OptionError, first_line
+from compressor.outputs import atomic_output, check_free_space, check_output, read_json
 from compressor.pipelines.preview import (
     CompressionPreview,
     CompressionStages,
@@ -78,10 +78,20 @@ class PruneConfig:
 
 def read_export_config(text: str) -> dict[str, Any]:
     """ModelOpt's export_config, written as a JSON object or the path of a JSON file."""
+    if not text.lstrip().startswith(("{", "[")):
+        if not Path(text).exists():
+            raise OptionError("export_config", f"is not a JSON object and no file {text} exists: give either")
+        try:
+            return read_json(text, "an export_config (a JSON object)")
+        except CompressorError as exc:
+            raise OptionError("export_config", f"cannot be read: {exc}") from None
     try:
-        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OptionError("export_config", f"is neither a JSON object nor a readable JSON file ({exc})") from None
+        shape = json.loads(text)
+    except (RecursionError, json.JSONDecodeError) as exc:
+        raise OptionError("export_config", f"is not a valid JSON object ({first_line(exc)})") from None
+    if not isinstance(shape, dict):
+        raise OptionError("export_config", "must be a JSON object")
+    return shape
 
 
 @dataclass(frozen=True)
