@@ -151,3 +151,13 @@ def test_prune_dry_run_with_target_kv():
     assert kinds and all(blocks.count(ATTENTION) <= 3 for blocks in kinds)
     refused = runner.invoke(cli.app, ["prune", "8b", "--dry-run", "--target-kv", "100"])
     assert refused.exit_code == 1 and "memory size '100' has no unit" in refused.output
+
+
+def test_a_request_longer_than_the_context_is_refused():
+    """estimate sized memory at --ctx and throughput at a longer --isl + --osl request without a word."""
+    result = CliRunner().invoke(cli.app, ["estimate", "9b-v2", "--ctx", "1k", "--isl", "4k", "--gpu", "h100-sxm"])
+    assert result.exit_code == 1
+    assert "4,096 prompt and 512 generated tokens does not fit the context of 1,024" in result.output
+    result = CliRunner().invoke(cli.app, ["prune", "9b-v2", "--dry-run", "--target-mem", "9GiB", "--ctx", "16k",
+                                          "--isl", "8k", "--osl", "16k", "--gpu", "h100-sxm"])  # fmt: skip
+    assert result.exit_code == 1 and "give a --ctx of at least 24,576" in result.output

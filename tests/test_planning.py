@@ -124,7 +124,7 @@ def test_importance_and_prune_dry_runs_through_their_pipelines(tmp_path):
     assert [plan.plan.stage for plan in reused.memory.stages] == ["scoring"]  # importance reused, not planned
     with pytest.raises(OptionError, match="out is needed"):
         prune_or_preview("56b", None, options)
-    with pytest.raises(OptionError, match="export_config is neither"):
+    with pytest.raises(OptionError, match="export_config is not a valid JSON object"):
         prune_or_preview("56b", tmp_path / "pruned", dataclasses.replace(options, export_config="{not json"))
 
 

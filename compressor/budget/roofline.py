@@ -130,9 +130,15 @@ class Workload:
         output_tokens: int | None = None,
     ) -> Workload:
         """The default request filling a context: 1024 generated tokens (at most half of it), the rest prompt;
-        either side can be given instead."""
+        either side can be given instead, within the context."""
         output = output_tokens if output_tokens is not None else max(min(1024, context // 2), 1)
         prompt = input_tokens if input_tokens is not None else max(context - output, 1)
+        if prompt + output > context:
+            raise BudgetError(
+                f"a request of {prompt:,} prompt and {output:,} generated tokens does not fit the context of "
+                f"{context:,} tokens the memory is sized at: give a --ctx of at least {prompt + output:,}, or a "
+                "shorter --isl / --osl"
+            )
         return cls(prompt, output, batch)
 
 
