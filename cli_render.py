@@ -41,6 +41,8 @@ def say(text: str) -> None:
 
 
 def progress_bar() -> Progress:
+    """A bar over tokens on a terminal's stderr; elsewhere (a log file, a pipe) none: a transient bar leaves
+    only an empty line there."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -49,6 +51,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
+        disable=not err_console.is_terminal,
     )
 
 

@@ -539,7 +539,12 @@ def _local_path(source: str | Path) -> Path | None:
 def _open_text(source: str | Path, path: Path | None, text_field: str, dataset_split: str) -> tuple[Any, str]:
     """The `datasets` dataset holding the documents of a text source, and the field with the text."""
     import datasets  # imported here: it takes about a second and only text sources need it
+    import huggingface_hub
 
+    # what goes wrong reading a source is one DataError line: datasets' own log of a malformed file and the
+    # Hub client's retry warnings would print above it
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    huggingface_hub.utils.logging.set_verbosity(huggingface_hub.utils.logging.CRITICAL)
     if path is None:
         try:
             return datasets.load_dataset(str(source), split=dataset_split, streaming=True), text_field

@@ -15,7 +15,7 @@ from typing import Any
 
 from compressor import planning
 from compressor.budget import weight_bytes
-from compressor.checkpoint import check_weights, checkpoint_bytes, load_model
+from compressor.checkpoint import check_weights, checkpoint_bytes, load_model, parse_dtype
 from compressor.data import DataSpec, Need, read_sequences, tokenizer_file
 from compressor.distributed import World, resolve_device
 from compressor.errors import OptionError
@@ -43,6 +43,7 @@ class QuantizeConfig:
         for name, low in (("samples", 1), ("seq_len", 2), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise OptionError(name, f"must be at least {low}, got {getattr(self, name)}")
+        parse_dtype(self.dtype)  # an unknown name now, not after ModelOpt's import
 
     @property
     def data_spec(self) -> DataSpec:
