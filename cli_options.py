@@ -34,7 +34,7 @@ def friendly(command):
                 raise
             message = str(exc)
             if isinstance(exc, OptionError) and exc.parameter in flags:
-                message = f"--{exc.parameter.replace('_', '-')} {exc.problem}"
+                message = f"{option_flag(command, exc.parameter)} {exc.problem}"
             err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
@@ -169,17 +169,30 @@ def option(name: str, kind, help: str | None = None, default=None, metavar: str 
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def command_flags(parameters: list[inspect.Parameter]) -> set[str]:
-    """The flags Typer makes of these command parameters: the declared ones (`--json`), else the name's
-    (`--seq-len`), `--no-...` of a bool, and `--help`."""
+def _click_params(parameters: list[inspect.Parameter]) -> list:
+    """The parser's parameters Typer makes of these command parameters."""
 
     def probe() -> None: ...
 
     probe.__signature__ = inspect.Signature(parameters)
     probe_app = typer.Typer()
     probe_app.command()(probe)
-    params = typer.main.get_command(probe_app).params
+    return typer.main.get_command(probe_app).params
+
+
+def command_flags(parameters: list[inspect.Parameter]) -> set[str]:
+    """The flags Typer makes of these command parameters: the declared ones (`--json`), else the name's
+    (`--seq-len`), `--no-...` of a bool, and `--help`."""
+    params = _click_params(parameters)
     return {"--help"} | {flag for p in params for flag in (*p.opts, *p.secondary_opts) if flag.startswith("-")}
+
+
+def option_flag(command, parameter: str) -> str:
+    """The flag of `command`'s parameter `parameter` (a name the library's OptionError gives): its declared one
+    (`--importance` of importance_dir, `--json` of json_output), else the name's (`--seq-len`)."""
+    params = _click_params([inspect.signature(command, eval_str=True).parameters[parameter]])
+    opts = next(p.opts for p in params if p.name == parameter)
+    return next((flag for flag in opts if flag.startswith("--")), f"--{parameter.replace('_', '-')}")
 
 
 def strategy_options(taken: set[str] = frozenset()) -> list[inspect.Parameter]:

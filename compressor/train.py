@@ -194,6 +194,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise an OptionError naming the first option out of its range."""
         checks = [
+            (
+                "resume",
+                not (self.resume and self.overwrite),
+                f"continues {self.out}, --overwrite replaces it: give one",
+            ),
             ("seq_len", self.seq_len >= 2, "must be at least 2"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be at least 1"),
             ("batch_size", self.batch_size >= 1, "must be at least 1"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -322,6 +323,10 @@ def test_a_context_that_fits_is_scored(small_memory):
         ([*SEARCH, "--score", "kl+retrieval", "--retrieval-weight", "inf"], "--retrieval-weight must be a finite"),
         ([*SEARCH, "--retrieval-weight", "3"], "--retrieval-weight weighs the retrieval term"),
         ([*SEARCH, "--score-samples", "0"], "--score-samples must be at least 1"),
+        (
+            [*SEARCH, "--share-teacher", "--attention-loss", "1"],
+            "--share-teacher reads the teacher from a cache, --attention-loss needs it in memory: give one",
+        ),
         ([*QUANTIZE, "--keep", "*layer.0.*"], "--keep pattern '*layer.0.*' matches no quantizer of the model"),
         (["init", "{root}/out_i", "--preset", "tiny-moe", "--layers", "6"], "would drop this config's 3 MoE blocks"),
         (["init", "{root}/out_i", "--layers", "6"], "--layers lays out the blocks of a --preset or --config"),
@@ -339,7 +344,8 @@ def test_an_option_that_cannot_apply_is_refused_before_any_work(ws, monkeypatch,
 @pytest.fixture(scope="module")
 def search_folder(ws, tmp_path_factory):
     out = tmp_path_factory.mktemp("search") / "s"
-    args = [a.replace("{root}", str(ws)) for a in SEARCH[:-1]] + [str(out), "--data", str(ws / "search.npy"),
+    assert SEARCH[2] == "--data"  # given once: search.npy in place of TOK
+    args = [a.replace("{root}", str(ws)) for a in SEARCH[:3] + [str(ws / "search.npy")] + SEARCH[4:-1]] + [str(out),
             "--strategy", "minitron", "--candidates", "1", "--distill-tokens", "256", "--batch-size", "4",
             "--micro-batch-size", "4"]  # fmt: skip
     result = CliRunner().invoke(app, args)
@@ -356,6 +362,7 @@ def search_folder(ws, tmp_path_factory):
         (["--distill-tokens", "1k"], "--distill-tokens 1k differs from the 256 of the search"),
         (["--top-k", "3"], "--top-k 3 differs from the 10 of the search"),
         (["--retrieval-ctx", "2k"], "--retrieval-ctx 2k is not used by the search in --out"),
+        (["--importance", "scores"], "--importance scores is not used by the search in --out"),
         (["--target-params", "100k"], "the budget options differ from the budget the search in --out started with"),
     ],
 )
@@ -372,6 +379,22 @@ def test_search_resume_accepts_the_options_it_started_with(ws, search_folder):
     args = ["search", str(ws / "model"), "--data", str(ws / "search.npy"), "--resume", "--out", str(search_folder),
             "--candidates", "1", "--strategy", "minitron", "--seq-len", "32", "--json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_search_resume_accepts_the_importance_folder_it_started_with(ws, search_folder, tmp_path, monkeypatch):
+    """The record keeps --importance as written (relative to where the search started): the same folder,
+    written another way, is the same option; another folder is refused."""
+    folder = tmp_path / "s"
+    shutil.copytree(search_folder, folder)
+    raw = json.loads((folder / "search.json").read_text())
+    raw["calibration"]["importance_dir"] = "scores"
+    (folder / "search.json").write_text(json.dumps(raw))
+    monkeypatch.chdir(ws)
+    args = ["search", str(ws / "model"), "--data", str(ws / "search.npy"), "--resume", "--out", str(folder)]
+    result = CliRunner().invoke(app, [*args, "--importance", "other"])
+    assert result.exit_code == 1 and f"--importance other differs from the {ws / 'scores'} of" in result.output
+    result = CliRunner().invoke(app, [*args, "--importance", f"{ws}/./scores/", "--json"])
     assert result.exit_code == 0, result.output
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.data import DataSpec, read_sequences
+from compressor.data import DataSpec, check_same_tokenizer, read_sequences
 from compressor.errors import CompressorError, OptionError, check_at_least
 from compressor.evaluate import EvalResult
 from compressor.tasks import TaskResult, TaskSpec, parse_contexts
@@ -207,6 +207,9 @@ def _loss(models: list[Path], config: LossEval, on_tokens: Callable[[int, int], 
     from compressor.quantize import stored_weight_bytes
 
     results = []
+    if config.teacher is not None:  # KL and top-1 agreement compare the same ids' next-token distributions
+        for path in models:
+            check_same_tokenizer(config.teacher, config.tokenizer or path)
     with distributed.session(config.device) as world:
         _check_fits(models, config, world)
         teacher = load_model(config.teacher, dtype=config.dtype, world=world) if config.teacher is not None else None

@@ -121,6 +121,9 @@ class SearchConfig:
         if self.finalists < 1:
             raise OptionError("candidates", f"must be at least 1, got {self.finalists}")
         self.distill.validate()
+        if self.share_teacher and self.distill.attention_loss > 0:  # a cache holds no attention to transfer
+            raise OptionError("share_teacher", "reads the teacher from a cache, --attention-loss needs it in memory: "
+                              "give one")  # fmt: skip
         strategy = self.build_strategy()
         if self.bld is not None:
             if not hasattr(strategy, "tables"):
@@ -159,11 +162,6 @@ class SearchConfig:
             bld=BLDConfig(**record.bld) if record.bld is not None else None,
             share_teacher=record.share_teacher,
         )
-
-    @property
-    def shares_teacher(self) -> bool:
-        """Whether the finalists read one teacher cache: attention transfer needs the teacher in memory."""
-        return self.share_teacher and self.distill.attention_loss == 0
 
 
 @dataclass(frozen=True)
@@ -366,7 +364,7 @@ def _distill_finalists(source: Source, record: SearchRecord, work: Path, config:
     run writes the teacher cache (`TEACHER_CACHE_DIR`) and every later one reads it; it is deleted at the end."""
     teacher = _teacher(source, config.distill)
     template = config.distill
-    if config.shares_teacher:
+    if config.share_teacher:
         template = dataclasses.replace(template, cache_teacher=True, teacher_cache_dir=str(work / TEACHER_CACHE_DIR))
     library = Library.read(work / LIBRARY_DIR) if record.bld is not None else None
     finalists = [c for c in record.candidates if c.finalist]
@@ -499,7 +497,7 @@ def _propose_and_score(
         retrieval=retrieval_record(scorer, config.retrieval_weight),
         bld=dataclasses.asdict(config.bld) if config.bld is not None else None,
         library=library_summary,
-        share_teacher=config.shares_teacher,
+        share_teacher=config.share_teacher,
         seconds=seconds,
     )
 
@@ -743,6 +741,7 @@ def search_architectures(
     folder (a resumed one: `run_search` checks its record); then one session (the source sharded under
     torchrun): calibrate once and run the search. Returns None on the other processes of a torchrun, and
     `say`s only on the main one."""
+    _refuse_resume_with_overwrite(out, resume, overwrite)
     if not resume:
         candidates_plan(load_config_or_preset(calibration.model)[0], config)
         check_scoring(config.score, config.retrieval_weight, calibration.score_samples)
@@ -753,6 +752,11 @@ def search_architectures(
         source = calibrate(calibration, world=world, say=tell)
         record = run_search(source, config, Path(out), resume=resume, overwrite=overwrite, say=tell)
     return record if world.is_main else None
+
+
+def _refuse_resume_with_overwrite(out: str | Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise OptionError("resume", f"continues {out}, --overwrite replaces it: give one")
 
 
 def search_or_preview(
@@ -775,11 +779,13 @@ def search_or_preview(
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")
     if resume:  # the record says how; what is read is what the options name (checked against it)
-        config = SearchConfig.from_record(load_search(out, incoming=True))
+        _refuse_resume_with_overwrite(out, resume, overwrite)
+        record = load_search(out, incoming=True)
+        config = SearchConfig.from_record(record)
         if options.data is None:
             raise OptionError("data", "is needed to resume too: give the data the search started on")
+        _refuse_resume_changes(options, given, config, CalibrationConfig.from_dict(record.calibration))
         calibration = resume_calibration(out, model=model, data=options.data, tokenizer=options.tokenizer)
-        _refuse_resume_changes(options, given, config, calibration)
     else:
         config = SearchConfig.from_options(model, options)
         calibration = options.calibration(model, config.budget)
@@ -798,9 +804,12 @@ def _preview(model: str | Path, options: SearchOptions) -> CompressionPreview:
 def _refuse_resume_changes(
     options: SearchOptions, given: Collection[str], config: SearchConfig, calibration: CalibrationConfig
 ) -> None:
-    """A resumed search continues as its record says (`config`, `calibration`): an option in `given` with
-    another value than the search started with is refused, not ignored; options not given are not checked."""
+    """A resumed search continues as its record says (`config`, and `calibration` as it started, with the
+    importance folder it was given): an option in `given` with another value than the search started with is
+    refused, not ignored; options not given are not checked. Paths compare as the folders they name."""
     probe, library, distill = calibration.retrieval, config.bld, config.distill
+    folder = lambda path: Path(path).expanduser().resolve()  # noqa: E731
+    importance = folder(calibration.importance_dir) if calibration.importance_dir else None
     recorded = {  # option -> (its value in the record[, a parse of the written option into that form])
         "strategy": (config.strategy,), "candidates": (config.finalists,), "rank_by": (config.rank_by,),
         "score": (config.score,), "retrieval_weight": (config.retrieval_weight,),
@@ -809,7 +818,7 @@ def _refuse_resume_changes(
         "activation_checkpointing": (distill.activation_checkpointing,), "lr": (distill.lr,),
         "min_lr": (distill.min_lr,), "seed": (distill.seed,), "attention_loss": (distill.attention_loss,),
         "attention_queries": (distill.attention_queries,), "samples": (calibration.samples,),
-        "score_samples": (calibration.score_samples,), "importance_dir": (None,),
+        "score_samples": (calibration.score_samples,), "importance_dir": (importance, folder),
         "text_field": (calibration.text_field,), "dtype": (calibration.dtype,),
         "retrieval_task": (probe.task if probe else None,),
         "retrieval_ctx": (probe.context if probe else None, lambda text: parse_contexts(text)[0]),
