@@ -322,7 +322,7 @@ def test_a_context_that_fits_is_scored(small_memory):
         ([*PRUNE, "--score", "kl+retrieval", "--retrieval-weight", "nan"], "--retrieval-weight must be a finite"),
         ([*SEARCH, "--score", "kl+retrieval", "--retrieval-weight", "inf"], "--retrieval-weight must be a finite"),
         ([*SEARCH, "--retrieval-weight", "3"], "--retrieval-weight weighs the retrieval term"),
-        ([*SEARCH, "--score-samples", "0"], "--score-samples must be at least 1"),
+        ([*SEARCH[:6], "--score-samples", "0", *SEARCH[8:]], "--score-samples must be at least 1"),
         (
             [*SEARCH, "--share-teacher", "--attention-loss", "1"],
             "--share-teacher reads the teacher from a cache, --attention-loss needs it in memory: give one",
