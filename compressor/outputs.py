@@ -1,7 +1,9 @@
 """Writing output folders so that nothing is lost: built aside, renamed into place, never over an input.
 
-- `check_output` fails early, before any long work: the output exists without `overwrite`, is not a folder,
-  overlaps an input (is one, lies inside one, or holds one), or its parent cannot be written.
+- `check_output` fails early, before any long work: the output path names no new folder (empty, `.`, `..`,
+  the current folder or one holding it, the root), is a symbolic link, exists without `overwrite`, is not a
+  folder, overlaps an input (is one, lies inside one, or holds one), is a folder compress did not write
+  (see below) or its parent cannot be written.
 - `atomic_output` yields a temporary sibling folder (`.NAME.tmp-*`); when the body succeeds it is renamed
   `.NAME.new-*` (complete), the old output (if any) `.NAME.old-*`, the new one `NAME`, and the old one is
   deleted. A kill at any moment leaves either the old output or the new one: `recover` (run by
@@ -11,6 +13,15 @@
   ends and released by the OS if the process dies), so two runs writing the same output cannot both win.
 - Long jobs that replace an existing output (`--overwrite` of a training run or a search) work in
   `staging(path)` (`.NAME.incoming`) and `swap_in` the result when they finish; `--resume` continues there.
+
+`--overwrite` replaces only an empty folder or one compress wrote. `swap_in` (through which every output
+built aside passes, `atomic_output`'s and a long job's) marks the complete folder as compress's
+(`mark_output`): an extended attribute (`user.compress.output`), invisible to every loader and listing, or
+where the file system keeps none a hidden `.compress-output` file. A folder without the mark (a run folder
+written in place, an output of an earlier version) counts as compress's when it holds nothing but names
+compress writes at the top of its outputs (`OWN_NAMES`), one of them a record (`OWN_RECORDS`: a pruned
+model's compression.json, an importance, search or run folder's own file), or only its temporaries.
+Anything else is refused in one line naming one file compress did not write.
 
 Reading back what an output folder holds (a file this process did not just write) is reading untrusted
 input: a damaged, hostile or foreign file. Every such read goes through `read_json` / `open_tensors`
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -42,11 +54,38 @@ from compressor.errors import CheckpointError, CompressorError, first_line
 
 JSON_MAX_BYTES = 64 * 2**20  # no record, index or config of ours comes near this
 SETTLE_SECONDS = 5.0  # how long a reader waits for a live writer to finish the two renames of a swap
+MARK_ATTRIBUTE = "user.compress.output"  # on every output folder swapped in: compress wrote it
+MARK_FILE = ".compress-output"  # the mark where the file system keeps no extended attributes
+# What compress writes at the top of its output folders (checkpoint, importance, search and run folders, and
+# the temporaries of a swap or a long job), and the records among them that say which command wrote one: how
+# a folder without the mark shows that compress wrote it.
+OWN_NAMES = (
+    "config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "configuration_nemotron_h_puzzle.py",
+    "compression.json", "export_config.json", "export_layers.json", "hf_quant_config.json",
+    "quantizer_state.safetensors", "trainer", "trainer_state.json", "optimizer.safetensors",
+    "importance.json", "importance.safetensors",
+    "search.json", "pareto.json", "pareto.png", "candidates", "importance", "library",
+    "model", "metrics.jsonl", "teacher_cache", "quantized",
+    ".*.tmp-*", ".*.new-*", ".*.old-*", ".*.lock", ".*.incoming", ".*.library", ".*.partial",
+)  # fmt: skip
+OWN_RECORDS = (
+    "compression.json", "importance.json", "search.json", "metrics.jsonl", "teacher_cache/teacher_cache.json",
+    "trainer/trainer_state.json", "trainer_state.json", "model/trainer/trainer_state.json",
+    "model/trainer_state.json",
+)  # fmt: skip
 
 
 def check_output(path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
     """Fail early, before any long work, when `path` cannot be written as asked (module docstring)."""
     path = Path(path)
+    _check_new_folder(path)
+    if path.is_symlink():
+        raise CompressorError(
+            f"output {path} is a symbolic link (to {os.readlink(path)}): compress writes a folder of its own, "
+            "never through a link; choose another path or remove the link"
+        )
     recover(path)
     if path.exists() and not overwrite:
         raise CompressorError(f"output {path} already exists: choose another path or pass --overwrite")
@@ -54,10 +93,76 @@ def check_output(path: str | Path, *, overwrite: bool = False, inputs: Iterable[
         raise CompressorError(f"output {path} exists and is not a folder: choose another path")
     for source in inputs:
         _check_apart(path, source)
+    if path.exists():
+        _check_own(path)
     parent = _existing_parent(path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CompressorError(f"cannot write {path}: {parent} is not writable; choose another output folder")
     return path
+
+
+def _check_new_folder(path: Path) -> None:
+    """Refuse a path that cannot name an output folder of its own: one is created beside it and renamed
+    onto it, which the current folder, a folder holding it and the root cannot be."""
+    if str(path) == ".":
+        raise CompressorError(
+            "the output path is empty or '.', the current folder: name a new folder for the output, e.g. ./out"
+        )
+    if path.name in ("", ".."):
+        what = "is the root of the file system" if path.name == "" else "ends in '..'"
+        raise CompressorError(f"output {path} {what}: name a new folder for the output, e.g. ./out")
+    try:
+        resolved, here = path.resolve(), Path.cwd().resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop, a deleted current folder
+        return  # reported where the path is used
+    if resolved == here or resolved in here.parents:
+        what = "is the current folder" if resolved == here else "holds the current folder"
+        raise CompressorError(f"output {path} {what}: name a new folder for the output, e.g. ./out")
+
+
+def _check_own(path: Path) -> None:
+    """Refuse to replace a folder compress did not write (module docstring)."""
+    if _marked(path):
+        return
+    names = sorted(os.listdir(path))
+    stranger = next((n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in OWN_NAMES)), None)
+    if stranger is not None:
+        raise CompressorError(
+            f"output {path} holds files compress did not write ({_first_file(path, stranger)}): choose another "
+            "folder or remove it yourself"
+        )
+    if names and not all(n.startswith(".") for n in names) and not any((path / r).is_file() for r in OWN_RECORDS):
+        raise CompressorError(
+            f"output {path} holds no mark or record of compress (it may be a checkpoint of yours): choose another "
+            "folder or remove it yourself"
+        )
+
+
+def _first_file(folder: Path, name: str) -> str:
+    """`name`, or the first file under it when it is a folder: what to show of it."""
+    if (folder / name).is_dir() and not (folder / name).is_symlink():
+        for root, dirs, files in os.walk(folder / name):
+            dirs.sort()
+            if files:
+                return str((Path(root) / min(files)).relative_to(folder))
+        return f"{name}/"
+    return name
+
+
+def mark_output(folder: str | Path) -> None:
+    """Mark `folder`, a complete output, as one compress wrote, which a later --overwrite may replace."""
+    try:
+        os.setxattr(folder, MARK_ATTRIBUTE, b"1")
+    except (OSError, AttributeError):  # no extended attributes here (or on this system)
+        (Path(folder) / MARK_FILE).write_text("written by compress: its --overwrite may replace this folder\n")
+
+
+def _marked(folder: Path) -> bool:
+    try:
+        os.getxattr(folder, MARK_ATTRIBUTE)
+        return True
+    except (OSError, AttributeError):
+        return (folder / MARK_FILE).is_file()
 
 
 def _check_apart(out: Path, source: str | Path | None) -> None:
@@ -114,13 +219,14 @@ def atomic_output(
 def swap_in(folder: Path, path: Path) -> None:
     """Put the complete `folder` in place of `path` (which may exist), so that a kill at any moment leaves
     one of the two complete (see `recover`)."""
+    mark_output(folder)
     new = path.with_name(f".{path.name}.new-{uuid.uuid4().hex[:8]}")
     os.replace(folder, new)  # complete from here on
-    if path.exists():
+    if os.path.lexists(path):
         old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(path, old)
         os.replace(new, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.replace(new, path)
 
@@ -128,7 +234,9 @@ def swap_in(folder: Path, path: Path) -> None:
 def recover(path: str | Path) -> bool:
     """Finish a swap a kill interrupted (the complete `.NAME.new-*` goes in place, else the previous
     `.NAME.old-*` comes back) and remove the temporary siblings left behind. Does nothing, and returns
-    False, while another process holds the output's lock (it is writing them)."""
+    False, while another process holds the output's lock (it is writing them). Where `path` is a symbolic
+    link (which `check_output` refuses) a complete new or old output beside it stays, to take its place once
+    the link is gone: a swap can never put it there."""
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
@@ -138,13 +246,15 @@ def recover(path: str | Path) -> bool:
     try:
         with output_lock(path):
             siblings = {k: sorted(parent.glob(f".{path.name}.{k}-*"), key=_mtime) for k in ("tmp", "new", "old")}
-            if not path.exists():
+            if path.is_symlink():
+                siblings["new"] = siblings["old"] = []
+            elif not path.exists():
                 if siblings["new"]:
                     os.replace(siblings["new"].pop(), path)
                 elif siblings["old"]:
                     os.replace(siblings["old"].pop(), path)
             for folder in (*siblings["tmp"], *siblings["new"], *siblings["old"]):
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove(folder)
     except CompressorError:  # locked: another run is writing this output
         return False
     return True
@@ -237,6 +347,14 @@ def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, 
         raise CompressorError(
             f"cannot write {path} ({first_line(exc)}): free some space or choose another folder"
         ) from None
+    os.chmod(path, 0o666 & ~_umask())  # save_file writes a private temporary file (0600) and renames it
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back), which every file we open obeys."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_record(cls: type, raw: Any, where: str, field: str = "") -> None:
@@ -372,6 +490,14 @@ def confined(file: Path, folder: Path, *, what: str) -> Path:
     return resolved
 
 
+def _remove(path: Path) -> None:
+    """Delete a temporary sibling: a folder, or a link a swap put aside (never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -382,6 +508,7 @@ def _mtime(path: Path) -> float:
 def staging(path: str | Path) -> Path:
     """Where a long job that replaces an existing output works until it is complete."""
     path = Path(path)
+    _check_new_folder(path)
     return path.with_name(f".{path.name}.incoming")
 
 
@@ -392,6 +519,7 @@ _held: dict[Path, int] = {}  # locks this process holds, by output path (re-entr
 def output_lock(path: str | Path) -> Iterator[None]:
     """An exclusive lock on `path` for the duration (another process gets one clear error; the same
     process may take it again)."""
+    _check_new_folder(Path(path))
     path = Path(path).absolute()
     if path in _held:
         _held[path] += 1

@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from compressor.budget import parameter_counts
@@ -91,7 +91,7 @@ from compressor.checkpoint import (
 from compressor.config import ATTENTION, HybridConfig
 from compressor.errors import CheckpointError, CompressorError, OptionError
 from compressor.model import HybridLM
-from compressor.outputs import atomic_output, check_output
+from compressor.outputs import atomic_output, check_output, save_tensors
 
 # Our format name -> the ModelOpt config (an attribute of modelopt.torch.quantization) it starts from.
 FORMATS = {
@@ -354,7 +354,7 @@ def write_quantizer_state(folder: str | Path, recipe: QuantRecipe, tensors: dict
     """Save the quantizer tensors and the recipe (as safetensors metadata) in a checkpoint folder."""
     metadata = {"format": "pt", "quant_recipe": json.dumps(recipe.to_dict())}
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    save_file(tensors, Path(folder) / QUANTIZER_STATE_FILE, metadata=metadata)
+    save_tensors(tensors, Path(folder) / QUANTIZER_STATE_FILE, metadata=metadata)
 
 
 def read_quantizer_state(folder: str | Path) -> tuple[QuantRecipe, dict[str, torch.Tensor]] | None:
