@@ -67,6 +67,7 @@ from cli_options import (
     TextFieldOption,
     TokenizerOption,
     WeightDtypeOption,
+    dry_run_plan,
     friendly,
     given_options,
     option,
@@ -220,6 +221,7 @@ def init(
 @app.command("eval")
 @friendly
 def eval_(
+    context: typer.Context,
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folder(s) to evaluate (several: a comparison).")],
     data: EvalDataOption = None,
     task: EvalTaskOption = None,
@@ -249,6 +251,11 @@ def eval_(
     --lm-eval-tasks, lm-eval's task metrics instead (the `eval` extra), side by side per model."""
     from compressor.pipelines.evaluating import LmEvalTasks, LossEval, RetrievalEval, evaluate_checkpoints
 
+    mode = "task" if task is not None else "lm_eval_tasks" if lm_eval_tasks is not None else "data"
+    for name in given_options(context):
+        owner = next((m for m, names in EVAL_MODE_OPTIONS.items() if name in names), mode)
+        if owner != mode:
+            raise OptionError(name, f"applies to --{owner.replace('_', '-')} evaluation only")
     if task is not None:
         config = RetrievalEval(task, ctx, task_sequences, data, batch_size, seed, device, dtype)
     elif lm_eval_tasks is not None:
@@ -269,6 +276,14 @@ def eval_(
         print_json(record.to_dict())
         return
     render_eval(record)
+
+
+# The eval options of one mode (--task, --lm-eval-tasks, --data): given in another, they would do nothing.
+EVAL_MODE_OPTIONS = {
+    "task": {"ctx", "task_sequences"},
+    "lm_eval_tasks": {"num_fewshot", "limit", "include_path"},
+    "data": {"teacher", "seq_len", "max_sequences", "split", "valid_fraction", "tokenizer", "text_field"},
+}
 
 
 # ----- generate -----------------------------------------------------------------------------------------
@@ -327,6 +342,7 @@ def importance(
     from compressor.importance import ImportanceOptions
     from compressor.pipelines.importance import ImportanceRunOptions, importance_or_preview
 
+    plan = dry_run_plan(plan, dry_run)
     scoring = ImportanceOptions(seq_reduce, batch_reduce, mamba_signal, drop_one, iterative_rounds)
     options = ImportanceRunOptions(
         data=data, scoring=scoring, samples=samples, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
@@ -385,6 +401,7 @@ def prune_command(
 
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
+    plan = dry_run_plan(plan, dry_run)
     options = PruneOptions(
         data=data, budget=budget, strategy=strategy, strategy_options=strategy_options or {},
         export_config=export_config, importance_dir=importance_dir, samples=samples, score_samples=score_samples,
@@ -456,6 +473,7 @@ def search(
     ranked again; writes the table, the Pareto front (JSON, PNG) and lets you materialize any candidate."""
     from compressor.pipelines.search import SearchOptions, search_or_preview
 
+    plan = dry_run_plan(plan, dry_run)
     options = SearchOptions(
         data=data, budget=budget, strategy=strategy, strategy_options=strategy_options or {}, candidates=candidates,
         distill_tokens=distill_tokens, seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size,
@@ -542,6 +560,7 @@ def _train(options: dict[str, Any], plan: dict[str, Any]) -> None:
     from compressor.train import TrainConfig
 
     dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
+    plan = dry_run_plan(plan, dry_run)
     config = TrainConfig.from_options(**options)
     reporter = RichReporter(quiet)
     try:

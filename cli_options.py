@@ -162,6 +162,18 @@ def with_group(name: str, params: list[inspect.Parameter], build=None):
     return decorate
 
 
+def dry_run_plan(plan: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    """The plan group's values (PLAN_OPTIONS, NPROC_OPTION): they size a --dry-run, and without one they would
+    do nothing, so they are refused."""
+    if plan and not dry_run:
+        raise OptionError(
+            next(iter(plan)),
+            "sizes the plan of a --dry-run only: add --dry-run, or leave it out (a run uses the processes torchrun "
+            "starts, on its own device)",
+        )
+    return plan
+
+
 def option(name: str, kind, help: str | None = None, default=None, metavar: str | None = None) -> inspect.Parameter:
     """A keyword option of an option group: `kind` is a type (with `help`, shown as written: a bracketed
     `[default: ...]` is escaped, not Rich markup) or an Annotated option type."""

@@ -229,6 +229,12 @@ class TrainConfig:
             ("max_sequences", self.max_sequences is None or self.max_sequences >= 1, "must be at least 1"),
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
+            ("top_k", self.cache_teacher or self.top_k == TrainConfig.top_k, "is --cache-teacher's only: add it"),
+            (
+                "decay_fraction",
+                self.schedule == "wsd" or self.decay_fraction == TrainConfig.decay_fraction,
+                "is --schedule wsd's only: add it",
+            ),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
             ("attention_loss", math.isfinite(self.attention_loss) and self.attention_loss >= 0, "must be at least 0"),
             ("attention_loss", not (self.attention_loss > 0 and self.teacher is None), "needs a teacher"),

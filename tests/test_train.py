@@ -161,8 +161,9 @@ def test_validation_is_the_evaluation_loop_on_the_validation_batches(workspace, 
     teacher = load_model(workspace / "teacher")
     for cached in (False, True):
         out = tmp_path / ("cached" if cached else "online")
-        config = _config(workspace, out, teacher=str(workspace / "teacher"), steps=2, eval_every=2, top_k=8)
-        config.cache_teacher = cached
+        top_k = 8 if cached else TrainConfig.top_k  # the cache's; without one, left at its default
+        config = _config(workspace, out, teacher=str(workspace / "teacher"), steps=2, eval_every=2,
+                         cache_teacher=cached, top_k=top_k)  # fmt: skip
         final = train(config).final_eval
         student = load_model(out / "model")
         sequences = read_sequences(config.data_spec, config.student, eos_id=None, vocab_size=VOCAB)

@@ -225,8 +225,10 @@ class SearchOptions:
     def library(self) -> BLDConfig | None:
         """The blockwise-distilled library (None without `bld`)."""
         if self.bld is None:
-            if self.bld_stream:
-                raise OptionError("bld_stream", "needs --bld TOKENS: it says how the library is trained")
+            unused = {"bld_stream": False, "bld_epochs": SearchOptions.bld_epochs, "bld_lr": SearchOptions.bld_lr}
+            for name, default in unused.items():
+                if getattr(self, name) != default:
+                    raise OptionError(name, "needs --bld TOKENS: it says how the library is trained")
             return None
         return BLDConfig(
             parse_tokens(self.bld), self.bld_epochs, self.bld_lr, self.micro_batch_size, self.seed, self.bld_stream
