@@ -404,5 +404,6 @@ def test_cli_importance_drop_one_retrieval(tmp_path):
     scores = Importance.load(tmp_path / "scores")
     assert scores.block_drop is not None and torch.isfinite(scores.block_drop).all()
     assert scores.meta["retrieval"] == {"task": "phonebook", "context": 256, "sequences": 1, "seed": 0}
-    result = runner.invoke(cli.app, [*args[:-2], "--retrieval-ctx", "1k,2k", "--out", str(tmp_path / "x")])
+    two_contexts = [value if value != "256" else "1k,2k" for value in args]
+    result = runner.invoke(cli.app, [*two_contexts, "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "--retrieval-ctx takes one context length" in result.output

@@ -305,11 +305,13 @@ def test_cli_prune_with_retrieval_in_the_score(tmp_path):
     assert record["score_metric"] == "kl+retrieval"
     assert record["retrieval"]["weight"] == 2 and record["retrieval"]["source"]["queries"] == 16
     assert all(c["retrieval"]["context"] == 256 for c in record["candidates"])
-    for bad, message in [
-        (["--score", "recall"], "--score 'recall' is not one of kl, loss, retrieval, kl+retrieval"),
-        (["--retrieval-weight", "-1"], "--retrieval-weight must be a finite number >= 0"),
-        (["--retrieval-task", "lookup"], "unknown task 'lookup'"),
+    for (flag, value), message in [
+        (("--score", "recall"), "--score 'recall' is not one of kl, loss, retrieval, kl+retrieval"),
+        (("--retrieval-weight", "-1"), "--retrieval-weight must be a finite number >= 0"),
+        (("--retrieval-task", "lookup"), "unknown task 'lookup'"),
     ]:
-        result = runner.invoke(cli.app, [*args, *bad, "--out", str(tmp_path / "x")])
-        assert result.exit_code == 1 and message in " ".join(result.output.split()), (bad, result.output)
+        given = args.index(flag) if flag in args else len(args)  # the value replaced, or the option added
+        bad = [*args[:given], flag, value, *args[given + 2 :]]
+        result = runner.invoke(cli.app, [*bad, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), (flag, result.output)
         assert not (tmp_path / "x").exists()

@@ -78,10 +78,15 @@ def _all_commands() -> list[list[str]]:
     return [args for page in PAGES for args in _bash_commands(page)]
 
 
+# SHRINK's flags of one eval mode, not added to a command in another (eval refuses them there)
+OTHER_MODE = {"--max-sequences": "--task"}
+
+
 def _shrunk(args: list[str]) -> list[str]:
     sizes = SHRINK.get(args[0], {})
     out = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
-    return out + [word for flag, value in sizes.items() if flag not in args for word in (flag, value)]
+    added = [flag for flag in sizes if flag not in args and OTHER_MODE.get(flag) not in args]
+    return out + [word for flag in added for word in (flag, sizes[flag])]
 
 
 def _flat(text: str) -> str:
