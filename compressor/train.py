@@ -755,6 +755,8 @@ def _data(
         total_steps = max(1, config.tokens // tokens_per_step)
     else:
         total_steps = max(1, (per_epoch * micro) // config.batch_size)
+    if config.warmup_steps is not None and config.warmup_steps > total_steps:  # the peak would never come
+        raise OptionError("warmup_steps", f"must be at most the run's {total_steps} steps, got {config.warmup_steps}")
     return train_set, valid_set.head(usable), accum, total_steps, sequences.fingerprint()
 
 

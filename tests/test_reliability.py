@@ -488,6 +488,7 @@ CASES = [
     ([*DISTILL, "--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
     ([*DISTILL, "--micro-batch-size", "3"], "--batch-size must be a multiple of --micro-batch-size"),
     ([*DISTILL, "--warmup-steps", "-5"], "--warmup-steps must be at least 0"),
+    ([*DISTILL, "--valid-fraction", "0.5", "--warmup-steps", "2"], "--warmup-steps must be at most the run's 1 steps"),
     ([*DISTILL, "--weight-decay", "nan"], "--weight-decay must be at least 0"),
     ([*DISTILL, "--grad-clip", "-1"], "--grad-clip must be at least 0"),
     ([*DISTILL, "--schedule", "linear"], "--schedule must be cosine, wsd or constant"),
@@ -503,6 +504,7 @@ CASES = [
     ([*DISTILL, "--top-k", "0", "--cache-teacher"], "--top-k must be at least 1"),
     # options that would do nothing in this run
     ([*DISTILL, "--top-k", "8"], "--top-k is --cache-teacher's only"),
+    ([*IMPORTANCE, "--drop-one", "kl", "--iterative-rounds", "100"], "at most 8 for 9 blocks, got 100"),
     ([*DISTILL, "--jsd-beta", "0.9"], "--jsd-beta weighs the jsd divergence only"),
     ([*DISTILL, "--decay-fraction", "0.5"], "--decay-fraction is --schedule wsd's only"),
     ([*DISTILL, "--nproc", "2"], "--nproc sizes the plan of a --dry-run only"),

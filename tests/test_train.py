@@ -145,7 +145,7 @@ def test_cached_teacher_matches_the_teacher_in_memory(workspace, tmp_path):
         rtol=2e-3,
     )
     # a smaller top-k is a lower bound of the full divergence at the first evaluation
-    small = _config(workspace, tmp_path / "small", teacher=str(workspace / "teacher"), steps=1)
+    small = _config(workspace, tmp_path / "small", teacher=str(workspace / "teacher"), steps=1, warmup_steps=1)
     small.cache_teacher, small.top_k = True, 4
     train(small)
     assert _records(tmp_path / "small", "eval")[0]["val_kl"] <= _records(tmp_path / "online", "eval")[0]["val_kl"]

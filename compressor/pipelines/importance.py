@@ -94,7 +94,12 @@ def write_importance(
     out = Path(out)
     inputs = (config.model, config.data, tokenizer_file(config.tokenizer))
     check_output(out, overwrite=overwrite, inputs=inputs)
-    check_free_space(out, scores_bytes(HybridConfig.from_file(config.model)), "the importance scores")
+    arch = HybridConfig.from_file(config.model)
+    rounds, most = config.importance.iterative_rounds, arch.num_blocks - 1
+    if rounds > most:  # each round removes one block, and one is left
+        raise OptionError("iterative_rounds", f"removes a block a round: at most {most} for {arch.num_blocks} blocks, "
+                          f"got {rounds}")  # fmt: skip
+    check_free_space(out, scores_bytes(arch), "the importance scores")
     total = scoring_tokens(config)
     with distributed.session(config.device) as world:
         advance = (lambda n: on_tokens(n * world.size, total)) if on_tokens and world.is_main else None
