@@ -40,15 +40,25 @@ def friendly(command):
         except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
             if os.environ.get("COMPRESSOR_DEBUG") == "1":
                 raise
-            where = f": {exc.filename}" if exc.filename else ""
-            message = escape(f"{exc.strerror or exc}{where}")
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(os_error_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def os_error_line(exc: OSError) -> str:
+    """What the environment refused, and where; for the Hugging Face cache (where `datasets` keeps text data
+    it reads), how to move it."""
+    line = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else f"{exc.strerror or exc}"
+    if exc.filename:
+        cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).absolute()
+        file = Path(os.fsdecode(exc.filename)).absolute()
+        if file == cache or file in cache.parents or cache in file.parents:
+            line += f" (the Hugging Face cache, {cache}): set HF_HOME to a folder you can write"
+    return line
 
 
 # The exceptions of the Click that Typer parses with (its own copy in Typer 0.29, the click package before).

@@ -332,3 +332,14 @@ def test_cli_stays_under_its_line_caps():
 def test_function_lengths_count_from_the_def_line_to_the_last():
     source = "@decorator\ndef f(\n    a,\n):\n    def g():\n        pass\n    return a\n"
     assert _function_lengths(source) == {"f (line 2)": 6, "g (line 5)": 2}
+
+
+def test_an_unwritable_hugging_face_cache_says_how_to_move_it(monkeypatch, tmp_path):
+    from cli_options import os_error_line
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    denied = PermissionError(13, "Permission denied", str(tmp_path))  # creating the cache's parent
+    hint = f"(the Hugging Face cache, {tmp_path / 'hf'}): set HF_HOME to a folder you can write"
+    assert os_error_line(denied) == f"Permission denied: {tmp_path} {hint}"
+    assert os_error_line(PermissionError(13, "Permission denied", "/etc/x")) == "Permission denied: /etc/x"
+    assert os_error_line(OSError(28, "No space left on device")) == "No space left on device"
