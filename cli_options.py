@@ -111,6 +111,8 @@ def refuse_repeats(command, args: list[str], path: str) -> None:
         if param.param_type_name == "option"
         for name in (*param.opts, *param.secondary_opts)
     }
+    if "--help" in args:  # the help, whatever else is written
+        return
     seen: dict[str, tuple[str, str]] = {}  # parameter -> (flag, value) as first written
     position = 0
     while position < len(args) and args[position] != "--":

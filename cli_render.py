@@ -531,7 +531,8 @@ class RichReporter:
             self.progress.console.print(text, highlight=False)
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.task is not None:  # a run refused before it started has no bar to end (stopping prints a line)
+            self.progress.stop()
 
 
 def render_measured(measured, weight_dtype: str) -> None:

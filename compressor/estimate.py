@@ -94,6 +94,11 @@ def report(
         context = config.max_position_embeddings
     limit = parse_size(target_mem) if target_mem is not None else None
     spec = gpu_from_options(gpu, gpu_bandwidth, gpu_tflops, limit)
+    if spec is None and ctx is not None:  # without --ctx they size the context; with it, only the throughput
+        for name, value in (("isl", isl), ("osl", osl)):
+            if value is not None:
+                raise OptionError(name, "sizes the throughput request: give a GPU (--gpu, or --gpu-bandwidth and "
+                                  "--gpu-tflops)")  # fmt: skip
     chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
     if chunk < 0:
         raise OptionError("prefill_chunk", f"must be >= 0 (0 leaves out the activations), got {chunk}")

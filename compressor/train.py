@@ -229,12 +229,6 @@ class TrainConfig:
             ("max_sequences", self.max_sequences is None or self.max_sequences >= 1, "must be at least 1"),
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
-            ("top_k", self.cache_teacher or self.top_k == TrainConfig.top_k, "is --cache-teacher's only: add it"),
-            (
-                "decay_fraction",
-                self.schedule == "wsd" or self.decay_fraction == TrainConfig.decay_fraction,
-                "is --schedule wsd's only: add it",
-            ),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
             ("attention_loss", math.isfinite(self.attention_loss) and self.attention_loss >= 0, "must be at least 0"),
             ("attention_loss", not (self.attention_loss > 0 and self.teacher is None), "needs a teacher"),
@@ -251,6 +245,18 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, name)
                 raise OptionError(name, problem if isinstance(value, bool) else f"{problem}, got {value}")
+        needs = {  # an option of another's (left at its default without it): given alone, it would do nothing
+            "top_k": ("--cache-teacher", self.cache_teacher),
+            "decay_fraction": ("--schedule wsd", self.schedule == "wsd"),
+            "attention_queries": ("--attention-loss", self.attention_loss > 0),
+            "calib_sequences": ("--quantize", self.quantize is not None),
+            "quantize_keep": ("--quantize", self.quantize is not None),
+            "eval_ctx": ("--eval-task", self.eval_task is not None),
+            "eval_task_sequences": ("--eval-task", self.eval_task is not None),
+        }
+        for name, (needed, on) in needs.items():
+            if not on and getattr(self, name) != getattr(TrainConfig, name):
+                raise OptionError(name, f"applies with {needed} only: add it, or leave this out")
         parse_dtype(self.dtype)
         parse_dtype(self.teacher_dtype)
 

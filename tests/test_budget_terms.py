@@ -161,3 +161,5 @@ def test_a_request_longer_than_the_context_is_refused():
     result = CliRunner().invoke(cli.app, ["prune", "9b-v2", "--dry-run", "--target-mem", "9GiB", "--ctx", "16k",
                                           "--isl", "8k", "--osl", "16k", "--gpu", "h100-sxm"])  # fmt: skip
     assert result.exit_code == 1 and "give a --ctx of at least 24,576" in result.output
+    result = CliRunner().invoke(cli.app, ["estimate", "9b-v2", "--ctx", "8k", "--isl", "4k"])  # no GPU
+    assert result.exit_code == 1 and "--isl sizes the throughput request: give a GPU" in result.output

@@ -165,6 +165,7 @@ def test_command_line_mistakes_are_one_line(workspace, args, line):
 def test_an_option_repeated_alike_or_collecting_values_passes(workspace):
     assert _run("estimate", workspace / "model", "--ctx", "1k", "--ctx=1k", "--json").exit_code == 0
     assert _run("estimate", workspace / "model", "--json", "--json").exit_code == 0
+    assert _run("estimate", workspace / "model", "--ctx", "1k", "--ctx", "2k", "--help").exit_code == 0  # help wins
 
 
 def test_generate_continues_each_prompt_as_if_alone(workspace):
@@ -343,3 +344,10 @@ def test_an_unwritable_hugging_face_cache_says_how_to_move_it(monkeypatch, tmp_p
     assert os_error_line(denied) == f"Permission denied: {tmp_path} {hint}"
     assert os_error_line(PermissionError(13, "Permission denied", "/etc/x")) == "Permission denied: /etc/x"
     assert os_error_line(OSError(28, "No space left on device")) == "No space left on device"
+
+
+def test_a_refused_run_prints_its_line_alone(workspace, tmp_path):
+    """A training run refused before it starts has no progress bar to end: nothing but the error line (its
+    stop printed an empty line first where stderr is not a terminal)."""
+    result = _run("train", workspace / "model", "--data", tmp_path / "missing.txt", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and result.output.startswith("error: data not found"), repr(result.output)
