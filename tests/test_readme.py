@@ -78,14 +78,14 @@ def _all_commands() -> list[list[str]]:
     return [args for page in PAGES for args in _bash_commands(page)]
 
 
-# SHRINK's flags of one eval mode, not added to a command in another (eval refuses them there)
-OTHER_MODE = {"--max-sequences": "--task"}
+# SHRINK's flags of one mode, added only to a command in it (the command refuses them in another)
+IN_MODE = {"--max-sequences": lambda args: "--task" not in args, "--calib-sequences": lambda args: "--quantize" in args}
 
 
 def _shrunk(args: list[str]) -> list[str]:
     sizes = SHRINK.get(args[0], {})
     out = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
-    added = [flag for flag in sizes if flag not in args and OTHER_MODE.get(flag) not in args]
+    added = [flag for flag in sizes if flag not in args and IN_MODE.get(flag, bool)(args)]
     return out + [word for flag in added for word in (flag, sizes[flag])]
 
 
