@@ -249,13 +249,16 @@ def eval_(
     models are evaluated on the same sequences and compared in one table. Under `torchrun --nproc-per-node N`
     the models are sharded across the processes, each evaluates its share of the batches. With
     --lm-eval-tasks, lm-eval's task metrics instead (the `eval` extra), side by side per model."""
-    from compressor.pipelines.evaluating import LmEvalTasks, LossEval, RetrievalEval, evaluate_checkpoints
+    from compressor.pipelines.evaluating import (
+        LmEvalTasks,
+        LossEval,
+        RetrievalEval,
+        evaluate_checkpoints,
+        refuse_other_modes,
+    )
 
     mode = "task" if task is not None else "lm_eval_tasks" if lm_eval_tasks is not None else "data"
-    for name in given_options(context):
-        owner = next((m for m, names in EVAL_MODE_OPTIONS.items() if name in names), mode)
-        if owner != mode:
-            raise OptionError(name, f"applies to --{owner.replace('_', '-')} evaluation only")
+    refuse_other_modes(given_options(context), mode)
     if task is not None:
         config = RetrievalEval(task, ctx, task_sequences, data, batch_size, seed, device, dtype)
     elif lm_eval_tasks is not None:
@@ -276,14 +279,6 @@ def eval_(
         print_json(record.to_dict())
         return
     render_eval(record)
-
-
-# The eval options of one mode (--task, --lm-eval-tasks, --data): given in another, they would do nothing.
-EVAL_MODE_OPTIONS = {
-    "task": {"ctx", "task_sequences"},
-    "lm_eval_tasks": {"num_fewshot", "limit", "include_path"},
-    "data": {"teacher", "seq_len", "max_sequences", "split", "valid_fraction", "tokenizer", "text_field"},
-}
 
 
 # ----- generate -----------------------------------------------------------------------------------------

@@ -105,14 +105,14 @@ def refuse_repeats(command, args: list[str], path: str) -> None:
     """Raise a UsageError for an option that takes one value and is given twice with different values (the
     parser would keep the last one without a word). Options that collect values (`--prompt`, `--set`) and a
     flag given twice alike pass."""
+    if "--help" in args:  # the help, whatever else is written
+        return
     options = {
         name: param
         for param in command.params
         if param.param_type_name == "option"
         for name in (*param.opts, *param.secondary_opts)
     }
-    if "--help" in args:  # the help, whatever else is written
-        return
     seen: dict[str, tuple[str, str]] = {}  # parameter -> (flag, value) as first written
     position = 0
     while position < len(args) and args[position] != "--":

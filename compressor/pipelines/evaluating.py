@@ -7,12 +7,13 @@
   sequences (phonebook, mqar, needle) at each context length.
 - `LmEvalTasks`: lm-eval's task metrics of each model (the `eval` extra).
 
-`evaluate_checkpoints(models, config)` checks the config, runs its mode and returns its record.
+`evaluate_checkpoints(models, config)` checks the config, runs its mode and returns its record;
+`refuse_other_modes` refuses the options written for another mode, which would do nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,23 @@ from compressor.evaluate import EvalResult
 from compressor.tasks import TaskResult, TaskSpec, parse_contexts
 
 SPLITS = ("all", "valid", "train")
+
+
+# The options of one eval mode (--task, --lm-eval-tasks, --data): given in another, they would do nothing.
+MODE_OPTIONS = {
+    "task": {"ctx", "task_sequences"},
+    "lm_eval_tasks": {"num_fewshot", "limit", "include_path"},
+    "data": {"teacher", "seq_len", "max_sequences", "split", "valid_fraction", "tokenizer", "text_field"},
+}
+
+
+def refuse_other_modes(given: Collection[str], mode: str) -> None:
+    """Raise an OptionError for an option in `given` (the command's, as written) that belongs to an eval mode
+    other than `mode` (a key of MODE_OPTIONS)."""
+    for name in sorted(given):
+        owner = next((m for m, names in MODE_OPTIONS.items() if name in names), mode)
+        if owner != mode:
+            raise OptionError(name, f"applies to --{owner.replace('_', '-')} evaluation only")
 
 
 @dataclass(frozen=True)
