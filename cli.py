@@ -253,15 +253,14 @@ def eval_(
         LmEvalTasks,
         LossEval,
         RetrievalEval,
+        eval_mode,
         evaluate_checkpoints,
-        refuse_other_modes,
     )
 
-    mode = "task" if task is not None else "lm_eval_tasks" if lm_eval_tasks is not None else "data"
-    refuse_other_modes(given_options(context), mode)
-    if task is not None:
+    mode = eval_mode(given_options(context), split)
+    if mode == "task":
         config = RetrievalEval(task, ctx, task_sequences, data, batch_size, seed, device, dtype)
-    elif lm_eval_tasks is not None:
+    elif mode == "lm_eval_tasks":
         config = LmEvalTasks(lm_eval_tasks, num_fewshot, limit, include_path, batch_size, device, dtype, weights_only)
     elif data is None:
         raise OptionError(
@@ -439,7 +438,7 @@ def search(
     micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
     activation_checkpointing: SearchActivationCheckpointingOption = False,
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 1e-4,
-    min_lr: Annotated[float, typer.Option(help="Distillation final learning rate.")] = 1e-5,
+    min_lr: Annotated[float | None, typer.Option(help="Distillation final learning rate (default: --lr / 10).")] = None,
     samples: SamplesOption = 1024,
     score_samples: ScoreSamplesOption = 64,
     importance_dir: ImportanceDirOption = None,
@@ -571,7 +570,7 @@ def _train(options: dict[str, Any], plan: dict[str, Any]) -> None:
 
 @app.command()
 @friendly
-@with_group("run", training_options(lr=1e-4, min_lr=1e-5), dict)
+@with_group("run", training_options(lr=1e-4), dict)
 @with_group("plan", PLAN_OPTIONS)
 def distill(
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint folder.")],
@@ -600,7 +599,7 @@ def distill(
 
 @app.command("train")
 @friendly
-@with_group("run", training_options(lr=1e-3, min_lr=1e-4), dict)
+@with_group("run", training_options(lr=1e-3), dict)
 @with_group("plan", PLAN_OPTIONS)
 def train_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to train (e.g. from `compress init`).")],

@@ -341,7 +341,7 @@ PLAN_OPTIONS = [
 ]
 
 
-def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
+def training_options(lr: float) -> list[inspect.Parameter]:
     """The options `compress distill` and `compress train` share (compressor.train.TrainConfig)."""
     return [
         option("data", str | None, "Training text or tokens (as for `compress eval`)."),
@@ -352,7 +352,7 @@ def training_options(lr: float, min_lr: float) -> list[inspect.Parameter]:
         option("batch_size", int, "Sequences per optimizer step, all processes together.", 16),
         option("micro_batch_size", int, "Sequences per forward pass of one process.", 4),
         option("lr", float, "Peak learning rate.", lr),
-        option("min_lr", float, "Final learning rate.", min_lr),
+        option("min_lr", float | None, "Final learning rate (default: --lr / 10)."),
         option("warmup_steps", int | None, "Linear warmup steps (default 5%)."),
         option("schedule", str, "cosine, wsd (warmup-stable-decay) or constant.", "cosine"),
         option("decay_fraction", float, "WSD: share of steps spent decaying.", 0.2),

@@ -124,9 +124,12 @@ def tokenizer_panics(file: str | Path) -> Iterator[None]:
         raise DataError(f"the tokenizer {file} failed ({first_line(err)}): its tokenizer.json is broken") from None
 
 
-def check_same_tokenizer(first: str | Path, second: str | Path) -> None:
-    """Refuse two checkpoints (or tokenizer files) whose tokenizers map tokens to different ids; a side
-    without a tokenizer.json is not checked. Equal sizes are not enough: the vocabularies are compared."""
+def check_same_tokenizer(
+    first: str | Path, second: str | Path, why: str = "teacher and student must share one tokenizer"
+) -> None:
+    """Refuse two checkpoints (or tokenizer files) whose tokenizers map tokens to different ids, saying `why`
+    they must not; a side without a tokenizer.json is not checked. Equal sizes are not enough: the
+    vocabularies are compared."""
     files = [tokenizer_file(p) for p in (first, second)]
     if not all(f.is_file() for f in files):
         return
@@ -136,9 +139,7 @@ def check_same_tokenizer(first: str | Path, second: str | Path) -> None:
     if a != b:
         differ = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])[:1]
         example = f" (e.g. {differ[0][0]!r})" if differ else ""
-        raise DataError(
-            f"the tokenizers of {first} and {second} differ{example}: teacher and student must share one tokenizer"
-        )
+        raise DataError(f"the tokenizers of {first} and {second} differ{example}: {why}")
 
 
 def find_eos_id(tokenizer: Tokenizer) -> int | None:

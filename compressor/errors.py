@@ -48,6 +48,15 @@ def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
             raise OptionError(name, f"must be at least {low}, got {value}")
 
 
+def check_applies(config: object, needs: dict[str, tuple[str, bool]]) -> None:
+    """Raise an OptionError for the first option of `config` changed from its default (its class's) while
+    what it belongs to is off: given alone, it would do nothing. `needs` maps an option's name to what it
+    applies with (as written on the command line) and whether the run has that."""
+    for name, (needed, on) in needs.items():
+        if not on and getattr(config, name) != getattr(type(config), name):
+            raise OptionError(name, f"applies with {needed} only: add it, or leave this out")
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for a one-line error."""
     lines = str(exc).strip().splitlines()

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from compressor.errors import OptionError
+from compressor.errors import OptionError, check_applies
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 IGNORE = -100  # label of positions without a next token
@@ -60,8 +60,7 @@ class LossSpec:
             raise OptionError("temperature", f"must be a positive number, got {self.temperature}")
         if not 0 < self.jsd_beta < 1:
             raise OptionError("jsd_beta", f"must be strictly between 0 and 1, got {self.jsd_beta}")
-        if self.divergence != "jsd" and self.jsd_beta != LossSpec.jsd_beta:
-            raise OptionError("jsd_beta", f"weighs the jsd divergence only: add --divergence jsd, got {self.jsd_beta}")
+        check_applies(self, {"jsd_beta": ("--divergence jsd", self.divergence == "jsd")})
         if not 0 <= self.lm_weight <= 1:
             raise OptionError("lm_weight", f"must be in [0, 1], got {self.lm_weight}")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:

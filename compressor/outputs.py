@@ -96,6 +96,8 @@ def check_output(path: str | Path, *, overwrite: bool = False, inputs: Iterable[
     if path.exists():
         _check_own(path)
     parent = _existing_parent(path)
+    if not parent.is_dir():
+        raise CompressorError(f"cannot write {path}: {parent} is a file, not a folder; choose another output folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CompressorError(f"cannot write {path}: {parent} is not writable; choose another output folder")
     return path

@@ -45,7 +45,7 @@ from compressor import distributed
 from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
 from compressor.checkpoint import check_weights, load_model, parse_dtype, write_checkpoint
 from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read_sequences, tokenizer_file
-from compressor.errors import CompressorError, OptionError, first_line
+from compressor.errors import CompressorError, OptionError, check_applies, first_line
 from compressor.evaluate import CachedBatch, check_same_vocab, teacher_targets
 from compressor.evaluate import evaluate as evaluate_batches
 from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
@@ -122,7 +122,7 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps; None: from `tokens`, else one epoch of the training split
     tokens: int | None = None  # token budget, batch_size x seq_len per step (instead of `steps`)
     lr: float = 1e-4
-    min_lr: float = 1e-5
+    min_lr: float | None = None  # the schedule's last rate; None: lr / 10
     warmup_steps: int | None = None  # None: 5% of the steps
     schedule: str = "cosine"  # cosine | wsd | constant
     decay_fraction: float = 0.2  # WSD: the share of steps spent decaying
@@ -191,6 +191,11 @@ class TrainConfig:
         """The teacher's dtype: as asked, else bf16 on CUDA and the student's dtype elsewhere."""
         return self.teacher_dtype or ("bfloat16" if device.type == "cuda" else self.dtype)
 
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the schedule decays to: `min_lr`, by default a tenth of `lr`."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
     def validate(self) -> None:
         """Raise an OptionError naming the first option out of its range."""
         checks = [
@@ -211,7 +216,7 @@ class TrainConfig:
             ("tokens", self.tokens is None or self.tokens >= 1, "must be at least 1"),
             ("tokens", self.tokens is None or self.steps is None, "and --steps both set the run's length: give one"),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a positive number"),
-            ("min_lr", math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr, "must be between 0 and --lr"),
+            ("min_lr", math.isfinite(self.final_lr) and 0 <= self.final_lr <= self.lr, "must be between 0 and --lr"),
             ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be at least 0"),
             ("schedule", self.schedule in ("cosine", "wsd", "constant"), "must be cosine, wsd or constant"),
             ("decay_fraction", 0 < self.decay_fraction <= 1, "must be in (0, 1]"),
@@ -245,18 +250,16 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, name)
                 raise OptionError(name, problem if isinstance(value, bool) else f"{problem}, got {value}")
-        needs = {  # an option of another's (left at its default without it): given alone, it would do nothing
+        check_applies(self, {
             "top_k": ("--cache-teacher", self.cache_teacher),
             "decay_fraction": ("--schedule wsd", self.schedule == "wsd"),
+            "min_lr": ("--schedule cosine or wsd", self.schedule != "constant"),
             "attention_queries": ("--attention-loss", self.attention_loss > 0),
             "calib_sequences": ("--quantize", self.quantize is not None),
             "quantize_keep": ("--quantize", self.quantize is not None),
             "eval_ctx": ("--eval-task", self.eval_task is not None),
             "eval_task_sequences": ("--eval-task", self.eval_task is not None),
-        }
-        for name, (needed, on) in needs.items():
-            if not on and getattr(self, name) != getattr(TrainConfig, name):
-                raise OptionError(name, f"applies with {needed} only: add it, or leave this out")
+        })  # fmt: skip
         parse_dtype(self.dtype)
         parse_dtype(self.teacher_dtype)
 
@@ -270,12 +273,12 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
         return config.lr
     if config.schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup - 1)
-        return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return config.final_lr + (config.lr - config.final_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay_start = total - max(1, round(config.decay_fraction * total))  # WSD: warmup, stable, then linear decay
     if step < decay_start:
         return config.lr
     progress = (step - decay_start + 1) / (total - decay_start)
-    return config.lr + (config.min_lr - config.lr) * min(progress, 1.0)
+    return config.lr + (config.final_lr - config.lr) * min(progress, 1.0)
 
 
 class Reporter(Protocol):
@@ -953,9 +956,10 @@ class TrainerState:
 
 
 def _check_resume(new: TrainConfig, saved: TrainConfig) -> None:
-    changed = [name for name in RUN_DEFINING if getattr(new, name) != getattr(saved, name)]
+    value = lambda config, name: config.final_lr if name == "min_lr" else getattr(config, name)  # noqa: E731
+    changed = [name for name in RUN_DEFINING if value(new, name) != value(saved, name)]
     if changed:
-        detail = ", ".join(f"{n} ({getattr(saved, n)!r} in the run, {getattr(new, n)!r} now)" for n in changed)
+        detail = ", ".join(f"{n} ({value(saved, n)!r} in the run, {value(new, n)!r} now)" for n in changed)
         raise TrainingError(f"--resume with different options: {detail}; resume with the run's options")
 
 

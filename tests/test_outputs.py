@@ -85,6 +85,13 @@ def test_a_complete_output_left_beside_a_dangling_link_is_kept_until_the_link_is
     assert (tmp_path / "out" / "importance.json").read_text() == "{}"
 
 
+def test_an_output_under_a_file_is_refused_as_such(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CompressorError, match=r"notes.txt is a file, not a folder"):
+        check_output(tmp_path / "notes.txt" / "out")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_overwrite_refuses_a_folder_compress_did_not_write(tmp_path):
     (tmp_path / "proj" / "src").mkdir(parents=True)
     (tmp_path / "proj" / "src" / "main.py").write_text("code")

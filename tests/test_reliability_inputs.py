@@ -327,6 +327,7 @@ def test_a_context_that_fits_is_scored(small_memory):
             [*SEARCH, "--share-teacher", "--attention-loss", "1"],
             "--share-teacher reads the teacher from a cache, --attention-loss needs it in memory: give one",
         ),
+        ([*SEARCH, "--share-teacher", "--attention-loss", "1", "--dry-run"], "--share-teacher reads the teacher"),
         ([*QUANTIZE, "--keep", "*layer.0.*"], "--keep pattern '*layer.0.*' matches no quantizer of the model"),
         (["init", "{root}/out_i", "--preset", "tiny-moe", "--layers", "6"], "would drop this config's 3 MoE blocks"),
         (["init", "{root}/out_i", "--layers", "6"], "--layers lays out the blocks of a --preset or --config"),

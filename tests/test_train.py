@@ -57,6 +57,17 @@ def test_lr_schedules():
     assert lr_at(99, 100, config) == 1.0
 
 
+def test_the_final_learning_rate_defaults_to_a_tenth_of_the_peak():
+    config = TrainConfig(student="s", out="o", data="d", lr=5e-6, warmup_steps=1)
+    config.validate()  # a fixed default final rate above a small --lr was refused
+    assert lr_at(99, 100, config) == pytest.approx(5e-7)
+    config.schedule = "constant"
+    config.validate()
+    config.min_lr = 1e-7  # written, it would do nothing
+    with pytest.raises(OptionError, match="applies with --schedule cosine or wsd only"):
+        config.validate()
+
+
 def test_distillation_lowers_validation_loss_and_kl(workspace, tmp_path):
     result = train(_config(workspace, tmp_path / "run", teacher=str(workspace / "teacher"), steps=12, eval_every=6))
     evals = _records(tmp_path / "run", "eval")

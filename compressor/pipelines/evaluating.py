@@ -8,7 +8,7 @@
 - `LmEvalTasks`: lm-eval's task metrics of each model (the `eval` extra).
 
 `evaluate_checkpoints(models, config)` checks the config, runs its mode and returns its record;
-`refuse_other_modes` refuses the options written for another mode, which would do nothing.
+`eval_mode` reads the mode from the options written and refuses those that would do nothing in it.
 """
 
 from __future__ import annotations
@@ -26,21 +26,33 @@ from compressor.tasks import TaskResult, TaskSpec, parse_contexts
 SPLITS = ("all", "valid", "train")
 
 
-# The options of one eval mode (--task, --lm-eval-tasks, --data): given in another, they would do nothing.
-MODE_OPTIONS = {
-    "task": {"ctx", "task_sequences"},
-    "lm_eval_tasks": {"num_fewshot", "limit", "include_path"},
-    "data": {"teacher", "seq_len", "max_sequences", "split", "valid_fraction", "tokenizer", "text_field"},
-}
+# The eval modes (--task, --lm-eval-tasks, --data) each option applies in: written for another, it would do nothing.
+OPTION_MODES = {
+    **dict.fromkeys(("ctx", "task_sequences"), ("task",)),
+    **dict.fromkeys(("num_fewshot", "limit", "include_path"), ("lm_eval_tasks",)),
+    **dict.fromkeys(("teacher", "seq_len", "max_sequences", "split", "valid_fraction", "tokenizer", "text_field"),
+                    ("data",)),
+    "weights_only": ("lm_eval_tasks", "data"),
+    "seed": ("task", "data"),
+}  # fmt: skip
 
 
-def refuse_other_modes(given: Collection[str], mode: str) -> None:
-    """Raise an OptionError for an option in `given` (the command's, as written) that belongs to an eval mode
-    other than `mode` (a key of MODE_OPTIONS)."""
-    for name in sorted(given):
-        owner = next((m for m, names in MODE_OPTIONS.items() if name in names), mode)
-        if owner != mode:
-            raise OptionError(name, f"applies to --{owner.replace('_', '-')} evaluation only")
+def eval_mode(given: Collection[str], split: str = "all") -> str:
+    """The eval mode the options in `given` (the command's, as written) select: "task", "lm_eval_tasks" or
+    "data". Raises an OptionError for two modes at once and for an option that would do nothing in the mode
+    (one of another mode's, or the split's --valid-fraction and --seed with --split all)."""
+    modes = [mode for mode in ("task", "lm_eval_tasks") if mode in given]
+    if len(modes) > 1:
+        raise OptionError("lm_eval_tasks", "and --task are two evaluations: run them one at a time")
+    mode = modes[0] if modes else "data"
+    for name in sorted(given):  # sorted: the option named does not depend on set order
+        owners = OPTION_MODES.get(name, (mode,))
+        if mode not in owners:
+            flags = " or ".join(f"--{owner.replace('_', '-')}" for owner in owners)
+            raise OptionError(name, f"applies to {flags} evaluation only")
+        if mode == "data" and split == "all" and name in ("valid_fraction", "seed"):
+            raise OptionError(name, "applies with --split valid or --split train only (all uses every sequence)")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,8 @@ class RetrievalEval:
     dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.data is not None and self.task != "needle":
+            raise OptionError("data", f"is the needle task's filler text: {self.task} writes its own; leave it out")
         self.contexts  # noqa: B018  (a context the task cannot take is refused first)
         check_at_least(task_sequences=(self.task_sequences, 1), batch_size=(self.batch_size, 1), seed=(self.seed, 0))
         self.spec  # noqa: B018  (the task's name and its data)
@@ -225,9 +239,10 @@ def _loss(models: list[Path], config: LossEval, on_tokens: Callable[[int, int], 
     from compressor.quantize import stored_weight_bytes
 
     results = []
+    tokenizer = config.tokenizer or models[0]  # the data's ids, every model's input
+    _check_tokenizers(models, tokenizer)
     if config.teacher is not None:  # KL and top-1 agreement compare the same ids' next-token distributions
-        for path in models:
-            check_same_tokenizer(config.teacher, config.tokenizer or path)
+        check_same_tokenizer(config.teacher, tokenizer)
     with distributed.session(config.device) as world:
         _check_fits(models, config, world)
         teacher = load_model(config.teacher, dtype=config.dtype, world=world) if config.teacher is not None else None
@@ -248,6 +263,13 @@ def _loss(models: list[Path], config: LossEval, on_tokens: Callable[[int, int], 
         return None
     teacher_path = Path(config.teacher) if config.teacher is not None else None
     return LossRecord(config.data, len(sequences), config.seq_len, teacher_path, results)
+
+
+def _check_tokenizers(models: list[Path], tokenizer: str | Path) -> None:
+    """Refuse models whose tokenizers differ from `tokenizer`'s, the one that writes the ids they all read."""
+    for path in models:
+        if Path(path) != Path(tokenizer):
+            check_same_tokenizer(tokenizer, path, "models compared on the same token ids must share one tokenizer")
 
 
 def _check_fits(models: list[Path], config: LossEval, world) -> None:
@@ -283,6 +305,7 @@ def _retrieval(models: list[Path], config: RetrievalEval, on_model: Callable[[Pa
     from compressor.tasks import check_task_fits, evaluate_task
 
     contexts, spec = config.contexts, config.spec
+    _check_tokenizers(models, models[0])
     tokenizer = load_tokenizer(models[0])
     results = {}
     for path in models:

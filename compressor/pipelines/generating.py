@@ -19,7 +19,7 @@ from compressor.budget import check_cache_fits
 from compressor.checkpoint import load_model
 from compressor.data import load_tokenizer, tokenizer_panics
 from compressor.distributed import resolve_device
-from compressor.errors import OptionError
+from compressor.errors import OptionError, check_applies
 from compressor.generate import generate
 from compressor.model import HybridLM
 
@@ -51,9 +51,8 @@ class GenerateConfig:
             raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.seed < 0:
             raise OptionError("seed", f"must be at least 0, got {self.seed}")
-        for name in ("top_k", "top_p"):
-            if self.temperature == 0 and getattr(self, name) is not None:
-                raise OptionError(name, "samples, but temperature 0 decodes greedily: set --temperature above 0")
+        sampling = ("--temperature above 0 (0 decodes greedily)", self.temperature > 0)
+        check_applies(self, dict.fromkeys(("top_k", "top_p", "seed"), sampling))
 
 
 @dataclass

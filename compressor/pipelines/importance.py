@@ -20,11 +20,11 @@ from typing import Any
 from compressor import distributed
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
-from compressor.errors import OptionError
+from compressor.errors import OptionError, check_applies
 from compressor.importance import Importance, ImportanceOptions, scores_bytes
 from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.preview import MemoryPreview, preview_importance
-from compressor.pipelines.source import CalibrationConfig, calibrate, retrieval_probe
+from compressor.pipelines.source import PROBE_OPTIONS, CalibrationConfig, calibrate, retrieval_probe
 
 
 @dataclass
@@ -58,10 +58,14 @@ class ImportanceRunOptions:
     nproc: int | None = None  # a dry run's processes (default: the fewest that fit)
     gpu: str | None = None  # a dry run's GPU (default: the local device)
 
+    @property
+    def uses_probe(self) -> bool:
+        return self.scoring.drop_one == "retrieval"
+
     def calibration(self, model: str | Path) -> CalibrationConfig:
         """How a run reads `model` and the data, with the retrieval probe of a drop-one by retrieval."""
         probe = None
-        if self.scoring.drop_one == "retrieval":
+        if self.uses_probe:
             probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
                                     retrieval_sequences=self.retrieval_sequences, context=1024)  # fmt: skip
         return CalibrationConfig.from_options(
@@ -123,6 +127,8 @@ def importance_or_preview(
     """`compress importance` from its options: with `dry_run`, the memory plan of the scoring (`model` may be
     a preset or a config.json); else the folder `out` written (`write_importance`; None on the other
     processes of a torchrun)."""
+    if not options.uses_probe:
+        check_applies(options, dict.fromkeys(PROBE_OPTIONS, ("--drop-one retrieval", False)))
     if dry_run:
         return preview_importance(model, seq_len=options.seq_len, batch_size=options.batch_size,
                                   drop_one=options.scoring.drop_one != "none", dtype=options.dtype,

@@ -26,7 +26,7 @@ from compressor import distributed
 from compressor.budget import Budget
 from compressor.checkpoint import checkpoint_bytes
 from compressor.data import tokenizer_file
-from compressor.errors import BudgetError, CompressorError, OptionError, first_line
+from compressor.errors import BudgetError, CompressorError, OptionError, check_applies, first_line
 from compressor.outputs import atomic_output, check_free_space, check_output, read_json
 from compressor.pipelines.preview import (
     CompressionPreview,
@@ -37,7 +37,7 @@ from compressor.pipelines.preview import (
 )
 from compressor.pipelines.ranking import ScoreSpec, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import COMPRESSION_FILE, CompressionRecord, write_json
-from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
+from compressor.pipelines.source import PROBE_OPTIONS, CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
 from compressor.prune import write_pruned
 from strategies import Strategy, build_options, get_strategy
@@ -127,11 +127,15 @@ class PruneOptions:
         return PruneConfig(self.budget, self.strategy, dict(self.strategy_options), export, self.score,
                            self.retrieval_weight)  # fmt: skip
 
+    @property
+    def uses_probe(self) -> bool:
+        return ScoreSpec(self.score, self.retrieval_weight).retrieval
+
     def calibration(self, model: str | Path) -> CalibrationConfig:
         """How a run reads `model` and the data: held-out scoring only with data, the retrieval probe (at the
         budget's context unless `retrieval_ctx`) when the score uses it."""
         probe = None
-        if ScoreSpec(self.score, self.retrieval_weight).retrieval:
+        if self.uses_probe:
             probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
                                     retrieval_sequences=self.retrieval_sequences,
                                     context=self.budget.context if self.budget else 1024)  # fmt: skip
@@ -156,6 +160,8 @@ def prune_or_preview(
     the memory of each stage; `model` may be a preset or a config.json); else the pruned checkpoint written
     to `out` (`prune_checkpoint`; None on the other processes of a torchrun)."""
     config = options.config()
+    if not options.uses_probe:
+        check_applies(options, dict.fromkeys(PROBE_OPTIONS, ("a --score with retrieval", False)))
     if dry_run:
         stages = CompressionStages(options.seq_len, options.batch_size, options.score_samples,
                                    options.importance_dir is None, options.dtype)  # fmt: skip

@@ -50,7 +50,7 @@ from compressor.budget import Budget, parse_tokens
 from compressor.checkpoint import empty_model, fingerprint, load_model, parse_dtype, write_checkpoint
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
-from compressor.errors import CompressorError, OptionError, first_line
+from compressor.errors import CompressorError, OptionError, check_applies, first_line
 from compressor.importance import Importance
 from compressor.model import HybridLM
 from compressor.outputs import (
@@ -77,7 +77,7 @@ from compressor.pipelines.records import (
     SearchRecord,
     write_json,
 )
-from compressor.pipelines.source import CalibrationConfig, Source, calibrate, retrieval_probe
+from compressor.pipelines.source import PROBE_OPTIONS, CalibrationConfig, Source, calibrate, retrieval_probe
 from compressor.presets import load_config_or_preset
 from compressor.prune import Target, write_pruned
 from compressor.tasks import parse_contexts
@@ -181,7 +181,7 @@ class SearchOptions:
     micro_batch_size: int = 4
     activation_checkpointing: bool = False
     lr: float = 1e-4
-    min_lr: float = 1e-5
+    min_lr: float | None = None  # None: lr / 10
     samples: int = 1024
     score_samples: int = 64
     importance_dir: str | Path | None = None
@@ -225,14 +225,15 @@ class SearchOptions:
     def library(self) -> BLDConfig | None:
         """The blockwise-distilled library (None without `bld`)."""
         if self.bld is None:
-            unused = {"bld_stream": False, "bld_epochs": SearchOptions.bld_epochs, "bld_lr": SearchOptions.bld_lr}
-            for name, default in unused.items():
-                if getattr(self, name) != default:
-                    raise OptionError(name, "needs --bld TOKENS: it says how the library is trained")
+            check_applies(self, dict.fromkeys(("bld_stream", "bld_epochs", "bld_lr"), ("--bld TOKENS", False)))
             return None
         return BLDConfig(
             parse_tokens(self.bld), self.bld_epochs, self.bld_lr, self.micro_batch_size, self.seed, self.bld_stream
         )
+
+    @property
+    def uses_probe(self) -> bool:
+        return ScoreSpec(self.score, self.retrieval_weight).retrieval or self.rank_by == "retrieval"
 
     def calibration(self, model: str | Path, budget: Budget) -> CalibrationConfig:
         """How a new search reads `model` and the data: every sequence kept for the finalists' distillations,
@@ -240,7 +241,7 @@ class SearchOptions:
         if self.data is None:
             raise OptionError("data", "is needed: the calibration and distillation data")
         probe = None
-        if ScoreSpec(self.score, self.retrieval_weight).retrieval or self.rank_by == "retrieval":
+        if self.uses_probe:
             probe = retrieval_probe(retrieval_task=self.retrieval_task, retrieval_ctx=self.retrieval_ctx,
                                     retrieval_sequences=self.retrieval_sequences, context=budget.context)  # fmt: skip
         return CalibrationConfig.from_options(
@@ -711,7 +712,7 @@ def finalist_training(
     batch_size: int = 16,
     micro_batch_size: int = 4,
     lr: float = 1e-4,
-    min_lr: float = 1e-5,
+    min_lr: float | None = None,
     seed: int = 0,
     device: str = "auto",
     activation_checkpointing: bool = False,
@@ -776,6 +777,8 @@ def search_or_preview(
     and the memory of each stage; `model` may be a preset or a config.json); else a new search into `out`
     (`search_architectures`), or with `resume` the one in `out`, continued as its record says: an option
     written on the command line (`given`, by name) with another value than the record's is refused."""
+    if not (resume or options.uses_probe):  # a resumed search's probe is the record's
+        check_applies(options, dict.fromkeys(PROBE_OPTIONS, ("a --score with retrieval or --rank-by retrieval", False)))
     if dry_run:
         return _preview(model, options)
     if out is None:
@@ -796,10 +799,12 @@ def search_or_preview(
 
 def _preview(model: str | Path, options: SearchOptions) -> CompressionPreview:
     """The dry run: the strategy's candidates (as `compress prune` would list them) and the memory of
-    importance (unless reused), the library, scoring and a finalist's distillation."""
-    choosing = PruneConfig(options.required_budget(), options.strategy, dict(options.strategy_options))
+    importance (unless reused), the library, scoring and a finalist's distillation. The options are checked
+    as a search checks them."""
+    config = SearchConfig.from_options(model, options)
+    choosing = PruneConfig(config.budget, config.strategy, dict(config.options))
     stages = CompressionStages(options.seq_len, 1, options.score_samples, options.importance_dir is None,
-                               options.dtype, options.distillation(model), options.library())  # fmt: skip
+                               options.dtype, config.distill, config.bld)  # fmt: skip
     return preview_compression(model, choosing, stages, nproc=options.nproc, device=options.device)
 
 
@@ -818,7 +823,7 @@ def _refuse_resume_changes(
         "distill_tokens": (distill.tokens, parse_tokens), "seq_len": (calibration.seq_len,),
         "batch_size": (distill.batch_size,), "micro_batch_size": (distill.micro_batch_size,),
         "activation_checkpointing": (distill.activation_checkpointing,), "lr": (distill.lr,),
-        "min_lr": (distill.min_lr,), "seed": (distill.seed,), "attention_loss": (distill.attention_loss,),
+        "min_lr": (distill.final_lr,), "seed": (distill.seed,), "attention_loss": (distill.attention_loss,),
         "attention_queries": (distill.attention_queries,), "samples": (calibration.samples,),
         "score_samples": (calibration.score_samples,), "importance_dir": (importance, folder),
         "text_field": (calibration.text_field,), "dtype": (calibration.dtype,),

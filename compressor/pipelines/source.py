@@ -89,6 +89,9 @@ class CalibrationConfig:
         return cls(**raw)
 
 
+PROBE_OPTIONS = ("retrieval_task", "retrieval_ctx", "retrieval_sequences")  # retrieval_probe's, of a run's options
+
+
 def retrieval_probe(
     *, retrieval_task: str = "phonebook", retrieval_ctx: str | None = None, retrieval_sequences: int = 8, context: int
 ) -> RetrievalConfig:
