@@ -353,7 +353,15 @@ def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, 
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, then putting it back), which every file we open obeys."""
+    """The process's umask, which every file we open obeys: Linux states it in /proc/self/status; elsewhere
+    it is read by setting it and putting it back (process-wide, for a moment)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

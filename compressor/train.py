@@ -551,6 +551,11 @@ def loop(run: Run, reporter: Reporter) -> TrainResult:
     batches = _micro_batches(run.train_set, config.micro_batch_size, config.seed, run.step * run.accum * run.world.size)
     reporter.start(run.total_steps, run.step, run.tokens_per_step)
     first_step = run.step
+    if first_step == 0:  # what the run reads: the validation split is capped at --eval-sequences
+        reporter.note(
+            f"data: {len(run.train_set):,} training and {len(run.valid_set):,} validation sequences of "
+            f"{config.seq_len:,} tokens; steps: {run.total_steps:,} of {run.tokens_per_step:,} tokens each"
+        )
     last_eval = evaluate(run, reporter) if first_step == 0 else {}
     window_start, window_tokens = time.perf_counter(), 0
     while run.step < run.total_steps:

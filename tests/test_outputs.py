@@ -180,6 +180,19 @@ def test_saved_tensors_get_the_mode_of_every_other_file(tmp_path, umask):
     assert mode == stat.S_IMODE((tmp_path / "t.json").stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="no /proc")
+def test_the_umask_is_read_without_changing_it_where_proc_states_it(monkeypatch):
+    from compressor import outputs
+
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("set the umask"))
+        assert outputs._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+
+
 def test_a_swap_onto_a_link_moves_the_link_aside_not_what_it_points_to(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "keep.txt").write_text("mine")

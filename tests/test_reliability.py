@@ -258,6 +258,8 @@ CASES = [
     ([*EVAL, "--teacher", "{root}/big_vocab"], "teacher vocabulary (320) differs"),
     (["eval", "{root}/other_student", *EVAL[2:], "--teacher", T], "the tokenizers of {root}/teacher and"),
     (["eval", M, "{root}/other_student", *EVAL[2:]], "models compared on the same token ids must share one tokenizer"),
+    (["eval", M, "{root}/model/", *EVAL[2:]], "{root}/model is given twice: give each once"),
+    (["eval", M, "{root}/model/../model", *EVAL[2:]], "and {root}/model/../model are one checkpoint"),
     (["eval", M, "--data", TXT, "--seq-len", "32", "--tokenizer", "{root}/bad_tokenizer"], "cannot read tokenizer"),
     (["eval", M, "--data", TXT, "--seq-len", "100000"], "fewer than seq_len=100000"),
     ([*EVAL, "--teacher", "{root}/nan_weights"], "NaN or infinite weights"),

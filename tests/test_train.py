@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ from compressor.checkpoint import load_model, save_model
 from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
-from compressor.train import TrainConfig, TrainingError, lr_at, train
+from compressor.train import SilentReporter, TrainConfig, TrainingError, lr_at, train
 from tests.conftest import (
     TRAIN_VOCAB,
     distill_in_one_and_two_processes,
@@ -78,6 +79,15 @@ def test_distillation_lowers_validation_loss_and_kl(workspace, tmp_path):
     # the checkpoint is a standard one that compress eval (and transformers) load
     model = load_model(tmp_path / "run" / "model")
     assert model.config.vocab_size == VOCAB
+
+
+def test_a_run_says_what_it_reads_first(workspace, tmp_path):
+    notes = []
+    reporter = SilentReporter()
+    reporter.note = notes.append
+    train(_config(workspace, tmp_path / "run", steps=1, warmup_steps=1, eval_sequences=4), reporter)
+    said = r"data: \d+ training and 4 validation sequences of 32 tokens; steps: 1 of 256 tokens each"
+    assert re.fullmatch(said, notes[0]), notes
 
 
 def test_interrupted_run_resumes_exactly(workspace, tmp_path):

@@ -223,6 +223,12 @@ def evaluate_checkpoints(
     paths = [Path(model) for model in models]
     if not paths:
         raise OptionError("models", "needs at least one checkpoint")
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        first = seen.setdefault(path.expanduser().resolve(), path)
+        if first is not path:
+            twice = f"{path} is given twice" if str(first) == str(path) else f"{first} and {path} are one checkpoint"
+            raise OptionError("models", f"{twice}: give each once")
     if isinstance(config, LossEval):
         return _loss(paths, config, on_tokens)
     if isinstance(config, RetrievalEval):
