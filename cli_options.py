@@ -324,6 +324,14 @@ WeightDtypeOption = Annotated[str, typer.Option(help="Deployment weights: bf16, 
 KvDtypeOption = Annotated[str | None, typer.Option(help="KV cache: bf16, fp16, fp32 or fp8 (default: compute).")]
 SsmDtypeOption = Annotated[str | None, typer.Option(help="SSM state: fp32, bf16 or fp16 (default: the config's).")]
 
+CacheTargetsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="--cache-teacher: sampled (--top-k draws from the teacher's distribution, an unbiased forward KL; "
+        "the default with it) or top-k (its most likely tokens, the rest as one bucket; any --divergence)."
+    ),
+]
+
 RETRIEVAL_OPTIONS = [
     option("retrieval_task", str, "Retrieval probe of --drop-one retrieval and --score ...retrieval: phonebook, "
            "mqar or needle (needle hides its sentence in --data).", "phonebook"),
@@ -526,8 +534,8 @@ LIBRARY_OPTIONS = [
 SearchShareTeacherOption = Annotated[
     bool,
     typer.Option(
-        help="The finalists distil from one teacher cache written once (top-64 log-probs), not from K teacher "
-        "passes: faster, but less exact than the full logits (docs/search.md); not with --attention-loss."
+        help="The finalists distil from one teacher cache written once (64 draws from the teacher a token), not "
+        "from K teacher passes: an estimate of the full logits (docs/search.md); not with --attention-loss."
     ),
 ]
 SearchDryRunOption = Annotated[

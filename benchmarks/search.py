@@ -179,13 +179,13 @@ def _print_rows(rows, budget, finalists, total) -> None:
         r = record.correlation or {"spearman": float("nan"), "kendall": float("nan")}
         print(
             f"| {label} | {best.label} | {best.params:,} | {best.memory_bytes / 2**20:.2f} MiB | {picked} "
-            f"| {best.score:.4f} | {best.distilled.val_kl:.4f}{' (top-64)' if record.share_teacher else ''} "
+            f"| {best.score:.4f} | {best.distilled.val_kl:.4f}{' (cached)' if record.share_teacher else ''} "
             f"| {result.loss:.4f} | {result.kl:.4f} "
             f"| {r['spearman']:.2f} | {r['kendall']:.2f} | {seconds:.0f} s | {teacher:.0f} s |"
         )
     if any(record.share_teacher for _, record, *_ in rows):
-        print("(top-64): measured against the shared teacher cache, whose KL lumps the tokens outside the teacher's "
-              "top 64 into one bucket; the held-out columns are exact for every row")  # fmt: skip
+        print("(cached): measured against the shared teacher cache (64 draws a token: an estimate of the exact KL); "
+              "the held-out columns are exact for every row")  # fmt: skip
     for name, record, *_ in rows:
         stages = ", ".join(f"{stage} {s:.0f} s" for stage, s in record.seconds.items())
         print(f"{name}: {stages}; finalists {[c.index for c in record.candidates if c.finalist]}", end="")

@@ -14,7 +14,7 @@ import torch
 
 from compressor import distributed
 from compressor.errors import CompressorError, DataError
-from compressor.losses import LossSpec, LossStats, TeacherLogits, TeacherTopK, head_loss, next_token_labels
+from compressor.losses import CachedTeacher, LossSpec, LossStats, TeacherLogits, head_loss, next_token_labels
 from compressor.model import HybridLM
 
 
@@ -76,7 +76,7 @@ def batch_stats(
     ids: torch.Tensor,
     stats: LossStats,
     *,
-    teacher: TeacherLogits | TeacherTopK | None = None,
+    teacher: TeacherLogits | CachedTeacher | None = None,
     chunk_tokens: int | None = None,
 ) -> None:
     """Add one batch's cross-entropy (and divergence/agreement to `teacher`) to `stats`, without gradients."""
@@ -108,7 +108,7 @@ class CachedBatch:
     (`TeacherCache.get`): the model is compared with a teacher that is not in memory."""
 
     ids: torch.Tensor
-    teacher: TeacherTopK
+    teacher: CachedTeacher
 
 
 @torch.no_grad()

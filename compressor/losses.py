@@ -14,13 +14,18 @@ Per-token terms, with p the teacher's and q the student's next-token distributio
 - cross-entropy of the student (T = 1) on the next token, mixed in with weight `lm_weight`:
   loss = (1 - lm_weight) * divergence + lm_weight * cross-entropy.
 
-The teacher comes as hidden states + head weight (`TeacherLogits`, exact) or as cached top-k log-probs
-(`TeacherTopK`). For the top-k form, both distributions are coarsened to k + 1 outcomes: the teacher's k
-tokens and one bucket holding all other tokens (teacher mass 1 - sum of its top-k probabilities, student
-mass 1 - sum of its probabilities on those tokens; both floored at 1e-6). The divergence between the
-coarsened distributions is exact for them, equals the full divergence when the teacher puts no mass
-outside its top k, and is a lower bound otherwise (coarsening never increases an f-divergence). The cache
-is written at the run's temperature, so T is already applied to the teacher side.
+The teacher comes as hidden states + head weight (`TeacherLogits`, exact) or cached (written at the run's
+temperature, so T is already applied to the teacher side) in one of two forms:
+- `TeacherTopK`, its k most likely tokens: both distributions are coarsened to k + 1 outcomes, the
+  teacher's k tokens and one bucket holding all other tokens (teacher mass 1 - sum of its top-k
+  probabilities, student mass 1 - sum of its probabilities on those tokens; both floored at 1e-6). The
+  divergence between the coarsened distributions is exact for them, equals the full divergence when the
+  teacher puts no mass outside its top k, and is a lower bound otherwise (coarsening never increases an
+  f-divergence); the student's tail keeps its own shape.
+- `TeacherSample`, tokens drawn from the teacher's distribution (random-sampling KD): with w_i the share of
+  the draws that picked token i, sum_i w_i (log p_i - log q_i) is an unbiased estimate of forward KL(p || q)
+  and its gradient T (q - w) one of the full gradient T (q - p), the tail included. Forward KL only: the
+  other divergences need p on every token.
 """
 
 from __future__ import annotations
@@ -91,6 +96,19 @@ class TeacherTopK:
 
 
 @dataclass
+class TeacherSample:
+    """A cached teacher: per token the ids drawn from its distribution (at the run's T), the share of the
+    draws each took (0 for unused slots) and their log-probs."""
+
+    indices: torch.Tensor  # (tokens, slots) int64
+    weights: torch.Tensor  # (tokens, slots) float, summing to 1 per token
+    log_probs: torch.Tensor  # (tokens, slots) float
+
+
+CachedTeacher = TeacherTopK | TeacherSample
+
+
+@dataclass
 class LossStats:
     """Sums over the tokens of `head_loss` calls (detached tensors, so logging costs no device sync)."""
 
@@ -125,11 +143,11 @@ def _chunk_loss(
     rows: slice,
     spec: LossSpec,
     labels: torch.Tensor | None,
-    teacher: TeacherLogits | TeacherTopK | None,
+    teacher: TeacherLogits | CachedTeacher | None,
     stats: LossStats,
 ) -> torch.Tensor:
     """The weighted loss summed over one chunk of rows, for autograd to differentiate; fills `stats`.
-    Serves the losses `_fused_kl_ce` does not write out: reverse KL, JSD and cached top-k teachers."""
+    Serves the losses `_fused_kl_ce` does not write out: reverse KL, JSD and cached teachers."""
     total = logits.new_zeros(())
     n = logits.shape[0]
     stats.tokens += n
@@ -146,6 +164,12 @@ def _chunk_loss(
                 teacher_top = teacher_logp.argmax(-1)
             per_token = divergence(student_logp, teacher_logp, spec.divergence, spec.jsd_beta)
             del teacher_logp
+        elif isinstance(teacher, TeacherSample):
+            if spec.divergence != "forward_kl":
+                raise OptionError("divergence", "must be forward_kl with sampled teacher targets")
+            index, teacher_logp = teacher.indices[rows], teacher.log_probs[rows].float()
+            per_token = (teacher.weights[rows].float() * (teacher_logp - student_logp.gather(-1, index))).sum(-1)
+            teacher_top = index.gather(-1, teacher_logp.argmax(-1, keepdim=True))[:, 0]
         else:
             index = teacher.indices[rows]
             coarse_student = _with_rest(student_logp.gather(-1, index))
@@ -293,7 +317,7 @@ def head_loss(
     spec: LossSpec,
     *,
     labels: torch.Tensor | None = None,
-    teacher: TeacherLogits | TeacherTopK | None = None,
+    teacher: TeacherLogits | CachedTeacher | None = None,
     stats: LossStats | None = None,
 ) -> torch.Tensor:
     """The summed loss over `hidden` (tokens, hidden) through the head `weight` (vocab, hidden).

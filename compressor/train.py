@@ -17,7 +17,7 @@ Output folder `OUT`:
   They sit in a subfolder because engines read every `*.safetensors` of the folder itself as weights (vLLM
   refuses a folder with the optimizer's tensors beside the model's); runs written before read from `model/`;
 - `metrics.jsonl`: one JSON object per logged step and per evaluation;
-- `teacher_cache/`: the teacher's top-k log-probs when the run distills from a cache.
+- `teacher_cache/`: the teacher's targets (sampled or top-k) when the run distills from a cache.
 
 A checkpoint replaces the previous one atomically; a killed run loses at most the steps since the last
 checkpoint; a non-finite loss stops the run with the last good checkpoint left in place.
@@ -65,7 +65,7 @@ from compressor.outputs import (
     swap_in,
 )
 from compressor.tasks import TASKS, RetrievalConfig, TaskScorer
-from compressor.teacher_cache import TeacherCache, write_teacher_cache
+from compressor.teacher_cache import TARGETS, TeacherCache, write_teacher_cache
 
 STATE_FILE = "trainer_state.json"
 QUANTIZED_DIR = "quantized"  # the quantized export of a quantization-aware run
@@ -94,6 +94,7 @@ RUN_DEFINING = (
     "max_sequences",
     "dtype",
     "cache_teacher",
+    "cache_targets",
     "top_k",
     "quantize",
     "quantize_keep",
@@ -132,7 +133,8 @@ class TrainConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     cache_teacher: bool = False
     teacher_cache_dir: str | None = None  # a cache shared by several runs (default: the run's teacher_cache/)
-    top_k: int = 64
+    cache_targets: str | None = None  # sampled | top-k; None: sampled for forward KL, else top-k
+    top_k: int = 64  # the cache's draws (sampled) or most likely tokens (top-k) per position
     attention_loss: float = 0.0  # weight of the attention-transfer KL (compressor.attention_transfer); 0: off
     attention_queries: int = 256  # query positions per micro-batch whose attention rows it matches
     quantize: str | None = None  # fp8 | nvfp4: quantization-aware training of a fake-quantized student
@@ -167,6 +169,7 @@ class TrainConfig:
         raw["loss"] = LossSpec(**raw["loss"])
         raw["betas"] = tuple(raw["betas"])
         raw["quantize_keep"] = tuple(raw.get("quantize_keep", ()))
+        raw.setdefault("cache_targets", "top-k")  # written before sampled targets
         return cls(**raw)
 
     @classmethod
@@ -190,6 +193,15 @@ class TrainConfig:
     def resolved_teacher_dtype(self, device: torch.device) -> str:
         """The teacher's dtype: as asked, else bf16 on CUDA and the student's dtype elsewhere."""
         return self.teacher_dtype or ("bfloat16" if device.type == "cuda" else self.dtype)
+
+    @property
+    def teacher_targets(self) -> str | None:
+        """What the teacher cache holds (`compressor.teacher_cache`); None without one."""
+        if not self.cache_teacher:
+            return None
+        if self.cache_targets is not None:
+            return self.cache_targets
+        return "sampled" if self.loss.divergence == "forward_kl" else "top-k"
 
     @property
     def final_lr(self) -> float:
@@ -234,6 +246,12 @@ class TrainConfig:
             ("max_sequences", self.max_sequences is None or self.max_sequences >= 1, "must be at least 1"),
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
+            ("cache_targets", self.cache_targets in (None, *TARGETS), f"must be one of {', '.join(TARGETS)}"),
+            (
+                "cache_targets",
+                not (self.teacher_targets == "sampled" and self.loss.divergence != "forward_kl"),
+                f"sampled estimates forward KL only, not {self.loss.divergence}: use top-k",
+            ),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
             ("attention_loss", math.isfinite(self.attention_loss) and self.attention_loss >= 0, "must be at least 0"),
             ("attention_loss", not (self.attention_loss > 0 and self.teacher is None), "needs a teacher"),
@@ -252,6 +270,7 @@ class TrainConfig:
                 raise OptionError(name, problem if isinstance(value, bool) else f"{problem}, got {value}")
         check_applies(self, {
             "top_k": ("--cache-teacher", self.cache_teacher),
+            "cache_targets": ("--cache-teacher", self.cache_teacher),
             "decay_fraction": ("--schedule wsd", self.schedule == "wsd"),
             "min_lr": ("--schedule cosine or wsd", self.schedule != "constant"),
             "attention_queries": ("--attention-loss", self.attention_loss > 0),
@@ -798,19 +817,22 @@ def _fake_quantize(student: HybridLM, config: TrainConfig, train_set: TokenSeque
 
 
 def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
-    """The teacher's top-k log-probs over the sequences the run will see, written once and reused."""
+    """The teacher's targets over the sequences the run will see, written once and reused."""
     cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else out / "teacher_cache"
     written = not TeacherCache.is_complete(cache_dir)
+    targets = config.teacher_targets
     if written:
-        reporter.note(f"caching the teacher's top-{config.top_k} log-probs in {cache_dir}")
+        what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
+        reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
         micro = config.micro_batch_size
         # only the training sequences the run will see (all of them once it passes an epoch)
         batches = _micro_batches(train_set, micro, config.seed, 0)
         needed = min(total_steps * accum * world.size, train_set.num_batches(micro))
         used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
         splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
-        write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world)
-    cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature)
+        write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,
+                            targets=targets, seed=config.seed)  # fmt: skip
+    cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed)
     cache.written = written
     return cache
 
@@ -960,8 +982,12 @@ class TrainerState:
     data_fingerprint: str = ""  # none in runs written before it was recorded
 
 
+# options compared by the value they resolve to: a default written out, or left out, is the same run
+RESOLVED = {"min_lr": "final_lr", "cache_targets": "teacher_targets"}
+
+
 def _check_resume(new: TrainConfig, saved: TrainConfig) -> None:
-    value = lambda config, name: config.final_lr if name == "min_lr" else getattr(config, name)  # noqa: E731
+    value = lambda config, name: getattr(config, RESOLVED.get(name, name))  # noqa: E731
     changed = [name for name in RUN_DEFINING if value(new, name) != value(saved, name)]
     if changed:
         detail = ", ".join(f"{n} ({value(saved, n)!r} in the run, {value(new, n)!r} now)" for n in changed)

@@ -12,6 +12,7 @@ from compressor.losses import (
     LossSpec,
     LossStats,
     TeacherLogits,
+    TeacherSample,
     TeacherTopK,
     divergence,
     head_loss,
@@ -112,6 +113,33 @@ def test_top_k_with_all_tokens_equals_the_full_teacher(kind):
     values, indices = logp.topk(V, dim=-1)
     cached = head_loss(hidden, weight, spec, teacher=TeacherTopK(indices, values))
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_targets_give_the_full_gradient_in_expectation():
+    # the loss is sum_i w_i (log p_i - log q_i); its gradient in the student's logits is T (q - w), which
+    # averages to the full forward-KL gradient T (q - p) when the shares w come from draws of p
+    hidden, weight, t_hidden, t_weight, _ = _tensors(5)
+    T, draws = 2.0, 4000
+    spec = LossSpec(temperature=T, chunk_tokens=7)
+    teacher_logp = F.log_softmax(t_hidden @ t_weight.T / T, -1)
+    picked = torch.multinomial(teacher_logp.exp(), draws, replacement=True, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(N, V).scatter_add_(1, picked, torch.ones(N, draws))
+    shares, indices = counts.topk(V, dim=-1)
+    sample = TeacherSample(indices, shares / draws, teacher_logp.gather(-1, indices))
+    logits = (hidden @ weight.T).requires_grad_()
+    got = head_loss(hidden, weight.clone().requires_grad_(), spec, teacher=sample)
+    q = F.softmax(logits.detach() / T, -1)
+    w = torch.zeros(N, V).scatter_(1, indices, shares / draws)
+    want = (w * (teacher_logp - q.log())).sum() * T * T
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    w_grad = weight.clone().requires_grad_()
+    head_loss(hidden, w_grad, spec, teacher=sample).backward()
+    torch.testing.assert_close(w_grad.grad, (T * (q - w)).T @ hidden, rtol=1e-4, atol=1e-5)
+    w_full = weight.clone().requires_grad_()
+    head_loss(hidden, w_full, spec, teacher=TeacherLogits(t_hidden, t_weight)).backward()
+    torch.testing.assert_close(w_grad.grad, w_full.grad, rtol=0.1, atol=0.05)  # 4000 draws of p
+    with pytest.raises(CompressorError, match="divergence must be forward_kl with sampled"):
+        head_loss(hidden, weight, LossSpec(divergence="jsd"), teacher=sample)
 
 
 def test_top_k_coarsens_to_k_plus_one_buckets():

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from compressor.config import HybridConfig
 from compressor.data import load_tokenizer
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 from compressor.model import HybridLM
 from compressor.presets import get_preset
 from compressor.tasks import (
@@ -304,8 +304,10 @@ def test_eval_task_compares_models_by_context(tmp_path):
     from compressor.pipelines.evaluating import RetrievalEval, evaluate_checkpoints
 
     config = RetrievalEval("phonebook", "256,512", task_sequences=1)
-    data = evaluate_checkpoints(["examples/model", "examples/model"], config).to_dict()
-    assert data["task"] == "phonebook" and list(data["models"]) == ["examples/model"]  # the same folder twice
+    with pytest.raises(OptionError, match="examples/model is given twice: give each once"):
+        evaluate_checkpoints(["examples/model", "examples/model"], config)
+    data = evaluate_checkpoints(["examples/model"], config).to_dict()
+    assert data["task"] == "phonebook" and list(data["models"]) == ["examples/model"]
     runs = data["models"]["examples/model"]
     assert [r["context"] for r in runs] == [256, 512] and all(r["queries"] == 16 for r in runs)
     runner = CliRunner()

@@ -156,7 +156,7 @@ def test_two_processes_equal_one(workspace, tmp_path):
 def test_cached_teacher_matches_the_teacher_in_memory(workspace, tmp_path):
     online = _config(workspace, tmp_path / "online", teacher=str(workspace / "teacher"), steps=4)
     cached = _config(workspace, tmp_path / "cached", teacher=str(workspace / "teacher"), steps=4)
-    cached.cache_teacher, cached.top_k = True, VOCAB
+    cached.cache_teacher, cached.cache_targets, cached.top_k = True, "top-k", VOCAB
     train(online)
     train(cached)
     assert (tmp_path / "cached" / "teacher_cache" / "teacher_cache.json").is_file()
@@ -167,9 +167,22 @@ def test_cached_teacher_matches_the_teacher_in_memory(workspace, tmp_path):
     )
     # a smaller top-k is a lower bound of the full divergence at the first evaluation
     small = _config(workspace, tmp_path / "small", teacher=str(workspace / "teacher"), steps=1, warmup_steps=1)
-    small.cache_teacher, small.top_k = True, 4
+    small.cache_teacher, small.cache_targets, small.top_k = True, "top-k", 4
     train(small)
     assert _records(tmp_path / "small", "eval")[0]["val_kl"] <= _records(tmp_path / "online", "eval")[0]["val_kl"]
+
+
+def test_sampled_targets_estimate_the_full_divergence(workspace, tmp_path):
+    # random-sampling KD (the default --cache-teacher targets): the first evaluation's KL, of the same
+    # student, is an unbiased estimate of the exact one (the loss and its gradient: test_losses)
+    online = _config(workspace, tmp_path / "online", teacher=str(workspace / "teacher"), steps=1, warmup_steps=1)
+    sampled = _config(workspace, tmp_path / "sampled", teacher=str(workspace / "teacher"), steps=1, warmup_steps=1)
+    sampled.cache_teacher, sampled.top_k = True, 512
+    train(online)
+    train(sampled)
+    assert sampled.teacher_targets == "sampled"
+    exact, estimate = (_records(tmp_path / name, "eval")[0]["val_kl"] for name in ("online", "sampled"))
+    assert estimate == pytest.approx(exact, rel=0.05)
 
 
 def test_validation_is_the_evaluation_loop_on_the_validation_batches(workspace, tmp_path):
@@ -193,7 +206,8 @@ def test_validation_is_the_evaluation_loop_on_the_validation_batches(workspace, 
         valid = valid.head(min(len(valid), config.eval_sequences) // micro * micro)
         positions = list(valid.batch_indices(micro, shuffle=False, drop_last=False))
         if cached:
-            cache = TeacherCache(out / "teacher_cache", config.top_k, config.loss.temperature)
+            cache = TeacherCache(out / "teacher_cache", config.top_k, config.loss.temperature,
+                                 config.teacher_targets, config.seed)  # fmt: skip
             batches = [CachedBatch(valid.take(p), cache.get("valid", p, torch.device("cpu"))) for p in positions]
             result = evaluate(student, batches)
             assert "teacher_val_loss" not in final and result.teacher_loss is None

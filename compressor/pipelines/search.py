@@ -110,8 +110,8 @@ class SearchConfig:
     score: str = "kl"  # the zero-shot proxy
     retrieval_weight: float = 1.0
     bld: BLDConfig | None = None  # a blockwise-distilled library chooses and initialises the candidates
-    # the finalists distil from one teacher cache (top-64 log-probs; not with attention transfer): one teacher
-    # pass for all of them, but at the example's scale it distils less well than the full logits (docs/search.md)
+    # the finalists distil from one teacher cache (64 sampled targets a token; not with attention transfer): one
+    # teacher pass for all of them, an estimate of the full logits' gradient (docs/search.md)
     share_teacher: bool = False
 
     def __post_init__(self) -> None:
