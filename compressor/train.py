@@ -250,7 +250,7 @@ class TrainConfig:
             (
                 "cache_targets",
                 not (self.teacher_targets == "sampled" and self.loss.divergence != "forward_kl"),
-                f"sampled estimates forward KL only, not {self.loss.divergence}: use top-k",
+                f"must be top-k with --divergence {self.loss.divergence} (sampled targets estimate forward KL only)",
             ),
             ("cache_teacher", not (self.cache_teacher and self.teacher is None), "needs a teacher"),
             ("attention_loss", math.isfinite(self.attention_loss) and self.attention_loss >= 0, "must be at least 0"),
