@@ -120,10 +120,12 @@ def _targets(
             counts = torch.zeros_like(log_probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=log_probs.dtype))
             top = counts.topk(min(k, counts.shape[-1]), dim=-1)  # the ids drawn first, then unused slots (count 0)
             found["weights"].append((top.values / k).cpu())
+            chosen = log_probs.gather(-1, top.indices)
         else:
             top = log_probs.topk(k, dim=-1)
+            chosen = top.values
         found["indices"].append(top.indices.to(torch.int32).cpu())
-        found["log_probs"].append(log_probs.gather(-1, top.indices).cpu())
+        found["log_probs"].append(chosen.cpu())
     return {name: torch.stack(tensors) for name, tensors in found.items()}
 
 

@@ -20,11 +20,11 @@ from typing import Any
 from compressor import distributed
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
-from compressor.errors import OptionError, check_applies
+from compressor.errors import OptionError
 from compressor.importance import Importance, ImportanceOptions, scores_bytes
 from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.preview import MemoryPreview, preview_importance
-from compressor.pipelines.source import PROBE_OPTIONS, CalibrationConfig, calibrate, retrieval_probe
+from compressor.pipelines.source import CalibrationConfig, calibrate, check_probe_applies, retrieval_probe
 
 
 @dataclass
@@ -127,8 +127,7 @@ def importance_or_preview(
     """`compress importance` from its options: with `dry_run`, the memory plan of the scoring (`model` may be
     a preset or a config.json); else the folder `out` written (`write_importance`; None on the other
     processes of a torchrun)."""
-    if not options.uses_probe:
-        check_applies(options, dict.fromkeys(PROBE_OPTIONS, ("--drop-one retrieval", False)))
+    check_probe_applies(options, "--drop-one retrieval")
     if dry_run:
         return preview_importance(model, seq_len=options.seq_len, batch_size=options.batch_size,
                                   drop_one=options.scoring.drop_one != "none", dtype=options.dtype,

@@ -26,7 +26,7 @@ from compressor import distributed
 from compressor.budget import Budget
 from compressor.checkpoint import checkpoint_bytes
 from compressor.data import tokenizer_file
-from compressor.errors import BudgetError, CompressorError, OptionError, check_applies, first_line
+from compressor.errors import BudgetError, CompressorError, OptionError, first_line
 from compressor.outputs import atomic_output, check_free_space, check_output, read_json
 from compressor.pipelines.preview import (
     CompressionPreview,
@@ -37,7 +37,7 @@ from compressor.pipelines.preview import (
 )
 from compressor.pipelines.ranking import ScoreSpec, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import COMPRESSION_FILE, CompressionRecord, write_json
-from compressor.pipelines.source import PROBE_OPTIONS, CalibrationConfig, Source, calibrate, retrieval_probe
+from compressor.pipelines.source import CalibrationConfig, Source, calibrate, check_probe_applies, retrieval_probe
 from compressor.presets import load_config_or_preset
 from compressor.prune import write_pruned
 from strategies import Strategy, build_options, get_strategy
@@ -160,8 +160,7 @@ def prune_or_preview(
     the memory of each stage; `model` may be a preset or a config.json); else the pruned checkpoint written
     to `out` (`prune_checkpoint`; None on the other processes of a torchrun)."""
     config = options.config()
-    if not options.uses_probe:
-        check_applies(options, dict.fromkeys(PROBE_OPTIONS, ("a --score with retrieval", False)))
+    check_probe_applies(options, "a --score with retrieval")
     if dry_run:
         stages = CompressionStages(options.seq_len, options.batch_size, options.score_samples,
                                    options.importance_dir is None, options.dtype)  # fmt: skip

@@ -77,7 +77,7 @@ from compressor.pipelines.records import (
     SearchRecord,
     write_json,
 )
-from compressor.pipelines.source import PROBE_OPTIONS, CalibrationConfig, Source, calibrate, retrieval_probe
+from compressor.pipelines.source import CalibrationConfig, Source, calibrate, check_probe_applies, retrieval_probe
 from compressor.presets import load_config_or_preset
 from compressor.prune import Target, write_pruned
 from compressor.tasks import parse_contexts
@@ -777,8 +777,8 @@ def search_or_preview(
     and the memory of each stage; `model` may be a preset or a config.json); else a new search into `out`
     (`search_architectures`), or with `resume` the one in `out`, continued as its record says: an option
     written on the command line (`given`, by name) with another value than the record's is refused."""
-    if not (resume or options.uses_probe):  # a resumed search's probe is the record's
-        check_applies(options, dict.fromkeys(PROBE_OPTIONS, ("a --score with retrieval or --rank-by retrieval", False)))
+    if not resume:  # a resumed search's probe is the record's
+        check_probe_applies(options, "a --score with retrieval or --rank-by retrieval")
     if dry_run:
         return _preview(model, options)
     if out is None:

@@ -26,7 +26,7 @@ from compressor import distributed, planning
 from compressor.budget import num_parameters
 from compressor.checkpoint import check_weights, fingerprint, load_model, parse_dtype
 from compressor.data import DataSpec, Need, TokenSequences, read_sequences
-from compressor.errors import CompressorError, OptionError
+from compressor.errors import CompressorError, OptionError, check_applies
 from compressor.importance import Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
 from compressor.pipelines.records import SourceInfo
@@ -89,7 +89,13 @@ class CalibrationConfig:
         return cls(**raw)
 
 
-PROBE_OPTIONS = ("retrieval_task", "retrieval_ctx", "retrieval_sequences")  # retrieval_probe's, of a run's options
+def check_probe_applies(options: Any, needed: str) -> None:
+    """Refuse the `--retrieval-*` options (`retrieval_probe`'s, attributes of `options`) of a run whose
+    `options.uses_probe` is false: changed from their defaults, they would do nothing. `needed` names what
+    would use the probe."""
+    if not options.uses_probe:
+        probe = ("retrieval_task", "retrieval_ctx", "retrieval_sequences")
+        check_applies(options, dict.fromkeys(probe, (needed, False)))
 
 
 def retrieval_probe(
