@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cli_options import (
     HF_EXACT_RETIRED,
@@ -85,6 +84,7 @@ from cli_render import (
     eval_display,
     fmt_memory,
     loads_in,
+    print_error,
     print_json,
     progress_bar,
     render_candidates,
@@ -625,7 +625,7 @@ def lm_eval_main() -> None:
     try:
         import compressor.harness  # noqa: F401  (registers the model)
     except CompressorError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         raise SystemExit(1) from None
     from lm_eval.__main__ import cli_evaluate
 

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from cli_render import console, err_console
+from cli_render import console, print_error
 from compressor.errors import CompressorError, OptionClash, OptionError
 
 
@@ -35,15 +35,15 @@ def friendly(command):
             message = str(exc)
             if isinstance(exc, OptionError) and exc.parameter in flags:
                 message = f"{option_flag(command, exc.parameter)} {exc.problem}"
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            print_error(message)
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk, a read-only or vanished folder: the environment, not a bug
             if os.environ.get("COMPRESSOR_DEBUG") == "1":
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(os_error_line(exc))}", highlight=False, soft_wrap=True)
+            print_error(os_error_line(exc))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
+            print_error("", style="yellow", label="interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -86,10 +86,10 @@ class CompressGroup(TyperGroup):
                 if exc.format_message().strip():
                     typer.echo(exc.format_message())
                 sys.exit(exc.exit_code)
-            err_console.print(f"[bold red]error:[/] {escape(usage_line(exc))}", highlight=False, soft_wrap=True)
+            print_error(usage_line(exc))
             sys.exit(exc.exit_code)
         except typer.Abort:
-            err_console.print("[yellow]aborted[/]")
+            print_error("", style="yellow", label="aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 

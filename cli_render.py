@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,36 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _rank() -> int:
+    """This process's rank under torchrun (RANK), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+# Under torchrun every process runs the command: only the first shows progress and results, and every one
+# its errors (marked with its rank when it is not the first).
+RANK = _rank()
+console = Console(quiet=RANK != 0)
+err_console = Console(stderr=True, quiet=RANK != 0)
+_error_console = Console(stderr=True)
+
+
+def print_error(message: str, style: str = "bold red", label: str = "error:") -> None:
+    """One error line on stderr, from any process."""
+    where = f"rank {RANK}: " if RANK else ""
+    _error_console.print(f"{where}[{style}]{label}[/] {escape(message)}".rstrip(), highlight=False, soft_wrap=True)
 
 
 KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
 
 
 def print_json(data: Any) -> None:
-    """JSON on stdout, always valid: NaN and infinity (not JSON) are written as null."""
-    print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
+    """JSON on stdout, always valid: NaN and infinity (not JSON) are written as null (from the first process)."""
+    if RANK == 0:
+        print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
 
 
 def _finite(data: Any) -> Any:

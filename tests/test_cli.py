@@ -58,6 +58,25 @@ def test_info_on_checkpoint_and_preset(workspace):
     assert json.loads(result.output)["parameters"]["total"] == 12_310_001_152
 
 
+
+def test_under_torchrun_only_the_first_process_shows_output_and_every_one_its_errors(workspace):
+    """Every process of a torchrun job runs the command: one table, one progress display, not one each."""
+    import os
+    import subprocess
+    import sys
+
+    def run(rank, *args):
+        command = [sys.executable, "-m", "cli", *map(str, args)]
+        env = {**os.environ, "RANK": str(rank)}
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(cli.__file__).parent)
+
+    shown, hidden = run(0, "info", workspace / "model", "--json"), run(1, "info", workspace / "model", "--json")
+    assert json.loads(shown.stdout)["parameters"]["total"] == 210_400
+    assert (hidden.returncode, hidden.stdout, hidden.stderr) == (0, "", "")
+    failed = run(1, "info", workspace / "missing")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith("rank 1: error: ") and failed.stderr.count("\n") == 1
+
 def test_info_shows_moe_blocks_and_active_parameters():
     result = _run("info", "nano3-30b")
     assert result.exit_code == 0, result.output
