@@ -11,17 +11,23 @@ bias small KL values by about 1%), in one of two forms (`TARGETS`; see `compress
 Training then needs no teacher in memory. Choose k for the disk at hand.
 
 Layout of the cache folder (written to a temporary folder and renamed into place when complete):
-- `teacher_cache.json`: the form, k, temperature, seed, sequence length and the sequences per split;
+- `teacher_cache.json`: the form, k, temperature, seed, sequence length, the sequences per split, the
+  teacher's fingerprint and a digest of the sequences' positions (both checked when read back);
 - `{split}-r{rank}-p{part}.safetensors`: `sequence` (s,) int64 positions in the split, `indices`
   (s, seq_len, k) int32, `log_probs` (s, seq_len, k) float32, and for sampled targets `weights` (the same).
-Several processes each write their share; the output folder must be on a file system they all see.
+Several processes each write their share; the output folder must be on a file system they all see. A write
+that is killed resumes from its last whole part (about `PART_SEQUENCES` sequences a process).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +37,11 @@ import torch.nn.functional as F
 
 from compressor import distributed
 from compressor.data import TokenSequences
+from compressor.distributed import all_reduce_sum
 from compressor.errors import CompressorError
 from compressor.losses import CachedTeacher, TeacherSample, TeacherTopK
 from compressor.model import HybridLM
-from compressor.outputs import check_record, open_tensors, read_json, save_tensors
+from compressor.outputs import check_free_space, check_record, open_tensors, read_json, save_tensors
 
 META = "teacher_cache.json"
 PART_SEQUENCES = 256  # sequences per file
@@ -52,56 +59,142 @@ def write_teacher_cache(
     targets: str = "top-k",
     seed: int = 0,
     batch_size: int = 16,
+    teacher_id: str = "",
+    say: Callable[[str], None] = lambda text: None,
 ) -> None:
     """Compute and store the teacher's `targets` (k = `top_k` draws or most likely tokens) for the sequences
     at the given positions of each split ({"train": (sequences, positions), ...}): a run caches only the
-    sequences it will train on."""
+    sequences it will train on. `teacher_id` (the teacher's fingerprint) is recorded to be checked when read.
+
+    A write that was killed resumes: the parts already in the partial folder of a write with the same meta,
+    processes and batch size are kept. `say` gets a line of progress about once a minute."""
     folder = Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
-    if world.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    distributed.barrier(world)
     k = top_k if targets == "sampled" else min(top_k, teacher.config.vocab_size)
+    meta = CacheMeta(
+        top_k=k,
+        vocab_size=teacher.config.vocab_size,
+        temperature=temperature,
+        seq_len=next(iter(splits.values()))[0].seq_len,
+        sequences={name: len(positions) for name, (_, positions) in splits.items()},
+        targets=targets,
+        seed=seed,
+        teacher=teacher_id,
+        positions=positions_digest(splits),
+    )
+    layout = {"processes": world.size, "batch_size": batch_size}
+    plan = {**dataclasses.asdict(meta), **layout}
+    if world.is_main:
+        if not _same_plan(partial, plan):
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            (partial / META).write_text(json.dumps(plan, indent=2) + "\n")
+        per_token = bytes_per_token(min(k, meta.vocab_size), targets)
+        written = sum(path.stat().st_size for path in partial.glob("*.safetensors"))
+        total = sum(meta.sequences.values()) * meta.seq_len * per_token
+        what = f"the teacher cache ({per_token} bytes a token; a lower --top-k needs less)"
+        check_free_space(partial, total - written, what)
+    distributed.barrier(world)
+    progress = _Progress(sum(meta.sequences.values()), meta.seq_len, say)
+    per_part = -(-PART_SEQUENCES // batch_size)  # rounds a part holds (every process writes a part per group)
     for split_number, (name, (sequences, positions)) in enumerate(splits.items()):
         batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
         rounds = -(-len(batches) // world.size)
-        parts: list[dict[str, torch.Tensor]] = []
-        rows = part = 0
-        for r in range(rounds):
-            j = r * world.size + world.rank
-            # every process runs the same number of forwards (sharded weights are gathered collectively)
-            indices = batches[j] if j < len(batches) else batches[0]
-            ids = sequences.take(indices).to(world.device)
-            # one generator seed per sequence, within the 64 bits torch takes
-            seeds = [((seed * len(splits) + split_number) * 2**32 + int(p)) % 2**63 for p in indices]
-            with torch.no_grad():
-                found = teacher(ids, head=lambda h, w, seeds=seeds: _targets(h, w, k, temperature, targets, seeds))
-            if j >= len(batches):
+        for part, first in enumerate(range(0, rounds, per_part)):
+            # every process runs the same rounds (sharded weights are gathered collectively); the last ones pad
+            # with the first batch and store nothing
+            mine = [r * world.size + world.rank for r in range(first, min(first + per_part, rounds))]
+            own = np.concatenate([batches[j] for j in mine if j < len(batches)] or [np.zeros(0, np.int64)])
+            path = partial / f"{name}-r{world.rank}-p{part}.safetensors"
+            done = len(own) == 0 or _holds(path, own)
+            held, missing = all_reduce_sum([len(own), 0.0 if done else 1.0], world)
+            if not missing:  # every process has its part of this group from an earlier write
+                progress.kept(int(held))
                 continue
-            parts.append({"sequence": torch.from_numpy(np.asarray(indices, dtype=np.int64)), **found})
-            rows += len(indices)
-            if rows >= PART_SEQUENCES:
-                _write_part(partial, name, world.rank, part, parts)
-                parts, rows, part = [], 0, part + 1
-        if parts:
-            _write_part(partial, name, world.rank, part, parts)
+            found = []
+            for j in mine:
+                indices = batches[j] if j < len(batches) else batches[0]
+                ids = sequences.take(indices).to(world.device)
+                # one generator seed per sequence, within the 64 bits torch takes
+                seeds = [((seed * len(splits) + split_number) * 2**32 + int(p)) % 2**63 for p in indices]
+                with torch.no_grad():
+                    targets_of = teacher(ids, head=lambda h, w, s=seeds: _targets(h, w, k, temperature, targets, s))
+                if j < len(batches):
+                    found.append({"sequence": torch.from_numpy(np.asarray(indices, dtype=np.int64)), **targets_of})
+            if found:
+                _write_part(path, found)
+            progress.made(int(held))
     distributed.barrier(world)
     if world.is_main:
-        meta = {
-            "targets": targets,
-            "top_k": k,
-            "vocab_size": teacher.config.vocab_size,
-            "temperature": temperature,
-            "seed": seed,
-            "seq_len": next(iter(splits.values()))[0].seq_len,
-            "sequences": {name: len(positions) for name, (_, positions) in splits.items()},
-            "complete": True,
-        }
-        (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
+        complete = {**plan, "complete": True}
+        (partial / META).write_text(json.dumps(complete, indent=2) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     distributed.barrier(world)
+
+
+def bytes_per_token(slots: int, targets: str) -> int:
+    """What the cache stores a token: int32 ids and float32 log-probs, and float32 shares for sampled targets."""
+    return (12 if targets == "sampled" else 8) * slots
+
+
+def positions_digest(splits: dict[str, tuple[TokenSequences, np.ndarray]]) -> str:
+    """A short hash of which sequences of which split a cache holds."""
+    digest = hashlib.sha256()
+    for name, (_, positions) in splits.items():
+        digest.update(name.encode() + b":" + np.ascontiguousarray(positions, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _same_plan(partial: Path, plan: dict) -> bool:
+    """Whether `partial` holds the parts of an interrupted write of this very cache (complete or not: a kill
+    can come between the last metadata and the rename)."""
+    try:
+        return {**json.loads((partial / META).read_text()), "complete": False} == plan
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _holds(path: Path, positions: np.ndarray) -> bool:
+    """Whether the part at `path` was written whole, for the sequences at `positions` (a killed write's
+    parts are kept; `save_tensors` renames a part into place only once it is complete)."""
+    if not path.is_file():
+        return False
+    try:
+        with open_tensors(path, "a teacher cache part") as handle:
+            return np.array_equal(handle.get_tensor("sequence").numpy(), positions)
+    except (CompressorError, OSError, KeyError):
+        return False
+
+
+class _Progress:
+    """Progress lines of a long teacher pass: sequences done, the rate and the time left, about a minute apart."""
+
+    EVERY = 60.0  # seconds
+
+    def __init__(self, total: int, seq_len: int, say: Callable[[str], None]) -> None:
+        self.total, self.seq_len, self.say = total, seq_len, say
+        self.done = self.computed = 0
+        self.start = self.last = time.monotonic()
+
+    def kept(self, sequences: int) -> None:
+        if sequences and self.done == self.computed == 0:
+            self.say("teacher cache: resuming an interrupted write")
+        self.done += sequences
+
+    def made(self, sequences: int) -> None:
+        self.done += sequences
+        self.computed += sequences
+        now = time.monotonic()
+        if now - self.last < self.EVERY or self.done >= self.total:
+            return
+        self.last = now
+        rate = self.computed * self.seq_len / (now - self.start)
+        left = (self.total - self.done) * self.seq_len / rate
+        left_text = f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
+        self.say(
+            f"teacher cache: {self.done:,} of {self.total:,} sequences, {rate:,.0f} tokens/s, about {left_text} left"
+        )
 
 
 def _targets(
@@ -129,9 +222,9 @@ def _targets(
     return {name: torch.stack(tensors) for name, tensors in found.items()}
 
 
-def _write_part(folder: Path, split: str, rank: int, part: int, parts: list[dict[str, torch.Tensor]]) -> None:
+def _write_part(path: Path, parts: list[dict[str, torch.Tensor]]) -> None:
     tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
-    save_tensors(tensors, folder / f"{split}-r{rank}-p{part}.safetensors")
+    save_tensors(tensors, path)
 
 
 @dataclass
@@ -147,17 +240,36 @@ class CacheMeta:
     complete: bool = False
     targets: str = "top-k"
     seed: int = 0
+    teacher: str = ""  # the teacher's fingerprint (not recorded before it was checked)
+    positions: str = ""  # `positions_digest` of the sequences held (likewise)
 
 
 class TeacherCache:
     """Reads a cache written by `write_teacher_cache`, as untrusted input: its metadata's types, and each
-    part's tensors (names, shapes) before the run reads them."""
+    part's tensors (names, shapes) before the run reads them. It must have been written with the run's
+    targets, temperature (and for sampled targets k and seed) and, where both are known, by the run's teacher
+    (`teacher`, a fingerprint), and hold every sequence the run reads (`needed`: positions per split)."""
 
-    def __init__(self, folder: Path, top_k: int, temperature: float, targets: str = "top-k", seed: int = 0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        top_k: int,
+        temperature: float,
+        targets: str = "top-k",
+        seed: int = 0,
+        *,
+        teacher: str = "",
+        needed: dict[str, np.ndarray] | None = None,
+    ) -> None:
         folder = Path(folder)
         if not self.is_complete(folder):
             raise CompressorError(f"{folder} is not a complete teacher cache: rerun with --cache-teacher")
         meta = _read_meta(folder)
+        if meta.teacher and teacher and meta.teacher != teacher:
+            raise CompressorError(
+                f"the teacher cache in {folder} was written by another teacher (fingerprint {meta.teacher}, the "
+                f"run's teacher {teacher}): delete the cache to rebuild it"
+            )
         written = {"targets": meta.targets, "temperature": meta.temperature}
         if meta.targets == "sampled":  # fewer slots than drawn are not a sample of fewer draws
             written.update(top_k=meta.top_k, seed=meta.seed)
@@ -190,6 +302,15 @@ class TeacherCache:
         for split, count in meta.sequences.items():
             if len(self.where.get(split, {})) != count:
                 raise CompressorError(f"the teacher cache in {folder} is incomplete for {split}: delete it to rebuild")
+        for split, positions in (needed or {}).items():
+            held = self.where.get(split, {})
+            missing = sum(int(p) not in held for p in positions)
+            if missing:
+                raise CompressorError(
+                    f"the teacher cache in {folder} lacks {missing:,} of the {len(positions):,} {split} sequences the "
+                    "run reads (it was written for other --data, --steps, --batch-size or --seed): delete the cache "
+                    "to rebuild it"
+                )
 
     @staticmethod
     def is_complete(folder: Path) -> bool:

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 
 from compressor import distributed
 from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
-from compressor.checkpoint import check_weights, load_model, parse_dtype, write_checkpoint
+from compressor.checkpoint import check_weights, fingerprint, load_model, parse_dtype, write_checkpoint
 from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, check_applies, first_line
 from compressor.evaluate import CachedBatch, check_same_vocab, teacher_targets
@@ -393,8 +393,10 @@ def train(
                         retrieval=retrieval)  # fmt: skip
             result = loop(run, reporter)
         except BaseException:
-            # a new run that stops before its first checkpoint leaves nothing behind
-            if world.is_main and not config.resume and work.exists() and not (work / "model").exists():
+            # a new run that stops before its first checkpoint leaves nothing behind, unless it cached teacher
+            # targets (which --resume reuses)
+            new = world.is_main and not config.resume and work.exists() and not (work / "model").exists()
+            if new and not _holds_teacher_targets(work):
                 shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
@@ -414,8 +416,12 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
         recover(out)
         if not config.overwrite and _is_run(out):  # the same advice as --resume gives for it
             recover(out / "model")
-            progress = has_trainer_state(out / "model")
-            held = "a run with a checkpoint" if progress else "no progress (a run stopped before its first checkpoint)"
+            if has_trainer_state(out / "model"):
+                held = "a run with a checkpoint"
+            elif _holds_teacher_targets(out):
+                held = "the teacher targets of a run stopped before its first checkpoint"
+            else:
+                held = "no progress (a run stopped before its first checkpoint)"
             raise TrainingError(
                 f"output {out} already exists and holds {held}: continue it with --resume, or pass --overwrite "
                 "to start it again"
@@ -447,6 +453,11 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
 RUN_ENTRIES = ("model", "metrics.jsonl", "teacher_cache")
 # what a run killed before any of them leaves: a checkpoint or a teacher cache being written
 RUN_SCRATCH = (".model.", ".teacher_cache.")
+
+
+def _holds_teacher_targets(folder: Path) -> bool:
+    """Whether a run folder holds a teacher cache, whole or being written."""
+    return any((folder / name).is_dir() for name in ("teacher_cache", ".teacher_cache.partial"))
 
 
 def _is_run(folder: Path) -> bool:
@@ -817,22 +828,25 @@ def _fake_quantize(student: HybridLM, config: TrainConfig, train_set: TokenSeque
 
 
 def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
-    """The teacher's targets over the sequences the run will see, written once and reused."""
+    """The teacher's targets over the sequences the run will see, written once (resuming a write that was
+    killed) and reused."""
     cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else out / "teacher_cache"
-    written = not TeacherCache.is_complete(cache_dir)
     targets = config.teacher_targets
+    micro = config.micro_batch_size
+    # only the training sequences the run will see (all of them once it passes an epoch)
+    batches = _micro_batches(train_set, micro, config.seed, 0)
+    needed = min(total_steps * accum * world.size, train_set.num_batches(micro))
+    used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
+    splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
+    teacher_id = fingerprint(config.teacher)
+    written = not TeacherCache.is_complete(cache_dir)
     if written:
         what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
         reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
-        micro = config.micro_batch_size
-        # only the training sequences the run will see (all of them once it passes an epoch)
-        batches = _micro_batches(train_set, micro, config.seed, 0)
-        needed = min(total_steps * accum * world.size, train_set.num_batches(micro))
-        used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
-        splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
         write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,
-                            targets=targets, seed=config.seed)  # fmt: skip
-    cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed)
+                            targets=targets, seed=config.seed, teacher_id=teacher_id, say=reporter.note)  # fmt: skip
+    cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed, teacher=teacher_id,
+                         needed={name: positions for name, (_, positions) in splits.items()})  # fmt: skip
     cache.written = written
     return cache
 

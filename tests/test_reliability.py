@@ -956,9 +956,12 @@ KILL_IN = textwrap.dedent(
     ],
     ids=["loading", "teacher_cache"],
 )
-def test_a_run_killed_before_any_progress_resumes_and_says_so(ws, whole, tmp_path, module, name, after, changes):
-    """The folder such a kill leaves holds no progress: --resume starts the run again in it, and a new run
-    into it says to --resume (or --overwrite), not only that it exists."""
+def test_a_run_killed_before_any_progress_resumes_and_says_so(
+    ws, whole, tmp_path, monkeypatch, module, name, after, changes
+):
+    """The folder such a kill leaves holds no checkpoint: --resume starts the run again in it (keeping the
+    teacher cache's whole parts), and a new run into it says to --resume (or --overwrite), not only that it
+    exists."""
     config = _config(ws, tmp_path / "run", **changes)
     script = KILL_IN.format(root=str(ROOT), module=module, name=name, after=after, config=config)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -966,9 +969,23 @@ def test_a_run_killed_before_any_progress_resumes_and_says_so(ws, whole, tmp_pat
     assert not (tmp_path / "run" / "model").exists()
     from compressor.errors import CompressorError
 
-    with pytest.raises(CompressorError, match="holds no progress.*continue it with --resume, or pass --overwrite"):
+    held = "the teacher targets of a run" if changes else "no progress"
+    with pytest.raises(CompressorError, match=f"holds {held}.*continue it with --resume, or pass --overwrite"):
         train(TrainConfig(**config))
-    result = train(TrainConfig(**{**config, "resume": True}))
+    if changes:  # the cache's write resumes: the part written before the kill is kept
+        assert [p.name for p in (tmp_path / "run" / ".teacher_cache.partial").glob("*.safetensors")] == [
+            "train-r0-p0.safetensors"
+        ]
+        import compressor.teacher_cache as cache_module
+
+        real, writes = cache_module._write_part, []
+        monkeypatch.setattr(
+            cache_module, "_write_part", lambda path, parts: writes.append(path.name) or real(path, parts)
+        )
+        result = train(TrainConfig(**{**config, "resume": True}))
+        assert writes == ["valid-r0-p0.safetensors"]
+    else:
+        result = train(TrainConfig(**{**config, "resume": True}))
     assert result.steps == 6
     if not changes:  # the same run, from the start: bit-identical to the uninterrupted one
         resumed = _weights(tmp_path / "run" / "model")

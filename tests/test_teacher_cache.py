@@ -1,5 +1,11 @@
 """The teacher cache's targets: sampled draws (their shares, seeding and read-back) and top-k."""
 
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -42,13 +48,17 @@ def test_a_sequence_draws_alike_in_any_batch():
     assert not torch.equal(other["weights"], alone["weights"]) or not torch.equal(other["indices"], alone["indices"])
 
 
-@pytest.fixture(scope="module")
-def teacher():
+def _teacher():
     torch.manual_seed(0)
     config = HybridConfig(hybrid_override_pattern="M*-", vocab_size=V, hidden_size=32, intermediate_size=48,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_num_heads=4,
                           mamba_head_dim=8, n_groups=1, ssm_state_size=8, chunk_size=8)  # fmt: skip
     return HybridLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return _teacher()
 
 
 @pytest.mark.parametrize("targets", ["sampled", "top-k"])
@@ -75,3 +85,141 @@ def test_a_cache_reads_back_what_it_wrote(teacher, tmp_path, targets):
             continue
         with pytest.raises(CompressorError, match=f"written with {message}, the run uses"):
             TeacherCache(tmp_path / "c", **asked)
+
+
+def _splits():
+    ids = np.random.default_rng(1).integers(0, V, (9, 12)).astype(np.int32)
+    sequences = TokenSequences(ids)
+    return {"train": (sequences, np.array([0, 2, 3, 5, 6, 8])), "valid": (sequences, np.array([1, 4]))}
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return {path.name: load_file(path) for path in sorted(folder.glob("*.safetensors"))}
+
+
+def test_a_killed_write_resumes_from_its_last_whole_part(teacher, tmp_path, monkeypatch):
+    import compressor.teacher_cache as module
+
+    monkeypatch.setattr(module, "PART_SEQUENCES", 2)  # a part a round of 2 sequences: 3 train parts, 1 valid
+    world = distributed.World(device=torch.device("cpu"))
+    kwargs = {"targets": "sampled", "seed": 3, "batch_size": 2, "teacher_id": "abc"}
+    write_teacher_cache(tmp_path / "whole", teacher, _splits(), 8, 1.0, world, **kwargs)
+
+    real, writes = module._write_part, []
+
+    def killed(path, parts):
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # after two whole parts
+        writes.append(path.name)
+        real(path, parts)
+
+    monkeypatch.setattr(module, "_write_part", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_teacher_cache(tmp_path / "c", teacher, _splits(), 8, 1.0, world, **kwargs)
+    assert not (tmp_path / "c").exists() and len(list((tmp_path / ".c.partial").glob("*.safetensors"))) == 2
+    writes.clear()
+    monkeypatch.setattr(module, "_write_part", lambda path, parts: writes.append(path.name) or real(path, parts))
+    said = []
+    write_teacher_cache(tmp_path / "c", teacher, _splits(), 8, 1.0, world, **kwargs, say=said.append)
+    assert writes == ["train-r0-p2.safetensors", "valid-r0-p0.safetensors"]  # the two whole parts are kept
+    assert said == ["teacher cache: resuming an interrupted write"]
+    whole, resumed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "c")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[f][n], resumed[f][n]) for f in whole for n in whole[f])
+    assert not (tmp_path / ".c.partial").exists()
+
+    # a partial write of another cache (another seed) is not resumed: its parts are written again
+    monkeypatch.setattr(module, "_write_part", killed)
+    writes.clear()
+    with pytest.raises(KeyboardInterrupt):
+        write_teacher_cache(tmp_path / "d", teacher, _splits(), 8, 1.0, world, **{**kwargs, "seed": 4})
+    monkeypatch.setattr(module, "_write_part", lambda path, parts: writes.append(path.name) or real(path, parts))
+    writes.clear()
+    write_teacher_cache(tmp_path / "d", teacher, _splits(), 8, 1.0, world, **kwargs)
+    assert len(writes) == 4
+
+
+def test_a_cache_is_read_only_by_its_teacher_and_for_the_sequences_it_holds(teacher, tmp_path):
+    world = distributed.World(device=torch.device("cpu"))
+    write_teacher_cache(tmp_path / "c", teacher, _splits(), 8, 1.0, world, teacher_id="abc")
+    with pytest.raises(CompressorError, match="written by another teacher .fingerprint abc, the run's teacher xyz"):
+        TeacherCache(tmp_path / "c", 8, 1.0, teacher="xyz")
+    with pytest.raises(CompressorError, match="lacks 1 of the 3 train sequences the run reads"):
+        TeacherCache(tmp_path / "c", 8, 1.0, teacher="abc", needed={"train": np.array([0, 1, 2])})
+    TeacherCache(tmp_path / "c", 8, 1.0, teacher="abc", needed={"train": np.array([0, 2]), "valid": np.array([4])})
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_runs(teacher, tmp_path, monkeypatch):
+    import compressor.outputs as outputs
+
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 10_000)
+    world = distributed.World(device=torch.device("cpu"))
+    # 8 sequences of 12 tokens, 8 draws of 12 bytes: 9,216 bytes, and 8 x 12 x 40 x 12 = 46,080 with k = 40
+    write_teacher_cache(tmp_path / "small", teacher, _splits(), 8, 1.0, world, targets="sampled")
+    with pytest.raises(CompressorError, match=r"the teacher cache \(480 bytes a token; a lower --top-k needs less\)"):
+        write_teacher_cache(tmp_path / "big", teacher, _splits(), 64, 1.0, world, targets="sampled")
+
+
+def test_a_long_write_says_how_far_it_is(teacher, tmp_path, monkeypatch):
+    import compressor.teacher_cache as module
+
+    monkeypatch.setattr(module, "PART_SEQUENCES", 2)
+    monkeypatch.setattr(module._Progress, "EVERY", 0.0)
+    said = []
+    world = distributed.World(device=torch.device("cpu"))
+    write_teacher_cache(tmp_path / "c", teacher, _splits(), 8, 1.0, world, batch_size=2, say=said.append)
+    assert [line.split(",")[0] for line in said] == [f"teacher cache: {n} of 8 sequences" for n in (2, 4, 6)]
+    assert all(re.search(r"[\d,]+ tokens/s, about \d+ s left$", line) for line in said)
+
+
+TWO_PROCESSES = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import compressor.teacher_cache as module
+    from compressor import distributed
+    from tests.test_teacher_cache import _splits, _teacher
+
+    module.PART_SEQUENCES = 2
+    world = distributed.init(torch.device("cpu"))
+    kwargs = dict(targets="sampled", seed=3, batch_size=1, teacher_id="abc")
+    out = {out!r}
+    module.write_teacher_cache(out + "/first", _teacher(), _splits(), 8, 1.0, world, **kwargs)
+    if world.is_main:  # as if killed: rank 1 lost its last train part, both ranks their valid part
+        os.rename(out + "/first", out + "/.again.partial")
+        meta = out + "/.again.partial/teacher_cache.json"
+        text = open(meta).read()
+        open(meta, "w").write(text.replace('"complete": true', '"complete": false'))
+        for name in ("train-r1-p1", "valid-r0-p0", "valid-r1-p0"):
+            os.remove(out + "/.again.partial/" + name + ".safetensors")
+    distributed.barrier(world)
+    written, real = [], module._write_part
+    module._write_part = lambda path, parts: written.append(path.name) or real(path, parts)
+    module.write_teacher_cache(out + "/again", _teacher(), _splits(), 8, 1.0, world, **kwargs)
+    open(out + f"/written-{{world.rank}}", "w").write(" ".join(written))
+    distributed.close(world)
+    """
+)
+
+
+def test_two_processes_write_and_resume_the_cache_one_process_writes(tmp_path):
+    """Each process writes its share, part by part; a resumed write recomputes a group of parts that any
+    process lacks (every process runs that group's forwards) and keeps the rest."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "two.py").write_text(TWO_PROCESSES.format(root=str(root), out=str(tmp_path)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*launch, str(tmp_path / "two.py")], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"written-{rank}").read_text() for rank in (0, 1)] == [
+        "train-r0-p1.safetensors valid-r0-p0.safetensors",  # rank 0's part of the group rank 1 lacked
+        "train-r1-p1.safetensors valid-r1-p0.safetensors",
+    ]
+    world = distributed.World(device=torch.device("cpu"))
+    write_teacher_cache(tmp_path / "one", _teacher(), _splits(), 8, 1.0, world, targets="sampled", seed=3, batch_size=1)
+    one, two = (TeacherCache(tmp_path / name, 8, 1.0, "sampled", 3) for name in ("one", "again"))
+    for split, (_, positions) in _splits().items():
+        a, b = one.get(split, positions, torch.device("cpu")), two.get(split, positions, torch.device("cpu"))
+        assert all(torch.equal(getattr(a, name), getattr(b, name)) for name in ("indices", "weights", "log_probs"))
