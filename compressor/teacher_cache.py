@@ -39,7 +39,7 @@ from compressor import distributed
 from compressor.data import TokenSequences
 from compressor.distributed import all_reduce_sum
 from compressor.errors import CompressorError
-from compressor.losses import CachedTeacher, TeacherSample, TeacherTopK
+from compressor.losses import CHUNK_LOGITS, CachedTeacher, TeacherSample, TeacherTopK
 from compressor.model import HybridLM
 from compressor.outputs import check_free_space, check_record, open_tensors, read_json, save_tensors
 
@@ -200,26 +200,34 @@ class _Progress:
 def _targets(
     hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, targets: str, seeds: list[int]
 ) -> dict[str, torch.Tensor]:
-    """A batch's targets (module docstring) as CPU tensors (batch, seq_len, k), a sequence at a time so only
-    one sequence's logits exist; sequence i draws from a generator seeded with seeds[i]."""
+    """A batch's targets (module docstring) as CPU tensors (batch, seq_len, k), formed `CHUNK_LOGITS` logits at
+    a time (the training loss's bound: a long sequence never holds seq_len x vocab logits); sequence i draws
+    from a generator seeded with seeds[i], chunk after chunk."""
     found: dict[str, list[torch.Tensor]] = {"indices": [], "log_probs": []}
     if targets == "sampled":
         found["weights"] = []
+    rows = max(1, CHUNK_LOGITS // weight.shape[0])
     for sequence, seed in zip(hidden, seeds, strict=True):
-        log_probs = F.log_softmax((sequence.float() @ weight.float().T) / temperature, dim=-1)
-        if targets == "sampled":
-            generator = torch.Generator(device=log_probs.device).manual_seed(seed)
-            draws = torch.multinomial(log_probs.exp(), k, replacement=True, generator=generator)
-            counts = torch.zeros_like(log_probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=log_probs.dtype))
-            top = counts.topk(min(k, counts.shape[-1]), dim=-1)  # the ids drawn first, then unused slots (count 0)
-            found["weights"].append((top.values / k).cpu())
-            chosen = log_probs.gather(-1, top.indices)
-        else:
-            top = log_probs.topk(k, dim=-1)
-            chosen = top.values
-        found["indices"].append(top.indices.to(torch.int32).cpu())
-        found["log_probs"].append(chosen.cpu())
-    return {name: torch.stack(tensors) for name, tensors in found.items()}
+        generator = torch.Generator(device=sequence.device).manual_seed(seed)
+        for start in range(0, sequence.shape[0], rows):
+            chunk = sequence[start : start + rows].float() @ weight.float().T
+            log_probs = F.log_softmax(chunk / temperature, dim=-1)
+            if targets == "sampled":
+                draws = torch.multinomial(log_probs.exp(), k, replacement=True, generator=generator)
+                counts = torch.zeros_like(log_probs).scatter_add_(
+                    1, draws, torch.ones_like(draws, dtype=log_probs.dtype)
+                )
+                # the ids drawn first, then unused slots (count 0)
+                top = counts.topk(min(k, counts.shape[-1]), dim=-1)
+                found["weights"].append((top.values / k).cpu())
+                chosen = log_probs.gather(-1, top.indices)
+            else:
+                top = log_probs.topk(k, dim=-1)
+                chosen = top.values
+            found["indices"].append(top.indices.to(torch.int32).cpu())
+            found["log_probs"].append(chosen.cpu())
+    batch, seq_len = hidden.shape[:2]
+    return {name: torch.cat(tensors).view(batch, seq_len, -1) for name, tensors in found.items()}
 
 
 def _write_part(path: Path, parts: list[dict[str, torch.Tensor]]) -> None:

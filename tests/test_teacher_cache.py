@@ -48,6 +48,25 @@ def test_a_sequence_draws_alike_in_any_batch():
     assert not torch.equal(other["weights"], alone["weights"]) or not torch.equal(other["indices"], alone["indices"])
 
 
+@pytest.mark.parametrize("targets", ["sampled", "top-k"])
+def test_the_logits_are_formed_a_chunk_at_a_time_to_the_same_targets(monkeypatch, targets):
+    import compressor.teacher_cache as module
+
+    generator = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(2, 11, 8, generator=generator), torch.randn(V, 8, generator=generator)
+    whole = _targets(hidden, weight, 16, 1.0, targets, [5, 6])
+    formed = []
+    real_softmax = module.F.log_softmax
+    monkeypatch.setattr(module, "CHUNK_LOGITS", 3 * V)  # 3 rows a chunk
+    monkeypatch.setattr(module.F, "log_softmax", lambda x, dim: formed.append(x.shape[0]) or real_softmax(x, dim))
+    chunked = _targets(hidden, weight, 16, 1.0, targets, [5, 6])
+    assert formed == [3, 3, 3, 2] * 2
+    assert torch.equal(whole["indices"], chunked["indices"])
+    torch.testing.assert_close(whole["log_probs"], chunked["log_probs"])
+    if targets == "sampled":
+        assert torch.equal(whole["weights"], chunked["weights"])
+
+
 def _teacher():
     torch.manual_seed(0)
     config = HybridConfig(hybrid_override_pattern="M*-", vocab_size=V, hidden_size=32, intermediate_size=48,
