@@ -191,10 +191,12 @@ def free_bytes(path: str | Path) -> int:
 
 def check_free_space(path: str | Path, needed: int, what: str) -> None:
     """Refuse to start a job that will write `needed` bytes next to `path` when the disk lacks them."""
+    from compressor.budget.units import format_bytes
+
     free = free_bytes(path)
     if needed > free:
         raise CompressorError(
-            f"{what} needs about {needed / 2**30:.2f} GiB at {path}, but only {free / 2**30:.2f} GiB is free: "
+            f"{what} needs about {format_bytes(needed)} at {path}, but only {format_bytes(free)} is free: "
             "free some space or choose another output folder"
         )
 

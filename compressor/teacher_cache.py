@@ -4,8 +4,9 @@
 per token, k token ids (int32) and their log-probs at the run's temperature (float32: half precision would
 bias small KL values by about 1%), in one of two forms (`TARGETS`; see `compressor.losses`):
 - "sampled": k draws from the teacher's distribution; the distinct ids drawn, with the share of the draws
-  each took (`weights`, float32; the slots left over hold weight 0). 12 x k bytes a token (768 at k = 64;
-  at most vocab slots).
+  each took (`weights`, float32; the slots left over hold weight 0), in k + 1 slots (at most vocab): one
+  more than the draws can fill, so the teacher's most likely token is always among them (top-1 agreement
+  is exact). 12 x (k + 1) bytes a token (780 at k = 64).
   The draws of a sequence depend on the seed and its place in the split only, not on its batch or process.
 - "top-k": the k most likely ids; the loss treats the mass outside them as one bucket. 8 x k bytes a token.
 Training then needs no teacher in memory. Choose k for the disk at hand.
@@ -70,15 +71,17 @@ def write_teacher_cache(
     processes and batch size are kept. `say` gets a line of progress about once a minute."""
     folder = Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
-    k = top_k if targets == "sampled" else min(top_k, teacher.config.vocab_size)
+    vocab = teacher.config.vocab_size
+    k = top_k if targets == "sampled" else min(top_k, vocab)
     meta = CacheMeta(
         top_k=k,
-        vocab_size=teacher.config.vocab_size,
+        vocab_size=vocab,
         temperature=temperature,
         seq_len=next(iter(splits.values()))[0].seq_len,
         sequences={name: len(positions) for name, (_, positions) in splits.items()},
         targets=targets,
         seed=seed,
+        slots=sampled_slots(k, vocab) if targets == "sampled" else k,
         teacher=teacher_id,
         positions=positions_digest(splits),
     )
@@ -89,7 +92,7 @@ def write_teacher_cache(
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             (partial / META).write_text(json.dumps(plan, indent=2) + "\n")
-        per_token = bytes_per_token(min(k, meta.vocab_size), targets)
+        per_token = bytes_per_token(meta.slots, targets)
         written = sum(path.stat().st_size for path in partial.glob("*.safetensors"))
         total = sum(meta.sequences.values()) * meta.seq_len * per_token
         what = f"the teacher cache ({per_token} bytes a token; a lower --top-k needs less)"
@@ -131,6 +134,11 @@ def write_teacher_cache(
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     distributed.barrier(world)
+
+
+def sampled_slots(k: int, vocab: int) -> int:
+    """Slots a token of k draws: the distinct ids drawn (at most k) and the most likely token."""
+    return min(k + 1, vocab)
 
 
 def bytes_per_token(slots: int, targets: str) -> int:
@@ -217,9 +225,12 @@ def _targets(
                 counts = torch.zeros_like(log_probs).scatter_add_(
                     1, draws, torch.ones_like(draws, dtype=log_probs.dtype)
                 )
-                # the ids drawn first, then unused slots (count 0)
-                top = counts.topk(min(k, counts.shape[-1]), dim=-1)
-                found["weights"].append((top.values / k).cpu())
+                # the ids drawn first (by count), then the most likely id if it was not drawn, then unused slots
+                ranked = counts.scatter_add(
+                    1, log_probs.argmax(-1, keepdim=True), counts.new_full((len(counts), 1), 0.5)
+                )
+                top = ranked.topk(sampled_slots(k, counts.shape[-1]), dim=-1)
+                found["weights"].append((counts.gather(-1, top.indices) / k).cpu())
                 chosen = log_probs.gather(-1, top.indices)
             else:
                 top = log_probs.topk(k, dim=-1)
@@ -248,6 +259,7 @@ class CacheMeta:
     complete: bool = False
     targets: str = "top-k"
     seed: int = 0
+    slots: int = 0  # per token (0: not recorded, then min(top_k, vocab_size), as written before k + 1)
     teacher: str = ""  # the teacher's fingerprint (not recorded before it was checked)
     positions: str = ""  # `positions_digest` of the sequences held (likewise)
 
@@ -293,7 +305,8 @@ class TeacherCache:
                 f"the teacher cache in {folder} holds top-{meta.top_k}, fewer than --top-k {top_k}: "
                 "delete it to rebuild"
             )
-        self.top_k, self.targets = top_k, targets
+        self.targets = targets
+        self.slots = meta.slots if targets == "sampled" else top_k  # read per token
         self.written = False  # set by whoever wrote it just now (a run reports the time it took)
         self.files: dict[str, list] = {}
         self.where: dict[str, dict[int, tuple[int, int]]] = {}
@@ -338,7 +351,7 @@ class TeacherCache:
             file, row = self.where[split][position]
             handle = self.files[split][file]
             for name in names:
-                read[name].append(handle.get_slice(name)[row : row + 1, :, : self.top_k])
+                read[name].append(handle.get_slice(name)[row : row + 1, :, : self.slots])
         found = {name: torch.cat(tensors).flatten(0, 1).to(device) for name, tensors in read.items()}
         found["indices"] = found["indices"].long()
         return TeacherSample(**found) if self.targets == "sampled" else TeacherTopK(**found)
@@ -347,7 +360,8 @@ class TeacherCache:
 def _read_meta(folder: Path) -> CacheMeta:
     raw = read_json(folder / META, "a teacher cache's metadata")
     check_record(CacheMeta, raw, str(folder / META))
-    return CacheMeta(**{k: v for k, v in raw.items() if k in CacheMeta.__dataclass_fields__})
+    meta = CacheMeta(**{k: v for k, v in raw.items() if k in CacheMeta.__dataclass_fields__})
+    return dataclasses.replace(meta, slots=meta.slots or min(meta.top_k, meta.vocab_size))
 
 
 def _check_part(path: Path, handle, meta: CacheMeta) -> None:
@@ -359,7 +373,7 @@ def _check_part(path: Path, handle, meta: CacheMeta) -> None:
         raise CompressorError(f"{path} is not a part of a teacher cache: delete the cache to rebuild it")
     shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
     rows = shapes["sequence"][0] if len(shapes["sequence"]) == 1 else -1
-    per_token = (rows, meta.seq_len, min(meta.top_k, meta.vocab_size))  # k draws fill at most vocab slots
+    per_token = (rows, meta.seq_len, meta.slots)
     if shapes != {"sequence": (rows,), **dict.fromkeys(per_token_names, per_token)}:
         raise CompressorError(
             f"{path} is not a part of this teacher cache (shapes {shapes}): delete the cache to rebuild it"

@@ -37,6 +37,26 @@ def test_the_shares_of_the_draws_average_to_the_teachers_distribution():
     torch.testing.assert_close(mean, p, atol=0.01, rtol=0)  # 12,800 draws a position
 
 
+def test_the_teachers_most_likely_token_is_among_the_sampled_slots_so_top1_agreement_is_exact():
+    """k draws fill at most k slots; the k + 1-th holds the most likely token when no draw took it."""
+    from compressor.losses import LossSpec, LossStats, head_loss
+
+    generator = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(1, 200, 8, generator=generator), torch.randn(V, 8, generator=generator)
+    found = _targets(hidden, weight, 2, 1.0, "sampled", [0])  # 2 draws: the top token is often missed
+    assert found["indices"].shape == (1, 200, 3)
+    best = (hidden[0] @ weight.T).argmax(-1)
+    assert ((found["indices"][0] == best[:, None]).sum(-1) == 1).all()
+    drawn = (found["indices"][0] == best[:, None]) & (found["weights"][0] > 0)
+    assert 0 < int(drawn.any(-1).sum()) < 200  # drawn at some positions, kept undrawn (weight 0) at the others
+    torch.testing.assert_close(found["weights"][0].sum(-1), torch.ones(200))
+    sample = TeacherSample(*(found[name][0].long() if name == "indices" else found[name][0]
+                             for name in ("indices", "weights", "log_probs")))  # fmt: skip
+    stats = LossStats()
+    head_loss(hidden[0], weight, LossSpec(), teacher=sample, stats=stats)  # the teacher as its own student
+    assert int(stats.agreement) == stats.tokens == 200
+
+
 def test_a_sequence_draws_alike_in_any_batch():
     generator = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(3, 5, 8, generator=generator), torch.randn(V, 8, generator=generator)
@@ -90,7 +110,7 @@ def test_a_cache_reads_back_what_it_wrote(teacher, tmp_path, targets):
     cache = TeacherCache(tmp_path / "c", 8, 1.0, targets, 3)
     got = cache.get("train", np.array([3, 0]), torch.device("cpu"))
     assert isinstance(got, TeacherSample if targets == "sampled" else TeacherTopK)
-    assert got.indices.shape == (24, 8) and got.indices.dtype == torch.int64
+    assert got.indices.shape == (24, 9 if targets == "sampled" else 8) and got.indices.dtype == torch.int64
     with torch.no_grad():
         logp = F.log_softmax(teacher(torch.from_numpy(ids[[3, 0]]).long()).flatten(0, 1).float(), -1)
     torch.testing.assert_close(got.log_probs, logp.gather(-1, got.indices), rtol=1e-4, atol=1e-5)
@@ -173,11 +193,12 @@ def test_a_cache_is_read_only_by_its_teacher_and_for_the_sequences_it_holds(teac
 def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_runs(teacher, tmp_path, monkeypatch):
     import compressor.outputs as outputs
 
-    monkeypatch.setattr(outputs, "free_bytes", lambda path: 10_000)
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 12_000)
     world = distributed.World(device=torch.device("cpu"))
-    # 8 sequences of 12 tokens, 8 draws of 12 bytes: 9,216 bytes, and 8 x 12 x 40 x 12 = 46,080 with k = 40
+    # 8 sequences of 12 tokens, 8 draws in 9 slots of 12 bytes: 10,368 bytes; with 64 draws (40 slots) 46,080
     write_teacher_cache(tmp_path / "small", teacher, _splits(), 8, 1.0, world, targets="sampled")
-    with pytest.raises(CompressorError, match=r"the teacher cache \(480 bytes a token; a lower --top-k needs less\)"):
+    needs = r"the teacher cache \(480 bytes a token; a lower --top-k needs less\) needs about 0.04 MiB at .*, but "
+    with pytest.raises(CompressorError, match=needs + r"only 0.01 MiB is free"):
         write_teacher_cache(tmp_path / "big", teacher, _splits(), 64, 1.0, world, targets="sampled")
 
 
