@@ -532,6 +532,11 @@ def setup(
             f"{config.data} no longer holds the data this run started on (its content changed): resume with the "
             "same data, or start a new run"
         )
+    if resumed is None:  # what the run reads (the validation split is capped at --eval-sequences), first
+        reporter.note(
+            f"data: {len(train_set):,} training and {len(valid_set):,} validation sequences of {config.seq_len:,} "
+            f"tokens; steps: {total_steps:,} of {config.batch_size * config.seq_len:,} tokens each"
+        )
     if qad:
         _fake_quantize(student, config, train_set, out if resumed else None)
         distributed.shard(student, world)
@@ -581,11 +586,6 @@ def loop(run: Run, reporter: Reporter) -> TrainResult:
     batches = _micro_batches(run.train_set, config.micro_batch_size, config.seed, run.step * run.accum * run.world.size)
     reporter.start(run.total_steps, run.step, run.tokens_per_step)
     first_step = run.step
-    if first_step == 0:  # what the run reads: the validation split is capped at --eval-sequences
-        reporter.note(
-            f"data: {len(run.train_set):,} training and {len(run.valid_set):,} validation sequences of "
-            f"{config.seq_len:,} tokens; steps: {run.total_steps:,} of {run.tokens_per_step:,} tokens each"
-        )
     last_eval = evaluate(run, reporter) if first_step == 0 else {}
     window_start, window_tokens = time.perf_counter(), 0
     while run.step < run.total_steps:
