@@ -12,10 +12,12 @@ bias small KL values by about 1%), in one of two forms (`TARGETS`; see `compress
 Training then needs no teacher in memory. Choose k for the disk at hand.
 
 Layout of the cache folder (written to a temporary folder and renamed into place when complete):
-- `teacher_cache.json`: the form, k, temperature, seed, sequence length, the sequences per split, the
-  teacher's fingerprint and a digest of the sequences' positions (both checked when read back);
+- `teacher_cache.json`: the form, k, slots a token, temperature, seed, sequence length, the sequences per
+  split, the teacher's fingerprint (checked when read back, as is that the cache holds every sequence the
+  run reads) and a digest of the sequences' positions (a killed write resumes only into the same);
 - `{split}-r{rank}-p{part}.safetensors`: `sequence` (s,) int64 positions in the split, `indices`
-  (s, seq_len, k) int32, `log_probs` (s, seq_len, k) float32, and for sampled targets `weights` (the same).
+  (s, seq_len, slots) int32, `log_probs` (s, seq_len, slots) float32, and for sampled targets `weights`
+  (the same).
 Several processes each write their share; the output folder must be on a file system they all see. A write
 that is killed resumes from its last whole part (about `PART_SEQUENCES` sequences a process).
 """
@@ -208,9 +210,9 @@ class _Progress:
 def _targets(
     hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, targets: str, seeds: list[int]
 ) -> dict[str, torch.Tensor]:
-    """A batch's targets (module docstring) as CPU tensors (batch, seq_len, k), formed `CHUNK_LOGITS` logits at
-    a time (the training loss's bound: a long sequence never holds seq_len x vocab logits); sequence i draws
-    from a generator seeded with seeds[i], chunk after chunk."""
+    """A batch's targets (module docstring) as CPU tensors (batch, seq_len, slots), formed `CHUNK_LOGITS`
+    logits at a time (the training loss's bound: a long sequence never holds seq_len x vocab logits);
+    sequence i draws from a generator seeded with seeds[i], chunk after chunk."""
     found: dict[str, list[torch.Tensor]] = {"indices": [], "log_probs": []}
     if targets == "sampled":
         found["weights"] = []
@@ -366,7 +368,7 @@ def _read_meta(folder: Path) -> CacheMeta:
 
 def _check_part(path: Path, handle, meta: CacheMeta) -> None:
     """A part holds `sequence` (s,), `indices` and `log_probs` (and for sampled targets `weights`)
-    (s, seq_len, top_k), as written."""
+    (s, seq_len, slots), as written."""
     per_token_names = ("indices", "log_probs", "weights") if meta.targets == "sampled" else ("indices", "log_probs")
     names = ("sequence", *per_token_names)
     if set(handle.keys()) != set(names):  # noqa: SIM118 (safe_open is not a dict)
