@@ -17,9 +17,9 @@ from rich.table import Table
 
 
 def _rank() -> int:
-    """This process's rank under torchrun (RANK), else 0."""
+    """This process's rank under torchrun (RANK, with WORLD_SIZE above 1), else 0."""
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except ValueError:
         return 0
 

@@ -65,9 +65,9 @@ def test_under_torchrun_only_the_first_process_shows_output_and_every_one_its_er
     import subprocess
     import sys
 
-    def run(rank, *args):
+    def run(rank, *args, world_size=2):
         command = [sys.executable, "-m", "cli", *map(str, args)]
-        env = {**os.environ, "RANK": str(rank)}
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size)}
         return subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(cli.__file__).parent)
 
     shown, hidden = run(0, "info", workspace / "model", "--json"), run(1, "info", workspace / "model", "--json")
@@ -76,6 +76,8 @@ def test_under_torchrun_only_the_first_process_shows_output_and_every_one_its_er
     failed = run(1, "info", workspace / "missing")
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.startswith("rank 1: error: ") and failed.stderr.count("\n") == 1
+    alone = run(1, "info", workspace / "model", "--json", world_size=1)  # RANK set outside a torchrun job
+    assert json.loads(alone.stdout)["parameters"]["total"] == 210_400
 
 def test_info_shows_moe_blocks_and_active_parameters():
     result = _run("info", "nano3-30b")
