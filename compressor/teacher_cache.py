@@ -216,7 +216,7 @@ def _targets(
     found: dict[str, list[torch.Tensor]] = {"indices": [], "log_probs": []}
     if targets == "sampled":
         found["weights"] = []
-    rows = max(1, CHUNK_LOGITS // weight.shape[0])
+    rows = max(1, CHUNK_LOGITS // max(weight.shape[0], k))  # logits, or draws (k above the vocabulary)
     for sequence, seed in zip(hidden, seeds, strict=True):
         generator = torch.Generator(device=sequence.device).manual_seed(seed)
         for start in range(0, sequence.shape[0], rows):

@@ -48,7 +48,7 @@ from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read
 from compressor.errors import CompressorError, OptionError, check_applies, first_line
 from compressor.evaluate import CachedBatch, check_same_vocab, teacher_targets
 from compressor.evaluate import evaluate as evaluate_batches
-from compressor.losses import LossSpec, LossStats, head_loss, next_token_labels
+from compressor.losses import CHUNK_LOGITS, LossSpec, LossStats, head_loss, next_token_labels
 from compressor.model import HybridLM
 from compressor.outputs import (
     atomic_output,
@@ -246,6 +246,8 @@ class TrainConfig:
             ("max_sequences", self.max_sequences is None or self.max_sequences >= 1, "must be at least 1"),
             ("seed", self.seed >= 0, "must be at least 0"),
             ("top_k", self.top_k >= 1, "must be at least 1"),
+            # a token's draws are formed together, in a chunk of the head's logits (losses.CHUNK_LOGITS)
+            ("top_k", self.top_k <= CHUNK_LOGITS, f"must be at most {CHUNK_LOGITS:,} (a token's draws fill a chunk)"),
             ("cache_targets", self.cache_targets in (None, *TARGETS), f"must be one of {', '.join(TARGETS)}"),
             (
                 "cache_targets",

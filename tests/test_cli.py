@@ -58,7 +58,6 @@ def test_info_on_checkpoint_and_preset(workspace):
     assert json.loads(result.output)["parameters"]["total"] == 12_310_001_152
 
 
-
 def test_under_torchrun_only_the_first_process_shows_output_and_every_one_its_errors(workspace):
     """Every process of a torchrun job runs the command: one table, one progress display, not one each."""
     import os
@@ -77,6 +76,7 @@ def test_under_torchrun_only_the_first_process_shows_output_and_every_one_its_er
     assert failed.stderr.startswith("rank 1: error: ") and failed.stderr.count("\n") == 1
     alone = run(1, "info", workspace / "model", "--json", world_size=1)  # RANK set outside a torchrun job
     assert json.loads(alone.stdout)["parameters"]["total"] == 210_400
+
 
 def test_info_shows_moe_blocks_and_active_parameters():
     result = _run("info", "nano3-30b")

@@ -506,6 +506,7 @@ CASES = [
     ([*DISTILL, "--max-sequences", "0"], "--max-sequences must be at least 1"),
     ([*DISTILL, "--seed", "-1"], "--seed must be at least 0"),
     ([*DISTILL, "--top-k", "0", "--cache-teacher"], "--top-k must be at least 1"),
+    ([*DISTILL, "--top-k", "100000000", "--cache-teacher"], "--top-k must be at most 33,554,432"),
     # options that would do nothing in this run
     ([*DISTILL, "--top-k", "8"], "--top-k applies with --cache-teacher only"),
     ([*DISTILL, "--cache-targets", "top-k"], "--cache-targets applies with --cache-teacher only"),

@@ -85,6 +85,9 @@ def test_the_logits_are_formed_a_chunk_at_a_time_to_the_same_targets(monkeypatch
     torch.testing.assert_close(whole["log_probs"], chunked["log_probs"])
     if targets == "sampled":
         assert torch.equal(whole["weights"], chunked["weights"])
+        formed.clear()
+        _targets(hidden, weight, 2 * V, 1.0, targets, [5, 6])  # more draws than the vocabulary: they set the rows
+        assert formed == [1] * 22
 
 
 def _teacher():
