@@ -22,7 +22,8 @@
 #   kd_loss   the chunked KD loss against Liger's fused loss and full logits: time, peak memory, agreement
 #   qad       NVFP4 PTQ and quantization-aware distillation of the README's distilled model: the KL increase
 #             and the share of it QAD recovers (against an unquantized control)
-#   distill   a 2-step distillation under torchrun, one process per GPU (FSDP2 needs 2 or more)
+#   distill   a 2-step distillation from a teacher cache under torchrun, one process per GPU (FSDP2 needs 2 or
+#             more)
 #   env       GPU, versions, and which Mamba ops run as kernels
 #   parity    tests/test_kernels.py on CUDA: each kernel op and the whole model against the torch path
 #   engine    tokens/s and peak memory, kernel path vs torch path, at 4k and 32k tokens
@@ -175,21 +176,24 @@ part_distill() {
     "$PY" -m torch.distributed.run --standalone --nproc-per-node "$gpus" cli.py distill examples/model \
         "$work/student" --data "$WHEELHOUSE/sample-256.npy" --out "$work/run" --seq-len 256 \
         --batch-size $((4 * gpus)) --micro-batch-size 2 --steps 2 --eval-every 2 --eval-sequences 8 \
-        --save-every 2 --log-every 1 --overwrite --quiet || return 1
-    "$PY" - "$work/run/metrics.jsonl" "$gpus" <<'EOF'
+        --save-every 2 --log-every 1 --cache-teacher --overwrite --quiet || return 1
+    "$PY" - "$work/run" "$gpus" <<'EOF'
 import json
 import math
 import os
 import sys
 
-records = [json.loads(line) for line in open(sys.argv[1])]
+run = sys.argv[1]
+records = [json.loads(line) for line in open(run + "/metrics.jsonl")]
 train = [r for r in records if r.get("kind") == "train"]
 assert train and all(math.isfinite(r["loss"]) for r in train), "no finite training loss logged"
+cache = json.load(open(run + "/teacher_cache/teacher_cache.json"))
+assert cache["complete"] and cache["targets"] == "sampled", f"the teacher cache is not whole: {cache}"
 last = train[-1]
 speed = f", {last['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in last else ""
 gpus = int(sys.argv[2])
 how = f"{gpus} processes, FSDP2" if gpus > 1 else "1 process (one GPU: FSDP2 not engaged)"
-line = f"{len(train)} steps, {how}, loss {last['loss']:.3f}{speed}"
+line = f"{len(train)} steps from a sampled teacher cache, {how}, loss {last['loss']:.3f}{speed}"
 print(line)
 open(os.environ["WORK"] + "/distill.result", "w").write(line + "\n")
 EOF
