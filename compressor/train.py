@@ -534,14 +534,22 @@ def setup(
             f"{config.data} no longer holds the data this run started on (its content changed): resume with the "
             "same data, or start a new run"
         )
-    if resumed is None:  # what the run reads (the validation split is capped at --eval-sequences), first
+    if qad:
+        _fake_quantize(student, config, train_set, out if resumed else None)
+        distributed.shard(student, world)
+    pairs = None  # what may refuse the run comes before its first line and its long work (the teacher cache)
+    if config.attention_loss > 0:
+        pairs = attention_pairs(config.student, student.config, config.teacher, teacher.config)
+    if config.eval_task is not None and retrieval is None:
+        if world.size > 1:
+            raise OptionError("eval_task", "is measured in one process: run without torchrun")
+        probe = RetrievalConfig(config.eval_task, config.eval_ctx, config.eval_task_sequences)
+        retrieval = probe.scorer(config.tokenizer or config.student, config.data, model=student, parameter="eval_ctx")
+    if resumed is None:  # what the run reads (the validation split is capped at --eval-sequences)
         reporter.note(
             f"data: {len(train_set):,} training and {len(valid_set):,} validation sequences of {config.seq_len:,} "
             f"tokens; steps: {total_steps:,} of {config.batch_size * config.seq_len:,} tokens each"
         )
-    if qad:
-        _fake_quantize(student, config, train_set, out if resumed else None)
-        distributed.shard(student, world)
 
     cache, teacher_started = None, time.monotonic()
     if config.cache_teacher:
@@ -563,15 +571,8 @@ def setup(
     run.teacher_seconds = teacher_seconds
     run.data_fingerprint = data_fingerprint
     run.retrieval = retrieval
-    if config.attention_loss > 0:
-        run.attention_pairs = attention_pairs(config.student, student.config, config.teacher, teacher.config)
-    if config.eval_task is not None and retrieval is None:
-        if world.size > 1:
-            raise OptionError("eval_task", "is measured in one process: run without torchrun")
-        probe = RetrievalConfig(config.eval_task, config.eval_ctx, config.eval_task_sequences)
-        run.retrieval = probe.scorer(
-            config.tokenizer or config.student, config.data, model=student, parameter="eval_ctx"
-        )
+    if pairs is not None:
+        run.attention_pairs = pairs
     if resumed is not None:
         run.step = run.last_saved = resumed["step"]
         run.tokens = resumed["tokens"]
