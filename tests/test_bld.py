@@ -4,6 +4,8 @@ kill, its scores drive the solver, finalists start from the trained blocks and s
 
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,9 +377,13 @@ def test_compress_search_with_a_library_end_to_end(workspace, tmp_path):
 def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_path, library):
     # under torchrun the source is sharded, the variants are shared out one per process a round, and the
     # main process writes: the same variants, scores, candidates and finalists as one process (a zero-shot
-    # search's scoring and a finalist's distillation under torchrun: test_pruning, test_train)
+    # search's scoring and a finalist's distillation under torchrun: test_pruning, test_train). The two
+    # processes are killed once their build has saved (a streamed round's checkpoint, a stored build's
+    # first variant) and the next run continues it.
+    import signal
     import subprocess
     import sys
+    import time
 
     import numpy as np
 
@@ -391,12 +397,28 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
             "--bld-epochs", "1"] + (["--bld-stream"] if library == "streamed" else [])  # fmt: skip
     records = {}
     environment = {**os.environ, "COMPRESSOR_BLD_SAVE_SECONDS": "0"}  # a streamed round saves every micro-batch
+    saved = tmp_path / ".two.library" / ("round/round.json" if library == "streamed" else ENTRIES_FILE)
     for name, processes in (("one", 1), ("two", 2)):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-        run = subprocess.run([*launch, cli.__file__, *args, "--out", str(tmp_path / name)], capture_output=True,
-                             text=True, timeout=600, env=environment)  # fmt: skip
+        command = [*launch, cli.__file__, *args, "--out", str(tmp_path / name)]
+        if name == "two":  # a kill (of torchrun and its processes) once the build has saved
+            killed = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 300
+            while not saved.exists() and killed.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for pid in _process_tree(killed.pid):  # torchrun starts each process in a session of its own
+                os.kill(pid, signal.SIGKILL)
+            assert killed.wait(timeout=60) == -signal.SIGKILL and not (tmp_path / name).exists() and saved.exists()
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
         assert run.returncode == 0, run.stderr[-3000:]
         records[name] = json.loads((tmp_path / name / "search.json").read_text())
+    # the killed build went on from its save: the streamed round from its checkpoint, the stored one without
+    # the variants it had finished
+    if library == "streamed":
+        assert "library: the round continues from its last save" in run.stderr, run.stderr[-3000:]
+    else:
+        (trained,) = set(re.findall(r"library 1/(\d+):", run.stderr))
+        assert 0 < int(trained) < records["one"]["library"]["variants"]
     one, two = records["one"], records["two"]
     assert [c["label"] for c in one["candidates"]] == [c["label"] for c in two["candidates"]]
     np.testing.assert_allclose([c["score"] for c in two["candidates"]], [c["score"] for c in one["candidates"]],
@@ -415,6 +437,15 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
         np.testing.assert_allclose(scores[1][hidden]["base"], measured["base"], rtol=1e-4)
         for row, other in zip(measured["damage"], scores[1][hidden]["damage"], strict=True):
             np.testing.assert_allclose(other, row, rtol=1e-3, atol=1e-5)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc), parents first."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid] + [p for child in children for p in _process_tree(int(child))]
 
 
 @pytest.mark.parametrize("preset, memory", [("12b-v2", "19.66GiB"), ("56b", "88.83GiB")])

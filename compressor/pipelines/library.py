@@ -253,7 +253,7 @@ def build_library(
             variant = pruned_block(source.model, source.importance, block, hidden)
             if offset % world.size == world.rank:
                 mine.append((number, hidden, block, variant))
-        saving = RoundCheckpoint(folder, [job[0] for job in jobs], world) if config.stream else None
+        saving = RoundCheckpoint(folder, [job[0] for job in jobs], world, say=say) if config.stream else None
         gathered = distributed.gather_objects(_train(mine, source, config, folder, positions, saving), world)
         finished = sorted((e for part in gathered for e in part), key=lambda e: e[0])
         eta = _eta(time.monotonic() - started, done + len(finished), len(todo))  # a round's variants end together
@@ -317,10 +317,18 @@ class RoundCheckpoint:
     writes the state of its own variants (`rank{r}-{save}.safetensors` and `.json`), then the main process
     names that save in `round.json` with the round's job numbers and processes, and each process deletes
     its older saves: a kill at any point leaves the last named save whole. A save is due every `every`
-    seconds of the main process's clock (all processes save together)."""
+    seconds of the main process's clock (all processes save together). `say` hears when a round continues
+    from a save."""
 
-    def __init__(self, folder: Path, jobs: list[int], world: distributed.World, every: float | None = None) -> None:
-        self.folder, self.jobs, self.world = Path(folder) / ROUND_DIR, jobs, world
+    def __init__(
+        self,
+        folder: Path,
+        jobs: list[int],
+        world: distributed.World,
+        every: float | None = None,
+        say: Callable[[str], None] = lambda text: None,
+    ) -> None:
+        self.folder, self.jobs, self.world, self.say = Path(folder) / ROUND_DIR, jobs, world, say
         if every is None:
             every = float(os.environ.get("COMPRESSOR_BLD_SAVE_SECONDS", ROUND_SAVE_SECONDS))
         self.every = every
@@ -359,6 +367,8 @@ class RoundCheckpoint:
             except CompressorError:
                 state = None
         whole = distributed.all_reduce_sum([float(state is None)], self.world)[0] == 0
+        if whole:
+            self.say(f"library: the round continues from its last save ({self.number})")
         return state if whole else None
 
     def due(self) -> bool:
