@@ -308,6 +308,14 @@ AttentionLossOption = Annotated[
         "block's, added to the distillation loss (0: off). Restores retrieval that pruning broke."
     ),
 ]
+TeacherCacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--teacher-cache",
+        help="--cache-teacher: the cache's folder (default RUN/teacher_cache). Runs that give the same folder "
+        "share it: the first writes it, the others read it if it holds their teacher's targets for their data.",
+    ),
+]
 AttentionQueriesOption = Annotated[
     int, typer.Option(help="--attention-loss: query positions per micro-batch whose attention rows it matches.")
 ]

@@ -92,7 +92,7 @@ def check_output(path: str | Path, *, overwrite: bool = False, inputs: Iterable[
     if path.exists() and not path.is_dir():
         raise CompressorError(f"output {path} exists and is not a folder: choose another path")
     for source in inputs:
-        _check_apart(path, source)
+        check_apart(path, source)
     if path.exists():
         _check_own(path)
     parent = _existing_parent(path)
@@ -167,7 +167,7 @@ def _marked(folder: Path) -> bool:
         return (folder / MARK_FILE).is_file()
 
 
-def _check_apart(out: Path, source: str | Path | None) -> None:
+def check_apart(out: Path, source: str | Path | None) -> None:
     """Refuse an output that is an input, lies inside an input folder, or holds an input."""
     if source is None or not Path(source).exists():
         return  # a dataset name, or nothing

@@ -44,7 +44,14 @@ from compressor.distributed import all_reduce_sum
 from compressor.errors import CompressorError
 from compressor.losses import CHUNK_LOGITS, CachedTeacher, TeacherSample, TeacherTopK
 from compressor.model import HybridLM
-from compressor.outputs import check_free_space, check_record, open_tensors, read_json, save_tensors
+from compressor.outputs import (
+    check_apart,
+    check_free_space,
+    check_record,
+    open_tensors,
+    read_json,
+    save_tensors,
+)
 
 META = "teacher_cache.json"
 PART_SEQUENCES = 256  # sequences per file
@@ -63,11 +70,13 @@ def write_teacher_cache(
     seed: int = 0,
     batch_size: int = 16,
     teacher_id: str = "",
+    data: dict[str, str] | None = None,
     say: Callable[[str], None] = lambda text: None,
 ) -> None:
     """Compute and store the teacher's `targets` (k = `top_k` draws or most likely tokens) for the sequences
     at the given positions of each split ({"train": (sequences, positions), ...}): a run caches only the
-    sequences it will train on. `teacher_id` (the teacher's fingerprint) is recorded to be checked when read.
+    sequences it will train on. `teacher_id` (the teacher's fingerprint) and `data` (each split's sequences'
+    fingerprint, computed when not given) are recorded to be checked when read.
 
     A write that was killed resumes: the parts already in the partial folder of a write with the same meta,
     processes and batch size are kept. `say` gets a line of progress about once a minute."""
@@ -86,6 +95,7 @@ def write_teacher_cache(
         slots=sampled_slots(k, vocab) if targets == "sampled" else k,
         teacher=teacher_id,
         positions=positions_digest(splits),
+        data=data if data is not None else {name: sequences.fingerprint() for name, (sequences, _) in splits.items()},
     )
     layout = {"processes": world.size, "batch_size": batch_size}
     plan = {**dataclasses.asdict(meta), **layout}
@@ -136,6 +146,21 @@ def write_teacher_cache(
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     distributed.barrier(world)
+
+
+def check_cache_folder(folder: Path, inputs: tuple[str | Path | None, ...]) -> None:
+    """Refuse a teacher cache folder that a write would harm: a file, a link, a folder holding anything but a
+    cache (a rebuild replaces the folder), or one inside an input (inputs are never written)."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise CompressorError(f"--teacher-cache {folder} is not a folder: give a new folder or a teacher cache")
+    if folder.is_dir() and not (folder / META).exists() and any(folder.iterdir()):
+        raise CompressorError(
+            f"--teacher-cache {folder} holds files that are not a teacher cache: give a new folder, or one a "
+            "--cache-teacher run wrote"
+        )
+    for source in inputs:
+        check_apart(folder, source)
 
 
 def sampled_slots(k: int, vocab: int) -> int:
@@ -264,13 +289,15 @@ class CacheMeta:
     slots: int = 0  # per token (0: not recorded, then min(top_k, vocab_size), as written before k + 1)
     teacher: str = ""  # the teacher's fingerprint (not recorded before it was checked)
     positions: str = ""  # `positions_digest` of the sequences held (likewise)
+    data: dict[str, str] = dataclasses.field(default_factory=dict)  # each split's `TokenSequences.fingerprint`
 
 
 class TeacherCache:
     """Reads a cache written by `write_teacher_cache`, as untrusted input: its metadata's types, and each
     part's tensors (names, shapes) before the run reads them. It must have been written with the run's
     targets, temperature (and for sampled targets k and seed) and, where both are known, by the run's teacher
-    (`teacher`, a fingerprint), and hold every sequence the run reads (`needed`: positions per split)."""
+    (`teacher`, a fingerprint) for the run's splits (`data`: their fingerprints), and hold every sequence the
+    run reads (`needed`: positions per split)."""
 
     def __init__(
         self,
@@ -282,6 +309,7 @@ class TeacherCache:
         *,
         teacher: str = "",
         needed: dict[str, np.ndarray] | None = None,
+        data: dict[str, str] | None = None,
     ) -> None:
         folder = Path(folder)
         if not self.is_complete(folder):
@@ -292,6 +320,12 @@ class TeacherCache:
                 f"the teacher cache in {folder} was written by another teacher (fingerprint {meta.teacher}, the "
                 f"run's teacher {teacher}): delete the cache to rebuild it"
             )
+        for split, fingerprint in (data or {}).items():
+            if meta.data and meta.data.get(split) != fingerprint:
+                raise CompressorError(
+                    f"the teacher cache in {folder} was written for other {split} sequences (another --data, "
+                    "--seq-len, --max-sequences, --valid-fraction or --seed): delete the cache to rebuild it"
+                )
         written = {"targets": meta.targets, "temperature": meta.temperature}
         if meta.targets == "sampled":  # fewer slots than drawn are not a sample of fewer draws
             written.update(top_k=meta.top_k, seed=meta.seed)

@@ -65,7 +65,7 @@ from compressor.outputs import (
     swap_in,
 )
 from compressor.tasks import TASKS, RetrievalConfig, TaskScorer
-from compressor.teacher_cache import TARGETS, TeacherCache, write_teacher_cache
+from compressor.teacher_cache import TARGETS, TeacherCache, check_cache_folder, write_teacher_cache
 
 STATE_FILE = "trainer_state.json"
 QUANTIZED_DIR = "quantized"  # the quantized export of a quantization-aware run
@@ -272,6 +272,7 @@ class TrainConfig:
                 raise OptionError(name, problem if isinstance(value, bool) else f"{problem}, got {value}")
         check_applies(self, {
             "top_k": ("--cache-teacher", self.cache_teacher),
+            "teacher_cache_dir": ("--cache-teacher", self.cache_teacher),
             "cache_targets": ("--cache-teacher", self.cache_teacher),
             "decay_fraction": ("--schedule wsd", self.schedule == "wsd"),
             "min_lr": ("--schedule cosine or wsd", self.schedule != "constant"),
@@ -414,6 +415,9 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
     A new run works in `out`, or, replacing an existing run (--overwrite), in `staging(out)` until it is
     complete. --resume continues a staged run if there is one, else the run in `out`; a run killed before
     its first checkpoint starts again in place (keeping a complete teacher cache)."""
+    inputs = (config.student, config.teacher, config.data, tokenizer_file(config.tokenizer))
+    if config.teacher_cache_dir is not None:
+        check_cache_folder(Path(config.teacher_cache_dir), inputs)
     if not config.resume:
         recover(out)
         if not config.overwrite and _is_run(out):  # the same advice as --resume gives for it
@@ -428,7 +432,6 @@ def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any
                 f"output {out} already exists and holds {held}: continue it with --resume, or pass --overwrite "
                 "to start it again"
             )
-        inputs = (config.student, config.teacher, config.data, tokenizer_file(config.tokenizer))
         check_output(out, overwrite=config.overwrite, inputs=inputs)
         return (staging(out) if out.exists() else out), None
     work = staging(out) if _is_run(staging(out)) else out
@@ -842,14 +845,24 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
     used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
     splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
     teacher_id = fingerprint(config.teacher)
-    written = not TeacherCache.is_complete(cache_dir)
-    if written:
-        what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
-        reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
-        write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,
-                            targets=targets, seed=config.seed, teacher_id=teacher_id, say=reporter.note)  # fmt: skip
+    data = {name: sequences.fingerprint() for name, (sequences, _) in splits.items()}
+
+    def missing() -> bool:  # the main process decides for all
+        absent = world.is_main and not TeacherCache.is_complete(cache_dir)
+        return distributed.all_reduce_sum([float(absent)], world)[0] > 0
+
+    written = False
+    if missing():  # a cache several runs share (--teacher-cache) is written by one of them, under a lock
+        with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():
+            written = missing()  # another run may have written it meanwhile
+            if written:
+                what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
+                reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
+                write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,
+                                    targets=targets, seed=config.seed, teacher_id=teacher_id, data=data,
+                                    say=reporter.note)  # fmt: skip
     cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed, teacher=teacher_id,
-                         needed={name: positions for name, (_, positions) in splits.items()})  # fmt: skip
+                         needed={name: positions for name, (_, positions) in splits.items()}, data=data)  # fmt: skip
     cache.written = written
     return cache
 

@@ -510,6 +510,7 @@ CASES = [
     # options that would do nothing in this run
     ([*DISTILL, "--top-k", "8"], "--top-k applies with --cache-teacher only"),
     ([*DISTILL, "--cache-targets", "top-k"], "--cache-targets applies with --cache-teacher only"),
+    ([*DISTILL, "--teacher-cache", "{root}/tc"], "--teacher-cache applies with --cache-teacher only"),
     ([*DISTILL, "--cache-teacher", "--cache-targets", "top-p"], "--cache-targets must be one of sampled, top-k"),
     (
         [*DISTILL, "--cache-teacher", "--divergence", "jsd", "--cache-targets", "sampled"],

@@ -185,6 +185,37 @@ def test_sampled_targets_estimate_the_full_divergence(workspace, tmp_path):
     assert estimate == pytest.approx(exact, rel=0.05)
 
 
+def test_runs_share_a_teacher_cache_folder_that_holds_their_teachers_targets_for_their_data(workspace, tmp_path):
+    """--teacher-cache: the first run writes the cache, a second reads it (the same training as from a cache of
+    its own); a run with other sequences, a folder of other files and a folder in an input are refused."""
+    shared = tmp_path / "shared"
+    runs = {}
+    for name, cache in (("first", shared), ("second", shared), ("own", None)):
+        notes = []
+        reporter = SilentReporter()
+        reporter.note = notes.append
+        config = _config(workspace, tmp_path / name, teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
+                         top_k=8, teacher_cache_dir=None if cache is None else str(cache))  # fmt: skip
+        runs[name] = (train(config, reporter), _weights(tmp_path / name / "model"), notes)
+    assert any(n.startswith("caching") for n in runs["first"][2])
+    assert not any(n.startswith("caching") for n in runs["second"][2]) and runs["second"][0].teacher_seconds == 0
+    assert all(torch.equal(runs["second"][1][k], runs["own"][1][k]) for k in runs["own"][1])
+    assert not (tmp_path / "first" / "teacher_cache").exists() and (shared / "teacher_cache.json").is_file()
+    other = _config(workspace, tmp_path / "other", teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
+                    top_k=8, teacher_cache_dir=str(shared), seq_len=16)  # fmt: skip
+    with pytest.raises(CompressorError, match="was written for other train sequences"):
+        train(other)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("kept\n")
+    for folder, message in ((tmp_path / "notes", "holds files that are not a teacher cache"),
+                            (workspace / "teacher" / "cache", "lies inside the input")):  # fmt: skip
+        config = _config(workspace, tmp_path / "refused", teacher=str(workspace / "teacher"), steps=2,
+                         cache_teacher=True, teacher_cache_dir=str(folder))  # fmt: skip
+        with pytest.raises(CompressorError, match=message):
+            train(config)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "kept\n" and not (workspace / "teacher" / "cache").exists()
+
+
 def test_validation_is_the_evaluation_loop_on_the_validation_batches(workspace, tmp_path):
     """Training's validation numbers are `compressor.evaluate.evaluate`'s on the run's validation micro-batches
     (the same numbers, not close ones), with the teacher in memory and from its cache."""
