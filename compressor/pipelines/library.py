@@ -368,7 +368,7 @@ class RoundCheckpoint:
                 state = None
         whole = distributed.all_reduce_sum([float(state is None)], self.world)[0] == 0
         if whole:
-            self.say(f"library: the round continues from its last save ({self.number})")
+            self.say(f"library: the round continues from its last save (save {self.number})")
         return state if whole else None
 
     def due(self) -> bool:
