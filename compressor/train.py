@@ -412,10 +412,10 @@ def train(
 def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any] | None]:
     """(the folder the run works in, the state of the checkpoint it resumes from, if any).
 
-        A new run works in `out`, or, replacing an existing run (--overwrite), in `staging(out)` until it is
-        complete. --resume continues a staged run if there is one, else the run in `out`; a run killed before
-        its first checkpoint starts again in place (keeping its teacher cache, whole or being written). A
-    --teacher-cache folder is checked first (`teacher_cache.check_cache_folder`)."""
+    A new run works in `out`, or, replacing an existing run (--overwrite), in `staging(out)` until it is
+    complete. --resume continues a staged run if there is one, else the run in `out`; a run killed before
+    its first checkpoint starts again in place (keeping its teacher cache, whole or being written). The
+    folder of --teacher-cache is checked first (`teacher_cache.check_cache_folder`)."""
     inputs = (config.student, config.teacher, config.data, tokenizer_file(config.tokenizer))
     if config.teacher_cache_dir is not None:
         check_cache_folder(Path(config.teacher_cache_dir), inputs)
