@@ -549,16 +549,23 @@ def setup(
             raise OptionError("eval_task", "is measured in one process: run without torchrun")
         probe = RetrievalConfig(config.eval_task, config.eval_ctx, config.eval_task_sequences)
         retrieval = probe.scorer(config.tokenizer or config.student, config.data, model=student, parameter="eval_ctx")
-    if resumed is None:  # what the run reads (the validation split is capped at --eval-sequences)
-        reporter.note(
-            f"data: {len(train_set):,} training and {len(valid_set):,} validation sequences of {config.seq_len:,} "
-            f"tokens; steps: {total_steps:,} of {config.batch_size * config.seq_len:,} tokens each"
-        )
+    # what the run reads (the validation split is capped at --eval-sequences): said before the teacher cache is
+    # written, after a cache that is there is checked (one written for other data refuses the run)
+    unsaid = [] if resumed is not None else [
+        f"data: {len(train_set):,} training and {len(valid_set):,} validation sequences of {config.seq_len:,} "
+        f"tokens; steps: {total_steps:,} of {config.batch_size * config.seq_len:,} tokens each"
+    ]  # fmt: skip
+
+    def say_data() -> None:
+        while unsaid:
+            reporter.note(unsaid.pop())
 
     cache, teacher_started = None, time.monotonic()
     if config.cache_teacher:
-        cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter)
+        cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter,
+                               first=say_data)  # fmt: skip
         teacher = None  # train from the cache; the teacher leaves memory
+    say_data()
     teacher_seconds = time.monotonic() - teacher_started if cache is not None and cache.written else 0.0
     student.train()
     student.backbone.checkpointing = config.activation_checkpointing
@@ -834,9 +841,11 @@ def _fake_quantize(student: HybridLM, config: TrainConfig, train_set: TokenSeque
     prepare_qad(student, QuantRecipe(config.quantize, config.quantize_keep), calibration)
 
 
-def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter) -> TeacherCache:
+def _teacher_cache(
+    config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter, first=lambda: None
+) -> TeacherCache:
     """The teacher's targets over the sequences the run will see, written once (resuming a write that was
-    killed) and reused."""
+    killed) and reused; `first` is called before a write begins."""
     cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else out / "teacher_cache"
     targets = config.teacher_targets
     micro = config.micro_batch_size
@@ -857,6 +866,7 @@ def _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_st
         with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():
             written = missing()  # another run may have written it meanwhile
             if written:
+                first()
                 what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
                 reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
                 write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,

@@ -203,8 +203,12 @@ def test_runs_share_a_teacher_cache_folder_that_holds_their_teachers_targets_for
     assert not (tmp_path / "first" / "teacher_cache").exists() and (shared / "teacher_cache.json").is_file()
     other = _config(workspace, tmp_path / "other", teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
                     top_k=8, teacher_cache_dir=str(shared), seq_len=16)  # fmt: skip
+    notes = []
+    reporter = SilentReporter()
+    reporter.note = notes.append
     with pytest.raises(CompressorError, match="was written for other train sequences"):
-        train(other)
+        train(other, reporter)
+    assert notes == []  # the refusal is the run's one line
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("kept\n")
     for folder, message in ((tmp_path / "notes", "holds files that are not a teacher cache"),
