@@ -46,6 +46,7 @@ from compressor.distributed import World
 from compressor.errors import CompressorError
 from compressor.losses import LossSpec
 from compressor.model import HybridLM
+from compressor.teacher_cache import bytes_per_token, sampled_slots
 
 # CUDA context, NCCL buffers and the caching allocator's fragmentation: set aside on every GPU.
 GPU_RESERVE = 2 * GIB
@@ -304,7 +305,7 @@ def training_plan(
 
     device = torch.device(device)
     autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
-    return distill_plan(
+    plan = distill_plan(
         student,
         teacher if config.teacher is not None else None,
         seq_len=config.seq_len,
@@ -317,6 +318,24 @@ def training_plan(
         loss=config.loss,
         attention_queries=config.attention_queries if config.attention_loss > 0 else 0,
     )
+    if config.cache_teacher and teacher is not None:
+        plan.notes.append(_teacher_cache_note(config, teacher.vocab_size))
+    return plan
+
+
+def _teacher_cache_note(config, vocab_size: int) -> str:
+    """The disk a run's teacher cache takes: the training tokens it will read (all of a split it passes an
+    epoch of), and the validation split's."""
+    targets = config.teacher_targets
+    slots = sampled_slots(config.top_k, vocab_size) if targets == "sampled" else min(config.top_k, vocab_size)
+    per_token = bytes_per_token(slots, targets)
+    tokens = config.steps * config.batch_size * config.seq_len if config.steps else config.tokens
+    what = f"{per_token} bytes a token ({targets}, {slots} slots)"
+    if tokens:
+        what = f"at most {format_bytes(tokens * per_token)} for {tokens:,} training tokens at {what}"
+    else:
+        what = f"{what} of one epoch of the training split"
+    return f"teacher cache on disk: {what}, plus the validation split's; the teacher is in memory only to write it"
 
 
 # ----- terms ----------------------------------------------------------------------------------------------

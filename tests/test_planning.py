@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import cli
 from compressor import planning
-from compressor.budget import GIB, Budget, get_gpu, num_parameters
+from compressor.budget import GIB, Budget, format_bytes, get_gpu, num_parameters
 from compressor.errors import CompressorError, OptionError
 from compressor.importance import ImportanceOptions
 from compressor.model import HybridLM
@@ -40,7 +40,14 @@ def test_distill_plan_counts_every_term():
     assert one["loss chunk"] == 32 * 4 * student.vocab_size * 4 * 4  # rows x vocab x fp32 x 4 copies
     assert plan.total(1) == sum(one.values())
     config.cache_teacher = True
-    assert not any("teacher" in name for name in planning.training_plan(config, student, teacher, "cpu").terms(1))
+    cached = planning.training_plan(config, student, teacher, "cpu")
+    assert not any("teacher" in name for name in cached.terms(1))
+    # the cache's disk: 12 bytes a slot, 64 draws and the most likely token; the steps' tokens at most
+    config.steps, config.batch_size = 10, 8
+    (note,) = planning.training_plan(config, student, teacher, "cpu").notes
+    tokens = 10 * 8 * 32
+    said = f"teacher cache on disk: at most {format_bytes(tokens * 780)} for {tokens:,} training tokens at 780 bytes"
+    assert note.startswith(f"{said} a token (sampled, 65 slots)")
     # checkpointing keeps each block's input and one block's tensors
     config.activation_checkpointing = True
     saved = planning.training_plan(config, student, teacher, "cpu").terms(1)
