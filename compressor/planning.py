@@ -46,7 +46,7 @@ from compressor.distributed import World
 from compressor.errors import CompressorError
 from compressor.losses import LossSpec
 from compressor.model import HybridLM
-from compressor.teacher_cache import bytes_per_token, sampled_slots
+from compressor.teacher_cache import bytes_per_token, slots_per_token
 
 # CUDA context, NCCL buffers and the caching allocator's fragmentation: set aside on every GPU.
 GPU_RESERVE = 2 * GIB
@@ -327,7 +327,7 @@ def _teacher_cache_note(config, vocab_size: int) -> str:
     """The disk a run's teacher cache takes: the training tokens it will read (all of a split it passes an
     epoch of), and the validation split's."""
     targets = config.teacher_targets
-    slots = sampled_slots(config.top_k, vocab_size) if targets == "sampled" else min(config.top_k, vocab_size)
+    slots = slots_per_token(config.top_k, vocab_size, targets)
     per_token = bytes_per_token(slots, targets)
     tokens = config.steps * config.batch_size * config.seq_len if config.steps else config.tokens
     what = f"{per_token} bytes a token ({targets}, {slots} slots)"

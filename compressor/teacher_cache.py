@@ -92,7 +92,7 @@ def write_teacher_cache(
         sequences={name: len(positions) for name, (_, positions) in splits.items()},
         targets=targets,
         seed=seed,
-        slots=sampled_slots(k, vocab) if targets == "sampled" else k,
+        slots=slots_per_token(k, vocab, targets),
         teacher=teacher_id,
         positions=positions_digest(splits),
         data=data if data is not None else {name: sequences.fingerprint() for name, (sequences, _) in splits.items()},
@@ -163,9 +163,15 @@ def check_cache_folder(folder: Path, inputs: tuple[str | Path | None, ...]) -> N
         check_apart(folder, source)
 
 
-def sampled_slots(k: int, vocab: int) -> int:
-    """Slots a token of k draws: the distinct ids drawn (at most k) and the most likely token."""
-    return min(k + 1, vocab)
+def slots_per_token(k: int, vocab: int, targets: str) -> int:
+    """What a token stores: for sampled targets the distinct ids of k draws (at most k) and the most likely
+    token, for top-k ones the k most likely; at most the vocabulary."""
+    return min(k + 1 if targets == "sampled" else k, vocab)
+
+
+def per_token_names(targets: str) -> tuple[str, ...]:
+    """The tensors a part holds per token."""
+    return ("indices", "log_probs", "weights") if targets == "sampled" else ("indices", "log_probs")
 
 
 def bytes_per_token(slots: int, targets: str) -> int:
@@ -238,9 +244,7 @@ def _targets(
     """A batch's targets (module docstring) as CPU tensors (batch, seq_len, slots), formed `CHUNK_LOGITS`
     logits at a time (the training loss's bound: a long sequence never holds seq_len x vocab logits);
     sequence i draws from a generator seeded with seeds[i], chunk after chunk."""
-    found: dict[str, list[torch.Tensor]] = {"indices": [], "log_probs": []}
-    if targets == "sampled":
-        found["weights"] = []
+    found: dict[str, list[torch.Tensor]] = {name: [] for name in per_token_names(targets)}
     rows = max(1, CHUNK_LOGITS // max(weight.shape[0], k))  # logits, or draws (k above the vocabulary)
     for sequence, seed in zip(hidden, seeds, strict=True):
         generator = torch.Generator(device=sequence.device).manual_seed(seed)
@@ -256,7 +260,7 @@ def _targets(
                 ranked = counts.scatter_add(
                     1, log_probs.argmax(-1, keepdim=True), counts.new_full((len(counts), 1), 0.5)
                 )
-                top = ranked.topk(sampled_slots(k, counts.shape[-1]), dim=-1)
+                top = ranked.topk(slots_per_token(k, counts.shape[-1], targets), dim=-1)
                 found["weights"].append((counts.gather(-1, top.indices) / k).cpu())
                 chosen = log_probs.gather(-1, top.indices)
             else:
@@ -381,7 +385,7 @@ class TeacherCache:
 
     def get(self, split: str, positions: np.ndarray, device: torch.device) -> CachedTeacher:
         """The cached targets of the sequences at `positions` of `split`, flattened to (tokens, k)."""
-        names = ("indices", "log_probs", "weights") if self.targets == "sampled" else ("indices", "log_probs")
+        names = per_token_names(self.targets)
         read: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for position in positions.tolist():
             file, row = self.where[split][position]
@@ -403,14 +407,14 @@ def _read_meta(folder: Path) -> CacheMeta:
 def _check_part(path: Path, handle, meta: CacheMeta) -> None:
     """A part holds `sequence` (s,), `indices` and `log_probs` (and for sampled targets `weights`)
     (s, seq_len, slots), as written."""
-    per_token_names = ("indices", "log_probs", "weights") if meta.targets == "sampled" else ("indices", "log_probs")
-    names = ("sequence", *per_token_names)
+    stored = per_token_names(meta.targets)
+    names = ("sequence", *stored)
     if set(handle.keys()) != set(names):  # noqa: SIM118 (safe_open is not a dict)
         raise CompressorError(f"{path} is not a part of a teacher cache: delete the cache to rebuild it")
     shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
     rows = shapes["sequence"][0] if len(shapes["sequence"]) == 1 else -1
     per_token = (rows, meta.seq_len, meta.slots)
-    if shapes != {"sequence": (rows,), **dict.fromkeys(per_token_names, per_token)}:
+    if shapes != {"sequence": (rows,), **dict.fromkeys(stored, per_token)}:
         raise CompressorError(
             f"{path} is not a part of this teacher cache (shapes {shapes}): delete the cache to rebuild it"
         )

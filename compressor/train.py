@@ -551,21 +551,19 @@ def setup(
         retrieval = probe.scorer(config.tokenizer or config.student, config.data, model=student, parameter="eval_ctx")
     # what the run reads (the validation split is capped at --eval-sequences): said before the teacher cache is
     # written, after a cache that is there is checked (one written for other data refuses the run)
-    unsaid = [] if resumed is not None else [
+    line = (
         f"data: {len(train_set):,} training and {len(valid_set):,} validation sequences of {config.seq_len:,} "
         f"tokens; steps: {total_steps:,} of {config.batch_size * config.seq_len:,} tokens each"
-    ]  # fmt: skip
-
-    def say_data() -> None:
-        while unsaid:
-            reporter.note(unsaid.pop())
+    )
+    say_data = (lambda: reporter.note(line)) if resumed is None else (lambda: None)
 
     cache, teacher_started = None, time.monotonic()
     if config.cache_teacher:
         cache = _teacher_cache(config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter,
                                first=say_data)  # fmt: skip
         teacher = None  # train from the cache; the teacher leaves memory
-    say_data()
+    if cache is None or not cache.written:  # a write said it first
+        say_data()
     teacher_seconds = time.monotonic() - teacher_started if cache is not None and cache.written else 0.0
     student.train()
     student.backbone.checkpointing = config.activation_checkpointing
