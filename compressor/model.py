@@ -316,7 +316,13 @@ class Backbone(nn.Module):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding draws its weight as it is built. On the meta device the draw yields nothing and imports
+        # torch._dynamo (about a second a process, paid by every load), so it is skipped there; elsewhere it is
+        # kept, so that a seed gives the weights it gave.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config, spec) for spec in config.blocks)
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         # activation checkpointing: keep only each block's input for backward and recompute the rest there

@@ -33,19 +33,16 @@ are estimates of the pure-torch path, checked against peak memory measured on CP
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from compressor.budget import GIB, GPUSpec, format_bytes
+from compressor.budget import GIB, GPUSpec, format_bytes, largest_block_parameters, parameter_counts
 from compressor.config import ATTENTION, MAMBA, MOE, BlockSpec, HybridConfig
 from compressor.distributed import World
 from compressor.errors import CompressorError
 from compressor.losses import LossSpec
-from compressor.model import HybridLM
 from compressor.teacher_cache import bytes_per_token, slots_per_token
 
 # CUDA context, NCCL buffers and the caching allocator's fragmentation: set aside on every GPU.
@@ -349,17 +346,11 @@ def _add_model(plan: MemoryPlan, label: str, config: HybridConfig, size: int) ->
 
 
 def _sizes(config: HybridConfig) -> tuple[int, int, int]:
-    """(parameters, parameters of the root unit, parameters of the largest block), counted on a meta model."""
-    return _counted(config.to_json())
-
-
-@functools.lru_cache(maxsize=16)
-def _counted(config_json: str) -> tuple[int, int, int]:
-    with torch.device("meta"):
-        model = HybridLM(HybridConfig.from_dict(json.loads(config_json)))
-    params = sum(p.numel() for p in model.parameters())
-    block = max(sum(p.numel() for p in b.parameters()) for b in model.backbone.layers)
-    return params, params - sum(sum(p.numel() for p in b.parameters()) for b in model.backbone.layers), block
+    """(parameters, parameters of the root unit: embeddings, lm_head and norm_f, parameters of the largest
+    block)."""
+    counts = parameter_counts(config)
+    root = counts["embeddings"] + counts["lm_head"] + config.hidden_size
+    return sum(counts.values()), root, largest_block_parameters(config)
 
 
 def _size(dtype: torch.dtype) -> int:

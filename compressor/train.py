@@ -141,6 +141,7 @@ class TrainConfig:
     quantize_keep: tuple[str, ...] = ()  # ModelOpt quantizer-name patterns kept in high precision
     calib_sequences: int = 128  # training sequences that calibrate the quantizers
     eval_every: int = 50
+    eval_at_start: bool = True  # also validate before the first step (a curve's start); a search's finalists do not
     eval_sequences: int = 64
     eval_task: str | None = None  # a retrieval task (compressor.tasks) measured at each validation
     eval_ctx: int = 1024  # its context length
@@ -598,7 +599,7 @@ def loop(run: Run, reporter: Reporter) -> TrainResult:
     batches = _micro_batches(run.train_set, config.micro_batch_size, config.seed, run.step * run.accum * run.world.size)
     reporter.start(run.total_steps, run.step, run.tokens_per_step)
     first_step = run.step
-    last_eval = evaluate(run, reporter) if first_step == 0 else {}
+    last_eval = evaluate(run, reporter) if first_step == 0 and config.eval_at_start else {}
     window_start, window_tokens = time.perf_counter(), 0
     while run.step < run.total_steps:
         lr = lr_at(run.step, run.total_steps, config)

@@ -25,6 +25,7 @@ from compressor.budget import (
     get_gpu,
     kv_bytes_per_token,
     largest_batch,
+    largest_block_parameters,
     measure,
     num_parameters,
     parameter_counts,
@@ -96,6 +97,10 @@ def _meta_model(config: HybridConfig) -> HybridLM:
         return HybridLM(config)
 
 
+def _largest_block(model: HybridLM) -> int:
+    return max(sum(p.numel() for p in block.parameters()) for block in model.backbone.layers)
+
+
 # ----- parameters ---------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None)
 @given(hybrid_configs(max_blocks=10, scale=32))
@@ -103,6 +108,7 @@ def test_parameter_counts_equal_the_built_model(config):
     model = _meta_model(config)
     assert parameter_counts(config) == model.parameter_counts()
     assert num_parameters(config) == model.num_parameters()
+    assert largest_block_parameters(config) == _largest_block(model)
 
 
 @pytest.mark.parametrize("name", [*PUBLISHED, *TINY])
@@ -503,6 +509,7 @@ def test_moe_parameter_counts_equal_the_built_model(config):
     model = _meta_model(config)
     assert parameter_counts(config) == model.parameter_counts()
     assert parameter_counts(config)[MOE] > 0
+    assert largest_block_parameters(config) == _largest_block(model)
     # active: the total less, in each MoE block, the experts a token is not routed to
     unused = 0
     for block in model.backbone.layers:

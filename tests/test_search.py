@@ -1,6 +1,7 @@
 """The search pipeline behind `compress search` (compressor/pipelines/search.py): candidates scored
 zero-shot, finalists distilled briefly and ranked, resumable; any candidate materialized."""
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ from compressor.pipelines.records import SearchRecord
 from compressor.pipelines.search import (
     PLOT_FILE,
     SearchConfig,
+    finalist_training,
     load_search,
     materialize,
     resume_calibration,
@@ -36,10 +38,9 @@ def _budget(workspace, share=0.85):
 
 
 def _config(workspace, *, strategy="minipuzzle", options=None, finalists=2):
-    template = TrainConfig(
-        student="", out="", data="", tokens=2 * 8 * SEQ, seq_len=SEQ, batch_size=8, micro_batch_size=4, lr=1e-3,
-        eval_sequences=4, valid_fraction=0.2, eval_every=10**9, device="cpu",
-    )  # fmt: skip
+    template = finalist_training(workspace / "model", tokens=2 * 8 * SEQ, seq_len=SEQ, batch_size=8,
+                                 micro_batch_size=4, lr=1e-3, device="cpu")  # fmt: skip
+    template = dataclasses.replace(template, eval_sequences=4, valid_fraction=0.2)
     options = options if options is not None else {"mamba_head_fractions": (1.0, 0.5), "top_k": 4}
     return SearchConfig(_budget(workspace), template, strategy, options, finalists=finalists)
 
@@ -62,6 +63,11 @@ def test_search_distills_finalists_ranks_them_and_resumes(workspace, tmp_path, m
     assert SearchRecord.from_dict(json.loads((tmp_path / "s" / "search.json").read_text())) == record
     finalists = [c for c in record.candidates if c.finalist]
     assert len(finalists) == 2 and all(c.distilled for c in finalists)
+    for c in finalists:  # each validates once, at its end: a ranking reads nothing before the distillation
+        metrics = (tmp_path / "s" / "candidates" / str(c.index) / "distill" / "metrics.jsonl").read_text()
+        records = [json.loads(line) for line in metrics.splitlines()]
+        last_step = max(r["step"] for r in records if r["kind"] == "train")
+        assert [r["step"] for r in records if r["kind"] == "eval"] == [last_step]
     kls = [record.candidate(i).distilled.val_kl for i in record.ranking]
     assert kls == sorted(kls)
     assert not (tmp_path / "s" / PLOT_FILE).exists()  # the figure is the command line's

@@ -20,7 +20,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from compressor.budget.counts import active_parameters, experts_touched, num_parameters, parameter_counts
+from compressor.budget.counts import (
+    active_parameters,
+    experts_touched,
+    largest_block_parameters,
+    num_parameters,
+    parameter_counts,
+)
 from compressor.budget.memory import (
     DEFAULT_PREFILL_CHUNK,
     MemoryEstimate,
@@ -80,7 +86,7 @@ __all__ = [
     "Precision", "Term", "Workload", "activation_bytes", "active_parameters", "available_memory",
     "check_cache_fits", "check_fits",
     "compute_dtype", "conv_state_bytes", "estimate_memory", "estimate_throughput", "experts_touched",
-    "format_bytes", "get_gpu", "gpu_from_options", "kv_bytes_per_token", "largest_batch",
+    "format_bytes", "get_gpu", "gpu_from_options", "kv_bytes_per_token", "largest_batch", "largest_block_parameters",
     "largest_fitting_batch", "measure", "normalize_dtype", "num_parameters", "parameter_counts",
     "parse_bandwidth", "parse_context", "parse_count", "parse_params", "parse_size", "parse_tokens",
     "register", "resolve_batch", "roofline_terms", "roofline_throughput", "speedup", "ssm_state_bytes", "weight_bytes",

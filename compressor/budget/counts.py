@@ -101,6 +101,11 @@ def parameter_counts(config: HybridConfig) -> dict[str, int]:
     return counts
 
 
+def largest_block_parameters(config: HybridConfig) -> int:
+    """Parameters of the largest block, its mixer and its norm: what a sharded model gathers at once."""
+    return max(_block_parameters(config, spec) for spec, _ in _block_groups(config)) + config.hidden_size
+
+
 def num_parameters(config: HybridConfig) -> int:
     """Total parameters (tied embeddings once)."""
     return sum(parameter_counts(config).values())
