@@ -725,8 +725,8 @@ def finalist_training(
     return TrainConfig(
         student="", out="", data="", teacher=str(teacher), tokens=tokens, seq_len=seq_len, batch_size=batch_size,
         micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, eval_every=10**9, eval_at_start=False,
-        eval_sequences=64, save_every=50, seed=seed, device=device, activation_checkpointing=activation_checkpointing, attention_loss=attention_loss,
-        attention_queries=attention_queries,
+        eval_sequences=64, save_every=50, seed=seed, device=device, activation_checkpointing=activation_checkpointing,
+        attention_loss=attention_loss, attention_queries=attention_queries,
     )  # fmt: skip
 
 
