@@ -313,7 +313,8 @@ TeacherCacheOption = Annotated[
     typer.Option(
         "--teacher-cache",
         help="--cache-teacher: the cache's folder (default RUN/teacher_cache). Runs that give the same folder "
-        "share it: the first writes it, the others read it if it holds their teacher's targets for their data.",
+        "share it: the first writes it, the others read it if it holds their teacher's targets for their data "
+        "(and add the sequences it lacks).",
     ),
 ]
 AttentionQueriesOption = Annotated[

@@ -20,6 +20,8 @@ Layout of the cache folder (written to a temporary folder and renamed into place
   (the same).
 Several processes each write their share; the output folder must be on a file system they all see. A write
 that is killed resumes from its last whole part (about `PART_SEQUENCES` sequences a process).
+`extend_teacher_cache` adds sequences to a complete cache (a shared one a longer run reads) as parts
+`{split}-e{n}-r{rank}-p{part}.safetensors`, the n-th extension's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +55,7 @@ from compressor.outputs import (
     open_tensors,
     read_json,
     save_tensors,
+    swap_in,
 )
 
 META = "teacher_cache.json"
@@ -94,7 +99,7 @@ def write_teacher_cache(
         seed=seed,
         slots=slots_per_token(k, vocab, targets),
         teacher=teacher_id,
-        positions=positions_digest(splits),
+        positions=positions_digest({name: positions for name, (_, positions) in splits.items()}),
         data=data if data is not None else {name: sequences.fingerprint() for name, (sequences, _) in splits.items()},
     )
     layout = {"processes": world.size, "batch_size": batch_size}
@@ -148,6 +153,76 @@ def write_teacher_cache(
     distributed.barrier(world)
 
 
+def extend_teacher_cache(
+    folder: Path,
+    teacher: HybridLM,
+    splits: dict[str, tuple[TokenSequences, np.ndarray]],
+    top_k: int,
+    temperature: float,
+    world: distributed.World,
+    *,
+    targets: str = "top-k",
+    seed: int = 0,
+    batch_size: int = 16,
+    teacher_id: str = "",
+    data: dict[str, str] | None = None,
+    say: Callable[[str], None] = lambda text: None,
+) -> None:
+    """Add to the complete cache in `folder` the sequences at the given positions of each split, which it
+    lacks (a run longer than the one that wrote it): the same targets a whole write gives them, since a
+    sequence's draws depend on its place in the split only. They are written as a cache of their own beside
+    it (`write_teacher_cache`, which resumes after a kill), then a copy of the cache holding its parts (hard
+    links), the new ones (`{split}-e{n}-r{rank}-p{part}`) and the metadata of both takes its place
+    (`outputs.swap_in`: a kill leaves the old cache or the new one). The caller holds the folder's lock."""
+    folder = Path(folder)
+    extension = folder.with_name(f".{folder.name}.extension")
+    digest = positions_digest({name: positions for name, (_, positions) in splits.items()})
+    done = world.is_main and TeacherCache.is_complete(extension) and _read_meta(extension).positions == digest
+    if not all_reduce_sum([float(done)], world)[0]:  # written whole before a kill stopped the merge: merged as it is
+        write_teacher_cache(extension, teacher, splits, top_k, temperature, world, targets=targets, seed=seed,
+                            batch_size=batch_size, teacher_id=teacher_id, data=data, say=say)  # fmt: skip
+    if world.is_main:
+        _merge(folder, extension)
+    distributed.barrier(world)
+
+
+def _merge(folder: Path, extension: Path) -> None:
+    """`folder`'s cache with `extension`'s parts, put in its place (`extend_teacher_cache`)."""
+    meta = _read_meta(folder)
+    generations = [int(p.name.split("-")[1][1:]) for p in folder.glob("*-e*-r*-p*.safetensors")]
+    tag = f"e{max(generations, default=0) + 1}"
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # a merge killed before its swap (the lock is ours)
+        shutil.rmtree(stale, ignore_errors=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    for path in sorted(folder.glob("*-r*-p*.safetensors")):
+        _link(path, staged / path.name)
+    for path in sorted(extension.glob("*-r*-p*.safetensors")):
+        split, rest = path.name.split("-", 1)
+        _link(path, staged / f"{split}-{tag}-{rest}")
+    held: dict[str, list[np.ndarray]] = {}
+    for path in sorted(staged.glob("*.safetensors")):
+        with open_tensors(path, "a teacher cache part") as handle:
+            held.setdefault(path.name.split("-")[0], []).append(handle.get_tensor("sequence").numpy())
+    union = {split: np.sort(np.concatenate(parts)) for split, parts in held.items()}
+    merged = dataclasses.replace(
+        meta,
+        sequences={split: len(positions) for split, positions in union.items()},
+        positions=positions_digest(union),
+        complete=True,
+    )
+    (staged / META).write_text(json.dumps(dataclasses.asdict(merged), indent=2) + "\n")
+    swap_in(staged, folder)
+    shutil.rmtree(extension, ignore_errors=True)
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` as a hard link of `source` (no copy of a large part), else a copy (a file system without)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def check_cache_folder(folder: Path, inputs: tuple[str | Path | None, ...]) -> None:
     """Refuse a teacher cache folder that a write would harm: a file, a link, a folder holding anything but a
     cache (a rebuild replaces the folder), or one inside an input (inputs are never written)."""
@@ -179,11 +254,11 @@ def bytes_per_token(slots: int, targets: str) -> int:
     return (12 if targets == "sampled" else 8) * slots
 
 
-def positions_digest(splits: dict[str, tuple[TokenSequences, np.ndarray]]) -> str:
-    """A short hash of which sequences of which split a cache holds."""
+def positions_digest(positions: dict[str, np.ndarray]) -> str:
+    """A short hash of which sequences (positions) of which split a cache holds."""
     digest = hashlib.sha256()
-    for name, (_, positions) in splits.items():
-        digest.update(name.encode() + b":" + np.ascontiguousarray(positions, dtype=np.int64).tobytes())
+    for name, held in positions.items():
+        digest.update(name.encode() + b":" + np.ascontiguousarray(held, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -352,7 +427,7 @@ class TeacherCache:
         self.where: dict[str, dict[int, tuple[int, int]]] = {}
         self._open = contextlib.ExitStack()  # the parts stay open (memory-mapped) for the run
         for path in sorted(folder.glob("*-r*-p*.safetensors")):
-            split = path.name.split("-r")[0]
+            split = path.name.split("-")[0]  # {split}-r{rank}-p{part}, or {split}-e{n}-r... for an extension's
             handle = self._open.enter_context(open_tensors(path, "a teacher cache part"))
             _check_part(path, handle, meta)
             files = self.files.setdefault(split, [])
@@ -364,8 +439,7 @@ class TeacherCache:
             if len(self.where.get(split, {})) != count:
                 raise CompressorError(f"the teacher cache in {folder} is incomplete for {split}: delete it to rebuild")
         for split, positions in (needed or {}).items():
-            held = self.where.get(split, {})
-            missing = sum(int(p) not in held for p in positions)
+            missing = len(self.lacking({split: positions})[split])
             if missing:
                 raise CompressorError(
                     f"the teacher cache in {folder} lacks {missing:,} of the {len(positions):,} {split} sequences the "
@@ -382,6 +456,17 @@ class TeacherCache:
             return _read_meta(Path(folder)).complete
         except CompressorError:
             return False
+
+    def lacking(self, needed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The positions of `needed` (per split) that the cache does not hold."""
+        return {
+            split: np.array([p for p in positions.tolist() if p not in self.where.get(split, {})], dtype=np.int64)
+            for split, positions in needed.items()
+        }
+
+    def close(self) -> None:
+        """Let go of the parts (a cache about to be replaced by a larger one)."""
+        self._open.close()
 
     def get(self, split: str, positions: np.ndarray, device: torch.device) -> CachedTeacher:
         """The cached targets of the sequences at `positions` of `split`, flattened to (tokens, k)."""

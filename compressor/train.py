@@ -61,11 +61,18 @@ from compressor.outputs import (
     recover,
     refuse_links,
     save_tensors,
+    settle,
     staging,
     swap_in,
 )
 from compressor.tasks import TASKS, RetrievalConfig, TaskScorer
-from compressor.teacher_cache import TARGETS, TeacherCache, check_cache_folder, write_teacher_cache
+from compressor.teacher_cache import (
+    TARGETS,
+    TeacherCache,
+    check_cache_folder,
+    extend_teacher_cache,
+    write_teacher_cache,
+)
 
 STATE_FILE = "trainer_state.json"
 QUANTIZED_DIR = "quantized"  # the quantized export of a quantization-aware run
@@ -844,22 +851,38 @@ def _teacher_cache(
     config, world, teacher, train_set, valid_set, accum, total_steps, out, reporter, first=lambda: None
 ) -> TeacherCache:
     """The teacher's targets over the sequences the run will see, written once (resuming a write that was
-    killed) and reused; `first` is called before a write begins."""
+    killed) and reused; a shared cache (--teacher-cache) that lacks some of them, written by a shorter run,
+    has them added. `first` is called before a write begins."""
     cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else out / "teacher_cache"
     targets = config.teacher_targets
     micro = config.micro_batch_size
     # only the training sequences the run will see (all of them once it passes an epoch)
     batches = _micro_batches(train_set, micro, config.seed, 0)
-    needed = min(total_steps * accum * world.size, train_set.num_batches(micro))
-    used = np.unique(np.concatenate([next(batches) for _ in range(needed)]))
+    seen = min(total_steps * accum * world.size, train_set.num_batches(micro))
+    used = np.unique(np.concatenate([next(batches) for _ in range(seen)]))
     splits = {"train": (train_set, used), "valid": (valid_set, np.arange(len(valid_set)))}
+    needed = {name: positions for name, (_, positions) in splits.items()}
     teacher_id = fingerprint(config.teacher)
     data = {name: sequences.fingerprint() for name, (sequences, _) in splits.items()}
+    options = {"targets": targets, "seed": config.seed, "teacher_id": teacher_id, "data": data, "say": reporter.note}
+
+    def opened(holding: dict[str, np.ndarray] | None = None) -> TeacherCache:
+        return TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed, teacher=teacher_id,
+                            needed=holding, data=data)  # fmt: skip
 
     def missing() -> bool:  # the main process decides for all
         absent = world.is_main and not TeacherCache.is_complete(cache_dir)
         return distributed.all_reduce_sum([float(absent)], world)[0] > 0
 
+    def lacking() -> dict[str, np.ndarray]:  # what the complete cache lacks of the run's sequences; the main decides
+        cache = opened()  # refuses a cache of another teacher, data or targets
+        found = {name: positions for name, positions in cache.lacking(needed).items() if len(positions)}
+        cache.close()
+        any_found = distributed.all_reduce_sum([float(world.is_main and bool(found))], world)[0] > 0
+        return found if any_found else {}
+
+    if world.is_main:
+        settle(cache_dir)  # a cache being put in place by another run's extension, or left aside by a kill
     written = False
     if missing():  # a cache several runs share (--teacher-cache) is written by one of them, under a lock
         with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():
@@ -869,10 +892,20 @@ def _teacher_cache(
                 what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
                 reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
                 write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,
-                                    targets=targets, seed=config.seed, teacher_id=teacher_id, data=data,
-                                    say=reporter.note)  # fmt: skip
-    cache = TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed, teacher=teacher_id,
-                         needed={name: positions for name, (_, positions) in splits.items()}, data=data)  # fmt: skip
+                                    **options)  # fmt: skip
+    if not written and lacking():  # a shared cache of a shorter run: the sequences it lacks are added
+        with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():
+            distributed.barrier(world)  # every process reads it under the main one's lock
+            extra = lacking()  # another run may have added them meanwhile
+            written = bool(extra)
+            if written:
+                first()
+                count = ", ".join(f"{len(positions):,} {name}" for name, positions in extra.items())
+                reporter.note(f"adding the teacher's targets of {count} sequences to the cache in {cache_dir}")
+                adding = {name: (splits[name][0], positions) for name, positions in extra.items()}
+                extend_teacher_cache(cache_dir, teacher, adding, config.top_k, config.loss.temperature, world,
+                                     **options)  # fmt: skip
+    cache = opened(needed)
     cache.written = written
     return cache
 

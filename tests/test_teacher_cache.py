@@ -17,7 +17,7 @@ from compressor.data import TokenSequences
 from compressor.errors import CompressorError
 from compressor.losses import TeacherSample, TeacherTopK
 from compressor.model import HybridLM
-from compressor.teacher_cache import TeacherCache, _targets, write_teacher_cache
+from compressor.teacher_cache import TeacherCache, _targets, extend_teacher_cache, write_teacher_cache
 
 V = 40
 
@@ -193,6 +193,42 @@ def test_a_cache_is_read_only_by_its_teacher_and_for_the_sequences_it_holds(teac
     TeacherCache(tmp_path / "c", 8, 1.0, teacher="abc", needed={"train": np.array([0, 2]), "valid": np.array([4])})
 
 
+def test_an_extended_cache_holds_what_one_whole_write_holds(teacher, tmp_path, monkeypatch):
+    import compressor.teacher_cache as module
+
+    world = distributed.World(device=torch.device("cpu"))
+    kwargs = {"targets": "sampled", "seed": 3, "batch_size": 2, "teacher_id": "abc"}
+    whole = _splits()
+    write_teacher_cache(tmp_path / "whole", teacher, whole, 8, 1.0, world, **kwargs)
+    (sequences, train), (_, valid) = whole["train"], whole["valid"]
+    write_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[:2]), "valid": (sequences, valid)}, 8,
+                        1.0, world, **kwargs)  # fmt: skip
+    reader = TeacherCache(tmp_path / "c", 8, 1.0, "sampled", 3)
+    assert [len(p) for p in reader.lacking({"train": train, "valid": valid}).values()] == [4, 0]
+    reader.close()
+    extend_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[2:4])}, 8, 1.0, world, **kwargs)
+    # a kill after the added sequences were written, before the merge: the next extension merges them as they are
+    real_swap, writes = module.swap_in, []
+    monkeypatch.setattr(module, "swap_in", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        extend_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[4:])}, 8, 1.0, world, **kwargs)
+    monkeypatch.setattr(module, "swap_in", real_swap)
+    monkeypatch.setattr(module, "_write_part", lambda path, parts: writes.append(path.name))
+    extend_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[4:])}, 8, 1.0, world, **kwargs)
+    assert writes == [] and sorted(p.name for p in tmp_path.iterdir()) == ["c", "whole"]
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.safetensors")) == [
+        "train-e1-r0-p0.safetensors", "train-e2-r0-p0.safetensors", "train-r0-p0.safetensors",
+        "valid-r0-p0.safetensors",
+    ]  # fmt: skip
+    extended = TeacherCache(tmp_path / "c", 8, 1.0, "sampled", 3, teacher="abc",
+                            needed={"train": train, "valid": valid})  # fmt: skip
+    once = TeacherCache(tmp_path / "whole", 8, 1.0, "sampled", 3)
+    assert module._read_meta(tmp_path / "c").positions == module._read_meta(tmp_path / "whole").positions
+    for split, positions in (("train", train[::-1]), ("valid", valid)):
+        got, want = (cache.get(split, positions, torch.device("cpu")) for cache in (extended, once))
+        assert all(torch.equal(getattr(got, n), getattr(want, n)) for n in ("indices", "log_probs", "weights"))
+
+
 def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_runs(teacher, tmp_path, monkeypatch):
     import compressor.outputs as outputs
 
@@ -243,6 +279,12 @@ TWO_PROCESSES = textwrap.dedent(
     module._write_part = lambda path, parts: written.append(path.name) or real(path, parts)
     module.write_teacher_cache(out + "/again", _teacher(), _splits(), 8, 1.0, world, **kwargs)
     open(out + f"/written-{{world.rank}}", "w").write(" ".join(written))
+    module._write_part = real
+    (sequences, train), valid = _splits()["train"], _splits()["valid"]
+    module.write_teacher_cache(out + "/short", _teacher(), {{"train": (sequences, train[:2]), "valid": valid}}, 8, 1.0,
+                               world, **kwargs)
+    module.extend_teacher_cache(out + "/short", _teacher(), {{"train": (sequences, train[2:])}}, 8, 1.0, world,
+                                **kwargs)
     distributed.close(world)
     """
 )
@@ -262,7 +304,11 @@ def test_two_processes_write_and_resume_the_cache_one_process_writes(tmp_path):
     ]
     world = distributed.World(device=torch.device("cpu"))
     write_teacher_cache(tmp_path / "one", _teacher(), _splits(), 8, 1.0, world, targets="sampled", seed=3, batch_size=1)
-    one, two = (TeacherCache(tmp_path / name, 8, 1.0, "sampled", 3) for name in ("one", "again"))
-    for split, (_, positions) in _splits().items():
-        a, b = one.get(split, positions, torch.device("cpu")), two.get(split, positions, torch.device("cpu"))
-        assert all(torch.equal(getattr(a, name), getattr(b, name)) for name in ("indices", "weights", "log_probs"))
+    one, two, extended = (TeacherCache(tmp_path / name, 8, 1.0, "sampled", 3) for name in ("one", "again", "short"))
+    for split, (_, positions) in _splits().items():  # and a cache the two processes extended
+        a = one.get(split, positions, torch.device("cpu"))
+        for b in (two.get(split, positions, torch.device("cpu")), extended.get(split, positions, torch.device("cpu"))):
+            assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("indices", "weights", "log_probs"))
+    assert sorted(p.name for p in (tmp_path / "short").glob("train-e*")) == [
+        "train-e1-r0-p0.safetensors", "train-e1-r1-p0.safetensors"
+    ]  # fmt: skip

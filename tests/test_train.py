@@ -201,6 +201,18 @@ def test_runs_share_a_teacher_cache_folder_that_holds_their_teachers_targets_for
     assert not any(n.startswith("caching") for n in runs["second"][2]) and runs["second"][0].teacher_seconds == 0
     assert all(torch.equal(runs["second"][1][k], runs["own"][1][k]) for k in runs["own"][1])
     assert not (tmp_path / "first" / "teacher_cache").exists() and (shared / "teacher_cache.json").is_file()
+    # a longer run adds the sequences it lacks to the shared cache, and trains as from a cache of its own
+    for name, cache in (("longer", shared), ("own-longer", None)):
+        notes = []
+        reporter = SilentReporter()
+        reporter.note = notes.append
+        config = _config(workspace, tmp_path / name, teacher=str(workspace / "teacher"), steps=4, cache_teacher=True,
+                         top_k=8, teacher_cache_dir=None if cache is None else str(cache))  # fmt: skip
+        runs[name] = (train(config, reporter), _weights(tmp_path / name / "model"), notes)
+    added = [n for n in runs["longer"][2] if n.startswith("adding")]
+    assert added == [f"adding the teacher's targets of 16 train sequences to the cache in {shared}"], runs["longer"][2]
+    assert all(torch.equal(runs["longer"][1][k], runs["own-longer"][1][k]) for k in runs["own-longer"][1])
+    assert sorted(p.name for p in shared.glob("train-e1-*")) == ["train-e1-r0-p0.safetensors"]
     other = _config(workspace, tmp_path / "other", teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
                     top_k=8, teacher_cache_dir=str(shared), seq_len=16)  # fmt: skip
     notes = []
