@@ -465,7 +465,7 @@ class TeacherCache:
         }
 
     def close(self) -> None:
-        """Let go of the parts (a cache about to be replaced by a larger one)."""
+        """Let go of the parts (a cache opened only to see what it lacks)."""
         self._open.close()
 
     def get(self, split: str, positions: np.ndarray, device: torch.device) -> CachedTeacher:
