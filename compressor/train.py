@@ -881,8 +881,8 @@ def _teacher_cache(
         any_found = distributed.all_reduce_sum([float(world.is_main and bool(found))], world)[0] > 0
         return found if any_found else {}
 
-    if world.is_main:
-        settle(cache_dir)  # a cache being put in place by another run's extension, or left aside by a kill
+    if world.is_main and config.teacher_cache_dir:  # a shared cache being put in place by another run's extension,
+        settle(cache_dir)  # or left aside by a kill
     written = False
     if missing():  # a cache several runs share (--teacher-cache) is written by one of them, under a lock
         with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():

@@ -213,6 +213,17 @@ def test_runs_share_a_teacher_cache_folder_that_holds_their_teachers_targets_for
     assert added == [f"adding the teacher's targets of 16 train sequences to the cache in {shared}"], runs["longer"][2]
     assert all(torch.equal(runs["longer"][1][k], runs["own-longer"][1][k]) for k in runs["own-longer"][1])
     assert sorted(p.name for p in shared.glob("train-e1-*")) == ["train-e1-r0-p0.safetensors"]
+    # a kill in the middle of that swap (the larger cache aside, not yet in place): the next run puts it there
+    shared.rename(tmp_path / ".shared.new-0000abcd")
+    notes = []
+    reporter = SilentReporter()
+    reporter.note = notes.append
+    config = _config(workspace, tmp_path / "after-kill", teacher=str(workspace / "teacher"), steps=4,
+                     cache_teacher=True, top_k=8, teacher_cache_dir=str(shared))  # fmt: skip
+    assert train(config, reporter).teacher_seconds == 0 and shared.is_dir()
+    assert not any(n.startswith(("caching", "adding")) for n in notes), notes
+    after = _weights(tmp_path / "after-kill" / "model")
+    assert all(torch.equal(after[k], runs["own-longer"][1][k]) for k in after)
     other = _config(workspace, tmp_path / "other", teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
                     top_k=8, teacher_cache_dir=str(shared), seq_len=16)  # fmt: skip
     notes = []
