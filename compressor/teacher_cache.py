@@ -154,33 +154,21 @@ def write_teacher_cache(
 
 
 def extend_teacher_cache(
-    folder: Path,
-    teacher: HybridLM,
-    splits: dict[str, tuple[TokenSequences, np.ndarray]],
-    top_k: int,
-    temperature: float,
-    world: distributed.World,
-    *,
-    targets: str = "top-k",
-    seed: int = 0,
-    batch_size: int = 16,
-    teacher_id: str = "",
-    data: dict[str, str] | None = None,
-    say: Callable[[str], None] = lambda text: None,
+    folder: Path, positions: dict[str, np.ndarray], world: distributed.World, write: Callable[[Path], None]
 ) -> None:
-    """Add to the complete cache in `folder` the sequences at the given positions of each split, which it
-    lacks (a run longer than the one that wrote it): the same targets a whole write gives them, since a
-    sequence's draws depend on its place in the split only. They are written as a cache of their own beside
-    it (`write_teacher_cache`, which resumes after a kill), then a copy of the cache holding its parts (hard
-    links), the new ones (`{split}-e{n}-r{rank}-p{part}`) and the metadata of both takes its place
-    (`outputs.swap_in`: a kill leaves the old cache or the new one). The caller holds the folder's lock."""
+    """Add to the complete cache in `folder` the sequences at `positions` (per split), which it lacks (a
+    shared cache a longer run reads). `write(target)` writes their targets as a cache of its own in `target`
+    (`write_teacher_cache` with the cache's settings: the same targets a whole write gives, since a
+    sequence's draws depend on its place in the split only; resumable after a kill), beside `folder`. Then a
+    copy of the cache holding its parts (hard links), the new ones (`{split}-e{n}-r{rank}-p{part}`) and the
+    metadata of both takes its place (`outputs.swap_in`: a kill leaves the old cache or the new one). The
+    caller holds the folder's lock; every process calls it."""
     folder = Path(folder)
     extension = folder.with_name(f".{folder.name}.extension")
-    digest = positions_digest({name: positions for name, (_, positions) in splits.items()})
+    digest = positions_digest(positions)
     done = world.is_main and TeacherCache.is_complete(extension) and _read_meta(extension).positions == digest
     if not all_reduce_sum([float(done)], world)[0]:  # written whole before a kill stopped the merge: merged as it is
-        write_teacher_cache(extension, teacher, splits, top_k, temperature, world, targets=targets, seed=seed,
-                            batch_size=batch_size, teacher_id=teacher_id, data=data, say=say)  # fmt: skip
+        write(extension)
     if world.is_main:
         _merge(folder, extension)
     distributed.barrier(world)

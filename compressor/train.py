@@ -864,7 +864,10 @@ def _teacher_cache(
     needed = {name: positions for name, (_, positions) in splits.items()}
     teacher_id = fingerprint(config.teacher)
     data = {name: sequences.fingerprint() for name, (sequences, _) in splits.items()}
-    options = {"targets": targets, "seed": config.seed, "teacher_id": teacher_id, "data": data, "say": reporter.note}
+
+    def write(target: Path, parts: dict[str, tuple[TokenSequences, np.ndarray]]) -> None:
+        write_teacher_cache(target, teacher, parts, config.top_k, config.loss.temperature, world, targets=targets,
+                            seed=config.seed, teacher_id=teacher_id, data=data, say=reporter.note)  # fmt: skip
 
     def opened(holding: dict[str, np.ndarray] | None = None) -> TeacherCache:
         return TeacherCache(cache_dir, config.top_k, config.loss.temperature, targets, config.seed, teacher=teacher_id,
@@ -891,8 +894,7 @@ def _teacher_cache(
                 first()
                 what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
                 reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
-                write_teacher_cache(cache_dir, teacher, splits, config.top_k, config.loss.temperature, world,
-                                    **options)  # fmt: skip
+                write(cache_dir, splits)
     if not written and lacking():  # a shared cache of a shorter run: the sequences it lacks are added
         with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():
             distributed.barrier(world)  # every process reads it under the main one's lock
@@ -903,8 +905,7 @@ def _teacher_cache(
                 count = ", ".join(f"{len(positions):,} {name}" for name, positions in extra.items())
                 reporter.note(f"adding the teacher's targets of {count} sequences to the cache in {cache_dir}")
                 adding = {name: (splits[name][0], positions) for name, positions in extra.items()}
-                extend_teacher_cache(cache_dir, teacher, adding, config.top_k, config.loss.temperature, world,
-                                     **options)  # fmt: skip
+                extend_teacher_cache(cache_dir, extra, world, lambda target: write(target, adding))
     cache = opened(needed)
     cache.written = written
     return cache

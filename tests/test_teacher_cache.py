@@ -206,15 +206,22 @@ def test_an_extended_cache_holds_what_one_whole_write_holds(teacher, tmp_path, m
     reader = TeacherCache(tmp_path / "c", 8, 1.0, "sampled", 3)
     assert [len(p) for p in reader.lacking({"train": train, "valid": valid}).values()] == [4, 0]
     reader.close()
-    extend_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[2:4])}, 8, 1.0, world, **kwargs)
+
+    def extend(positions):  # the cache in c, with the train sequences at `positions` added
+        def write(target):
+            write_teacher_cache(target, teacher, {"train": (sequences, positions)}, 8, 1.0, world, **kwargs)
+
+        extend_teacher_cache(tmp_path / "c", {"train": positions}, world, write)
+
+    extend(train[2:4])
     # a kill after the added sequences were written, before the merge: the next extension merges them as they are
     real_swap, writes = module.swap_in, []
     monkeypatch.setattr(module, "swap_in", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        extend_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[4:])}, 8, 1.0, world, **kwargs)
+        extend(train[4:])
     monkeypatch.setattr(module, "swap_in", real_swap)
     monkeypatch.setattr(module, "_write_part", lambda path, parts: writes.append(path.name))
-    extend_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[4:])}, 8, 1.0, world, **kwargs)
+    extend(train[4:])
     assert writes == [] and sorted(p.name for p in tmp_path.iterdir()) == ["c", "whole"]
     assert sorted(p.name for p in (tmp_path / "c").glob("*.safetensors")) == [
         "train-e1-r0-p0.safetensors", "train-e2-r0-p0.safetensors", "train-r0-p0.safetensors",
@@ -283,8 +290,9 @@ TWO_PROCESSES = textwrap.dedent(
     (sequences, train), valid = _splits()["train"], _splits()["valid"]
     module.write_teacher_cache(out + "/short", _teacher(), {{"train": (sequences, train[:2]), "valid": valid}}, 8, 1.0,
                                world, **kwargs)
-    module.extend_teacher_cache(out + "/short", _teacher(), {{"train": (sequences, train[2:])}}, 8, 1.0, world,
-                                **kwargs)
+    added = {{"train": (sequences, train[2:])}}
+    write = lambda target: module.write_teacher_cache(target, _teacher(), added, 8, 1.0, world, **kwargs)
+    module.extend_teacher_cache(out + "/short", {{"train": train[2:]}}, world, write)
     distributed.close(world)
     """
 )

@@ -189,48 +189,35 @@ def test_runs_share_a_teacher_cache_folder_that_holds_their_teachers_targets_for
     """--teacher-cache: the first run writes the cache, a second reads it (the same training as from a cache of
     its own); a run with other sequences, a folder of other files and a folder in an input are refused."""
     shared = tmp_path / "shared"
-    runs = {}
-    for name, cache in (("first", shared), ("second", shared), ("own", None)):
-        notes = []
+
+    def run(name, cache, steps=2, notes=None, **changes):  # (result, weights, notes) of a cached run
+        notes = [] if notes is None else notes
         reporter = SilentReporter()
         reporter.note = notes.append
-        config = _config(workspace, tmp_path / name, teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
-                         top_k=8, teacher_cache_dir=None if cache is None else str(cache))  # fmt: skip
-        runs[name] = (train(config, reporter), _weights(tmp_path / name / "model"), notes)
+        config = _config(workspace, tmp_path / name, teacher=str(workspace / "teacher"), steps=steps,
+                         cache_teacher=True, top_k=8, teacher_cache_dir=cache and str(cache), **changes)  # fmt: skip
+        return train(config, reporter), _weights(tmp_path / name / "model"), notes
+
+    runs = {name: run(name, cache) for name, cache in (("first", shared), ("second", shared), ("own", None))}
     assert any(n.startswith("caching") for n in runs["first"][2])
     assert not any(n.startswith("caching") for n in runs["second"][2]) and runs["second"][0].teacher_seconds == 0
     assert all(torch.equal(runs["second"][1][k], runs["own"][1][k]) for k in runs["own"][1])
     assert not (tmp_path / "first" / "teacher_cache").exists() and (shared / "teacher_cache.json").is_file()
     # a longer run adds the sequences it lacks to the shared cache, and trains as from a cache of its own
-    for name, cache in (("longer", shared), ("own-longer", None)):
-        notes = []
-        reporter = SilentReporter()
-        reporter.note = notes.append
-        config = _config(workspace, tmp_path / name, teacher=str(workspace / "teacher"), steps=4, cache_teacher=True,
-                         top_k=8, teacher_cache_dir=None if cache is None else str(cache))  # fmt: skip
-        runs[name] = (train(config, reporter), _weights(tmp_path / name / "model"), notes)
+    runs |= {name: run(name, cache, steps=4) for name, cache in (("longer", shared), ("own-longer", None))}
     added = [n for n in runs["longer"][2] if n.startswith("adding")]
     assert added == [f"adding the teacher's targets of 16 train sequences to the cache in {shared}"], runs["longer"][2]
     assert all(torch.equal(runs["longer"][1][k], runs["own-longer"][1][k]) for k in runs["own-longer"][1])
     assert sorted(p.name for p in shared.glob("train-e1-*")) == ["train-e1-r0-p0.safetensors"]
     # a kill in the middle of that swap (the larger cache aside, not yet in place): the next run puts it there
     shared.rename(tmp_path / ".shared.new-0000abcd")
-    notes = []
-    reporter = SilentReporter()
-    reporter.note = notes.append
-    config = _config(workspace, tmp_path / "after-kill", teacher=str(workspace / "teacher"), steps=4,
-                     cache_teacher=True, top_k=8, teacher_cache_dir=str(shared))  # fmt: skip
-    assert train(config, reporter).teacher_seconds == 0 and shared.is_dir()
+    result, weights, notes = run("after-kill", shared, steps=4)
+    assert result.teacher_seconds == 0 and shared.is_dir()
     assert not any(n.startswith(("caching", "adding")) for n in notes), notes
-    after = _weights(tmp_path / "after-kill" / "model")
-    assert all(torch.equal(after[k], runs["own-longer"][1][k]) for k in after)
-    other = _config(workspace, tmp_path / "other", teacher=str(workspace / "teacher"), steps=2, cache_teacher=True,
-                    top_k=8, teacher_cache_dir=str(shared), seq_len=16)  # fmt: skip
+    assert all(torch.equal(weights[k], runs["own-longer"][1][k]) for k in weights)
     notes = []
-    reporter = SilentReporter()
-    reporter.note = notes.append
     with pytest.raises(CompressorError, match="was written for other train sequences"):
-        train(other, reporter)
+        run("other", shared, notes=notes, seq_len=16)
     assert notes == []  # the refusal is the run's one line
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("kept\n")
