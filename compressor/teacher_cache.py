@@ -426,13 +426,12 @@ class TeacherCache:
         for split, count in meta.sequences.items():
             if len(self.where.get(split, {})) != count:
                 raise CompressorError(f"the teacher cache in {folder} is incomplete for {split}: delete it to rebuild")
-        for split, positions in (needed or {}).items():
-            missing = len(self.lacking({split: positions})[split])
-            if missing:
+        for split, absent in self.lacking(needed or {}).items():
+            if len(absent):
                 raise CompressorError(
-                    f"the teacher cache in {folder} lacks {missing:,} of the {len(positions):,} {split} sequences the "
-                    "run reads (it was written for other --data, --steps, --batch-size or --seed): delete the cache "
-                    "to rebuild it"
+                    f"the teacher cache in {folder} lacks {len(absent):,} of the {len(needed[split]):,} {split} "
+                    "sequences the run reads (it was written for other --data, --steps, --batch-size or --seed): "
+                    "delete the cache to rebuild it"
                 )
 
     @staticmethod

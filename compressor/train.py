@@ -877,10 +877,8 @@ def _teacher_cache(
         absent = world.is_main and not TeacherCache.is_complete(cache_dir)
         return distributed.all_reduce_sum([float(absent)], world)[0] > 0
 
-    def lacking() -> dict[str, np.ndarray]:  # what the complete cache lacks of the run's sequences; the main decides
-        cache = opened()  # refuses a cache of another teacher, data or targets
+    def lacking(cache: TeacherCache) -> dict[str, np.ndarray]:  # what it lacks of the run's; the main decides
         found = {name: positions for name, positions in cache.lacking(needed).items() if len(positions)}
-        cache.close()
         any_found = distributed.all_reduce_sum([float(world.is_main and bool(found))], world)[0] > 0
         return found if any_found else {}
 
@@ -895,18 +893,22 @@ def _teacher_cache(
                 what = f"{config.top_k} draws from" if targets == "sampled" else f"the top-{config.top_k} log-probs of"
                 reporter.note(f"caching {what} the teacher's next-token distributions in {cache_dir}")
                 write(cache_dir, splits)
-    if not written and lacking():  # a shared cache of a shorter run: the sequences it lacks are added
+    cache = opened()  # refuses a cache of another teacher, data or targets
+    if not written and lacking(cache):  # a shared cache of a shorter run: the sequences it lacks are added
+        cache.close()
         with output_lock(cache_dir) if world.is_main else contextlib.nullcontext():
             distributed.barrier(world)  # every process reads it under the main one's lock
-            extra = lacking()  # another run may have added them meanwhile
-            written = bool(extra)
-            if written:
+            cache = opened()
+            extra = lacking(cache)  # another run may have added them meanwhile
+            if extra:
+                cache.close()
                 first()
                 count = ", ".join(f"{len(positions):,} {name}" for name, positions in extra.items())
                 reporter.note(f"adding the teacher's targets of {count} sequences to the cache in {cache_dir}")
                 adding = {name: (splits[name][0], positions) for name, positions in extra.items()}
                 extend_teacher_cache(cache_dir, extra, world, lambda target: write(target, adding))
-    cache = opened(needed)
+                written = True
+                cache = opened(needed)
     cache.written = written
     return cache
 
