@@ -395,8 +395,8 @@ def training_options(lr: float) -> list[inspect.Parameter]:
         option("device", DeviceOption, default="auto"),
         option("overwrite", bool, "Replace an existing run folder.", False),
         option("resume", bool, "Continue the run in --out from its checkpoint.", False),
-        option("dry_run", bool, "Print the memory plan per process (--nproc, --gpu) and what fits; train nothing.",
-               False),
+        option("dry_run", bool, "Print the memory plan per process (--nproc, --gpu) and what fits; train nothing. "
+               "Paths given are checked.", False),
         option("quiet", bool, "No live display.", False),
     ]  # fmt: skip
 
@@ -494,7 +494,8 @@ ImportanceDropOneOption = Annotated[
     ),
 ]
 ImportanceDryRunOption = Annotated[
-    bool, typer.Option(help="Print the memory plan per process (--nproc, --gpu); score nothing.")
+    bool,
+    typer.Option(help="Print the memory plan per process (--nproc, --gpu); score nothing. Paths given are checked."),
 ]
 PruneExportConfigOption = Annotated[
     str | None, typer.Option(help="Prune to this ModelOpt export_config (JSON or file) instead of searching.")
@@ -504,7 +505,7 @@ PruneDryRunOption = Annotated[
     bool,
     typer.Option(
         help="Only list the candidates that fit and plan the memory per process (--nproc; the budget's "
-        "--gpu); works on presets and config.json too."
+        "--gpu); works on presets and config.json too. Paths given are checked."
     ),
 ]
 SearchActivationCheckpointingOption = Annotated[
@@ -551,7 +552,7 @@ SearchDryRunOption = Annotated[
     bool,
     typer.Option(
         help="List the candidates that fit and plan the memory per process of importance, scoring "
-        "and a finalist's distillation (--nproc; the budget's --gpu); search nothing."
+        "and a finalist's distillation (--nproc; the budget's --gpu); search nothing. Paths given are checked."
     ),
 ]
 QuantizeKeepOption = Annotated[

@@ -350,7 +350,7 @@ def load_sequences(
     _check_positive("seq_len", seq_len)
     if max_sequences is not None:
         _check_positive("max_sequences", max_sequences)
-    path = _local_path(source)
+    path = local_path(source)
     if path is not None and path.suffix.lower() in TOKEN_SUFFIXES:
         return TokenSequences(_as_int32(_token_rows(path, seq_len)[:max_sequences], path))
     blocks = _packed_blocks(source, path, seq_len, tokenizer, text_field, eos_id, dataset_split)
@@ -402,7 +402,7 @@ def read_sequences(
     `spec.tokenizer` (default: the folder's tokenizer.json) with the model's `eos_id` after each document,
     token files as they are. With `vocab_size`, ids the model's embedding cannot take are refused; fewer
     sequences than `spec.need` are refused."""
-    path = _local_path(spec.path)
+    path = local_path(spec.path)
     token_file = path is not None and path.suffix.lower() in TOKEN_SUFFIXES
     tokenizer = spec.tokenizer
     if not token_file and tokenizer is None:
@@ -461,7 +461,7 @@ def stream_sequences(
     if shuffle_buffer < 0:
         raise DataError(f"shuffle_buffer must be 0 or more, got {shuffle_buffer}")
     _check_seed(seed)
-    path = _local_path(source)
+    path = local_path(source)
     blocks = _packed_blocks(source, path, seq_len, tokenizer, text_field, eos_id, dataset_split)
     rows = (np.array(row) for block in blocks for row in block)  # own copies: a block is not kept alive
     if split != "all":
@@ -520,8 +520,9 @@ def _packed_blocks(
     return _cut_rows(_encode(documents, tokenizer, eos_id), seq_len, source)
 
 
-def _local_path(source: str | Path) -> Path | None:
-    """The local file or folder `source` names, or None for a Hub dataset name."""
+def local_path(source: str | Path) -> Path | None:
+    """The local file or folder `source` names, or None for a Hub dataset name. A DataError for a path
+    that does not exist or a file of a format not read: what a dry run checks of its `--data` too."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() and suffix not in TEXT_BUILDERS and suffix not in TOKEN_SUFFIXES:

@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from compressor import distributed
 from compressor.attention_transfer import Pair, attention_kl, attention_pairs, recording, sample_queries
 from compressor.checkpoint import check_weights, fingerprint, load_model, parse_dtype, write_checkpoint
-from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, read_sequences, tokenizer_file
+from compressor.data import DataSpec, TokenSequences, check_same_tokenizer, local_path, read_sequences, tokenizer_file
 from compressor.errors import CompressorError, OptionError, check_applies, first_line
 from compressor.evaluate import CachedBatch, check_same_vocab, teacher_targets
 from compressor.evaluate import evaluate as evaluate_batches
@@ -415,6 +415,17 @@ def train(
         if main_process and work != out:
             swap_in(work, out)  # an --overwrite run replaces the old one only now that it is complete
     return dataclasses.replace(result, out=out)
+
+
+def check_run(config: TrainConfig) -> None:
+    """What a run checks of its paths before it loads anything, for a dry run to check too: its data (a path
+    that exists, of a format read) and, when `config.out` is given, its output folder (`_prepare_output`:
+    a new run's is new or --overwrite, a resumed one holds a run of the same options). Nothing is written,
+    but for finishing a swap a kill interrupted there, as any command does."""
+    if config.data is not None:
+        local_path(config.data)
+    if config.out is not None:
+        _prepare_output(config, Path(config.out))
 
 
 def _prepare_output(config: TrainConfig, out: Path) -> tuple[Path, dict[str, Any] | None]:

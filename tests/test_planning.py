@@ -9,9 +9,11 @@ from typer.testing import CliRunner
 import cli
 from compressor import planning
 from compressor.budget import GIB, Budget, format_bytes, get_gpu, num_parameters
+from compressor.data import DataError
 from compressor.errors import CompressorError, OptionError
-from compressor.importance import ImportanceOptions
+from compressor.importance import META_FILE, SCORES_FILE, ImportanceOptions, score_shapes
 from compressor.model import HybridLM
+from compressor.outputs import save_tensors
 from compressor.pipelines.importance import ImportanceRunOptions, importance_or_preview
 from compressor.pipelines.preview import CompressionStages, preview_compression, preview_importance, preview_training
 from compressor.pipelines.pruning import PruneConfig, PruneOptions, prune_or_preview
@@ -127,12 +129,49 @@ def test_importance_and_prune_dry_runs_through_their_pipelines(tmp_path):
     stages = CompressionStages(seq_len=8192, batch_size=1, score_samples=64, importance=True)
     assert preview == {**preview_compression("56b", options.config(), stages).to_dict(), "seconds": preview["seconds"]}
     assert [plan["stage"] for plan in preview["memory_plans"]] == ["importance", "scoring"]
-    reused = prune_or_preview("56b", None, dataclasses.replace(options, importance_dir="scores"), dry_run=True)
+    scores = _importance_folder(tmp_path / "scores", get_preset("56b"))
+    reused = prune_or_preview("56b", None, dataclasses.replace(options, importance_dir=scores), dry_run=True)
     assert [plan.plan.stage for plan in reused.memory.stages] == ["scoring"]  # importance reused, not planned
     with pytest.raises(OptionError, match="out is needed"):
         prune_or_preview("56b", None, options)
     with pytest.raises(OptionError, match="export_config is not a valid JSON object"):
         prune_or_preview("56b", tmp_path / "pruned", dataclasses.replace(options, export_config="{not json"))
+
+
+def _importance_folder(folder, config) -> str:
+    """An importance folder with a table of ones for each score of a model with `config`."""
+    folder.mkdir()
+    save_tensors({name: torch.ones(shape) for name, shape in score_shapes(config).items()}, folder / SCORES_FILE)
+    (folder / META_FILE).write_text("{}")
+    return str(folder)
+
+
+def test_a_dry_run_checks_the_paths_it_is_given(tmp_path):
+    """What a run would stop on before its long work stops its dry run too (`source.check_paths`): data not
+    found, a folder that holds no scores or scores of another model, an output that exists or is an input.
+    Paths left out are not needed to plan, and nothing is written."""
+    (tmp_path / "text.txt").write_text("some text")
+    budget = Budget.from_options(target_mem="88.83GiB", ctx="8k", gpu="h100")
+    options = PruneOptions(budget=budget, strategy="minitron", seq_len=8192, data=str(tmp_path / "text.txt"))
+    tiny_scores = _importance_folder(tmp_path / "tiny_scores", get_preset("tiny"))
+    before = sorted(tmp_path.rglob("*"))
+    assert prune_or_preview("56b", tmp_path / "new", options, dry_run=True).candidates
+    for changed, error, message in (
+        ({"data": str(tmp_path / "missing.txt")}, DataError, "data not found: .*missing.txt does not exist"),
+        ({"importance_dir": str(tmp_path / "text.txt")}, CompressorError, "is not an importance folder"),
+        ({"importance_dir": tiny_scores}, CompressorError, "tiny_scores do not fit this model"),
+    ):
+        with pytest.raises(error, match=message):
+            prune_or_preview("56b", None, dataclasses.replace(options, **changed), dry_run=True)
+    with pytest.raises(CompressorError, match="tiny_scores already exists: choose another path or pass --overwrite"):
+        prune_or_preview("56b", tiny_scores, options, dry_run=True)
+    with pytest.raises(CompressorError, match="holds the input"):
+        prune_or_preview("56b", tmp_path, options, dry_run=True, overwrite=True)
+    with pytest.raises(DataError, match="data not found"):
+        importance_or_preview("56b", None, ImportanceRunOptions(data=str(tmp_path / "missing.txt")), dry_run=True)
+    with pytest.raises(CompressorError, match="already exists"):
+        importance_or_preview("56b", tiny_scores, ImportanceRunOptions(), dry_run=True)
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_dry_run_errors():

@@ -542,6 +542,14 @@ CASES = [
     ([*DISTILL, "--autocast", "fp16"], "--autocast must be auto, bf16 or off"),
     ([*DISTILL[:4], "{root}/too_large.npy", *DISTILL[5:]], "token id 300"),
     ([*DISTILL[:4], "{root}/missing.npy", *DISTILL[5:]], "missing.npy"),
+    # a dry run checks the paths it is given as the run would
+    ([*DISTILL[:4], "{root}/missing.npy", *DISTILL[5:], "--dry-run"], "missing.npy"),
+    ([*DISTILL, "--dry-run", "--resume"], "nothing to resume"),
+    ([*TRAIN[:-1], "{root}/tok", "--dry-run"], "output {root}/tok already exists"),
+    ([*PRUNE, "--target-mem", "1GiB", "--dry-run", "--importance", "{root}/empty"], "is not an importance folder"),
+    ([*IMPORTANCE[:-1], "{root}/model", "--dry-run", "--overwrite"], "output {root}/model is the input"),
+    ([*SEARCH[:-4], "--target-mem", "1GiB", *SEARCH[-2:], "--dry-run", "--resume"], "--resume does not apply to"),
+    ([*SEARCH[:-4], "--target-mem", "1GiB", "--out", "{root}/tok", "--dry-run"], "output {root}/tok already exists"),
     # train
     ([*TRAIN, "--steps", "0"], "--steps must be at least 1"),
     ([*TRAIN, "--lr", "-1"], "--lr must be a positive number"),

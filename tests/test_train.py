@@ -328,6 +328,15 @@ def test_cli_train_and_dry_run(workspace, tmp_path):
     assert not (tmp_path / "d").exists()
     result = runner.invoke(cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "already exists" in result.output and "Traceback" not in result.output
+    # a dry run checks its output folder as the run would: a finished run is continued with --resume only
+    dry_run = ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "r"), "--tokens", "512"]
+    dry_run.append("--dry-run")
+    result = runner.invoke(cli.app, dry_run)
+    assert result.exit_code == 1 and "holds a run with a checkpoint: continue it with --resume" in result.output
+    result = runner.invoke(cli.app, [*dry_run, "--resume"])
+    assert result.exit_code == 0 and "fits on cpu" in result.output
+    result = runner.invoke(cli.app, [*dry_run, "--resume", "--lr", "0.5"])
+    assert result.exit_code == 1 and "--resume with different options: lr" in result.output
     result = runner.invoke(
         cli.app, ["train", str(workspace / "student"), *common, "--out", str(tmp_path / "q"), "--tokens", "2X"]
     )

@@ -24,7 +24,7 @@ from compressor.errors import OptionError
 from compressor.importance import Importance, ImportanceOptions, scores_bytes
 from compressor.outputs import atomic_output, check_free_space, check_output
 from compressor.pipelines.preview import MemoryPreview, preview_importance
-from compressor.pipelines.source import CalibrationConfig, calibrate, check_probe_applies, retrieval_probe
+from compressor.pipelines.source import CalibrationConfig, calibrate, check_paths, check_probe_applies, retrieval_probe
 
 
 @dataclass
@@ -125,10 +125,11 @@ def importance_or_preview(
     on_tokens: Callable[[int, int], None] | None = None,
 ) -> ImportanceRecord | MemoryPreview | None:
     """`compress importance` from its options: with `dry_run`, the memory plan of the scoring (`model` may be
-    a preset or a config.json); else the folder `out` written (`write_importance`; None on the other
-    processes of a torchrun)."""
+    a preset or a config.json) after the checks of the paths given (`check_paths`); else the folder `out`
+    written (`write_importance`; None on the other processes of a torchrun)."""
     check_probe_applies(options, "--drop-one retrieval")
     if dry_run:
+        check_paths(model, out, data=options.data, overwrite=overwrite)
         return preview_importance(model, seq_len=options.seq_len, batch_size=options.batch_size,
                                   drop_one=options.scoring.drop_one != "none", dtype=options.dtype,
                                   nproc=options.nproc, gpu=options.gpu, device=options.device)  # fmt: skip

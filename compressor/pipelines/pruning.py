@@ -37,7 +37,14 @@ from compressor.pipelines.preview import (
 )
 from compressor.pipelines.ranking import ScoreSpec, check_scoring, proxy_scorer, rank, retrieval_record
 from compressor.pipelines.records import COMPRESSION_FILE, CompressionRecord, write_json
-from compressor.pipelines.source import CalibrationConfig, Source, calibrate, check_probe_applies, retrieval_probe
+from compressor.pipelines.source import (
+    CalibrationConfig,
+    Source,
+    calibrate,
+    check_paths,
+    check_probe_applies,
+    retrieval_probe,
+)
 from compressor.presets import load_config_or_preset
 from compressor.prune import write_pruned
 from strategies import Strategy, build_options, get_strategy
@@ -157,11 +164,13 @@ def prune_or_preview(
     say: Callable[[str], None] = print,
 ) -> CompressionRecord | CompressionPreview | None:
     """`compress prune` from its options: with `dry_run`, the preview (the candidates that meet the budget and
-    the memory of each stage; `model` may be a preset or a config.json); else the pruned checkpoint written
-    to `out` (`prune_checkpoint`; None on the other processes of a torchrun)."""
+    the memory of each stage; `model` may be a preset or a config.json) after the checks of the paths given
+    (`check_paths`); else the pruned checkpoint written to `out` (`prune_checkpoint`; None on the other
+    processes of a torchrun)."""
     config = options.config()
     check_probe_applies(options, "a --score with retrieval")
     if dry_run:
+        check_paths(model, out, data=options.data, importance_dir=options.importance_dir, overwrite=overwrite)
         stages = CompressionStages(options.seq_len, options.batch_size, options.score_samples,
                                    options.importance_dir is None, options.dtype)  # fmt: skip
         return preview_compression(model, config, stages, nproc=options.nproc, device=options.device)

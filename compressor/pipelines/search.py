@@ -77,7 +77,14 @@ from compressor.pipelines.records import (
     SearchRecord,
     write_json,
 )
-from compressor.pipelines.source import CalibrationConfig, Source, calibrate, check_probe_applies, retrieval_probe
+from compressor.pipelines.source import (
+    CalibrationConfig,
+    Source,
+    calibrate,
+    check_paths,
+    check_probe_applies,
+    retrieval_probe,
+)
 from compressor.presets import load_config_or_preset
 from compressor.prune import Target, write_pruned
 from compressor.tasks import parse_contexts
@@ -774,12 +781,17 @@ def search_or_preview(
     say: Callable[[str], None] = print,
 ) -> SearchRecord | CompressionPreview | None:
     """`compress search` from its options: with `dry_run`, the preview (the candidates that meet the budget
-    and the memory of each stage; `model` may be a preset or a config.json); else a new search into `out`
-    (`search_architectures`), or with `resume` the one in `out`, continued as its record says: an option
-    written on the command line (`given`, by name) with another value than the record's is refused."""
+    and the memory of each stage; `model` may be a preset or a config.json) after the checks of the paths
+    given (`check_paths`); else a new search into `out` (`search_architectures`), or with `resume` the one
+    in `out`, continued as its record says: an option written on the command line (`given`, by name) with
+    another value than the record's is refused."""
+    if dry_run and resume:
+        raise OptionError("resume", "does not apply to --dry-run, which plans a new search from its options (a "
+                          "resumed one continues as its record says): leave out one of them")  # fmt: skip
     if not resume:  # a resumed search's probe is the record's
         check_probe_applies(options, "a --score with retrieval or --rank-by retrieval")
     if dry_run:
+        check_paths(model, out, data=options.data, importance_dir=options.importance_dir, overwrite=overwrite)
         return _preview(model, options)
     if out is None:
         raise OptionError("out", "is needed for the search folder (or --dry-run to only plan)")

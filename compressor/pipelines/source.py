@@ -25,11 +25,13 @@ import torch
 from compressor import distributed, planning
 from compressor.budget import num_parameters
 from compressor.checkpoint import check_weights, fingerprint, load_model, parse_dtype
-from compressor.data import DataSpec, Need, TokenSequences, read_sequences
+from compressor.data import DataSpec, Need, TokenSequences, local_path, read_sequences
 from compressor.errors import CompressorError, OptionError, check_applies
 from compressor.importance import Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
+from compressor.outputs import check_output
 from compressor.pipelines.records import SourceInfo
+from compressor.presets import load_config_or_preset
 from compressor.tasks import RetrievalConfig, TaskScorer, parse_contexts
 
 
@@ -96,6 +98,27 @@ def check_probe_applies(options: Any, needed: str) -> None:
     if not options.uses_probe:
         probe = ("retrieval_task", "retrieval_ctx", "retrieval_sequences")
         check_applies(options, dict.fromkeys(probe, (needed, False)))
+
+
+def check_paths(
+    model: str | Path,
+    out: str | Path | None,
+    *,
+    data: str | Path | None = None,
+    importance_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> None:
+    """What a dry run checks of the paths its run would read and write, as the run does before its long
+    work, so that a plan is not followed by a launch that stops on them: the data found and of a format read,
+    an importance folder holding scores of `model`'s shapes, and the output folder new (or `overwrite`) and
+    apart from the inputs (`outputs.check_output`). Each is checked where it is given; `model` may be a
+    preset. Nothing is loaded but the scores."""
+    if data is not None:
+        local_path(data)
+    if importance_dir is not None:
+        Importance.load(importance_dir, config=load_config_or_preset(model)[0])
+    if out is not None:
+        check_output(out, overwrite=overwrite, inputs=(model, data, importance_dir))
 
 
 def retrieval_probe(
