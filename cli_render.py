@@ -25,17 +25,19 @@ def _rank() -> int:
 
 
 # Under torchrun every process runs the command: only the first shows progress and results, and every one
-# its errors (marked with its rank when it is not the first).
+# its errors (marked with its rank when it is not the first). A line of text is never broken at the
+# console's width (80 columns in a pipe or a log): a path or a figure stays whole for grep and copy (soft
+# wrap); tables are still laid out to the width.
 RANK = _rank()
-console = Console(quiet=RANK != 0)
-err_console = Console(stderr=True, quiet=RANK != 0)
-_error_console = Console(stderr=True)
+console = Console(quiet=RANK != 0, soft_wrap=True)
+err_console = Console(stderr=True, quiet=RANK != 0, soft_wrap=True)
+_error_console = Console(stderr=True, soft_wrap=True)
 
 
 def print_error(message: str, style: str = "bold red", label: str = "error:") -> None:
     """One error line on stderr, from any process."""
     where = f"rank {RANK}: " if RANK else ""
-    _error_console.print(f"{where}[{style}]{label}[/] {escape(message)}".rstrip(), highlight=False, soft_wrap=True)
+    _error_console.print(f"{where}[{style}]{label}[/] {escape(message)}".rstrip(), highlight=False)
 
 
 KIND_NAMES = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
