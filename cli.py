@@ -551,7 +551,7 @@ def quantize_command(
 # ----- train / distill ----------------------------------------------------------------------------------
 def _train(options: dict[str, Any], plan: dict[str, Any]) -> None:
     """distill and train: the run their options describe (TrainConfig.from_options), planned (--dry-run) or
-    trained with a live display (unless --quiet)."""
+    trained with a live display (with --quiet, only the final line)."""
     from compressor.pipelines.training import train_or_preview
     from compressor.train import TrainConfig
 
@@ -566,7 +566,7 @@ def _train(options: dict[str, Any], plan: dict[str, Any]) -> None:
         reporter.stop()
     if dry_run:
         render_memory_plans(result)
-    elif not quiet:
+    else:
         render_training(result)
 
 

@@ -397,7 +397,7 @@ def training_options(lr: float) -> list[inspect.Parameter]:
         option("resume", bool, "Continue the run in --out from its checkpoint.", False),
         option("dry_run", bool, "Print the memory plan per process (--nproc, --gpu) and what fits; train nothing. "
                "Paths given are checked.", False),
-        option("quiet", bool, "No live display.", False),
+        option("quiet", bool, "Print only the final line: no live display, no validation lines.", False),
     ]  # fmt: skip
 
 

@@ -312,6 +312,8 @@ def test_cli_train_and_dry_run(workspace, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert _records(tmp_path / "r")[-1]["step"] == 2  # 512 tokens / (8 x 32) per step
+    (line,) = result.output.splitlines()  # --quiet: the final line only
+    assert line.startswith("done: 2 steps, 512 tokens; checkpoint in") and "val loss" in line
     result = runner.invoke(
         cli.app,
         [
