@@ -327,6 +327,7 @@ def importance(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    resume: Annotated[bool, typer.Option(help="Continue the estimate of --out that a kill stopped.")] = False,
     dry_run: ImportanceDryRunOption = False,
     json_output: JsonOption = False,
     plan: dict[str, Any] | None = None,
@@ -347,7 +348,8 @@ def importance(
     with progress_bar() as progress:  # shown once scoring starts (never in a dry run)
         bar = progress.add_task("scoring", total=0, visible=False)
         on_tokens = lambda n, total: progress.update(bar, advance=n, total=total, visible=True)  # noqa: E731
-        result = importance_or_preview(model, out, options, dry_run=dry_run, overwrite=overwrite, on_tokens=on_tokens)
+        result = importance_or_preview(model, out, options, dry_run=dry_run, overwrite=overwrite, resume=resume,
+                                       on_tokens=on_tokens, say=say)  # fmt: skip
     if dry_run:
         print_json(result.to_dict()[0]) if json_output else render_memory_plans(result)
     elif result is None:  # another process of a torchrun

@@ -5,6 +5,7 @@ a plain forward pass over the same data.
 
     python benchmarks/importance.py            # the tables in docs/importance.md (about 10 minutes on 2 CPU cores)
     python benchmarks/importance.py --quick    # fewer sequences and seeds
+    python benchmarks/importance.py --cost     # only the cost of estimation
 
 Scores come from `examples/data/sample.txt` (training plays); losses from `examples/data/valid.txt` (held-
 out plays). Every variant is pruned by `compressor.prune.prune` (real slicing, no masks).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compressor import distributed  # noqa: E402
 from compressor.checkpoint import load_model  # noqa: E402
 from compressor.data import load_sequences, load_tokenizer  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
-from compressor.importance import Importance, ImportanceOptions, estimate  # noqa: E402
+from compressor.importance import EstimateProgress, Importance, ImportanceOptions, estimate  # noqa: E402
 from compressor.model import Attention, MambaMixer  # noqa: E402
 from compressor.prune import Target, prune  # noqa: E402
 
@@ -101,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "examples" / "model"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cost", action="store_true", help="only the cost of estimation (about 30 s)")
     args = parser.parse_args()
     seq_len = 256
     calib_n, valid_n, seeds = (16, 16, 2) if args.quick else (64, 64, 5)
@@ -116,14 +120,23 @@ def main() -> None:
     def batches(data):
         return list(data.batches(8, shuffle=False, drop_last=False))
 
+    if not args.cost:
+        quality(model, args.model, calib, valid, seeds, batches)
+    cost(model, batches(calib), calib_n, seq_len)
+
+
+def quality(model, path: str, calib, valid, seeds, batches) -> None:
+    """The table: held-out loss after pruning one axis by our scores, random ones and weight magnitude."""
+
     def loss(target, scores) -> float:
         return evaluate(prune(model, scores, target), batches(valid)).loss
 
+    calib_n, valid_n, seq_len = len(calib), len(valid), calib.seq_len
     ours = estimate(model, batches(calib), ImportanceOptions(drop_one="kl"))
     ssm_out = estimate(model, batches(calib), ImportanceOptions(mamba_signal="ssm_out"))
     magnitude = magnitude_scores(model)
     base = evaluate(model, batches(valid)).loss
-    print(f"example model {args.model}: validation loss {base:.4f} unpruned ({valid_n} x {seq_len} held-out tokens)")
+    print(f"example model {path}: validation loss {base:.4f} unpruned ({valid_n} x {seq_len} held-out tokens)")
     print(f"scores from {calib_n} x {seq_len} calibration tokens; random = mean of {seeds} seeds\n")
     print("| axis | removed | ours | random | magnitude |")
     print("|---|---:|---:|---:|---:|")
@@ -149,10 +162,13 @@ def main() -> None:
                 alt = loss(target, ssm_out)
                 print(f"| {axis} (`--mamba-signal ssm_out`) | {fraction:.0%} | {alt:.4f} | {rand:.4f} | {mag:.4f} |")
 
-    # cost: activation importance (hooks) vs a plain forward over the same data
-    data = batches(calib)
-    timings = {"plain forward": [], "importance (hooks)": []}
-    with torch.inference_mode():
+
+def cost(model, data, calib_n: int, seq_len: int) -> None:
+    """Activation importance (hooks) against a plain forward over the same data; and with its progress saved
+    after every batch but the last (`compress importance` saves it at most 20 times a pass)."""
+    timings = {"plain forward": [], "importance (hooks)": [], "saved": []}
+    world = distributed.World(device=torch.device("cpu"))
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as scratch:
         for _ in range(3):
             start = time.perf_counter()
             for ids in data:
@@ -161,10 +177,15 @@ def main() -> None:
             start = time.perf_counter()
             estimate(model, data)
             timings["importance (hooks)"].append(time.perf_counter() - start)
-    plain = min(timings["plain forward"])
-    hooks = min(timings["importance (hooks)"])
+            progress = EstimateProgress(Path(scratch) / "progress.safetensors", world, {})
+            start = time.perf_counter()
+            estimate(model, data, progress=progress)
+            timings["saved"].append(time.perf_counter() - start)
+            progress.path.unlink()
+    plain, hooks, saved = (min(timings[k]) for k in ("plain forward", "importance (hooks)", "saved"))
     print(f"\ncost over {calib_n} x {seq_len} tokens (best of 3): plain forward {plain:.2f} s, importance "
-          f"{hooks:.2f} s, ratio {hooks / plain:.2f}x")  # fmt: skip
+          f"{hooks:.2f} s, ratio {hooks / plain:.2f}x; with its progress saved after {len(data) - 1} of "
+          f"{len(data)} batches {saved:.2f} s, {saved / hooks:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

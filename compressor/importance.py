@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -116,6 +116,18 @@ class _Statistic:
             self.value = self.value + part
         self.samples += a.shape[0]
 
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        """What it has reduced so far, as tensors named after `name` (`load_state` puts them back)."""
+        state = {f"{name}.samples": torch.tensor(self.samples)}
+        if self.value is not None:
+            state[f"{name}.value"] = self.value
+        return state
+
+    def load_state(self, name: str, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.samples = int(state[f"{name}.samples"])
+        value = state.get(f"{name}.value")
+        self.value = None if value is None else value.to(device)
+
     def finish(self, world: distributed.World) -> torch.Tensor:
         value, samples = self.value, self.samples
         if value is None:
@@ -161,6 +173,13 @@ class _ExpertTraffic:
     def add_output(self, expert: int, output: torch.Tensor) -> None:
         """One expert's outputs (its tokens, width), before the router weight."""
         self.norms[expert] += torch.linalg.vector_norm(output.detach().float(), dim=-1).sum().double()
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.{sums}": getattr(self, sums) for sums in ("mass", "tokens", "norms")}
+
+    def load_state(self, name: str, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        for sums in ("mass", "tokens", "norms"):
+            setattr(self, sums, state[f"{name}.{sums}"].to(device))
 
     def finish(self, world: distributed.World) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(routing mass, tokens, mean output norm per routed token), (experts,) each."""
@@ -522,6 +541,29 @@ class _Collector:
         for handle in self.handles:
             handle.remove()
 
+    def _sums(self) -> Iterator[tuple[str, _Statistic | _ExpertTraffic]]:
+        """Every running reduction, by a name that is the same in every run on the same model."""
+        yield from ((f"hidden.{key}", stat) for key, stat in self.hidden.items())
+        yield from ((f"ffn.{i}", stat) for i, stat in self.ffn.items())
+        yield from ((f"mamba.{i}", stat) for i, (stat, _, _) in self.mamba.items())
+        yield from ((f"attention.{i}", stat) for i, (stat, _, _) in self.attention.items())
+        yield from ((f"traffic.{i}", traffic) for i, traffic in self.traffic.items())
+        for i, stats in self.expert_ffn.items():
+            yield from ((f"expert_ffn.{i}.{e}", stat) for e, stat in enumerate(stats))
+        yield from ((f"shared_ffn.{i}", stat) for i, stat in self.shared_ffn.items())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything summed so far (this process's share), for `EstimateProgress`."""
+        state = {"influence": self.influence, "tokens": torch.tensor(self.tokens)}
+        for name, sums in self._sums():
+            state.update(sums.state(name))
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.influence, self.tokens = state["influence"].clone(), int(state["tokens"])
+        for name, sums in self._sums():
+            sums.load_state(name, state, device)
+
     def finish(self, world: distributed.World) -> dict[str, Any]:
         hidden = sum(stat.finish(world) for stat in self.hidden.values())
         influence = self.influence.clone()
@@ -557,6 +599,7 @@ def estimate(
     meta: dict[str, Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
     retrieval: TaskScorer | None = None,
+    progress: EstimateProgress | None = None,
 ) -> Importance:
     """Score every axis of `model` on calibration batches (batch, seq_len) of token ids.
 
@@ -567,28 +610,28 @@ def estimate(
     blocks sharded, embeddings, norm_f and lm_head whole, which drop-one reads directly),
     give each its share of the batches from `distributed.share` (None: a padding pass): the statistics are
     summed over all, and every process returns the scores of all the batches.
+
+    With `progress`, the estimate is saved every few batches and at each drop-one round, and one that
+    was killed continues from its file, with the same batches, to the scores an uninterrupted one gives.
     """
     options = options or ImportanceOptions()
     world = world or distributed.World(device=model.lm_head.weight.device)
-    batches = list(batches)
-    model.eval()
-    collector = _Collector(model, options)
-    try:
-        for ids in batches:
-            if ids is not None:
-                model.backbone(ids.to(world.device))
-                if on_batch is not None:
-                    on_batch(ids.numel())
-    finally:
-        collector.close()
-    for _ in range(batches.count(None)):
-        distributed.idle_pass(model, world)
-    scores = collector.finish(world)
-    drop, order = None, None
     if options.drop_one == "retrieval" and retrieval is None:
         raise OptionError("drop_one", "retrieval needs a retrieval task to measure the blocks on")
+    batches = list(batches)
+    model.eval()
+    saved = progress.load() if progress is not None else None
+    if saved is not None and on_batch is not None:
+        on_batch(_tokens_done(batches, saved.position, options))  # what was counted before the kill
+    if saved is None or saved.position.phase == 0:
+        scores = _activation_pass(model, batches, options, world, on_batch, progress, saved)
+        if progress is not None and options.drop_one != "none":
+            progress.save(Position(phase=1), {}, _shared(scores, [], None))
+    else:
+        scores = _scores_of(saved.shared)
+    drop, order = None, None
     if options.drop_one != "none":
-        drop, order = _drop_one(model, batches, options, world, on_batch, retrieval)
+        drop, order = _drop_one(model, batches, options, world, on_batch, retrieval, scores, progress, saved)
     return Importance(
         **scores,
         block_drop=drop,
@@ -597,24 +640,61 @@ def estimate(
     )
 
 
-def _drop_one(model, batches, options, world, on_batch, retrieval):
+def _activation_pass(model, batches, options, world, on_batch, progress, saved) -> dict[str, Any]:
+    """The statistics of every axis and the blocks' influence over the batches (from where `saved` was)."""
+    collector = _Collector(model, options)
+    start = 0
+    if saved is not None:
+        collector.load_state(saved.own, world.device)
+        start = saved.position.batch
+    every = _save_interval(batches)
+    try:
+        for index in range(start, len(batches)):
+            ids = batches[index]
+            if ids is None:  # a padding entry, only ever a share's last: its pass runs once the hooks are gone
+                continue
+            model.backbone(ids.to(world.device))
+            if on_batch is not None:
+                on_batch(ids.numel())
+            if progress is not None and _due(index + 1, every, batches):
+                progress.save(Position(batch=index + 1), collector.state(), {})
+    finally:
+        collector.close()
+    for _ in range(batches.count(None)):
+        distributed.idle_pass(model, world)
+    return collector.finish(world)
+
+
+def _drop_one(model, batches, options, world, on_batch, retrieval, scores, progress, saved):
     """Drop-one-block scores; with iterative rounds, the removal order as well."""
     blocks = model.backbone.layers
     removed: list[int] = []
-    first = None
-    for _ in range(max(1, options.iterative_rounds)):
+    first, start = None, Position(phase=1)
+    if saved is not None and saved.position.phase == 1:
+        removed, first, start = saved.shared["drop.removed"].tolist(), saved.shared.get("drop.first"), saved.position
+    for round_ in range(start.round, max(1, options.iterative_rounds)):
         if options.drop_one == "retrieval":
-            scores = _retrieval_round(model, retrieval, set(removed))
+            round_scores = _retrieval_round(model, retrieval, set(removed))
         else:
-            scores = _drop_one_round(model, batches, options.drop_one, set(removed), world, on_batch)
+            resumed = saved.own if round_ == start.round and start.batch else None
+            save = None
+            if progress is not None:
+                shared = _shared(scores, removed, first)
+                save = lambda batch, state, r=round_, shared=shared: progress.save(  # noqa: E731
+                    Position(phase=1, round=r, batch=batch), state, shared
+                )
+            round_scores = _drop_one_round(model, batches, options.drop_one, set(removed), world, on_batch,
+                                           start=start.batch if resumed else 0, state=resumed, save=save)  # fmt: skip
         if first is None:
-            first = scores
+            first = round_scores
         if not options.iterative_rounds:
             break
         candidates = [i for i in range(len(blocks)) if i not in removed]
         if len(candidates) <= 1:
             break
-        removed.append(min(candidates, key=lambda i: scores[i]))
+        removed.append(min(candidates, key=lambda i: round_scores[i]))
+        if progress is not None:
+            progress.save(Position(phase=1, round=round_ + 1), {}, _shared(scores, removed, first))
     return first, (removed or None)
 
 
@@ -628,49 +708,177 @@ def _retrieval_round(model: HybridLM, retrieval: TaskScorer, removed: set[int]) 
     return scores
 
 
-def _drop_one_round(model, batches, metric, removed: set[int], world, on_batch) -> torch.Tensor:
+def _drop_one_round(
+    model, batches, metric, removed: set[int], world, on_batch, *, start: int = 0, state=None, save=None
+) -> torch.Tensor:
     """Per block: the mean KL(full || without this block) or mean LM loss without it, given `removed`
-    blocks are already gone (the reference is the model without `removed`)."""
-    backbone = model.backbone
-    blocks = backbone.layers
-    spec = LossSpec()
-    totals = torch.zeros(len(blocks), dtype=torch.float64)
-    tokens = 0
-    weight = model.lm_head.weight
-    for batch in batches:
-        ids = (batch if batch is not None else distributed.IDLE_IDS).to(world.device)  # None: a padding pass
-        hidden = backbone.embeddings(ids)
-        inputs = []
-        for i, block in enumerate(blocks):
-            inputs.append(hidden)
-            if i not in removed:
-                hidden = block(hidden)
-        reference = backbone.norm_f(hidden).flatten(0, 1)
-        labels = next_token_labels(ids)
-        for i in range(len(blocks)):
-            if i in removed:
-                continue
-            hidden = inputs[i]
-            for j in range(i + 1, len(blocks)):
-                if j not in removed:
-                    hidden = blocks[j](hidden)
-            if batch is None:
-                continue
-            final = backbone.norm_f(hidden).flatten(0, 1)
-            stats = LossStats()
-            if metric == "kl":
-                head_loss(final, weight, spec, teacher=TeacherLogits(reference, weight), stats=stats)
-                totals[i] += float(stats.divergence)
-            else:
-                head_loss(final, weight, spec, labels=labels, stats=stats)
-                totals[i] += float(stats.cross_entropy)
-        if batch is None:
-            continue
-        tokens += ids.numel() if metric == "kl" else int((labels != -100).sum())
-        if on_batch is not None:
-            on_batch(ids.numel())
+    blocks are already gone (the reference is the model without `removed`). From batch `start` on, with the
+    sums `state` had there; `save(batch, state)` every few batches."""
+    totals = torch.zeros(model.config.num_blocks, dtype=torch.float64) if state is None else state["totals"].clone()
+    tokens = 0 if state is None else int(state["tokens"])
+    every = _save_interval(batches)
+    for index in range(start, len(batches)):
+        batch = batches[index]
+        tokens += _drop_one_batch(model, batch, metric, removed, totals, world)
+        if batch is not None and on_batch is not None:
+            on_batch(batch.numel())
+        if save is not None and _due(index + 1, every, batches):
+            save(index + 1, {"totals": totals, "tokens": torch.tensor(tokens)})
     *values, tokens = distributed.all_reduce_sum([*totals.tolist(), tokens], world)
     scores = torch.tensor(values, dtype=torch.float64) / max(tokens, 1)
     for i in removed:
         scores[i] = float("nan")
     return scores.float()
+
+
+def _drop_one_batch(model, batch, metric, removed: set[int], totals: torch.Tensor, world) -> int:
+    """One batch of a drop-one round: each block's KL or loss added to `totals`; returns the tokens they
+    are means over (0 for a padding pass, None, which only takes part in the collectives)."""
+    backbone = model.backbone
+    blocks = backbone.layers
+    spec = LossSpec()
+    weight = model.lm_head.weight
+    ids = (batch if batch is not None else distributed.IDLE_IDS).to(world.device)
+    hidden = backbone.embeddings(ids)
+    inputs = []
+    for i, block in enumerate(blocks):
+        inputs.append(hidden)
+        if i not in removed:
+            hidden = block(hidden)
+    reference = backbone.norm_f(hidden).flatten(0, 1)
+    labels = next_token_labels(ids)
+    for i in range(len(blocks)):
+        if i in removed:
+            continue
+        hidden = inputs[i]
+        for j in range(i + 1, len(blocks)):
+            if j not in removed:
+                hidden = blocks[j](hidden)
+        if batch is None:
+            continue
+        final = backbone.norm_f(hidden).flatten(0, 1)
+        stats = LossStats()
+        if metric == "kl":
+            head_loss(final, weight, spec, teacher=TeacherLogits(reference, weight), stats=stats)
+            totals[i] += float(stats.divergence)
+        else:
+            head_loss(final, weight, spec, labels=labels, stats=stats)
+            totals[i] += float(stats.cross_entropy)
+    if batch is None:
+        return 0
+    return ids.numel() if metric == "kl" else int((labels != -100).sum())
+
+
+# ----- an estimate in progress ------------------------------------------------------------------------
+PROGRESS_FILE = "progress.safetensors"
+SAVES_PER_PASS = 20  # an estimate in progress is saved about every 5% of a pass over the batches
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far an estimate got: the activation pass (`phase` 0) or drop-one round `round` (phase 1), at
+    `batch` of this process's share of the batches."""
+
+    phase: int = 0
+    round: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Saved:
+    """An estimate's progress read back: where it was, this process's running sums, and what every process
+    holds alike (the activation pass's scores, the blocks drop-one removed, its first round's scores)."""
+
+    position: Position
+    own: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor]
+
+
+class EstimateProgress:
+    """An estimate in progress, in one safetensors file that the main process writes for every process and
+    replaces whole (a kill leaves the last one). `settings` (what is estimated: the model, the data, the
+    options, the process count) must be the same to continue it."""
+
+    def __init__(self, path: str | Path, world: distributed.World, settings: dict[str, Any]) -> None:
+        self.path, self.world = Path(path), world
+        self.settings = settings
+
+    def load(self) -> Saved | None:
+        """The progress saved at `path`, or None where there is none; another estimate's is refused."""
+        if not self.path.exists():
+            return None
+        with open_tensors(self.path, "an importance estimate's progress") as f:
+            meta = f.metadata() or {}
+            try:
+                settings, position = json.loads(meta["settings"]), Position(**json.loads(meta["position"]))
+            except (KeyError, TypeError, ValueError):
+                raise CompressorError(f"{self.path} is damaged: start again with --overwrite") from None
+            changed = [key for key in self.settings if settings.get(key) != self.settings[key]]
+            if changed:
+                key = changed[0]
+                raise CompressorError(
+                    f"{self.path} holds an estimate with other settings ({key}: {settings.get(key)} then, "
+                    f"{self.settings[key]} now): continue it with the same ones, or pass --overwrite to start again"
+                )
+            mine = f"rank{self.world.rank}."
+            names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+            own = {name.removeprefix(mine): f.get_tensor(name) for name in names if name.startswith(mine)}
+            shared = {name.removeprefix("shared."): f.get_tensor(name) for name in names if name.startswith("shared.")}
+        return Saved(position, own, shared)
+
+    def save(self, position: Position, own: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
+        """Every process's `own` sums and the main process's `shared` tensors at `position` (a collective:
+        every process calls it at the same point)."""
+        everyone = distributed.gather_objects({k: v.detach().cpu() for k, v in own.items()}, self.world)
+        if not self.world.is_main:
+            return
+        tensors = {f"shared.{k}": v.detach().cpu().contiguous() for k, v in shared.items()}
+        for rank, sums in enumerate(everyone):
+            tensors.update({f"rank{rank}.{k}": v.clone().contiguous() for k, v in sums.items()})
+        metadata = {"settings": json.dumps(self.settings), "position": json.dumps(asdict(position))}
+        save_tensors(tensors, self.path, metadata=metadata)
+
+
+def _save_interval(batches: list) -> int:
+    return max(1, len(batches) // SAVES_PER_PASS)
+
+
+def _due(done: int, every: int, batches: list) -> bool:
+    """Whether to save after `done` batches of a pass: every `every`, never after the last one (where a
+    padding entry may be, and the pass ends anyway)."""
+    return done % every == 0 and done < len(batches)
+
+
+def _tokens_done(batches: list, position: Position, options: ImportanceOptions) -> int:
+    """The tokens of this process's batches that an estimate saved at `position` had run (its progress)."""
+    counted = lambda part: sum(ids.numel() for ids in part if ids is not None)  # noqa: E731
+    if position.phase == 0:
+        return counted(batches[: position.batch])
+    rounds = position.round if options.drop_one in ("kl", "loss") else 0  # retrieval's rounds run no batches
+    return counted(batches) * (1 + rounds) + counted(batches[: position.batch])
+
+
+def _shared(scores: dict[str, Any], removed: list[int], first: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What every process holds alike once the activation pass is done, as named tensors."""
+    shared = {"drop.removed": torch.tensor(removed, dtype=torch.long)}
+    if first is not None:
+        shared["drop.first"] = first
+    for name, value in scores.items():
+        if isinstance(value, dict):
+            shared.update({f"scores.{name}.{i}": table for i, table in value.items()})
+        else:
+            shared[f"scores.{name}"] = value
+    return shared
+
+
+def _scores_of(shared: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The activation pass's scores back from `_shared`'s tensors."""
+    scores: dict[str, Any] = {name: {} for name in PER_BLOCK}
+    for key, value in shared.items():
+        if key.startswith("scores."):
+            name, _, index = key.removeprefix("scores.").partition(".")
+            if name in PER_BLOCK:
+                scores[name][int(index)] = value
+            else:
+                scores[name] = value
+    return scores

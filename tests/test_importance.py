@@ -16,7 +16,7 @@ import cli
 from compressor.checkpoint import fingerprint, save_model
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate
-from compressor.importance import Importance, ImportanceOptions, estimate
+from compressor.importance import EstimateProgress, Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
 from compressor.presets import get_preset
 
@@ -160,6 +160,56 @@ def test_iterative_removal_order(model):
     assert ranked[:3] == rounds.removal_order
 
 
+class _Killed(Exception):
+    pass
+
+
+def _tables(scores: Importance) -> dict[str, torch.Tensor]:
+    tables = {"hidden": scores.hidden, "block_influence": scores.block_influence, "block_drop": scores.block_drop}
+    for name in ("ffn", "mamba", "attention", "expert_routing", "expert_tokens", "expert_ffn", "shared_ffn"):
+        tables.update({f"{name}.{i}": t for i, t in getattr(scores, name).items()})
+    return tables
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_a_killed_estimate_resumes_to_the_same_scores(model, moe_model, which, tmp_path):
+    """An estimate with `progress`, stopped after any batch (of the activation pass, of either drop-one round),
+    continues from its file to the scores of an uninterrupted one, bit for bit; each kill counts again only
+    the batch that was not saved."""
+    net = model if which == "dense" else moe_model
+    batches, options = _batches(count=5), ImportanceOptions(drop_one="kl", iterative_rounds=2)
+    settings_ = {"model": which, "samples": 10}
+    whole = estimate(net, batches, options)
+    passes = 3  # the activation pass and two drop-one rounds, of 5 batches each
+    for stop in (2, 5, 6, 9, 13):
+        path = tmp_path / f"{which}-{stop}.safetensors"
+        counted = []
+
+        def stop_after(tokens, counted=counted, stop=stop):
+            counted.append(tokens)
+            if len(counted) == stop:
+                raise _Killed
+
+        with pytest.raises(_Killed):
+            estimate(net, batches, options, on_batch=stop_after, progress=EstimateProgress(path, _world(), settings_))
+        counted.clear()
+        resumed = estimate(net, batches, options, on_batch=counted.append,
+                           progress=EstimateProgress(path, _world(), settings_))  # fmt: skip
+        assert resumed.removal_order == whole.removal_order
+        for name, table in _tables(whole).items():
+            assert torch.equal(_tables(resumed)[name], table), (stop, name)
+        assert sum(counted) == passes * 5 * 48  # the progress caught up, then counted on
+        assert len(counted) == 1 + passes * 5 - (stop - 1)  # the catch-up, then the batches not saved before
+    with pytest.raises(CompressorError, match=r"other settings \(samples: 10 then, 12 now\): continue it with"):
+        EstimateProgress(path, _world(), {**settings_, "samples": 12}).load()
+
+
+def _world():
+    from compressor import distributed
+
+    return distributed.World(device=torch.device("cpu"))
+
+
 @settings(max_examples=30, deadline=None)
 @given(groups=st.sampled_from([1, 2, 4]), per_group=st.integers(1, 6), seed=st.integers(0, 99), data=st.data())
 def test_group_aware_rankings_keep_equal_counts(groups, per_group, seed, data):
@@ -237,16 +287,27 @@ def test_write_importance_on_two_processes_equals_one(checkpoint, tmp_path):
     assert sum(n for n, _ in progress) == progress[0][1] == 8 * 24 * 2  # scoring, then one drop-one pass
     worker = tmp_path / "worker.py"
     worker.write_text(
-        f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        f"import os, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import compressor.importance as importance\n"
         "from compressor.importance import ImportanceOptions\n"
         "from compressor.pipelines.importance import write_importance\n"
         "from compressor.pipelines.source import CalibrationConfig\n"
-        f"record = write_importance({config!r}, {str(tmp_path / 'two')!r})\n"
-        "assert (record is None) == (int(__import__('os').environ['RANK']) > 0)\n"
+        "saves, real = [], importance.save_tensors\n"
+        "def save_then_die(*args, **kwargs):  # the first launch is killed after the main process's 2nd save\n"
+        "    real(*args, **kwargs)\n"
+        "    saves.append(1)\n"
+        "    if len(saves) == 2 and sys.argv[1] == 'kill':\n"
+        "        os._exit(9)\n"
+        "importance.save_tensors = save_then_die\n"
+        f"record = write_importance({config!r}, {str(tmp_path / 'two')!r}, resume=sys.argv[1] == 'resume')\n"
+        "assert (record is None) == (int(os.environ['RANK']) > 0)\n"
     )
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker)]
-    two = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([*launch, "kill"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and (tmp_path / ".two.incoming" / "progress.safetensors").is_file()
+    two = subprocess.run([*launch, "resume"], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert not (tmp_path / ".two.incoming").exists()
     one, other = Importance.load(tmp_path / "one"), Importance.load(tmp_path / "two")
     for a, b in ((one.hidden, other.hidden), (one.mamba[0], other.mamba[0]), (one.attention[3], other.attention[3])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -257,6 +318,51 @@ def test_write_importance_on_two_processes_equals_one(checkpoint, tmp_path):
     with pytest.raises(CompressorError, match="fewer than --samples 100"):
         write_importance(dataclasses.replace(config, samples=100), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+KILLED_IMPORTANCE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import compressor.importance as importance
+from cli import app
+
+saves, real = [], importance.save_tensors
+
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    saves.append(1)
+    if len(saves) == {kill_after}:
+        os._exit(9)  # a kill: no cleanup, no finally
+
+importance.save_tensors = save_then_die
+app({args!r})
+"""
+
+
+def test_compress_importance_resumes_a_killed_estimate(checkpoint, tmp_path):
+    """`compress importance` killed after its 10th save (of 24: in the first drop-one round) leaves its progress
+    beside the output; the same command refuses to start over it, and with --resume it ends with the scores
+    of an uninterrupted run, bit for bit, and leaves nothing beside the output."""
+    args = ["importance", str(checkpoint / "model"), "--data", str(checkpoint / "tokens.npy"), "--samples", "16",
+            "--seq-len", "24", "--batch-size", "2", "--drop-one", "kl", "--iterative-rounds", "2"]  # fmt: skip
+    assert runner.invoke(cli.app, [*args, "--out", str(tmp_path / "whole")]).exit_code == 0
+    out = tmp_path / "killed"
+    script = KILLED_IMPORTANCE.format(root=str(Path(__file__).resolve().parents[1]), kill_after=10,
+                                      args=[*args, "--out", str(out)])  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert not out.exists() and (tmp_path / ".killed.incoming" / "progress.safetensors").is_file()
+    again = runner.invoke(cli.app, [*args, "--out", str(out)])
+    assert again.exit_code == 1 and "was stopped before its end" in again.output and "--resume" in again.output
+    resumed = runner.invoke(cli.app, [*args, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"continuing the estimate of {out}" in resumed.output
+    whole, done = Importance.load(tmp_path / "whole"), Importance.load(out)
+    assert done.removal_order == whole.removal_order
+    assert all(torch.equal(_tables(done)[name], table) for name, table in _tables(whole).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "whole"]
+    nothing = runner.invoke(cli.app, [*args, "--out", str(tmp_path / "new"), "--resume"])
+    assert nothing.exit_code == 1 and "nothing to resume" in nothing.output
 
 
 # ----- MoE blocks ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from compressor.budget import num_parameters
 from compressor.checkpoint import check_weights, fingerprint, load_model, parse_dtype
 from compressor.data import DataSpec, Need, TokenSequences, local_path, read_sequences
 from compressor.errors import CompressorError, OptionError, check_applies
-from compressor.importance import Importance, ImportanceOptions, estimate
+from compressor.importance import EstimateProgress, Importance, ImportanceOptions, estimate
 from compressor.model import HybridLM
 from compressor.outputs import check_output
 from compressor.pipelines.records import SourceInfo
@@ -178,8 +178,11 @@ def calibrate(
     world: distributed.World | None = None,
     say: Callable[[str], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    progress: Path | None = None,
 ) -> Source:
-    """Load the checkpoint and the data once; read or estimate importance; hold out scoring batches."""
+    """Load the checkpoint and the data once; read or estimate importance; hold out scoring batches. With
+    `progress`, a file, the estimate is saved there as it goes and continued from it (`EstimateProgress`:
+    the same model, data and options)."""
     say = say or (lambda text: None)
     world = world or distributed.World(device=distributed.resolve_device(config.device))
     _check_fits(config, world)
@@ -222,9 +225,14 @@ def calibrate(
         mine = distributed.share(batches, world)
         if retrieval is not None:
             meta["retrieval"] = dataclasses.asdict(config.retrieval)
-        importance = estimate(
-            model, mine, config.importance, world=world, meta=meta, on_batch=on_batch, retrieval=retrieval
-        )
+        saving = None
+        if progress is not None:
+            settings = {**meta, "model": source_fingerprint, "data": sequences.head(config.samples).fingerprint(),
+                        "batch_size": config.batch_size, "dtype": config.dtype,
+                        "options": dataclasses.asdict(config.importance), "processes": world.size}  # fmt: skip
+            saving = EstimateProgress(progress, world, settings)
+        importance = estimate(model, mine, config.importance, world=world, meta=meta, on_batch=on_batch,
+                              retrieval=retrieval, progress=saving)  # fmt: skip
         broken = importance.nonfinite()
         if broken:
             raise CompressorError(
