@@ -182,11 +182,15 @@ def _merge(folder: Path, extension: Path) -> None:
     for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # a merge killed before its swap (the lock is ours)
         shutil.rmtree(stale, ignore_errors=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    for path in sorted(folder.glob("*-r*-p*.safetensors")):
-        _link(path, staged / path.name)
+    parts = [(path, staged / path.name) for path in sorted(folder.glob("*-r*-p*.safetensors"))]
     for path in sorted(extension.glob("*-r*-p*.safetensors")):
         split, rest = path.name.split("-", 1)
-        _link(path, staged / f"{split}-{tag}-{rest}")
+        parts.append((path, staged / f"{split}-{tag}-{rest}"))
+    try:
+        _link_all(parts)
+    except CompressorError:  # no room for a copy: the cache stays as it was, the written extension is kept
+        shutil.rmtree(staged)
+        raise
     held: dict[str, list[np.ndarray]] = {}
     for path in sorted(staged.glob("*.safetensors")):
         with open_tensors(path, "a teacher cache part") as handle:
@@ -203,12 +207,18 @@ def _merge(folder: Path, extension: Path) -> None:
     shutil.rmtree(extension, ignore_errors=True)
 
 
-def _link(source: Path, target: Path) -> None:
-    """`target` as a hard link of `source` (no copy of a large part), else a copy (a file system without)."""
+def _link_all(parts: list[tuple[Path, Path]]) -> None:
+    """Each (source, target) of `parts`: the target a hard link of the source (no copy of a large part); on a
+    file system that refuses hard links, a copy, once the disk is known to hold them all."""
     try:
-        os.link(source, target)
+        for source, target in parts:
+            os.link(source, target)
     except OSError:
-        shutil.copy2(source, target)
+        left = [(source, target) for source, target in parts if not target.exists()]
+        needed = sum(source.stat().st_size for source, _ in left)
+        check_free_space(left[0][1], needed, "copying the teacher cache (this file system refuses hard links)")
+        for source, target in left:
+            shutil.copy2(source, target)
 
 
 def check_cache_folder(folder: Path, inputs: tuple[str | Path | None, ...]) -> None:

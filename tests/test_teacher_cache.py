@@ -236,6 +236,41 @@ def test_an_extended_cache_holds_what_one_whole_write_holds(teacher, tmp_path, m
         assert all(torch.equal(getattr(got, n), getattr(want, n)) for n in ("indices", "log_probs", "weights"))
 
 
+def test_an_extension_copies_where_hard_links_are_refused_once_the_disk_holds_the_copy(teacher, tmp_path, monkeypatch):
+    import compressor.outputs as outputs
+    import compressor.teacher_cache as module
+
+    world = distributed.World(device=torch.device("cpu"))
+    kwargs = {"targets": "sampled", "seed": 3, "batch_size": 2, "teacher_id": "abc"}
+    (sequences, train), (_, valid) = _splits()["train"], _splits()["valid"]
+    write_teacher_cache(tmp_path / "c", teacher, {"train": (sequences, train[:2]), "valid": (sequences, valid)}, 8,
+                        1.0, world, **kwargs)  # fmt: skip
+
+    def extend():
+        def write(target):
+            write_teacher_cache(target, teacher, {"train": (sequences, train[2:])}, 8, 1.0, world, **kwargs)
+
+        extend_teacher_cache(tmp_path / "c", {"train": train[2:]}, world, write)
+
+    monkeypatch.setattr(module.os, "link", lambda source, target: (_ for _ in ()).throw(OSError("no links here")))
+    parts = sum(p.stat().st_size for p in (tmp_path / "c").glob("*.safetensors"))
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: parts)  # the old parts fit, not the new ones too
+    with pytest.raises(CompressorError, match=r"copying the teacher cache \(this file system refuses hard links\)"):
+        extend()
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.safetensors")) == [
+        "train-r0-p0.safetensors", "valid-r0-p0.safetensors"
+    ]  # the cache as it was  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.extension", "c"]  # what it wrote kept for the next
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 10 * parts)
+    writes = []
+    monkeypatch.setattr(module, "_write_part", lambda path, parts: writes.append(path.name))
+    extend()  # the added sequences, written before the refusal, are merged without the teacher
+    assert writes == [] and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    extended = TeacherCache(tmp_path / "c", 8, 1.0, "sampled", 3, teacher="abc", needed={"train": train})
+    assert len(extended.lacking({"train": train})["train"]) == 0
+    assert all(p.stat().st_nlink == 1 for p in (tmp_path / "c").glob("*.safetensors"))  # copies, not links
+
+
 def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_runs(teacher, tmp_path, monkeypatch):
     import compressor.outputs as outputs
 

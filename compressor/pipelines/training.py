@@ -2,9 +2,8 @@
 
 A dry run plans the memory per process (`preview.preview_training`: from the configs alone, so the student
 and teacher may be presets), checks the data and output folder it is given as the run would, and trains
-nothing; a run needs its data and its folder, then trains, or
-resumes, as `compressor.train` does (logit distillation with a teacher, plain language-model training
-without one).
+nothing; a run needs its data and its folder, then trains, or resumes, as `compressor.train` does (logit
+distillation with a teacher, plain language-model training without one).
 """
 
 from __future__ import annotations
