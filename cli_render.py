@@ -79,10 +79,12 @@ def progress_bar() -> Progress:
 
 
 def table(title: str | None, columns: list[str], rows: list[list[str]], *, left: int = 1, **kwargs) -> Table:
-    """A Rich table whose first `left` columns are left-aligned and the rest right-aligned."""
+    """A Rich table whose first `left` columns are left-aligned and the rest right-aligned. A word too long
+    for its column (a path, in a table 80 columns wide) is folded onto the next lines, never cut short:
+    two models in one folder stay told apart."""
     out = Table(title=title, title_justify="left", **kwargs)
     for i, column in enumerate(columns):
-        out.add_column(column, justify="left" if i < left else "right")
+        out.add_column(column, justify="left" if i < left else "right", overflow="fold")
     for row in rows:
         out.add_row(*row)
     return out

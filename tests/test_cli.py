@@ -371,3 +371,23 @@ def test_a_refused_run_prints_its_line_alone(workspace, tmp_path):
     stop printed an empty line first where stderr is not a terminal)."""
     result = _run("train", workspace / "model", "--data", tmp_path / "missing.txt", "--out", tmp_path / "run")
     assert result.exit_code == 1 and result.output.startswith("error: data not found"), repr(result.output)
+
+
+def test_a_table_folds_a_path_too_long_for_its_column_rather_than_cut_it():
+    """In a pipe or a log (80 columns), two models in one folder stay told apart: the cell folds onto the next
+    lines, no ellipsis; a line of text is never broken (consoles soft-wrap)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cli_render import console, err_console, table
+
+    assert console.soft_wrap and err_console.soft_wrap
+    out = StringIO()
+    rows = [["runs/quickstart/distilled/model", "4.2296"], ["runs/quickstart/pruned", "5.2731"]]
+    Console(file=out, width=40, soft_wrap=True).print(table(None, ["model", "loss"], rows))
+    Console(file=out, width=40, soft_wrap=True).print("done: checkpoint in runs/quickstart/distilled/model; val loss")
+    text = out.getvalue()
+    cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert "…" not in text and "".join(cells) == "runs/quickstart/distilled/modelruns/quickstart/pruned"
+    assert text.splitlines()[-1] == "done: checkpoint in runs/quickstart/distilled/model; val loss"
