@@ -79,6 +79,7 @@ from cli_options import (
 )
 from cli_render import (
     KIND_NAMES,
+    GenerationPrinter,
     RichReporter,
     console,
     err_console,
@@ -92,7 +93,6 @@ from cli_render import (
     render_compression_preview,
     render_estimate,
     render_eval,
-    render_generation,
     render_importance,
     render_info,
     render_memory_plans,
@@ -298,11 +298,15 @@ def generate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
 ) -> None:
-    """Continue prompts with the model (cached decoding)."""
+    """Continue prompts with the model (cached decoding), printing each continuation as it is decoded."""
     from compressor.pipelines.generating import GenerateConfig, generate_text
 
     config = GenerateConfig(tuple(prompt), max_new_tokens, temperature, top_k, top_p, seed, device, dtype)
-    render_generation(generate_text(model, config))
+    printer = GenerationPrinter(config.prompts)
+    try:
+        generate_text(model, config, on_text=printer)
+    finally:
+        printer.end()  # a continuation cut short by an error or Ctrl-C still ends its line
 
 
 # ----- importance ---------------------------------------------------------------------------------------

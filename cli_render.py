@@ -498,13 +498,25 @@ def render_search(record, out: Path, json_output: bool = False) -> None:
         say("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record.seconds.items()))
 
 
-def render_generation(generations) -> None:
-    """`compress generate`: each prompt in bold, then the model's continuation; a blank line between them."""
-    for number, generation in enumerate(generations):
-        if number:
+class GenerationPrinter:
+    """`compress generate`'s output as it is decoded (`generating.generate_text`'s `on_text`): each prompt in
+    bold, then its continuation piece by piece; a blank line between prompts. Prompts and continuations are
+    printed as they are, never read as Rich markup (a '[/b]' in them is text)."""
+
+    def __init__(self, prompts: tuple[str, ...]) -> None:
+        self.prompts, self.current = prompts, None
+
+    def __call__(self, index: int, piece: str) -> None:
+        if index != self.current:
+            if self.current is not None:
+                console.print("\n")
+            console.print(self.prompts[index], style="bold", end="", markup=False, highlight=False)
+            self.current = index
+        console.print(piece, end="", markup=False, highlight=False)
+
+    def end(self) -> None:
+        if self.current is not None:
             console.print()
-        console.print(generation.prompt, style="bold", end="", highlight=False)
-        console.print(generation.text, highlight=False)
 
 
 def loads_in(path: Path) -> str:

@@ -21,6 +21,7 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Continue each prompt of `input_ids` (batch, prompt_len) by up to `max_new_tokens` tokens.
 
@@ -29,6 +30,7 @@ def generate(
     sequence that emits `eos_token_id` keeps emitting it; generation stops when all have. `stop`, called
     after each step with the tokens generated so far (batch, steps), returns a bool (batch,) marking the
     sequences that are finished too (stop strings); those continue with `eos_token_id` when given.
+    `on_token` is called with each step's tokens (batch,) as they are picked (a stream of the text).
     Returns (batch, prompt_len + generated) token ids.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -46,6 +48,8 @@ def generate(
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
         out.append(token[:, None])
+        if on_token is not None:
+            on_token(token)
         if stop is not None:
             done |= stop(torch.cat(out[1:], dim=1)).to(device)
         if bool(done.all()) or step == max_new_tokens - 1:

@@ -160,6 +160,20 @@ def test_generate(workspace):
     result = _run("generate", workspace / "model", "--prompt", "To be", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("To be")
+    result = _run("generate", workspace / "model", "--prompt", "x [/b] y [bold]", "--max-new-tokens", "2")
+    assert result.exit_code == 0 and result.output.startswith("x [/b] y [bold]")  # text, not Rich markup
+
+
+def test_generate_streams_each_continuation_as_it_is_decoded(workspace):
+    from compressor.pipelines.generating import GenerateConfig, generate_text
+
+    calls = []
+    config = GenerateConfig(("To be", "Or not"), max_new_tokens=6, temperature=0.9, seed=3)
+    generations = generate_text(workspace / "model", config, on_text=lambda i, piece: calls.append((i, piece)))
+    assert [i for i, _ in calls] == sorted(i for i, _ in calls)  # one prompt after the other
+    for index, generation in enumerate(generations):
+        pieces = [piece for i, piece in calls if i == index]
+        assert pieces[0] == "" and len(pieces) > 2 and "".join(pieces) == generation.text
 
 
 @pytest.mark.parametrize(

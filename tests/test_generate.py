@@ -1,8 +1,10 @@
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from compressor.generate import generate
 from compressor.model import HybridLM
+from compressor.pipelines.generating import TextStream
 from compressor.presets import get_preset
 
 
@@ -57,3 +59,24 @@ def test_stop_callback_ends_each_sequence(model):
     assert [c.shape for c in calls] == [(2, n) for n in range(1, 7)] and torch.equal(calls[-1], greedy[:, :6])
     out = generate(model, prompt, 10, stop=stop, eos_token_id=511)
     assert out[0, 5 + 3 :].eq(511).all() and torch.equal(out[1, 5:], greedy[1, :6])
+
+
+def test_a_stream_passes_on_the_text_as_decoded_and_never_half_a_character():
+    """Byte-level tokens can end inside a character (é, ✓ and 日 are 2 to 3 bytes): the stream holds such a
+    piece back until the character is whole; its pieces make up the text the whole continuation decodes to."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(["To be, or not to be: that is the question. " * 20], trainer)
+    text = "To be, héllo wörld ✓ 日本 — or not"
+    ids = tokenizer.encode(text).ids
+    pieces = []
+    stream = TextStream(tokenizer, pieces.append)
+    for token in ids:
+        stream.add(torch.tensor([token]))
+    stream.finish(tokenizer.decode(ids))
+    assert tokenizer.decode(ids) == text and "".join(pieces) == text
+    assert len(pieces) > 10 and not any("\ufffd" in piece for piece in pieces)
+    assert len(ids) > len(text.encode("utf-8")) // 2  # the characters beyond ASCII are split into byte tokens

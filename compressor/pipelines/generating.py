@@ -9,6 +9,7 @@ the sampler seeded afresh, so a prompt's continuation does not depend on the pro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,12 @@ class Generation:
         return dict(vars(self))
 
 
-def generate_text(model_dir: str | Path, config: GenerateConfig) -> list[Generation]:
+def generate_text(
+    model_dir: str | Path, config: GenerateConfig, on_text: Callable[[int, str], None] | None = None
+) -> list[Generation]:
     """Load the checkpoint in `model_dir` with its tokenizer and continue each of `config.prompts`, in order
-    (module docstring)."""
+    (module docstring). `on_text(index, piece)` streams them: called with "" as prompt `index` starts, then
+    with each new piece of its continuation as it is decoded (the pieces make up its `text`)."""
     device = resolve_device(config.device)
     model = load_model(model_dir, dtype=config.dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
@@ -82,7 +86,11 @@ def generate_text(model_dir: str | Path, config: GenerateConfig) -> list[Generat
             raise OptionError("prompt", f"{which}is empty after tokenization")
     _check_cache_fits(model, max(map(len, encoded)) + config.max_new_tokens, device)
     generations = []
-    for prompt, ids in zip(config.prompts, encoded, strict=True):
+    for index, (prompt, ids) in enumerate(zip(config.prompts, encoded, strict=True)):
+        stream = None
+        if on_text is not None:
+            on_text(index, "")
+            stream = TextStream(tokenizer, lambda piece, index=index: on_text(index, piece))
         out = generate(
             model,
             torch.tensor([ids], device=device),
@@ -92,10 +100,43 @@ def generate_text(model_dir: str | Path, config: GenerateConfig) -> list[Generat
             top_p=config.top_p,
             eos_token_id=model.config.eos_id,
             generator=torch.Generator(device=device).manual_seed(config.seed),
+            on_token=None if stream is None else stream.add,
         )
         new = out[0, len(ids) :].tolist()
-        generations.append(Generation(prompt, tokenizer.decode(new), len(ids), len(new)))
+        text = tokenizer.decode(new)
+        if stream is not None:
+            stream.finish(text)
+        generations.append(Generation(prompt, text, len(ids), len(new)))
     return generations
+
+
+class TextStream:
+    """The decoded text of a continuation as its tokens come, passed on piece by piece (`emit`). A piece is
+    the text the newest tokens add to the few before them (decoded together, as a tokenizer that drops a
+    leading space needs); it is held back while it ends inside a character (a byte-level token can), and
+    `finish` passes on what the whole continuation's text holds beyond the pieces."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded last time, ids[read:] are new
+        self.shown = ""
+
+    def add(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self._pass(now[len(before) :])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def finish(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self._pass(text[len(self.shown) :])
+
+    def _pass(self, piece: str) -> None:
+        self.shown += piece
+        self.emit(piece)
 
 
 def _check_cache_fits(model: HybridLM, tokens: int, device: torch.device) -> None:
