@@ -81,6 +81,7 @@ from cli_render import (
     KIND_NAMES,
     GenerationPrinter,
     RichReporter,
+    bold_path,
     console,
     err_console,
     eval_display,
@@ -215,7 +216,7 @@ def init(
     arch = record.config
     blocks = ", ".join(f"{arch.count(kind)} {KIND_NAMES[kind]}" for kind in arch.ratios())
     console.print(
-        f"wrote a random {record.params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to [bold]{out}[/]"
+        f"wrote a random {record.params:,}-parameter model ({dtype}; {arch.pattern}: {blocks}) to {bold_path(out)}"
     )
 
 
@@ -422,7 +423,7 @@ def prune_command(
     else:
         render_candidates(result)
         params = result.chosen.params
-        console.print(f"wrote the pruned model ({params:,} parameters) to [bold]{out}[/] ({loads_in(out)})")
+        console.print(f"wrote the pruned model ({params:,} parameters) to {bold_path(out)} ({loads_in(out)})")
 
 
 # ----- search -------------------------------------------------------------------------------------------
@@ -512,7 +513,7 @@ def materialize(
     if hf_exact:
         raise OptionError("hf_exact", HF_EXACT_RETIRED)
     write(search_dir, index, out, distilled=distilled, overwrite=overwrite, device=resolve_device(device), dtype=dtype)
-    console.print(f"wrote candidate {index} to [bold]{out}[/] ({loads_in(out)})")
+    console.print(f"wrote candidate {index} to {bold_path(out)} ({loads_in(out)})")
 
 
 # ----- quantize -----------------------------------------------------------------------------------------
@@ -550,7 +551,7 @@ def quantize_command(
         print_json(record.to_dict())
         return
     budget = f" (the budget model: {fmt_memory(record.budget_bytes)})" if record.budget_bytes is not None else ""
-    console.print(f"wrote {record.quant_algo} weights, {fmt_memory(record.stored_bytes)}{budget}, to [bold]{out}[/]")
+    console.print(f"wrote {record.quant_algo} weights, {fmt_memory(record.stored_bytes)}{budget}, to {bold_path(out)}")
     console.print(f"kept in high precision: {', '.join(record.excluded) or 'nothing'}", highlight=False)
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def _rank() -> int:
@@ -78,16 +79,27 @@ def progress_bar() -> Progress:
     )
 
 
-def table(title: str | None, columns: list[str], rows: list[list[str]], *, left: int = 1, **kwargs) -> Table:
-    """A Rich table whose first `left` columns are left-aligned and the rest right-aligned. A word too long
-    for its column (a path, in a table 80 columns wide) is folded onto the next lines, never cut short:
-    two models in one folder stay told apart."""
-    out = Table(title=title, title_justify="left", **kwargs)
+def table(title: str | None, columns: list[str], rows: list[list[str | Text]], *, left: int = 1, **kwargs) -> Table:
+    """A Rich table whose first `left` columns are left-aligned and the rest right-aligned. Its title,
+    headers and cells are plain text (a path's '[...]' is not Rich markup; a cell may be a `Text`, e.g.
+    `strong`). A word too long for its column (a path, in a table 80 columns wide) is folded onto the next
+    lines, never cut short: two models in one folder stay told apart."""
+    out = Table(title=None if title is None else Text(title), title_justify="left", **kwargs)
     for i, column in enumerate(columns):
-        out.add_column(column, justify="left" if i < left else "right", overflow="fold")
+        out.add_column(Text(column), justify="left" if i < left else "right", overflow="fold")
     for row in rows:
-        out.add_row(*row)
+        out.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in row))
     return out
+
+
+def bold_path(path: str | Path) -> str:
+    """A path in bold, in a line of Rich markup: a '[...]' in it is text."""
+    return f"[bold]{escape(str(path))}[/]"
+
+
+def strong(text: str) -> Text:
+    """A table cell in bold (a total)."""
+    return Text(text, style="bold")
 
 
 def fmt_memory(nbytes: int | None) -> str:
@@ -150,7 +162,8 @@ def _print_loss(record) -> None:
     for m in record.models:
         result = m.result
         if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
-            say(f"[yellow]warning:[/] {m.model}: the loss is not finite (an overflow: evaluate with --dtype float32)")
+            print_error(f"{m.model}: the loss is not finite (an overflow: evaluate with --dtype float32)",
+                        style="yellow", label="warning:")  # fmt: skip
     title = f"{Path(record.data).name}: {record.sequences} x {record.seq_len} tokens"
     teacher = record.teacher
     if len(record.models) == 1:
@@ -210,7 +223,7 @@ def render_memory_plans(preview) -> None:
     for stage in preview.stages:
         plan, nproc = stage.plan, stage.nproc
         rows = [[name, fmt_memory(nbytes)] for name, nbytes in plan.terms(nproc).items()]
-        rows.append(["[bold]total", f"[bold]{fmt_memory(plan.total(nproc))}"])
+        rows.append([strong("total"), strong(fmt_memory(plan.total(nproc)))])
         console.print(table(f"memory plan: {plan.stage}, per process of {nproc}", ["term", "size"], rows))
         for line in [*planning.describe(plan, nproc, stage.memory, stage.device), *plan.notes]:
             console.print(line, highlight=False)
@@ -285,7 +298,7 @@ def render_info(model: str, config, counts: dict[str, int], dtypes: list[str]) -
     rows = [
         [name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in counts.items() if count or name != "moe"
     ]
-    rows.append(["[bold]total", f"[bold]{total:,}", "100%"])
+    rows.append([strong("total"), strong(f"{total:,}"), "100%"])
     if config.has_moe:
         rows.append(["active per token", f"{active:,}", f"{100 * active / total:.1f}%"])
     console.print(table("parameters", ["component", "parameters", "share"], rows))
@@ -331,7 +344,7 @@ def render_report(model: str, config, report) -> None:
     memory = report.memory
     active = f", {report.active_parameters:,} active per token" if config.has_moe else ""
     console.print(
-        f"[bold]{model}[/]: {report.total_parameters:,} parameters{active} ({config.num_blocks} blocks: "
+        f"{bold_path(model)}: {report.total_parameters:,} parameters{active} ({config.num_blocks} blocks: "
         f"{block_counts(config)})",
         highlight=False,
     )
@@ -347,7 +360,7 @@ def render_report(model: str, config, report) -> None:
         ("activations", f"{activations}, {memory.compute_dtype}", memory.activations),
     ]
     rows = [[term, detail, f"{nbytes / GIB:,.2f}", f"{nbytes:,}"] for term, detail, nbytes in terms]
-    rows.append(["[bold]total", "", f"[bold]{memory.total / GIB:,.2f}", f"[bold]{memory.total:,}"])
+    rows.append([strong("total"), "", strong(f"{memory.total / GIB:,.2f}"), strong(f"{memory.total:,}")])
     title = f"memory at {memory.context:,} tokens x batch {memory.batch}"
     console.print(table(title, ["term", "detail", "GiB", "bytes"], rows, left=2))
     if report.limit is not None:
@@ -477,7 +490,8 @@ def render_search(record, out: Path, json_output: bool = False) -> None:
     console.print(out_table)
     console.print(
         f"Pareto front (memory): {record.pareto['memory']}; plot in {out / PLOT_FILE}; "
-        f"`compress materialize {out} K --out DIR` writes candidate K"
+        f"`compress materialize {out} K --out DIR` writes candidate K",
+        markup=False,
     )
     served: dict[str, list[str]] = {}  # search folders written before it was recorded have no loads_in
     for c in record.candidates:
@@ -588,4 +602,4 @@ def render_training(result) -> None:
     summary = f"done: {result.steps} steps, {result.tokens:,} tokens; checkpoint in {result.out / 'model'}"
     if final:
         summary += f"; val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f})"
-    console.print(summary)
+    console.print(summary, markup=False)

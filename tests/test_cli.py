@@ -405,3 +405,15 @@ def test_a_table_folds_a_path_too_long_for_its_column_rather_than_cut_it():
     cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
     assert "…" not in text and "".join(cells) == "runs/quickstart/distilled/modelruns/quickstart/pruned"
     assert text.splitlines()[-1] == "done: checkpoint in runs/quickstart/distilled/model; val loss"
+
+
+def test_paths_that_look_like_markup_print_as_written(workspace, tmp_path):
+    """A folder named like Rich markup ('[exp]', '[/b]') is printed as it is: '[exp]' was dropped from the
+    lines that name it and '[/b]' stopped the command with a traceback once its work was done."""
+    out = tmp_path / "[exp] [/b]" / "model"
+    result = _run("init", out, "--preset", "tiny", "--tokenizer", workspace / "tokenizer.json")
+    assert result.exit_code == 0 and f"to {out}" in result.output, result.output
+    evaluated = ["eval", out, workspace / "model", "--data", workspace / "text.txt", "--seq-len", "32"]
+    for args in (["info", out], evaluated):
+        result = _run(*args)
+        assert result.exit_code == 0 and "[exp]" in result.output and "[/b]" in result.output, result.output
