@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from cli_options import (
     HF_EXACT_RETIRED,
@@ -412,7 +413,7 @@ def prune_command(
         text_field=text_field, device=device, dtype=dtype, nproc=plan.get("nproc"), **retrieval,
     )  # fmt: skip
     with nullcontext() if dry_run else err_console.status("pruning") as status:
-        progress = lambda text: (status.update(text), say(text))  # noqa: E731
+        progress = lambda text: (status.update(escape(text)), say(text))  # noqa: E731
         result = prune_or_preview(model, out, options, dry_run=dry_run, overwrite=overwrite, say=progress)
     if dry_run:
         print_json(result.to_dict()) if json_output else render_compression_preview(result, budget)

@@ -140,7 +140,7 @@ def eval_display(config):
             yield {"on_tokens": lambda n, total: progress.update(bar, advance=n, total=total, visible=True)}
     elif isinstance(config, RetrievalEval):
         with err_console.status(config.task) as status:
-            yield {"on_model": lambda path: status.update(f"{config.task}: {path}")}
+            yield {"on_model": lambda path: status.update(escape(f"{config.task}: {path}"))}
     else:
         yield {}
 
@@ -579,7 +579,7 @@ class RichReporter:
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            self.progress.console.print(text, highlight=False)
+            self.progress.console.print(text, markup=False, highlight=False)
 
     def stop(self) -> None:
         if self.task is not None:  # a run refused before it started has no bar to end (stopping prints a line)
