@@ -274,7 +274,7 @@ def _width(value: int | list[int]) -> str:
 def render_info(model: str, config, counts: dict[str, int], dtypes: list[str]) -> None:
     """`compress info`: the architecture's table and the parameters by component."""
     from compressor.budget import active_parameters
-    from compressor.checkpoint import loaders
+    from compressor.config import loaders
 
     summary = config.summary()
     total, active = sum(counts.values()), active_parameters(config)
@@ -535,8 +535,7 @@ class GenerationPrinter:
 
 def loads_in(path: Path) -> str:
     """'loads in: compressor, transformers, vLLM' for a written checkpoint (per-block ones: compressor only)."""
-    from compressor.checkpoint import loaders
-    from compressor.config import HybridConfig
+    from compressor.config import HybridConfig, loaders
 
     return f"loads in: {', '.join(loaders(HybridConfig.from_file(path)))}"
 

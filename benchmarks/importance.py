@@ -31,7 +31,8 @@ from compressor.data import load_sequences, load_tokenizer  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
 from compressor.importance import EstimateProgress, Importance, ImportanceOptions, estimate  # noqa: E402
 from compressor.model import Attention, MambaMixer  # noqa: E402
-from compressor.prune import Target, prune  # noqa: E402
+from compressor.prune import prune  # noqa: E402
+from compressor.target import Target  # noqa: E402
 
 
 def magnitude_scores(model) -> Importance:

@@ -58,7 +58,8 @@ from compressor.checkpoint import load_model, save_model  # noqa: E402
 from compressor.config import MAMBA, MOE, PUZZLE, HybridConfig  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
-from compressor.prune import BlockTarget, Target, prune  # noqa: E402
+from compressor.prune import prune  # noqa: E402
+from compressor.target import BlockTarget, Target  # noqa: E402
 
 DATA = ROOT / "examples" / "data"
 COMPRESS = [sys.executable, str(ROOT / "cli.py")]

@@ -26,7 +26,8 @@ from compressor.data import load_sequences, load_tokenizer  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
 from compressor.pipelines.ranking import ProxyScorer, rank  # noqa: E402
-from compressor.prune import Target, prune  # noqa: E402
+from compressor.prune import prune  # noqa: E402
+from compressor.target import Target  # noqa: E402
 from strategies.grid import DEPTH_KINDS  # noqa: E402
 from strategies.minitron import MinitronOptions, MinitronStrategy  # noqa: E402
 

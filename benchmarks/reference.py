@@ -41,7 +41,8 @@ from compressor.config import ATTENTION  # noqa: E402
 from compressor.data import load_sequences  # noqa: E402
 from compressor.importance import estimate  # noqa: E402
 from compressor.model import MambaMixer  # noqa: E402
-from compressor.prune import Target, prune  # noqa: E402
+from compressor.prune import prune  # noqa: E402
+from compressor.target import Target  # noqa: E402
 
 
 def pruned_child(model_dir: Path, out: Path) -> Path:

@@ -25,7 +25,6 @@ built on it (lm-eval's HF backend, vLLM) know the special tokens.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from compressor import distributed
-from compressor.config import COMPRESSOR_ONLY, MOE, NEMOTRON_H, PUZZLE, PUZZLE_CONFIG_MODULE, HybridConfig
+from compressor.config import MOE, PUZZLE, PUZZLE_CONFIG_MODULE, HybridConfig
 from compressor.errors import CheckpointError, first_line
 from compressor.model import FP32_TENSORS, HybridLM, tensor_shapes
 from compressor.outputs import atomic_output, confined, open_tensors, read_json
@@ -448,34 +447,6 @@ def complete_tokenizer(folder: str | Path, config: HybridConfig) -> list[str]:
         (folder / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2, sort_keys=True) + "\n")
         written.append("special_tokens_map.json")
     return written
-
-
-def loaders(config: HybridConfig) -> list[str]:
-    """The engines that run a checkpoint of `config` as compressor does, with how to load it there.
-
-    By its served format (`HybridConfig.served_format`), as `benchmarks/interop.py` measures it:
-    - nemotron_h (uniform): compressor, transformers, vLLM, llama.cpp (its convert_hf_to_gguf.py with the
-      workarounds the README names);
-    - nemotron_h_puzzle: vLLM reads `block_configs` through the folder's configuration module
-      (`trust_remote_code`); a ModelOpt-quantized export runs there in bf16 / fp16 only (vLLM refuses fp32 for
-      ModelOpt). llama.cpp runs per-block MLP / attention widths, and a quantized export's weights dequantized
-      (no activation quantization), but its converter cannot write per-block expert counts. transformers
-      refuses the format: it has no per-block NemotronH, and it would read packed quantized weights as plain
-      ones (it skips `quant_method: modelopt` with a warning);
-    - nemotron_h_compressor (per-block Mamba widths, which vLLM and llama.cpp read only globally): compressor.
-    vLLM and llama.cpp never read `time_step_limit`: a checkpoint whose limit is not [0, inf] runs as another
-    model there, so they are left out for it.
-    """
-    served = config.served_format
-    if served == COMPRESSOR_ONLY:
-        return ["compressor"]
-    unclamped = config.time_step_limit == (0.0, math.inf)
-    if served == NEMOTRON_H:
-        return ["compressor", "transformers", *(["vLLM", "llama.cpp"] if unclamped else [])]
-    vllm = "vLLM (trust_remote_code, bf16/fp16)" if config.is_quantized else "vLLM (trust_remote_code)"
-    experts = {spec.n_routed_experts for spec in config.blocks if spec.kind == MOE}
-    llama = [] if len(experts) > 1 else ["llama.cpp (weights dequantized)" if config.is_quantized else "llama.cpp"]
-    return ["compressor", *([vllm, *llama] if unclamped else [])]
 
 
 def write_weights(

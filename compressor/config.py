@@ -726,3 +726,31 @@ def _decode_floats(value: Any) -> Any:
     if isinstance(value, list):
         return [_decode_floats(v) for v in value]
     return value
+
+
+def loaders(config: HybridConfig) -> list[str]:
+    """The engines that run a checkpoint of `config` as compressor does, with how to load it there.
+
+    By its served format (`HybridConfig.served_format`), as `benchmarks/interop.py` measures it:
+    - nemotron_h (uniform): compressor, transformers, vLLM, llama.cpp (its convert_hf_to_gguf.py with the
+      workarounds the README names);
+    - nemotron_h_puzzle: vLLM reads `block_configs` through the folder's configuration module
+      (`trust_remote_code`); a ModelOpt-quantized export runs there in bf16 / fp16 only (vLLM refuses fp32 for
+      ModelOpt). llama.cpp runs per-block MLP / attention widths, and a quantized export's weights dequantized
+      (no activation quantization), but its converter cannot write per-block expert counts. transformers
+      refuses the format: it has no per-block NemotronH, and it would read packed quantized weights as plain
+      ones (it skips `quant_method: modelopt` with a warning);
+    - nemotron_h_compressor (per-block Mamba widths, which vLLM and llama.cpp read only globally): compressor.
+    vLLM and llama.cpp never read `time_step_limit`: a checkpoint whose limit is not [0, inf] runs as another
+    model there, so they are left out for it.
+    """
+    served = config.served_format
+    if served == COMPRESSOR_ONLY:
+        return ["compressor"]
+    unclamped = config.time_step_limit == (0.0, math.inf)
+    if served == NEMOTRON_H:
+        return ["compressor", "transformers", *(["vLLM", "llama.cpp"] if unclamped else [])]
+    vllm = "vLLM (trust_remote_code, bf16/fp16)" if config.is_quantized else "vLLM (trust_remote_code)"
+    experts = {spec.n_routed_experts for spec in config.blocks if spec.kind == MOE}
+    llama = [] if len(experts) > 1 else ["llama.cpp (weights dequantized)" if config.is_quantized else "llama.cpp"]
+    return ["compressor", *([vllm, *llama] if unclamped else [])]

@@ -21,13 +21,15 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from compressor.budget import Budget
 from compressor.config import HybridConfig
 from compressor.errors import OptionError
-from compressor.importance import Importance
-from compressor.prune import Target
+from compressor.target import Target
+
+if TYPE_CHECKING:
+    from compressor.importance import Importance
 
 DEFAULT_TOP_K = 10
 

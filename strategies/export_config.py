@@ -9,15 +9,17 @@ the other way round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor.budget import Budget
 from compressor.config import HybridConfig
 from compressor.errors import OptionError
-from compressor.importance import Importance
-from compressor.prune import Target
+from compressor.target import Target
 from strategies.base import Strategy
 from strategies.grid import modelopt_violations
+
+if TYPE_CHECKING:
+    from compressor.importance import Importance
 
 # ModelOpt's export_config keys -> the HybridConfig fields they set.
 EXPORT_KEYS = {

@@ -4,9 +4,12 @@ counts and the order in which blocks are dropped."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from compressor.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
-from compressor.importance import Importance
+
+if TYPE_CHECKING:
+    from compressor.importance import Importance
 
 # The block kinds a depth choice counts, in this order: (Mamba, attention, MLP, MoE) blocks removed.
 DEPTH_KINDS = (MAMBA, ATTENTION, MLP, MOE)

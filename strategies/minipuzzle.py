@@ -30,19 +30,22 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.budget import Budget, parameter_counts
 from compressor.config import ATTENTION, KIND_CHARS, MAMBA, MLP, MOE, OVERRIDABLE, BlockSpec, HybridConfig
 from compressor.errors import CompressorError, OptionError
-from compressor.importance import Importance
-from compressor.prune import BlockTarget, Target
+from compressor.target import BlockTarget, Target
 from strategies import solver
 from strategies.base import Strategy
 from strategies.costs import BlockCost, BlockCosts
 from strategies.grid import DEPTH_KINDS, divisor_for, fewest_experts, width_choices
 from strategies.solver import BlockChoice
+
+if TYPE_CHECKING:  # torch is imported where it runs: the command line builds its options from this module
+    import torch
+
+    from compressor.importance import Importance
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,8 @@ class MiniPuzzleStrategy(Strategy):
         hidden: int,
     ) -> list[BlockChoice]:
         """The choices of one block: dropped, then each width it may keep (whole first)."""
+        import torch
+
         spec = source.block(index)
         kind = spec.kind
         options = [BlockChoice(kind, None, False, 0, 0, 0, 0, damage[index])]
@@ -307,6 +312,8 @@ class _MoEScores:
     per-expert shares of squared FFN importance kept by each width are summed once."""
 
     def __init__(self, source: HybridConfig, spec: BlockSpec, importance: Importance | None) -> None:
+        import torch
+
         self.index, self.n_group, self.importance = spec.index, source.n_group, importance
         experts, ffn, shared = (
             spec.n_routed_experts,
@@ -329,6 +336,8 @@ class _MoEScores:
     def removed_share(
         self, n_routed_experts: int, moe_intermediate_size: int, moe_shared_expert_intermediate_size: int
     ) -> float:
+        import torch
+
         if self.importance is not None:
             kept = self.importance.keep_experts(self.index, n_routed_experts, self.n_group)
         else:

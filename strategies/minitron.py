@@ -33,17 +33,20 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compressor.budget import Budget
 from compressor.config import ATTENTION, MAMBA, MLP, MOE, PATTERN_CHARS, HybridConfig
 from compressor.errors import CompressorError, OptionError
-from compressor.importance import Importance
-from compressor.prune import Target
+from compressor.target import Target
 from strategies.base import Strategy
 from strategies.costs import BlockCosts, share
 from strategies.grid import DEPTH_KINDS, MODELOPT_DIVISORS, divisor_for, drop_order, expert_choices, width_choices
+
+if TYPE_CHECKING:
+    from compressor.importance import Importance
 
 AXES = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "moe_experts", "moe_ffn", "moe_shared_ffn", "depth")
 # grid key -> the HybridConfig field it sets (the grid's key for the mamba_head_dim axis is "head_dim")

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from compressor.budget import Budget
 from compressor.errors import CompressorError
@@ -244,6 +243,8 @@ class _Program:
         self.rows.append((r, -np.inf, self.blocks - distance))
 
     def solve(self, time_limit: float, margin: float = 0.0) -> list[tuple[int, int]] | None:
+        from scipy.optimize import Bounds, LinearConstraint, milp  # imported here: the command line imports this module
+
         if self.infeasible:
             return None
         matrix = np.stack([r for r, _, _ in self.rows])

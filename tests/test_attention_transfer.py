@@ -142,7 +142,8 @@ def test_a_student_with_pruned_heads_pairs_them_with_the_heads_it_kept(workspace
     from compressor.importance import estimate
     from compressor.pipelines.pruning import PruneConfig, prune_to_budget
     from compressor.pipelines.source import CalibrationConfig, calibrate
-    from compressor.prune import Target, kept_attention_heads
+    from compressor.prune import kept_attention_heads
+    from compressor.target import Target
 
     teacher = load_model(workspace / "teacher")
     gen = torch.Generator().manual_seed(0)

@@ -20,7 +20,8 @@ from compressor.pipelines.records import Candidate, Distilled
 from compressor.pipelines.search import LIBRARY_DIR, SearchConfig, rank_correlation, run_search
 from compressor.pipelines.source import calibrate
 from compressor.presets import get_preset
-from compressor.prune import BlockTarget, Target, pruned_block
+from compressor.prune import pruned_block
+from compressor.target import BlockTarget, Target
 from tests.test_search import _budget, _calibration, _config
 
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, loaders, save_model
+from compressor.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_model, save_model
+from compressor.config import loaders
 from compressor.errors import CheckpointError, CompressorError, ConfigError
 from compressor.model import HybridLM
 from compressor.presets import get_preset

@@ -24,7 +24,8 @@ from compressor.harness import CompressorLM, GenerationOptions, ModelTaskResults
 from compressor.importance import estimate  # noqa: E402
 from compressor.model import HybridLM  # noqa: E402
 from compressor.presets import get_preset  # noqa: E402
-from compressor.prune import BlockTarget, Target, prune  # noqa: E402
+from compressor.prune import prune  # noqa: E402
+from compressor.target import BlockTarget, Target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer.json"

@@ -11,7 +11,8 @@ from compressor.errors import CompressorError
 from compressor.importance import estimate
 from compressor.model import HybridLM
 from compressor.presets import get_preset
-from compressor.prune import BlockTarget, Target, prune
+from compressor.prune import prune
+from compressor.target import BlockTarget, Target
 
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,7 @@ def test_strategy_options_come_from_the_strategy_and_are_checked(workspace, tmp_
 def test_retrieval_in_the_score_keeps_the_block_that_retrieves():
     from compressor.importance import estimate
     from compressor.pipelines.ranking import ProxyScorer, rank
-    from compressor.prune import Target
+    from compressor.target import Target
     from tests.test_tasks import V, retrieval_probe, retrieving_model
 
     model, probe = retrieving_model(), retrieval_probe()  # blocks: Mamba, attention (the copy), MLP

@@ -9,7 +9,7 @@ from compressor.config import MLP, MOE, OVERRIDABLE
 from compressor.pipelines.ranking import candidate
 from compressor.pipelines.records import SearchRecord, SourceInfo
 from compressor.presets import get_preset
-from compressor.prune import Target
+from compressor.target import Target
 
 MOE_WIDTHS = ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
 

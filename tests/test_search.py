@@ -25,7 +25,7 @@ from compressor.pipelines.search import (
     run_search,
 )
 from compressor.pipelines.source import CalibrationConfig, calibrate
-from compressor.prune import Target
+from compressor.target import Target
 from compressor.train import TrainConfig
 from tests.conftest import PIPELINE_SEQ as SEQ
 

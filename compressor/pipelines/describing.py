@@ -23,7 +23,7 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         from compressor.budget import active_parameters
-        from compressor.checkpoint import loaders
+        from compressor.config import loaders
 
         config = self.config
         total, active = sum(self.counts.values()), active_parameters(config)

@@ -59,7 +59,8 @@ from compressor.outputs import check_record, open_tensors, read_json, refuse_lin
 from compressor.pipelines.ranking import ProxyScorer
 from compressor.pipelines.records import write_json
 from compressor.pipelines.source import Source
-from compressor.prune import BlockTarget, Target, pruned_block, pruned_tensors
+from compressor.prune import pruned_block, pruned_tensors
+from compressor.target import BlockTarget, Target
 from strategies.minipuzzle import ChoiceTable
 from strategies.solver import BlockChoice
 

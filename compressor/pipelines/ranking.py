@@ -33,7 +33,8 @@ from compressor.losses import LossStats
 from compressor.model import HybridLM
 from compressor.pipelines.records import Candidate
 from compressor.pipelines.source import Source
-from compressor.prune import Target, prune
+from compressor.prune import prune
+from compressor.target import Target
 from compressor.tasks import TaskResult, TaskScorer
 
 SCORE_METRICS = ("kl", "loss", "retrieval", "kl+retrieval", "loss+retrieval")

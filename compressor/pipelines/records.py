@@ -22,7 +22,8 @@ from compressor.budget import Budget
 from compressor.config import HybridConfig
 from compressor.errors import CompressorError
 from compressor.importance import Importance
-from compressor.prune import Target, kept_attention_heads
+from compressor.prune import kept_attention_heads
+from compressor.target import Target
 from strategies.export_config import export_config
 
 COMPRESSION_FILE = "compression.json"  # a CompressionRecord, next to the pruned checkpoint

@@ -86,7 +86,8 @@ from compressor.pipelines.source import (
     retrieval_probe,
 )
 from compressor.presets import load_config_or_preset
-from compressor.prune import Target, write_pruned
+from compressor.prune import write_pruned
+from compressor.target import Target
 from compressor.tasks import parse_contexts
 from compressor.train import TrainConfig, has_trainer_state, train
 from strategies import build_options, get_strategy
