@@ -162,8 +162,8 @@ def _print_loss(record) -> None:
     for m in record.models:
         result = m.result
         if not math.isfinite(result.loss) or (result.kl is not None and not math.isfinite(result.kl)):
-            print_error(f"{m.model}: the loss is not finite (an overflow: evaluate with --dtype float32)",
-                        style="yellow", label="warning:")  # fmt: skip
+            warning = f"{m.model}: the loss is not finite (an overflow: evaluate with --dtype float32)"
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)  # the first process only
     title = f"{Path(record.data).name}: {record.sequences} x {record.seq_len} tokens"
     teacher = record.teacher
     if len(record.models) == 1:

@@ -417,3 +417,17 @@ def test_paths_that_look_like_markup_print_as_written(workspace, tmp_path):
     for args in (["info", out], evaluated):
         result = _run(*args)
         assert result.exit_code == 0 and "[exp]" in result.output and "[/b]" in result.output, result.output
+
+
+def test_a_non_finite_loss_is_one_warning_line(capsys):
+    """It printed its markup literally ('[yellow]warning:[/] ...'); the model's path is text."""
+    from types import SimpleNamespace
+
+    import cli_render
+
+    result = SimpleNamespace(loss=float("inf"), perplexity=float("inf"), kl=None, tokens=64)
+    model = SimpleNamespace(model="runs/[exp]/model", result=result, params=1, format="BF16")
+    record = SimpleNamespace(models=[model], data="valid.txt", sequences=1, seq_len=64, teacher=None)
+    cli_render._print_loss(record)
+    warning = "warning: runs/[exp]/model: the loss is not finite (an overflow: evaluate with --dtype float32)"
+    assert capsys.readouterr().err.splitlines() == [warning]
