@@ -783,6 +783,11 @@ class Position:
     round: int = 0
     batch: int = 0
 
+    def describe(self) -> str:
+        """'the activation pass after 12 batches', 'drop-one round 2 after 5 batches' (batches of a process)."""
+        where = "the activation pass" if self.phase == 0 else f"drop-one round {self.round + 1}"
+        return f"{where} after {self.batch} batch{'' if self.batch == 1 else 'es'}"
+
 
 @dataclass
 class Saved:
@@ -808,11 +813,7 @@ class EstimateProgress:
         if not self.path.exists():
             return None
         with open_tensors(self.path, "an importance estimate's progress") as f:
-            meta = f.metadata() or {}
-            try:
-                settings, position = json.loads(meta["settings"]), Position(**json.loads(meta["position"]))
-            except (KeyError, TypeError, ValueError):
-                raise CompressorError(f"{self.path} is damaged: start again with --overwrite") from None
+            settings, position = _saved_settings(self.path, f.metadata())
             changed = [key for key in self.settings if settings.get(key) != self.settings[key]]
             if changed:
                 key = changed[0]
@@ -837,6 +838,19 @@ class EstimateProgress:
             tensors.update({f"rank{rank}.{k}": v.clone().contiguous() for k, v in sums.items()})
         metadata = {"settings": json.dumps(self.settings), "position": json.dumps(asdict(position))}
         save_tensors(tensors, self.path, metadata=metadata)
+
+
+def saved_position(path: str | Path) -> Position:
+    """Where the estimate saved at `path` had got (its file's header only)."""
+    with open_tensors(path, "an importance estimate's progress") as f:
+        return _saved_settings(Path(path), f.metadata())[1]
+
+
+def _saved_settings(path: Path, meta: dict[str, str] | None) -> tuple[dict[str, Any], Position]:
+    try:
+        return json.loads(meta["settings"]), Position(**json.loads(meta["position"]))
+    except (KeyError, TypeError, ValueError):
+        raise CompressorError(f"{path} is damaged: start again with --overwrite") from None
 
 
 def _save_interval(batches: list) -> int:

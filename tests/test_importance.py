@@ -356,7 +356,7 @@ def test_compress_importance_resumes_a_killed_estimate(checkpoint, tmp_path):
     assert again.exit_code == 1 and "was stopped before its end" in again.output and "--resume" in again.output
     resumed = runner.invoke(cli.app, [*args, "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert f"continuing the estimate of {out}" in resumed.output
+    assert f"continuing the estimate of {out} from its last save (drop-one round 1 after 2 batches)" in resumed.output
     whole, done = Importance.load(tmp_path / "whole"), Importance.load(out)
     assert done.removal_order == whole.removal_order
     assert all(torch.equal(_tables(done)[name], table) for name, table in _tables(whole).items())

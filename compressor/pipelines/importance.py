@@ -25,7 +25,7 @@ from compressor import distributed
 from compressor.config import HybridConfig
 from compressor.data import tokenizer_file
 from compressor.errors import CompressorError, OptionError
-from compressor.importance import PROGRESS_FILE, Importance, ImportanceOptions, scores_bytes
+from compressor.importance import PROGRESS_FILE, Importance, ImportanceOptions, saved_position, scores_bytes
 from compressor.outputs import atomic_output, check_free_space, check_output, output_lock, staging
 from compressor.pipelines.preview import MemoryPreview, preview_importance
 from compressor.pipelines.source import CalibrationConfig, calibrate, check_paths, check_probe_applies, retrieval_probe
@@ -115,7 +115,7 @@ def write_importance(
     with distributed.session(config.device) as world, output_lock(out) if world.is_main else nullcontext():
         if world.is_main:
             if resume:
-                say(f"continuing the estimate of {out} from {saved}")
+                say(f"continuing the estimate of {out} from its last save ({saved_position(saved).describe()})")
             else:
                 saved.unlink(missing_ok=True)  # --overwrite: start again
             saved.parent.mkdir(parents=True, exist_ok=True)
