@@ -379,8 +379,8 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
     # under torchrun the source is sharded, the variants are shared out one per process a round, and the
     # main process writes: the same variants, scores, candidates and finalists as one process (a zero-shot
     # search's scoring and a finalist's distillation under torchrun: test_pruning, test_train). The two
-    # processes are killed once their build has saved (a streamed round's checkpoint, a stored build's
-    # first variant) and the next run continues it.
+    # processes are killed once their build has saved (a streamed round's checkpoint; a stored build's main
+    # process dies as its second round starts, the first saved) and the next run continues it.
     import signal
     import subprocess
     import sys
@@ -402,7 +402,13 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
     for name, processes in (("one", 1), ("two", 2)):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
         command = [*launch, cli.__file__, *args, "--out", str(tmp_path / name)]
-        if name == "two":  # a kill (of torchrun and its processes) once the build has saved
+        if name == "two" and library == "stored":  # the main process dies as the second round starts
+            wrapper = tmp_path / "stop_at_the_second_round.py"
+            wrapper.write_text(STOP_AT_THE_SECOND_ROUND.format(root=str(ROOT), cli=cli.__file__))
+            killed = subprocess.run([*launch, str(wrapper), *command[len(launch) + 1 :]], env=environment,
+                                    capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert killed.returncode != 0 and not (tmp_path / name).exists() and saved.exists(), killed.stderr[-3000:]
+        elif name == "two":  # a kill (of torchrun and its processes) once the round has saved
             killed = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 300
             while not saved.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -438,6 +444,29 @@ def test_two_processes_build_the_same_library_and_search_as_one(workspace, tmp_p
         np.testing.assert_allclose(scores[1][hidden]["base"], measured["base"], rtol=1e-4)
         for row, other in zip(measured["damage"], scores[1][hidden]["damage"], strict=True):
             np.testing.assert_allclose(other, row, rtol=1e-3, atol=1e-5)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# `compress` under torchrun whose main process dies as the library's second round starts: the first round's
+# variants are saved (a kill at a known point; a kill from outside can come after the whole build on a busy
+# machine, and then nothing is left to continue)
+STOP_AT_THE_SECOND_ROUND = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import compressor.pipelines.library as library
+
+real, rounds = library._train, []
+
+def stop_at_the_second_round(*args, **kwargs):
+    rounds.append(1)
+    if len(rounds) == 2 and os.environ["RANK"] == "0":
+        os._exit(9)
+    return real(*args, **kwargs)
+
+library._train = stop_at_the_second_round
+sys.argv[0] = {cli!r}
+runpy.run_path({cli!r}, run_name="__main__")
+"""
 
 
 def _process_tree(pid: int) -> list[int]:
