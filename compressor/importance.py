@@ -306,22 +306,19 @@ class Importance:
             return scores
         return self.block_drop
 
+    def tables(self) -> dict[str, torch.Tensor]:
+        """Every score table by its name in the scores file (`flat_tables`)."""
+        tables = {"hidden": self.hidden, "block_influence": self.block_influence, "block_drop": self.block_drop}
+        return flat_tables({**tables, **{name: getattr(self, name) for name in PER_BLOCK}})
+
     def nonfinite(self) -> list[str]:
         """Names of the score tables holding NaN or infinity (scores to refuse)."""
-        tables = {"hidden": self.hidden, "block_influence": self.block_influence, "block_drop": self.block_drop}
-        for name in PER_BLOCK:
-            tables.update({f"{name}.{i}": t for i, t in getattr(self, name).items()})
-        return [name for name, t in tables.items() if t is not None and not torch.isfinite(t.float()).all()]
+        return [name for name, t in self.tables().items() if not torch.isfinite(t.float()).all()]
 
     # ----- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
-        tensors = {"hidden": self.hidden, "block_influence": self.block_influence}
-        if self.block_drop is not None:
-            tensors["block_drop"] = self.block_drop
-        for name in PER_BLOCK:
-            tensors.update({f"{name}.{i}": t for i, t in getattr(self, name).items()})
-        save_tensors({k: v.contiguous().float() for k, v in tensors.items()}, folder / SCORES_FILE)
+        save_tensors({k: v.contiguous().float() for k, v in self.tables().items()}, folder / SCORES_FILE)
         meta = {**self.meta, "removal_order": self.removal_order}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -343,23 +340,18 @@ class Importance:
             )
         removal_order = meta.pop("removal_order", None)
         check_record(_Meta, {"removal_order": removal_order}, str(folder / META_FILE))
-        per_block: dict[str, dict[int, torch.Tensor]] = {name: {} for name in PER_BLOCK}
         with open_tensors(folder / SCORES_FILE, "importance scores") as f:
             names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
             _check_scores(folder, shapes, removal_order, config)  # before any tensor is read
-            tensors = {name: f.get_tensor(name).float() for name in names}
-        for key, value in tensors.items():
-            name, _, index = key.partition(".")
-            if name in per_block:
-                per_block[name][int(index)] = value
+            tables = nested_tables({name: f.get_tensor(name).float() for name in names})
         scores = cls(
-            hidden=tensors["hidden"],
-            block_influence=tensors["block_influence"],
-            block_drop=tensors.get("block_drop"),
+            hidden=tables["hidden"],
+            block_influence=tables["block_influence"],
+            block_drop=tables.get("block_drop"),
             removal_order=removal_order,
             meta=meta,
-            **per_block,
+            **{name: tables[name] for name in PER_BLOCK},
         )
         broken = scores.nonfinite()
         if broken:
@@ -367,6 +359,30 @@ class Importance:
                 f"the scores in {folder} hold NaN or infinity ({', '.join(broken[:3])}): recompute them"
             )
         return scores
+
+
+def flat_tables(tables: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Score tables by their names in a file: a per-block one (a dict by block index) as `{name}.{index}`
+    each, the others as they are; None left out."""
+    flat = {}
+    for name, table in tables.items():
+        if isinstance(table, dict):
+            flat.update({f"{name}.{i}": t for i, t in table.items()})
+        elif table is not None:
+            flat[name] = table
+    return flat
+
+
+def nested_tables(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`flat_tables` undone: each of PER_BLOCK a dict by block index (empty where the file has none)."""
+    tables: dict[str, Any] = {name: {} for name in PER_BLOCK}
+    for key, table in flat.items():
+        name, _, index = key.partition(".")
+        if name in PER_BLOCK:
+            tables[name][int(index)] = table
+        else:
+            tables[key] = table
+    return tables
 
 
 @dataclass
@@ -877,22 +893,9 @@ def _shared(scores: dict[str, Any], removed: list[int], first: torch.Tensor | No
     shared = {"drop.removed": torch.tensor(removed, dtype=torch.long)}
     if first is not None:
         shared["drop.first"] = first
-    for name, value in scores.items():
-        if isinstance(value, dict):
-            shared.update({f"scores.{name}.{i}": table for i, table in value.items()})
-        else:
-            shared[f"scores.{name}"] = value
-    return shared
+    return {**shared, **{f"scores.{name}": table for name, table in flat_tables(scores).items()}}
 
 
 def _scores_of(shared: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The activation pass's scores back from `_shared`'s tensors."""
-    scores: dict[str, Any] = {name: {} for name in PER_BLOCK}
-    for key, value in shared.items():
-        if key.startswith("scores."):
-            name, _, index = key.removeprefix("scores.").partition(".")
-            if name in PER_BLOCK:
-                scores[name][int(index)] = value
-            else:
-                scores[name] = value
-    return scores
+    return nested_tables({k.removeprefix("scores."): t for k, t in shared.items() if k.startswith("scores.")})
